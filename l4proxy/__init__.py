@@ -1,0 +1,52 @@
+"""l4proxy: a layer-4 (TCP) ambassador proxy on uvloop.
+
+It accepts TCP clients and relays their bytes, unchanged, to one member of a pool of upstreams, so it
+works with any protocol (Redis, PostgreSQL, MySQL, line protocols). Around the relay it does the work a
+client should not have to:
+
+* least-connections balancing over healthy members, idle members sharing ties evenly;
+* connection-level retries: a refused, unreachable or timed-out connect moves on to another member,
+  invisible to the client. Nothing is retried once a byte has gone upstream;
+* health checks: active probes (TCP connect, or send/expect such as Redis ``PING``/``+PONG``) with
+  rise/fall hysteresis, and passive marking from failed client connects;
+* half-close passed through both ways, bounded buffers with backpressure, idle timeouts;
+* one access-log line per session; graceful drain on SIGTERM.
+
+What it does not do: it never parses or rewrites the byte stream, never retries after relaying, and
+does not route by content (every client of a listener goes to that listener's pool).
+
+Embedding::
+
+    from l4proxy import Proxy, Config, ListenerConfig, PoolConfig, Address
+
+    config = Config(listeners=(ListenerConfig(Address("127.0.0.1", 0)),),
+                    pools=(PoolConfig(members=(Address("127.0.0.1", 6379),)),))
+    async with Proxy(config) as proxy:
+        print(proxy.port())
+"""
+
+from .config import (
+    Address,
+    Config,
+    HealthConfig,
+    ListenerConfig,
+    PoolConfig,
+    ServerTLSConfig,
+    UpstreamTLSConfig,
+)
+from .errors import ConfigError, L4ProxyError
+from .proxy import Proxy
+
+__all__ = [
+    "Address",
+    "Config",
+    "ConfigError",
+    "HealthConfig",
+    "L4ProxyError",
+    "ListenerConfig",
+    "PoolConfig",
+    "Proxy",
+    "ServerTLSConfig",
+    "UpstreamTLSConfig",
+]
+__version__ = "0.1.0"

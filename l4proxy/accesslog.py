@@ -1,0 +1,74 @@
+"""One access-log record per session, written when the session ends.
+
+Format (logfmt, one line, easy to grep and to parse)::
+
+    2026-11-26T20:01:09.123Z client=127.0.0.1:51234 upstream=10.0.0.5:6379 in=120 out=4096 duration=0.532s end=eof
+
+``in`` counts bytes read from the client (sent upstream), ``out`` bytes read from the upstream (sent to
+the client). ``end`` says how the session ended: eof (both directions closed cleanly), client_closed,
+upstream_closed, client_reset, upstream_reset, idle_timeout, half_closed_timeout, shutdown, or
+no_upstream (with the last connect error). TLS facts follow when a side speaks TLS.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from .relay import Session
+
+
+def format_record(session: Session, now: float) -> str:
+    """The access-log line for ``session`` (pure; ``now`` is wall-clock seconds)."""
+    started = time.gmtime(session.started)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", started) + f".{int(session.started % 1 * 1000):03d}Z"
+    member = session.member.name if session.member is not None else "-"
+    cause = session.end_cause or "eof"
+    parts = [
+        stamp,
+        f"client={session.client_addr}",
+        f"upstream={member}",
+        f"in={session.bytes_in}",
+        f"out={session.bytes_out}",
+        f"duration={now - session.started:.3f}s",
+        f"end={_quote(cause)}",
+    ]
+    if session.tls_info:
+        parts.extend(f"{key}={_quote(value)}" for key, value in session.tls_info.items())
+    return " ".join(parts)
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if (" " in value or not value) else value
+
+
+class AccessLog:
+    """Writes records to a stream or file; ``off`` writes nothing."""
+
+    def __init__(self, stream: TextIO | None, owned: bool = False) -> None:
+        self.stream = stream
+        self.owned = owned
+        self.records = 0
+
+    @classmethod
+    def from_target(cls, target: str) -> AccessLog:
+        """``-`` is stdout, ``off`` disables, anything else is a file path opened for appending."""
+        if target == "off":
+            return cls(None)
+        if target == "-":
+            return cls(sys.stdout)
+        return cls(open(target, "a", buffering=1, encoding="utf-8"), owned=True)
+
+    def record(self, session: Session) -> None:
+        self.records += 1
+        if self.stream is not None:
+            self.stream.write(format_record(session, time.time()) + "\n")
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+            if self.owned:
+                self.stream.close()
+            self.stream = None

@@ -1,0 +1,83 @@
+"""Least-connections choice among a pool's healthy members.
+
+A member's load is its active sessions (counted from the start of the dial until the session closes)
+divided by its weight. The pick takes the lowest load among members that are UP and not yet tried for
+this client. Ties rotate: the scan starts one place after the previous pick, so idle members share new
+sessions evenly instead of the first member taking every tie.
+
+When no member is UP the pick returns None and the client is closed at once, as HAProxy does with all
+servers down (no "panic mode" routing to unhealthy members).
+
+Pure: no sockets, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from .config import Address, HealthConfig
+from .health import Change, Event, HealthState
+
+
+class Member:
+    """A pool member's live state: address, active session count, weight and health."""
+
+    __slots__ = ("active", "address", "health", "index", "name", "total", "weight")
+
+    def __init__(self, address: Address, index: int, health: HealthConfig, weight: int = 1) -> None:
+        self.address = address
+        self.name = str(address)
+        self.index = index
+        self.weight = weight
+        self.active = 0
+        self.total = 0
+        self.health = HealthState(health.rise, health.fall)
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
+
+    def __repr__(self) -> str:
+        return f"<Member {self.name} active={self.active} {self.health.status.value}>"
+
+
+class Balancer:
+    """The members of one pool and the least-connections pick."""
+
+    def __init__(self, addresses: Sequence[Address], health: HealthConfig) -> None:
+        self.members = [Member(a, i, health) for i, a in enumerate(addresses)]
+        self._next = 0
+
+    def pick(self, tried: Collection[Member] = ()) -> Member | None:
+        """The least-loaded UP member not in ``tried``; None when there is none."""
+        members = self.members
+        count = len(members)
+        best: Member | None = None
+        best_load = 0.0
+        start = self._next
+        for offset in range(count):
+            member = members[(start + offset) % count]
+            if not member.health.up or member in tried:
+                continue
+            load = member.active / member.weight
+            if best is None or load < best_load:
+                best, best_load = member, load
+        if best is not None:
+            self._next = (best.index + 1) % count
+        return best
+
+    def acquire(self, member: Member) -> None:
+        """Count a session against ``member`` from the moment its dial starts."""
+        member.active += 1
+        member.total += 1
+
+    def release(self, member: Member) -> None:
+        member.active -= 1
+
+    def report(self, member: Member, event: Event, reason: str = "") -> Change | None:
+        """Feed one active or passive result into the member's health state."""
+        return member.health.observe(event, reason)
+
+    @property
+    def any_up(self) -> bool:
+        return any(m.health.up for m in self.members)

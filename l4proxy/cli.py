@@ -1,0 +1,238 @@
+"""The ``l4proxy`` command: flags to a Config, Config to a running Proxy, errors to one line.
+
+Only this module turns errors into exit codes: 2 for a user mistake (bad flag, bad value, missing
+file), 1 when the proxy cannot start (address in use), 0 after a graceful drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .accesslog import AccessLog
+from .config import (
+    LOG_LEVELS,
+    Config,
+    HealthConfig,
+    ListenerConfig,
+    PoolConfig,
+    parse_address,
+    parse_duration,
+    parse_escapes,
+    parse_members,
+)
+from .errors import ConfigError
+from .proxy import Proxy
+
+log = logging.getLogger("l4proxy")
+
+# Config field names as the user knows them on the command line.
+FLAG_FOR_FIELD = {
+    "listen": "--listen",
+    "upstream": "--upstream",
+    "retries": "--retries",
+    "connect_timeout": "--connect-timeout",
+    "idle_timeout": "--idle-timeout",
+    "half_closed_timeout": "--half-closed-timeout",
+    "drain_timeout": "--drain-timeout",
+    "health_interval": "--health-interval",
+    "health_timeout": "--health-timeout",
+    "rise": "--rise",
+    "fall": "--fall",
+    "buffer_size": "--buffer-size",
+    "log_level": "--log-level",
+    "access_log": "--access-log",
+}
+
+
+def _duration(flag: str) -> Callable[[click.Context, click.Parameter, str], float]:
+    def convert(ctx: click.Context, param: click.Parameter, value: str) -> float:
+        return parse_duration(value, flag)
+
+    return convert
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    text = value.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
+    digits = text[:-1] if scale > 1 else text
+    if text.endswith("ib"):
+        scale, digits = {"kib": 1024, "mib": 1024 * 1024}.get(text[-3:], 0), text[:-3]
+    if not digits.isdigit() or not scale:
+        raise ConfigError("--buffer-size", value, "expected bytes such as 65536, 64k or 1m")
+    return int(digits) * scale
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--listen", required=True, metavar="[HOST]:PORT",
+              help="Address to accept clients on; ':PORT' means every interface, '[::1]:PORT' for IPv6.")
+@click.option("--upstream", "upstreams", multiple=True, required=True, metavar="HOST[:PORT],...",
+              help="Pool members, comma-separated and/or repeated; the port defaults to the listen port.")
+@click.option("--connect-timeout", default="5s", show_default=True, callback=_duration("--connect-timeout"),
+              help="Give up on one connect attempt after this long and try another member.")
+@click.option("--retries", default=2, show_default=True, type=int,
+              help="Extra connect attempts after the first, each to a member not yet tried.")
+@click.option("--idle-timeout", default="1h", show_default=True, callback=_duration("--idle-timeout"),
+              help="Close a session with no traffic in either direction for this long.")
+@click.option("--half-closed-timeout", default="30s", show_default=True,
+              callback=_duration("--half-closed-timeout"),
+              help="Idle timeout once one direction has ended (HAProxy's 'timeout client-fin').")
+@click.option("--drain-timeout", default="30s", show_default=True, callback=_duration("--drain-timeout"),
+              help="On SIGTERM/SIGINT, how long sessions may finish before they are closed.")
+@click.option("--health-interval", default="2s", show_default=True, callback=_duration("--health-interval"),
+              help="Time between active health probes of each member.")
+@click.option("--health-timeout", default="1s", show_default=True, callback=_duration("--health-timeout"),
+              help="A probe that takes longer fails.")
+@click.option("--rise", default=2, show_default=True, type=int,
+              help="Consecutive passing probes that bring a DOWN member back UP.")
+@click.option("--fall", default=3, show_default=True, type=int,
+              help="Consecutive failures (probes or client connects) that take an UP member DOWN.")
+@click.option("--health-send", default="", metavar="BYTES",
+              help=r"Probe payload to send after connecting, e.g. 'PING\r\n' (escapes \r \n \t \xNN).")
+@click.option("--health-expect", default="", metavar="BYTES",
+              help="The probe passes only if the reply starts with these bytes, e.g. '+PONG'.")
+@click.option("--no-health-checks", is_flag=True, help="Turn active probes off (passive marking stays).")
+@click.option("--buffer-size", default="64k", show_default=True, callback=_size,
+              help="Per-direction buffer high-water mark; a slower peer pauses the faster one.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(LOG_LEVELS),
+              help="Level of the diagnostic log on stderr.")
+@click.option("--access-log", default="-", show_default=True, metavar="-|PATH|off",
+              help="One line per session: '-' for stdout, a file path, or 'off'.")
+def command(**options: Any) -> None:
+    """A layer-4 (TCP) proxy: least-connections, retries and health checks in front of any service.
+
+    Example: l4proxy --listen :6379 --upstream redis-a,redis-b
+    """
+    config = build_config(options)
+    _setup_logging(config.log_level)
+    try:
+        access_log = AccessLog.from_target(config.access_log)
+    except OSError as exc:
+        raise ConfigError("--access-log", config.access_log, exc.strerror or str(exc)) from None
+    raise_nofile_limit()
+    sys.exit(run(config, access_log))
+
+
+def build_config(options: dict[str, Any]) -> Config:
+    """The Config for parsed flags; ConfigErrors name the flag."""
+    try:
+        listen = parse_address(options["listen"], "--listen")
+        members = parse_members(options["upstreams"], "--upstream", default_port=listen.port)
+        health = HealthConfig(
+            interval=options["health_interval"],
+            timeout=options["health_timeout"],
+            rise=options["rise"],
+            fall=options["fall"],
+            send=parse_escapes(options["health_send"], "--health-send"),
+            expect=parse_escapes(options["health_expect"], "--health-expect"),
+            enabled=not options["no_health_checks"],
+        )
+        pool = PoolConfig(
+            members=members,
+            retries=options["retries"],
+            connect_timeout=options["connect_timeout"],
+            health=health,
+        )
+        listener = ListenerConfig(
+            address=listen,
+            idle_timeout=options["idle_timeout"],
+            half_closed_timeout=options["half_closed_timeout"],
+            buffer_size=options["buffer_size"],
+        )
+        return Config(
+            listeners=(listener,),
+            pools=(pool,),
+            drain_timeout=options["drain_timeout"],
+            access_log=options["access_log"],
+            log_level=options["log_level"],
+        )
+    except ConfigError as exc:
+        flag = FLAG_FOR_FIELD.get(exc.field, exc.field)
+        raise ConfigError(flag, exc.value, exc.problem) from None
+
+
+def run(config: Config, access_log: AccessLog | None = None) -> int:
+    """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(config, access_log))
+
+
+async def serve(config: Config, access_log: AccessLog | None = None) -> int:
+    """Start, wait for a signal, drain; a second signal closes the remaining sessions at once."""
+    proxy = Proxy(config, access_log)
+    try:
+        await proxy.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.listeners[0].address, exc.strerror or exc)
+        proxy.access_log.close()
+        return 1
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        if len(received) == 1:
+            log.info("%s received: draining for up to %.1fs (again to force)", name, config.drain_timeout)
+            proxy.stop()
+        else:
+            proxy.abort_all("forced_shutdown")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await proxy.serve_until_stopped()
+        await proxy.drain()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped after %d sessions", proxy.served)
+    return 0
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft open-files limit to the hard limit, as HAProxy does, so each session can have
+    its two descriptors under load."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d: %s", soft, exc)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors, exit 2 for user mistakes, never a traceback for them."""
+    try:
+        command.main(args=argv, prog_name="l4proxy", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        _fail(exc.format_message())
+    except ConfigError as exc:
+        _fail(str(exc))
+    except click.exceptions.Abort:
+        sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    print(f"l4proxy: error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,141 @@
+"""Accepting clients: our own accept loop on non-blocking listening sockets.
+
+Why not ``loop.create_server``: we want to decide what happens when descriptors run out. On EMFILE or
+ENFILE the loop stops watching the socket, logs one line, and tries again after a back-off that grows
+to a second; the pending clients wait in the kernel's backlog instead of being accepted and dropped.
+Accepting resumes by itself once descriptors free up, with one more line to say so. Sockets are
+accepted in batches per readiness event to cut wake-ups under connection storms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from .config import ListenerConfig
+
+log = logging.getLogger("l4proxy.listener")
+
+_BATCH = 64
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 1.0
+
+
+def bind_sockets(config: ListenerConfig) -> list[socket.socket]:
+    """Listening sockets for ``config.address``: every address family when the host is empty."""
+    host = config.address.host or None
+    infos = socket.getaddrinfo(
+        host, config.address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _name, sockaddr in infos:
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(config.backlog)
+            sock.setblocking(False)
+            if config.address.port == 0:  # an OS-chosen port must match across families
+                break
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Listener:
+    """Accepts on its sockets and hands each client socket to ``serve``."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        serve: Callable[[socket.socket], None],
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.serve = serve
+        self.ssl_context = ssl_context
+        self.sockets: list[socket.socket] = []
+        self.accepted = 0
+        self.exhausted = 0  # times accepting paused for lack of descriptors
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused: set[socket.socket] = set()
+        self._backoff = _BACKOFF_MIN
+        self._retry: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sockets = bind_sockets(self.config)
+        for sock in self.sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for s in self.sockets]
+
+    def close(self) -> None:
+        """Stop accepting; established sessions are not touched."""
+        assert self._loop is not None
+        if self._retry is not None:
+            self._retry.cancel()
+        for sock in self.sockets:
+            if sock not in self._paused:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets = []
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(_BATCH):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self._pause(sock, exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up before we accepted it
+                log.error("accept on %s failed: %s", self.config.address, exc)
+                return
+            if self._backoff > _BACKOFF_MIN:
+                log.warning("accepting on %s again", self.config.address)
+                self._backoff = _BACKOFF_MIN
+            self.accepted += 1
+            self.serve(conn)
+
+    def _pause(self, sock: socket.socket, exc: OSError) -> None:
+        """Out of descriptors: stop watching this socket for a while instead of spinning."""
+        assert self._loop is not None
+        if self._backoff == _BACKOFF_MIN:
+            self.exhausted += 1
+            log.error(
+                "accept on %s paused: %s (raise the open-files limit or lower the load);"
+                " retrying until descriptors free up",
+                self.config.address,
+                exc.strerror,
+            )
+        self._loop.remove_reader(sock.fileno())
+        self._paused.add(sock)
+        self._retry = self._loop.call_later(self._backoff, self._resume, sock)
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+
+    def _resume(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        self._retry = None
+        self._paused.discard(sock)
+        if sock.fileno() >= 0:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            self._accept(sock)

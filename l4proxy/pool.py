@@ -1,0 +1,41 @@
+"""A pool at run time: its balancer, its settings, and one place that logs health changes.
+
+Both the dialer (passive results) and the prober (active results) report through ``Pool.report``, so
+each change of a member's status is logged exactly once, with the reason that caused it.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+from .balancer import Balancer, Member
+from .config import PoolConfig
+from .health import Event, Status
+
+log = logging.getLogger("l4proxy.health")
+
+
+class Pool:
+    """Run-time state of one ``PoolConfig``."""
+
+    def __init__(self, config: PoolConfig, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.balancer = Balancer(config.members, config.health)
+        self.ssl_context = ssl_context
+        self.no_upstream = 0  # clients closed because no member could be reached
+
+    @property
+    def members(self) -> list[Member]:
+        return self.balancer.members
+
+    def report(self, member: Member, event: Event, reason: str = "") -> None:
+        """Feed a result to the member's health; log the change of status, if any."""
+        change = self.balancer.report(member, event, reason)
+        if change is None:
+            return
+        if change.new is Status.DOWN:
+            log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
+        else:
+            log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)

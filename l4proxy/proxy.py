@@ -1,0 +1,189 @@
+"""``Proxy``: the engine the CLI runs and programs embed, built from one ``Config``.
+
+    async with Proxy(config) as proxy:      # binds, starts health checks
+        port = proxy.port()                 # the bound port (useful with port 0)
+        await proxy.serve_until_stopped()   # or anything else; leaving the block drains
+
+It owns the run-time objects (pools, probers, listeners), the set of live sessions, the sweeper that
+enforces idle and half-closed timeouts with one timer for all sessions, the access log, and the
+graceful drain: stop accepting, wait for sessions up to ``drain_timeout``, then abort the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+from .accesslog import AccessLog
+from .config import Config, ListenerConfig
+from .dialer import dial
+from .listener import Listener
+from .pool import Pool
+from .prober import Prober
+from .relay import Session
+
+log = logging.getLogger("l4proxy")
+
+
+class Proxy:
+    """Listeners, pools and sessions for one Config."""
+
+    def __init__(self, config: Config, access_log: AccessLog | None = None) -> None:
+        self.config = config
+        self.access_log = access_log or AccessLog.from_target(config.access_log)
+        self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
+        self.probers = [Prober(pool) for pool in self.pools.values()]
+        self.listeners: list[Listener] = []
+        self.sessions: set[Session] = set()
+        self.served = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._opening: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._stopped: asyncio.Event | None = None
+
+    # lifecycle
+
+    async def start(self) -> None:
+        self._stopped = asyncio.Event()
+        try:
+            for listener_config in self.config.listeners:
+                listener = Listener(listener_config, self._server_for(listener_config))
+                listener.start()
+                self.listeners.append(listener)
+        except BaseException:
+            self._close_listeners()
+            raise
+        for prober in self.probers:
+            prober.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name="l4proxy sweeper")
+        for listener in self.listeners:
+            log.info("listening on %s", ", ".join(_fmt(a) for a in listener.addresses))
+
+    async def __aenter__(self) -> Proxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.drain()
+
+    def port(self, index: int = 0) -> int:
+        """The port listener ``index`` is bound to."""
+        return self.listeners[index].addresses[0][1]
+
+    def stop(self) -> None:
+        """Ask ``serve_until_stopped`` to return (signal handlers call this)."""
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def serve_until_stopped(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, let sessions finish for up to ``timeout``, then abort what is left."""
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        self._close_listeners()
+        if self.sessions:
+            log.info("draining %d sessions for up to %.1fs", len(self.sessions), timeout)
+            self._idle.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        self.abort_all("shutdown")
+        await self._stop_background()
+        await asyncio.sleep(0)  # let aborted transports deliver connection_lost
+        self.access_log.close()
+
+    def abort_all(self, cause: str) -> None:
+        """Close every session now (drain deadline reached, or a second signal)."""
+        if self.sessions:
+            log.info("closing %d sessions: %s", len(self.sessions), cause)
+        for session in list(self.sessions):
+            session.abort(cause)
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            if listener.sockets:
+                listener.close()
+
+    async def _stop_background(self) -> None:
+        for prober in self.probers:
+            await prober.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    # sessions
+
+    def _server_for(self, config: ListenerConfig) -> Callable[[socket.socket], None]:
+        """The per-client callback of one listener."""
+        loop = asyncio.get_running_loop()
+        pool = self.pools[config.pool]
+        sessions = self.sessions
+        opening = self._opening
+
+        def on_client_ready(session: Session) -> None:
+            sessions.add(session)
+            session.dial_task = loop.create_task(dial(session, pool))
+
+        def on_end(session: Session) -> None:
+            sessions.discard(session)
+            self.served += 1
+            if session.member is not None:
+                pool.balancer.release(session.member)
+            self.access_log.record(session)
+            if not sessions:
+                self._idle.set()
+
+        def serve(sock: socket.socket) -> None:
+            session = Session(config, on_client_ready, on_end)
+            task = loop.create_task(self._open_client(loop, sock, session))
+            opening.add(task)  # keep a reference until the transport exists
+            task.add_done_callback(opening.discard)
+
+        return serve
+
+    async def _open_client(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, session: Session
+    ) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: session.client, sock)
+        except (TimeoutError, OSError) as exc:
+            log.info("client connection failed before relaying: %s", exc)
+            sock.close()
+
+    async def _sweep(self) -> None:
+        """One timer for all sessions: close those idle past their timeout."""
+        shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
+        tick = max(0.02, min(1.0, shortest / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                if session.busy:
+                    session.busy = False
+                    session.last_active = now
+                    continue
+                limits = session.limits
+                half = session.half_closed
+                if now - session.last_active >= (limits.half_closed_timeout if half else limits.idle_timeout):
+                    session.abort("half_closed_timeout" if half else "idle_timeout")
+
+
+def _client_tls(tls_config: object) -> ssl.SSLContext | None:
+    if tls_config is None:
+        return None
+    from .tls import client_context
+
+    return client_context(tls_config)  # type: ignore[arg-type]
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

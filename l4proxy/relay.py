@@ -1,0 +1,294 @@
+"""The byte pump of one session: two ``asyncio.Protocol``s, one per side, wired to each other.
+
+Each ``Pump`` reads from its own transport and writes straight to the peer's transport: no queue, no
+task, one Python call per chunk. The rules it keeps:
+
+* **Backpressure**: transports get a high-water mark of ``buffer_size``; when the peer's write buffer
+  passes it, asyncio calls the peer's ``pause_writing`` and we stop reading this side until
+  ``resume_writing``. Memory per session is bounded by about two buffers per direction.
+* **Early bytes**: a client may talk before the upstream is connected (and uvloop delivers the first
+  read even after ``pause_reading`` in ``connection_made``), so the client pump holds those bytes, up
+  to ``buffer_size`` before it pauses reading, and the upstream receives them first.
+* **Half-close**: EOF from one side becomes ``write_eof()`` on the other once its buffer drains; the
+  session ends when both directions have ended. A TLS side cannot half-close (TLS has close_notify,
+  not FIN): EOF towards it flushes and closes that side, which ends the session.
+* **Resets**: when one side is lost with an error, the other side gets what was already read, then is
+  closed; the sweeper's half-closed timeout reaps it if that peer never reads.
+* **Idle**: each chunk sets ``session.busy``; the proxy's sweeper (one timer for every session) closes
+  sessions that stay quiet for ``idle_timeout``, or ``half_closed_timeout`` once one direction ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .balancer import Member
+    from .config import ListenerConfig
+
+
+class Pump(asyncio.Protocol):
+    """One side of a session. ``peer`` is the pump of the other side."""
+
+    __slots__ = ("closed", "eof", "nbytes", "peer", "pending", "session", "transport")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+        self.peer: Pump | None = None
+        self.nbytes = 0
+        self.eof = False  # this side sent us EOF
+        self.closed = False  # this side's connection is gone
+        self.pending: list[bytes] | None = None
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        limit = self.session.buffer_size
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)  # type: ignore[attr-defined]
+        self.session.side_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self.session.busy = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.closed:
+            peer.transport.write(data)
+        elif not self.closed:
+            self._hold(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return self.session.side_eof(self)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.closed:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.session.side_lost(self, exc)
+
+    # helpers
+
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes that arrived before the peer exists; pause reading past one buffer."""
+        if self.pending is None:
+            self.pending = []
+        self.pending.append(data)
+        if sum(map(len, self.pending)) >= self.session.buffer_size and self.transport is not None:
+            self.transport.pause_reading()
+
+    def flush_pending_to(self, peer: Pump) -> None:
+        """Send held bytes to the newly connected peer, then resume normal relaying."""
+        assert peer.transport is not None
+        if self.pending:
+            peer.transport.write(b"".join(self.pending))
+        self.pending = None
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def send_eof(self) -> None:
+        """Pass an EOF on to this side: FIN where possible, else flush and close (TLS)."""
+        t = self.transport
+        if t is None or self.closed or t.is_closing():
+            return
+        if t.can_write_eof():
+            t.write_eof()
+        else:
+            t.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Session:
+    """A client connection, its upstream connection, and the facts the access log needs.
+
+    Lifecycle: accepted -> ``on_client_ready`` (the proxy starts the dial) -> ``attach_upstream`` or
+    ``fail`` -> relaying -> ``end``/``abort`` -> both transports lost -> ``on_end`` exactly once.
+    """
+
+    __slots__ = (
+        "buffer_size",
+        "busy",
+        "client",
+        "client_addr",
+        "dial_task",
+        "end_cause",
+        "ended",
+        "last_active",
+        "limits",
+        "member",
+        "on_client_ready",
+        "on_end",
+        "started",
+        "tls_info",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        limits: ListenerConfig,
+        on_client_ready: Callable[[Session], None],
+        on_end: Callable[[Session], None],
+    ) -> None:
+        self.limits = limits
+        self.buffer_size = limits.buffer_size
+        self.on_client_ready = on_client_ready
+        self.on_end = on_end
+        self.client = Pump(self)
+        self.upstream: Pump | None = None
+        self.member: Member | None = None
+        self.dial_task: asyncio.Task[None] | None = None
+        self.client_addr = "-"
+        self.busy = False
+        self.started = time.time()
+        self.last_active = time.monotonic()
+        self.end_cause = ""
+        self.ended = False
+        self.tls_info: dict[str, str] | None = None
+
+    # wiring
+
+    def new_upstream_pump(self) -> Pump:
+        """A fresh pump for one connect attempt (a failed attempt's pump is dropped)."""
+        return Pump(self)
+
+    def side_made(self, pump: Pump) -> None:
+        if pump is self.client:
+            self.client_addr = _peer(pump.transport)
+            self.on_client_ready(self)
+
+    def attach_upstream(self, pump: Pump, member: Member) -> None:
+        """The dial succeeded: wire both pumps and deliver what each side already sent."""
+        self.upstream, self.member = pump, member
+        client = self.client
+        pump.peer, client.peer = client, pump
+        client.flush_pending_to(pump)
+        pump.flush_pending_to(client)
+        if client.eof:
+            pump.send_eof()
+        if pump.eof:
+            client.send_eof()
+        if pump.closed:
+            self.end("upstream_closed")
+        elif client.eof and pump.eof:
+            self.end("eof")
+
+    # events from the pumps
+
+    def side_eof(self, pump: Pump) -> bool:
+        """Half-close: forward the EOF; end the session once both directions are done."""
+        peer = pump.peer
+        if peer is None:  # EOF before the other side exists: attach_upstream forwards it
+            return True
+        peer.send_eof()
+        if peer.eof or peer.closed:
+            self.end("eof")
+            return False
+        return pump.transport is not None and pump.transport.can_write_eof()
+
+    def side_lost(self, pump: Pump, exc: Exception | None) -> None:
+        if self.ended:
+            self._finish_if_closed()
+            return
+        side = "client" if pump is self.client else "upstream"
+        peer = pump.peer
+        if peer is None:
+            if pump is self.client:  # gone while dialing: stop the dial, nothing to relay
+                self.ended = True
+                self.end_cause = "client_reset" if exc else "client_closed"
+                if self.dial_task is not None:
+                    self.dial_task.cancel()
+                self._finish_if_closed()
+            return
+        if exc is not None:
+            cause = f"{side}_reset"
+        elif pump.eof and peer.eof:
+            cause = "eof"
+        else:
+            cause = f"{side}_closed"
+        self.end(cause)
+
+    # ending
+
+    def end(self, cause: str) -> None:
+        """Close both sides, flushing what was already read; ``on_end`` runs once both are gone."""
+        if not self.end_cause:
+            self.end_cause = cause
+        if self.ended:
+            return
+        self.ended = True
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+        self._finish_if_closed()
+
+    def abort(self, cause: str) -> None:
+        """Tear both sides down now, discarding buffers (idle timeout, forced shutdown)."""
+        if not self.ended or self.end_cause == "eof":
+            self.end_cause = cause
+        self.ended = True
+        if self.dial_task is not None and self.upstream is None:
+            self.dial_task.cancel()
+        self.client.abort()
+        if self.upstream is not None:
+            self.upstream.abort()
+        self._finish_if_closed()
+
+    def fail(self, cause: str) -> None:
+        """No upstream could be reached: close the client at once."""
+        self.end_cause = self.end_cause or cause
+        self.ended = True
+        self.client.abort()
+        self._finish_if_closed()
+
+    def _finish_if_closed(self) -> None:
+        if (self.client.closed or self.client.transport is None) and (
+            self.upstream is None or self.upstream.closed
+        ):
+            on_end, self.on_end = self.on_end, _noop
+            on_end(self)
+
+    @property
+    def half_closed(self) -> bool:
+        up = self.upstream
+        return self.ended or self.client.eof or (up is not None and up.eof)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read from the client (sent upstream)."""
+        return self.client.nbytes
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes read from the upstream (sent to the client)."""
+        return self.upstream.nbytes if self.upstream is not None else 0
+
+
+def _noop(session: Session) -> None:
+    return None
+
+
+def _peer(transport: asyncio.BaseTransport | None) -> str:
+    if transport is None:
+        return "-"
+    addr = transport.get_extra_info("peername")
+    if not addr:
+        return "-"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
