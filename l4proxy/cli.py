@@ -23,6 +23,8 @@ from .config import (
     HealthConfig,
     ListenerConfig,
     PoolConfig,
+    ServerTLSConfig,
+    UpstreamTLSConfig,
     parse_address,
     parse_duration,
     parse_escapes,
@@ -49,7 +51,23 @@ FLAG_FOR_FIELD = {
     "buffer_size": "--buffer-size",
     "log_level": "--log-level",
     "access_log": "--access-log",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "tls_client_ca": "--tls-client-ca",
+    "tls_alpn": "--tls-alpn",
+    "tls_handshake_timeout": "--tls-handshake-timeout",
+    "tls_min_version": "--tls-min-version",
+    "upstream_ca": "--upstream-ca",
+    "upstream_cert": "--upstream-cert",
+    "upstream_key": "--upstream-key",
+    "upstream_alpn": "--upstream-alpn",
 }
+
+
+def flagged(exc: ConfigError) -> ConfigError:
+    """The same error, naming the command-line flag instead of the config field."""
+    flag = FLAG_FOR_FIELD.get(exc.field)
+    return exc if flag is None else ConfigError(flag, exc.value, exc.problem)
 
 
 def _duration(flag: str) -> Callable[[click.Context, click.Parameter, str], float]:
@@ -101,6 +119,22 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--no-health-checks", is_flag=True, help="Turn active probes off (passive marking stays).")
 @click.option("--buffer-size", default="64k", show_default=True, callback=_size,
               help="Per-direction buffer high-water mark; a slower peer pauses the faster one.")
+@click.option("--tls-cert", metavar="PEM", help="Terminate TLS from clients with this certificate chain.")
+@click.option("--tls-key", metavar="PEM", help="The private key of --tls-cert.")
+@click.option("--tls-client-ca", metavar="PEM", help="Require client certificates signed by this CA (mTLS).")
+@click.option("--tls-alpn", default="", metavar="LIST", help="ALPN protocols offered to clients, e.g. h2,http/1.1.")
+@click.option("--tls-handshake-timeout", default="10s", show_default=True,
+              callback=_duration("--tls-handshake-timeout"), help="Close clients that do not finish the handshake.")
+@click.option("--tls-min-version", default="1.2", show_default=True, type=click.Choice(["1.2", "1.3"]),
+              help="Oldest TLS version accepted from clients.")
+@click.option("--upstream-tls", is_flag=True, help="Speak TLS to the upstreams (verified by default).")
+@click.option("--upstream-ca", metavar="PEM", help="CA bundle that upstream certificates must chain to "
+              "[default: the system trust store].")
+@click.option("--upstream-sni", metavar="NAME", help="Server name sent and verified [default: the member's host].")
+@click.option("--upstream-cert", metavar="PEM", help="Client certificate presented to upstreams (mTLS).")
+@click.option("--upstream-key", metavar="PEM", help="The private key of --upstream-cert.")
+@click.option("--upstream-alpn", default="", metavar="LIST", help="ALPN protocols offered to upstreams.")
+@click.option("--upstream-insecure", is_flag=True, help="Do not verify upstream certificates (warns at start-up).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(LOG_LEVELS),
               help="Level of the diagnostic log on stderr.")
 @click.option("--access-log", default="-", show_default=True, metavar="-|PATH|off",
@@ -112,6 +146,10 @@ def command(**options: Any) -> None:
     """
     config = build_config(options)
     _setup_logging(config.log_level)
+    check_tls_files(config)
+    if any(p.tls is not None and p.tls.insecure for p in config.pools):
+        log.warning("--upstream-insecure: upstream certificates are NOT verified; anyone on the path can"
+                    " impersonate an upstream")
     try:
         access_log = AccessLog.from_target(config.access_log)
     except OSError as exc:
@@ -139,12 +177,14 @@ def build_config(options: dict[str, Any]) -> Config:
             retries=options["retries"],
             connect_timeout=options["connect_timeout"],
             health=health,
+            tls=_upstream_tls(options),
         )
         listener = ListenerConfig(
             address=listen,
             idle_timeout=options["idle_timeout"],
             half_closed_timeout=options["half_closed_timeout"],
             buffer_size=options["buffer_size"],
+            tls=_server_tls(options),
         )
         return Config(
             listeners=(listener,),
@@ -154,8 +194,66 @@ def build_config(options: dict[str, Any]) -> Config:
             log_level=options["log_level"],
         )
     except ConfigError as exc:
-        flag = FLAG_FOR_FIELD.get(exc.field, exc.field)
-        raise ConfigError(flag, exc.value, exc.problem) from None
+        raise flagged(exc) from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _server_tls(options: dict[str, Any]) -> ServerTLSConfig | None:
+    cert, key = options["tls_cert"], options["tls_key"]
+    if cert is None and key is None:
+        for flag in ("tls_client_ca", "tls_alpn"):
+            if options[flag]:
+                raise ConfigError(FLAG_FOR_FIELD[flag], options[flag], "needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        missing, given = ("--tls-key", "--tls-cert") if key is None else ("--tls-cert", "--tls-key")
+        raise ConfigError(missing, None, f"required with {given}")
+    return ServerTLSConfig(
+        cert=cert,
+        key=key,
+        client_ca=options["tls_client_ca"],
+        alpn=_names(options["tls_alpn"]),
+        handshake_timeout=options["tls_handshake_timeout"],
+        min_version=options["tls_min_version"],
+    )
+
+
+def _upstream_tls(options: dict[str, Any]) -> UpstreamTLSConfig | None:
+    names = ("upstream_ca", "upstream_sni", "upstream_cert", "upstream_key", "upstream_alpn", "upstream_insecure")
+    if not options["upstream_tls"]:
+        given = next((n for n in names if options[n]), None)
+        if given:
+            raise ConfigError("--" + given.replace("_", "-"), None, "needs --upstream-tls")
+        return None
+    if (options["upstream_cert"] is None) != (options["upstream_key"] is None):
+        missing = "--upstream-key" if options["upstream_key"] is None else "--upstream-cert"
+        raise ConfigError(missing, None, "--upstream-cert and --upstream-key go together")
+    return UpstreamTLSConfig(
+        ca=options["upstream_ca"],
+        sni=options["upstream_sni"],
+        cert=options["upstream_cert"],
+        key=options["upstream_key"],
+        alpn=_names(options["upstream_alpn"]),
+        insecure=options["upstream_insecure"],
+    )
+
+
+def check_tls_files(config: Config) -> None:
+    """Load every certificate, key and CA once before binding, so a bad file is a start-up error."""
+    from .tls import client_context, server_context
+
+    try:
+        for listener in config.listeners:
+            if listener.tls is not None:
+                server_context(listener.tls)
+        for pool in config.pools:
+            if pool.tls is not None:
+                client_context(pool.tls)
+    except ConfigError as exc:
+        raise flagged(exc) from None
 
 
 def run(config: Config, access_log: AccessLog | None = None) -> int:
@@ -186,13 +284,21 @@ async def serve(config: Config, access_log: AccessLog | None = None) -> int:
         else:
             proxy.abort_all("forced_shutdown")
 
+    def on_reload() -> None:
+        problems = proxy.reload_tls()
+        for problem in problems:
+            log.error("SIGHUP: kept the previous TLS files: %s", flagged(problem))
+        if not problems:
+            log.info("SIGHUP: TLS certificates and keys reloaded")
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await proxy.serve_until_stopped()
         await proxy.drain()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped after %d sessions", proxy.served)
     return 0
@@ -228,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as exc:
         _fail(exc.format_message())
     except ConfigError as exc:
-        _fail(str(exc))
+        _fail(str(flagged(exc)))
     except click.exceptions.Abort:
         sys.exit(130)
 

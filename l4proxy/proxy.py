@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable
 
 from .accesslog import AccessLog
-from .config import Config, ListenerConfig
+from .config import Config, ListenerConfig, UpstreamTLSConfig
 from .dialer import dial
+from .errors import ConfigError
 from .listener import Listener
 from .pool import Pool
 from .prober import Prober
 from .relay import Session
+from .tls import client_context, server_context
 
 log = logging.getLogger("l4proxy")
 
@@ -37,10 +39,12 @@ class Proxy:
         self.config = config
         self.access_log = access_log or AccessLog.from_target(config.access_log)
         self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
+        self.server_tls = {i: server_context(c.tls) for i, c in enumerate(config.listeners) if c.tls is not None}
         self.probers = [Prober(pool) for pool in self.pools.values()]
         self.listeners: list[Listener] = []
         self.sessions: set[Session] = set()
         self.served = 0
+        self.tls_failures = 0  # client TLS handshakes that failed or timed out
         self._sweeper: asyncio.Task[None] | None = None
         self._opening: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -51,8 +55,8 @@ class Proxy:
     async def start(self) -> None:
         self._stopped = asyncio.Event()
         try:
-            for listener_config in self.config.listeners:
-                listener = Listener(listener_config, self._server_for(listener_config))
+            for index, listener_config in enumerate(self.config.listeners):
+                listener = Listener(listener_config, self._server_for(index, listener_config))
                 listener.start()
                 self.listeners.append(listener)
         except BaseException:
@@ -121,8 +125,8 @@ class Proxy:
 
     # sessions
 
-    def _server_for(self, config: ListenerConfig) -> Callable[[socket.socket], None]:
-        """The per-client callback of one listener."""
+    def _server_for(self, index: int, config: ListenerConfig) -> Callable[[socket.socket], None]:
+        """The per-client callback of listener ``index``."""
         loop = asyncio.get_running_loop()
         pool = self.pools[config.pool]
         sessions = self.sessions
@@ -143,20 +147,54 @@ class Proxy:
 
         def serve(sock: socket.socket) -> None:
             session = Session(config, on_client_ready, on_end)
-            task = loop.create_task(self._open_client(loop, sock, session))
+            task = loop.create_task(self._open_client(loop, sock, session, self.server_tls.get(index)))
             opening.add(task)  # keep a reference until the transport exists
             task.add_done_callback(opening.discard)
 
         return serve
 
     async def _open_client(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, session: Session
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        session: Session,
+        tls: ssl.SSLContext | None,
     ) -> None:
-        try:
+        """Wrap the accepted socket in a transport; TLS handshakes fail here, alone and without a traceback."""
+        if tls is None:
             await loop.connect_accepted_socket(lambda: session.client, sock)
+            return
+        try:
+            peer = _fmt(sock.getpeername()[:2])
+        except OSError:
+            peer = "-"
+        timeout = session.limits.tls.handshake_timeout if session.limits.tls is not None else None
+        try:
+            await loop.connect_accepted_socket(
+                lambda: session.client, sock, ssl=tls, ssl_handshake_timeout=timeout
+            )
         except (TimeoutError, OSError) as exc:
-            log.info("client connection failed before relaying: %s", exc)
+            self.tls_failures += 1
+            log.warning("TLS handshake with %s failed: %s", peer, _tls_failure(exc))
             sock.close()
+
+    def reload_tls(self) -> list[ConfigError]:
+        """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
+        the problems, one line each. Established sessions are not touched."""
+        problems: list[ConfigError] = []
+        for index, listener_config in enumerate(self.config.listeners):
+            if listener_config.tls is not None:
+                try:
+                    self.server_tls[index] = server_context(listener_config.tls)
+                except ConfigError as exc:
+                    problems.append(exc)
+        for pool in self.pools.values():
+            if pool.config.tls is not None:
+                try:
+                    pool.ssl_context = client_context(pool.config.tls)
+                except ConfigError as exc:
+                    problems.append(exc)
+        return problems
 
     async def _sweep(self) -> None:
         """One timer for all sessions: close those idle past their timeout."""
@@ -176,12 +214,16 @@ class Proxy:
                     session.abort("half_closed_timeout" if half else "idle_timeout")
 
 
-def _client_tls(tls_config: object) -> ssl.SSLContext | None:
-    if tls_config is None:
-        return None
-    from .tls import client_context
+def _client_tls(tls_config: UpstreamTLSConfig | None) -> ssl.SSLContext | None:
+    return None if tls_config is None else client_context(tls_config)
 
-    return client_context(tls_config)  # type: ignore[arg-type]
+
+def _tls_failure(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "handshake timeout"
+    return str(exc) or type(exc).__name__
 
 
 def _fmt(address: tuple[str, int]) -> str:

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .tls import describe
+
 if TYPE_CHECKING:
     from .balancer import Member
     from .config import ListenerConfig
@@ -170,7 +172,11 @@ class Session:
 
     def side_made(self, pump: Pump) -> None:
         if pump is self.client:
+            assert pump.transport is not None
             self.client_addr = _peer(pump.transport)
+            ssl_object = pump.transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.tls_info = {f"tls_{k}": v for k, v in describe(ssl_object).items() if v}
             self.on_client_ready(self)
 
     def attach_upstream(self, pump: Pump, member: Member) -> None:
