@@ -270,7 +270,7 @@ async def serve(config: Config, access_log: AccessLog | None = None) -> int:
     try:
         await proxy.start()
     except OSError as exc:
-        log.error("cannot listen on %s: %s", config.listeners[0].address, exc.strerror or exc)
+        print(f"l4proxy: error: cannot listen on {config.listeners[0].address}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
         return 1
     loop = asyncio.get_running_loop()

@@ -28,7 +28,7 @@ def parse_duration(text: str, field_name: str) -> float:
 
 
 def _parse_port(text: str, whole: str, field_name: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit alone accepts '²', which int() rejects
         raise ConfigError(field_name, whole, f"port {text!r} is not a number")
     port = int(text)
     if not 1 <= port <= 65535:
@@ -103,7 +103,8 @@ def parse_members(texts: list[str] | tuple[str, ...], field_name: str, default_p
     return tuple(members)
 
 
-_ESCAPE = re.compile(rb"\\(x[0-9A-Fa-f]{2}|[rnt0\\])")
+# A lone ``x`` alternative catches a short \x; scanning pairs left to right keeps ``\\x41`` literal.
+_ESCAPE = re.compile(rb"\\(x[0-9A-Fa-f]{2}|x|[rnt0\\])")
 _SIMPLE_ESCAPES = {b"r": b"\r", b"n": b"\n", b"t": b"\t", b"0": b"\0", b"\\": b"\\"}
 
 
@@ -116,12 +117,11 @@ def parse_escapes(text: str, field_name: str) -> bytes:
 
     def replace(match: re.Match[bytes]) -> bytes:
         code = match.group(1)
+        if code == b"x":
+            raise ConfigError(field_name, text, r"\x needs two hex digits, as in \x0d")
         return bytes([int(code[1:], 16)]) if code[:1] == b"x" else _SIMPLE_ESCAPES[code]
 
-    unescaped = _ESCAPE.sub(replace, raw)
-    if re.search(rb"\\x(?![0-9A-Fa-f]{2})", raw):
-        raise ConfigError(field_name, text, r"\x needs two hex digits, as in \x0d")
-    return unescaped
+    return _ESCAPE.sub(replace, raw)
 
 
 # --- the configuration tree ------------------------------------------------------------------------

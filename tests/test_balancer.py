@@ -1,0 +1,241 @@
+"""The least-connections pick, on its own: no sockets, no loop.
+
+RELIABILITY.md cases 14 (each attempt goes to a member not yet tried, the budget is bounded), 15 (all
+members down: no pick, at once) and 17 (idle members share evenly; new sessions avoid the busy member),
+the pure side of each; the socket side lives with the dialer and proxy tests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from l4proxy.balancer import Balancer, Member
+from l4proxy.config import Address, HealthConfig
+from l4proxy.health import Change, Event, Status
+
+HEALTH = HealthConfig(rise=2, fall=3)
+
+
+def make_balancer(count: int, health: HealthConfig = HEALTH) -> Balancer:
+    return Balancer([Address(f"10.0.0.{i + 1}", 6379) for i in range(count)], health)
+
+
+def take_down(balancer: Balancer, member: Member) -> None:
+    """``fall`` failures in a row, as the prober or dialer would report them."""
+    for _ in range(member.health.fall):
+        balancer.report(member, Event.PROBE_FAIL, "refused")
+    assert member.health.status is Status.DOWN
+
+
+def hold(balancer: Balancer, picks: int) -> list[Member]:
+    """Pick and acquire ``picks`` times without releasing: sessions that stay open."""
+    chosen = []
+    for _ in range(picks):
+        member = balancer.pick()
+        assert member is not None
+        balancer.acquire(member)
+        chosen.append(member)
+    return chosen
+
+
+def short_sessions(balancer: Balancer, picks: int) -> Counter[str]:
+    """Pick, acquire and release ``picks`` times: sessions that end before the next one starts."""
+    counts: Counter[str] = Counter()
+    for _ in range(picks):
+        member = balancer.pick()
+        assert member is not None
+        balancer.acquire(member)
+        counts[member.name] += 1
+        balancer.release(member)
+    return counts
+
+
+# --- least connections (case 17) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_idle_members_share_short_sessions_evenly(count: int) -> None:
+    """Every pick is a tie at zero; the rotation must not hand every tie to the first member."""
+    balancer = make_balancer(count)
+    counts = short_sessions(balancer, 100 * count)
+    assert counts == {m.name: 100 for m in balancer.members}
+
+
+def test_ties_rotate_in_member_order() -> None:
+    balancer = make_balancer(3)
+    names = [m.name for m in balancer.members]
+    picks = []
+    for _ in range(7):
+        member = balancer.pick()
+        assert member is not None
+        picks.append(member.name)
+    assert picks == [names[i % 3] for i in range(7)]
+
+
+def test_open_sessions_spread_one_per_member_before_any_gets_a_second() -> None:
+    balancer = make_balancer(3)
+    chosen = hold(balancer, 9)
+    for round_start in range(0, 9, 3):
+        assert {m.name for m in chosen[round_start : round_start + 3]} == {m.name for m in balancer.members}
+    assert [m.active for m in balancer.members] == [3, 3, 3]
+    assert [m.total for m in balancer.members] == [3, 3, 3]
+
+
+def test_new_sessions_avoid_the_busy_member() -> None:
+    balancer = make_balancer(3)
+    busy = balancer.members[1]
+    for _ in range(5):
+        balancer.acquire(busy)
+    counts = short_sessions(balancer, 200)
+    assert counts == {balancer.members[0].name: 100, balancer.members[2].name: 100}
+    assert busy.active == 5
+
+
+def test_least_loaded_member_catches_up_first() -> None:
+    """A member with fewer sessions (say, back from DOWN) takes new ones until loads are level."""
+    balancer = make_balancer(3)
+    a, b, c = balancer.members
+    for member, active in ((a, 4), (b, 2), (c, 0)):
+        for _ in range(active):
+            balancer.acquire(member)
+    chosen = hold(balancer, 6)
+    assert [m.name for m in chosen[:2]] == [c.name, c.name]  # c: 0 -> 2, level with b
+    assert (a.active, b.active, c.active) == (4, 4, 4)
+
+
+def test_release_makes_a_member_preferred_again() -> None:
+    balancer = make_balancer(2)
+    _, b = hold(balancer, 2)
+    hold(balancer, 2)
+    balancer.release(b)
+    assert balancer.pick() is b
+
+
+@pytest.mark.parametrize(
+    ("weights", "sessions", "expected_active"),
+    [
+        ((1, 1), 10, (5, 5)),
+        ((2, 1), 30, (20, 10)),
+        ((3, 1, 1), 50, (30, 10, 10)),
+        ((1, 4), 25, (5, 20)),
+    ],
+)
+def test_weights_scale_the_load(weights: tuple[int, ...], sessions: int, expected_active: tuple[int, ...]) -> None:
+    """Load is active sessions divided by weight, so open sessions settle in proportion to weights."""
+    balancer = make_balancer(len(weights))
+    for member, weight in zip(balancer.members, weights, strict=True):
+        member.weight = weight
+    hold(balancer, sessions)
+    assert tuple(m.active for m in balancer.members) == expected_active
+
+
+def test_heavier_member_wins_at_equal_sessions() -> None:
+    balancer = make_balancer(2)
+    light, heavy = balancer.members
+    heavy.weight = 2
+    balancer.acquire(light)
+    balancer.acquire(heavy)
+    assert balancer.pick() is heavy  # 1/2 < 1/1
+
+
+# --- health (case 15) ------------------------------------------------------------------------------
+
+
+def test_down_members_get_no_sessions() -> None:
+    balancer = make_balancer(3)
+    a, b, c = balancer.members
+    take_down(balancer, b)
+    counts = short_sessions(balancer, 100)
+    assert counts == {a.name: 50, c.name: 50}
+
+
+def test_down_member_is_skipped_even_when_it_is_least_loaded() -> None:
+    balancer = make_balancer(2)
+    a, b = balancer.members
+    for _ in range(10):
+        balancer.acquire(a)
+    take_down(balancer, b)
+    assert balancer.pick() is a
+
+
+def test_all_members_down_picks_none() -> None:
+    balancer = make_balancer(3)
+    for member in balancer.members:
+        take_down(balancer, member)
+    assert balancer.pick() is None
+    assert not balancer.any_up
+
+
+def test_member_back_up_is_picked_again() -> None:
+    balancer = make_balancer(2)
+    a, b = balancer.members
+    take_down(balancer, b)
+    assert balancer.report(b, Event.PROBE_OK, "ok") is None
+    assert balancer.report(b, Event.PROBE_OK, "tcp connect ok") == Change(Status.DOWN, Status.UP, "tcp connect ok")
+    assert balancer.any_up and b.up
+    assert short_sessions(balancer, 10) == {a.name: 5, b.name: 5}
+
+
+def test_passive_failures_take_a_member_out_of_the_pick() -> None:
+    balancer = make_balancer(2)
+    a, b = balancer.members
+    changes = [balancer.report(a, Event.TRAFFIC_FAIL, "refused") for _ in range(3)]
+    assert changes == [None, None, Change(Status.UP, Status.DOWN, "refused")]
+    assert short_sessions(balancer, 4) == {b.name: 4}
+
+
+# --- tried members (case 14) -----------------------------------------------------------------------
+
+
+def test_tried_members_are_excluded() -> None:
+    balancer = make_balancer(3)
+    a, b, c = balancer.members
+    for _ in range(3):
+        balancer.acquire(b)  # b is busiest, yet the only one left untried
+    assert balancer.pick(tried={a, c}) is b
+    assert balancer.pick(tried=[a, b, c]) is None
+
+
+def test_retry_loop_visits_each_member_once_then_stops() -> None:
+    """The dialer's pattern: pick, fail, add to tried; at most one attempt per member."""
+    balancer = make_balancer(4)
+    tried: list[Member] = []
+    while (member := balancer.pick(tried)) is not None:
+        assert len(tried) < 4, "the pick must run out once every member is tried"
+        tried.append(member)
+    assert sorted(m.name for m in tried) == sorted(m.name for m in balancer.members)
+
+
+@pytest.mark.parametrize(("retries", "attempts"), [(0, 1), (1, 2), (2, 3), (5, 3)])
+def test_retry_budget_is_bounded_by_retries_and_members(retries: int, attempts: int) -> None:
+    balancer = make_balancer(3)
+    tried: list[Member] = []
+    for _ in range(retries + 1):
+        member = balancer.pick(tried)
+        if member is None:
+            break
+        tried.append(member)
+    assert len(tried) == attempts
+    assert len(set(tried)) == attempts
+
+
+def test_tried_and_down_together_leave_nothing() -> None:
+    balancer = make_balancer(3)
+    a, b, c = balancer.members
+    take_down(balancer, c)
+    assert balancer.pick(tried={a}) is b
+    assert balancer.pick(tried={a, b}) is None
+    assert balancer.any_up  # members are up, just all tried for this client
+
+
+def test_retries_of_one_client_do_not_disturb_the_rotation_for_others() -> None:
+    """After a client's attempts, short sessions of other clients are still spread evenly."""
+    balancer = make_balancer(3)
+    tried: set[Member] = set()
+    for _ in range(3):
+        member = balancer.pick(tried)
+        assert member is not None
+        tried.add(member)
+    assert short_sessions(balancer, 300) == {m.name: 100 for m in balancer.members}

@@ -1,0 +1,330 @@
+"""The ``l4proxy`` command as users run it: a real subprocess, real loopback sockets, real signals.
+
+A user mistake is one line on stderr, ``l4proxy: error: ...`` naming the flag and the value, exit code
+2 and never a traceback; an address that cannot be bound is one line naming it and exit code 1. The
+happy path relays bytes to an echo server and writes the access-log line with exact byte counts.
+
+RELIABILITY.md cases 9 (shutdown with sessions in flight: no crash, no traceback), 11 (one access-log
+record per session with exact counts, upstream and cause) and 32 (SIGTERM drains: stop accepting, let
+sessions finish until the deadline, then close the rest; a second signal forces it at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from l4proxy.cli import command
+
+COMMAND = [sys.executable, "-m", "l4proxy"]
+HOSTS = ["127.0.0.1", "::1"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=20, check=False)
+
+
+def bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on right now (bound, read, closed): the proxy must be told its port."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout}s")
+        time.sleep(0.01)
+
+
+# --- user mistakes ---------------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    # (arguments, the one stderr line)
+    (["--upstream", "a"], "Missing option '--listen'."),
+    (["--listen", ":6379"], "Missing option '--upstream'."),
+    (["--listen", ":6379", "--upstream", "a", "--connect-timeout", "5x"],
+     "--connect-timeout '5x': expected a duration such as 250ms, 5s, 1m, 1h or 2.5"),
+    (["--listen", ":6379", "--upstream", "a", "--idle-timeout", "-1s"],
+     "--idle-timeout '-1s': expected a duration such as 250ms, 5s, 1m, 1h or 2.5"),
+    (["--listen", ":6379", "--upstream", "a", "--drain-timeout", "0"], "--drain-timeout 0.0: must be greater than 0"),
+    (["--listen", ":70000", "--upstream", "a"], "--listen ':70000': port must be 1..65535"),
+    (["--listen", ":0", "--upstream", "a:1"], "--listen ':0': port must be 1..65535"),
+    (["--listen", "6379", "--upstream", "a"], "--listen '6379': a port is required, as HOST:PORT or :PORT"),
+    (["--listen", "[::1:6379", "--upstream", "a"], "--listen '[::1:6379': missing ']' after the IPv6 address"),
+    (["--listen", ":6379", "--upstream", "redis-a:70000"], "--upstream 'redis-a:70000': port must be 1..65535"),
+    (["--listen", ":6379", "--upstream", "a,,b"], "--upstream 'a,,b': empty member in the list"),
+    (["--listen", ":6379", "--upstream", "host:\u00b2"], "--upstream 'host:\u00b2': port '\u00b2' is not a number"),
+    (["--listen", ":6379", "--upstream", "a", "--bogus"], "No such option '--bogus'."),
+    (["--listen", ":6379", "--upstream", "a", "--retrys", "3"],
+     "No such option '--retrys'. Did you mean '--retries'?"),
+    (["--listen", ":6379", "--upstream", "a", "extra"], "Got unexpected extra argument (extra)"),
+    (["--listen", ":6379", "--upstream", "a", "--listen"], "Option '--listen' requires an argument."),
+    (["--listen", ":6379", "--upstream", "a", "--retries", "x"],
+     "Invalid value for '--retries': 'x' is not a valid integer."),
+    (["--listen", ":6379", "--upstream", "a", "--retries", "-1"], "--retries -1: must be 0 or more"),
+    (["--listen", ":6379", "--upstream", "a", "--rise", "0"], "--rise 0: must be at least 1"),
+    (["--listen", ":6379", "--upstream", "a", "--fall", "0"], "--fall 0: must be at least 1"),
+    (["--listen", ":6379", "--upstream", "a", "--log-level", "trace"],
+     "Invalid value for '--log-level': 'trace' is not one of 'debug', 'info', 'warning', 'error'."),
+    (["--listen", ":6379", "--upstream", "a", "--buffer-size", "12q"],
+     "--buffer-size '12q': expected bytes such as 65536, 64k or 1m"),
+    (["--listen", ":6379", "--upstream", "a", "--buffer-size", "512"],
+     "--buffer-size 512: must be at least 1024 bytes"),
+    (["--listen", ":6379", "--upstream", "a", "--health-send", r"PING\x4"],
+     r"--health-send 'PING\\x4': \x needs two hex digits, as in \x0d"),
+    (["--listen", ":6379", "--upstream", "a", "--access-log", "/nonexistent/dir/x.log"],
+     "--access-log '/nonexistent/dir/x.log': No such file or directory"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_user_mistake_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert (result.returncode, result.stderr, result.stdout) == (2, f"l4proxy: error: {message}\n", "")
+
+
+def test_access_log_that_is_a_directory(tmp_path: Path) -> None:
+    result = run_cli("--listen", "127.0.0.1:6379", "--upstream", "a", "--access-log", str(tmp_path))
+    assert (result.returncode, result.stderr) == (2, f"l4proxy: error: --access-log '{tmp_path}': Is a directory\n")
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_address_in_use_is_one_line_and_exit_1(host: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as taken:
+        taken.bind((host, 0))
+        taken.listen()
+        address = f"{bracket(host)}:{taken.getsockname()[1]}"
+        result = run_cli("--listen", address, "--upstream", "127.0.0.1:1", "--access-log", "off")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0] == f"l4proxy: error: cannot listen on {address}: Address already in use"
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_flag() -> None:
+    result = run_cli("--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    flags = [opt for param in command.params for opt in param.opts if opt.startswith("--")]
+    assert len(flags) >= 18
+    missing = [flag for flag in flags if not re.search(rf"(^|[\s,]){re.escape(flag)}\b", result.stdout)]
+    assert missing == []
+    assert "Usage: l4proxy [OPTIONS]" in result.stdout
+    assert run_cli("-h").stdout == result.stdout
+
+
+# --- running it ------------------------------------------------------------------------------------
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        conn: socket.socket = self.request
+        with contextlib.suppress(ConnectionError):
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+
+class _EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _EchoServer6(_EchoServer):
+    address_family = socket.AF_INET6
+
+
+@contextlib.contextmanager
+def echo_server(host: str) -> Iterator[str]:
+    """A threaded echo server on loopback; yields its address as the proxy's --upstream."""
+    server = (_EchoServer6 if ":" in host else _EchoServer)((host, 0), _EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"{bracket(host)}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    stdout: Path
+    stderr: Path
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> tuple[int, float]:
+        """Exit code and seconds waited."""
+        started = time.monotonic()
+        code = self.process.wait(timeout)
+        return code, time.monotonic() - started
+
+    def err(self) -> str:
+        return self.stderr.read_text()
+
+    def out(self) -> str:
+        return self.stdout.read_text()
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=5)
+
+
+@contextlib.contextmanager
+def running_proxy(tmp_path: Path, host: str, upstream: str, *extra: str) -> Iterator[Running]:
+    """The command, started and ready (it logged 'listening on'); killed if the test leaves it running."""
+    port = free_port(host)
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [*COMMAND, "--listen", f"{bracket(host)}:{port}", "--upstream", upstream, "--access-log", "-", *extra],
+            stdout=out,
+            stderr=err,
+        )
+    run = Running(process, host, port, stdout, stderr)
+    try:
+        wait_until(lambda: "listening on" in run.err() or process.poll() is not None, 10, "start-up")
+        assert process.poll() is None, run.err()
+        yield run
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+
+def access_records(text: str) -> list[dict[str, str]]:
+    """The logfmt fields of each access-log line (the timestamp comes first and has no '=')."""
+    return [dict(f.split("=", 1) for f in line.split()[1:]) for line in text.splitlines()]
+
+
+def exchange(client: socket.socket, payload: bytes) -> bytes:
+    client.sendall(payload)
+    received = bytearray()
+    while len(received) < len(payload):
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        received.extend(chunk)
+    return bytes(received)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_relays_logs_exact_counts_and_exits_0_on_sigterm(tmp_path: Path, host: str) -> None:
+    payload = os.urandom(200_000)
+    with echo_server(host) as upstream, running_proxy(tmp_path, host, upstream, "--drain-timeout", "5s") as proxy:
+        with proxy.connect() as client:
+            client_address = client.getsockname()
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            echoed = bytearray()
+            while chunk := client.recv(65536):
+                echoed.extend(chunk)
+        assert bytes(echoed) == payload
+        proxy.signal(signal.SIGTERM)
+        code, waited = proxy.wait(5)
+    assert code == 0 and waited < 5
+    [record] = access_records(proxy.out())
+    assert record["client"] == f"{bracket(host)}:{client_address[1]}"
+    assert (record["upstream"], record["in"], record["out"], record["end"]) == (
+        upstream, str(len(payload)), str(len(payload)), "eof"
+    )
+    assert re.fullmatch(r"\d+\.\d{3}s", record["duration"])
+    err = proxy.err()
+    assert "Traceback" not in err and "stopped after 1 sessions" in err
+
+
+def test_sigint_drains_like_sigterm(tmp_path: Path) -> None:
+    with echo_server("127.0.0.1") as upstream, running_proxy(tmp_path, "127.0.0.1", upstream) as proxy:
+        proxy.signal(signal.SIGINT)
+        code, _ = proxy.wait(5)
+    assert code == 0
+    assert "SIGINT received" in proxy.err() and "Traceback" not in proxy.err()
+    assert proxy.out() == ""
+
+
+def test_drain_stops_accepting_and_lets_open_sessions_finish(tmp_path: Path) -> None:
+    """Case 32: after SIGTERM a live session keeps working; the process exits once it ends."""
+    host = "127.0.0.1"
+    with echo_server(host) as upstream, running_proxy(tmp_path, host, upstream, "--drain-timeout", "30s") as proxy:
+        with proxy.connect() as client:
+            assert exchange(client, b"before") == b"before"
+            proxy.signal(signal.SIGTERM)
+            wait_until(lambda: "draining 1 sessions" in proxy.err(), 5, "drain log line")
+            with pytest.raises(ConnectionRefusedError):
+                proxy.connect().close()
+            assert exchange(client, b"during drain") == b"during drain"
+            assert proxy.process.poll() is None
+        code, waited = proxy.wait(5)  # the client closed: the drain ends long before 30 s
+    assert code == 0 and waited < 5
+    [record] = access_records(proxy.out())
+    assert (record["in"], record["out"]) == ("18", "18")
+    assert "Traceback" not in proxy.err()
+
+
+def test_drain_deadline_closes_what_is_left(tmp_path: Path) -> None:
+    host = "127.0.0.1"
+    with (
+        echo_server(host) as upstream,
+        running_proxy(tmp_path, host, upstream, "--drain-timeout", "0.5s") as proxy,
+        proxy.connect() as client,
+    ):
+        assert exchange(client, b"idle") == b"idle"
+        sent = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert client.recv(100) == b""  # closed by the proxy at the deadline
+        closed_after = time.monotonic() - sent
+        code, _ = proxy.wait(5)
+    assert code == 0
+    assert 0.4 <= closed_after < 3
+    [record] = access_records(proxy.out())
+    assert (record["in"], record["out"], record["end"]) == ("4", "4", "shutdown")
+    assert "Traceback" not in proxy.err()
+
+
+def test_second_sigterm_forces_exit_during_drain(tmp_path: Path) -> None:
+    """Cases 9 and 32: a second signal closes open sessions at once, cleanly."""
+    host = "127.0.0.1"
+    with (
+        echo_server(host) as upstream,
+        running_proxy(tmp_path, host, upstream, "--drain-timeout", "30s") as proxy,
+        proxy.connect() as client,
+    ):
+        assert exchange(client, b"hello") == b"hello"
+        proxy.signal(signal.SIGTERM)
+        wait_until(lambda: "draining 1 sessions" in proxy.err(), 5, "drain log line")
+        time.sleep(0.2)
+        assert proxy.process.poll() is None  # still draining: the session is open
+        proxy.signal(signal.SIGTERM)
+        code, waited = proxy.wait(3)
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(100) == b""
+    assert code == 0 and waited < 3
+    [record] = access_records(proxy.out())
+    assert (record["in"], record["out"], record["end"]) == ("5", "5", "forced_shutdown")
+    assert "Traceback" not in proxy.err()

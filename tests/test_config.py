@@ -1,0 +1,322 @@
+"""Parsing of the textual forms users type, and validation of the Config tree, as input → output tables.
+
+Each bad input must raise a ``ConfigError`` whose whole message names the field, shows the value and
+says what was expected (STYLE.md habits 2 and 3). IPv6 forms are covered beside IPv4 ones, as
+RELIABILITY.md asks of every case that involves addresses. Pure: no sockets, no loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from l4proxy.config import (
+    Address,
+    Config,
+    HealthConfig,
+    ListenerConfig,
+    PoolConfig,
+    ServerTLSConfig,
+    UpstreamTLSConfig,
+    parse_address,
+    parse_duration,
+    parse_escapes,
+    parse_members,
+)
+from l4proxy.errors import ConfigError
+
+# --- durations -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("5s", 5.0),
+        ("1m", 60.0),
+        ("1h", 3600.0),
+        ("2.5", 2.5),
+        (".5s", 0.5),
+        ("1.5m", 90.0),
+        ("0", 0.0),  # parses; the dataclass that uses it decides whether 0 is allowed
+        (" 3 s ", 3.0),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text, "--connect-timeout") == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-1s", "1.5.2", "1e3", "5S", "ms", "5 sec", "inf", "nan"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_duration(text, "--connect-timeout")
+    assert str(caught.value) == f"--connect-timeout {text!r}: expected a duration such as 250ms, 5s, 1m, 1h or 2.5"
+
+
+# --- addresses -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "default_port", "expected"),
+    [
+        ("127.0.0.1:6379", None, Address("127.0.0.1", 6379)),
+        (":6379", None, Address("", 6379)),
+        ("[::1]:6379", None, Address("::1", 6379)),
+        ("[::]:1", None, Address("::", 1)),
+        ("localhost:80", None, Address("localhost", 80)),
+        ("redis-a.example.com:65535", None, Address("redis-a.example.com", 65535)),
+        ("redis_a:1", None, Address("redis_a", 1)),
+        ("  10.0.0.5:6379  ", None, Address("10.0.0.5", 6379)),
+        # a missing port takes the default (the listen port, for members)
+        ("redis-a", 6379, Address("redis-a", 6379)),
+        ("10.0.0.5", 6379, Address("10.0.0.5", 6379)),
+        ("::1", 6379, Address("::1", 6379)),  # a bare IPv6 literal cannot carry a port
+        ("fe80::1:2:3", 7, Address("fe80::1:2:3", 7)),
+        ("[::1]", 6379, Address("::1", 6379)),
+        ("::ffff:127.0.0.1", 7, Address("::ffff:7f00:1", 7)),  # IPs come back in canonical form
+        ("[0:0:0:0:0:0:0:1]:5", None, Address("::1", 5)),
+        ("redis-a:1", 6379, Address("redis-a", 1)),  # an explicit port wins
+    ],
+)
+def test_parse_address(text: str, default_port: int | None, expected: Address) -> None:
+    assert parse_address(text, "--upstream", default_port) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "default_port", "message"),
+    [
+        ("", None, "--upstream '': address is empty"),
+        ("   ", 6379, "--upstream '': address is empty"),
+        ("host:70000", None, "--upstream 'host:70000': port must be 1..65535"),
+        ("host:0", None, "--upstream 'host:0': port must be 1..65535"),
+        ("[::1]:0", None, "--upstream '[::1]:0': port must be 1..65535"),
+        ("host:abc", None, "--upstream 'host:abc': port 'abc' is not a number"),
+        ("host:", 6379, "--upstream 'host:': port '' is not a number"),
+        ("host:-1", None, "--upstream 'host:-1': port '-1' is not a number"),
+        ("host:+5", None, "--upstream 'host:+5': port '+5' is not a number"),
+        ("host:\u00b2", None, "--upstream 'host:\u00b2': port '\u00b2' is not a number"),  # superscript two
+        ("host:\u0663", None, "--upstream 'host:\u0663': port '\u0663' is not a number"),  # Arabic-Indic three
+        ("[::1", None, "--upstream '[::1': missing ']' after the IPv6 address"),
+        ("[::1:6379", None, "--upstream '[::1:6379': missing ']' after the IPv6 address"),
+        ("[::1]6379", None, "--upstream '[::1]6379': expected ':PORT' after ']'"),
+        ("[redis-a]:1", None, "--upstream '[redis-a]:1': 'redis-a' is not an IPv6 address"),
+        ("[127.0.0.1]:1", None, "--upstream '[127.0.0.1]:1': '127.0.0.1' is not an IPv6 address"),
+        ("::1:6379:x", 1, "--upstream '::1:6379:x': IPv6 addresses with a port need brackets: [::1]:6379"),
+        ("1::2::3", 1, "--upstream '1::2::3': IPv6 addresses with a port need brackets: [::1]:6379"),
+        ("bad_host!:1", None, "--upstream 'bad_host!:1': 'bad_host!' is not a valid host name or IP address"),
+        ("a..b:1", None, "--upstream 'a..b:1': 'a..b' is not a valid host name or IP address"),
+        ("-a:1", None, "--upstream '-a:1': '-a' is not a valid host name or IP address"),
+        ("redis-a", None, "--upstream 'redis-a': a port is required, as HOST:PORT or :PORT"),
+        ("::1", None, "--upstream '::1': a port is required, as HOST:PORT or :PORT"),
+        ("[::1]", None, "--upstream '[::1]': a port is required, as HOST:PORT or :PORT"),
+    ],
+)
+def test_parse_address_rejects(text: str, default_port: int | None, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_address(text, "--upstream", default_port)
+    assert str(caught.value) == message
+    assert caught.value.field == "--upstream"
+
+
+def test_config_error_is_a_value_error_with_its_parts() -> None:
+    """Callers that only know ValueError still catch it; the CLI reads the parts to rename fields."""
+    with pytest.raises(ValueError) as caught:
+        parse_address("h:0", "listen")
+    error = caught.value
+    assert isinstance(error, ConfigError)
+    assert (error.field, error.value, error.problem) == ("listen", "h:0", "port must be 1..65535")
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        (Address("127.0.0.1", 6379), "127.0.0.1:6379"),
+        (Address("::1", 6379), "[::1]:6379"),
+        (Address("", 80), ":80"),
+        (Address("redis-a", 1), "redis-a:1"),
+    ],
+)
+def test_address_prints_in_the_form_it_is_parsed_from(address: Address, text: str) -> None:
+    assert str(address) == text
+    assert parse_address(text, "--listen") == address
+
+
+# --- members ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        (["redis-a"], [("redis-a", 6379)]),
+        (["redis-a,redis-b:7000"], [("redis-a", 6379), ("redis-b", 7000)]),
+        (["a", "b:2", "c"], [("a", 6379), ("b", 2), ("c", 6379)]),
+        (["a,b", "c"], [("a", 6379), ("b", 6379), ("c", 6379)]),
+        ([" a , b "], [("a", 6379), ("b", 6379)]),
+        (["::1,[::2]:5"], [("::1", 6379), ("::2", 5)]),
+        (["a", "a"], [("a", 6379), ("a", 6379)]),  # duplicates are the user's choice (a crude weight)
+    ],
+)
+def test_parse_members(texts: list[str], expected: list[tuple[str, int]]) -> None:
+    assert parse_members(texts, "--upstream", default_port=6379) == tuple(Address(h, p) for h, p in expected)
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        ([], "--upstream: at least one upstream is required"),
+        (["a,,b"], "--upstream 'a,,b': empty member in the list"),
+        (["a,"], "--upstream 'a,': empty member in the list"),
+        ([","], "--upstream ',': empty member in the list"),
+        (["a", ""], "--upstream '': empty member in the list"),
+        (["a", "b:99999"], "--upstream 'b:99999': port must be 1..65535"),
+        (["a,[::1"], "--upstream '[::1': missing ']' after the IPv6 address"),
+    ],
+)
+def test_parse_members_rejects(texts: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_members(texts, "--upstream", default_port=6379)
+    assert str(caught.value) == message
+
+
+# --- escapes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", b""),
+        ("PING", b"PING"),
+        (r"PING\r\n", b"PING\r\n"),
+        (r"\x0d\x0A", b"\r\n"),
+        (r"\xff\x00", b"\xff\x00"),
+        (r"a\tb\0c", b"a\tb\x00c"),
+        (r"a\\b", b"a\\b"),
+        (r"\\x41", b"\\x41"),  # an escaped backslash, then a literal 'x41'
+        (r"\\xZZ", b"\\xZZ"),
+        (r"\\\x41", b"\\A"),
+        (r"\q", b"\\q"),  # unknown escapes stay as typed
+        ("\u00e9", b"\xc3\xa9"),  # text is UTF-8
+    ],
+)
+def test_parse_escapes(text: str, expected: bytes) -> None:
+    assert parse_escapes(text, "--health-send") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (r"\x", r"\x needs two hex digits, as in \x0d"),
+        (r"\x0", r"\x needs two hex digits, as in \x0d"),
+        (r"\xZZ", r"\x needs two hex digits, as in \x0d"),
+        (r"PING\x4", r"\x needs two hex digits, as in \x0d"),
+        (r"\\\xZ1", r"\x needs two hex digits, as in \x0d"),
+        ("\udcff", "is not valid text"),  # an undecodable byte from argv (surrogateescape)
+    ],
+)
+def test_parse_escapes_rejects(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_escapes(text, "--health-send")
+    assert str(caught.value) == f"--health-send {text!r}: {problem}"
+
+
+# --- dataclass validation --------------------------------------------------------------------------
+
+_MEMBERS = (Address("redis-a", 6379),)
+_POOL = PoolConfig(members=_MEMBERS)
+_LISTENER = ListenerConfig(Address("127.0.0.1", 6379))
+_HALF_A_CLIENT_CERT = "a client certificate needs both a cert and a key"
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings", "message"),
+    [
+        (HealthConfig, {"rise": 0}, "rise 0: must be at least 1"),
+        (HealthConfig, {"fall": 0}, "fall 0: must be at least 1"),
+        (HealthConfig, {"fall": -3}, "fall -3: must be at least 1"),
+        (HealthConfig, {"interval": 0.0}, "health_interval 0.0: must be greater than 0"),
+        (HealthConfig, {"interval": float("nan")}, "health_interval nan: must be greater than 0"),
+        (HealthConfig, {"timeout": -1.0}, "health_timeout -1.0: must be greater than 0"),
+        (PoolConfig, {"members": ()}, "upstream: at least one upstream is required"),
+        (PoolConfig, {"members": (Address("", 6379),)}, "upstream ':6379': an upstream needs a host"),
+        (PoolConfig, {"members": _MEMBERS, "retries": -1}, "retries -1: must be 0 or more"),
+        (PoolConfig, {"members": _MEMBERS, "connect_timeout": 0.0}, "connect_timeout 0.0: must be greater than 0"),
+        (ListenerConfig, {"address": Address("", 1), "idle_timeout": 0.0}, "idle_timeout 0.0: must be greater than 0"),
+        (
+            ListenerConfig,
+            {"address": Address("", 1), "half_closed_timeout": -1.0},
+            "half_closed_timeout -1.0: must be greater than 0",
+        ),
+        (
+            ListenerConfig,
+            {"address": Address("", 1), "buffer_size": 1023},
+            "buffer_size 1023: must be at least 1024 bytes",
+        ),
+        (
+            ServerTLSConfig,
+            {"cert": "c.pem", "key": "k.pem", "handshake_timeout": 0.0},
+            "tls_handshake_timeout 0.0: must be greater than 0",
+        ),
+        (
+            ServerTLSConfig,
+            {"cert": "c.pem", "key": "k.pem", "min_version": "1.1"},
+            "tls_min_version '1.1': expected 1.2 or 1.3",
+        ),
+        (UpstreamTLSConfig, {"cert": "c.pem"}, f"upstream_cert 'c.pem': {_HALF_A_CLIENT_CERT}"),
+        (UpstreamTLSConfig, {"key": "k.pem"}, f"upstream_cert: {_HALF_A_CLIENT_CERT}"),
+        (Config, {"listeners": (), "pools": (_POOL,)}, "listen: at least one listener is required"),
+        (
+            Config,
+            {"listeners": (ListenerConfig(Address("", 1), pool="cache"),), "pools": (_POOL,)},
+            "pool 'cache': no such pool; known: default",
+        ),
+        (
+            Config,
+            {"listeners": (_LISTENER,), "pools": (_POOL, _POOL)},
+            "pool ['default', 'default']: pool names must be unique",
+        ),
+        (
+            Config,
+            {"listeners": (_LISTENER,), "pools": (_POOL,), "drain_timeout": 0.0},
+            "drain_timeout 0.0: must be greater than 0",
+        ),
+        (
+            Config,
+            {"listeners": (_LISTENER,), "pools": (_POOL,), "log_level": "trace"},
+            "log_level 'trace': expected one of debug, info, warning, error",
+        ),
+    ],
+)
+def test_invalid_config_cannot_be_built(kind: type, settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        kind(**settings)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [
+        (HealthConfig, {"rise": 1, "fall": 1}),
+        (PoolConfig, {"members": _MEMBERS, "retries": 0}),
+        (ListenerConfig, {"address": Address("", 1), "buffer_size": 1024}),
+        (UpstreamTLSConfig, {"cert": "c.pem", "key": "k.pem"}),
+        (Config, {"listeners": (_LISTENER,), "pools": (_POOL,)}),
+    ],
+)
+def test_boundary_values_are_accepted(kind: type, settings: dict[str, Any]) -> None:
+    kind(**settings)
+
+
+def test_defaults_follow_the_documented_table() -> None:
+    """RELIABILITY.md 'Defaults worth copying': no timeout is infinite by default."""
+    config = Config(listeners=(_LISTENER,), pools=(_POOL,))
+    pool, listener = config.pool("default"), config.listeners[0]
+    assert (pool.connect_timeout, pool.retries) == (5.0, 2)  # 3 attempts in all
+    assert (pool.health.interval, pool.health.rise, pool.health.fall) == (2.0, 2, 3)
+    assert (listener.idle_timeout, listener.half_closed_timeout, listener.buffer_size) == (3600.0, 30.0, 65536)
+    assert config.drain_timeout == 30.0
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        _POOL.retries = 5  # type: ignore[misc]
