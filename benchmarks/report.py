@@ -1,0 +1,250 @@
+"""Turning raw samples into medians, ratios, the performance-bar checks, Markdown and charts.
+
+Medians (not means) because the machine is shared: one sample hit by a neighbour's burst should not move
+the summary. Ratios are l4proxy / HAProxy and l4proxy / direct of those medians; for latency the
+interesting figure is the latency a proxy *adds* over the direct connection, so that is reported too.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PCTS = ("p50", "p90", "p99", "p99.9")
+TARGET_ORDER = ("direct", "l4proxy", "haproxy", "pproxy")
+COLORS = {"direct": "#888888", "l4proxy": "#22aa77", "haproxy": "#2277cc", "pproxy": "#cc7722"}
+
+
+def flat(sample: dict[str, Any]) -> dict[str, float]:
+    """Numeric fields of a sample, with latency percentiles lifted to the top level."""
+    out = {k: float(v) for k, v in sample.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    out |= {k: float(v) for k, v in sample.get("latency_us", {}).items()}
+    return out
+
+
+def medians(samples: list[dict[str, Any]]) -> dict[str, float]:
+    rows = [flat(s) for s in samples]
+    keys = {k for r in rows for k in r}
+    return {k: statistics.median(r[k] for r in rows if k in r) for k in sorted(keys)}
+
+
+# --- which metrics a scenario reports ------------------------------------------------------------------
+
+# (metric key, label, higher is better)
+METRICS: dict[str, list[tuple[str, str, bool]]] = {
+    "rr": [("rate", "req/s", True), ("p50", "p50 us", False), ("p99", "p99 us", False),
+           ("p99.9", "p99.9 us", False), ("added_p99", "p99 added over direct, us", False),
+           ("cpu_us_per_req", "proxy CPU us/req", False)],
+    "connect": [("rate", "conn/s", True), ("p50", "p50 us", False), ("p99", "p99 us", False),
+                ("added_p99", "p99 added over direct, us", False), ("cpu_us_per_req", "proxy CPU us/conn", False)],
+    "bulk": [("gbps", "Gbit/s", True), ("cpu_us_per_gb", "proxy CPU us/GB", False)],
+    "memory": [("kib_per_session", "KiB RSS per idle session pair", False),
+               ("rss_before_kib", "RSS before, KiB", False)],
+    "redis": [("rate", "req/s (SET+GET)", True), ("p99", "p99 us (worst of SET/GET)", False),
+              ("cpu_us_per_req", "proxy CPU us/req", False)],
+}
+
+
+def value(scn: dict[str, Any], target: str, key: str) -> float | None:
+    """Median of one metric; `added_p99` is the target's p99 minus direct's."""
+    t = scn["targets"].get(target)
+    if not t or t.get("status") != "ok":
+        return None
+    if key == "added_p99":
+        p99, base = t["median"].get("p99"), value(scn, "direct", "p99")
+        return None if p99 is None or base is None else p99 - base
+    return t["median"].get(key)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b; undefined when b is not positive (e.g. a proxy that added no measurable latency)."""
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+# --- the performance bar -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the performance bar: a measured ratio (or value) against its threshold."""
+
+    what: str
+    measured: float | None
+    threshold: float
+    higher_is_better: bool
+    passed: bool | None
+    note: str = ""
+
+
+def check(what: str, measured: float | None, threshold: float, higher: bool, note: str = "") -> Check:
+    passed = None if measured is None else (measured >= threshold if higher else measured <= threshold)
+    return Check(what, measured, threshold, higher, passed, note)
+
+
+def bar_checks(doc: dict[str, Any]) -> list[Check]:
+    """The issue's targets for l4proxy, computed from the medians of this run (a record, not a test)."""
+    s = doc["scenarios"]
+
+    def r(scn: str, key: str) -> float | None:
+        return ratio(value(s[scn], "l4proxy", key), value(s[scn], "haproxy", key)) if scn in s else None
+
+    mem = value(s["memory"], "l4proxy", "kib_per_session") if "memory" in s else None
+    sessions = doc["run"]["budgets"]["sessions"]
+    return [
+        check("rr 50 conns 64 B: req/s vs HAProxy", r("rr", "rate"), 1.0, True),
+        check("rr 50 conns 64 B: CPU us/req vs HAProxy", r("rr", "cpu_us_per_req"), 1.1, False),
+        check("bulk 1 conn: Gbit/s vs HAProxy", r("bulk", "gbps"), 1.0, True),
+        check("connect: conn/s vs HAProxy", r("connect", "rate"), 0.8, True),
+        check("rr: p99 added over direct vs HAProxy's", r("rr", "added_p99"), 1.2, False),
+        check("memory: KiB per idle session pair", mem, 16.0, False,
+              f"at {sessions} sessions" + ("" if sessions >= 10_000 else " (the bar is at 10,000)")),
+    ]
+
+
+# --- Markdown ------------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
+
+
+def status_cell(scn: dict[str, Any], target: str) -> str | None:
+    t = scn["targets"].get(target)
+    if t is None:
+        return None
+    return None if t.get("status") == "ok" else t.get("status", "-")
+
+
+def scenario_rows(name: str, scn: dict[str, Any], targets: list[str]) -> list[str]:
+    rows = []
+    for key, label, _ in METRICS[scn["kind"]]:
+        cells = [status_cell(scn, t) or fmt(value(scn, t, key)) for t in targets]
+        l4 = value(scn, "l4proxy", key)
+        ratios = [fmt(ratio(l4, value(scn, "haproxy", key))), fmt(ratio(l4, value(scn, "direct", key)))]
+        rows.append(f"| {name} | {label} | " + " | ".join(cells + ratios) + " |")
+    return rows
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m, run = doc["machine"], doc["run"]
+    targets = [t for t in TARGET_ORDER if t in run["targets"]]
+    head = (f"| scenario | metric | {' | '.join(targets)} | l4proxy / haproxy | l4proxy / direct |\n"
+            f"|---|---|{'---|' * len(targets)}---|---|")
+    body = [row for name, scn in doc["scenarios"].items() for row in scenario_rows(name, scn, targets)]
+    lines = [
+        f"## Results ({run['profile']} run, {run['started']}, {run['seconds']} s)",
+        "",
+        f"Machine: {m['cpu_model']}, {m['nproc']} cores, Linux {m['kernel']}; Python {m['python']}, "
+        f"uvloop {m['uvloop']}, l4proxy {m['l4proxy']} (git {str(m['git']['commit'])[:12]}"
+        f"{', dirty tree' if m['git']['dirty'] else ''}), {m['haproxy'] or 'no haproxy'}, "
+        f"pproxy {m['pproxy'] or '-'}; load average at start {m.get('loadavg_at_start')}.",
+        f"Medians of {run['repeats']} interleaved samples per target; load generator processes: {run['procs']}.",
+        "",
+        head, *body, "",
+        "### Performance bar (l4proxy)", "",
+        "| check | measured | threshold | result |", "|---|---|---|---|",
+        *[bar_row(c) for c in doc["bar"]], "",
+        *notes(doc),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bar_row(c: dict[str, Any]) -> str:
+    result = {True: "pass", False: "miss", None: "not measured"}[c["passed"]]
+    op = ">=" if c["higher_is_better"] else "<="
+    note = f" ({c['note']})" if c["note"] else ""
+    return f"| {c['what']}{note} | {fmt(c['measured'])} | {op} {c['threshold']} | {result} |"
+
+
+def notes(doc: dict[str, Any]) -> list[str]:
+    """Why a target has no numbers in a scenario (unsupported, skipped, failed)."""
+    out = []
+    for name, scn in doc["scenarios"].items():
+        for t, r in scn["targets"].items():
+            if r.get("status") != "ok":
+                out.append(f"- {name} / {t}: {r.get('status')}: {str(r.get('reason', ''))[:200]}")
+            for err in r.get("errors", [])[:1]:
+                out.append(f"- {name} / {t}: a sample failed: {err[:200]}")
+    return (["### Notes", "", *out, ""]) if out else []
+
+
+# --- charts --------------------------------------------------------------------------------------------
+
+
+def charts(doc: dict[str, Any], out: Path) -> list[str]:
+    """Throughput bars (median, min-max whiskers) and latency percentile lines per target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["charts skipped: matplotlib not importable (pip install matplotlib)"]
+    targets = [t for t in TARGET_ORDER if t in doc["run"]["targets"]]
+    scns = {n: s for n, s in doc["scenarios"].items() if s["kind"] != "memory"}
+    written = []
+    if scns:
+        fig, axes = plt.subplots(1, len(scns), figsize=(3.2 * len(scns), 3.6), squeeze=False)
+        for ax, (name, scn) in zip(axes[0], scns.items(), strict=True):
+            throughput_axis(ax, name, scn, targets)
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=90)
+        plt.close(fig)
+        written.append("throughput.png")
+    lat = {n: s for n, s in scns.items() if s["kind"] in ("rr", "connect")}
+    if lat:
+        fig, axes = plt.subplots(1, len(lat), figsize=(3.4 * len(lat), 3.6), squeeze=False)
+        for ax, (name, scn) in zip(axes[0], lat.items(), strict=True):
+            latency_axis(ax, name, scn, targets)
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=90)
+        plt.close(fig)
+        written.append("latency.png")
+    return written
+
+
+def throughput_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str]) -> None:
+    key = "gbps" if scn["kind"] == "bulk" else "rate"
+    meds, lo, hi = [], [], []
+    for t in targets:
+        vals = [flat(s).get(key, 0.0) for s in scn["targets"].get(t, {}).get("samples", [])] or [0.0]
+        med = statistics.median(vals)
+        meds.append(med)
+        lo.append(med - min(vals))
+        hi.append(max(vals) - med)
+    ax.bar(targets, meds, yerr=[lo, hi], capsize=3, color=[COLORS[t] for t in targets])
+    ax.set_title(name, fontsize=9)
+    ax.set_ylabel("Gbit/s" if key == "gbps" else "per second", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def latency_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str]) -> None:
+    for t in targets:
+        med = scn["targets"].get(t, {}).get("median", {})
+        ys = [med.get(p) for p in PCTS]
+        if all(y is not None for y in ys):
+            ax.plot(PCTS, ys, marker="o", label=t, color=COLORS[t])
+    ax.set_yscale("log")
+    ax.set_title(name, fontsize=9)
+    ax.set_ylabel("latency, us", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+
+
+def write_all(doc: dict[str, Any], out: Path, charts_on: bool = True) -> str:
+    """Write results.json, results.md and the charts; return the Markdown (the runner prints it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    chart_notes = charts(doc, out) if charts_on else ["charts skipped: --no-charts"]
+    doc["charts"] = chart_notes
+    (out / "results.json").write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    md = markdown(doc)
+    md += "".join(f"\n![{c}]({c})\n" if c.endswith(".png") else f"\n{c}\n" for c in chart_notes)
+    (out / "results.md").write_text(md)
+    return md

@@ -1,0 +1,407 @@
+"""Benchmark runner: the same load against a direct connection, l4proxy, HAProxy and pproxy, interleaved.
+
+For each scenario it starts the upstream(s) and every available target, then takes samples in the order
+A B C A B C ... so slow drift of a shared, noisy machine falls on every target alike. Around each sample
+it reads the proxy's CPU time (utime + stime from /proc/PID/stat) to report CPU per request or per GB;
+the memory scenario reads VmRSS with N idle sessions open. Results go to ``--out`` as ``results.json``
+(everything, including raw samples and the machine), ``results.md`` (medians and ratios) and PNG charts.
+
+    .venv/bin/python benchmarks/run.py --quick
+    .venv/bin/python benchmarks/run.py --scenarios rr,bulk --targets direct,l4proxy,haproxy
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import report
+import sysinfo
+from targets import (
+    HERE,
+    TARGETS,
+    Env,
+    Proc,
+    Running,
+    Tls,
+    Unsupported,
+    cpu_seconds,
+    make_certs,
+    rss_kib,
+    start_redis,
+    start_upstream,
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One workload. ``kind`` picks how a sample is taken; ``load`` are loadgen/redis-benchmark knobs."""
+
+    name: str
+    kind: str  # rr | connect | bulk | memory | redis
+    about: str
+    tls: str = ""
+    load: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {"repeats": 5, "rr_requests": 300_000, "rr_seconds": 5.0, "bulk_bytes": 1 << 30,
+             "bulk_seconds": 20.0, "connect_requests": 20_000, "connect_seconds": 5.0, "sessions": 10_000,
+             "redis_requests": 100_000},
+    "quick": {"repeats": 3, "rr_requests": 50_000, "rr_seconds": 1.0, "bulk_bytes": 256 << 20,
+              "bulk_seconds": 5.0, "connect_requests": 2_000, "connect_seconds": 1.0, "sessions": 1_000,
+              "redis_requests": 15_000},
+    "smoke": {"repeats": 1, "rr_requests": 2_000, "rr_seconds": 1.0, "bulk_bytes": 8 << 20,
+              "bulk_seconds": 5.0, "connect_requests": 200, "connect_seconds": 1.0, "sessions": 100,
+              "redis_requests": 2_000},
+}
+DEFAULT_SCENARIOS = {
+    "full": "rr,bulk,bulk-duplex,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-term-connect",
+    "quick": "rr,bulk,memory,connect,redis,tls-term-rr,tls-orig-rr",
+    "smoke": "rr,bulk,memory,connect,tls-term-rr",
+}
+DEFAULT_TARGETS = {"full": "direct,l4proxy,haproxy,pproxy", "quick": "direct,l4proxy,haproxy,pproxy",
+                   "smoke": "direct,l4proxy"}
+
+
+def scenarios(p: dict[str, Any]) -> dict[str, Scenario]:
+    """All scenarios, sized by a profile."""
+    rr = {"mode": "rr", "conns": 50, "size": 64, "requests": p["rr_requests"], "duration": p["rr_seconds"]}
+    conn = {"mode": "connect", "conns": 16, "size": 64, "requests": p["connect_requests"],
+            "duration": p["connect_seconds"]}
+    bulk = {"mode": "bulk", "conns": 1, "bytes": p["bulk_bytes"], "duration": p["bulk_seconds"]}
+    tls_conn = conn | {"requests": max(conn["requests"] // 4, 50)}
+    all_ = [
+        Scenario("rr", "rr", "50 connections, 64 B request/response ping-pong", load=rr),
+        Scenario("bulk", "bulk", "1 connection streaming upstream -> client", load=bulk | {"direction": "down"}),
+        Scenario("bulk-duplex", "bulk", "1 connection streaming both ways at once",
+                 load=bulk | {"direction": "both", "bytes": p["bulk_bytes"] // 2}),
+        Scenario("memory", "memory", f"RSS per idle session pair with {p['sessions']} sessions open",
+                 load={"sessions": p["sessions"]}),
+        Scenario("connect", "connect", "new connection per 64 B request, 16 concurrent", load=conn),
+        Scenario("redis", "redis", "redis-benchmark -c 50 -t set,get against redis-server",
+                 load={"requests": p["redis_requests"], "conns": 50}),
+        Scenario("tls-term-rr", "rr", "rr with TLS from client to target, plain to upstream", "term", rr),
+        Scenario("tls-orig-rr", "rr", "rr with plain from client, TLS from target to upstream", "orig", rr),
+        Scenario("tls-term-connect", "connect", "connect with a TLS handshake per request", "term", tls_conn),
+    ]
+    return {s.name: s for s in all_}
+
+
+# --- one sample ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """Run-wide settings each sample needs."""
+
+    tmp: Path
+    certs: Tls | None
+    procs: int
+    log: list[str] = field(default_factory=list)
+
+
+def loadgen_cmd(s: Scenario, run: Running, ctx: Ctx) -> list[str]:
+    load = dict(s.load)
+    cmd = [sys.executable, str(HERE / "loadgen.py"), load.pop("mode"), "--json",
+           "--host", run.address[0], "--port", str(run.address[1])]
+    if load.get("conns", 1) >= ctx.procs and s.kind in ("rr", "connect"):
+        cmd += ["--procs", str(ctx.procs)]
+    for k, v in load.items():
+        cmd += [f"--{k}", str(v)]
+    if run.client_tls and ctx.certs:
+        cmd += ["--tls", "--tls-ca", ctx.certs.ca]
+    return cmd
+
+
+def last_json(out: str) -> dict[str, Any]:
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no JSON from load generator: {out[-300:]!r}")
+    return json.loads(lines[-1])
+
+
+def sample_loadgen(s: Scenario, run: Running, ctx: Ctx) -> dict[str, Any]:
+    """Run the load generator once; attach the proxy's CPU time spent during it."""
+    cmd = loadgen_cmd(s, run, ctx)
+    cpu0 = cpu_seconds(run.proc.pid) if run.proc else 0.0
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=s.load["duration"] + 90)
+    cpu = cpu_seconds(run.proc.pid) - cpu0 if run.proc else None
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({done.returncode}): {done.stderr.strip()[-400:]}")
+    res = last_json(done.stdout)
+    res["cpu_s"] = cpu
+    if cpu is not None and s.kind == "bulk":
+        gb = (res["bytes_up"] + res["bytes_down"]) / 1e9
+        res["cpu_us_per_gb"] = cpu * 1e6 / gb if gb else None
+    elif cpu is not None:
+        res["cpu_us_per_req"] = cpu * 1e6 / res["requests"] if res["requests"] else None
+    return res
+
+
+def sample_redis(s: Scenario, run: Running, ctx: Ctx) -> dict[str, Any]:
+    """redis-benchmark (no pipelining) through the target; merges SET and GET into one rate."""
+    n, c = s.load["requests"], s.load["conns"]
+    cmd = ["redis-benchmark", "-h", run.address[0], "-p", str(run.address[1]), "-c", str(c), "-n", str(n),
+           "-t", "set,get", "--csv"]
+    cpu0 = cpu_seconds(run.proc.pid) if run.proc else 0.0
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    cpu = cpu_seconds(run.proc.pid) - cpu0 if run.proc else None
+    rows = [r for r in csv.reader(done.stdout.splitlines()) if r and r[0] in ("SET", "GET")]
+    if done.returncode != 0 or len(rows) != 2:
+        raise RuntimeError(f"redis-benchmark failed: {(done.stderr or done.stdout)[-300:]}")
+    tests = {r[0]: {"rps": float(r[1]), "p50_us": float(r[4]) * 1e3, "p99_us": float(r[6]) * 1e3}
+             for r in rows}
+    rate = 2 * n / sum(n / t["rps"] for t in tests.values())
+    res = {"requests": 2 * n, "rate": rate, "elapsed_s": elapsed, "tests": tests, "cpu_s": cpu,
+           "latency_us": {"p50": max(t["p50_us"] for t in tests.values()),
+                          "p99": max(t["p99_us"] for t in tests.values())}}
+    if cpu is not None:
+        res["cpu_us_per_req"] = cpu * 1e6 / (2 * n)
+    return res
+
+
+def sample_memory(s: Scenario, run: Running, ctx: Ctx) -> dict[str, Any]:
+    """RSS before and with N idle sessions (each has done one ping-pong, so both sides are connected)."""
+    if run.proc is None:
+        raise Unsupported("no proxy process to measure")
+    n = s.load["sessions"]
+    warm = {"mode": "hold", "conns": 10, "hold-seconds": 0.1, "duration": 30}
+    subprocess.run(loadgen_cmd(replace(s, load=warm), run, ctx), capture_output=True, timeout=60)
+    time.sleep(0.3)
+    before = rss_kib(run.proc.pid)
+    hold = {"mode": "hold", "conns": n, "hold-seconds": 60, "duration": 60}
+    p = subprocess.Popen(loadgen_cmd(replace(s, load=hold), run, ctx), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        ready = json.loads(p.stdout.readline() or "{}")
+        time.sleep(0.5)
+        with_n = rss_kib(run.proc.pid)
+        p.stdin.close()
+        tail = p.stdout.read()
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(30)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    held = ready.get("ready", 0)
+    if held <= 0:
+        raise RuntimeError(f"no idle sessions opened: {ready} {tail[-200:]}")
+    return {"sessions": held, "errors": ready.get("errors", 0), "rss_before_kib": before,
+            "rss_with_kib": with_n, "kib_per_session": (with_n - before) / held}
+
+
+SAMPLERS = {"rr": sample_loadgen, "connect": sample_loadgen, "bulk": sample_loadgen,
+            "redis": sample_redis, "memory": sample_memory}
+
+
+# --- a scenario: upstreams, targets, interleaved samples -----------------------------------------------
+
+
+@contextlib.contextmanager
+def upstreams(s: Scenario, ctx: Ctx, sessions: int) -> Any:
+    """Start what the scenario's targets forward to; stop it afterwards by PID."""
+    procs: list[Proc] = []
+    plain = tls = None
+    try:
+        if s.kind == "redis":
+            proc, plain = start_redis(ctx.tmp)
+            procs.append(proc)
+        else:
+            mode = "bulk" if s.kind == "bulk" else "echo"
+            proc, plain = start_upstream(mode, ctx.tmp)
+            procs.append(proc)
+            if s.tls:
+                proc, tls = start_upstream(mode, ctx.tmp, ctx.certs)
+                procs.append(proc)
+        yield Env(s.name, s.tls, plain, tls, ctx.certs, ctx.tmp, sessions)
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def start_target(name: str, env: Env) -> tuple[Running | None, dict[str, Any]]:
+    """Start one target; an early exit becomes status 'unsupported' with the reason."""
+    target = TARGETS[name]
+    why = target.available()
+    if why:
+        return None, {"status": "skipped", "reason": why, "samples": []}
+    try:
+        return target.start(env), {"status": "ok", "samples": []}
+    except Unsupported as e:
+        return None, {"status": "unsupported", "reason": str(e), "samples": []}
+
+
+def progress(s: Scenario, name: str, rep: int, res: dict[str, Any]) -> None:
+    if "gbps" in res:
+        main = f"{res['gbps']:.2f} Gbit/s"
+    elif "kib_per_session" in res:
+        main = f"{res['kib_per_session']:.1f} KiB/session ({res['sessions']} sessions)"
+    else:
+        main = f"{res['rate']:.0f}/s p99={res.get('latency_us', {}).get('p99', 0):.0f}us"
+    cpu = res.get("cpu_us_per_req") or res.get("cpu_us_per_gb")
+    cpu_txt = f" cpu={cpu:.1f}us/{'GB' if 'gbps' in res else 'req'}" if cpu else ""
+    print(f"[{s.name} #{rep + 1}] {name:8s} {main}{cpu_txt}", file=sys.stderr, flush=True)
+
+
+def take(s: Scenario, name: str, rep: int, run: Running, ctx: Ctx, out: dict[str, Any]) -> None:
+    try:
+        res = SAMPLERS[s.kind](s, run, ctx)
+    except Unsupported as e:
+        out.update(status="unsupported", reason=str(e))
+        return
+    except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as e:
+        out.setdefault("errors", []).append(str(e)[-500:])
+        print(f"[{s.name} #{rep + 1}] {name:8s} FAILED: {str(e)[-200:]}", file=sys.stderr, flush=True)
+        return
+    out["samples"].append(res)
+    progress(s, name, rep, res)
+
+
+def run_scenario(s: Scenario, names: list[str], repeats: int, ctx: Ctx, sessions: int) -> dict[str, Any]:
+    """Start the upstreams, sample every target, and summarise each target's samples by their medians."""
+    with upstreams(s, ctx, sessions) as env:
+        sampler = sample_fresh if s.kind == "memory" else sample_interleaved
+        results = sampler(s, names, repeats, ctx, env)
+    for out in results.values():
+        if out["status"] == "ok" and not out["samples"]:
+            out["status"] = "failed"
+        out["median"] = report.medians(out["samples"])
+    return {"about": s.about, "kind": s.kind, "tls": s.tls, "load": s.load, "targets": results}
+
+
+def sample_interleaved(s: Scenario, names: list[str], repeats: int, ctx: Ctx, env: Env) -> dict[str, Any]:
+    """Start all targets once, then sample them in turn: A B C A B C ..."""
+    running = {n: start_target(n, env) for n in names}
+    try:
+        for rep in range(repeats):
+            for n in names:
+                run, out = running[n]
+                if run is not None and out["status"] == "ok":
+                    take(s, n, rep, run, ctx, out)
+    finally:
+        for run, _ in running.values():
+            stop(run)
+    return {n: out for n, (_, out) in running.items()}
+
+
+def sample_fresh(s: Scenario, names: list[str], repeats: int, ctx: Ctx, env: Env) -> dict[str, Any]:
+    """Like `sample_interleaved`, but each sample gets a freshly started target so RSS starts clean."""
+    results: dict[str, Any] = {}
+    for rep in range(repeats):
+        for n in names:
+            if n == "direct":
+                results[n] = {"status": "skipped", "reason": "no proxy process to measure", "samples": []}
+                continue
+            run, info = start_target(n, env)
+            out = results.setdefault(n, info)
+            if run is None:
+                out.update(status=info["status"], reason=info.get("reason", ""))
+                continue
+            try:
+                if out["status"] == "ok":
+                    take(s, n, rep, run, ctx, out)
+            finally:
+                stop(run)
+    return results
+
+
+def stop(run: Running | None) -> None:
+    if run is not None and run.proc is not None:
+        run.proc.stop()
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def raise_nofile(sessions: int) -> tuple[int, int]:
+    """Soft limit to the hard limit, and both higher when allowed: the proxy holds 2 fds per session."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = max(hard, sessions * 2 + 4096)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        return want, want
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard, hard
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small budgets, 3 repeats: under 2 minutes")
+    g.add_argument("--smoke", action="store_true", help="tiny budgets, 1 repeat, direct + l4proxy")
+    p.add_argument("--scenarios", help="comma-separated; default depends on the profile")
+    p.add_argument("--targets", help="comma-separated from " + ",".join(TARGETS))
+    p.add_argument("--repeats", type=int, help="samples per target and scenario")
+    p.add_argument("--sessions", type=int, help="idle sessions for the memory scenario")
+    p.add_argument("--procs", type=int, default=1, help="load generator processes for rr/connect")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--no-charts", action="store_true")
+    args = p.parse_args(argv)
+    args.profile = "quick" if args.quick else "smoke" if args.smoke else "full"
+    return args
+
+
+def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[str], tuple[int, int]]:
+    """Budgets, scenario and target names for this run; sessions capped to what the fd limit allows."""
+    prof = dict(PROFILES[args.profile])
+    if args.sessions:
+        prof["sessions"] = args.sessions
+    names = (args.scenarios or DEFAULT_SCENARIOS[args.profile]).split(",")
+    tnames = (args.targets or DEFAULT_TARGETS[args.profile]).split(",")
+    bad = [n for n in names if n not in scenarios(prof)] + [t for t in tnames if t not in TARGETS]
+    if bad:
+        raise SystemExit(f"unknown scenario/target: {','.join(bad)}; scenarios: {','.join(scenarios(prof))}; "
+                         f"targets: {','.join(TARGETS)}")
+    if "redis" in names and not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+        print("redis scenario skipped: redis-server/redis-benchmark not installed", file=sys.stderr)
+        names.remove("redis")
+    nofile = raise_nofile(prof["sessions"])
+    cap = (nofile[1] - 200) // 2
+    if prof["sessions"] > cap:
+        print(f"memory scenario: {prof['sessions']} sessions need ~{2 * prof['sessions']} fds in the proxy, "
+              f"RLIMIT_NOFILE is {nofile[1]}: using {cap}", file=sys.stderr)
+        prof["sessions_wanted"], prof["sessions"] = prof["sessions"], cap
+    return prof, names, tnames, nofile
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    prof, names, tnames, nofile = plan(args)
+    known, repeats = scenarios(prof), args.repeats or prof["repeats"]
+    t0, started = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    machine = sysinfo.machine()
+    with tempfile.TemporaryDirectory(prefix="l4bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        certs = make_certs(tmp) if any(known[n].tls for n in names) else None
+        ctx = Ctx(tmp, certs, args.procs)
+        results = {n: run_scenario(known[n], tnames, repeats, ctx, prof["sessions"]) for n in names}
+    doc = {
+        "machine": machine,
+        "run": {"profile": args.profile, "repeats": repeats, "targets": tnames, "scenarios": names,
+                "procs": args.procs, "nofile": nofile, "seconds": round(time.monotonic() - t0, 1),
+                "started": started, "budgets": prof},
+        "scenarios": results,
+    }
+    doc["bar"] = [asdict(c) for c in report.bar_checks(doc)]
+    print(report.write_all(doc, args.out, charts_on=not args.no_charts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Starting, probing and stopping the things a benchmark talks to: upstreams and the proxies under test.
+
+Every process is started by us, remembered by PID, and stopped by that PID (SIGTERM, then SIGKILL after a
+grace period), so a run never touches anything else on the machine. A proxy that exits before it accepts
+connections is reported as *unsupported* for that scenario (e.g. TLS flags it does not know yet) instead
+of failing the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Unsupported(Exception):
+    """The target cannot run this scenario; the message says why (shown in the report)."""
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Certificates of one run, generated with trustme into the run's temp dir."""
+
+    ca: str
+    cert: str  # certificate chain for 'localhost' / 127.0.0.1 / ::1
+    key: str
+    combined: str  # key + chain in one file, the form HAProxy's 'crt' wants
+
+
+@dataclass(frozen=True)
+class Env:
+    """What a target needs to start for one scenario.
+
+    ``tls`` is '' (plain), 'term' (clients speak TLS to the target, which forwards plain) or 'orig' (clients
+    speak plain, the target speaks TLS to the upstream). ``plain_upstream`` and ``tls_upstream`` are
+    (host, port) of the upstreams serving the scenario's protocol without and with TLS.
+    """
+
+    scenario: str
+    tls: str
+    plain_upstream: tuple[str, int] | None
+    tls_upstream: tuple[str, int] | None
+    certs: Tls | None
+    tmp: Path
+    sessions: int = 1000
+
+    @property
+    def proxy_upstream(self) -> tuple[str, int]:
+        """Where a proxy forwards to: the TLS upstream when originating TLS, else the plain one."""
+        addr = self.tls_upstream if self.tls == "orig" else self.plain_upstream
+        assert addr is not None
+        return addr
+
+
+@dataclass
+class Proc:
+    """A process we started; `stop` signals exactly this PID."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def log_tail(self, lines: int = 5) -> str:
+        with contextlib.suppress(OSError):
+            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:])
+        return ""
+
+
+@dataclass
+class Running:
+    """A target ready for load: the address clients use, whether they speak TLS, and its process."""
+
+    address: tuple[str, int]
+    client_tls: bool
+    proc: Proc | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# --- small process and socket helpers -------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(addr: tuple[str, int], proc: Proc | None, timeout: float = 15.0) -> None:
+    """Poll-connect until the port accepts; raise Unsupported if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise Unsupported(f"{proc.name} exited with {proc.popen.returncode} at start: {proc.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(addr, timeout=1):
+            return
+        time.sleep(0.05)
+    raise Unsupported(f"{addr[0]}:{addr[1]} did not accept connections within {timeout:.0f}s")
+
+
+def spawn(name: str, cmd: list[str], tmp: Path, stdout_to_log: bool = True) -> Proc:
+    log = tmp / f"{name}.log"
+    out = log.open("ab")
+    popen = subprocess.Popen(cmd, stdout=out if stdout_to_log else subprocess.PIPE, stderr=out,
+                             stdin=subprocess.DEVNULL)
+    out.close()
+    return Proc(name, popen, log)
+
+
+def tree_pids(pid: int) -> list[int]:
+    """The PID and all its descendants (a proxy may fork workers)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids.extend(int(c) for c in task.read_text().split())
+        i += 1
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process tree from /proc/PID/stat (threads are included by the kernel)."""
+    total = 0
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of the process tree in KiB."""
+    total = 0
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+# --- upstreams -----------------------------------------------------------------------------------------
+
+
+def start_upstream(mode: str, tmp: Path, certs: Tls | None = None) -> tuple[Proc, tuple[str, int]]:
+    """Start benchmarks/upstream.py on port 0 and read the port it prints."""
+    cmd = [sys.executable, str(HERE / "upstream.py"), "--mode", mode]
+    if certs is not None:
+        cmd += ["--tls-cert", certs.cert, "--tls-key", certs.key]
+    name = f"upstream-{mode}{'-tls' if certs else ''}"
+    proc = spawn(name, cmd, tmp, stdout_to_log=False)
+    assert proc.popen.stdout is not None
+    line = proc.popen.stdout.readline().strip()
+    if not line:
+        raise RuntimeError(f"{name} did not start: {proc.log_tail()}")
+    addr = ("127.0.0.1", int(line))
+    wait_ready(addr, proc)
+    return proc, addr
+
+
+def start_redis(tmp: Path) -> tuple[Proc, tuple[str, int]]:
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--protected-mode", "no", "--dir", str(tmp), "--maxclients", "10000"]
+    proc = spawn("redis-server", cmd, tmp)
+    addr = ("127.0.0.1", port)
+    wait_ready(addr, proc)
+    return proc, addr
+
+
+# --- targets -------------------------------------------------------------------------------------------
+
+
+class Target:
+    """A way of reaching the upstream: directly or through one proxy."""
+
+    name = "target"
+
+    def available(self) -> str | None:
+        """None when this target can run on this machine, else why not."""
+        return None
+
+    def start(self, env: Env) -> Running:
+        raise NotImplementedError
+
+
+class Direct(Target):
+    """The baseline: clients connect to the upstream itself (TLS scenarios: to a TLS upstream)."""
+
+    name = "direct"
+
+    def start(self, env: Env) -> Running:
+        if env.tls:
+            assert env.tls_upstream is not None
+            return Running(env.tls_upstream, client_tls=True)
+        assert env.plain_upstream is not None
+        return Running(env.plain_upstream, client_tls=False)
+
+
+class L4proxy(Target):
+    """The project's proxy with its default features on: health checks, and an access log to a file."""
+
+    name = "l4proxy"
+
+    def available(self) -> str | None:
+        return None if self.binary() else "l4proxy command not found next to this python or on PATH"
+
+    @staticmethod
+    def binary() -> str | None:
+        local = VENV_BIN / "l4proxy"
+        return str(local) if local.exists() else shutil.which("l4proxy")
+
+    def start(self, env: Env) -> Running:
+        port, (uh, up) = free_port(), env.proxy_upstream
+        cmd = [self.binary() or "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"{uh}:{up}",
+               "--access-log", str(env.tmp / f"l4proxy-access-{env.scenario}.log"),
+               "--log-level", "warning", "--drain-timeout", "1s"]
+        if env.tls == "term":
+            assert env.certs is not None
+            cmd += ["--tls-cert", env.certs.cert, "--tls-key", env.certs.key]
+        elif env.tls == "orig":
+            assert env.certs is not None
+            cmd += ["--upstream-tls", "--upstream-ca", env.certs.ca]
+        proc = spawn(f"l4proxy-{env.scenario}", cmd, env.tmp)
+        return ready(Running(("127.0.0.1", port), env.tls == "term", proc))
+
+
+class Haproxy(Target):
+    """HAProxy as the reference: mode tcp, balance leastconn, nbthread 1, checks and a log file like ours."""
+
+    name = "haproxy"
+
+    def available(self) -> str | None:
+        return None if shutil.which("haproxy") else "haproxy not on PATH"
+
+    def start(self, env: Env) -> Running:
+        port, (uh, up) = free_port(), env.proxy_upstream
+        cfg = env.tmp / f"haproxy-{env.scenario}.cfg"
+        cfg.write_text(haproxy_config(port, uh, up, env))
+        proc = spawn(f"haproxy-{env.scenario}", ["haproxy", "-db", "-f", str(cfg)], env.tmp)
+        return ready(Running(("127.0.0.1", port), env.tls == "term", proc))
+
+
+def haproxy_maxconn(sessions: int) -> int:
+    """Enough for the idle sessions, but within our open-files limit (HAProxy needs ~2 fds per conn)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return max(100, min(sessions + 500, (hard - 100) // 2))
+
+
+def haproxy_config(port: int, uh: str, up: int, env: Env) -> str:
+    """One frontend, one backend, one server; the access log goes to stdout, which we send to a file."""
+    bind_tls = f" ssl crt {env.certs.combined}" if env.tls == "term" and env.certs else ""
+    srv_tls = f" ssl verify required ca-file {env.certs.ca}" if env.tls == "orig" and env.certs else ""
+    return f"""global
+    nbthread 1
+    maxconn {haproxy_maxconn(env.sessions)}
+    log stdout format raw local0
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend fe
+    bind 127.0.0.1:{port}{bind_tls}
+    default_backend be
+backend be
+    balance leastconn
+    server s1 {uh}:{up} check inter 2s{srv_tls}
+"""
+
+
+class Pproxy(Target):
+    """pproxy in tunnel mode: the most complete pure-Python TCP proxy, for a same-language comparison."""
+
+    name = "pproxy"
+    # pproxy calls asyncio.get_event_loop() after uvloop.install(), which uvloop >= 0.21 rejects when no
+    # loop is set; this launcher makes one current first and then runs pproxy's own main().
+    LAUNCH = ("import asyncio, sys, uvloop, pproxy.server as s\n"
+              "def install():\n"
+              "    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
+              "    asyncio.set_event_loop(asyncio.new_event_loop())\n"
+              "uvloop.install = install\n"
+              "sys.argv[0] = 'pproxy'\n"
+              "sys.exit(s.main())\n")
+
+    def available(self) -> str | None:
+        return None if importlib.util.find_spec("pproxy") else "pproxy not importable (pip install pproxy)"
+
+    def start(self, env: Env) -> Running:
+        if env.tls:
+            raise Unsupported("TLS scenarios are not configured for pproxy")
+        port, (uh, up) = free_port(), env.proxy_upstream
+        cmd = [sys.executable, "-c", self.LAUNCH, "-l", f"tunnel{{{uh}:{up}}}://127.0.0.1:{port}"]
+        proc = spawn(f"pproxy-{env.scenario}", cmd, env.tmp)
+        return ready(Running(("127.0.0.1", port), False, proc))
+
+
+def ready(run: Running) -> Running:
+    """Wait until the target accepts; on failure stop it (it may still be alive) and re-raise."""
+    try:
+        wait_ready(run.address, run.proc)
+    except Unsupported:
+        if run.proc is not None:
+            run.proc.stop(1)
+        raise
+    return run
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (Direct(), L4proxy(), Haproxy(), Pproxy())}
+
+
+def make_certs(tmp: Path) -> Tls:
+    """A throwaway CA and a server certificate for localhost, 127.0.0.1 and ::1."""
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    paths = {n: str(tmp / f"{n}.pem") for n in ("ca", "cert", "key", "combined")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    server.cert_chain_pems[0].write_to_path(paths["cert"])
+    for extra in server.cert_chain_pems[1:]:
+        extra.write_to_path(paths["cert"], append=True)
+    server.private_key_pem.write_to_path(paths["key"])
+    server.private_key_and_cert_chain_pem.write_to_path(paths["combined"])
+    return Tls(**paths)

@@ -1,0 +1,87 @@
+"""The benchmark runner still works end to end: ``benchmarks/run.py --smoke`` against direct + l4proxy.
+
+Checks the shape and sanity of the JSON it writes (positive rates, ordered percentiles, byte counts that
+match), never speed: the numbers of a shared machine are not a test. HAProxy is not needed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PCTS = ("p50", "p90", "p99", "p99.9")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--no-charts", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| scenario | metric |" in done.stdout
+    assert (out / "results.md").read_text().startswith("## Results")
+    return json.loads((out / "results.json").read_text())
+
+
+def samples(results: dict[str, Any], scenario: str, target: str) -> list[dict[str, Any]]:
+    entry = results["scenarios"][scenario]["targets"][target]
+    assert entry["status"] == "ok", entry
+    assert len(entry["samples"]) == results["run"]["repeats"] == 1
+    return entry["samples"]
+
+
+def test_machine_and_run_are_recorded(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    assert m["nproc"] >= 1 and m["python"] and m["uvloop"] and m["kernel"]
+    assert results["run"]["targets"] == ["direct", "l4proxy"]
+    assert {"rr", "bulk", "connect", "memory", "tls-term-rr"} <= set(results["scenarios"])
+
+
+@pytest.mark.parametrize("scenario", ["rr", "connect"])
+@pytest.mark.parametrize("target", ["direct", "l4proxy"])
+def test_request_scenarios_have_positive_rates_and_ordered_percentiles(
+    results: dict[str, Any], scenario: str, target: str
+) -> None:
+    for s in samples(results, scenario, target):
+        assert s["rate"] > 0 and s["requests"] > 0 and s["errors"] == 0
+        lat = [s["latency_us"][p] for p in PCTS]
+        assert lat[0] > 0 and lat == sorted(lat) and lat[-1] <= s["latency_us"]["max"]
+        if target == "l4proxy":
+            assert s["cpu_s"] >= 0 and s["cpu_us_per_req"] >= 0
+        else:
+            assert s["cpu_s"] is None
+
+
+@pytest.mark.parametrize("target", ["direct", "l4proxy"])
+def test_bulk_moves_every_byte(results: dict[str, Any], target: str) -> None:
+    for s in samples(results, "bulk", target):
+        assert s["complete"] and s["gbps"] > 0
+        assert s["bytes_down"] == s["expected_down"] > 0
+        assert s["bytes_up"] == s["expected_up"] == 0
+
+
+def test_memory_measures_the_proxy_only(results: dict[str, Any]) -> None:
+    mem = results["scenarios"]["memory"]["targets"]
+    assert mem["direct"]["status"] == "skipped"
+    (s,) = samples(results, "memory", "l4proxy")
+    assert s["sessions"] == results["run"]["budgets"]["sessions"] and s["errors"] == 0
+    assert s["rss_with_kib"] >= s["rss_before_kib"] > 0
+
+
+def test_tls_scenario_is_measured_or_marked_unsupported(results: dict[str, Any]) -> None:
+    tls = results["scenarios"]["tls-term-rr"]["targets"]
+    assert tls["direct"]["status"] == "ok"
+    assert tls["l4proxy"]["status"] in ("ok", "unsupported")
+    if tls["l4proxy"]["status"] == "unsupported":
+        assert tls["l4proxy"]["reason"]
+
+
+def test_bar_and_medians_are_present(results: dict[str, Any]) -> None:
+    assert len(results["bar"]) == 6
+    assert results["scenarios"]["rr"]["targets"]["l4proxy"]["median"]["rate"] > 0
