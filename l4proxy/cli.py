@@ -49,6 +49,7 @@ FLAG_FOR_FIELD = {
     "rise": "--rise",
     "fall": "--fall",
     "buffer_size": "--buffer-size",
+    "eject_time": "--eject-time",
     "log_level": "--log-level",
     "access_log": "--access-log",
     "tls_cert": "--tls-cert",
@@ -117,6 +118,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--health-expect", default="", metavar="BYTES",
               help="The probe passes only if the reply starts with these bytes, e.g. '+PONG'.")
 @click.option("--no-health-checks", is_flag=True, help="Turn active probes off (passive marking stays).")
+@click.option("--eject-time", default="10s", show_default=True, callback=_duration("--eject-time"),
+              help="With --no-health-checks, how long a member taken DOWN by failed connects stays out.")
 @click.option("--buffer-size", default="64k", show_default=True, callback=_size,
               help="Per-direction buffer high-water mark; a slower peer pauses the faster one.")
 @click.option("--tls-cert", metavar="PEM", help="Terminate TLS from clients with this certificate chain.")
@@ -171,6 +174,7 @@ def build_config(options: dict[str, Any]) -> Config:
             send=parse_escapes(options["health_send"], "--health-send"),
             expect=parse_escapes(options["health_expect"], "--health-expect"),
             enabled=not options["no_health_checks"],
+            eject_time=options["eject_time"],
         )
         pool = PoolConfig(
             members=members,

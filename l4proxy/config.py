@@ -160,9 +160,11 @@ class HealthConfig:
     send: bytes = b""
     expect: bytes = b""
     enabled: bool = True
+    eject_time: float = 10.0
 
     def __post_init__(self) -> None:
         _positive("health_interval", self.interval)
+        _positive("eject_time", self.eject_time)
         _positive("health_timeout", self.timeout)
         if self.rise < 1:
             raise ConfigError("rise", self.rise, "must be at least 1")

@@ -7,6 +7,9 @@ Rules (one table, ``_TRANSITIONS``, below):
   failures in a row take it DOWN. Any success resets the streak.
 * In DOWN, only active probe successes count: ``rise`` in a row bring it UP; a failure resets the
   streak. Passive results are ignored while DOWN (no new clients are sent there anyway).
+* Without active probes nothing would ever bring a DOWN member back, so the pool reports
+  ``EJECTION_OVER`` after the ejection time (nginx's ``fail_timeout``) and the member is UP again at
+  once; if it still fails, ``fall`` more failures eject it again.
 * Every change of status is reported once, with the reason of the result that caused it.
 
 The module is pure: no sockets, no clock. The prober that runs probes lives in ``prober.py``.
@@ -28,12 +31,14 @@ class Event(enum.Enum):
     PROBE_FAIL = "probe_fail"
     TRAFFIC_OK = "traffic_ok"
     TRAFFIC_FAIL = "traffic_fail"
+    EJECTION_OVER = "ejection_over"
 
 
 class _Act(enum.Enum):
     RESET = "reset"  # the result agrees with the status: clear the streak
     COUNT = "count"  # the result contradicts the status: one more toward a change
     IGNORE = "ignore"
+    FLIP = "flip"  # change status now, whatever the streak
 
 
 _TRANSITIONS: dict[tuple[Status, Event], _Act] = {
@@ -45,6 +50,8 @@ _TRANSITIONS: dict[tuple[Status, Event], _Act] = {
     (Status.DOWN, Event.PROBE_FAIL): _Act.RESET,
     (Status.DOWN, Event.TRAFFIC_OK): _Act.IGNORE,
     (Status.DOWN, Event.TRAFFIC_FAIL): _Act.IGNORE,
+    (Status.UP, Event.EJECTION_OVER): _Act.IGNORE,
+    (Status.DOWN, Event.EJECTION_OVER): _Act.FLIP,
 }
 
 
@@ -83,9 +90,10 @@ class HealthState:
         if act is _Act.RESET:
             self.streak = 0
             return None
-        self.streak += 1
-        if self.streak < (self.fall if self.status is Status.UP else self.rise):
-            return None
+        if act is _Act.COUNT:
+            self.streak += 1
+            if self.streak < (self.fall if self.status is Status.UP else self.rise):
+                return None
         old, self.status, self.streak = self.status, _other(self.status), 0
         return Change(old, self.status, reason)
 

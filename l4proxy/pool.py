@@ -6,6 +6,7 @@ each change of a member's status is logged exactly once, with the reason that ca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 
@@ -25,6 +26,7 @@ class Pool:
         self.balancer = Balancer(config.members, config.health)
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
+        self._ejections: dict[Member, asyncio.TimerHandle] = {}
 
     @property
     def members(self) -> list[Member]:
@@ -37,5 +39,18 @@ class Pool:
             return
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
+            if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
+                loop = asyncio.get_running_loop()
+                self._ejections[member] = loop.call_later(self.config.health.eject_time, self._ejection_over, member)
         else:
             log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)
+
+    def _ejection_over(self, member: Member) -> None:
+        self._ejections.pop(member, None)
+        self.report(member, Event.EJECTION_OVER, f"ejection time ({self.config.health.eject_time:g}s) over")
+
+    def close(self) -> None:
+        """Cancel pending ejection timers (the proxy is stopping)."""
+        for timer in self._ejections.values():
+            timer.cancel()
+        self._ejections.clear()

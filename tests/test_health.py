@@ -148,7 +148,9 @@ def test_table_follows_the_stated_rules(status: Status, event: Event) -> None:
     """The module docstring's rules, restated independently of the table."""
     passive = event in (T_OK, T_FAIL)
     success = event in (P_OK, T_OK)
-    if status is DOWN and passive:
+    if event is Event.EJECTION_OVER:
+        expected = _Act.FLIP if status is DOWN else _Act.IGNORE
+    elif status is DOWN and passive:
         expected = _Act.IGNORE
     elif success == (status is UP):
         expected = _Act.RESET
@@ -164,10 +166,14 @@ def reference_status(rise: int, fall: int, events: list[Event]) -> list[Status]:
     """A second, table-free statement of the rules: the status after each event."""
     status, streak, out = UP, 0, []
     for event in events:
-        if status is UP:
+        if status is UP and event is Event.EJECTION_OVER:
+            pass
+        elif status is UP:
             streak = streak + 1 if event in (P_FAIL, T_FAIL) else 0
             if streak == fall:
                 status, streak = DOWN, 0
+        elif event is Event.EJECTION_OVER:
+            status, streak = UP, 0
         elif event is P_OK:
             streak += 1
             if streak == rise:
