@@ -92,6 +92,7 @@ class Proxy:
         """Stop accepting, let sessions finish for up to ``timeout``, then abort what is left."""
         timeout = self.config.drain_timeout if timeout is None else timeout
         self._close_listeners()
+        await self._cancel_opening()
         if self.sessions:
             log.info("draining %d sessions for up to %.1fs", len(self.sessions), timeout)
             self._idle.clear()
@@ -101,6 +102,14 @@ class Proxy:
         await self._stop_background()
         await asyncio.sleep(0)  # let aborted transports deliver connection_lost
         self.access_log.close()
+
+    async def _cancel_opening(self) -> None:
+        """Close clients still in their TLS handshake: they are not sessions yet, and must not become
+        sessions (dial, relay, log) after the drain has returned."""
+        opening = list(self._opening)
+        for task in opening:
+            task.cancel()
+        await asyncio.gather(*opening, return_exceptions=True)
 
     def abort_all(self, cause: str) -> None:
         """Close every session now (drain deadline reached, or a second signal)."""
@@ -117,6 +126,8 @@ class Proxy:
     async def _stop_background(self) -> None:
         for prober in self.probers:
             await prober.stop()
+        for pool in self.pools.values():
+            pool.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -150,6 +161,8 @@ class Proxy:
             task = loop.create_task(self._open_client(loop, sock, session, self.server_tls.get(index)))
             opening.add(task)  # keep a reference until the transport exists
             task.add_done_callback(opening.discard)
+            # cancelled by drain (perhaps before it ran): the socket is ours to close (idempotent)
+            task.add_done_callback(lambda t: sock.close() if t.cancelled() else None)
 
         return serve
 
