@@ -10,8 +10,12 @@ task, one Python call per chunk. The rules it keeps:
   read even after ``pause_reading`` in ``connection_made``), so the client pump holds those bytes, up
   to ``buffer_size`` before it pauses reading, and the upstream receives them first.
 * **Half-close**: EOF from one side becomes ``write_eof()`` on the other once its buffer drains; the
-  session ends when both directions have ended. A TLS side cannot half-close (TLS has close_notify,
-  not FIN): EOF towards it flushes and closes that side, which ends the session.
+  session ends when both directions have ended. A TLS side cannot half-close here: TLS ends a
+  direction with close_notify, and asyncio's TLS transports cannot keep reading after sending it. So
+  EOF towards a TLS side flushes and closes it, which ends the session. The cost: a plain client that
+  half-closes towards a TLS upstream and then waits for the reply does not get it. Keeping the TLS
+  upstream open instead would leave every fully-closed client's upstream connection lingering until
+  the half-closed timeout, which is the worse trade for the request/response protocols this serves.
 * **Resets**: when one side is lost with an error, the other side gets what was already read, then is
   closed; the sweeper's half-closed timeout reaps it if that peer never reads.
 * **Idle**: each chunk sets ``session.busy``; the proxy's sweeper (one timer for every session) closes
