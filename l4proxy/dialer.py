@@ -3,13 +3,17 @@
 Retries happen only here, before the session has relayed a single byte to any upstream, which is what
 makes them safe for every protocol. Each attempt goes to a member not yet tried for this client while
 one remains; when every member has been tried, remaining attempts may reuse them (a single-member pool
-then retries its one member, as HAProxy's ``retries`` does). Every failure is a passive health result.
+then retries its one member, as HAProxy's ``retries`` does). Every failure is a passive health result,
+except running out of our own descriptors or memory (EMFILE and kin): that is not the member's fault and
+no other member would fare better, so the client is closed without blaming any member or retrying. (The
+listener keeps a reserve of descriptors for upstream connects, so this is rare.)
 Host names are resolved by the loop's ``getaddrinfo`` (a thread), never blocking the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -20,6 +24,13 @@ from .pool import Pool
 from .relay import Pump, Session
 
 log = logging.getLogger("l4proxy.dialer")
+
+_LOCAL_EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """The proxy itself ran out of descriptors or memory: says nothing about the member."""
+    return isinstance(exc, OSError) and exc.errno in _LOCAL_EXHAUSTION
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -65,10 +76,16 @@ async def dial(session: Session, pool: Pool) -> None:
             balancer.release(member)
             pump.abort()
             cause = failure_kind(exc)
+            if out_of_descriptors(exc):
+                break  # not this member's fault, and no other member would fare better
             log.warning("connect to %s for %s failed: %s", member.name, session.client_addr, cause)
             pool.report(member, Event.TRAFFIC_FAIL, f"connect failed: {cause}")
             continue
         pool.report(member, Event.TRAFFIC_OK)
+        if session.ended:  # the client left as the connect completed (wait_for may swallow the cancel)
+            balancer.release(member)
+            pump.abort()
+            return
         session.attach_upstream(pump, member)
         return
     pool.no_upstream += 1

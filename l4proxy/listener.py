@@ -5,6 +5,12 @@ ENFILE the loop stops watching the socket, logs one line, and tries again after 
 to a second; the pending clients wait in the kernel's backlog instead of being accepted and dropped.
 Accepting resumes by itself once descriptors free up, with one more line to say so. Sockets are
 accepted in batches per readiness event to cut wake-ups under connection storms.
+
+Each client needs a second descriptor for its upstream, so accepting also pauses when fewer than
+``_RESERVE`` descriptors would be left once this batch's clients have their upstream sockets (the kernel
+hands out the lowest free number, so an accepted socket's number tells how many are in use): otherwise
+the last descriptors would go to clients that then could not be connected anywhere, and waiting clients
+would be accepted only to be dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import resource
 import socket
 import ssl
 from collections.abc import Callable
@@ -23,6 +31,7 @@ log = logging.getLogger("l4proxy.listener")
 _BATCH = 64
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 1.0
+_RESERVE = 16  # descriptors kept for upstream connects, health probes and log files
 
 
 def bind_sockets(config: ListenerConfig) -> list[socket.socket]:
@@ -74,9 +83,13 @@ class Listener:
         self._paused: set[socket.socket] = set()
         self._backoff = _BACKOFF_MIN
         self._retry: asyncio.TimerHandle | None = None
+        self._fd_limit = 0
+        self._short = False  # a pause was logged and accepting has not caught up since
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 62
         self.sockets = bind_sockets(self.config)
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
@@ -97,35 +110,52 @@ class Listener:
         self.sockets = []
 
     def _accept(self, sock: socket.socket) -> None:
-        for _ in range(_BATCH):
+        for taken in range(_BATCH):
             try:
                 conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
+                if self._short:  # caught up with the backlog: say so once
+                    log.warning("accepting on %s again", self.config.address)
+                    self._short = False
                 return
             except OSError as exc:
                 if exc.errno in _EXHAUSTED:
-                    self._pause(sock, exc)
+                    self._pause(sock, exc.strerror or str(exc))
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up before we accepted it
                 log.error("accept on %s failed: %s", self.config.address, exc)
                 return
-            if self._backoff > _BACKOFF_MIN:
-                log.warning("accepting on %s again", self.config.address)
+            # descriptors left after this one, less one upstream socket per client of this batch
+            crowded = self._fd_limit - 1 - conn.fileno() - (taken + 1) < _RESERVE
+            if not crowded:
                 self._backoff = _BACKOFF_MIN
             self.accepted += 1
             self.serve(conn)
+            if crowded:
+                self._pause(sock, f"fewer than {_RESERVE} of {self._fd_limit} open files left")
+                return
 
-    def _pause(self, sock: socket.socket, exc: OSError) -> None:
+    def _room(self, sock: socket.socket) -> bool:
+        """Whether more than the reserve of descriptors is free: probe the lowest free number."""
+        try:
+            probe = os.dup(sock.fileno())
+        except OSError:
+            return False
+        os.close(probe)
+        return probe < self._fd_limit - _RESERVE
+
+    def _pause(self, sock: socket.socket, reason: str) -> None:
         """Out of descriptors: stop watching this socket for a while instead of spinning."""
         assert self._loop is not None
-        if self._backoff == _BACKOFF_MIN:
+        if not self._short:
+            self._short = True
             self.exhausted += 1
             log.error(
                 "accept on %s paused: %s (raise the open-files limit or lower the load);"
                 " retrying until descriptors free up",
                 self.config.address,
-                exc.strerror,
+                reason,
             )
         self._loop.remove_reader(sock.fileno())
         self._paused.add(sock)
@@ -135,6 +165,9 @@ class Listener:
     def _resume(self, sock: socket.socket) -> None:
         assert self._loop is not None
         self._retry = None
+        if sock.fileno() >= 0 and not self._room(sock):
+            self._pause(sock, "")  # still short of descriptors: wait longer, without a new line
+            return
         self._paused.discard(sock)
         if sock.fileno() >= 0:
             self._loop.add_reader(sock.fileno(), self._accept, sock)

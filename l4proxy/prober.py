@@ -13,7 +13,7 @@ import contextlib
 import random
 
 from .balancer import Member
-from .dialer import failure_kind
+from .dialer import failure_kind, out_of_descriptors
 from .health import Event
 from .pool import Pool
 
@@ -44,17 +44,23 @@ class Prober:
         interval = self.pool.config.health.interval
         await asyncio.sleep(self.rng.uniform(0, interval))  # spread members' probes apart
         while True:
-            ok, reason = await probe(self.pool, member)
-            self.pool.report(member, Event.PROBE_OK if ok else Event.PROBE_FAIL, reason)
+            try:
+                ok, reason = await probe(self.pool, member)
+            except OSError:  # out of our own descriptors: no verdict on the member this time
+                pass
+            else:
+                self.pool.report(member, Event.PROBE_OK if ok else Event.PROBE_FAIL, reason)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
 
 
 async def probe(pool: Pool, member: Member) -> tuple[bool, str]:
-    """One probe of ``member``: (passed, reason)."""
+    """One probe of ``member``: (passed, reason). Raises OSError when the proxy is out of descriptors."""
     health = pool.config.health
     try:
         return await asyncio.wait_for(_probe(pool, member), health.timeout)
     except (TimeoutError, OSError) as exc:
+        if out_of_descriptors(exc):
+            raise
         return False, f"check failed: {failure_kind(exc)}"
 
 

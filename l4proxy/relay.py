@@ -5,7 +5,8 @@ task, one Python call per chunk. The rules it keeps:
 
 * **Backpressure**: transports get a high-water mark of ``buffer_size``; when the peer's write buffer
   passes it, asyncio calls the peer's ``pause_writing`` and we stop reading this side until
-  ``resume_writing``. Memory per session is bounded by about two buffers per direction.
+  ``resume_writing``. Memory per direction is bounded by ``buffer_size`` plus one read (the loop
+  reads up to 256 KiB at a time), whatever the peers do.
 * **Early bytes**: a client may talk before the upstream is connected (and uvloop delivers the first
   read even after ``pause_reading`` in ``connection_made``), so the client pump holds those bytes, up
   to ``buffer_size`` before it pauses reading, and the upstream receives them first.
