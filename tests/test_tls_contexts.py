@@ -539,6 +539,10 @@ def _serve_line(listener: socket.socket, ctx: ssl.SSLContext, received: list[byt
         with ctx.wrap_socket(raw, server_side=True) as conn:
             received.append(tls.describe(conn))
             received.append(conn.makefile("rb").readline())
+            try:  # close_notify, so s_client sees a clean end rather than "unexpected eof"
+                conn.unwrap()
+            except OSError:
+                pass
     except OSError as exc:
         received.append(exc)
 
