@@ -94,20 +94,20 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
               help="Address to accept clients on; ':PORT' means every interface, '[::1]:PORT' for IPv6.")
 @click.option("--upstream", "upstreams", multiple=True, required=True, metavar="HOST[:PORT],...",
               help="Pool members, comma-separated and/or repeated; the port defaults to the listen port.")
-@click.option("--connect-timeout", default="5s", show_default=True, callback=_duration("--connect-timeout"),
+@click.option("--connect-timeout", default="5s", show_default=True, metavar="DURATION", callback=_duration("--connect-timeout"),
               help="Give up on one connect attempt after this long and try another member.")
 @click.option("--retries", default=2, show_default=True, type=int,
               help="Extra connect attempts after the first, each to a member not yet tried.")
-@click.option("--idle-timeout", default="1h", show_default=True, callback=_duration("--idle-timeout"),
+@click.option("--idle-timeout", default="1h", show_default=True, metavar="DURATION", callback=_duration("--idle-timeout"),
               help="Close a session with no traffic in either direction for this long.")
 @click.option("--half-closed-timeout", default="30s", show_default=True,
-              callback=_duration("--half-closed-timeout"),
+              metavar="DURATION", callback=_duration("--half-closed-timeout"),
               help="Idle timeout once one direction has ended (HAProxy's 'timeout client-fin').")
-@click.option("--drain-timeout", default="30s", show_default=True, callback=_duration("--drain-timeout"),
+@click.option("--drain-timeout", default="30s", show_default=True, metavar="DURATION", callback=_duration("--drain-timeout"),
               help="On SIGTERM/SIGINT, how long sessions may finish before they are closed.")
-@click.option("--health-interval", default="2s", show_default=True, callback=_duration("--health-interval"),
+@click.option("--health-interval", default="2s", show_default=True, metavar="DURATION", callback=_duration("--health-interval"),
               help="Time between active health probes of each member.")
-@click.option("--health-timeout", default="1s", show_default=True, callback=_duration("--health-timeout"),
+@click.option("--health-timeout", default="1s", show_default=True, metavar="DURATION", callback=_duration("--health-timeout"),
               help="A probe that takes longer fails.")
 @click.option("--rise", default=2, show_default=True, type=int,
               help="Consecutive passing probes that bring a DOWN member back UP.")
@@ -118,16 +118,16 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--health-expect", default="", metavar="BYTES",
               help="The probe passes only if the reply starts with these bytes, e.g. '+PONG'.")
 @click.option("--no-health-checks", is_flag=True, help="Turn active probes off (passive marking stays).")
-@click.option("--eject-time", default="10s", show_default=True, callback=_duration("--eject-time"),
+@click.option("--eject-time", default="10s", show_default=True, metavar="DURATION", callback=_duration("--eject-time"),
               help="With --no-health-checks, how long a member taken DOWN by failed connects stays out.")
-@click.option("--buffer-size", default="64k", show_default=True, callback=_size,
+@click.option("--buffer-size", default="64k", show_default=True, metavar="SIZE", callback=_size,
               help="Per-direction buffer high-water mark; a slower peer pauses the faster one.")
 @click.option("--tls-cert", metavar="PEM", help="Terminate TLS from clients with this certificate chain.")
 @click.option("--tls-key", metavar="PEM", help="The private key of --tls-cert.")
 @click.option("--tls-client-ca", metavar="PEM", help="Require client certificates signed by this CA (mTLS).")
 @click.option("--tls-alpn", default="", metavar="LIST", help="ALPN protocols offered to clients, e.g. h2,http/1.1.")
 @click.option("--tls-handshake-timeout", default="10s", show_default=True,
-              callback=_duration("--tls-handshake-timeout"), help="Close clients that do not finish the handshake.")
+              metavar="DURATION", callback=_duration("--tls-handshake-timeout"), help="Close clients that do not finish the handshake.")
 @click.option("--tls-min-version", default="1.2", show_default=True, type=click.Choice(["1.2", "1.3"]),
               help="Oldest TLS version accepted from clients.")
 @click.option("--upstream-tls", is_flag=True, help="Speak TLS to the upstreams (verified by default).")
