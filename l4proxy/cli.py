@@ -90,58 +90,162 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--listen", required=True, metavar="[HOST]:PORT",
-              help="Address to accept clients on; ':PORT' means every interface, '[::1]:PORT' for IPv6.")
-@click.option("--upstream", "upstreams", multiple=True, required=True, metavar="HOST[:PORT],...",
-              help="Pool members, comma-separated and/or repeated; the port defaults to the listen port.")
-@click.option("--connect-timeout", default="5s", show_default=True, metavar="DURATION", callback=_duration("--connect-timeout"),
-              help="Give up on one connect attempt after this long and try another member.")
-@click.option("--retries", default=2, show_default=True, type=int,
-              help="Extra connect attempts after the first, each to a member not yet tried.")
-@click.option("--idle-timeout", default="1h", show_default=True, metavar="DURATION", callback=_duration("--idle-timeout"),
-              help="Close a session with no traffic in either direction for this long.")
-@click.option("--half-closed-timeout", default="30s", show_default=True,
-              metavar="DURATION", callback=_duration("--half-closed-timeout"),
-              help="Idle timeout once one direction has ended (HAProxy's 'timeout client-fin').")
-@click.option("--drain-timeout", default="30s", show_default=True, metavar="DURATION", callback=_duration("--drain-timeout"),
-              help="On SIGTERM/SIGINT, how long sessions may finish before they are closed.")
-@click.option("--health-interval", default="2s", show_default=True, metavar="DURATION", callback=_duration("--health-interval"),
-              help="Time between active health probes of each member.")
-@click.option("--health-timeout", default="1s", show_default=True, metavar="DURATION", callback=_duration("--health-timeout"),
-              help="A probe that takes longer fails.")
-@click.option("--rise", default=2, show_default=True, type=int,
-              help="Consecutive passing probes that bring a DOWN member back UP.")
-@click.option("--fall", default=3, show_default=True, type=int,
-              help="Consecutive failures (probes or client connects) that take an UP member DOWN.")
-@click.option("--health-send", default="", metavar="BYTES",
-              help=r"Probe payload to send after connecting, e.g. 'PING\r\n' (escapes \r \n \t \xNN).")
-@click.option("--health-expect", default="", metavar="BYTES",
-              help="The probe passes only if the reply starts with these bytes, e.g. '+PONG'.")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="[HOST]:PORT",
+    help="Address to accept clients on; ':PORT' means every interface, '[::1]:PORT' for IPv6.",
+)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    required=True,
+    metavar="HOST[:PORT],...",
+    help="Pool members, comma-separated and/or repeated; the port defaults to the listen port.",
+)
+@click.option(
+    "--connect-timeout",
+    default="5s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration("--connect-timeout"),
+    help="Give up on one connect attempt after this long and try another member.",
+)
+@click.option(
+    "--retries",
+    default=2,
+    show_default=True,
+    type=int,
+    help="Extra connect attempts after the first, each to a member not yet tried.",
+)
+@click.option(
+    "--idle-timeout",
+    default="1h",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration("--idle-timeout"),
+    help="Close a session with no traffic in either direction for this long.",
+)
+@click.option(
+    "--half-closed-timeout",
+    default="30s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration("--half-closed-timeout"),
+    help="Idle timeout once one direction has ended (HAProxy's 'timeout client-fin').",
+)
+@click.option(
+    "--drain-timeout",
+    default="30s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration("--drain-timeout"),
+    help="On SIGTERM/SIGINT, how long sessions may finish before they are closed.",
+)
+@click.option(
+    "--health-interval",
+    default="2s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration("--health-interval"),
+    help="Time between active health probes of each member.",
+)
+@click.option(
+    "--health-timeout",
+    default="1s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration("--health-timeout"),
+    help="A probe that takes longer fails.",
+)
+@click.option(
+    "--rise",
+    default=2,
+    show_default=True,
+    type=int,
+    help="Consecutive passing probes that bring a DOWN member back UP.",
+)
+@click.option(
+    "--fall",
+    default=3,
+    show_default=True,
+    type=int,
+    help="Consecutive failures (probes or client connects) that take an UP member DOWN.",
+)
+@click.option(
+    "--health-send",
+    default="",
+    metavar="BYTES",
+    help=r"Probe payload to send after connecting, e.g. 'PING\r\n' (escapes \r \n \t \xNN).",
+)
+@click.option(
+    "--health-expect",
+    default="",
+    metavar="BYTES",
+    help="The probe passes only if the reply starts with these bytes, e.g. '+PONG'.",
+)
 @click.option("--no-health-checks", is_flag=True, help="Turn active probes off (passive marking stays).")
-@click.option("--eject-time", default="10s", show_default=True, metavar="DURATION", callback=_duration("--eject-time"),
-              help="With --no-health-checks, how long a member taken DOWN by failed connects stays out.")
-@click.option("--buffer-size", default="64k", show_default=True, metavar="SIZE", callback=_size,
-              help="Per-direction buffer high-water mark; a slower peer pauses the faster one.")
+@click.option(
+    "--eject-time",
+    default="10s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration("--eject-time"),
+    help="With --no-health-checks, how long a member taken DOWN by failed connects stays out.",
+)
+@click.option(
+    "--buffer-size",
+    default="64k",
+    show_default=True,
+    metavar="SIZE",
+    callback=_size,
+    help="Per-direction buffer high-water mark; a slower peer pauses the faster one.",
+)
 @click.option("--tls-cert", metavar="PEM", help="Terminate TLS from clients with this certificate chain.")
 @click.option("--tls-key", metavar="PEM", help="The private key of --tls-cert.")
 @click.option("--tls-client-ca", metavar="PEM", help="Require client certificates signed by this CA (mTLS).")
 @click.option("--tls-alpn", default="", metavar="LIST", help="ALPN protocols offered to clients, e.g. h2,http/1.1.")
-@click.option("--tls-handshake-timeout", default="10s", show_default=True,
-              metavar="DURATION", callback=_duration("--tls-handshake-timeout"), help="Close clients that do not finish the handshake.")
-@click.option("--tls-min-version", default="1.2", show_default=True, type=click.Choice(["1.2", "1.3"]),
-              help="Oldest TLS version accepted from clients.")
+@click.option(
+    "--tls-handshake-timeout",
+    default="10s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration("--tls-handshake-timeout"),
+    help="Close clients that do not finish the handshake.",
+)
+@click.option(
+    "--tls-min-version",
+    default="1.2",
+    show_default=True,
+    type=click.Choice(["1.2", "1.3"]),
+    help="Oldest TLS version accepted from clients.",
+)
 @click.option("--upstream-tls", is_flag=True, help="Speak TLS to the upstreams (verified by default).")
-@click.option("--upstream-ca", metavar="PEM", help="CA bundle that upstream certificates must chain to "
-              "[default: the system trust store].")
+@click.option(
+    "--upstream-ca",
+    metavar="PEM",
+    help="CA bundle that upstream certificates must chain to [default: the system trust store].",
+)
 @click.option("--upstream-sni", metavar="NAME", help="Server name sent and verified [default: the member's host].")
 @click.option("--upstream-cert", metavar="PEM", help="Client certificate presented to upstreams (mTLS).")
 @click.option("--upstream-key", metavar="PEM", help="The private key of --upstream-cert.")
 @click.option("--upstream-alpn", default="", metavar="LIST", help="ALPN protocols offered to upstreams.")
 @click.option("--upstream-insecure", is_flag=True, help="Do not verify upstream certificates (warns at start-up).")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(LOG_LEVELS),
-              help="Level of the diagnostic log on stderr.")
-@click.option("--access-log", default="-", show_default=True, metavar="-|PATH|off",
-              help="One line per session: '-' for stdout, a file path, or 'off'.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS),
+    help="Level of the diagnostic log on stderr.",
+)
+@click.option(
+    "--access-log",
+    default="-",
+    show_default=True,
+    metavar="-|PATH|off",
+    help="One line per session: '-' for stdout, a file path, or 'off'.",
+)
 def command(**options: Any) -> None:
     """A layer-4 (TCP) proxy: least-connections, retries and health checks in front of any service.
 
@@ -151,8 +255,10 @@ def command(**options: Any) -> None:
     _setup_logging(config.log_level)
     check_tls_files(config)
     if any(p.tls is not None and p.tls.insecure for p in config.pools):
-        log.warning("--upstream-insecure: upstream certificates are NOT verified; anyone on the path can"
-                    " impersonate an upstream")
+        log.warning(
+            "--upstream-insecure: upstream certificates are NOT verified; anyone on the path can"
+            " impersonate an upstream"
+        )
     try:
         access_log = AccessLog.from_target(config.access_log)
     except OSError as exc:
