@@ -1,5 +1,8 @@
 """One access-log record per session, written when the session ends.
 
+Records are buffered and flushed about once a second (and at shutdown), so logging costs no system call
+per session.
+
 Format (logfmt, one line, easy to grep and to parse)::
 
     2026-11-26T20:01:09.123Z client=127.0.0.1:51234 upstream=10.0.0.5:6379 in=120 out=4096 duration=0.532s end=eof
@@ -22,8 +25,7 @@ if TYPE_CHECKING:
 
 def format_record(session: Session, now: float) -> str:
     """The access-log line for ``session`` (pure; ``now`` is wall-clock seconds)."""
-    started = time.gmtime(session.started)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", started) + f".{int(session.started % 1 * 1000):03d}Z"
+    stamp = _stamp(session.started)
     member = session.member.name if session.member is not None else "-"
     cause = session.end_cause or "eof"
     parts = [
@@ -38,6 +40,17 @@ def format_record(session: Session, now: float) -> str:
     if session.tls_info:
         parts.extend(f"{key}={_quote(value)}" for key, value in session.tls_info.items())
     return " ".join(parts)
+
+
+_second: list[object] = [None, ""]  # the last whole second formatted, and its text
+
+
+def _stamp(when: float) -> str:
+    """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second, not per record."""
+    whole = int(when)
+    if _second[0] != whole:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((when - whole) * 1000):03d}Z"
 
 
 def _quote(value: str) -> str:
@@ -59,12 +72,17 @@ class AccessLog:
             return cls(None)
         if target == "-":
             return cls(sys.stdout)
-        return cls(open(target, "a", buffering=1, encoding="utf-8"), owned=True)
+        return cls(open(target, "a", encoding="utf-8"), owned=True)
 
     def record(self, session: Session) -> None:
         self.records += 1
         if self.stream is not None:
             self.stream.write(format_record(session, time.time()) + "\n")
+
+    def flush(self) -> None:
+        """Write out buffered records; the proxy calls this about once a second, not once per record."""
+        if self.stream is not None:
+            self.stream.flush()
 
     def close(self) -> None:
         if self.stream is not None:

@@ -67,7 +67,8 @@ async def dial(session: Session, pool: Pool) -> None:
         balancer.acquire(member)
         pump = session.new_upstream_pump()
         try:
-            await asyncio.wait_for(_connect(loop, pool, member, pump), config.connect_timeout)
+            async with asyncio.timeout(config.connect_timeout):  # no extra task, unlike wait_for
+                await _connect(loop, pool, member, pump)
         except asyncio.CancelledError:
             balancer.release(member)
             pump.abort()  # the connect may have won the race with the cancellation
@@ -82,7 +83,7 @@ async def dial(session: Session, pool: Pool) -> None:
             pool.report(member, Event.TRAFFIC_FAIL, f"connect failed: {cause}")
             continue
         pool.report(member, Event.TRAFFIC_OK)
-        if session.ended:  # the client left as the connect completed (wait_for may swallow the cancel)
+        if session.ended:  # the client left as the connect completed
             balancer.release(member)
             pump.abort()
             return

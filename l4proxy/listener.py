@@ -65,12 +65,12 @@ def bind_sockets(config: ListenerConfig) -> list[socket.socket]:
 
 
 class Listener:
-    """Accepts on its sockets and hands each client socket to ``serve``."""
+    """Accepts on its sockets and hands each client socket and its address to ``serve``."""
 
     def __init__(
         self,
         config: ListenerConfig,
-        serve: Callable[[socket.socket], None],
+        serve: Callable[[socket.socket, object], None],
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
@@ -112,7 +112,7 @@ class Listener:
     def _accept(self, sock: socket.socket) -> None:
         for taken in range(_BATCH):
             try:
-                conn, _addr = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 if self._short:  # caught up with the backlog: say so once
                     log.warning("accepting on %s again", self.config.address)
@@ -131,7 +131,7 @@ class Listener:
             if not crowded:
                 self._backoff = _BACKOFF_MIN
             self.accepted += 1
-            self.serve(conn)
+            self.serve(conn, addr)
             if crowded:
                 self._pause(sock, f"fewer than {_RESERVE} of {self._fd_limit} open files left")
                 return

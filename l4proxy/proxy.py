@@ -136,7 +136,7 @@ class Proxy:
 
     # sessions
 
-    def _server_for(self, index: int, config: ListenerConfig) -> Callable[[socket.socket], None]:
+    def _server_for(self, index: int, config: ListenerConfig) -> Callable[[socket.socket, object], None]:
         """The per-client callback of listener ``index``."""
         loop = asyncio.get_running_loop()
         pool = self.pools[config.pool]
@@ -145,7 +145,6 @@ class Proxy:
 
         def on_client_ready(session: Session) -> None:
             sessions.add(session)
-            session.dial_task = loop.create_task(dial(session, pool))
 
         def on_end(session: Session) -> None:
             sessions.discard(session)
@@ -156,40 +155,42 @@ class Proxy:
             if not sessions:
                 self._idle.set()
 
-        def serve(sock: socket.socket) -> None:
+        def serve(sock: socket.socket, address: object) -> None:
             session = Session(config, on_client_ready, on_end)
-            task = loop.create_task(self._open_client(loop, sock, session, self.server_tls.get(index)))
-            opening.add(task)  # keep a reference until the transport exists
+            session.client_address = address
+            task = loop.create_task(self._client(loop, sock, session, self.server_tls.get(index), pool))
+            session.dial_task = task  # the client leaving cancels it (and with it the dial)
+            opening.add(task)  # a reference until the transport exists; drain cancels what is left
             task.add_done_callback(opening.discard)
-            # cancelled by drain (perhaps before it ran): the socket is ours to close (idempotent)
+            # cancelled before the transport took the socket: it is ours to close (a no-op after)
             task.add_done_callback(lambda t: sock.close() if t.cancelled() else None)
 
         return serve
 
-    async def _open_client(
+    async def _client(
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         session: Session,
         tls: ssl.SSLContext | None,
+        pool: Pool,
     ) -> None:
-        """Wrap the accepted socket in a transport; TLS handshakes fail here, alone and without a traceback."""
+        """One task per client: wrap the socket in a transport (TLS handshakes fail here, alone and without
+        a traceback), then dial. No second task: the dial runs in this one."""
         if tls is None:
             await loop.connect_accepted_socket(lambda: session.client, sock)
-            return
-        try:
-            peer = _fmt(sock.getpeername()[:2])
-        except OSError:
-            peer = "-"
-        timeout = session.limits.tls.handshake_timeout if session.limits.tls is not None else None
-        try:
-            await loop.connect_accepted_socket(
-                lambda: session.client, sock, ssl=tls, ssl_handshake_timeout=timeout
-            )
-        except (TimeoutError, OSError) as exc:
-            self.tls_failures += 1
-            log.warning("TLS handshake with %s failed: %s", peer, _tls_failure(exc))
-            sock.close()
+        else:
+            timeout = session.limits.tls.handshake_timeout if session.limits.tls is not None else None
+            try:
+                await loop.connect_accepted_socket(lambda: session.client, sock, ssl=tls, ssl_handshake_timeout=timeout)
+            except (TimeoutError, OSError) as exc:
+                self.tls_failures += 1
+                log.warning("TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc))
+                sock.close()
+                return
+        self._opening.discard(asyncio.current_task())  # type: ignore[arg-type]  # a session now: drain waits
+        if not session.ended:
+            await dial(session, pool)
 
     def reload_tls(self) -> list[ConfigError]:
         """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
@@ -213,12 +214,15 @@ class Proxy:
         """One timer for all sessions: close those idle past their timeout."""
         shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
         tick = max(0.02, min(1.0, shortest / 4))
+        access_log = self.access_log
         while True:
             await asyncio.sleep(tick)
+            access_log.flush()
             now = time.monotonic()
             for session in list(self.sessions):
-                if session.busy:
-                    session.busy = False
+                moved = session.moved()
+                if moved != session.seen:
+                    session.seen = moved
                     session.last_active = now
                     continue
                 limits = session.limits

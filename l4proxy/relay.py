@@ -19,8 +19,9 @@ task, one Python call per chunk. The rules it keeps:
   the half-closed timeout, which is the worse trade for the request/response protocols this serves.
 * **Resets**: when one side is lost with an error, the other side gets what was already read, then is
   closed; the sweeper's half-closed timeout reaps it if that peer never reads.
-* **Idle**: each chunk sets ``session.busy``; the proxy's sweeper (one timer for every session) closes
-  sessions that stay quiet for ``idle_timeout``, or ``half_closed_timeout`` once one direction ended.
+* **Idle**: the proxy's sweeper (one timer for every session) compares each session's byte counters
+  with what it saw last tick, and closes sessions that stay quiet for ``idle_timeout``, or
+  ``half_closed_timeout`` once one direction ended. The hot path does no timer work at all.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ if TYPE_CHECKING:
 class Pump(asyncio.Protocol):
     """One side of a session. ``peer`` is the pump of the other side."""
 
-    __slots__ = ("closed", "eof", "nbytes", "peer", "pending", "session", "transport")
+    __slots__ = ("closed", "eof", "nbytes", "out", "peer", "pending", "session", "transport")
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
         self.peer: Pump | None = None
+        self.out: asyncio.Transport | None = None  # the peer's transport while it can be written to
         self.nbytes = 0
         self.eof = False  # this side sent us EOF
         self.closed = False  # this side's connection is gone
@@ -61,11 +63,10 @@ class Pump(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
-        self.session.busy = True
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.closed:
-            peer.transport.write(data)
-        elif not self.closed:
+        out = self.out
+        if out is not None:
+            out.write(data)
+        elif self.peer is None and not self.closed:
             self._hold(data)
 
     def eof_received(self) -> bool:
@@ -82,6 +83,8 @@ class Pump(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.peer is not None:
+            self.peer.out = None
         self.session.side_lost(self, exc)
 
     # helpers
@@ -131,9 +134,8 @@ class Session:
 
     __slots__ = (
         "buffer_size",
-        "busy",
         "client",
-        "client_addr",
+        "client_address",
         "dial_task",
         "end_cause",
         "ended",
@@ -142,6 +144,7 @@ class Session:
         "member",
         "on_client_ready",
         "on_end",
+        "seen",
         "started",
         "tls_info",
         "upstream",
@@ -161,8 +164,8 @@ class Session:
         self.upstream: Pump | None = None
         self.member: Member | None = None
         self.dial_task: asyncio.Task[None] | None = None
-        self.client_addr = "-"
-        self.busy = False
+        self.client_address: object = None  # as accept() returned it; formatted only when logged
+        self.seen = 0  # bytes moved as of the sweeper's last look
         self.started = time.time()
         self.last_active = time.monotonic()
         self.end_cause = ""
@@ -178,10 +181,10 @@ class Session:
     def side_made(self, pump: Pump) -> None:
         if pump is self.client:
             assert pump.transport is not None
-            self.client_addr = _peer(pump.transport)
-            ssl_object = pump.transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                self.tls_info = {f"tls_{k}": v for k, v in describe(ssl_object).items() if v}
+            if self.limits.tls is not None:
+                ssl_object = pump.transport.get_extra_info("ssl_object")
+                if ssl_object is not None:
+                    self.tls_info = {f"tls_{k}": v for k, v in describe(ssl_object).items() if v}
             self.on_client_ready(self)
 
     def attach_upstream(self, pump: Pump, member: Member) -> None:
@@ -191,6 +194,10 @@ class Session:
         pump.peer, client.peer = client, pump
         client.flush_pending_to(pump)
         pump.flush_pending_to(client)
+        if not pump.closed:
+            client.out = pump.transport
+        if not client.closed:
+            pump.out = client.transport
         if client.eof:
             pump.send_eof()
         if pump.eof:
@@ -276,6 +283,15 @@ class Session:
             on_end(self)
 
     @property
+    def client_addr(self) -> str:
+        return format_peer(self.client_address)
+
+    def moved(self) -> int:
+        """Bytes read from either side so far: the sweeper's measure of activity."""
+        up = self.upstream
+        return self.client.nbytes + (up.nbytes if up is not None else 0)
+
+    @property
     def half_closed(self) -> bool:
         up = self.upstream
         return self.ended or self.client.eof or (up is not None and up.eof)
@@ -295,11 +311,9 @@ def _noop(session: Session) -> None:
     return None
 
 
-def _peer(transport: asyncio.BaseTransport | None) -> str:
-    if transport is None:
+def format_peer(address: object) -> str:
+    """``host:port`` (``[v6]:port``) for a socket address tuple, ``-`` when unknown."""
+    if not isinstance(address, tuple) or len(address) < 2:
         return "-"
-    addr = transport.get_extra_info("peername")
-    if not addr:
-        return "-"
-    host, port = addr[0], addr[1]
+    host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
