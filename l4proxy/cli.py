@@ -32,6 +32,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .proxy import Proxy
+from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
 
@@ -246,6 +247,14 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     metavar="-|PATH|off",
     help="One line per session: '-' for stdout, a file path, or 'off'.",
 )
+@click.option(
+    "--workers",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    callback=lambda _ctx, _param, value: parse_workers(value),
+    help="Processes accepting on the address (SO_REUSEPORT); 'auto' = one per CPU.",
+)
 def command(**options: Any) -> None:
     """A layer-4 (TCP) proxy: least-connections, retries and health checks in front of any service.
 
@@ -264,6 +273,8 @@ def command(**options: Any) -> None:
     except OSError as exc:
         raise ConfigError("--access-log", config.access_log, exc.strerror or str(exc)) from None
     raise_nofile_limit()
+    if options["workers"] > 1:
+        sys.exit(supervise(config, options["workers"], access_log, run))
     sys.exit(run(config, access_log))
 
 
@@ -366,17 +377,22 @@ def check_tls_files(config: Config) -> None:
         raise flagged(exc) from None
 
 
-def run(config: Config, access_log: AccessLog | None = None) -> int:
-    """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status."""
+def run(config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None) -> int:
+    """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status. ``prepare`` adjusts the Proxy
+    before it starts (a worker process plugs in the shared table)."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, access_log))
+        return runner.run(serve(config, access_log, prepare))
 
 
-async def serve(config: Config, access_log: AccessLog | None = None) -> int:
+async def serve(
+    config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None
+) -> int:
     """Start, wait for a signal, drain; a second signal closes the remaining sessions at once."""
     proxy = Proxy(config, access_log)
+    if prepare is not None:
+        prepare(proxy)
     try:
         await proxy.start()
     except OSError as exc:

@@ -238,6 +238,7 @@ class ListenerConfig:
     buffer_size: int = 65536
     tls: ServerTLSConfig | None = None
     backlog: int = 1024
+    reuse_port: bool = False  # SO_REUSEPORT, so several worker processes can each bind the address
 
     def __post_init__(self) -> None:
         _positive("idle_timeout", self.idle_timeout)

@@ -2,6 +2,9 @@
 
 Both the dialer (passive results) and the prober (active results) report through ``Pool.report``, so
 each change of a member's status is logged exactly once, with the reason that caused it.
+
+In a worker process (``--workers N``), ``forward`` is set: results go to the supervisor through shared
+memory instead, and only the supervisor's pools decide and log status (see ``workers.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 
 from .balancer import Balancer, Member
 from .config import PoolConfig
@@ -27,6 +31,7 @@ class Pool:
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
+        self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
 
     @property
     def members(self) -> list[Member]:
@@ -34,6 +39,9 @@ class Pool:
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         """Feed a result to the member's health; log the change of status, if any."""
+        if self.forward is not None:
+            self.forward(member, event, reason)
+            return
         change = self.balancer.report(member, event, reason)
         if change is None:
             return
