@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -241,6 +242,7 @@ class L4proxy(Target):
         cmd = [self.binary() or "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"{uh}:{up}",
                "--access-log", str(env.tmp / f"l4proxy-access-{env.scenario}.log"),
                "--log-level", "warning", "--drain-timeout", "1s"]
+        cmd += shlex.split(os.environ.get("L4PROXY_ARGS", ""))  # extra flags to compare, e.g. --relay transport
         if env.tls == "term":
             assert env.certs is not None
             cmd += ["--tls-cert", env.certs.cert, "--tls-key", env.certs.key]

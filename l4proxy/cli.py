@@ -19,6 +19,7 @@ import click
 from .accesslog import AccessLog
 from .config import (
     LOG_LEVELS,
+    RELAY_ENGINES,
     Config,
     HealthConfig,
     ListenerConfig,
@@ -50,6 +51,7 @@ FLAG_FOR_FIELD = {
     "rise": "--rise",
     "fall": "--fall",
     "buffer_size": "--buffer-size",
+    "relay": "--relay",
     "eject_time": "--eject-time",
     "log_level": "--log-level",
     "access_log": "--access-log",
@@ -203,6 +205,14 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     callback=_size,
     help="Per-direction buffer high-water mark; a slower peer pauses the faster one.",
 )
+@click.option(
+    "--relay",
+    default="auto",
+    show_default=True,
+    type=click.Choice(RELAY_ENGINES),
+    help="Relay engine: 'auto' moves bulky plain-TCP sessions to zero-copy splice, 'splice' does so for"
+    " every plain-TCP session, 'transport' never (TLS sessions always use transports).",
+)
 @click.option("--tls-cert", metavar="PEM", help="Terminate TLS from clients with this certificate chain.")
 @click.option("--tls-key", metavar="PEM", help="The private key of --tls-cert.")
 @click.option("--tls-client-ca", metavar="PEM", help="Require client certificates signed by this CA (mTLS).")
@@ -306,6 +316,7 @@ def build_config(options: dict[str, Any]) -> Config:
             half_closed_timeout=options["half_closed_timeout"],
             buffer_size=options["buffer_size"],
             tls=_server_tls(options),
+            relay=options["relay"],
         )
         return Config(
             listeners=(listener,),

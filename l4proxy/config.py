@@ -239,12 +239,15 @@ class ListenerConfig:
     tls: ServerTLSConfig | None = None
     backlog: int = 1024
     reuse_port: bool = False  # SO_REUSEPORT, so several worker processes can each bind the address
+    relay: str = "auto"  # engine: 'auto' (bulky plain-TCP sessions switch to splice), 'splice', 'transport'
 
     def __post_init__(self) -> None:
         _positive("idle_timeout", self.idle_timeout)
         _positive("half_closed_timeout", self.half_closed_timeout)
         if self.buffer_size < 1024:
             raise ConfigError("buffer_size", self.buffer_size, "must be at least 1024 bytes")
+        if self.relay not in RELAY_ENGINES:
+            raise ConfigError("relay", self.relay, f"expected one of {', '.join(RELAY_ENGINES)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,3 +279,4 @@ class Config:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+RELAY_ENGINES = ("auto", "splice", "transport")

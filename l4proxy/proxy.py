@@ -19,6 +19,7 @@ import ssl
 import time
 from collections.abc import Callable
 
+from . import splice
 from .accesslog import AccessLog
 from .config import Config, ListenerConfig, UpstreamTLSConfig
 from .dialer import dial
@@ -99,6 +100,7 @@ class Proxy:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
         self.abort_all("shutdown")
+        splice.close_pool()  # the idle pipes; aborted sessions have returned theirs
         await self._stop_background()
         await asyncio.sleep(0)  # let aborted transports deliver connection_lost
         self.access_log.close()

@@ -22,6 +22,9 @@ task, one Python call per chunk. The rules it keeps:
 * **Idle**: the proxy's sweeper (one timer for every session) compares each session's byte counters
   with what it saw last tick, and closes sessions that stay quiet for ``idle_timeout``, or
   ``half_closed_timeout`` once one direction ended. The hot path does no timer work at all.
+* **Engines**: a plain-TCP session whose reads come in full (``BULKY_STREAK`` reads of ``BULKY_READ``
+  bytes or more in a row) moves to the zero-copy engine of ``splice.py``; ``--relay`` chooses. The
+  session keeps it in ``engine``, and ``end``/``abort`` stop it before closing the transports.
 """
 
 from __future__ import annotations
@@ -31,17 +34,21 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from . import splice
 from .tls import describe
 
 if TYPE_CHECKING:
     from .balancer import Member
     from .config import ListenerConfig
 
+BULKY_READ = 65536  # a read this large means the sender keeps the socket full
+BULKY_STREAK = 4  # that many in a row make a plain-TCP session move to the splice engine (--relay auto)
+
 
 class Pump(asyncio.Protocol):
     """One side of a session. ``peer`` is the pump of the other side."""
 
-    __slots__ = ("closed", "eof", "nbytes", "out", "peer", "pending", "session", "transport")
+    __slots__ = ("closed", "eof", "nbytes", "out", "peer", "pending", "session", "streak", "transport")
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -52,6 +59,7 @@ class Pump(asyncio.Protocol):
         self.eof = False  # this side sent us EOF
         self.closed = False  # this side's connection is gone
         self.pending: list[bytes] | None = None
+        self.streak = 0  # consecutive bulky reads
 
     # asyncio callbacks
 
@@ -66,6 +74,12 @@ class Pump(asyncio.Protocol):
         out = self.out
         if out is not None:
             out.write(data)
+            if len(data) < BULKY_READ:
+                self.streak = 0
+            else:
+                self.streak += 1
+                if self.streak >= BULKY_STREAK and self.session.engine is None:
+                    splice.start(self.session)
         elif self.peer is None and not self.closed:
             self._hold(data)
 
@@ -139,6 +153,7 @@ class Session:
         "dial_task",
         "end_cause",
         "ended",
+        "engine",
         "last_active",
         "limits",
         "member",
@@ -171,6 +186,7 @@ class Session:
         self.end_cause = ""
         self.ended = False
         self.tls_info: dict[str, str] | None = None
+        self.engine: splice.Engine | None = None  # set once the splice engine takes over (or never will)
 
     # wiring
 
@@ -206,6 +222,8 @@ class Session:
             self.end("upstream_closed")
         elif client.eof and pump.eof:
             self.end("eof")
+        else:
+            splice.attached(self)
 
     # events from the pumps
 
@@ -251,6 +269,8 @@ class Session:
         if self.ended:
             return
         self.ended = True
+        if self.engine is not None:
+            self.engine.stop()
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()
@@ -261,6 +281,8 @@ class Session:
         if not self.ended or self.end_cause == "eof":
             self.end_cause = cause
         self.ended = True
+        if self.engine is not None:
+            self.engine.stop()
         if self.dial_task is not None and self.upstream is None:
             self.dial_task.cancel()
         self.client.abort()

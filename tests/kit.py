@@ -18,6 +18,7 @@ from l4proxy import Address, Config, HealthConfig, ListenerConfig, PoolConfig, P
 from l4proxy.accesslog import AccessLog
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ENGINES = ("transport", "splice")  # the relay engines data-path tests run on (make_config(relay=...))
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -141,7 +142,7 @@ def make_config(
 ) -> Config:
     """A one-listener Config; ``settings`` go to the ListenerConfig, PoolConfig or Config by name."""
     listen = listen or Address("127.0.0.1", 0)
-    listener_keys = {"idle_timeout", "half_closed_timeout", "buffer_size", "tls"}
+    listener_keys = {"idle_timeout", "half_closed_timeout", "buffer_size", "tls", "relay"}
     pool_keys = {"retries", "connect_timeout", "upstream_tls"}
     listener = ListenerConfig(listen, **{k: v for k, v in settings.items() if k in listener_keys})
     pool_settings = {k: v for k, v in settings.items() if k in pool_keys}

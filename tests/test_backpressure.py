@@ -3,7 +3,8 @@
 RELIABILITY.md case 8, both directions: 50 MiB from a fast sender through the proxy to a receiver that
 reads 64 KiB and then sleeps. While the bytes flow, the test samples how much the proxy holds in its
 own transports' write buffers (and in bytes held before the upstream connected) and asserts it stays
-within ``buffer_size`` plus one read chunk.
+within ``buffer_size`` plus one read chunk. On the splice engine the proxy holds nothing in user space;
+the bytes in its pipes are sampled instead, and stay within one pipe per direction.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import hashlib
 
 import pytest
 
-from l4proxy import Proxy
+from l4proxy import Proxy, splice
 
-from .kit import Upstream, connect, eventually, make_config, running
+from .kit import ENGINES, Upstream, connect, eventually, make_config, running
+
+pytestmark = pytest.mark.parametrize("relay", ENGINES)
 
 TOTAL = 50 * 1024 * 1024
 BUFFER = 65536
@@ -23,13 +26,20 @@ READ = 65536
 # A transport's write buffer may pass the high-water mark by the one chunk just read from the other side
 # (asyncio and uvloop read up to 256 KiB at a time) before pause_writing stops further reads.
 ONE_READ = 256 * 1024
-BOUND = BUFFER + ONE_READ
+
+
+def bound(relay: str, buffer_size: int) -> int:
+    """What the proxy may hold: a buffer and one read on transports, a pipe-full per direction with splice."""
+    return buffer_size + ONE_READ if relay == "transport" else max(buffer_size + ONE_READ, 2 * splice.pool.size)
 
 
 def held_by_proxy(proxy: Proxy) -> int:
-    """Bytes the proxy buffers in user space right now, over every session and both directions."""
+    """Bytes the proxy holds right now (buffers, early bytes, pipes), over every session and direction."""
     total = 0
     for session in proxy.sessions:
+        if isinstance(session.engine, splice.Splicer):
+            total += session.engine.held()
+            spliced.add(session)
         for pump in (session.client, session.upstream):
             if pump is None:
                 continue
@@ -37,6 +47,9 @@ def held_by_proxy(proxy: Proxy) -> int:
                 total += pump.transport.get_write_buffer_size()
             total += sum(map(len, pump.pending or ()))
     return total
+
+
+spliced: set[object] = set()  # sessions seen on the splice engine
 
 
 def payload_chunks() -> list[bytes]:
@@ -68,8 +81,9 @@ async def read_slowly(reader: asyncio.StreamReader, proxy: Proxy, samples: list[
     return h.hexdigest()
 
 
-async def test_slow_client_pauses_the_fast_upstream() -> None:
+async def test_slow_client_pauses_the_fast_upstream(relay: str) -> None:
     chunks = payload_chunks()
+    spliced.clear()
     samples: list[int] = []
 
     async def fast_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -77,7 +91,7 @@ async def test_slow_client_pauses_the_fast_upstream() -> None:
         await reader.read()
 
     async with Upstream(fast_upstream) as server, running(
-        make_config([server.address], buffer_size=BUFFER, idle_timeout=10.0)
+        make_config([server.address], buffer_size=BUFFER, idle_timeout=10.0, relay=relay)
     ) as (proxy, log):
         reader, writer = await connect(proxy.port())
         received = await asyncio.wait_for(read_slowly(reader, proxy, samples), 20)
@@ -89,11 +103,13 @@ async def test_slow_client_pauses_the_fast_upstream() -> None:
     assert received == digest(chunks)
     assert log.sessions[0].bytes_out == TOTAL
     assert len(samples) >= TOTAL // READ // 2
-    assert max(samples) <= BOUND, max(samples)
+    assert max(samples) <= bound(relay, BUFFER), max(samples)
+    assert bool(spliced) == (relay == "splice")
 
 
-async def test_fast_client_is_paused_by_the_slow_upstream() -> None:
+async def test_fast_client_is_paused_by_the_slow_upstream(relay: str) -> None:
     chunks = payload_chunks()
+    spliced.clear()
     samples: list[int] = []
     proxies: list[Proxy] = []
 
@@ -103,7 +119,7 @@ async def test_fast_client_is_paused_by_the_slow_upstream() -> None:
         await writer.drain()
 
     async with Upstream(slow_upstream) as server, running(
-        make_config([server.address], buffer_size=BUFFER, idle_timeout=10.0)
+        make_config([server.address], buffer_size=BUFFER, idle_timeout=10.0, relay=relay)
     ) as (proxy, log):
         proxies.append(proxy)
         reader, writer = await connect(proxy.port())
@@ -116,13 +132,15 @@ async def test_fast_client_is_paused_by_the_slow_upstream() -> None:
     assert reply == digest(chunks).encode()
     assert log.sessions[0].bytes_in == TOTAL
     assert len(samples) >= TOTAL // READ // 2
-    assert max(samples) <= BOUND, max(samples)
+    assert max(samples) <= bound(relay, BUFFER), max(samples)
+    assert bool(spliced) == (relay == "splice")
 
 
 @pytest.mark.parametrize("buffer_size", [4096, 16384])
-async def test_small_buffers_hold_at_most_one_read_past_the_high_water_mark(buffer_size: int) -> None:
+async def test_small_buffers_hold_at_most_one_read_past_the_high_water_mark(buffer_size: int, relay: str) -> None:
     """8 MiB through a 4 KiB or 16 KiB buffer: still bounded, by ``buffer_size`` plus one read."""
     chunks = payload_chunks()[:8]
+    spliced.clear()
     samples: list[int] = []
 
     async def fast_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -130,7 +148,7 @@ async def test_small_buffers_hold_at_most_one_read_past_the_high_water_mark(buff
         await reader.read()
 
     async with Upstream(fast_upstream) as server, running(
-        make_config([server.address], buffer_size=buffer_size, idle_timeout=10.0)
+        make_config([server.address], buffer_size=buffer_size, idle_timeout=10.0, relay=relay)
     ) as (proxy, log):
         reader, writer = await connect(proxy.port())
         received = await asyncio.wait_for(read_slowly(reader, proxy, samples), 20)
@@ -138,4 +156,4 @@ async def test_small_buffers_hold_at_most_one_read_past_the_high_water_mark(buff
         await log.wait_for(1)
         writer.close()
     assert received == digest(chunks)
-    assert max(samples) <= buffer_size + ONE_READ, max(samples)
+    assert max(samples) <= bound(relay, buffer_size), max(samples)

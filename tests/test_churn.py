@@ -18,9 +18,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
+import pytest
+
 from l4proxy import Proxy
 
-from .kit import RecordingLog, Upstream, connect, eventually, make_config, running, upstreams
+from .kit import ENGINES, RecordingLog, Upstream, connect, eventually, make_config, running, upstreams
 
 CLIENTS = 120
 CONCURRENCY = 60
@@ -119,12 +121,13 @@ def assert_no_leaks(proxy: Proxy, servers: list[Upstream]) -> None:
     assert [s.active for s in servers] == [0] * len(servers)
 
 
-async def test_random_sessions_arrive_byte_exact_and_leave_nothing_behind() -> None:
+@pytest.mark.parametrize("relay", ENGINES)
+async def test_random_sessions_arrive_byte_exact_and_leave_nothing_behind(relay: str) -> None:
     rng = random.Random(20_261_126)
     plans = [make_plan(rng) for _ in range(CLIENTS)]
     gate = asyncio.Semaphore(CONCURRENCY)
     async with upstreams(3) as servers, running(
-        make_config([s.address for s in servers], idle_timeout=10.0, half_closed_timeout=2.0)
+        make_config([s.address for s in servers], idle_timeout=10.0, half_closed_timeout=2.0, relay=relay)
     ) as (proxy, log):
         outcomes = await asyncio.wait_for(
             asyncio.gather(*(run_client(proxy.port(), plan, gate) for plan in plans)), 60

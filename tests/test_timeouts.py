@@ -14,7 +14,9 @@ import pytest
 
 from l4proxy import Proxy
 
-from .kit import Upstream, connect, eventually, make_config, running
+from .kit import ENGINES, Upstream, connect, eventually, make_config, running
+
+pytestmark = pytest.mark.parametrize("relay", ENGINES)
 
 IDLE = 0.3
 
@@ -40,8 +42,8 @@ async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         pass
 
 
-async def test_idle_session_is_closed_on_both_sides_at_the_idle_timeout() -> None:
-    async with Upstream(silent) as server, running(make_config([server.address], idle_timeout=IDLE)) as (
+async def test_idle_session_is_closed_on_both_sides_at_the_idle_timeout(relay: str) -> None:
+    async with Upstream(silent) as server, running(make_config([server.address], idle_timeout=IDLE, relay=relay)) as (
         proxy,
         log,
     ):
@@ -77,7 +79,7 @@ async def flood_until_stalled(writer: asyncio.StreamWriter, stalled: asyncio.Eve
 
 
 @pytest.mark.parametrize("toward", ["client", "upstream"])
-async def test_session_with_bytes_stuck_in_buffers_is_still_reaped(toward: str) -> None:
+async def test_session_with_bytes_stuck_in_buffers_is_still_reaped(toward: str, relay: str) -> None:
     """One side floods, the other never reads: the proxy pauses, buffers stay full and nothing
     moves. Bytes waiting in buffers are not activity; the session is reaped at the idle timeout."""
     stalled = asyncio.Event()
@@ -93,7 +95,7 @@ async def test_session_with_bytes_stuck_in_buffers_is_still_reaped(toward: str) 
                     pass
 
     async with Upstream(upstream_side) as server, running(
-        make_config([server.address], idle_timeout=IDLE, buffer_size=16384)
+        make_config([server.address], idle_timeout=IDLE, buffer_size=16384, relay=relay)
     ) as (proxy, log):
         _reader, writer = await connect(proxy.port())
         flooder = None
@@ -116,9 +118,11 @@ async def test_session_with_bytes_stuck_in_buffers_is_still_reaped(toward: str) 
     assert moved >= 16384  # bytes did flow before everything stalled
 
 
-async def test_session_trading_bytes_more_often_than_the_timeout_stays_open() -> None:
+async def test_session_trading_bytes_more_often_than_the_timeout_stays_open(relay: str) -> None:
     """Ten exchanges 0.1 s apart (1 s in all, over three idle timeouts) keep the session alive."""
-    async with Upstream() as server, running(make_config([server.address], idle_timeout=IDLE)) as (proxy, log):
+    async with Upstream() as server, running(
+        make_config([server.address], idle_timeout=IDLE, relay=relay)
+    ) as (proxy, log):
         reader, writer = await connect(proxy.port())
         began = time.monotonic()
         for i in range(10):
@@ -136,9 +140,9 @@ async def test_session_trading_bytes_more_often_than_the_timeout_stays_open() ->
     assert log.sessions[0].end_cause == "eof"
 
 
-async def test_one_way_trickle_counts_as_activity() -> None:
+async def test_one_way_trickle_counts_as_activity(relay: str) -> None:
     """Only the client talks (the echo is never read back by it until the end): still not idle."""
-    async with Upstream(silent) as server, running(make_config([server.address], idle_timeout=IDLE)) as (
+    async with Upstream(silent) as server, running(make_config([server.address], idle_timeout=IDLE, relay=relay)) as (
         proxy,
         log,
     ):
@@ -154,7 +158,7 @@ async def test_one_way_trickle_counts_as_activity() -> None:
     assert log.sessions[0].bytes_in == 8
 
 
-async def test_half_closed_session_is_reaped_by_its_own_timeout() -> None:
+async def test_half_closed_session_is_reaped_by_its_own_timeout(relay: str) -> None:
     """Case 4: the client sends FIN; the upstream neither answers nor closes. The idle timeout is an
     hour, so only the half-closed timeout (0.3 s) can end it."""
     got_eof = asyncio.Event()
@@ -177,7 +181,7 @@ async def test_half_closed_session_is_reaped_by_its_own_timeout() -> None:
             raise
 
     async with Upstream(never_answers) as server, running(
-        make_config([server.address], idle_timeout=3600.0, half_closed_timeout=IDLE)
+        make_config([server.address], idle_timeout=3600.0, half_closed_timeout=IDLE, relay=relay)
     ) as (proxy, log):
         reader, writer = await connect(proxy.port())
         writer.write(b"request")
