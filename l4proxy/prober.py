@@ -25,6 +25,7 @@ class Prober:
         self.pool = pool
         self.rng = rng or random.Random()
         self.tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     def start(self) -> None:
         if not self.pool.config.health.enabled:
@@ -33,17 +34,21 @@ class Prober:
             self.tasks.append(asyncio.create_task(self._run(member), name=f"probe {member.name}"))
 
     async def stop(self) -> None:
+        """Cancel every probe and wait for it; cancel again if a probe swallowed the first one."""
+        self._stopping = True
         for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.1)
+            if not task.cancelled():
+                with contextlib.suppress(Exception):
+                    task.result()
         self.tasks.clear()
 
     async def _run(self, member: Member) -> None:
         interval = self.pool.config.health.interval
         await asyncio.sleep(self.rng.uniform(0, interval))  # spread members' probes apart
-        while True:
+        while not self._stopping:
             try:
                 ok, reason = await probe(self.pool, member)
             except OSError:  # out of our own descriptors: no verdict on the member this time
@@ -57,7 +62,8 @@ async def probe(pool: Pool, member: Member) -> tuple[bool, str]:
     """One probe of ``member``: (passed, reason). Raises OSError when the proxy is out of descriptors."""
     health = pool.config.health
     try:
-        return await asyncio.wait_for(_probe(pool, member), health.timeout)
+        async with asyncio.timeout(health.timeout):  # unlike wait_for on 3.11, never swallows a cancel
+            return await _probe(pool, member)
     except (TimeoutError, OSError) as exc:
         if out_of_descriptors(exc):
             raise
