@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import pytest
 
 from l4proxy import Proxy
+from l4proxy.relay import Session
 
 from .kit import ENGINES, Upstream, connect, eventually, make_config, running
 
@@ -63,31 +65,42 @@ async def test_idle_session_is_closed_on_both_sides_at_the_idle_timeout(relay: s
     assert "end=idle_timeout" in log.lines[0]
 
 
-async def flood_until_stalled(writer: asyncio.StreamWriter, stalled: asyncio.Event) -> None:
-    """Write 64 KiB chunks until a drain has waited 0.1 s (every buffer on the way is full), then
-    keep waiting on that drain; stops with the connection."""
+async def flood(writer: asyncio.StreamWriter) -> None:
+    """Write 64 KiB chunks as fast as the connection takes them; stops when the connection is cut."""
     chunk = b"x" * 65536
     with contextlib.suppress(ConnectionError):
         for _ in range(10_000):
             writer.write(chunk)
-            try:
-                await asyncio.wait_for(writer.drain(), 0.1)
-            except TimeoutError:
-                stalled.set()
-                await writer.drain()
-                return
+            await writer.drain()
+
+
+async def last_progress(proxy: Proxy, moved: Callable[[Session], int]) -> float:
+    """Watch the one session's relayed byte count until the session is gone; when it last grew.
+
+    This is when the proxy stopped moving bytes. The flooding peer may go on filling kernel buffers
+    for a while after that (in bursts, as TCP grows its buffers), which is not activity either."""
+    await eventually(lambda: len(proxy.sessions) == 1)
+    (session,) = proxy.sessions
+    seen, changed = -1, time.monotonic()
+    while proxy.sessions:
+        if moved(session) != seen:
+            seen, changed = moved(session), time.monotonic()
+        await asyncio.sleep(0.005)
+    return changed
 
 
 @pytest.mark.parametrize("toward", ["client", "upstream"])
 async def test_session_with_bytes_stuck_in_buffers_is_still_reaped(toward: str, relay: str) -> None:
     """One side floods, the other never reads: the proxy pauses, buffers stay full and nothing
     moves. Bytes waiting in buffers are not activity; the session is reaped at the idle timeout."""
-    stalled = asyncio.Event()
     reaped = asyncio.Event()
+
+    def moved(session: Session) -> int:
+        return session.bytes_out if toward == "client" else session.bytes_in
 
     async def upstream_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if toward == "client":
-            await flood_until_stalled(writer, stalled)
+            await flood(writer)
         else:
             await reaped.wait()  # never read while the session lives
             with contextlib.suppress(ConnectionError):
@@ -100,11 +113,10 @@ async def test_session_with_bytes_stuck_in_buffers_is_still_reaped(toward: str, 
         _reader, writer = await connect(proxy.port())
         flooder = None
         if toward == "upstream":
-            flooder = asyncio.create_task(flood_until_stalled(writer, stalled))
-        await asyncio.wait_for(stalled.wait(), 5)
-        began = time.monotonic()
+            flooder = asyncio.create_task(flood(writer))
+        stopped_moving = await asyncio.wait_for(last_progress(proxy, moved), 10)
+        waited = time.monotonic() - stopped_moving
         await log.wait_for(1, timeout=5)
-        waited = time.monotonic() - began
         reaped.set()
         if flooder is not None:
             await asyncio.wait_for(flooder, 5)
@@ -113,9 +125,8 @@ async def test_session_with_bytes_stuck_in_buffers_is_still_reaped(toward: str, 
         writer.transport.abort()
     session = log.sessions[0]
     assert session.end_cause == "idle_timeout"
-    assert waited <= IDLE + 1.0, waited
-    moved = session.bytes_out if toward == "client" else session.bytes_in
-    assert moved >= 16384  # bytes did flow before everything stalled
+    assert waited <= IDLE + 2.0, waited
+    assert moved(session) >= 16384  # bytes did flow before everything stalled
 
 
 async def test_session_trading_bytes_more_often_than_the_timeout_stays_open(relay: str) -> None:
