@@ -74,36 +74,24 @@ class Balancer:
 
     def pick(self, tried: Collection[Member] = ()) -> Member | None:
         """The least-loaded UP member not in ``tried``; None when there is none."""
-        if self.view is not None:
-            return self._pick_shared(self.view, tried)
         members = self.members
+        view = self.view
         count = len(members)
         best: Member | None = None
         best_load = 0.0
         start = self._next
         for offset in range(count):
             member = members[(start + offset) % count]
-            if not member.health.up or member in tried:
+            if member in tried:
                 continue
-            load = member.active / member.weight
-            if best is None or load < best_load:
-                best, best_load = member, load
-        if best is not None:
-            self._next = (best.index + 1) % count
-        return best
-
-    def _pick_shared(self, view: LoadView, tried: Collection[Member]) -> Member | None:
-        """``pick`` with load and status read from every process through ``view``."""
-        members = self.members
-        count = len(members)
-        best: Member | None = None
-        best_load = 0.0
-        start = self._next
-        for offset in range(count):
-            member = members[(start + offset) % count]
-            if member in tried or not view.up(member.index):
-                continue
-            load = view.active(member.index) / member.weight
+            if view is None:  # one process: this process's counts and health are the truth
+                if not member.health.up:
+                    continue
+                load = member.active / member.weight
+            else:  # several workers: every worker's count, status from the supervisor
+                if not view.up(member.index):
+                    continue
+                load = view.active(member.index) / member.weight
             if best is None or load < best_load:
                 best, best_load = member, load
         if best is not None:
