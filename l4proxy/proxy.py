@@ -190,9 +190,11 @@ class Proxy:
                 log.warning("TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc))
                 sock.close()
                 return
-        self._opening.discard(asyncio.current_task())  # type: ignore[arg-type]  # a session now: drain waits
+        task = session.dial_task
+        assert task is not None
+        self._opening.discard(task)  # a session now: drain waits for it instead of cancelling it
         if not session.ended:
-            await dial(session, pool)
+            await dial(session, pool, loop, task)
 
     def reload_tls(self) -> list[ConfigError]:
         """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
