@@ -50,6 +50,8 @@ async def ask(port: int, text: str) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(text.encode() + b"\n")
     answer = await asyncio.wait_for(reader.readline(), 5)
+    writer.write_eof()
+    await reader.read()  # the server's close, passed through by the proxy
     writer.close()
     return answer.decode().strip() or "(closed)"
 
