@@ -303,6 +303,20 @@ class Session:
         ):
             on_end, self.on_end = self.on_end, _noop
             on_end(self)
+            self._unlink()
+
+    def _unlink(self) -> None:
+        """Break the reference cycles (session <-> pumps <-> transports, session -> task) once both sides
+        are gone, so the session is freed by reference counting instead of waiting for the cyclic GC,
+        which under a connection storm otherwise costs several percent of the CPU. Only the counters and
+        facts the access log reads stay."""
+        self.dial_task = None
+        self.on_client_ready = _noop
+        for pump in (self.client, self.upstream):
+            if pump is not None:
+                pump.peer = pump.out = None
+                pump.transport = None
+                pump.session = None  # type: ignore[assignment]  # no callback comes after connection_lost
 
     @property
     def client_addr(self) -> str:
