@@ -5,6 +5,8 @@ Modes (each bounded by a request/byte count *and* a time limit, whichever comes 
 * ``rr``: N connections, each doing ping-pong of one SIZE-byte message at a time (like redis-benchmark
   without pipelining). Reports requests/s and latency percentiles.
 * ``connect``: a new connection per request (connect, one ping-pong, close): the accept + dial cost.
+  With ``--tls`` every connection is a full handshake: the client offers no session to resume (and
+  counts in ``tls_resumed`` any connection the server reports as resumed, which should stay 0).
 * ``bulk``: N connections each streaming BYTES up, down or both ways against ``upstream.py --mode bulk``;
   reports Gbit/s (payload bytes of both directions) and checks every byte arrived.
 * ``hold``: opens N idle sessions (one ping-pong each, so the proxy has dialled the upstream), prints a
@@ -51,6 +53,7 @@ class Part:
     bytes_up: int = 0
     bytes_down: int = 0
     complete: bool = True
+    resumed: int = 0
     lat_ns: array = field(default_factory=lambda: array("q"))
 
 
@@ -63,9 +66,11 @@ def raise_nofile_limit() -> int:
 
 
 def client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """Verifying client context; no TLS 1.2 tickets, and no session is ever passed in, so no resumption."""
     if not args.tls:
         return None
     ctx = ssl.create_default_context(cafile=args.tls_ca)
+    ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 
@@ -187,9 +192,12 @@ class OneShot(asyncio.Protocol):
     def __init__(self, msg: bytes) -> None:
         self.msg = msg
         self.got = 0
+        self.resumed = False
         self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = transport.get_extra_info("ssl_object")
+        self.resumed = bool(tls is not None and tls.session_reused)
         transport.write(self.msg)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -216,6 +224,7 @@ async def connect_worker(args: argparse.Namespace, conns: int, limit: int, sync:
             return
         ok = await proto.done
         tr.close()
+        part.resumed += proto.resumed
         if ok:
             part.requests += 1
             part.lat_ns.append(time.perf_counter_ns() - t0)
@@ -386,7 +395,7 @@ def run_part(args: argparse.Namespace, i: int, sync: Callable[[], None]) -> Part
 def child(args: argparse.Namespace, i: int, barrier: Any, out: Any) -> None:
     part = run_part(args, i, lambda: barrier.wait(timeout=60))
     out.put((part.start, part.end, part.requests, part.errors, part.bytes_up, part.bytes_down,
-             part.complete, part.lat_ns.tobytes()))
+             part.complete, part.resumed, part.lat_ns.tobytes()))
 
 
 def run_procs(args: argparse.Namespace) -> list[Part]:
@@ -400,8 +409,8 @@ def run_procs(args: argparse.Namespace) -> list[Part]:
         p.start()
     parts = []
     for _ in procs:
-        s, e, n, err, bu, bd, comp, lat = out.get(timeout=args.duration + 120)
-        part = Part(s, e, n, err, bu, bd, comp, array("q"))
+        s, e, n, err, bu, bd, comp, resumed, lat = out.get(timeout=args.duration + 120)
+        part = Part(s, e, n, err, bu, bd, comp, resumed, array("q"))
         part.lat_ns.frombytes(lat)
         parts.append(part)
     for p in procs:
@@ -441,6 +450,8 @@ def merge(args: argparse.Namespace, parts: list[Part]) -> dict[str, Any]:
                 "gbps": (up + down) * 8 / elapsed / 1e9 if elapsed > 0 else 0.0}
     else:
         res["latency_us"] = percentiles(lat)
+    if args.mode == "connect" and args.tls:
+        res["tls_resumed"] = sum(p.resumed for p in parts)
     return res
 
 

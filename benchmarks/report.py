@@ -3,6 +3,8 @@
 Medians (not means) because the machine is shared: one sample hit by a neighbour's burst should not move
 the summary. Ratios are l4proxy / HAProxy and l4proxy / direct of those medians; for latency the
 interesting figure is the latency a proxy *adds* over the direct connection, so that is reported too.
+Two small tables follow the main one: l4proxy with 2 workers against 1 (and HAProxy), and bulk through
+TLS termination against a plain l4proxy session of the same run.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 PCTS = ("p50", "p90", "p99", "p99.9")
-TARGET_ORDER = ("direct", "l4proxy", "haproxy", "pproxy")
-COLORS = {"direct": "#888888", "l4proxy": "#22aa77", "haproxy": "#2277cc", "pproxy": "#cc7722"}
+TARGET_ORDER = ("direct", "l4proxy", "l4proxy-w2", "l4proxy-plain", "haproxy", "pproxy")
+COLORS = {"direct": "#888888", "l4proxy": "#22aa77", "l4proxy-w2": "#116644", "l4proxy-plain": "#88ddbb",
+          "haproxy": "#2277cc", "pproxy": "#cc7722"}
 
 
 def flat(sample: dict[str, Any]) -> dict[str, float]:
@@ -45,7 +48,15 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
                ("rss_before_kib", "RSS before, KiB", False)],
     "redis": [("rate", "req/s (SET+GET)", True), ("p99", "p99 us (worst of SET/GET)", False),
               ("cpu_us_per_req", "proxy CPU us/req", False)],
+    # by scenario name, where the kind's labels would mislead
+    "tls-connect": [("rate", "handshakes/s", True), ("p50", "p50 us", False), ("p99", "p99 us", False),
+                    ("added_p99", "p99 added over direct, us", False),
+                    ("cpu_us_per_req", "proxy CPU us/handshake", False)],
 }
+
+
+def metrics(name: str, scn: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    return METRICS.get(name) or METRICS[scn["kind"]]
 
 
 def value(scn: dict[str, Any], target: str, key: str) -> float | None:
@@ -124,7 +135,7 @@ def status_cell(scn: dict[str, Any], target: str) -> str | None:
 
 def scenario_rows(name: str, scn: dict[str, Any], targets: list[str]) -> list[str]:
     rows = []
-    for key, label, _ in METRICS[scn["kind"]]:
+    for key, label, _ in metrics(name, scn):
         cells = [status_cell(scn, t) or fmt(value(scn, t, key)) for t in targets]
         l4 = value(scn, "l4proxy", key)
         ratios = [fmt(ratio(l4, value(scn, "haproxy", key))), fmt(ratio(l4, value(scn, "direct", key)))]
@@ -148,12 +159,54 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Medians of {run['repeats']} interleaved samples per target; load generator processes: {run['procs']}.",
         "",
         head, *body, "",
+        *workers_table(doc), *tls_table(doc),
         "### Performance bar (l4proxy)", "",
         "| check | measured | threshold | result |", "|---|---|---|---|",
         *[bar_row(c) for c in doc["bar"]], "",
         *notes(doc),
     ]
     return "\n".join(lines) + "\n"
+
+
+def workers_table(doc: dict[str, Any]) -> list[str]:
+    """l4proxy --workers 2 against 1 worker and HAProxy, with the per-worker session split."""
+    rows = []
+    for name, scn in doc["scenarios"].items():
+        if "l4proxy-w2" not in scn["targets"]:
+            continue
+        for key, label, _ in metrics(name, scn):
+            if key not in ("rate", "p99", "cpu_us_per_req"):
+                continue
+            w1, w2, ha = (value(scn, t, key) for t in ("l4proxy", "l4proxy-w2", "haproxy"))
+            cells = [status_cell(scn, t) or fmt(v) for t, v in
+                     (("l4proxy", w1), ("l4proxy-w2", w2), ("haproxy", ha))]
+            cells += [fmt(ratio(w2, w1)), fmt(ratio(w2, ha))]
+            rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+        split = scn["targets"]["l4proxy-w2"].get("worker_sessions") or {}
+        if split:
+            txt = " / ".join(f"w{k}: {v:,}" for k, v in split.items())
+            rows.append(f"| {name} | sessions per worker (access log) | - | {txt} | - | - | - |")
+    if not rows:
+        return []
+    return ["### Workers (l4proxy --workers 2 vs 1)", "",
+            "| scenario | metric | l4proxy | l4proxy-w2 | haproxy | w2 / w1 | w2 / haproxy |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def tls_table(doc: dict[str, Any]) -> list[str]:
+    """bulk-tls: Gbit/s through TLS termination against a plain l4proxy session sampled in the same run."""
+    scn = doc["scenarios"].get("bulk-tls")
+    if not scn:
+        return []
+    plain = value(scn, "l4proxy-plain", "gbps")
+    what = {"l4proxy-plain": "plain TCP through l4proxy", "l4proxy": "TLS terminated by l4proxy",
+            "haproxy": "TLS terminated by HAProxy", "direct": "TLS straight to the upstream"}
+    rows = [f"| {t} | {what[t]} | {status_cell(scn, t) or fmt(value(scn, t, 'gbps'))} | "
+            f"{fmt(value(scn, t, 'cpu_us_per_gb'))} | {fmt(ratio(value(scn, t, 'gbps'), plain))} |"
+            for t in what if t in scn["targets"]]
+    return ["### TLS termination vs plain (bulk-tls, one connection, same run)", "",
+            "| target | session | Gbit/s | proxy CPU us/GB | Gbit/s / l4proxy plain |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def bar_row(c: dict[str, Any]) -> str:
@@ -212,6 +265,7 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
 
 def throughput_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str]) -> None:
     key = "gbps" if scn["kind"] == "bulk" else "rate"
+    targets = [t for t in TARGET_ORDER if t in scn["targets"] and (t in targets or t == "l4proxy-plain")]
     meds, lo, hi = [], [], []
     for t in targets:
         vals = [flat(s).get(key, 0.0) for s in scn["targets"].get(t, {}).get("samples", [])] or [0.0]
@@ -226,7 +280,7 @@ def throughput_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str])
 
 
 def latency_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str]) -> None:
-    for t in targets:
+    for t in [t for t in targets if t in scn["targets"]]:
         med = scn["targets"].get(t, {}).get("median", {})
         ys = [med.get(p) for p in PCTS]
         if all(y is not None for y in ys):

@@ -41,38 +41,44 @@ from targets import (
     rss_kib,
     start_redis,
     start_upstream,
+    worker_sessions,
 )
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """One workload. ``kind`` picks how a sample is taken; ``load`` are loadgen/redis-benchmark knobs."""
+    """One workload. ``kind`` picks how a sample is taken; ``load`` are loadgen/redis-benchmark knobs.
+
+    ``twin`` is a target added next to l4proxy in this scenario only (``l4proxy-plain`` in ``bulk-tls``).
+    """
 
     name: str
     kind: str  # rr | connect | bulk | memory | redis
     about: str
     tls: str = ""
     load: dict[str, Any] = field(default_factory=dict)
+    twin: str = ""
 
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {"repeats": 5, "rr_requests": 300_000, "rr_seconds": 5.0, "bulk_bytes": 1 << 30,
              "bulk_seconds": 20.0, "connect_requests": 20_000, "connect_seconds": 5.0, "sessions": 10_000,
-             "redis_requests": 100_000},
+             "redis_requests": 100_000, "tls_connect_requests": 5_000},
     "quick": {"repeats": 3, "rr_requests": 50_000, "rr_seconds": 1.0, "bulk_bytes": 256 << 20,
               "bulk_seconds": 5.0, "connect_requests": 2_000, "connect_seconds": 1.0, "sessions": 1_000,
-              "redis_requests": 15_000},
+              "redis_requests": 15_000, "tls_connect_requests": 500},
     "smoke": {"repeats": 1, "rr_requests": 2_000, "rr_seconds": 1.0, "bulk_bytes": 8 << 20,
               "bulk_seconds": 5.0, "connect_requests": 200, "connect_seconds": 1.0, "sessions": 100,
-              "redis_requests": 2_000},
+              "redis_requests": 2_000, "tls_connect_requests": 50},
 }
 DEFAULT_SCENARIOS = {
-    "full": "rr,bulk,bulk-duplex,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-term-connect",
-    "quick": "rr,bulk,memory,connect,redis,tls-term-rr,tls-orig-rr",
-    "smoke": "rr,bulk,memory,connect,tls-term-rr",
+    "full": "rr,bulk,bulk-duplex,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,bulk-tls",
+    "quick": "rr,bulk,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,bulk-tls",
+    "smoke": "rr,bulk,memory,connect,tls-term-rr,tls-connect,bulk-tls",
 }
-DEFAULT_TARGETS = {"full": "direct,l4proxy,haproxy,pproxy", "quick": "direct,l4proxy,haproxy,pproxy",
-                   "smoke": "direct,l4proxy"}
+# l4proxy-w2 takes part only in the scenarios it lists (rr, connect, tls-connect); see targets.py
+DEFAULT_TARGETS = {"full": "direct,l4proxy,l4proxy-w2,haproxy,pproxy",
+                   "quick": "direct,l4proxy,l4proxy-w2,haproxy,pproxy", "smoke": "direct,l4proxy,l4proxy-w2"}
 
 
 def scenarios(p: dict[str, Any]) -> dict[str, Scenario]:
@@ -81,7 +87,7 @@ def scenarios(p: dict[str, Any]) -> dict[str, Scenario]:
     conn = {"mode": "connect", "conns": 16, "size": 64, "requests": p["connect_requests"],
             "duration": p["connect_seconds"]}
     bulk = {"mode": "bulk", "conns": 1, "bytes": p["bulk_bytes"], "duration": p["bulk_seconds"]}
-    tls_conn = conn | {"requests": max(conn["requests"] // 4, 50)}
+    tls_conn = conn | {"requests": p["tls_connect_requests"]}
     all_ = [
         Scenario("rr", "rr", "50 connections, 64 B request/response ping-pong", load=rr),
         Scenario("bulk", "bulk", "1 connection streaming upstream -> client", load=bulk | {"direction": "down"}),
@@ -94,7 +100,10 @@ def scenarios(p: dict[str, Any]) -> dict[str, Scenario]:
                  load={"requests": p["redis_requests"], "conns": 50}),
         Scenario("tls-term-rr", "rr", "rr with TLS from client to target, plain to upstream", "term", rr),
         Scenario("tls-orig-rr", "rr", "rr with plain from client, TLS from target to upstream", "orig", rr),
-        Scenario("tls-term-connect", "connect", "connect with a TLS handshake per request", "term", tls_conn),
+        Scenario("tls-connect", "connect", "a new TLS connection per request (full handshake), terminated",
+                 "term", tls_conn),
+        Scenario("bulk-tls", "bulk", "bulk through TLS termination, and through plain l4proxy in the same run",
+                 "term", bulk | {"direction": "down"}, twin="l4proxy-plain"),
     ]
     return {s.name: s for s in all_}
 
@@ -256,7 +265,7 @@ def progress(s: Scenario, name: str, rep: int, res: dict[str, Any]) -> None:
         main = f"{res['rate']:.0f}/s p99={res.get('latency_us', {}).get('p99', 0):.0f}us"
     cpu = res.get("cpu_us_per_req") or res.get("cpu_us_per_gb")
     cpu_txt = f" cpu={cpu:.1f}us/{'GB' if 'gbps' in res else 'req'}" if cpu else ""
-    print(f"[{s.name} #{rep + 1}] {name:8s} {main}{cpu_txt}", file=sys.stderr, flush=True)
+    print(f"[{s.name} #{rep + 1}] {name:13s} {main}{cpu_txt}", file=sys.stderr, flush=True)
 
 
 def take(s: Scenario, name: str, rep: int, run: Running, ctx: Ctx, out: dict[str, Any]) -> None:
@@ -267,14 +276,20 @@ def take(s: Scenario, name: str, rep: int, run: Running, ctx: Ctx, out: dict[str
         return
     except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as e:
         out.setdefault("errors", []).append(str(e)[-500:])
-        print(f"[{s.name} #{rep + 1}] {name:8s} FAILED: {str(e)[-200:]}", file=sys.stderr, flush=True)
+        print(f"[{s.name} #{rep + 1}] {name:13s} FAILED: {str(e)[-200:]}", file=sys.stderr, flush=True)
         return
     out["samples"].append(res)
     progress(s, name, rep, res)
 
 
 def run_scenario(s: Scenario, names: list[str], repeats: int, ctx: Ctx, sessions: int) -> dict[str, Any]:
-    """Start the upstreams, sample every target, and summarise each target's samples by their medians."""
+    """Start the upstreams, sample every target, and summarise each target's samples by their medians.
+
+    Targets that do not take part in this scenario are left out; the scenario's twin joins next to l4proxy.
+    """
+    names = [n for n in names if TARGETS[n].runs(s.name)]
+    if s.twin and "l4proxy" in names and s.twin not in names:
+        names.insert(names.index("l4proxy") + 1, s.twin)
     with upstreams(s, ctx, sessions) as env:
         sampler = sample_fresh if s.kind == "memory" else sample_interleaved
         results = sampler(s, names, repeats, ctx, env)
@@ -295,8 +310,10 @@ def sample_interleaved(s: Scenario, names: list[str], repeats: int, ctx: Ctx, en
                 if run is not None and out["status"] == "ok":
                     take(s, n, rep, run, ctx, out)
     finally:
-        for run, _ in running.values():
+        for n, (run, out) in running.items():
             stop(run)
+            if run is not None and TARGETS[n].workers > 1:
+                out["worker_sessions"] = worker_sessions(run.access_log)
     return {n: out for n, (_, out) in running.items()}
 
 
@@ -343,8 +360,8 @@ def raise_nofile(sessions: int) -> tuple[int, int]:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="small budgets, 3 repeats: under 2 minutes")
-    g.add_argument("--smoke", action="store_true", help="tiny budgets, 1 repeat, direct + l4proxy")
+    g.add_argument("--quick", action="store_true", help="small budgets, 3 repeats: under 2.5 minutes")
+    g.add_argument("--smoke", action="store_true", help="tiny budgets, 1 repeat, direct + l4proxy (1 and 2 workers)")
     p.add_argument("--scenarios", help="comma-separated; default depends on the profile")
     p.add_argument("--targets", help="comma-separated from " + ",".join(TARGETS))
     p.add_argument("--repeats", type=int, help="samples per target and scenario")

@@ -9,6 +9,7 @@ of failing the whole run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import resource
@@ -101,6 +102,7 @@ class Running:
     client_tls: bool
     proc: Proc | None = None
     notes: list[str] = field(default_factory=list)
+    access_log: Path | None = None
 
 
 # --- small process and socket helpers -------------------------------------------------------------------
@@ -155,6 +157,17 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def worker_sessions(log: Path | None) -> dict[str, int]:
+    """Sessions per worker slot, from access-log lines ending in ``worker=K`` (multi-worker l4proxy)."""
+    counts: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in (log.read_text(errors="replace").splitlines() if log else []):
+            last = line.rsplit(" ", 1)[-1]
+            if last.startswith("worker="):
+                counts[last[7:]] = counts.get(last[7:], 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS of the process tree in KiB."""
     total = 0
@@ -202,6 +215,11 @@ class Target:
     """A way of reaching the upstream: directly or through one proxy."""
 
     name = "target"
+    workers = 1
+    scenarios: frozenset[str] | None = None  # the scenarios it takes part in; None: all
+
+    def runs(self, scenario: str) -> bool:
+        return self.scenarios is None or scenario in self.scenarios
 
     def available(self) -> str | None:
         """None when this target can run on this machine, else why not."""
@@ -239,9 +257,11 @@ class L4proxy(Target):
 
     def start(self, env: Env) -> Running:
         port, (uh, up) = free_port(), env.proxy_upstream
+        access_log = env.tmp / f"{self.name}-access-{env.scenario}.log"
         cmd = [self.binary() or "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"{uh}:{up}",
-               "--access-log", str(env.tmp / f"l4proxy-access-{env.scenario}.log"),
-               "--log-level", "warning", "--drain-timeout", "1s"]
+               "--access-log", str(access_log), "--log-level", "warning", "--drain-timeout", "1s"]
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
         cmd += shlex.split(os.environ.get("L4PROXY_ARGS", ""))  # extra flags to compare, e.g. --relay transport
         if env.tls == "term":
             assert env.certs is not None
@@ -249,8 +269,38 @@ class L4proxy(Target):
         elif env.tls == "orig":
             assert env.certs is not None
             cmd += ["--upstream-tls", "--upstream-ca", env.certs.ca]
-        proc = spawn(f"l4proxy-{env.scenario}", cmd, env.tmp)
-        return ready(Running(("127.0.0.1", port), env.tls == "term", proc))
+        proc = spawn(f"{self.name}-{env.scenario}", cmd, env.tmp)
+        run = ready(Running(("127.0.0.1", port), env.tls == "term", proc, access_log=access_log))
+        settle_workers(proc, self.workers)
+        return run
+
+
+class L4proxyWorkers(L4proxy):
+    """l4proxy with ``--workers 2`` (SO_REUSEPORT); CPU is the whole tree: supervisor plus workers."""
+
+    name = "l4proxy-w2"
+    workers = 2
+    scenarios = frozenset({"rr", "connect", "tls-connect"})
+
+
+class L4proxyPlain(L4proxy):
+    """The plain-TCP twin of l4proxy in a TLS scenario: the same load without TLS, in the same run."""
+
+    name = "l4proxy-plain"
+    scenarios = frozenset({"bulk-tls"})
+
+    def start(self, env: Env) -> Running:
+        return super().start(dataclasses.replace(env, tls=""))
+
+
+def settle_workers(proc: Proc, workers: int, timeout: float = 10.0) -> None:
+    """With several workers, wait until all are forked, plus a moment for each to bind its listener."""
+    if workers <= 1:
+        return
+    deadline = time.monotonic() + timeout
+    while len(tree_pids(proc.pid)) < workers + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
 
 
 class Haproxy(Target):
@@ -336,7 +386,9 @@ def ready(run: Running) -> Running:
     return run
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (Direct(), L4proxy(), Haproxy(), Pproxy())}
+TARGETS: dict[str, Target] = {
+    t.name: t for t in (Direct(), L4proxy(), L4proxyWorkers(), L4proxyPlain(), Haproxy(), Pproxy())
+}
 
 
 def make_certs(tmp: Path) -> Tls:
