@@ -72,8 +72,8 @@ PROFILES: dict[str, dict[str, Any]] = {
               "redis_requests": 2_000, "tls_connect_requests": 50},
 }
 DEFAULT_SCENARIOS = {
-    "full": "rr,bulk,bulk-duplex,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,bulk-tls",
-    "quick": "rr,bulk,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,bulk-tls",
+    "full": "rr,rr1,bulk,bulk-duplex,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,bulk-tls",
+    "quick": "rr,rr1,bulk,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,bulk-tls",
     "smoke": "rr,bulk,memory,connect,tls-term-rr,tls-connect,bulk-tls",
 }
 # l4proxy-w2 takes part only in the scenarios it lists (rr, connect, tls-connect); see targets.py
@@ -90,6 +90,8 @@ def scenarios(p: dict[str, Any]) -> dict[str, Scenario]:
     tls_conn = conn | {"requests": p["tls_connect_requests"]}
     all_ = [
         Scenario("rr", "rr", "50 connections, 64 B request/response ping-pong", load=rr),
+        Scenario("rr1", "rr", "1 connection, 64 B request/response: the latency a proxy adds",
+                 load=rr | {"conns": 1, "requests": p["rr_requests"] // 5}),
         Scenario("bulk", "bulk", "1 connection streaming upstream -> client", load=bulk | {"direction": "down"}),
         Scenario("bulk-duplex", "bulk", "1 connection streaming both ways at once",
                  load=bulk | {"direction": "both", "bytes": p["bulk_bytes"] // 2}),

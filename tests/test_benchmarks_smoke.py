@@ -127,7 +127,7 @@ def test_tls_scenario_is_measured_or_marked_unsupported(results: dict[str, Any])
 
 
 def test_bar_and_medians_are_present(results: dict[str, Any]) -> None:
-    assert len(results["bar"]) == 6
+    assert len(results["bar"]) == 8
     assert results["scenarios"]["rr"]["targets"]["l4proxy"]["median"]["rate"] > 0
 
 
