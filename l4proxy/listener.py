@@ -40,8 +40,8 @@ class _Accepted4(socket.socket):
     convert ints to enums on every read: a few microseconds per connection for nothing."""
 
     __slots__ = ()
-    family = socket.AF_INET  # type: ignore[assignment]
-    type = socket.SOCK_STREAM  # type: ignore[assignment]
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
 
     def __init__(self, fileno: int) -> None:
         super().__init__(socket.AF_INET, socket.SOCK_STREAM, 0, fileno)
@@ -49,7 +49,7 @@ class _Accepted4(socket.socket):
 
 class _Accepted6(_Accepted4):
     __slots__ = ()
-    family = socket.AF_INET6  # type: ignore[assignment]
+    family = socket.AF_INET6
 
     def __init__(self, fileno: int) -> None:
         socket.socket.__init__(self, socket.AF_INET6, socket.SOCK_STREAM, 0, fileno)

@@ -153,7 +153,8 @@ def _peer_cn(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
         cert = ssl_object.getpeercert()
     except (ValueError, ssl.SSLError):  # handshake not done
         return None
-    for rdn in (cert or {}).get("subject", ()):
+    subject: Any = (cert or {}).get("subject", ())  # typeshed's type for it is looser than the data
+    for rdn in subject:
         for key, value in rdn:
             if key == "commonName":
                 return str(value)
