@@ -35,7 +35,21 @@ from .config import (
     UpstreamTLSConfig,
 )
 from .errors import ConfigError, L4ProxyError
-from .proxy import Proxy
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .proxy import Proxy
+
+
+def __getattr__(name: str) -> object:
+    """``Proxy`` is imported on first use, so importing a pure module (``l4proxy.config``) does not
+    pull in the event loop, sockets and TLS."""
+    if name == "Proxy":
+        from .proxy import Proxy
+
+        return Proxy
+    raise AttributeError(f"module 'l4proxy' has no attribute {name!r}")
+
 
 __all__ = [
     "Address",

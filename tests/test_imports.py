@@ -4,9 +4,9 @@ Each pure module is imported in a fresh interpreter, and the test reads what tha
 in ``sys.modules``: both the forbidden standard modules and the l4proxy modules it pulled in, so the
 one-way dependency graph of DESIGN.md is checked too (balancer → health, config → errors).
 
-``l4proxy/__init__.py`` re-exports ``Proxy`` and so loads every I/O module; the subprocess therefore
-registers a bare ``l4proxy`` package (its ``__path__`` only, ``__init__`` not run) before importing,
-which isolates each module's own imports from the package's public surface.
+The subprocess registers a bare ``l4proxy`` package (its ``__path__`` only, ``__init__`` not run) before
+importing, which isolates each module's own imports from the package's public surface; the last test
+checks that surface too (``__init__`` imports ``Proxy`` lazily).
 """
 
 from __future__ import annotations
@@ -94,3 +94,15 @@ def test_nothing_imports_the_cli() -> None:
         if {"cli", "l4proxy.cli"} & set(imported_names(node))
     ]
     assert importers == []
+
+
+def test_the_package_itself_loads_the_io_modules_only_when_proxy_is_used() -> None:
+    """A plain ``import l4proxy.config`` (package ``__init__`` run) stays pure; ``l4proxy.Proxy`` still works."""
+    code = (
+        "import sys, l4proxy.config, l4proxy.balancer\n"
+        f"loaded = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
+        "from l4proxy import Proxy\n"
+        "print(loaded, Proxy.__name__, 'asyncio' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[] Proxy True"
