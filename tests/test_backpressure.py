@@ -16,7 +16,7 @@ import pytest
 
 from l4proxy import Proxy, splice
 
-from .kit import ENGINES, Upstream, connect, eventually, make_config, running
+from .kit import ENGINES, RecordingLog, Upstream, connect, eventually, make_config, running
 
 pytestmark = pytest.mark.parametrize("relay", ENGINES)
 
@@ -81,17 +81,18 @@ async def read_slowly(reader: asyncio.StreamReader, proxy: Proxy, samples: list[
     return h.hexdigest()
 
 
-async def test_slow_client_pauses_the_fast_upstream(relay: str) -> None:
-    chunks = payload_chunks()
-    spliced.clear()
-    samples: list[int] = []
+async def download_slowly(
+    chunks: list[bytes], buffer_size: int, relay: str, samples: list[int]
+) -> tuple[str, RecordingLog]:
+    """A fast upstream sends ``chunks`` to a client that reads slowly; the digest received and the log.
+    Afterwards nothing is left: no session, no member count, no upstream connection."""
 
     async def fast_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await send_fast(writer, chunks)
         await reader.read()
 
     async with Upstream(fast_upstream) as server, running(
-        make_config([server.address], buffer_size=BUFFER, idle_timeout=10.0, relay=relay)
+        make_config([server.address], buffer_size=buffer_size, idle_timeout=10.0, relay=relay)
     ) as (proxy, log):
         reader, writer = await connect(proxy.port())
         received = await asyncio.wait_for(read_slowly(reader, proxy, samples), 20)
@@ -100,6 +101,14 @@ async def test_slow_client_pauses_the_fast_upstream(relay: str) -> None:
         await eventually(lambda: server.active == 0)
         assert not proxy.sessions and proxy.pools["default"].members[0].active == 0
         writer.close()
+    return received, log
+
+
+async def test_slow_client_pauses_the_fast_upstream(relay: str) -> None:
+    chunks = payload_chunks()
+    spliced.clear()
+    samples: list[int] = []
+    received, log = await download_slowly(chunks, BUFFER, relay, samples)
     assert received == digest(chunks)
     assert log.sessions[0].bytes_out == TOTAL
     assert len(samples) >= TOTAL // READ // 2
@@ -142,18 +151,6 @@ async def test_small_buffers_hold_at_most_one_read_past_the_high_water_mark(buff
     chunks = payload_chunks()[:8]
     spliced.clear()
     samples: list[int] = []
-
-    async def fast_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await send_fast(writer, chunks)
-        await reader.read()
-
-    async with Upstream(fast_upstream) as server, running(
-        make_config([server.address], buffer_size=buffer_size, idle_timeout=10.0, relay=relay)
-    ) as (proxy, log):
-        reader, writer = await connect(proxy.port())
-        received = await asyncio.wait_for(read_slowly(reader, proxy, samples), 20)
-        writer.write_eof()
-        await log.wait_for(1)
-        writer.close()
+    received, _ = await download_slowly(chunks, buffer_size, relay, samples)
     assert received == digest(chunks)
     assert max(samples) <= bound(relay, buffer_size), max(samples)
