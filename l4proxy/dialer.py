@@ -17,8 +17,11 @@ import errno
 import logging
 import socket
 import ssl
+from collections.abc import Coroutine
+from typing import Any
 
 from .balancer import Member
+from .drive import Drive
 from .health import Event
 from .pool import Pool
 from .relay import Pump, Session
@@ -52,86 +55,122 @@ def failure_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-class _Deadline:
-    """A connect timeout that costs one timer: on expiry it cancels the dial's task and remembers why.
+class Dial:
+    """The dial of one session: a chain of callbacks, no coroutine of its own and no Task.
 
-    ``asyncio.timeout`` does the same with more bookkeeping per attempt (several running-loop lookups,
-    each a ``getpid`` system call on 3.11), which shows on the connection-rate benchmark."""
+    Each attempt picks a member, arms the connect timer and starts the loop's ``create_connection``
+    under a ``Drive``; its outcome (or the timer) moves the dial on to the next attempt, to the session,
+    or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
-    __slots__ = ("expired", "task")
+    __slots__ = ("drive", "loop", "member", "pool", "pump", "session", "timer", "tried")
 
-    def __init__(self, task: asyncio.Task[None]) -> None:
-        self.task = task
-        self.expired = False
+    def __init__(self, session: Session, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+        self.session = session
+        self.pool = pool
+        self.loop = loop
+        self.tried: list[Member] = []
+        self.member: Member | None = None
+        self.pump: Pump | None = None
+        self.drive: Drive | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
-    def __call__(self) -> None:
-        self.expired = True
-        self.task.cancel()
-
-
-async def dial(session: Session, pool: Pool, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
-    """Connect ``session`` to a member of ``pool``, retrying elsewhere; fail the client if none works.
-
-    ``task`` is the task running this coroutine: the connect timeout cancels it."""
-    balancer = pool.balancer
-    config = pool.config
-    tried: list[Member] = []
-    cause = "no healthy upstream"
-    for _ in range(config.retries + 1):
-        member = balancer.pick(tried) or (balancer.pick() if tried else None)
+    def start(self, cause: str = "no healthy upstream", give_up: bool = False) -> None:
+        """Begin the next attempt, or fail the client when none is left (or ``give_up``)."""
+        pool = self.pool
+        balancer = pool.balancer
+        tried = self.tried
+        member = None
+        if not give_up and len(tried) <= pool.config.retries:
+            member = balancer.pick(tried) or (balancer.pick() if tried else None)
         if member is None:
-            break
+            self.session.dial = None
+            pool.no_upstream += 1
+            log.warning("no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause)
+            self.session.fail(f"no_upstream ({cause})")
+            return
         tried.append(member)
         balancer.acquire(member)
-        pump = session.new_upstream_pump()
-        deadline = _Deadline(task)
-        timer = loop.call_later(config.connect_timeout, deadline)
+        self.member = member
+        pump = self.pump = self.session.new_upstream_pump()
+        self.timer = self.loop.call_later(pool.config.connect_timeout, self._expired)
         try:
-            await _connect(loop, pool, member, pump)
-        except asyncio.CancelledError:
-            balancer.release(member)
-            pump.abort()  # the connect may have won the race with the cancellation
-            if not deadline.expired or session.ended:
-                raise
-            task.uncancel()
-            exc: BaseException | None = TimeoutError()
-        except (OSError, ssl.SSLError) as error:
-            balancer.release(member)
-            pump.abort()
-            exc = error
-        else:
-            exc = None
-        finally:
-            timer.cancel()
+            coro = _connect(self.loop, pool, member, pump)
+        except (OSError, ssl.SSLError) as exc:
+            self._failed(exc)
+            return
+        drive = Drive(coro, self._done)
+        if drive.running:  # else it finished at once, and _done has moved on already
+            self.drive = drive
+
+    def cancel(self) -> None:
+        """Stop the attempt in flight; the client is dealt with by the caller."""
+        self.session.dial = None
+        self._stop()
+
+    # outcomes
+
+    def _done(self, exc: BaseException | None) -> None:
+        self.drive = None
         if exc is not None:
-            cause = failure_kind(exc)
-            if out_of_descriptors(exc):
-                break  # not this member's fault, and no other member would fare better
-            log.warning("connect to %s for %s failed: %s", member.name, session.client_addr, cause)
-            pool.report(member, Event.TRAFFIC_FAIL, f"connect failed: {cause}")
-            continue
-        pool.report(member, Event.TRAFFIC_OK)
+            self._failed(exc)
+            return
+        assert self.timer is not None and self.member is not None and self.pump is not None
+        self.timer.cancel()
+        session, member, pump = self.session, self.member, self.pump
+        self.pool.report(member, Event.TRAFFIC_OK)
+        session.dial = None
+        self.pump = self.member = None
         if session.ended:  # the client left as the connect completed
-            balancer.release(member)
+            self.pool.balancer.release(member)
             pump.abort()
             return
         session.attach_upstream(pump, member)
-        return
-    pool.no_upstream += 1
-    log.warning("no upstream for %s in pool %s: %s", session.client_addr, pool.name, cause)
-    session.fail(f"no_upstream ({cause})")
+
+    def _expired(self) -> None:
+        self.timer = None
+        self._failed(TimeoutError())
+
+    def _failed(self, exc: BaseException) -> None:
+        member = self.member
+        assert member is not None
+        self._stop()
+        cause = failure_kind(exc)
+        exhausted = out_of_descriptors(exc)  # not this member's fault, and no other member would fare better
+        if not exhausted:
+            log.warning("connect to %s for %s failed: %s", member.name, self.session.client_addr, cause)
+            self.pool.report(member, Event.TRAFFIC_FAIL, f"connect failed: {cause}")
+        if self.session.ended:
+            self.session.dial = None
+            return
+        self.start(cause, give_up=exhausted)
+
+    def _stop(self) -> None:
+        """Undo the attempt in flight: timer, connect, member count, upstream socket."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        drive, self.drive = self.drive, None
+        if drive is not None:
+            drive.cancel()  # closes the transport the connect opened
+        if self.member is not None:
+            self.pool.balancer.release(self.member)
+        if self.pump is not None:
+            self.pump.abort()  # the connect may have completed before the cancellation
+        self.pump = self.member = None
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump) -> None:
+def _connect(
+    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump
+) -> Coroutine[Any, Any, tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
+    """The loop's connect coroutine for one attempt, not yet started."""
     address = member.address
     tls = pool.ssl_context
     if tls is None:
-        await loop.create_connection(lambda: pump, address.host, address.port)
-        return
+        return loop.create_connection(lambda: pump, address.host, address.port)
     from .tls import server_hostname
 
     assert pool.config.tls is not None
-    await loop.create_connection(
+    return loop.create_connection(
         lambda: pump,
         address.host,
         address.port,

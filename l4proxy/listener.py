@@ -61,9 +61,7 @@ _ACCEPTED: dict[int, type[_Accepted4]] = {socket.AF_INET: _Accepted4, socket.AF_
 def bind_sockets(config: ListenerConfig) -> list[socket.socket]:
     """Listening sockets for ``config.address``: every address family when the host is empty."""
     host = config.address.host or None
-    infos = socket.getaddrinfo(
-        host, config.address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+    infos = socket.getaddrinfo(host, config.address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
     try:

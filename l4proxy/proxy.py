@@ -22,7 +22,8 @@ from collections.abc import Callable
 from . import splice
 from .accesslog import AccessLog
 from .config import Config, ListenerConfig, UpstreamTLSConfig
-from .dialer import dial
+from .dialer import Dial
+from .drive import Drive
 from .errors import ConfigError
 from .listener import Listener
 from .pool import Pool
@@ -47,7 +48,7 @@ class Proxy:
         self.served = 0
         self.tls_failures = 0  # client TLS handshakes that failed or timed out
         self._sweeper: asyncio.Task[None] | None = None
-        self._opening: set[asyncio.Task[None]] = set()
+        self._opening: dict[Session, Drive] = {}  # clients whose transport is not made yet (TLS handshake)
         self._idle = asyncio.Event()
         self._stopped: asyncio.Event | None = None
 
@@ -108,10 +109,12 @@ class Proxy:
     async def _cancel_opening(self) -> None:
         """Close clients still in their TLS handshake: they are not sessions yet, and must not become
         sessions (dial, relay, log) after the drain has returned."""
-        opening = list(self._opening)
-        for task in opening:
-            task.cancel()
-        await asyncio.gather(*opening, return_exceptions=True)
+        opening = list(self._opening.values())
+        self._opening.clear()
+        for drive in opening:
+            drive.cancel()
+        if opening:
+            await asyncio.sleep(0)  # the cancelled handshakes close their transports on this iteration
 
     def abort_all(self, cause: str) -> None:
         """Close every session now (drain deadline reached, or a second signal)."""
@@ -139,14 +142,23 @@ class Proxy:
     # sessions
 
     def _server_for(self, index: int, config: ListenerConfig) -> Callable[[socket.socket, object], None]:
-        """The per-client callback of listener ``index``."""
+        """The per-client callback of listener ``index``.
+
+        No Task per client: the loop's ``connect_accepted_socket`` runs under a ``Drive`` (see
+        ``drive.py``), the client pump's ``connection_made`` (after the TLS handshake, if any) starts
+        the dial, and the dial is a chain of callbacks too."""
         loop = asyncio.get_running_loop()
         pool = self.pools[config.pool]
         sessions = self.sessions
         opening = self._opening
+        tls = config.tls is not None
+        handshake_timeout = config.tls.handshake_timeout if config.tls is not None else None
 
         def on_client_ready(session: Session) -> None:
+            opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
             sessions.add(session)
+            dial = session.dial = Dial(session, pool, loop)
+            dial.start()
 
         def on_end(session: Session) -> None:
             sessions.discard(session)
@@ -160,41 +172,32 @@ class Proxy:
         def serve(sock: socket.socket, address: object) -> None:
             session = Session(config, on_client_ready, on_end)
             session.client_address = address
-            task = loop.create_task(self._client(loop, sock, session, self.server_tls.get(index), pool))
-            session.dial_task = task  # the client leaving cancels it (and with it the dial)
-            opening.add(task)  # a reference until the transport exists; drain cancels what is left
-            task.add_done_callback(opening.discard)
-            # cancelled before the transport took the socket: it is ours to close (a no-op after)
-            task.add_done_callback(lambda t: sock.close() if t.cancelled() else None)
+
+            def opened(exc: BaseException | None) -> None:
+                opening.pop(session, None)
+                if exc is None:
+                    return
+                sock.close()  # a no-op once a transport has taken the socket
+                if tls:
+                    self.tls_failures += 1
+                    log.warning("TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc))
+                else:
+                    log.warning("accepting %s failed: %s", session.client_addr, exc)
+
+            if tls:
+                coro = loop.connect_accepted_socket(
+                    lambda: session.client,
+                    sock,
+                    ssl=self.server_tls[index],
+                    ssl_handshake_timeout=handshake_timeout,
+                )
+            else:
+                coro = loop.connect_accepted_socket(lambda: session.client, sock)
+            drive = Drive(coro, opened)
+            if drive.running and session.client.transport is None:
+                opening[session] = drive  # until connection_made; drain closes what is left
 
         return serve
-
-    async def _client(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        session: Session,
-        tls: ssl.SSLContext | None,
-        pool: Pool,
-    ) -> None:
-        """One task per client: wrap the socket in a transport (TLS handshakes fail here, alone and without
-        a traceback), then dial. No second task: the dial runs in this one."""
-        if tls is None:
-            await loop.connect_accepted_socket(lambda: session.client, sock)
-        else:
-            timeout = session.limits.tls.handshake_timeout if session.limits.tls is not None else None
-            try:
-                await loop.connect_accepted_socket(lambda: session.client, sock, ssl=tls, ssl_handshake_timeout=timeout)
-            except (TimeoutError, OSError) as exc:
-                self.tls_failures += 1
-                log.warning("TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc))
-                sock.close()
-                return
-        task = session.dial_task
-        assert task is not None
-        self._opening.discard(task)  # a session now: drain waits for it instead of cancelling it
-        if not session.ended:
-            await dial(session, pool, loop, task)
 
     def reload_tls(self) -> list[ConfigError]:
         """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns

@@ -40,6 +40,7 @@ from .tls import describe
 if TYPE_CHECKING:
     from .balancer import Member
     from .config import ListenerConfig
+    from .dialer import Dial
 
 BULKY_READ = 65536  # a read this large means the sender keeps the socket full
 BULKY_STREAK = 4  # that many in a row make a plain-TCP session move to the splice engine (--relay auto)
@@ -150,7 +151,7 @@ class Session:
         "buffer_size",
         "client",
         "client_address",
-        "dial_task",
+        "dial",
         "end_cause",
         "ended",
         "engine",
@@ -178,7 +179,7 @@ class Session:
         self.client = Pump(self)
         self.upstream: Pump | None = None
         self.member: Member | None = None
-        self.dial_task: asyncio.Task[None] | None = None
+        self.dial: Dial | None = None  # the dial in flight, cancelled if the client leaves first
         self.client_address: object = None  # as accept() returned it; formatted only when logged
         self.seen = 0  # bytes moved as of the sweeper's last look
         self.started = time.time()
@@ -248,8 +249,8 @@ class Session:
             if pump is self.client:  # gone while dialing: stop the dial, nothing to relay
                 self.ended = True
                 self.end_cause = "client_reset" if exc else "client_closed"
-                if self.dial_task is not None:
-                    self.dial_task.cancel()
+                if self.dial is not None:
+                    self.dial.cancel()
                 self._finish_if_closed()
             return
         if exc is not None:
@@ -283,8 +284,8 @@ class Session:
         self.ended = True
         if self.engine is not None:
             self.engine.stop()
-        if self.dial_task is not None and self.upstream is None:
-            self.dial_task.cancel()
+        if self.dial is not None:
+            self.dial.cancel()
         self.client.abort()
         if self.upstream is not None:
             self.upstream.abort()
@@ -298,9 +299,7 @@ class Session:
         self._finish_if_closed()
 
     def _finish_if_closed(self) -> None:
-        if (self.client.closed or self.client.transport is None) and (
-            self.upstream is None or self.upstream.closed
-        ):
+        if (self.client.closed or self.client.transport is None) and (self.upstream is None or self.upstream.closed):
             on_end, self.on_end = self.on_end, _noop
             on_end(self)
             self._unlink()
@@ -310,7 +309,7 @@ class Session:
         are gone, so the session is freed by reference counting instead of waiting for the cyclic GC,
         which under a connection storm otherwise costs several percent of the CPU. Only the counters and
         facts the access log reads stay."""
-        self.dial_task = None
+        self.dial = None
         self.on_client_ready = _noop
         for pump in (self.client, self.upstream):
             if pump is not None:
