@@ -42,8 +42,10 @@ class Drive:
             self.coro = None
             if not self.cancelled:
                 self.done(None)
-            elif isinstance(stop.value, tuple) and stop.value and isinstance(stop.value[0], asyncio.BaseTransport):
-                stop.value[0].abort()  # it won the race with the cancellation: undo it
+            elif isinstance(stop.value, tuple) and stop.value:  # (transport, protocol): it won the race
+                abort = getattr(stop.value[0], "abort", None)  # uvloop's transports are not asyncio's classes
+                if abort is not None:
+                    abort()
             return
         except (Exception, asyncio.CancelledError) as exc:
             self.coro = None

@@ -55,7 +55,34 @@ class _Accepted6(_Accepted4):
         socket.socket.__init__(self, socket.AF_INET6, socket.SOCK_STREAM, 0, fileno)
 
 
+class AcceptedFD:
+    """A client descriptor as uvloop's ``connect_accepted_socket`` takes it: the family, the type and the
+    number are all it reads. A ``socket.socket`` would cost a ``getsockname`` system call (CPython checks
+    the number it is given) and an object to detach; uvloop closes the descriptor itself, then calls
+    ``close`` here, which has nothing left to do. Used on uvloop only: asyncio's own loop needs a real
+    socket."""
+
+    __slots__ = ("fd",)
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
+
+    def __init__(self, fileno: int) -> None:
+        self.fd = fileno
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """The transport closed the descriptor already."""
+
+
+class _AcceptedFD6(AcceptedFD):
+    __slots__ = ()
+    family = socket.AF_INET6
+
+
 _ACCEPTED: dict[int, type[_Accepted4]] = {socket.AF_INET: _Accepted4, socket.AF_INET6: _Accepted6}
+_ACCEPTED_FD: dict[int, type[AcceptedFD]] = {socket.AF_INET: AcceptedFD, socket.AF_INET6: _AcceptedFD6}
 
 
 def bind_sockets(config: ListenerConfig) -> list[socket.socket]:
@@ -94,7 +121,7 @@ class Listener:
     def __init__(
         self,
         config: ListenerConfig,
-        serve: Callable[[socket.socket, object], None],
+        serve: Callable[[socket.socket | AcceptedFD, object], None],
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
@@ -104,6 +131,7 @@ class Listener:
         self.accepted = 0
         self.exhausted = 0  # times accepting paused for lack of descriptors
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._bare = False
         self._paused: set[socket.socket] = set()
         self._backoff = _BACKOFF_MIN
         self._retry: asyncio.TimerHandle | None = None
@@ -112,6 +140,7 @@ class Listener:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._bare = type(self._loop).__module__.startswith("uvloop")  # descriptors need no socket object
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 62
         self.sockets = bind_sockets(self.config)
@@ -134,11 +163,11 @@ class Listener:
         self.sockets = []
 
     def _accept(self, sock: socket.socket) -> None:
-        accepted_type = _ACCEPTED[sock.family]
+        accepted_type = (_ACCEPTED_FD if self._bare else _ACCEPTED)[sock.family]
         for taken in range(_BATCH):
             try:
                 fd, addr = sock._accept()  # type: ignore[attr-defined]  # the fd alone: see _Accepted4
-                conn = accepted_type(fileno=fd)
+                conn = accepted_type(fd)
             except (BlockingIOError, InterruptedError):
                 if self._short:  # caught up with the backlog: say so once
                     log.warning("accepting on %s again", self.config.address)
@@ -153,7 +182,7 @@ class Listener:
                 log.error("accept on %s failed: %s", self.config.address, exc)
                 return
             # descriptors left after this one, less one upstream socket per client of this batch
-            crowded = self._fd_limit - 1 - conn.fileno() - (taken + 1) < _RESERVE
+            crowded = self._fd_limit - 1 - fd - (taken + 1) < _RESERVE
             if not crowded:
                 self._backoff = _BACKOFF_MIN
             self.accepted += 1

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import cast
 
 from . import splice
 from .accesslog import AccessLog
@@ -25,7 +27,7 @@ from .config import Config, ListenerConfig, UpstreamTLSConfig
 from .dialer import Dial
 from .drive import Drive
 from .errors import ConfigError
-from .listener import Listener
+from .listener import AcceptedFD, Listener
 from .pool import Pool
 from .prober import Prober
 from .relay import Session
@@ -141,7 +143,7 @@ class Proxy:
 
     # sessions
 
-    def _server_for(self, index: int, config: ListenerConfig) -> Callable[[socket.socket, object], None]:
+    def _server_for(self, index: int, config: ListenerConfig) -> Callable[[socket.socket | AcceptedFD, object], None]:
         """The per-client callback of listener ``index``.
 
         No Task per client: the loop's ``connect_accepted_socket`` runs under a ``Drive`` (see
@@ -169,7 +171,7 @@ class Proxy:
             if not sessions:
                 self._idle.set()
 
-        def serve(sock: socket.socket, address: object) -> None:
+        def serve(sock: socket.socket | AcceptedFD, address: object) -> None:
             session = Session(config, on_client_ready, on_end)
             session.client_address = address
 
@@ -177,25 +179,30 @@ class Proxy:
                 opening.pop(session, None)
                 if exc is None:
                     return
-                sock.close()  # a no-op once a transport has taken the socket
+                sock.close()  # a no-op once a transport has taken the socket (or the descriptor)
                 if tls:
                     self.tls_failures += 1
                     log.warning("TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc))
                 else:
                     log.warning("accepting %s failed: %s", session.client_addr, exc)
 
+            client = cast(socket.socket, sock)  # uvloop takes an AcceptedFD as it is (see listener.py)
             if tls:
                 coro = loop.connect_accepted_socket(
                     lambda: session.client,
-                    sock,
+                    client,
                     ssl=self.server_tls[index],
                     ssl_handshake_timeout=handshake_timeout,
                 )
             else:
-                coro = loop.connect_accepted_socket(lambda: session.client, sock)
+                coro = loop.connect_accepted_socket(lambda: session.client, client)
             drive = Drive(coro, opened)
-            if drive.running and session.client.transport is None:
-                opening[session] = drive  # until connection_made; drain closes what is left
+            if drive.running:
+                if session.client.transport is None:
+                    opening[session] = drive  # until connection_made; drain closes what is left
+            elif isinstance(sock, AcceptedFD) and session.client.transport is None:
+                with contextlib.suppress(OSError):  # failed before any transport took the descriptor
+                    os.close(sock.fd)
 
         return serve
 
