@@ -24,22 +24,21 @@ if TYPE_CHECKING:
 
 
 def format_record(session: Session, now: float) -> str:
-    """The access-log line for ``session`` (pure; ``now`` is wall-clock seconds)."""
-    stamp = _stamp(session.started)
-    member = session.member.name if session.member is not None else "-"
+    """The access-log line for ``session`` (pure; ``now`` is wall-clock seconds). One f-string: this runs
+    once per session, on the connection-rate path."""
+    started = session.started
+    member = session.member
+    upstream = session.upstream
     cause = session.end_cause or "eof"
-    parts = [
-        stamp,
-        f"client={session.client_addr}",
-        f"upstream={member}",
-        f"in={session.bytes_in}",
-        f"out={session.bytes_out}",
-        f"duration={now - session.started:.3f}s",
-        f"end={_quote(cause)}",
-    ]
+    line = (
+        f"{_stamp(started)} client={format_peer(session.client_address)}"
+        f" upstream={member.name if member is not None else '-'}"
+        f" in={session.client.nbytes} out={upstream.nbytes if upstream is not None else 0}"
+        f" duration={now - started:.3f}s end={_quote(cause) if ' ' in cause else cause}"
+    )
     if session.tls_info:
-        parts.extend(f"{key}={_quote(value)}" for key, value in session.tls_info.items())
-    return " ".join(parts)
+        line += "".join(f" {key}={_quote(value)}" for key, value in session.tls_info.items())
+    return line
 
 
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
@@ -90,3 +89,11 @@ class AccessLog:
             if self.owned:
                 self.stream.close()
             self.stream = None
+
+
+def format_peer(address: object) -> str:
+    """``host:port`` (``[v6]:port``) for a socket address tuple, ``-`` when unknown."""
+    if not isinstance(address, tuple) or len(address) < 2:
+        return "-"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -23,7 +23,9 @@ from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from .config import Address, HealthConfig
-from .health import Change, Event, HealthState
+from .health import Change, Event, HealthState, Status
+
+UP = Status.UP
 
 
 class Member:
@@ -85,7 +87,7 @@ class Balancer:
             if member in tried:
                 continue
             if view is None:  # one process: this process's counts and health are the truth
-                if not member.health.up:
+                if member.health.status is not UP:
                     continue
                 load = member.active / member.weight
             else:  # several workers: every worker's count, status from the supervisor

@@ -91,7 +91,7 @@ class Dial:
         tried.append(member)
         balancer.acquire(member)
         self.member = member
-        pump = self.pump = self.session.new_upstream_pump()
+        pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
         self.timer = self.loop.call_later(pool.config.connect_timeout, self._expired)
         try:
             coro = _connect(self.loop, pool, member, pump)
@@ -99,7 +99,7 @@ class Dial:
             self._failed(exc)
             return
         drive = Drive(coro, self._done)
-        if drive.running:  # else it finished at once, and _done has moved on already
+        if drive.coro is not None:  # else it finished at once, and _done has moved on already
             self.drive = drive
 
     def cancel(self) -> None:

@@ -25,8 +25,12 @@ class Status(enum.Enum):
     UP = "up"
     DOWN = "down"
 
+    __hash__ = object.__hash__  # members are singletons; Enum's own __hash__ is Python code, run per session
+
 
 class Event(enum.Enum):
+    __hash__ = object.__hash__
+
     PROBE_OK = "probe_ok"
     PROBE_FAIL = "probe_fail"
     TRAFFIC_OK = "traffic_ok"
@@ -82,6 +86,8 @@ class HealthState:
 
     def observe(self, event: Event, reason: str = "") -> Change | None:
         """Apply one result; return the Change when the status flips, else None."""
+        if event is Event.TRAFFIC_OK and self.streak == 0 and self.status is Status.UP:
+            return None  # every successful connect: nothing to change, so skip the table
         act = _TRANSITIONS[(self.status, event)]
         if act is _Act.IGNORE:
             return None

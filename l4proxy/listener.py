@@ -55,25 +55,19 @@ class _Accepted6(_Accepted4):
         socket.socket.__init__(self, socket.AF_INET6, socket.SOCK_STREAM, 0, fileno)
 
 
-class AcceptedFD:
+class AcceptedFD(int):
     """A client descriptor as uvloop's ``connect_accepted_socket`` takes it: the family, the type and the
     number are all it reads. A ``socket.socket`` would cost a ``getsockname`` system call (CPython checks
     the number it is given) and an object to detach; uvloop closes the descriptor itself, then calls
-    ``close`` here, which has nothing left to do. Used on uvloop only: asyncio's own loop needs a real
-    socket."""
+    ``close`` here, which has nothing left to do. The number is the int itself, and ``fileno`` and
+    ``close`` are C functions, so no Python frame runs for them. Used on uvloop only: asyncio's own loop
+    needs a real socket."""
 
-    __slots__ = ("fd",)
+    __slots__ = ()
     family = socket.AF_INET
     type = socket.SOCK_STREAM
-
-    def __init__(self, fileno: int) -> None:
-        self.fd = fileno
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        """The transport closed the descriptor already."""
+    fileno = int.__int__
+    close = int.__int__  # a no-op here: the transport closed the descriptor already
 
 
 class _AcceptedFD6(AcceptedFD):

@@ -19,7 +19,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
 
 from . import splice
 from .accesslog import AccessLog
@@ -186,7 +185,7 @@ class Proxy:
                 else:
                     log.warning("accepting %s failed: %s", session.client_addr, exc)
 
-            client = cast(socket.socket, sock)  # uvloop takes an AcceptedFD as it is (see listener.py)
+            client: socket.socket = sock  # type: ignore[assignment]  # uvloop takes an AcceptedFD as it is
             if tls:
                 coro = loop.connect_accepted_socket(
                     lambda: session.client,
@@ -197,12 +196,12 @@ class Proxy:
             else:
                 coro = loop.connect_accepted_socket(lambda: session.client, client)
             drive = Drive(coro, opened)
-            if drive.running:
+            if drive.coro is not None:
                 if session.client.transport is None:
                     opening[session] = drive  # until connection_made; drain closes what is left
             elif isinstance(sock, AcceptedFD) and session.client.transport is None:
                 with contextlib.suppress(OSError):  # failed before any transport took the descriptor
-                    os.close(sock.fd)
+                    os.close(sock)
 
         return serve
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import splice
+from .accesslog import format_peer
 from .tls import describe
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ class Pump(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         limit = self.session.buffer_size
         transport.set_write_buffer_limits(high=limit, low=limit // 4)  # type: ignore[attr-defined]
-        self.session.side_made(self)
+        if self is self.session.client:
+            self.session.client_made()
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -109,7 +111,8 @@ class Pump(asyncio.Protocol):
         if self.pending is None:
             self.pending = []
         self.pending.append(data)
-        if sum(map(len, self.pending)) >= self.session.buffer_size and self.transport is not None:
+        # with no peer yet, every byte read so far is still held here
+        if self.nbytes >= self.session.buffer_size and self.transport is not None:
             self.transport.pause_reading()
 
     def flush_pending_to(self, peer: Pump) -> None:
@@ -191,18 +194,15 @@ class Session:
 
     # wiring
 
-    def new_upstream_pump(self) -> Pump:
-        """A fresh pump for one connect attempt (a failed attempt's pump is dropped)."""
-        return Pump(self)
-
-    def side_made(self, pump: Pump) -> None:
-        if pump is self.client:
-            assert pump.transport is not None
-            if self.limits.tls is not None:
-                ssl_object = pump.transport.get_extra_info("ssl_object")
-                if ssl_object is not None:
-                    self.tls_info = {f"tls_{k}": v for k, v in describe(ssl_object).items() if v}
-            self.on_client_ready(self)
+    def client_made(self) -> None:
+        """The client's transport exists (after its TLS handshake, if any): note TLS facts, start the dial."""
+        if self.limits.tls is not None:
+            transport = self.client.transport
+            assert transport is not None
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.tls_info = {f"tls_{k}": v for k, v in describe(ssl_object).items() if v}
+        self.on_client_ready(self)
 
     def attach_upstream(self, pump: Pump, member: Member) -> None:
         """The dial succeeded: wire both pumps and deliver what each side already sent."""
@@ -344,11 +344,3 @@ class Session:
 
 def _noop(session: Session) -> None:
     return None
-
-
-def format_peer(address: object) -> str:
-    """``host:port`` (``[v6]:port``) for a socket address tuple, ``-`` when unknown."""
-    if not isinstance(address, tuple) or len(address) < 2:
-        return "-"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
