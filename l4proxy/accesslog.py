@@ -30,8 +30,14 @@ def format_record(session: Session, now: float) -> str:
     member = session.member
     upstream = session.upstream
     cause = session.end_cause or "eof"
+    address = session.client_address
+    ipv4 = type(address) is tuple and ":" not in address[0]  # the common case, formatted without a call
+    client = f"{address[0]}:{address[1]}" if ipv4 else format_peer(address)  # type: ignore[index]
+    whole = int(started)
+    if _second[0] != whole:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
     line = (
-        f"{_stamp(started)} client={format_peer(session.client_address)}"
+        f"{_second[1]}{_MILLIS[int((started - whole) * 1000)]} client={client}"
         f" upstream={member.name if member is not None else '-'}"
         f" in={session.client.nbytes} out={upstream.nbytes if upstream is not None else 0}"
         f" duration={now - started:.3f}s end={_quote(cause) if ' ' in cause else cause}"
@@ -41,15 +47,18 @@ def format_record(session: Session, now: float) -> str:
     return line
 
 
+# The time stamp is ISO 8601 UTC with milliseconds: the seconds part is formatted once per second, not per
+# record, and the milliseconds come from a table (formatting an int costs more than indexing a list).
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
 def _stamp(when: float) -> str:
-    """ISO 8601 UTC with milliseconds; the seconds part is formatted once per second, not per record."""
+    """The time stamp of a record that starts at ``when``."""
     whole = int(when)
     if _second[0] != whole:
         _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}.{int((when - whole) * 1000):03d}Z"
+    return f"{_second[1]}{_MILLIS[int((when - whole) * 1000)]}"
 
 
 def _quote(value: str) -> str:
