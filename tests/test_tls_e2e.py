@@ -117,7 +117,7 @@ def test_plain_redis_cli_through_tls_origination_to_tls_only_redis(tmp_path: Pat
     assert len(lines) == 3 and all(f"upstream=127.0.0.1:{redis.port} " in line for line in lines), lines
     assert "tls_" not in proxy.stdout  # the client side is plain
     # the TLS health probes (one every 100 ms, fall 1) never failed while the clients ran
-    assert "is DOWN" not in proxy.stderr and "Traceback" not in proxy.stderr
+    assert "is DOWN" not in proxy.stderr and "Traceback" not in proxy.stderr, proxy.stderr
 
 
 def test_redis_cli_tls_through_termination_to_plain_redis(tmp_path: Path, certs: Certs) -> None:
