@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import socket
 import ssl
@@ -165,13 +166,14 @@ def _connect(
     """The loop's connect coroutine for one attempt, not yet started."""
     address = member.address
     tls = pool.ssl_context
+    factory = itertools.repeat(pump).__next__  # returns the pump; a C callable, so no Python frame runs
     if tls is None:
-        return loop.create_connection(lambda: pump, address.host, address.port)
+        return loop.create_connection(factory, address.host, address.port)
     from .tls import server_hostname
 
     assert pool.config.tls is not None
     return loop.create_connection(
-        lambda: pump,
+        factory,
         address.host,
         address.port,
         ssl=tls,

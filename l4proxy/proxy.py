@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -186,15 +187,16 @@ class Proxy:
                     log.warning("accepting %s failed: %s", session.client_addr, exc)
 
             client: socket.socket = sock  # type: ignore[assignment]  # uvloop takes an AcceptedFD as it is
+            factory = itertools.repeat(session.client).__next__  # a C callable: no Python frame runs
             if tls:
                 coro = loop.connect_accepted_socket(
-                    lambda: session.client,
+                    factory,
                     client,
                     ssl=self.server_tls[index],
                     ssl_handshake_timeout=handshake_timeout,
                 )
             else:
-                coro = loop.connect_accepted_socket(lambda: session.client, client)
+                coro = loop.connect_accepted_socket(factory, client)
             drive = Drive(coro, opened)
             if drive.coro is not None:
                 if session.client.transport is None:

@@ -184,9 +184,9 @@ class Session:
         self.member: Member | None = None
         self.dial: Dial | None = None  # the dial in flight, cancelled if the client leaves first
         self.client_address: object = None  # as accept() returned it; formatted only when logged
-        self.seen = 0  # bytes moved as of the sweeper's last look
+        self.seen = -1  # bytes moved as of the sweeper's last look; -1: not looked at yet
         self.started = time.time()
-        self.last_active = time.monotonic()
+        self.last_active = 0.0  # set by the sweeper's first look, which sees "activity" (seen is -1)
         self.end_cause = ""
         self.ended = False
         self.tls_info: dict[str, str] | None = None
@@ -209,8 +209,10 @@ class Session:
         self.upstream, self.member = pump, member
         client = self.client
         pump.peer, client.peer = client, pump
-        client.flush_pending_to(pump)
-        pump.flush_pending_to(client)
+        if client.pending is not None:
+            client.flush_pending_to(pump)
+        if pump.pending is not None:  # a server that speaks first
+            pump.flush_pending_to(client)
         if not pump.closed:
             client.out = pump.transport
         if not client.closed:
@@ -223,7 +225,7 @@ class Session:
             self.end("upstream_closed")
         elif client.eof and pump.eof:
             self.end("eof")
-        else:
+        elif self.limits.relay == "splice":  # with auto, the first bulky streak decides (splice.start)
             splice.attached(self)
 
     # events from the pumps
