@@ -18,10 +18,11 @@ import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Hashable
 from typing import Any
 
 from .balancer import Member
+from .deadlines import Deadlines
 from .drive import Drive
 from .health import Event
 from .pool import Pool
@@ -59,21 +60,23 @@ def failure_kind(exc: BaseException) -> str:
 class Dial:
     """The dial of one session: a chain of callbacks, no coroutine of its own and no Task.
 
-    Each attempt picks a member, arms the connect timer and starts the loop's ``create_connection``
-    under a ``Drive``; its outcome (or the timer) moves the dial on to the next attempt, to the session,
+    Each attempt picks a member, sets its connect deadline (``deadlines.py``: no timer of its own) and
+    starts the loop's ``create_connection`` under a ``Drive``; its outcome (or the deadline) moves the
+    dial on to the next attempt, to the session,
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
-    __slots__ = ("drive", "loop", "member", "pool", "pump", "session", "timer", "tried")
+    __slots__ = ("deadline", "deadlines", "drive", "loop", "member", "pool", "pump", "session", "tried")
 
-    def __init__(self, session: Session, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, session: Session, pool: Pool, loop: asyncio.AbstractEventLoop, deadlines: Deadlines) -> None:
         self.session = session
         self.pool = pool
         self.loop = loop
+        self.deadlines = deadlines
         self.tried: list[Member] = []
         self.member: Member | None = None
         self.pump: Pump | None = None
         self.drive: Drive | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: set[Hashable] | None = None  # the deadline bucket this attempt is in
 
     def start(self, cause: str = "no healthy upstream", give_up: bool = False) -> None:
         """Begin the next attempt, or fail the client when none is left (or ``give_up``)."""
@@ -93,7 +96,7 @@ class Dial:
         balancer.acquire(member)
         self.member = member
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
-        self.timer = self.loop.call_later(pool.config.connect_timeout, self._expired)
+        self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
         try:
             coro = _connect(self.loop, pool, member, pump)
         except (OSError, ssl.SSLError) as exc:
@@ -115,8 +118,9 @@ class Dial:
         if exc is not None:
             self._failed(exc)
             return
-        assert self.timer is not None and self.member is not None and self.pump is not None
-        self.timer.cancel()
+        assert self.deadline is not None and self.member is not None and self.pump is not None
+        self.deadline.discard(self)
+        self.deadline = None
         session, member, pump = self.session, self.member, self.pump
         self.pool.report(member, Event.TRAFFIC_OK)
         session.dial = None
@@ -127,8 +131,9 @@ class Dial:
             return
         session.attach_upstream(pump, member)
 
-    def _expired(self) -> None:
-        self.timer = None
+    def expired(self) -> None:
+        """The connect deadline passed (``Deadlines`` calls this)."""
+        self.deadline = None
         self._failed(TimeoutError())
 
     def _failed(self, exc: BaseException) -> None:
@@ -146,10 +151,10 @@ class Dial:
         self.start(cause, give_up=exhausted)
 
     def _stop(self) -> None:
-        """Undo the attempt in flight: timer, connect, member count, upstream socket."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """Undo the attempt in flight: deadline, connect, member count, upstream socket."""
+        if self.deadline is not None:
+            self.deadline.discard(self)
+            self.deadline = None
         drive, self.drive = self.drive, None
         if drive is not None:
             drive.cancel()  # closes the transport the connect opened

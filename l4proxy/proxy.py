@@ -19,11 +19,12 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from . import splice
 from .accesslog import AccessLog
 from .config import Config, ListenerConfig, UpstreamTLSConfig
+from .deadlines import Deadlines
 from .dialer import Dial
 from .drive import Drive
 from .errors import ConfigError
@@ -38,6 +39,8 @@ log = logging.getLogger("l4proxy")
 
 class Proxy:
     """Listeners, pools and sessions for one Config."""
+
+    deadlines: Deadlines  # connect deadlines of the dials in flight; made by start(), on the running loop
 
     def __init__(self, config: Config, access_log: AccessLog | None = None) -> None:
         self.config = config
@@ -58,6 +61,7 @@ class Proxy:
 
     async def start(self) -> None:
         self._stopped = asyncio.Event()
+        self.deadlines = Deadlines(asyncio.get_running_loop(), _expire_dial)
         try:
             for index, listener_config in enumerate(self.config.listeners):
                 listener = Listener(listener_config, self._server_for(index, listener_config))
@@ -135,6 +139,7 @@ class Proxy:
             await prober.stop()
         for pool in self.pools.values():
             pool.close()
+        self.deadlines.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -159,7 +164,7 @@ class Proxy:
         def on_client_ready(session: Session) -> None:
             opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
             sessions.add(session)
-            dial = session.dial = Dial(session, pool, loop)
+            dial = session.dial = Dial(session, pool, loop, self.deadlines)
             dial.start()
 
         def on_end(session: Session) -> None:
@@ -244,6 +249,11 @@ class Proxy:
                 half = session.half_closed
                 if now - session.last_active >= (limits.half_closed_timeout if half else limits.idle_timeout):
                     session.abort("half_closed_timeout" if half else "idle_timeout")
+
+
+def _expire_dial(dial: Hashable) -> None:
+    assert isinstance(dial, Dial)
+    dial.expired()
 
 
 def _client_tls(tls_config: UpstreamTLSConfig | None) -> ssl.SSLContext | None:
