@@ -24,7 +24,7 @@ from typing import Any
 from .balancer import Member
 from .deadlines import Deadlines
 from .drive import Drive
-from .health import Event
+from .health import Event, Status
 from .pool import Pool
 from .relay import Pump, Session
 
@@ -122,7 +122,9 @@ class Dial:
         self.deadline.discard(self)
         self.deadline = None
         session, member, pump = self.session, self.member, self.pump
-        self.pool.report(member, Event.TRAFFIC_OK)
+        health = member.health
+        if health.streak or health.status is not Status.UP or self.pool.forward is not None:
+            self.pool.report(member, Event.TRAFFIC_OK)  # else nothing would change: skip two calls
         session.dial = None
         self.pump = self.member = None
         if session.ended:  # the client left as the connect completed

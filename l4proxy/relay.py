@@ -69,8 +69,11 @@ class Pump(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         limit = self.session.buffer_size
         transport.set_write_buffer_limits(high=limit, low=limit // 4)  # type: ignore[attr-defined]
-        if self is self.session.client:
-            self.session.client_made()
+        session = self.session
+        if self is session.client:  # after its TLS handshake, if any: note the TLS facts, start the dial
+            if session.limits.tls is not None:
+                session.note_tls()
+            session.on_client_ready(session)
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -83,8 +86,15 @@ class Pump(asyncio.Protocol):
                 self.streak += 1
                 if self.streak >= BULKY_STREAK and self.session.engine is None:
                     splice.start(self.session)
-        elif self.peer is None and not self.closed:
-            self._hold(data)
+        elif self.peer is None and not self.closed:  # early: hold until the peer exists
+            pending = self.pending
+            if pending is None:
+                self.pending = [data]
+            else:
+                pending.append(data)
+            # with no peer yet, every byte read so far is still held here: pause past one buffer
+            if self.nbytes >= self.session.buffer_size and self.transport is not None:
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -105,15 +115,6 @@ class Pump(asyncio.Protocol):
         self.session.side_lost(self, exc)
 
     # helpers
-
-    def _hold(self, data: bytes) -> None:
-        """Keep bytes that arrived before the peer exists; pause reading past one buffer."""
-        if self.pending is None:
-            self.pending = []
-        self.pending.append(data)
-        # with no peer yet, every byte read so far is still held here
-        if self.nbytes >= self.session.buffer_size and self.transport is not None:
-            self.transport.pause_reading()
 
     def flush_pending_to(self, peer: Pump) -> None:
         """Send held bytes to the newly connected peer, then resume normal relaying."""
@@ -194,15 +195,13 @@ class Session:
 
     # wiring
 
-    def client_made(self) -> None:
-        """The client's transport exists (after its TLS handshake, if any): note TLS facts, start the dial."""
-        if self.limits.tls is not None:
-            transport = self.client.transport
-            assert transport is not None
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                self.tls_info = {f"tls_{k}": v for k, v in describe(ssl_object).items() if v}
-        self.on_client_ready(self)
+    def note_tls(self) -> None:
+        """The client's TLS handshake is done: keep the facts the access log records."""
+        transport = self.client.transport
+        assert transport is not None
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls_info = {f"tls_{k}": v for k, v in describe(ssl_object).items() if v}
 
     def attach_upstream(self, pump: Pump, member: Member) -> None:
         """The dial succeeded: wire both pumps and deliver what each side already sent."""
@@ -276,9 +275,12 @@ class Session:
         self.ended = True
         if self.engine is not None:
             self.engine.stop()
-        self.client.close()
-        if self.upstream is not None:
-            self.upstream.close()
+        transport = self.client.transport  # close() is idempotent on every transport: no is_closing()
+        if transport is not None:
+            transport.close()
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.close()
         self._finish_if_closed()
 
     def abort(self, cause: str) -> None:
