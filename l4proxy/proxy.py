@@ -19,7 +19,8 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any
 
 from . import splice
 from .accesslog import AccessLog
@@ -53,7 +54,8 @@ class Proxy:
         self.served = 0
         self.tls_failures = 0  # client TLS handshakes that failed or timed out
         self._sweeper: asyncio.Task[None] | None = None
-        self._opening: dict[Session, Drive] = {}  # clients whose transport is not made yet (TLS handshake)
+        # clients whose transport is not made yet (a TLS handshake, or one loop iteration)
+        self._opening: dict[Session, Drive | Coroutine[Any, Any, Any]] = {}
         self._idle = asyncio.Event()
         self._stopped: asyncio.Event | None = None
 
@@ -118,7 +120,10 @@ class Proxy:
         opening = list(self._opening.values())
         self._opening.clear()
         for drive in opening:
-            drive.cancel()
+            if isinstance(drive, Drive):
+                drive.cancel()
+            else:  # a plain client's connect_accepted_socket on uvloop: closing it closes the transport
+                drive.close()
         if opening:
             await asyncio.sleep(0)  # the cancelled handshakes close their transports on this iteration
 
@@ -153,7 +158,9 @@ class Proxy:
 
         No Task per client: the loop's ``connect_accepted_socket`` runs under a ``Drive`` (see
         ``drive.py``), the client pump's ``connection_made`` (after the TLS handshake, if any) starts
-        the dial, and the dial is a chain of callbacks too."""
+        the dial, and the dial is a chain of callbacks too. A plain client on uvloop does not even need
+        the Drive: the coroutine is started, which makes the transport, and finished when the session
+        is freed; its only other outcome, the handshake, does not exist without TLS."""
         loop = asyncio.get_running_loop()
         pool = self.pools[config.pool]
         sessions = self.sessions
@@ -193,6 +200,20 @@ class Proxy:
 
             client: socket.socket = sock  # type: ignore[assignment]  # uvloop takes an AcceptedFD as it is
             factory = itertools.repeat(session.client).__next__  # a C callable: no Python frame runs
+            if not tls and isinstance(sock, AcceptedFD):
+                # uvloop, plain: the coroutine only waits for connection_made, which our pump sees
+                # anyway. Started here, it is finished when the session is freed (Session.opener).
+                opener = loop.connect_accepted_socket(factory, client)
+                try:
+                    opener.send(None)  # the transport exists once this returns
+                except Exception as exc:
+                    with contextlib.suppress(OSError):
+                        os.close(sock)
+                    log.warning("accepting %s failed: %s", session.client_addr, exc)
+                    return
+                session.opener = opener
+                opening[session] = opener
+                return
             if tls:
                 coro = loop.connect_accepted_socket(
                     factory,

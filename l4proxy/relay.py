@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from . import splice
 from .accesslog import format_peer
@@ -164,6 +164,7 @@ class Session:
         "member",
         "on_client_ready",
         "on_end",
+        "opener",
         "seen",
         "started",
         "tls_info",
@@ -184,6 +185,7 @@ class Session:
         self.upstream: Pump | None = None
         self.member: Member | None = None
         self.dial: Dial | None = None  # the dial in flight, cancelled if the client leaves first
+        self.opener: Coroutine[Any, Any, Any] | None = None  # see Proxy: finished by _unlink
         self.client_address: object = None  # as accept() returned it; formatted only when logged
         self.seen = -1  # bytes moved as of the sweeper's last look; -1: not looked at yet
         self.started = time.time()
@@ -317,6 +319,14 @@ class Session:
         facts the access log reads stay."""
         self.dial = None
         self.on_client_ready = _noop
+        opener, self.opener = self.opener, None
+        if opener is not None:  # its transport is closed: let the coroutine return (or raise) now
+            try:
+                opener.send(None)
+            except StopIteration:
+                pass
+            except Exception:  # its waiter failed: nothing is left to clean up
+                pass
         for pump in (self.client, self.upstream):
             if pump is not None:
                 pump.peer = pump.out = None
