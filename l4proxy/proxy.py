@@ -187,17 +187,6 @@ class Proxy:
             session = Session(config, on_client_ready, on_end)
             session.client_address = address
 
-            def opened(exc: BaseException | None) -> None:
-                opening.pop(session, None)
-                if exc is None:
-                    return
-                sock.close()  # a no-op once a transport has taken the socket (or the descriptor)
-                if tls:
-                    self.tls_failures += 1
-                    log.warning("TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc))
-                else:
-                    log.warning("accepting %s failed: %s", session.client_addr, exc)
-
             client: socket.socket = sock  # type: ignore[assignment]  # uvloop takes an AcceptedFD as it is
             factory = itertools.repeat(session.client).__next__  # a C callable: no Python frame runs
             if not tls and isinstance(sock, AcceptedFD):
@@ -214,6 +203,18 @@ class Proxy:
                 session.opener = opener
                 opening[session] = opener
                 return
+
+            def opened(exc: BaseException | None) -> None:
+                opening.pop(session, None)
+                if exc is None:
+                    return
+                sock.close()  # a no-op once a transport has taken the socket (or the descriptor)
+                if tls:
+                    self.tls_failures += 1
+                    log.warning("TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc))
+                else:
+                    log.warning("accepting %s failed: %s", session.client_addr, exc)
+
             if tls:
                 coro = loop.connect_accepted_socket(
                     factory,
