@@ -42,7 +42,7 @@ class Pool:
         if self.forward is not None:
             self.forward(member, event, reason)
             return
-        change = member.health.observe(event, reason)
+        change = self.balancer.report(member, event, reason)
         if change is None:
             return
         if change.new is Status.DOWN:

@@ -115,8 +115,9 @@ class Proxy:
         self.access_log.close()
 
     async def _cancel_opening(self) -> None:
-        """Close clients still in their TLS handshake: they are not sessions yet, and must not become
-        sessions (dial, relay, log) after the drain has returned."""
+        """Close clients whose transport is not made yet (still in their TLS handshake, or accepted on
+        this loop iteration): they are not sessions yet, and must not become sessions (dial, relay, log)
+        after the drain has returned."""
         opening = list(self._opening.values())
         self._opening.clear()
         for drive in opening:
@@ -196,8 +197,7 @@ class Proxy:
                 try:
                     opener.send(None)  # the transport exists once this returns
                 except Exception as exc:
-                    with contextlib.suppress(OSError):
-                        os.close(sock)
+                    _close_unowned(sock)
                     log.warning("accepting %s failed: %s", session.client_addr, exc)
                     return
                 session.opener = opener
@@ -229,8 +229,7 @@ class Proxy:
                 if session.client.transport is None:
                     opening[session] = drive  # until connection_made; drain closes what is left
             elif isinstance(sock, AcceptedFD) and session.client.transport is None:
-                with contextlib.suppress(OSError):  # failed before any transport took the descriptor
-                    os.close(sock)
+                _close_unowned(sock)
 
         return serve
 
@@ -271,6 +270,12 @@ class Proxy:
                 half = session.half_closed
                 if now - session.last_active >= (limits.half_closed_timeout if half else limits.idle_timeout):
                     session.abort("half_closed_timeout" if half else "idle_timeout")
+
+
+def _close_unowned(fd: AcceptedFD) -> None:
+    """Close a client descriptor that no transport took (the loop failed before it could)."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _expire_dial(dial: Hashable) -> None:
