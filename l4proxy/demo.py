@@ -9,6 +9,7 @@ Nothing leaves 127.0.0.1.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -109,7 +110,12 @@ async def _until(condition: collections.abc.Callable[[], bool], timeout: float =
         await asyncio.sleep(0.05)
 
 
-def run() -> None:
+def run(argv: list[str] | None = None) -> None:
+    """Parse the (flag-less) command line first, so ``--help`` explains the tour instead of starting it."""
+    paragraphs = (__doc__ or "").replace("``", "").split("\n\n")
+    parser = argparse.ArgumentParser(prog="python -m l4proxy.demo", description=paragraphs[0],
+                                     epilog=" ".join(paragraphs[-1].split()))
+    parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="  [log] %(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
