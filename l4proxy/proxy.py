@@ -104,7 +104,8 @@ class Proxy:
         self._close_listeners()
         await self._cancel_opening()
         if self.sessions:
-            log.info("draining %d sessions for up to %.1fs", len(self.sessions), timeout)
+            count = len(self.sessions)
+            log.info("draining %d session%s for up to %.1fs", count, "" if count == 1 else "s", timeout)
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)

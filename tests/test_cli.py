@@ -275,7 +275,7 @@ def test_drain_stops_accepting_and_lets_open_sessions_finish(tmp_path: Path) -> 
         with proxy.connect() as client:
             assert exchange(client, b"before") == b"before"
             proxy.signal(signal.SIGTERM)
-            wait_until(lambda: "draining 1 sessions" in proxy.err(), 5, "drain log line")
+            wait_until(lambda: "draining 1 session for up to" in proxy.err(), 5, "drain log line")
             with pytest.raises(ConnectionRefusedError):
                 proxy.connect().close()
             assert exchange(client, b"during drain") == b"during drain"
@@ -317,7 +317,7 @@ def test_second_sigterm_forces_exit_during_drain(tmp_path: Path) -> None:
     ):
         assert exchange(client, b"hello") == b"hello"
         proxy.signal(signal.SIGTERM)
-        wait_until(lambda: "draining 1 sessions" in proxy.err(), 5, "drain log line")
+        wait_until(lambda: "draining 1 session for up to" in proxy.err(), 5, "drain log line")
         time.sleep(0.2)
         assert proxy.process.poll() is None  # still draining: the session is open
         proxy.signal(signal.SIGTERM)
