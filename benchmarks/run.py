@@ -1,4 +1,4 @@
-"""Benchmark runner: the same load against a direct connection, l4proxy, HAProxy and pproxy, interleaved.
+"""Benchmark runner: the same load against a direct connection, l4proxy, HAProxy, nginx and pproxy, interleaved.
 
 For each scenario it starts the upstream(s) and every available target, then takes samples in the order
 A B C A B C ... so slow drift of a shared, noisy machine falls on every target alike. Around each sample
@@ -77,8 +77,8 @@ DEFAULT_SCENARIOS = {
     "smoke": "rr,bulk,memory,connect,tls-term-rr,tls-connect,bulk-tls",
 }
 # l4proxy-w2 takes part only in the scenarios it lists (rr, connect, tls-connect); see targets.py
-DEFAULT_TARGETS = {"full": "direct,l4proxy,l4proxy-w2,haproxy,pproxy",
-                   "quick": "direct,l4proxy,l4proxy-w2,haproxy,pproxy", "smoke": "direct,l4proxy,l4proxy-w2"}
+DEFAULT_TARGETS = {"full": "direct,l4proxy,l4proxy-w2,haproxy,nginx,pproxy",
+                   "quick": "direct,l4proxy,l4proxy-w2,haproxy,nginx,pproxy", "smoke": "direct,l4proxy,l4proxy-w2"}
 
 
 def scenarios(p: dict[str, Any]) -> dict[str, Scenario]:
@@ -369,8 +369,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="samples per target and scenario")
     p.add_argument("--sessions", type=int, help="idle sessions for the memory scenario")
     p.add_argument("--procs", type=int, default=1, help="load generator processes for rr/connect")
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=HERE / "out",
+                   help="output folder (default benchmarks/out/, git-ignored; commit a run on purpose with "
+                        "--out benchmarks/results/NAME)")
     p.add_argument("--no-charts", action="store_true")
+    p.add_argument("--plan", action="store_true",
+                   help="print the scenarios, targets (and which are missing here) and budgets, then exit")
     args = p.parse_args(argv)
     args.profile = "quick" if args.quick else "smoke" if args.smoke else "full"
     return args
@@ -383,10 +387,12 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[str]
         prof["sessions"] = args.sessions
     names = (args.scenarios or DEFAULT_SCENARIOS[args.profile]).split(",")
     tnames = (args.targets or DEFAULT_TARGETS[args.profile]).split(",")
-    bad = [n for n in names if n not in scenarios(prof)] + [t for t in tnames if t not in TARGETS]
-    if bad:
-        raise SystemExit(f"unknown scenario/target: {','.join(bad)}; scenarios: {','.join(scenarios(prof))}; "
-                         f"targets: {','.join(TARGETS)}")
+    for flag, given, known in (("--scenarios", names, list(scenarios(prof))), ("--targets", tnames, list(TARGETS))):
+        bad = [n for n in given if n not in known]
+        if bad:
+            print(f"run.py: error: {flag} {','.join(bad)!r}: unknown; expected some of {','.join(known)}",
+                  file=sys.stderr)
+            raise SystemExit(2)
     if "redis" in names and not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
         print("redis scenario skipped: redis-server/redis-benchmark not installed", file=sys.stderr)
         names.remove("redis")
@@ -399,10 +405,25 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[str]
     return prof, names, tnames, nofile
 
 
+def describe_plan(args: argparse.Namespace, prof: dict[str, Any], names: list[str], tnames: list[str],
+                  repeats: int) -> str:
+    """What a run with these flags would do, without starting anything: a check of the command line."""
+    lines = [f"profile {args.profile}: {repeats} repeats, results to {args.out}",
+             f"scenarios: {','.join(names)}"]
+    for t in tnames:
+        why = TARGETS[t].available()
+        lines.append(f"target {t}: {'skipped: ' + why if why else 'available'}")
+    lines.append("budgets: " + ", ".join(f"{k}={v}" for k, v in prof.items()))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     prof, names, tnames, nofile = plan(args)
     known, repeats = scenarios(prof), args.repeats or prof["repeats"]
+    if args.plan:
+        print(describe_plan(args, prof, names, tnames, repeats))
+        return 0
     t0, started = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     machine = sysinfo.machine()
     with tempfile.TemporaryDirectory(prefix="l4bench-") as tmpdir:
