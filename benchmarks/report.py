@@ -1,7 +1,7 @@
 """Turning raw samples into medians, ratios, the performance-bar checks, Markdown and charts.
 
 Medians (not means) because the machine is shared: one sample hit by a neighbour's burst should not move
-the summary. Ratios are l4proxy / HAProxy and l4proxy / direct of those medians; for latency the
+the summary. Ratios are l4proxy / HAProxy, / nginx and / direct of those medians; for latency the
 interesting figure is the latency a proxy *adds* over the direct connection, so that is reported too.
 Two small tables follow the main one: l4proxy with 2 workers against 1 (and HAProxy), and bulk through
 TLS termination against a plain l4proxy session of the same run.
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 PCTS = ("p50", "p90", "p99", "p99.9")
-TARGET_ORDER = ("direct", "l4proxy", "l4proxy-w2", "l4proxy-plain", "haproxy", "pproxy")
+TARGET_ORDER = ("direct", "l4proxy", "l4proxy-w2", "l4proxy-plain", "haproxy", "nginx", "pproxy")
 COLORS = {"direct": "#888888", "l4proxy": "#22aa77", "l4proxy-w2": "#116644", "l4proxy-plain": "#88ddbb",
-          "haproxy": "#2277cc", "pproxy": "#cc7722"}
+          "haproxy": "#2277cc", "nginx": "#7744bb", "pproxy": "#cc7722"}
 
 
 def flat(sample: dict[str, Any]) -> dict[str, float]:
@@ -144,7 +144,7 @@ def scenario_rows(name: str, scn: dict[str, Any], targets: list[str]) -> list[st
     for key, label, _ in metrics(name, scn):
         cells = [status_cell(scn, t) or fmt(value(scn, t, key)) for t in targets]
         l4 = value(scn, "l4proxy", key)
-        ratios = [fmt(ratio(l4, value(scn, "haproxy", key))), fmt(ratio(l4, value(scn, "direct", key)))]
+        ratios = [fmt(ratio(l4, value(scn, t, key))) for t in ("haproxy", "nginx", "direct")]
         rows.append(f"| {name} | {label} | " + " | ".join(cells + ratios) + " |")
     return rows
 
@@ -152,8 +152,8 @@ def scenario_rows(name: str, scn: dict[str, Any], targets: list[str]) -> list[st
 def markdown(doc: dict[str, Any]) -> str:
     m, run = doc["machine"], doc["run"]
     targets = [t for t in TARGET_ORDER if t in run["targets"]]
-    head = (f"| scenario | metric | {' | '.join(targets)} | l4proxy / haproxy | l4proxy / direct |\n"
-            f"|---|---|{'---|' * len(targets)}---|---|")
+    head = (f"| scenario | metric | {' | '.join(targets)} | l4proxy / haproxy | l4proxy / nginx | l4proxy / direct |\n"
+            f"|---|---|{'---|' * len(targets)}---|---|---|")
     body = [row for name, scn in doc["scenarios"].items() for row in scenario_rows(name, scn, targets)]
     lines = [
         f"## Results ({run['profile']} run, {run['started']}, {run['seconds']} s)",
@@ -161,6 +161,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Machine: {m['cpu_model']}, {m['nproc']} cores, Linux {m['kernel']}; Python {m['python']}, "
         f"uvloop {m['uvloop']}, l4proxy {m['l4proxy']} (git {str(m['git']['commit'])[:12]}"
         f"{', dirty tree' if m['git']['dirty'] else ''}), {m['haproxy'] or 'no haproxy'}, "
+        f"{m.get('nginx') or 'no nginx'}, "
         f"pproxy {m['pproxy'] or '-'}; load average at start {m.get('loadavg_at_start')}.",
         f"Medians of {run['repeats']} interleaved samples per target; load generator processes: {run['procs']}.",
         "",
@@ -206,7 +207,8 @@ def tls_table(doc: dict[str, Any]) -> list[str]:
         return []
     plain = value(scn, "l4proxy-plain", "gbps")
     what = {"l4proxy-plain": "plain TCP through l4proxy", "l4proxy": "TLS terminated by l4proxy",
-            "haproxy": "TLS terminated by HAProxy", "direct": "TLS straight to the upstream"}
+            "haproxy": "TLS terminated by HAProxy", "nginx": "TLS terminated by nginx",
+            "direct": "TLS straight to the upstream"}
     rows = [f"| {t} | {what[t]} | {status_cell(scn, t) or fmt(value(scn, t, 'gbps'))} | "
             f"{fmt(value(scn, t, 'cpu_us_per_gb'))} | {fmt(ratio(value(scn, t, 'gbps'), plain))} |"
             for t in what if t in scn["targets"]]

@@ -56,6 +56,7 @@ def machine() -> dict[str, Any]:
         "l4proxy": version("l4proxy"),
         "pproxy": version("pproxy"),
         "haproxy": first_line(["haproxy", "-v"]),
+        "nginx": first_line(["nginx", "-v"]),
         "redis": first_line(["redis-server", "--version"]),
         "git": git_state(),
     }

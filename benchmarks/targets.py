@@ -349,6 +349,86 @@ backend be
 """
 
 
+class Nginx(Target):
+    """nginx's stream module: least_conn, one worker process, the timeouts and a log file like the others."""
+
+    name = "nginx"
+    MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/usr/local/nginx/modules")
+
+    def available(self) -> str | None:
+        if not shutil.which("nginx"):
+            return "nginx not on PATH"
+        if not stream_built_in() and not self.stream_module():
+            return "nginx has no stream module (Debian: apt-get install libnginx-mod-stream)"
+        return None
+
+    def stream_module(self) -> str | None:
+        """The dynamic stream module's path, when nginx was built with --with-stream=dynamic."""
+        for d in self.MODULE_DIRS:
+            path = Path(d) / "ngx_stream_module.so"
+            if path.exists():
+                return str(path)
+        return None
+
+    def start(self, env: Env) -> Running:
+        port, (uh, up) = free_port(), env.proxy_upstream
+        cfg = env.tmp / f"nginx-{env.scenario}.conf"
+        module = None if stream_built_in() else self.stream_module()
+        cfg.write_text(nginx_config(port, uh, up, env, module))
+        # -e: the error log from the first moment (before the config is read) goes to stderr, not /var/log
+        cmd = ["nginx", "-e", "stderr", "-p", str(env.tmp), "-c", str(cfg)]
+        proc = spawn(f"nginx-{env.scenario}", cmd, env.tmp)
+        return ready(Running(("127.0.0.1", port), env.tls == "term", proc))
+
+
+def stream_built_in() -> bool:
+    """Whether nginx was compiled with the stream module linked in (``--with-stream`` not ``=dynamic``)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        flags = subprocess.run(["nginx", "-V"], capture_output=True, text=True, timeout=10).stderr.split()
+        return "--with-stream" in flags
+    return False
+
+
+def nginx_config(port: int, uh: str, up: int, env: Env, module: str | None) -> str:
+    """One worker process, one stream server, one upstream; the access log goes to a file.
+
+    nginx open source has no active health checks: ``max_fails``/``fail_timeout`` are its passive ones.
+    ``proxy_timeout`` is nginx's idle timeout between two reads or writes, like l4proxy's --idle-timeout.
+    """
+    conns = haproxy_maxconn(env.sessions) * 2  # a session is two connections for nginx
+    load = f"load_module {module};\n" if module else ""
+    server_tls = (f"        ssl_certificate {env.certs.cert};\n        ssl_certificate_key {env.certs.key};\n"
+                  if env.tls == "term" and env.certs else "")
+    orig_tls = (f"        proxy_ssl on;\n        proxy_ssl_verify on;\n"
+                f"        proxy_ssl_trusted_certificate {env.certs.ca};\n        proxy_ssl_name localhost;\n"
+                if env.tls == "orig" and env.certs else "")
+    log = env.tmp / f"nginx-access-{env.scenario}.log"
+    return f"""{load}worker_processes 1;
+daemon off;
+pid {env.tmp}/nginx-{env.scenario}.pid;
+error_log stderr warn;
+worker_rlimit_nofile {conns + 100};
+events {{
+    worker_connections {conns};
+}}
+stream {{
+    log_format tcp '$time_iso8601 client=$remote_addr:$remote_port upstream=$upstream_addr '
+                   'in=$bytes_received out=$bytes_sent duration=$session_time status=$status';
+    access_log {log} tcp;
+    upstream be {{
+        least_conn;
+        server {uh}:{up} max_fails=3 fail_timeout=10s;
+    }}
+    server {{
+        listen 127.0.0.1:{port}{' ssl' if env.tls == 'term' else ''};
+        proxy_pass be;
+        proxy_connect_timeout 5s;
+        proxy_timeout 1h;
+{server_tls}{orig_tls}    }}
+}}
+"""
+
+
 class Pproxy(Target):
     """pproxy in tunnel mode: the most complete pure-Python TCP proxy, for a same-language comparison."""
 
@@ -387,7 +467,7 @@ def ready(run: Running) -> Running:
 
 
 TARGETS: dict[str, Target] = {
-    t.name: t for t in (Direct(), L4proxy(), L4proxyWorkers(), L4proxyPlain(), Haproxy(), Pproxy())
+    t.name: t for t in (Direct(), L4proxy(), L4proxyWorkers(), L4proxyPlain(), Haproxy(), Nginx(), Pproxy())
 }
 
 
