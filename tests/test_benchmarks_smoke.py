@@ -2,7 +2,9 @@
 l4proxy with two workers.
 
 Checks the shape and sanity of the JSON it writes (positive rates, ordered percentiles, byte counts that
-match), never speed: the numbers of a shared machine are not a test. HAProxy is not needed.
+match), never speed: the numbers of a shared machine are not a test. A second smoke run takes HAProxy and
+nginx through plain and TLS scenarios, so the configurations the runner writes for them keep working
+(CI installs both; a missing one fails, it never skips).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from .servers import require
+
 ROOT = Path(__file__).resolve().parent.parent
 PCTS = ("p50", "p90", "p99", "p99.9")
 
@@ -22,12 +26,17 @@ PCTS = ("p50", "p90", "p99", "p99.9")
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--no-charts", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = smoke(out)
     assert "| scenario | metric |" in done.stdout
     assert (out / "results.md").read_text().startswith("## Results")
     return out
+
+
+def smoke(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--no-charts", "--out", str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +145,36 @@ def test_markdown_has_the_workers_and_tls_tables(results_md: str) -> None:
     assert "| connect | sessions per worker (access log) |" in results_md
     assert "### TLS termination vs plain" in results_md
     assert "| tls-connect | handshakes/s |" in results_md
+
+
+OTHER_PROXIES = ("haproxy", "nginx")
+OTHER_SCENARIOS = ("rr", "connect", "tls-term-rr", "tls-orig-rr")
+
+
+@pytest.fixture(scope="module")
+def others(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """The smoke run with the other proxies users choose between, in plain and both TLS directions."""
+    for command in OTHER_PROXIES:
+        require(command)
+    out = tmp_path_factory.mktemp("bench-others")
+    smoke(out, "--targets", ",".join(("direct", *OTHER_PROXIES)), "--scenarios", ",".join(OTHER_SCENARIOS))
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("scenario", OTHER_SCENARIOS)
+@pytest.mark.parametrize("target", OTHER_PROXIES)
+def test_haproxy_and_nginx_carry_plain_and_tls_load(
+    others: tuple[dict[str, Any], str], scenario: str, target: str
+) -> None:
+    results, _ = others
+    (s,) = samples(results, scenario, target)
+    assert s["rate"] > 0 and s["requests"] > 0 and s["errors"] == 0
+    assert s["cpu_s"] >= 0
+    assert s.get("tls", False) == scenario.startswith("tls-term")  # the client speaks TLS only to a terminator
+
+
+def test_the_report_names_nginx_and_compares_with_it(others: tuple[dict[str, Any], str]) -> None:
+    results, md = others
+    assert results["machine"]["nginx"].startswith("nginx version: nginx/")
+    assert "| l4proxy / haproxy | l4proxy / nginx | l4proxy / direct |" in md
+    assert "| direct | haproxy | nginx |" in md
