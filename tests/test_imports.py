@@ -30,6 +30,7 @@ PURE_MODULES = {
     "balancer": {"balancer", "config", "errors", "health"},
     "accesslog": {"accesslog"},  # imports relay only for type checking
     "outlier": {"outlier", "errors"},
+    "budget": {"budget", "errors"},
 }
 
 _PROBE = """
