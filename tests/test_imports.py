@@ -31,6 +31,7 @@ PURE_MODULES = {
     "accesslog": {"accesslog"},  # imports relay only for type checking
     "outlier": {"outlier", "errors"},
     "budget": {"budget", "errors"},
+    "slowstart": {"slowstart"},
 }
 
 _PROBE = """
