@@ -32,6 +32,7 @@ PURE_MODULES = {
     "outlier": {"outlier", "errors"},
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
+    "acl": {"acl", "errors"},
 }
 
 _PROBE = """
