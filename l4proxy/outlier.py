@@ -62,7 +62,7 @@ class OutlierPolicy:
         return min(self.eject_time * ejections, self.max_eject_time)
 
 
-class In(enum.Enum):
+class State(enum.Enum):
     """Whether the member is in the pool or ejected from it."""
 
     __hash__ = object.__hash__  # members are singletons; Enum's own __hash__ is Python code
@@ -88,15 +88,15 @@ class _Act(enum.Enum):
     RETURN_IF_DUE = "return_if_due"  # end the ejection if its deadline has come
 
 
-_TRANSITIONS: dict[tuple[In, Event], _Act] = {
-    (In.IN, Event.FAILURE): _Act.COUNT,
-    (In.IN, Event.SUCCESS): _Act.RESET,
-    (In.IN, Event.PROBE_OK): _Act.IGNORE,
-    (In.IN, Event.EXPIRE): _Act.IGNORE,
-    (In.OUT, Event.FAILURE): _Act.IGNORE,
-    (In.OUT, Event.SUCCESS): _Act.IGNORE,
-    (In.OUT, Event.PROBE_OK): _Act.RETURN,
-    (In.OUT, Event.EXPIRE): _Act.RETURN_IF_DUE,
+_TRANSITIONS: dict[tuple[State, Event], _Act] = {
+    (State.IN, Event.FAILURE): _Act.COUNT,
+    (State.IN, Event.SUCCESS): _Act.RESET,
+    (State.IN, Event.PROBE_OK): _Act.IGNORE,
+    (State.IN, Event.EXPIRE): _Act.IGNORE,
+    (State.OUT, Event.FAILURE): _Act.IGNORE,
+    (State.OUT, Event.SUCCESS): _Act.IGNORE,
+    (State.OUT, Event.PROBE_OK): _Act.RETURN,
+    (State.OUT, Event.EXPIRE): _Act.RETURN_IF_DUE,
 }
 
 
@@ -129,7 +129,7 @@ class MemberOutlier:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.state = In.IN
+        self.state = State.IN
         self.streak = 0
         self.until = 0.0  # meaningful while OUT
         self.ejections = 0  # k, as of ``since``
@@ -137,7 +137,7 @@ class MemberOutlier:
 
     def ejections_at(self, now: float, policy: OutlierPolicy) -> int:
         """k after decay: one less for every full ``eject_time`` in since the last ejection ended."""
-        if self.state is In.OUT or self.ejections == 0:
+        if self.state is State.OUT or self.ejections == 0:
             return self.ejections
         return max(0, self.ejections - int((now - self.since) // policy.eject_time))
 
@@ -165,7 +165,7 @@ class OutlierTable:
     def remove(self, name: str) -> None:
         """Forget a member; if it was out, that frees room under the cap."""
         member = self.members.pop(name)
-        if member.state is In.OUT:
+        if member.state is State.OUT:
             self.ejected -= 1
 
     def room(self) -> int:
@@ -190,16 +190,17 @@ class OutlierTable:
             return self._eject(member, now, reason)
         if act is _Act.RETURN_IF_DUE and now < member.until:
             return None
-        return self._return(member, now, reason or "ejection over")
+        default = "ejection over" if event is Event.EXPIRE else "active check passed"
+        return self._return(member, now, reason or default)
 
     def expire(self, now: float) -> list[Change]:
         """End every ejection whose deadline has come."""
-        due = [m for m in self.members.values() if m.state is In.OUT and m.until <= now]
+        due = [m for m in self.members.values() if m.state is State.OUT and m.until <= now]
         return [self._return(m, now, "ejection over") for m in due]
 
     def next_deadline(self) -> float | None:
         """The earliest end of an ejection, for the owner's one timer; None when nothing is out."""
-        return min((m.until for m in self.members.values() if m.state is In.OUT), default=None)
+        return min((m.until for m in self.members.values() if m.state is State.OUT), default=None)
 
     def _eject(self, member: MemberOutlier, now: float, reason: str) -> Change | None:
         policy = self.policy
@@ -209,13 +210,13 @@ class OutlierTable:
                 return None  # reported when the streak first reached eject_after
             return Change(member.name, Verdict.HELD, None, decayed, f"{reason}; {self._cap_text()}")
         k = min(decayed + 1, policy.max_ejections)
-        member.state, member.streak, member.ejections = In.OUT, 0, k
+        member.state, member.streak, member.ejections = State.OUT, 0, k
         member.until = now + policy.duration(k)
         self.ejected += 1
         return Change(member.name, Verdict.EJECTED, member.until, k, reason)
 
     def _return(self, member: MemberOutlier, now: float, reason: str) -> Change:
-        member.state, member.streak, member.since = In.IN, 0, now
+        member.state, member.streak, member.since = State.IN, 0, now
         self.ejected -= 1
         return Change(member.name, Verdict.RETURNED, None, member.ejections, reason)
 

@@ -18,9 +18,9 @@ from l4proxy.outlier import (
     _TRANSITIONS,
     Change,
     Event,
-    In,
     OutlierPolicy,
     OutlierTable,
+    State,
     Verdict,
     _Act,
 )
@@ -44,7 +44,7 @@ class Step(NamedTuple):
 
 def snapshot(table: OutlierTable) -> Snapshot:
     return {
-        name: (m.state.value, m.streak, m.ejections, m.until if m.state is In.OUT else None)
+        name: (m.state.value, m.streak, m.ejections, m.until if m.state is State.OUT else None)
         for name, m in table.members.items()
     }
 
@@ -60,7 +60,7 @@ def run_script(table: OutlierTable, steps: list[Step]) -> None:
             change = table.observe(member, step.event, step.now, step.reason)
         where = f"step {number}: {step.member} {step.event.name} at {step.now}"
         assert (snapshot(table), change) == (step.state, step.change), where
-        assert table.ejected == sum(m.state is In.OUT for m in table.members.values()), where
+        assert table.ejected == sum(m.state is State.OUT for m in table.members.values()), where
 
 
 def inn(streak: int = 0, k: int = 0) -> tuple[str, int, int, None]:
@@ -212,7 +212,7 @@ def test_adding_a_member_keeps_an_existing_one() -> None:
     a = table.members["a"]
     a.streak = 2
     assert table.add("a") is a and a.streak == 2
-    assert table.add("b").state is In.IN and len(table.members) == 2
+    assert table.add("b").state is State.IN and len(table.members) == 2
 
 
 @pytest.mark.parametrize(("members", "percent", "allowed"), [
@@ -261,13 +261,13 @@ def test_the_defaults_are_envoys_but_half_the_pool() -> None:
 
 
 def test_table_covers_every_state_and_event() -> None:
-    assert set(_TRANSITIONS) == set(itertools.product(In, Event))
+    assert set(_TRANSITIONS) == set(itertools.product(State, Event))
 
 
-@pytest.mark.parametrize(("state", "event"), list(itertools.product(In, Event)))
-def test_table_follows_the_stated_rules(state: In, event: Event) -> None:
+@pytest.mark.parametrize(("state", "event"), list(itertools.product(State, Event)))
+def test_table_follows_the_stated_rules(state: State, event: Event) -> None:
     """The module docstring's rules, restated independently of the table."""
-    if state is In.IN:
+    if state is State.IN:
         expected = {FAIL: _Act.COUNT, OK: _Act.RESET}.get(event, _Act.IGNORE)
     else:
         expected = {PROBE: _Act.RETURN, EXPIRE: _Act.RETURN_IF_DUE}.get(event, _Act.IGNORE)
@@ -291,6 +291,15 @@ def test_random_runs_keep_the_invariants(seed: int) -> None:
                 ejections += 1
                 assert change.until == now + policy.duration(change.ejections)
         assert table.ejected <= 2  # 40% of 6, rounded down
-        assert table.ejected == sum(m.state is In.OUT for m in table.members.values())
+        assert table.ejected == sum(m.state is State.OUT for m in table.members.values())
         assert all(0 <= m.ejections <= policy.max_ejections for m in table.members.values())
     assert ejections > 20  # the run did exercise ejection
+
+
+def test_returns_say_why_when_the_caller_gives_no_reason() -> None:
+    table = OutlierTable(OutlierPolicy(1, 30, 300, 100), ("a", "b"))
+    a, b = table.members["a"], table.members["b"]
+    table.observe(a, FAIL, 0)
+    table.observe(b, FAIL, 0)
+    assert table.observe(a, PROBE, 1) == Change("a", RETURNED, None, 1, "active check passed")
+    assert table.observe(b, EXPIRE, 30) == Change("b", RETURNED, None, 1, "ejection over")
