@@ -206,7 +206,7 @@ def _source_int(host: str) -> tuple[int, int] | None:
 
 @dataclass(frozen=True, slots=True)
 class SourceLimits:
-    """Per-source limits of one listener; None switches a limit off."""
+    """Per-source limits of one listener (per process with ``--workers``); None switches a limit off."""
 
     max_connections_per_ip: int | None = None
     rate_per_ip: int | None = None
@@ -231,7 +231,10 @@ class _Source:
 
 
 class SourceTable:
-    """Live connections and token buckets per source, bounded in memory (see the module docstring)."""
+    """Live connections and token buckets per source, bounded in memory (see the module docstring).
+
+    Build one only when a limit is set: with none, a listener needs no table and pays nothing.
+    """
 
     def __init__(self, limits: SourceLimits) -> None:
         self.max_connections = limits.max_connections_per_ip
