@@ -29,6 +29,10 @@ PURE_MODULES = {
     "health": {"health"},
     "balancer": {"balancer", "config", "errors", "health"},
     "accesslog": {"accesslog"},  # imports relay only for type checking
+    "outlier": {"outlier", "errors"},
+    "budget": {"budget", "errors"},
+    "slowstart": {"slowstart"},
+    "acl": {"acl", "errors"},
 }
 
 _PROBE = """
