@@ -25,7 +25,7 @@ def make_balancer(count: int, health: HealthConfig = HEALTH) -> Balancer:
 def take_down(balancer: Balancer, member: Member) -> None:
     """``fall`` failures in a row, as the prober or dialer would report them."""
     for _ in range(member.health.fall):
-        balancer.report(member, Event.PROBE_FAIL, "refused")
+        member.health.observe(Event.PROBE_FAIL, "refused")
     assert member.health.status is Status.DOWN
 
 
@@ -172,8 +172,8 @@ def test_member_back_up_is_picked_again() -> None:
     balancer = make_balancer(2)
     a, b = balancer.members
     take_down(balancer, b)
-    assert balancer.report(b, Event.PROBE_OK, "ok") is None
-    assert balancer.report(b, Event.PROBE_OK, "tcp connect ok") == Change(Status.DOWN, Status.UP, "tcp connect ok")
+    assert b.health.observe(Event.PROBE_OK, "ok") is None
+    assert b.health.observe(Event.PROBE_OK, "tcp connect ok") == Change(Status.DOWN, Status.UP, "tcp connect ok")
     assert balancer.any_up and b.up
     assert short_sessions(balancer, 10) == {a.name: 5, b.name: 5}
 
@@ -181,7 +181,7 @@ def test_member_back_up_is_picked_again() -> None:
 def test_passive_failures_take_a_member_out_of_the_pick() -> None:
     balancer = make_balancer(2)
     a, b = balancer.members
-    changes = [balancer.report(a, Event.TRAFFIC_FAIL, "refused") for _ in range(3)]
+    changes = [a.health.observe(Event.TRAFFIC_FAIL, "refused") for _ in range(3)]
     assert changes == [None, None, Change(Status.UP, Status.DOWN, "refused")]
     assert short_sessions(balancer, 4) == {b.name: 4}
 

@@ -34,7 +34,8 @@ from l4proxy.balancer import Balancer
 from l4proxy.config import Address, HealthConfig
 from l4proxy.errors import ConfigError
 from l4proxy.health import Event
-from l4proxy.workers import HealthThread, SharedTable, WorkerView, _HealthPool, forwarder, parse_workers
+from l4proxy.table import SharedTable, WorkerView, forwarder
+from l4proxy.workers import HealthThread, _HealthPool, parse_workers
 
 from .kit import Handler, Upstream, connect, echo, eventually, make_config, refused_address, roundtrip, upstreams
 
@@ -315,7 +316,10 @@ def two_workers() -> tuple[SharedTable, Balancer, Balancer]:
     members = [Address("127.0.0.1", 1), Address("127.0.0.1", 2)]
     table = SharedTable(make_config(members), 2)
     health = HealthConfig()
-    first, second = (Balancer(members, health, WorkerView(table, w, 0, 2)) for w in (0, 1))
+    first, second = (Balancer(members, health, WorkerView(table, w)) for w in (0, 1))
+    for balancer in (first, second):
+        for member in balancer.members:
+            member.slot = table.slots("default")[member.key]
     return table, first, second
 
 
@@ -352,7 +356,7 @@ def test_passive_failures_from_two_workers_make_one_down(caplog: pytest.LogCaptu
     table = SharedTable(config, 2)
     health = HealthThread(config, table)
     pool = _HealthPool(config.pools[0], table)
-    forwards = [forwarder(table, w, 0) for w in (0, 1)]
+    forwards = [forwarder(table, w) for w in (0, 1)]
     forwards[0](pool.members[1], Event.TRAFFIC_FAIL, "connect failed: refused")
     health._passive(pool)
     assert pool.members[1].up and table.up[1] == 1
@@ -375,7 +379,7 @@ def test_a_success_in_the_same_interval_clears_the_streak() -> None:
     table = SharedTable(config, 2)
     health = HealthThread(config, table)
     pool = _HealthPool(config.pools[0], table)
-    forward = forwarder(table, 1, 0)
+    forward = forwarder(table, 1)
     for event in (Event.TRAFFIC_FAIL, Event.TRAFFIC_OK, Event.TRAFFIC_FAIL):
         forward(pool.members[0], event, "connect failed: refused")
     health._passive(pool)
