@@ -68,11 +68,11 @@ class Pool:
             self.probes.sync()
         if (added or removed) and self.forward is None:  # a worker's pool follows the supervisor's, which logs
             log.info(
-                "pool %s now has %d members: added %s; removed %s",
+                "pool %s updated: added %s; removed %s; %d in all",
                 self.name,
-                len(self.members),
                 ", ".join(m.name for m in added) or "none",
-                ", ".join(f"{m.name} ({m.active} sessions left)" for m in removed) or "none",
+                ", ".join(m.name for m in removed) or "none",
+                len(self.members),
             )
         return added, removed
 

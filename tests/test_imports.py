@@ -29,6 +29,7 @@ PURE_MODULES = {
     "health": {"health"},
     "balancer": {"balancer", "config", "errors", "health"},
     "accesslog": {"accesslog"},  # imports relay only for type checking
+    "table": {"table", "balancer", "config", "errors", "health"},
 }
 
 _PROBE = """
