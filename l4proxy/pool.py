@@ -64,6 +64,9 @@ class Pool:
             timer = self._ejections.pop(member, None)
             if timer is not None:
                 timer.cancel()
+        for member in added:  # a DOWN member added back while it drained: its ejection starts again
+            if not member.health.up and self.forward is None and not self.config.health.enabled:
+                self._eject(member)
         if self.probes is not None:
             self.probes.sync()
         if (added or removed) and self.forward is None:  # a worker's pool follows the supervisor's, which logs
@@ -96,10 +99,13 @@ class Pool:
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
             if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
-                loop = asyncio.get_running_loop()
-                self._ejections[member] = loop.call_later(self.config.health.eject_time, self._ejection_over, member)
+                self._eject(member)
         else:
             log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)
+
+    def _eject(self, member: Member) -> None:
+        loop = asyncio.get_running_loop()
+        self._ejections[member] = loop.call_later(self.config.health.eject_time, self._ejection_over, member)
 
     def _ejection_over(self, member: Member) -> None:
         self._ejections.pop(member, None)

@@ -18,7 +18,7 @@ import pytest
 
 from l4proxy import HealthConfig
 from l4proxy.errors import ConfigError
-from l4proxy.health import Status
+from l4proxy.health import Event, Status
 
 from .kit import connect, eventually, make_config, refused_address, roundtrip, running, upstreams
 
@@ -141,3 +141,25 @@ async def test_an_empty_update_is_refused_and_changes_nothing() -> None:
         assert pool.members == before and pool.config.members == (a.address,)
         with contextlib.suppress(ConnectionError):
             assert await roundtrip(proxy.port(), b"ok") == b"ok"
+
+
+async def test_a_down_member_added_back_while_draining_is_ejected_for_its_time_again() -> None:
+    """Without probes only the ejection timer brings a DOWN member back; removing the member cancels
+    it, so adding the member back (still draining, still DOWN) must start it again."""
+    passive = HealthConfig(enabled=False, fall=1, eject_time=0.2)
+    async with upstreams(2) as [a, b], running(make_config([a.address, b.address], health=passive)) as (proxy, log):
+        pool = proxy.pools["default"]
+        reader, writer = await connect(proxy.port())
+        writer.write(b"hold")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"hold"
+        [session] = proxy.sessions
+        member = session.member
+        assert member is not None
+        pool.report(member, Event.TRAFFIC_FAIL, "connect failed: refused")
+        assert member.health.status is Status.DOWN
+        others = [m.address for m in pool.members if m is not member]
+        pool.update(others)
+        pool.update([*others, member.address])
+        await eventually(lambda: member.health.status is Status.UP, timeout=2)
+        writer.close()
+        await log.wait_for(1)
