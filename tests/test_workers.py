@@ -47,6 +47,7 @@ from .kit import (
     echo,
     eventually,
     make_config,
+    open_session,
     refused_address,
     roundtrip,
     upstreams,
@@ -486,12 +487,7 @@ async def test_a_worker_follows_the_supervisors_update(tmp_path: Path) -> None:
 
 async def _follow(supervisor: Supervisor, proxy: Proxy, log: RecordingLog, new: Upstream) -> None:
     table, pool = supervisor.table, proxy.pools["default"]
-    reader, writer = await connect(proxy.port())
-    writer.write(b"open")
-    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"open"
-    [session] = proxy.sessions
-    leaving = session.member
-    assert leaving is not None
+    reader, writer, leaving = await open_session(proxy)
     old_slot = leaving.slot
     staying = next(m for m in pool.members if m is not leaving)
     added, removed = await asyncio.wrap_future(supervisor.health.update("default", [staying.address, new.address]))
