@@ -76,7 +76,7 @@ log = logging.getLogger("l4proxy.workers")
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 MAX_WORKERS = 256
-_POLL = 0.05  # how often the supervisor looks at passive results
+_POLL = 0.05  # how often the supervisor looks at passive results, and a worker at the generation
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 _STABLE = 10.0  # a worker that lived this long is replaced after the shortest back-off
 _PIPE_BUF = 4096
