@@ -53,14 +53,6 @@ _second: list[object] = [None, ""]  # the last whole second formatted, and its t
 _MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
-def _stamp(when: float) -> str:
-    """The time stamp of a record that starts at ``when``."""
-    whole = int(when)
-    if _second[0] != whole:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}{_MILLIS[int((when - whole) * 1000)]}"
-
-
 def _quote(value: str) -> str:
     return f'"{value}"' if (" " in value or not value) else value
 

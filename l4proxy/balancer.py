@@ -8,38 +8,62 @@ sessions evenly instead of the first member taking every tie.
 When no member is UP the pick returns None and the client is closed at once, as HAProxy does with all
 servers down (no "panic mode" routing to unhealthy members).
 
+A member is identified by its key (``member_keys``: its configured ``host:port``), not by its place in
+the list, so ``update`` can change the members in place: members that stay keep their object, and with
+it their health and session counts; removed ones leave the pick at once and are kept in ``draining``
+while their sessions finish (a member added back before then is the same object again).
+
 With ``--workers N`` the counts and statuses that matter are global: ``workers.py`` gives the balancer
 a ``LoadView`` over shared memory, and the pick reads each member's load and status through it (sum of
-every worker's count). ``acquire``/``release`` still keep ``Member.active`` (this process's sessions)
-and publish it to the view. Without a view (one process) the pick reads ``Member`` directly, as fast as
-before.
+every worker's count) at the member's ``slot``. ``acquire``/``release`` still keep ``Member.active``
+(this process's sessions) and publish it to the view. Without a view (one process) the pick reads
+``Member`` directly, as fast as before.
 
 Pure: no sockets, no clock.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from .config import Address, HealthConfig
-from .health import Change, Event, HealthState, Status
+from .health import HealthState, Status
 
 UP = Status.UP
 
 
+def member_keys(addresses: Sequence[Address]) -> list[str]:
+    """Each member's identity: its configured ``host:port``; a repeated address gets ``#2``, ``#3``..."""
+    seen: Counter[str] = Counter()
+    keys = []
+    for address in addresses:
+        key = str(address)
+        seen[key] += 1
+        keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+    return keys
+
+
 class Member:
-    """A pool member's live state: address, active session count, weight and health."""
+    """A pool member's live state: address, active session count, weight and health.
 
-    __slots__ = ("active", "address", "health", "index", "name", "total", "weight")
+    ``index`` is its place in the pool's list (the pick's rotation), ``slot`` its place in the workers'
+    shared table (-1 in one process); ``draining`` is set while it is out of the pool with sessions left.
+    """
 
-    def __init__(self, address: Address, index: int, health: HealthConfig, weight: int = 1) -> None:
+    __slots__ = ("active", "address", "draining", "health", "index", "key", "name", "slot", "total", "weight")
+
+    def __init__(self, address: Address, key: str, health: HealthConfig, weight: int = 1) -> None:
         self.address = address
+        self.key = key
         self.name = str(address)
-        self.index = index
+        self.index = 0
+        self.slot = -1
         self.weight = weight
         self.active = 0
         self.total = 0
+        self.draining = False
         self.health = HealthState(health.rise, health.fall)
 
     @property
@@ -51,18 +75,18 @@ class Member:
 
 
 class LoadView(Protocol):
-    """Members' load and status as seen across processes (``workers.SharedTable``), by member index."""
+    """Members' load and status as seen across processes (``workers.SharedTable``), by member slot."""
 
-    def active(self, index: int) -> int:
-        """Sessions on member ``index`` in every process."""
+    def active(self, slot: int) -> int:
+        """Sessions on the member in ``slot`` in every process."""
         ...
 
-    def up(self, index: int) -> bool:
-        """Whether member ``index`` is UP (decided by the one process that runs health checks)."""
+    def up(self, slot: int) -> bool:
+        """Whether the member in ``slot`` is UP (decided by the one process that runs health checks)."""
         ...
 
-    def publish(self, index: int, active: int) -> None:
-        """This process now has ``active`` sessions on member ``index``."""
+    def publish(self, slot: int, active: int) -> None:
+        """This process now has ``active`` sessions on the member in ``slot``."""
         ...
 
 
@@ -70,9 +94,39 @@ class Balancer:
     """The members of one pool and the least-connections pick."""
 
     def __init__(self, addresses: Sequence[Address], health: HealthConfig, view: LoadView | None = None) -> None:
-        self.members = [Member(a, i, health) for i, a in enumerate(addresses)]
+        self.health = health
+        self.members: list[Member] = []
+        self.draining: dict[str, Member] = {}  # removed members whose sessions are not all over yet
         self.view = view
         self._next = 0
+        self.update(addresses)
+
+    def update(self, addresses: Sequence[Address]) -> tuple[list[Member], list[Member]]:
+        """Make the members ``addresses``, matched by key; returns the (added, removed) members.
+
+        A member that stays keeps its object (health, counts); a removed one leaves the pick and waits in
+        ``draining`` until its sessions are over; a draining member added back is revived as it is."""
+        for key in [k for k, m in self.draining.items() if m.active == 0]:
+            del self.draining[key]
+        current = {m.key: m for m in self.members}
+        members: list[Member] = []
+        added: list[Member] = []
+        for key, address in zip(member_keys(addresses), addresses, strict=True):
+            member = current.pop(key, None)
+            if member is None:
+                member = self.draining.pop(key, None) or Member(address, key, self.health)
+                member.draining = False
+                added.append(member)
+            member.index = len(members)
+            members.append(member)
+        removed = list(current.values())
+        for member in removed:
+            member.draining = True
+            if member.active:
+                self.draining[member.key] = member
+        self.members = members
+        self._next %= len(members) or 1
+        return added, removed
 
     def pick(self, tried: Collection[Member] = ()) -> Member | None:
         """The least-loaded UP member not in ``tried``; None when there is none."""
@@ -91,9 +145,9 @@ class Balancer:
                     continue
                 load = member.active / member.weight
             else:  # several workers: every worker's count, status from the supervisor
-                if not view.up(member.index):
+                if not view.up(member.slot):
                     continue
-                load = view.active(member.index) / member.weight
+                load = view.active(member.slot) / member.weight
             if best is None or load < best_load:
                 best, best_load = member, load
         if best is not None:
@@ -105,19 +159,15 @@ class Balancer:
         member.active += 1
         member.total += 1
         if self.view is not None:
-            self.view.publish(member.index, member.active)
+            self.view.publish(member.slot, member.active)
 
     def release(self, member: Member) -> None:
         member.active -= 1
         if self.view is not None:
-            self.view.publish(member.index, member.active)
-
-    def report(self, member: Member, event: Event, reason: str = "") -> Change | None:
-        """Feed one active or passive result into the member's health state."""
-        return member.health.observe(event, reason)
+            self.view.publish(member.slot, member.active)
 
     @property
     def any_up(self) -> bool:
         if self.view is not None:
-            return any(self.view.up(m.index) for m in self.members)
+            return any(self.view.up(m.slot) for m in self.members)
         return any(m.health.up for m in self.members)

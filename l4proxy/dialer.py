@@ -24,7 +24,7 @@ from typing import Any
 from .balancer import Member
 from .deadlines import Deadlines
 from .drive import Drive
-from .health import Event, Status
+from .health import Event
 from .pool import Pool
 from .relay import Pump, Session
 
@@ -122,9 +122,7 @@ class Dial:
         self.deadline.discard(self)
         self.deadline = None
         session, member, pump = self.session, self.member, self.pump
-        health = member.health
-        if health.streak or health.status is not Status.UP or self.pool.forward is not None:
-            self.pool.report(member, Event.TRAFFIC_OK)  # else nothing would change: skip two calls
+        self.pool.connect_ok(member)
         session.dial = None
         self.pump = self.member = None
         if session.ended:  # the client left as the connect completed

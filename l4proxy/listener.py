@@ -21,7 +21,6 @@ import logging
 import os
 import resource
 import socket
-import ssl
 from collections.abc import Callable
 
 from .config import ListenerConfig
@@ -116,11 +115,9 @@ class Listener:
         self,
         config: ListenerConfig,
         serve: Callable[[socket.socket | AcceptedFD, object], None],
-        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.serve = serve
-        self.ssl_context = ssl_context
         self.sockets: list[socket.socket] = []
         self.accepted = 0
         self.exhausted = 0  # times accepting paused for lack of descriptors

@@ -1,7 +1,12 @@
 """A pool at run time: its balancer, its settings, and one place that logs health changes.
 
 Both the dialer (passive results) and the prober (active results) report through ``Pool.report``, so
-each change of a member's status is logged exactly once, with the reason that caused it.
+each change of a member's status is logged exactly once, with the reason that caused it. The dialer's
+successful connects go through ``Pool.connect_ok``, which skips the report when it would change nothing.
+
+``Pool.update`` changes the members in place, matched by key (``balancer.member_keys``): members that
+stay keep their health state; added ones start UP and get probes; removed ones get no new sessions,
+lose their probes and ejection timers, and keep their sessions until those end.
 
 In a worker process (``--workers N``), ``forward`` is set: results go to the supervisor through shared
 memory instead, and only the supervisor's pools decide and log status (see ``workers.py``).
@@ -10,15 +15,27 @@ memory instead, and only the supervisor's pools decide and log status (see ``wor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from .balancer import Balancer, Member
-from .config import PoolConfig
+from .config import Address, PoolConfig
 from .health import Event, Status
 
 log = logging.getLogger("l4proxy.health")
+
+UP = Status.UP
+
+
+class Probes(Protocol):
+    """The active checks of a pool (``prober.Prober``), told when the members change."""
+
+    def sync(self) -> None:
+        """Probe exactly the pool's current members."""
+        ...
 
 
 class Pool:
@@ -32,26 +49,63 @@ class Pool:
         self.no_upstream = 0  # clients closed because no member could be reached
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
+        self.probes: Probes | None = None  # set by a running prober
 
     @property
     def members(self) -> list[Member]:
         return self.balancer.members
+
+    def update(self, members: Sequence[Address]) -> tuple[list[Member], list[Member]]:
+        """Change the members to ``members``; returns the (added, removed) ones. Raises ConfigError (and
+        changes nothing) when the list is not a valid pool."""
+        self.config = dataclasses.replace(self.config, members=tuple(members))
+        added, removed = self.balancer.update(members)
+        for member in removed:
+            timer = self._ejections.pop(member, None)
+            if timer is not None:
+                timer.cancel()
+        for member in added:  # a DOWN member added back while it drained: its ejection starts again
+            if not member.health.up and self.forward is None and not self.config.health.enabled:
+                self._eject(member)
+        if self.probes is not None:
+            self.probes.sync()
+        if (added or removed) and self.forward is None:  # a worker's pool follows the supervisor's, which logs
+            log.info(
+                "pool %s updated: added %s; removed %s; %d in all",
+                self.name,
+                ", ".join(m.name for m in added) or "none",
+                ", ".join(m.name for m in removed) or "none",
+                len(self.members),
+            )
+        return added, removed
+
+    def connect_ok(self, member: Member) -> None:
+        """A client's connect to ``member`` succeeded: report it only when it could change something
+        (a failure streak to clear, a status to decide, or results forwarded to the supervisor)."""
+        health = member.health
+        if health.streak or health.status is not UP or self.forward is not None:
+            self.report(member, Event.TRAFFIC_OK)
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         """Feed a result to the member's health; log the change of status, if any."""
         if self.forward is not None:
             self.forward(member, event, reason)
             return
-        change = self.balancer.report(member, event, reason)
+        if member.draining:  # a dial or probe that was in flight when the member was removed
+            return
+        change = member.health.observe(event, reason)
         if change is None:
             return
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
             if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
-                loop = asyncio.get_running_loop()
-                self._ejections[member] = loop.call_later(self.config.health.eject_time, self._ejection_over, member)
+                self._eject(member)
         else:
             log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)
+
+    def _eject(self, member: Member) -> None:
+        loop = asyncio.get_running_loop()
+        self._ejections[member] = loop.call_later(self.config.health.eject_time, self._ejection_over, member)
 
     def _ejection_over(self, member: Member) -> None:
         self._ejections.pop(member, None)

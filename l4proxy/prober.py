@@ -3,6 +3,7 @@
 A probe is a TCP connect (with a TLS handshake when the pool originates TLS) and, when configured, a
 write of ``send`` and a read that must start with ``expect`` (Redis: ``PING\\r\\n`` -> ``+PONG``).
 Results go to ``Pool.report``; failure reasons tell refused, timeout, TLS and wrong-reply apart.
+Every result is also logged at debug level (``--log-level debug``), with the probe's duration.
 Probes use streams: they are off the data path and run once per interval.
 """
 
@@ -10,33 +11,59 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
+import time
 
 from .balancer import Member
 from .dialer import failure_kind, out_of_descriptors
 from .health import Event
 from .pool import Pool
 
+log = logging.getLogger("l4proxy.health")
+
 
 class Prober:
-    """Runs the probes of one pool until ``stop``."""
+    """Runs the probes of one pool until ``stop``: one task per member, kept in step with the pool's
+    members by ``sync`` (which ``Pool.update`` calls once the prober has started)."""
 
     def __init__(self, pool: Pool, rng: random.Random | None = None) -> None:
         self.pool = pool
         self.rng = rng or random.Random()
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks: dict[Member, asyncio.Task[None]] = {}
+        self._leaving: set[asyncio.Task[None]] = set()  # probes of removed members, cancelled
         self._stopping = False
 
     def start(self) -> None:
         if not self.pool.config.health.enabled:
             return
+        self.pool.probes = self
+        self.sync()
+
+    def sync(self) -> None:
+        """Probe exactly the pool's current members: start the added ones, cancel the removed ones."""
+        current = set(self.pool.members)
+        for member in [m for m in self.tasks if m not in current]:
+            task = self.tasks.pop(member)
+            task.cancel()
+            self._leaving.add(task)
+            task.add_done_callback(self._left)
         for member in self.pool.members:
-            self.tasks.append(asyncio.create_task(self._run(member), name=f"probe {member.name}"))
+            if member not in self.tasks:
+                self.tasks[member] = asyncio.create_task(self._run(member), name=f"probe {member.name}")
+
+    def _left(self, task: asyncio.Task[None]) -> None:
+        self._leaving.discard(task)
+        if not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()
 
     async def stop(self) -> None:
         """Cancel every probe and wait for it; cancel again if a probe swallowed the first one."""
         self._stopping = True
-        for task in self.tasks:
+        if self.pool.probes is self:
+            self.pool.probes = None
+        for task in [*self.tasks.values(), *self._leaving]:
             while not task.done():
                 task.cancel()
                 await asyncio.wait([task], timeout=0.1)
@@ -44,16 +71,21 @@ class Prober:
                 with contextlib.suppress(Exception):
                     task.result()
         self.tasks.clear()
+        self._leaving.clear()
 
     async def _run(self, member: Member) -> None:
         interval = self.pool.config.health.interval
+        me = asyncio.current_task()
         await asyncio.sleep(self.rng.uniform(0, interval))  # spread members' probes apart
-        while not self._stopping:
+        while not self._stopping and self.tasks.get(member) is me:  # until stopped or the member is removed
+            started = time.monotonic()
             try:
                 ok, reason = await probe(self.pool, member)
             except OSError:  # out of our own descriptors: no verdict on the member this time
-                pass
+                log.debug("probe of %s in pool %s skipped: out of descriptors", member.name, self.pool.name)
             else:
+                took = (time.monotonic() - started) * 1000
+                log.debug("probe of %s in pool %s: %s (%.1f ms)", member.name, self.pool.name, reason, took)
                 self.pool.report(member, Event.PROBE_OK if ok else Event.PROBE_FAIL, reason)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
 

@@ -2,19 +2,16 @@
 listening socket (the kernel spreads clients among them), under a supervisor that starts them,
 restarts those that die, forwards signals and runs the health checks once for all of them.
 
-**Shared memory.** One anonymous ``mmap`` (``SharedTable``), created before the first fork, so every
-worker, restarted ones too, maps the same pages. Every slot has exactly one writer, and aligned 8-byte
-loads and stores are atomic on the machines we run on, so there are no locks:
+**Shared memory.** One ``table.SharedTable``, created before the first fork: each worker's sessions
+per member (a worker's pick sums every worker's count, so least-connections is global), each member's
+status (written by the supervisor only) and each worker's passive results, in slots allocated by member
+key. The supervisor zeroes a dead worker's counts before it starts the replacement.
 
-* ``active[worker][member]``: the sessions a worker has on a member, written by that worker only
-  (``Balancer.acquire/release`` -> ``WorkerView.publish``). A worker's pick sums the member's column,
-  so least-connections is global whichever worker accepted the client. The supervisor zeroes a dead
-  worker's row (its sessions died with it) before it starts the replacement.
-* ``up[member]``: 1 while the member is UP; written by the supervisor's health thread only and read by
-  every worker's pick, so a member the supervisor takes DOWN gets no new client from any worker.
-* ``fails/oks[worker][member]``: running counts of each worker's failed and successful upstream
-  connects (passive results), with the last failure's cause in ``reason[worker][member]``; written by
-  that worker only, through ``Pool.forward``.
+**Pools that change.** ``HealthThread.update`` changes a pool in the supervisor: its ``Pool.update``
+(probes start and stop, health state stays for members that stay) and the table's ``publish`` (new
+generation). Each worker looks at the generation every 50 ms (``Follower``) and, when it moved, updates
+its own pools from the table's entries: removed members get no new sessions from it and keep the ones
+they have; the supervisor reuses their slots only once every worker has let go of them.
 
 **Health, once.** Workers run no probers and decide nothing: ``Pool.forward`` sends their passive
 results to the table. The supervisor runs every pool's probers in one thread with its own event loop,
@@ -47,17 +44,17 @@ different workers never mix on a file or a pipe. Each line ends with ``worker=K`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
 import logging
-import mmap
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog, format_record
@@ -68,6 +65,7 @@ from .health import Event
 from .listener import bind_sockets
 from .pool import Pool
 from .prober import Prober
+from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
@@ -78,12 +76,12 @@ log = logging.getLogger("l4proxy.workers")
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 MAX_WORKERS = 256
-_REASON = 96  # bytes kept of a passive failure's cause
-_POLL = 0.05  # how often the supervisor looks at passive results
+_POLL = 0.05  # how often the supervisor looks at passive results, and a worker at the generation
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 _STABLE = 10.0  # a worker that lived this long is replaced after the shortest back-off
 _PIPE_BUF = 4096
 
+Changes = tuple[list[Member], list[Member]]  # Pool.update's (added, removed)
 RunWorker = Callable[[Config, AccessLog, Callable[["Proxy"], None]], int]
 
 
@@ -95,96 +93,6 @@ def parse_workers(text: str, field_name: str = "--workers") -> int:
     if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WORKERS:
         raise ConfigError(field_name, text, f"expected a number of processes from 1 to {MAX_WORKERS}, or 'auto'")
     return int(value)
-
-
-class SharedTable:
-    """Per-worker, per-member counters and per-member status in one anonymous shared mapping.
-
-    Members of all pools are numbered globally (``offsets[pool]`` + the member's index in its pool);
-    cell ``worker * members + g`` is worker ``worker``'s slot for member ``g``.
-    """
-
-    def __init__(self, config: Config, workers: int) -> None:
-        self.workers = workers
-        self.offsets: dict[str, int] = {}
-        total = 0
-        for pool in config.pools:
-            self.offsets[pool.name] = total
-            total += len(pool.members)
-        self.members = total
-        cells = workers * total
-        words = 8 * cells
-        self._map = mmap.mmap(-1, 3 * words + total + cells * _REASON)  # MAP_SHARED | MAP_ANONYMOUS
-        view = memoryview(self._map)
-        self.active = view[:words].cast("q")
-        self.fails = view[words : 2 * words].cast("Q")
-        self.oks = view[2 * words : 3 * words].cast("Q")
-        self.up = view[3 * words : 3 * words + total]
-        self.reasons = view[3 * words + total :]
-        for g in range(total):
-            self.up[g] = 1  # members start UP, as in one process
-
-    def cell(self, worker: int, member: int) -> int:
-        return worker * self.members + member
-
-    def column(self, member: int) -> tuple[int, ...]:
-        """The cells of every worker for global member ``member``."""
-        return tuple(self.cell(w, member) for w in range(self.workers))
-
-    def clear_worker(self, worker: int) -> None:
-        """A worker died: its sessions are gone (its passive counts stay: they only ever grow)."""
-        for g in range(self.members):
-            self.active[self.cell(worker, g)] = 0
-
-    def reason(self, cell: int) -> str:
-        raw = self.reasons[cell * _REASON : (cell + 1) * _REASON].tobytes()
-        return raw.rstrip(b"\0").decode("utf-8", "replace")
-
-    def set_reason(self, cell: int, text: str) -> None:
-        raw = text.encode("utf-8", "replace")[:_REASON]
-        self.reasons[cell * _REASON : (cell + 1) * _REASON] = raw.ljust(_REASON, b"\0")
-
-
-class WorkerView:
-    """The ``balancer.LoadView`` of one pool in one worker: global counts and status, own slot writes."""
-
-    __slots__ = ("_active", "_base", "_columns", "_own", "_up")
-
-    def __init__(self, table: SharedTable, worker: int, base: int, count: int) -> None:
-        self._active = table.active
-        self._up = table.up
-        self._base = base
-        self._columns = [table.column(base + i) for i in range(count)]
-        self._own = [table.cell(worker, base + i) for i in range(count)]
-
-    def active(self, index: int) -> int:
-        counts = self._active
-        total = 0
-        for cell in self._columns[index]:
-            total += counts[cell]
-        return total
-
-    def up(self, index: int) -> bool:
-        return self._up[self._base + index] != 0
-
-    def publish(self, index: int, active: int) -> None:
-        self._active[self._own[index]] = active
-
-
-def forwarder(table: SharedTable, worker: int, base: int) -> Callable[[Member, Event, str], None]:
-    """``Pool.forward`` for a worker: passive results to the worker's own counters; probes never run."""
-    fails, oks = table.fails, table.oks
-    first = table.cell(worker, base)
-
-    def forward(member: Member, event: Event, reason: str) -> None:
-        cell = first + member.index
-        if event is Event.TRAFFIC_OK:
-            oks[cell] += 1
-        elif event is Event.TRAFFIC_FAIL:
-            table.set_reason(cell, reason)  # before the count, so the supervisor reads this cause
-            fails[cell] += 1
-
-    return forward
 
 
 class WorkerAccessLog(AccessLog):
@@ -235,20 +143,34 @@ class WorkerAccessLog(AccessLog):
 
 
 class _HealthPool(Pool):
-    """The supervisor's pool: decides and logs status, and publishes it to the workers."""
+    """The supervisor's pool: decides and logs status, publishes it and its members to the workers."""
 
     def __init__(self, config: PoolConfig, table: SharedTable) -> None:
         super().__init__(config, None if config.tls is None else client_context(config.tls))
+        self._table = table
         self._up = table.up
-        self._base = table.offsets[config.name]
+        slots = table.slots(config.name)
+        for member in self.members:
+            member.slot = slots[member.key]
+
+    def update(self, members: Sequence[Address]) -> tuple[list[Member], list[Member]]:
+        dataclasses.replace(self.config, members=tuple(members))  # a bad list: raise before the table changes
+        slots = self._table.publish(self.name, members)
+        added, removed = super().update(members)
+        for member in added:
+            member.slot = slots[member.key]
+            self._up[member.slot] = 1 if member.health.up else 0
+        return added, removed
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
-        self._up[self._base + member.index] = 1 if member.health.up else 0
+        if not member.draining:  # its slot may belong to another member soon
+            self._up[member.slot] = 1 if member.health.up else 0
 
 
 class HealthThread(threading.Thread):
-    """Probes every member once for all workers and turns the workers' passive results into status."""
+    """Probes every member once for all workers, turns the workers' passive results into status, and
+    changes pools on request (``update``)."""
 
     def __init__(self, config: Config, table: SharedTable) -> None:
         super().__init__(name="l4proxy health", daemon=True)
@@ -256,8 +178,9 @@ class HealthThread(threading.Thread):
         self.table = table
         self.stopping = threading.Event()
         self.reload = threading.Event()
-        self._seen_fails = [0] * (table.workers * table.members)
-        self._seen_oks = [0] * (table.workers * table.members)
+        self.pools: dict[str, _HealthPool] = {}
+        self.ready = threading.Event()  # set once the pools exist and probes run
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
         import uvloop
@@ -268,44 +191,75 @@ class HealthThread(threading.Thread):
         except Exception:
             log.exception("health checks stopped")
 
+    def update(self, pool: str, members: Sequence[Address]) -> concurrent.futures.Future[Changes]:
+        """Change the members of ``pool`` from another thread; the future has ``Pool.update``'s result
+        or its ConfigError. Workers follow within 50 ms."""
+        assert self._loop is not None, "the health thread is not running"
+
+        async def apply() -> Changes:
+            return self.pools[pool].update(members)
+
+        return asyncio.run_coroutine_threadsafe(apply(), self._loop)
+
     async def _main(self) -> None:
-        pools = [_HealthPool(pool, self.table) for pool in self.config.pools]
-        probers = [Prober(pool) for pool in pools]
+        self._loop = asyncio.get_running_loop()
+        self.pools = {pool.name: _HealthPool(pool, self.table) for pool in self.config.pools}
+        probers = [Prober(pool) for pool in self.pools.values()]
         for prober in probers:
             prober.start()
+        self.ready.set()
         try:
             while not self.stopping.is_set():
                 await asyncio.sleep(_POLL)
-                for pool in pools:
+                for pool in self.pools.values():
                     self._passive(pool)
+                self.table.reclaim()
                 if self.reload.is_set():
                     self.reload.clear()
-                    _reload_probe_tls(pools)
+                    _reload_probe_tls(list(self.pools.values()))
         finally:
             for prober in probers:
                 await prober.stop()
-            for pool in pools:
+            for pool in self.pools.values():
                 pool.close()
 
     def _passive(self, pool: Pool) -> None:
         """Feed the passive results the workers recorded since the last look into ``pool``."""
-        table = self.table
-        base = table.offsets[pool.name]
         for member in pool.members:
-            failed = succeeded = 0
-            reason = ""
-            for cell in table.column(base + member.index):
-                fails, oks = table.fails[cell], table.oks[cell]
-                if fails != self._seen_fails[cell]:
-                    failed += fails - self._seen_fails[cell]
-                    self._seen_fails[cell] = fails
-                    reason = table.reason(cell)
-                succeeded += oks - self._seen_oks[cell]
-                self._seen_oks[cell] = oks
+            failed, succeeded, reason = self.table.passive(member.slot)
             for _ in range(min(failed, pool.config.health.fall)):
                 pool.report(member, Event.TRAFFIC_FAIL, reason)
             if succeeded:
                 pool.report(member, Event.TRAFFIC_OK)
+
+
+class Follower:
+    """A worker's pools kept in step with the table: on a new generation, each pool takes the members
+    the supervisor published (by key, so members that stay keep their counts and sessions)."""
+
+    def __init__(self, table: SharedTable, worker: int, pools: Sequence[Pool]) -> None:
+        self.table = table
+        self.worker = worker
+        self.pools = pools
+        self.seen = -1
+
+    def apply(self) -> None:
+        generation, entries = self.table.snapshot()
+        for pool in self.pools:
+            found = entries.get(pool.name)
+            if found:
+                pool.update([entry.address for entry in found])
+                slots = {entry.key: entry.slot for entry in found}
+                for member in pool.members:
+                    member.slot = slots[member.key]
+        self.seen = generation
+        self.table.saw(self.worker, generation)
+
+    def poll(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Look at the generation now and every ``_POLL`` seconds after, on ``loop``."""
+        if self.table.generation != self.seen:
+            self.apply()
+        loop.call_later(_POLL, self.poll, loop)
 
 
 def _reload_probe_tls(pools: list[_HealthPool]) -> None:
@@ -455,12 +409,14 @@ class Supervisor:
             os._exit(code)
 
     def _prepare(self, proxy: Proxy, worker: int) -> None:
-        """Make a worker's Proxy use the shared table: global counts and status, no probers."""
+        """Make a worker's Proxy use the shared table: global counts and status, the supervisor's
+        members, no probers."""
         proxy.probers = []
+        view, forward = WorkerView(self.table, worker), forwarder(self.table, worker)
         for pool in proxy.pools.values():
-            base = self.table.offsets[pool.name]
-            pool.balancer.view = WorkerView(self.table, worker, base, len(pool.members))
-            pool.forward = forwarder(self.table, worker, base)
+            pool.balancer.view = view
+            pool.forward = forward
+        Follower(self.table, worker, list(proxy.pools.values())).poll(asyncio.get_running_loop())
 
     def _stop(self) -> None:
         """Leaving (normally after the drain; on an error, with workers still running)."""

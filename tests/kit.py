@@ -224,6 +224,19 @@ async def roundtrip(port: int, payload: bytes, host: str = "127.0.0.1", timeout:
             await writer.wait_closed()
 
 
+async def open_session(
+    proxy: Proxy, payload: bytes = b"open"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
+    """A client of an echo member with its session established (one echo), and the member serving it;
+    the proxy must have no other session."""
+    reader, writer = await connect(proxy.port())
+    writer.write(payload)
+    assert await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload
+    [session] = proxy.sessions
+    assert session.member is not None
+    return reader, writer, session.member
+
+
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
     """Wait until ``predicate()`` holds; fail with a clear message when it never does."""
     deadline = asyncio.get_running_loop().time() + timeout

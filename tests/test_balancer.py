@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from l4proxy.balancer import Balancer, Member
+from l4proxy.balancer import Balancer, Member, member_keys
 from l4proxy.config import Address, HealthConfig
 from l4proxy.health import Change, Event, Status
 
@@ -25,7 +25,7 @@ def make_balancer(count: int, health: HealthConfig = HEALTH) -> Balancer:
 def take_down(balancer: Balancer, member: Member) -> None:
     """``fall`` failures in a row, as the prober or dialer would report them."""
     for _ in range(member.health.fall):
-        balancer.report(member, Event.PROBE_FAIL, "refused")
+        member.health.observe(Event.PROBE_FAIL, "refused")
     assert member.health.status is Status.DOWN
 
 
@@ -172,8 +172,8 @@ def test_member_back_up_is_picked_again() -> None:
     balancer = make_balancer(2)
     a, b = balancer.members
     take_down(balancer, b)
-    assert balancer.report(b, Event.PROBE_OK, "ok") is None
-    assert balancer.report(b, Event.PROBE_OK, "tcp connect ok") == Change(Status.DOWN, Status.UP, "tcp connect ok")
+    assert b.health.observe(Event.PROBE_OK, "ok") is None
+    assert b.health.observe(Event.PROBE_OK, "tcp connect ok") == Change(Status.DOWN, Status.UP, "tcp connect ok")
     assert balancer.any_up and b.up
     assert short_sessions(balancer, 10) == {a.name: 5, b.name: 5}
 
@@ -181,7 +181,7 @@ def test_member_back_up_is_picked_again() -> None:
 def test_passive_failures_take_a_member_out_of_the_pick() -> None:
     balancer = make_balancer(2)
     a, b = balancer.members
-    changes = [balancer.report(a, Event.TRAFFIC_FAIL, "refused") for _ in range(3)]
+    changes = [a.health.observe(Event.TRAFFIC_FAIL, "refused") for _ in range(3)]
     assert changes == [None, None, Change(Status.UP, Status.DOWN, "refused")]
     assert short_sessions(balancer, 4) == {b.name: 4}
 
@@ -239,3 +239,85 @@ def test_retries_of_one_client_do_not_disturb_the_rotation_for_others() -> None:
         assert member is not None
         tried.add(member)
     assert short_sessions(balancer, 300) == {m.name: 100 for m in balancer.members}
+
+
+# --- members by key, update in place ---------------------------------------------------------------
+
+
+def addresses(*ports: int) -> list[Address]:
+    return [Address("10.0.0.1", port) for port in ports]
+
+
+def test_member_keys_are_host_port_and_repeats_are_numbered() -> None:
+    members = [Address("10.0.0.1", 1), Address("::1", 2), Address("10.0.0.1", 1), Address("10.0.0.1", 1)]
+    assert member_keys(members) == ["10.0.0.1:1", "[::1]:2", "10.0.0.1:1#2", "10.0.0.1:1#3"]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "added", "removed"),
+    [
+        ((1, 2), (1, 2, 3), [3], []),
+        ((1, 2, 3), (1, 3), [], [2]),
+        ((1, 2), (3, 4), [3, 4], [1, 2]),
+        ((1, 2), (2, 1), [], []),
+        ((1,), (1, 1), [1], []),  # a repeat is a member of its own
+        ((1, 2), (1, 2), [], []),
+    ],
+)
+def test_update_matches_members_by_key(
+    before: tuple[int, ...], after: tuple[int, ...], added: list[int], removed: list[int]
+) -> None:
+    balancer = Balancer(addresses(*before), HEALTH)
+    old = {m.key: m for m in balancer.members}
+    got_added, got_removed = balancer.update(addresses(*after))
+    assert [m.address.port for m in got_added] == added
+    assert [m.address.port for m in got_removed] == removed
+    assert [m.address.port for m in balancer.members] == list(after)
+    assert [m.index for m in balancer.members] == list(range(len(after)))
+    for member in balancer.members:  # a member that stays is the same object; an added one is new
+        assert old.get(member.key) is (None if member in got_added else member)
+    assert all(m.draining for m in got_removed) and not any(m.draining for m in balancer.members)
+
+
+def test_a_member_that_stays_keeps_health_and_counts() -> None:
+    balancer = Balancer(addresses(1, 2), HEALTH)
+    down, busy = balancer.members
+    take_down(balancer, down)
+    busy.health.observe(Event.PROBE_FAIL, "refused")
+    balancer.acquire(busy)
+    balancer.update(addresses(3, 2, 1))
+    assert balancer.members[2] is down and down.health.status is Status.DOWN
+    assert balancer.members[1] is busy and (busy.active, busy.total, busy.health.streak) == (1, 1, 1)
+
+
+def test_a_removed_member_leaves_the_pick_and_drains() -> None:
+    balancer = Balancer(addresses(1, 2), HEALTH)
+    leaving, staying = balancer.members
+    balancer.acquire(leaving)
+    _, removed = balancer.update(addresses(2))
+    assert removed == [leaving] and balancer.draining == {leaving.key: leaving}
+    assert short_sessions(balancer, 5) == {staying.name: 5}
+    balancer.release(leaving)  # its session ended
+    balancer.update(addresses(2))
+    assert balancer.draining == {}
+
+
+def test_a_draining_member_added_back_is_the_same_member() -> None:
+    balancer = Balancer(addresses(1, 2), HEALTH)
+    member = balancer.members[0]
+    balancer.acquire(member)
+    take_down(balancer, member)
+    balancer.update(addresses(2))
+    added, _ = balancer.update(addresses(2, 1))
+    assert added == [member] and balancer.members[1] is member
+    assert (member.active, member.health.status, member.draining) == (1, Status.DOWN, False)
+
+
+def test_a_removed_member_without_sessions_is_forgotten() -> None:
+    balancer = Balancer(addresses(1, 2), HEALTH)
+    member = balancer.members[0]
+    take_down(balancer, member)
+    balancer.update(addresses(2))
+    assert balancer.draining == {}
+    added, _ = balancer.update(addresses(2, 1))
+    assert added[0] is not member and added[0].health.status is Status.UP

@@ -33,6 +33,7 @@ PURE_MODULES = {
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
+    "table": {"table", "balancer", "config", "errors", "health"},
 }
 
 _PROBE = """

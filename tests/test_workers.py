@@ -30,13 +30,28 @@ from pathlib import Path
 
 import pytest
 
+from l4proxy.accesslog import AccessLog
 from l4proxy.balancer import Balancer
 from l4proxy.config import Address, HealthConfig
 from l4proxy.errors import ConfigError
 from l4proxy.health import Event
-from l4proxy.workers import HealthThread, SharedTable, WorkerView, _HealthPool, forwarder, parse_workers
+from l4proxy.proxy import Proxy
+from l4proxy.table import FREE, RETIRED, SharedTable, WorkerView, forwarder
+from l4proxy.workers import HealthThread, Supervisor, _HealthPool, parse_workers
 
-from .kit import Handler, Upstream, connect, echo, eventually, make_config, refused_address, roundtrip, upstreams
+from .kit import (
+    Handler,
+    RecordingLog,
+    Upstream,
+    connect,
+    echo,
+    eventually,
+    make_config,
+    open_session,
+    refused_address,
+    roundtrip,
+    upstreams,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -315,7 +330,10 @@ def two_workers() -> tuple[SharedTable, Balancer, Balancer]:
     members = [Address("127.0.0.1", 1), Address("127.0.0.1", 2)]
     table = SharedTable(make_config(members), 2)
     health = HealthConfig()
-    first, second = (Balancer(members, health, WorkerView(table, w, 0, 2)) for w in (0, 1))
+    first, second = (Balancer(members, health, WorkerView(table, w)) for w in (0, 1))
+    for balancer in (first, second):
+        for member in balancer.members:
+            member.slot = table.slots("default")[member.key]
     return table, first, second
 
 
@@ -352,7 +370,7 @@ def test_passive_failures_from_two_workers_make_one_down(caplog: pytest.LogCaptu
     table = SharedTable(config, 2)
     health = HealthThread(config, table)
     pool = _HealthPool(config.pools[0], table)
-    forwards = [forwarder(table, w, 0) for w in (0, 1)]
+    forwards = [forwarder(table, w) for w in (0, 1)]
     forwards[0](pool.members[1], Event.TRAFFIC_FAIL, "connect failed: refused")
     health._passive(pool)
     assert pool.members[1].up and table.up[1] == 1
@@ -375,7 +393,7 @@ def test_a_success_in_the_same_interval_clears_the_streak() -> None:
     table = SharedTable(config, 2)
     health = HealthThread(config, table)
     pool = _HealthPool(config.pools[0], table)
-    forward = forwarder(table, 1, 0)
+    forward = forwarder(table, 1)
     for event in (Event.TRAFFIC_FAIL, Event.TRAFFIC_OK, Event.TRAFFIC_FAIL):
         forward(pool.members[0], event, "connect failed: refused")
     health._passive(pool)
@@ -387,3 +405,102 @@ def test_a_success_in_the_same_interval_clears_the_streak() -> None:
     forward(pool.members[0], Event.TRAFFIC_FAIL, "connect failed: refused")
     health._passive(pool)
     assert not pool.members[0].up and table.up[0] == 0
+
+
+# --- pools that change: slots by key, a generation, workers that follow -----------------------------
+
+
+def keyed(table: SharedTable) -> dict[str, int]:
+    return table.slots("default")
+
+
+def test_publish_keeps_slots_by_key_and_bumps_the_generation() -> None:
+    a, b, c = (Address("127.0.0.1", port) for port in (1, 2, 3))
+    table = SharedTable(make_config([a, b]), 2)
+    before, generation = keyed(table), table.generation
+    assert before == {str(a): 0, str(b): 1} and generation % 2 == 0
+    WorkerView(table, 1).publish(before[str(b)], 3)  # worker 1 has three sessions on b
+    slots = table.publish("default", [b, c])
+    assert table.generation == generation + 2
+    assert slots[str(b)] == before[str(b)] and slots[str(c)] not in before.values()
+    assert keyed(table) == slots  # a is retired: no longer live
+    assert WorkerView(table, 0).active(slots[str(b)]) == 3  # counts are by key: b kept its slot and count
+    seen, entries = table.snapshot()
+    assert seen == table.generation
+    assert [(e.key, e.address, e.slot) for e in entries["default"]] == [(str(b), b, 1), (str(c), c, slots[str(c)])]
+
+
+def test_a_retired_slot_is_reused_only_once_no_worker_holds_it() -> None:
+    a, b, c = (Address("127.0.0.1", port) for port in (1, 2, 3))
+    table = SharedTable(make_config([a, b]), 2, capacity=2)
+    view = WorkerView(table, 0)
+    member = Balancer([a], HealthConfig(), view).members[0]
+    member.slot = keyed(table)[str(a)]
+    view.publish(member.slot, 1)  # worker 0 has a session on a
+    table.publish("default", [b])
+    gone = table.generation
+    assert table.reclaim() == []  # no worker has seen the removal
+    table.saw(0, gone)
+    table.saw(1, gone)
+    assert table.reclaim() == []  # worker 0's session is still open
+    forwarder(table, 0)(member, Event.TRAFFIC_FAIL, "connect failed: refused")  # its dial failed...
+    view.publish(member.slot, 0)  # ... and let go of the member
+    with pytest.raises(ConfigError, match=r"^upstream: 1 new members, but 0 of the shared table's 2 slots"):
+        table.publish("default", [b, c])
+    assert table.generation == gone  # the refused publish changed nothing
+    assert table.reclaim() == []  # idle once: one more look, in case a result is still on its way
+    assert table.reclaim() == [member.slot]
+    slots = table.publish("default", [b, c])
+    assert slots[str(c)] == member.slot
+    assert table.passive(member.slot) == (0, 0, "")  # c starts clean, not with a's failure
+    assert table.up[member.slot] == 1
+
+
+def test_a_member_name_too_long_for_the_table_is_refused() -> None:
+    table = SharedTable(make_config([Address("127.0.0.1", 1)]), 1)
+    with pytest.raises(ConfigError, match="longer than the table's 1024 bytes"):
+        table.publish("default", [Address("h" * 1100, 1)])
+
+
+async def test_a_worker_follows_the_supervisors_update(tmp_path: Path) -> None:
+    """In one process: the supervisor's health thread changes the pool, the worker's Proxy (set up as
+    after a fork) follows: the new member takes sessions, the removed one keeps its open session and
+    gets no new one, and its slot is freed once the session ends."""
+    async with serving(3) as [a, b, c]:
+        config = make_config([a.address, b.address])
+        supervisor = Supervisor(config, 1, AccessLog(None), lambda *_: 0)
+        supervisor.health.start()
+        try:
+            assert await asyncio.to_thread(supervisor.health.ready.wait, 5)
+            log = RecordingLog()
+            proxy = Proxy(config, log)
+            supervisor._prepare(proxy, 0)
+            await proxy.start()
+            try:
+                await _follow(supervisor, proxy, log, c)
+            finally:
+                await proxy.drain()
+        finally:
+            supervisor.health.stopping.set()
+            await asyncio.to_thread(supervisor.health.join, 5)
+
+
+async def _follow(supervisor: Supervisor, proxy: Proxy, log: RecordingLog, new: Upstream) -> None:
+    table, pool = supervisor.table, proxy.pools["default"]
+    reader, writer, leaving = await open_session(proxy)
+    old_slot = leaving.slot
+    staying = next(m for m in pool.members if m is not leaving)
+    added, removed = await asyncio.wrap_future(supervisor.health.update("default", [staying.address, new.address]))
+    assert ([m.key for m in added], [m.key for m in removed]) == ([str(new.address)], [leaving.key])
+    await eventually(lambda: [m.key for m in pool.members] == [staying.key, str(new.address)])
+    assert table.header[1] == table.generation  # the worker says it has seen this generation
+    assert pool.members[0] is staying and leaving.draining
+    for i in range(4):
+        assert await roundtrip(proxy.port(), b"new %d" % i) == b"new %d" % i
+    assert {s.member.key for s in log.sessions} == {staying.key, str(new.address)}
+    assert new.accepted == 2 and table.state[old_slot] == RETIRED
+    writer.write(b" still")
+    assert await asyncio.wait_for(reader.readexactly(6), 5) == b" still"
+    writer.close()
+    await eventually(lambda: table.state[old_slot] == FREE)  # the supervisor reclaimed it
+    assert leaving.active == 0

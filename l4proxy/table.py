@@ -1,0 +1,271 @@
+"""The workers' shared table: per-member counters and status in one anonymous ``mmap``, by member key.
+
+Created by the supervisor before the first fork, so every worker, restarted ones too, maps the same
+pages. Every field has exactly one writer, and aligned 8-byte loads and stores are atomic on the
+machines we run on, so there are no locks.
+
+**Slots.** Each member of each pool has a slot, allocated by (pool, member key) with headroom
+(``capacity``), so a pool can change without re-forking: the supervisor's ``publish`` gives added
+members free slots and retires the slots of removed ones; workers find members by key in the slot
+entries (pool, key, host, port, position), never by their place in a list. Per slot:
+
+* ``active[worker][slot]``: the sessions a worker has on the member, written by that worker only
+  (``Balancer.acquire/release`` -> ``WorkerView.publish``). A worker's pick sums the column, so
+  least-connections is global whichever worker accepted the client.
+* ``up[slot]``: 1 while the member is UP; written by the supervisor's health thread only.
+* ``fails/oks[worker][slot]``: running counts of each worker's failed and successful connects to the
+  member, with the last failure's cause in ``reason[worker][slot]``; written by that worker only.
+
+**Generation.** ``publish`` makes the generation odd while it writes entries and even when done (a
+sequence lock), so a worker's ``snapshot`` retries until it reads one whole generation. A worker that
+has applied a generation writes it to ``seen[worker]``. A retired slot is reused only when every worker
+has seen its retirement, no worker has a session on it, and it stayed so for one more ``reclaim`` (a
+failed dial reports its failure just after releasing its count); its counters then start from zero.
+
+Pure: no sockets, no event loop.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .balancer import Member, member_keys
+from .config import Address, Config
+from .errors import ConfigError
+from .health import Event
+
+REASON = 96  # bytes kept of a passive failure's cause
+ENTRY = 1024  # bytes of one slot's identity: pool, key, host, port, position
+FREE, LIVE, RETIRED = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One live slot as a worker reads it."""
+
+    key: str
+    address: Address
+    slot: int
+
+
+class SharedTable:
+    """Per-worker, per-slot counters and per-slot status and identity in one shared mapping.
+
+    Cell ``worker * capacity + slot`` is worker ``worker``'s counter for the member in ``slot``.
+    """
+
+    def __init__(self, config: Config, workers: int, capacity: int | None = None) -> None:
+        members = sum(len(pool.members) for pool in config.pools)
+        self.workers = workers
+        self.capacity = capacity or members + max(members, 64)
+        slots, cells = self.capacity, workers * self.capacity
+        words = 8 * cells
+        sizes = (8 * (1 + workers), words, words, words, slots, slots, slots * ENTRY, cells * REASON)
+        self._map = mmap.mmap(-1, sum(sizes))  # MAP_SHARED | MAP_ANONYMOUS
+        view = memoryview(self._map)
+        parts = []
+        start = 0
+        for size in sizes:
+            parts.append(view[start : start + size])
+            start += size
+        header, active, fails, oks, self.up, self.state, self.entries, self.reasons = parts
+        self.header = header.cast("Q")  # [0]: generation, [1 + w]: the generation worker w has seen
+        self.active = active.cast("q")
+        self.fails = fails.cast("Q")
+        self.oks = oks.cast("Q")
+        # the supervisor's own bookkeeping (workers get a copy at fork and never use it)
+        self._slots: dict[tuple[str, str], int] = {}  # live and retired slots by (pool, key)
+        self._retired: dict[int, int] = {}  # slot -> the generation that retired it
+        self._quiet: set[int] = set()  # retired slots found idle by the last reclaim
+        self._seen_fails = [0] * cells
+        self._seen_oks = [0] * cells
+        for pool in config.pools:
+            self.publish(pool.name, pool.members)
+
+    # layout
+
+    def cell(self, worker: int, slot: int) -> int:
+        return worker * self.capacity + slot
+
+    def column(self, slot: int) -> tuple[int, ...]:
+        """The cells of every worker for ``slot``."""
+        return tuple(self.cell(w, slot) for w in range(self.workers))
+
+    @property
+    def generation(self) -> int:
+        return self.header[0]
+
+    # the supervisor's side
+
+    def publish(self, pool: str, members: Sequence[Address]) -> dict[str, int]:
+        """Make ``members`` the pool's members (by key); returns each key's slot. Raises ConfigError,
+        changing nothing, when the free slots do not suffice."""
+        keys = member_keys(members)
+        wanted = set(keys)
+        new = [key for key in keys if (pool, key) not in self._slots]
+        free = [slot for slot in range(self.capacity) if self.state[slot] == FREE]
+        if len(new) > len(free):
+            problem = f"{len(new)} new members, but {len(free)} of the shared table's {self.capacity} slots are free"
+            raise ConfigError("upstream", None, problem)
+        entries = [
+            _encode(pool, key, address, position)
+            for position, (key, address) in enumerate(zip(keys, members, strict=True))
+        ]
+        if any(len(entry) > ENTRY for entry in entries):
+            raise ConfigError("upstream", keys[0], f"a member's name is longer than the table's {ENTRY} bytes")
+        self.header[0] += 1  # odd: being written
+        gone = self.header[0] + 1
+        for (owner, key), slot in self._slots.items():
+            if owner == pool and key not in wanted and self.state[slot] == LIVE:
+                self.state[slot] = RETIRED
+                self._retired[slot] = gone
+        for key in new:
+            slot = free.pop(0)
+            self._fresh(slot)
+            self._slots[(pool, key)] = slot
+        slots = {key: self._slots[(pool, key)] for key in keys}
+        for key, entry in zip(keys, entries, strict=True):
+            slot = slots[key]
+            self.state[slot] = LIVE
+            self._retired.pop(slot, None)
+            self._quiet.discard(slot)
+            self.entries[slot * ENTRY : (slot + 1) * ENTRY] = entry.ljust(ENTRY, b"\0")
+        self.header[0] += 1  # even: whole again
+        return slots
+
+    def _fresh(self, slot: int) -> None:
+        """Zero a slot's counters before a new member takes it; it starts UP."""
+        for cell in self.column(slot):
+            self.fails[cell] = self.oks[cell] = 0
+            self._seen_fails[cell] = self._seen_oks[cell] = 0
+            self.set_reason(cell, "")
+        self.up[slot] = 1
+
+    def slots(self, pool: str) -> dict[str, int]:
+        """The live slots of ``pool`` by member key."""
+        return {key: slot for (owner, key), slot in self._slots.items() if owner == pool and self.state[slot] == LIVE}
+
+    def reclaim(self) -> list[int]:
+        """Free the retired slots no worker uses any more (see the module's docstring); returns them."""
+        freed = []
+        for slot, gone in list(self._retired.items()):
+            idle = all(self.header[1 + w] >= gone for w in range(self.workers)) and not any(
+                self.active[cell] for cell in self.column(slot)
+            )
+            if not idle:
+                self._quiet.discard(slot)
+            elif slot not in self._quiet:
+                self._quiet.add(slot)
+            else:
+                self._quiet.discard(slot)
+                del self._retired[slot]
+                self.state[slot] = FREE
+                self._slots = {k: s for k, s in self._slots.items() if s != slot}
+                freed.append(slot)
+        return freed
+
+    def passive(self, slot: int) -> tuple[int, int, str]:
+        """The failed and successful connects every worker recorded on ``slot`` since the last call,
+        and the cause of the latest failure."""
+        failed = succeeded = 0
+        reason = ""
+        for cell in self.column(slot):
+            fails, oks = self.fails[cell], self.oks[cell]
+            if fails != self._seen_fails[cell]:
+                failed += fails - self._seen_fails[cell]
+                self._seen_fails[cell] = fails
+                reason = self.reason(cell)
+            succeeded += oks - self._seen_oks[cell]
+            self._seen_oks[cell] = oks
+        return failed, succeeded, reason
+
+    def clear_worker(self, worker: int) -> None:
+        """A worker died: its sessions are gone (its passive counts stay: they only ever grow), and its
+        replacement has seen nothing yet."""
+        for slot in range(self.capacity):
+            self.active[self.cell(worker, slot)] = 0
+        self.header[1 + worker] = 0
+
+    # a worker's side
+
+    def snapshot(self) -> tuple[int, dict[str, list[Entry]]]:
+        """One whole generation: its number and each pool's live members in their configured order."""
+        while True:
+            generation = self.header[0]
+            if generation % 2:
+                continue  # the supervisor is writing: a few microseconds
+            found: dict[str, list[tuple[int, Entry]]] = {}
+            for slot in range(self.capacity):
+                if self.state[slot] == LIVE:
+                    pool, key, host, port, position = _decode(self.entries[slot * ENTRY : (slot + 1) * ENTRY])
+                    found.setdefault(pool, []).append((position, Entry(key, Address(host, port), slot)))
+            if self.header[0] == generation:
+                return generation, {pool: [e for _, e in sorted(items, key=_first)] for pool, items in found.items()}
+
+    def saw(self, worker: int, generation: int) -> None:
+        """Worker ``worker`` now works with ``generation``."""
+        self.header[1 + worker] = generation
+
+    def reason(self, cell: int) -> str:
+        raw = self.reasons[cell * REASON : (cell + 1) * REASON].tobytes()
+        return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+    def set_reason(self, cell: int, text: str) -> None:
+        raw = text.encode("utf-8", "replace")[:REASON]
+        self.reasons[cell * REASON : (cell + 1) * REASON] = raw.ljust(REASON, b"\0")
+
+
+def _first(pair: tuple[int, Entry]) -> int:
+    return pair[0]
+
+
+def _encode(pool: str, key: str, address: Address, position: int) -> bytes:
+    return "\0".join((pool, key, address.host, str(address.port), str(position))).encode()
+
+
+def _decode(raw: memoryview) -> tuple[str, str, str, int, int]:
+    pool, key, host, port, position = raw.tobytes().rstrip(b"\0").decode().split("\0")
+    return pool, key, host, int(port), int(position)
+
+
+class WorkerView:
+    """The ``balancer.LoadView`` of one worker: global counts and status, writes to its own cells."""
+
+    __slots__ = ("_active", "_columns", "_own", "_up")
+
+    def __init__(self, table: SharedTable, worker: int) -> None:
+        self._active = table.active
+        self._up = table.up
+        self._columns = [table.column(slot) for slot in range(table.capacity)]
+        self._own = [table.cell(worker, slot) for slot in range(table.capacity)]
+
+    def active(self, slot: int) -> int:
+        counts = self._active
+        total = 0
+        for cell in self._columns[slot]:
+            total += counts[cell]
+        return total
+
+    def up(self, slot: int) -> bool:
+        return self._up[slot] != 0
+
+    def publish(self, slot: int, active: int) -> None:
+        self._active[self._own[slot]] = active
+
+
+def forwarder(table: SharedTable, worker: int) -> Callable[[Member, Event, str], None]:
+    """``Pool.forward`` for a worker: passive results to the worker's own counters; probes never run."""
+    fails, oks = table.fails, table.oks
+    first = table.cell(worker, 0)
+
+    def forward(member: Member, event: Event, reason: str) -> None:
+        cell = first + member.slot
+        if event is Event.TRAFFIC_OK:
+            oks[cell] += 1
+        elif event is Event.TRAFFIC_FAIL:
+            table.set_reason(cell, reason)  # before the count, so the supervisor reads this cause
+            fails[cell] += 1
+
+    return forward
