@@ -13,7 +13,7 @@ import contextlib
 import random
 
 from .balancer import Member
-from .dialer import failure_kind, out_of_descriptors
+from .errors import failure_kind, out_of_descriptors
 from .health import Event
 from .pool import Pool
 
