@@ -279,8 +279,10 @@ def build_config(params: Mapping[str, Any]) -> Config:
         values: dict[str, Any] = {}
         for option in OPTIONS:
             section = next((s for s in OPTIONAL_SECTIONS if _under(option.path, s)), None)
-            if option.flag in given or option.switch:
-                raw: Any = params.get(option.name) or (False if option.switch else ())
+            if option.flag in given:
+                raw: Any = params[option.name]
+            elif option.switch:
+                raw = False
             elif option.default is not None:
                 raw = option.default
             else:

@@ -83,6 +83,8 @@ BAD_INPUTS = [
     (["--listen", ":6379", "--upstream", "a", "--listen"], "Option '--listen' requires an argument."),
     (["--listen", ":6379", "--upstream", "a", "--retries", "x"], "--retries 'x': expected a whole number"),
     (["--listen", ":6379", "--upstream", "a", "--retries", "-1"], "--retries '-1': must be 0 or more"),
+    (["--listen", ":6379", "--upstream", "a", "--retries="], "--retries '': expected a whole number"),
+    (["--listen", ":6379", "--upstream", "a", "--tls-alpn="], "--tls-alpn '': needs --tls-cert and --tls-key"),
     (["--listen", ":6379", "--upstream", "a", "--rise", "0"], "--rise '0': must be at least 1"),
     (["--listen", ":6379", "--upstream", "a", "--fall", "0"], "--fall '0': must be at least 1"),
     (["--listen", ":6379", "--upstream", "a", "--log-level", "trace"],
