@@ -1,279 +1,435 @@
 """The ``l4proxy`` command: flags to a Config, Config to a running Proxy, errors to one line.
 
+Every option is declared once, in ``OPTIONS``: its flag, the path of its value in the config tree, its
+default as the user would type it, its parser, its help and its group. The click options, the grouped
+``--help``, the Config (through ``config.from_tree``), the refusal of flags that cannot take effect and
+the flag an error names are all derived from that table.
+
+The rule for flags that cannot take effect: a flag that configures something the rest of the command
+line leaves off (``--tls-alpn`` without ``--tls-cert``, ``--health-send`` with ``--no-health-checks``,
+``--upstream-ca`` with ``--upstream-insecure``) is refused, since the command line contradicts itself;
+what works but is probably not what was meant (a member listed twice) is a warning at start-up.
+
 Only this module turns errors into exit codes: 2 for a user mistake (bad flag, bad value, missing
-file), 1 when the proxy cannot start (address in use), 0 after a graceful drain.
+file, a member that is the proxy itself), 1 when the proxy cannot start (address in use), 0 after a
+graceful drain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import ipaddress
+import itertools
 import logging
+import re
 import resource
 import signal
+import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
 
+from . import __version__
 from .accesslog import AccessLog
 from .config import (
     LOG_LEVELS,
     RELAY_ENGINES,
+    TLS_VERSIONS,
+    Address,
     Config,
-    HealthConfig,
-    ListenerConfig,
-    PoolConfig,
-    ServerTLSConfig,
-    UpstreamTLSConfig,
+    from_tree,
     parse_address,
     parse_duration,
     parse_escapes,
     parse_members,
 )
 from .errors import ConfigError
+from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
 
-# Config field names as the user knows them on the command line.
-FLAG_FOR_FIELD = {
-    "listen": "--listen",
-    "upstream": "--upstream",
-    "retries": "--retries",
-    "connect_timeout": "--connect-timeout",
-    "idle_timeout": "--idle-timeout",
-    "half_closed_timeout": "--half-closed-timeout",
-    "drain_timeout": "--drain-timeout",
-    "health_interval": "--health-interval",
-    "health_timeout": "--health-timeout",
-    "rise": "--rise",
-    "fall": "--fall",
-    "buffer_size": "--buffer-size",
-    "relay": "--relay",
-    "eject_time": "--eject-time",
-    "log_level": "--log-level",
-    "access_log": "--access-log",
-    "tls_cert": "--tls-cert",
-    "tls_key": "--tls-key",
-    "tls_client_ca": "--tls-client-ca",
-    "tls_alpn": "--tls-alpn",
-    "tls_handshake_timeout": "--tls-handshake-timeout",
-    "tls_min_version": "--tls-min-version",
-    "upstream_ca": "--upstream-ca",
-    "upstream_cert": "--upstream-cert",
-    "upstream_key": "--upstream-key",
-    "upstream_alpn": "--upstream-alpn",
-}
+# --- the option table ------------------------------------------------------------------------------
+
+# A parser turns what the user typed into the config value; ``path`` is where it goes (for errors) and
+# ``earlier`` holds the values of the options declared before it, by path.
+Parse = Callable[[Any, str, Mapping[str, Any]], Any]
 
 
-def flagged(exc: ConfigError) -> ConfigError:
-    """The same error, naming the command-line flag instead of the config field."""
-    flag = FLAG_FOR_FIELD.get(exc.field)
-    return exc if flag is None else ConfigError(flag, exc.value, exc.problem)
+def _plain(parse: Callable[[str, str], Any]) -> Parse:
+    """A parser that needs only the text and the path."""
+    return lambda text, path, _earlier: parse(text, path)
 
 
-def _duration(flag: str) -> Callable[[click.Context, click.Parameter, str], float]:
-    def convert(ctx: click.Context, param: click.Parameter, value: str) -> float:
-        return parse_duration(value, flag)
-
-    return convert
+def _text(text: str, path: str, _earlier: Mapping[str, Any]) -> str:
+    return text
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    text = value.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
-    digits = text[:-1] if scale > 1 else text
-    if text.endswith("ib"):
-        scale, digits = {"kib": 1024, "mib": 1024 * 1024}.get(text[-3:], 0), text[:-3]
-    if not digits.isdigit() or not scale:
-        raise ConfigError("--buffer-size", value, "expected bytes such as 65536, 64k or 1m")
+def _whole(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
+    digits = text.strip().removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):
+        raise ConfigError(path, text, "expected a whole number")
+    return int(text)
+
+
+def _size(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
+    lowered = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(lowered[-1:], 1)
+    digits = lowered[:-1] if scale > 1 else lowered
+    if lowered.endswith("ib"):
+        scale, digits = {"kib": 1024, "mib": 1024 * 1024}.get(lowered[-3:], 0), lowered[:-3]
+    if not (digits.isascii() and digits.isdigit()) or not scale:
+        raise ConfigError(path, text, "expected bytes such as 65536, 64k or 1m")
     return int(digits) * scale
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--listen",
-    required=True,
-    metavar="[HOST]:PORT",
-    help="Address to accept clients on; ':PORT' means every interface, '[::1]:PORT' for IPv6.",
-)
-@click.option(
-    "--upstream",
-    "upstreams",
-    multiple=True,
-    required=True,
-    metavar="HOST[:PORT],...",
-    help="Pool members, comma-separated and/or repeated; the port defaults to the listen port.",
-)
-@click.option(
-    "--connect-timeout",
-    default="5s",
-    show_default=True,
-    metavar="DURATION",
-    callback=_duration("--connect-timeout"),
-    help="Give up on one connect attempt after this long and try another member.",
-)
-@click.option(
-    "--retries",
-    default=2,
-    show_default=True,
-    type=int,
-    help="Extra connect attempts after the first, each to a member not yet tried.",
-)
-@click.option(
-    "--idle-timeout",
-    default="1h",
-    show_default=True,
-    metavar="DURATION",
-    callback=_duration("--idle-timeout"),
-    help="Close a session with no traffic in either direction for this long.",
-)
-@click.option(
-    "--half-closed-timeout",
-    default="30s",
-    show_default=True,
-    metavar="DURATION",
-    callback=_duration("--half-closed-timeout"),
-    help="Idle timeout once one direction has ended (HAProxy's 'timeout client-fin').",
-)
-@click.option(
-    "--drain-timeout",
-    default="30s",
-    show_default=True,
-    metavar="DURATION",
-    callback=_duration("--drain-timeout"),
-    help="On SIGTERM/SIGINT, how long sessions may finish before they are closed.",
-)
-@click.option(
-    "--health-interval",
-    default="2s",
-    show_default=True,
-    metavar="DURATION",
-    callback=_duration("--health-interval"),
-    help="Time between active health probes of each member.",
-)
-@click.option(
-    "--health-timeout",
-    default="1s",
-    show_default=True,
-    metavar="DURATION",
-    callback=_duration("--health-timeout"),
-    help="A probe that takes longer fails.",
-)
-@click.option(
-    "--rise",
-    default=2,
-    show_default=True,
-    type=int,
-    help="Consecutive passing probes that bring a DOWN member back UP.",
-)
-@click.option(
-    "--fall",
-    default=3,
-    show_default=True,
-    type=int,
-    help="Consecutive failures (probes or client connects) that take an UP member DOWN.",
-)
-@click.option(
-    "--health-send",
-    default="",
-    metavar="BYTES",
-    help=r"Probe payload to send after connecting, e.g. 'PING\r\n' (escapes \r \n \t \xNN).",
-)
-@click.option(
-    "--health-expect",
-    default="",
-    metavar="BYTES",
-    help="The probe passes only if the reply starts with these bytes, e.g. '+PONG'.",
-)
-@click.option("--no-health-checks", is_flag=True, help="Turn active probes off (passive marking stays).")
-@click.option(
-    "--eject-time",
-    default="10s",
-    show_default=True,
-    metavar="DURATION",
-    callback=_duration("--eject-time"),
-    help="With --no-health-checks, how long a member taken DOWN by failed connects stays out.",
-)
-@click.option(
-    "--buffer-size",
-    default="64k",
-    show_default=True,
-    metavar="SIZE",
-    callback=_size,
-    help="Per-direction buffer high-water mark; a slower peer pauses the faster one.",
-)
-@click.option(
-    "--relay",
-    default="auto",
-    show_default=True,
-    type=click.Choice(RELAY_ENGINES),
-    help="Relay engine: 'auto' moves bulky plain-TCP sessions to zero-copy splice, 'splice' does so for"
-    " every plain-TCP session, 'transport' never (TLS sessions always use transports).",
-)
-@click.option("--tls-cert", metavar="PEM", help="Terminate TLS from clients with this certificate chain.")
-@click.option("--tls-key", metavar="PEM", help="The private key of --tls-cert.")
-@click.option("--tls-client-ca", metavar="PEM", help="Require client certificates signed by this CA (mTLS).")
-@click.option("--tls-alpn", default="", metavar="LIST", help="ALPN protocols offered to clients, e.g. h2,http/1.1.")
-@click.option(
-    "--tls-handshake-timeout",
-    default="10s",
-    show_default=True,
-    metavar="DURATION",
-    callback=_duration("--tls-handshake-timeout"),
-    help="Close clients that do not finish the handshake.",
-)
-@click.option(
-    "--tls-min-version",
-    default="1.2",
-    show_default=True,
-    type=click.Choice(["1.2", "1.3"]),
-    help="Oldest TLS version accepted from clients.",
-)
-@click.option("--upstream-tls", is_flag=True, help="Speak TLS to the upstreams (verified by default).")
-@click.option(
-    "--upstream-ca",
-    metavar="PEM",
-    help="CA bundle that upstream certificates must chain to [default: the system trust store].",
-)
-@click.option("--upstream-sni", metavar="NAME", help="Server name sent and verified [default: the member's host].")
-@click.option("--upstream-cert", metavar="PEM", help="Client certificate presented to upstreams (mTLS).")
-@click.option("--upstream-key", metavar="PEM", help="The private key of --upstream-cert.")
-@click.option("--upstream-alpn", default="", metavar="LIST", help="ALPN protocols offered to upstreams.")
-@click.option("--upstream-insecure", is_flag=True, help="Do not verify upstream certificates (warns at start-up).")
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(LOG_LEVELS),
-    help="Level of the diagnostic log on stderr.",
-)
-@click.option(
-    "--access-log",
-    default="-",
-    show_default=True,
-    metavar="-|PATH|off",
-    help="One line per session: '-' for stdout, a file path, or 'off'.",
-)
-@click.option(
-    "--workers",
-    default="1",
-    show_default=True,
-    metavar="N|auto",
-    callback=lambda _ctx, _param, value: parse_workers(value),
-    help="Processes accepting on the address (SO_REUSEPORT); 'auto' = one per CPU.",
-)
-def command(**options: Any) -> None:
-    """A layer-4 (TCP) proxy: least-connections, retries and health checks in front of any service.
+def _names(text: str, path: str, _earlier: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
-    Example: l4proxy --listen :6379 --upstream redis-a,redis-b
-    """
-    config = build_config(options)
+
+def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[Address, ...]:
+    """Members; a missing port is the listen port."""
+    return parse_members(texts, path, default_port=earlier[LISTEN_PATH].port)
+
+
+def _off(given: bool, path: str, _earlier: Mapping[str, Any]) -> bool:
+    return not given
+
+
+def _on(given: bool, path: str, _earlier: Mapping[str, Any]) -> bool:
+    return given
+
+
+def _section(given: bool, path: str, _earlier: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A switch that turns a section of the tree on (its other options fill it in)."""
+    return {} if given else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Need:
+    """What a flag needs from the rest of the command line to take any effect."""
+
+    problem: str  # what the error says, after the flag and its value
+    met: Callable[[frozenset[str]], bool]  # given the flags on the command line
+
+
+TLS_IN = Need("needs --tls-cert and --tls-key", lambda given: bool({"--tls-cert", "--tls-key"} & given))
+TLS_OUT = Need("needs --upstream-tls", lambda given: "--upstream-tls" in given)
+PROBES = Need("has no effect with --no-health-checks", lambda given: "--no-health-checks" not in given)
+NO_PROBES = Need("applies only with --no-health-checks", lambda given: "--no-health-checks" in given)
+VERIFIED = Need(
+    "has no effect with --upstream-insecure (nothing is verified)", lambda given: "--upstream-insecure" not in given
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Option:
+    """One command-line option: everything the CLI derives about it comes from here."""
+
+    flag: str
+    path: str  # where the value goes in the config tree (config.from_tree), and what errors are about
+    group: str
+    help: str
+    default: str | None = None  # as the user would type it; None: the dataclass default applies
+    parse: Parse = _text
+    metavar: str = ""
+    switch: bool = False  # takes no value; the parser gets whether it was given
+    multiple: bool = False
+    required: bool = False
+    needs: tuple[Need, ...] = ()
+    pair: str = ""  # the flag that must be given with this one
+
+    @property
+    def name(self) -> str:
+        """The keyword click passes the value as."""
+        return self.flag[2:].replace("-", "_")
+
+
+LISTEN_PATH = "listeners[0].address"
+_LISTENER, _POOL = "listeners[0]", "pools.default"
+_DURATION = _plain(parse_duration)
+
+GROUPS = {
+    "listener": "Listener",
+    "upstreams": "Upstreams",
+    "health": "Health checks",
+    "tls-in": "TLS from clients",
+    "tls-out": "TLS to upstreams",
+    "logging": "Logging",
+    "process": "Process",
+}
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--listen", LISTEN_PATH, "listener", "Address to accept clients on; ':PORT' means every interface,"
+           " '[::1]:PORT' for IPv6.", parse=_plain(parse_address), metavar="[HOST]:PORT", required=True),
+    Option("--idle-timeout", f"{_LISTENER}.idle_timeout", "listener",
+           "Close a session with no traffic in either direction for this long.", "1h", _DURATION, "DURATION"),
+    Option("--half-closed-timeout", f"{_LISTENER}.half_closed_timeout", "listener",
+           "Idle timeout once one direction has ended (HAProxy's 'timeout client-fin').", "30s", _DURATION,
+           "DURATION"),
+    Option("--buffer-size", f"{_LISTENER}.buffer_size", "listener",
+           "Per-direction buffer high-water mark; a slower peer pauses the faster one.", "64k", _size, "SIZE"),
+    Option("--relay", f"{_LISTENER}.relay", "listener",
+           "Relay engine: 'auto' moves bulky plain-TCP sessions to zero-copy splice, 'splice' does so for every"
+           " plain-TCP session, 'transport' never (TLS sessions always use transports).", "auto",
+           metavar="|".join(RELAY_ENGINES)),
+    Option("--upstream", f"{_POOL}.members", "upstreams", "Pool members, comma-separated and/or repeated; the port"
+           " defaults to the listen port.", parse=_members, metavar="HOST[:PORT],...", multiple=True, required=True),
+    Option("--connect-timeout", f"{_POOL}.connect_timeout", "upstreams",
+           "Give up on one connect attempt after this long and try another member.", "5s", _DURATION, "DURATION"),
+    Option("--retries", f"{_POOL}.retries", "upstreams",
+           "Extra connect attempts after the first, each to a member not yet tried.", "2", _whole, "N"),
+    Option("--health-interval", f"{_POOL}.health.interval", "health",
+           "Time between active health probes of each member.", "2s", _DURATION, "DURATION", needs=(PROBES,)),
+    Option("--health-timeout", f"{_POOL}.health.timeout", "health", "A probe that takes longer fails.", "1s",
+           _DURATION, "DURATION", needs=(PROBES,)),
+    Option("--rise", f"{_POOL}.health.rise", "health", "Consecutive passing probes that bring a DOWN member"
+           " back UP.", "2", _whole, "N", needs=(PROBES,)),
+    Option("--fall", f"{_POOL}.health.fall", "health", "Consecutive failures (probes or client connects) that"
+           " take an UP member DOWN.", "3", _whole, "N"),
+    Option("--health-send", f"{_POOL}.health.send", "health", "Probe payload to send after connecting, e.g."
+           r" 'PING\r\n' (escapes below).", parse=_plain(parse_escapes), metavar="BYTES", needs=(PROBES,)),
+    Option("--health-expect", f"{_POOL}.health.expect", "health", "The probe passes only if the reply starts"
+           " with these bytes, e.g. '+PONG'.", parse=_plain(parse_escapes), metavar="BYTES", needs=(PROBES,)),
+    Option("--no-health-checks", f"{_POOL}.health.enabled", "health",
+           "Turn active probes off (failed client connects still take members DOWN).", parse=_off, switch=True),
+    Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
+           " taken DOWN by failed connects stays out.", "10s", _DURATION, "DURATION", needs=(NO_PROBES,)),
+    Option("--tls-cert", f"{_LISTENER}.tls.cert", "tls-in",
+           "Terminate TLS from clients with this certificate chain.", metavar="PEM", pair="--tls-key"),
+    Option("--tls-key", f"{_LISTENER}.tls.key", "tls-in", "The private key of --tls-cert.", metavar="PEM",
+           pair="--tls-cert"),
+    Option("--tls-client-ca", f"{_LISTENER}.tls.client_ca", "tls-in",
+           "Require client certificates signed by this CA (mTLS).", metavar="PEM", needs=(TLS_IN,)),
+    Option("--tls-alpn", f"{_LISTENER}.tls.alpn", "tls-in", "ALPN protocols offered to clients, e.g."
+           " h2,http/1.1.", parse=_names, metavar="LIST", needs=(TLS_IN,)),
+    Option("--tls-handshake-timeout", f"{_LISTENER}.tls.handshake_timeout", "tls-in",
+           "Close clients that do not finish the handshake.", "10s", _DURATION, "DURATION", needs=(TLS_IN,)),
+    Option("--tls-min-version", f"{_LISTENER}.tls.min_version", "tls-in", "Oldest TLS version accepted from"
+           " clients.", "1.2", metavar="|".join(TLS_VERSIONS), needs=(TLS_IN,)),
+    Option("--upstream-tls", f"{_POOL}.tls", "tls-out", "Speak TLS to the upstreams (verified by default).",
+           parse=_section, switch=True),
+    Option("--upstream-ca", f"{_POOL}.tls.ca", "tls-out", "CA bundle that upstream certificates must chain to"
+           " [default: the system trust store].", metavar="PEM", needs=(TLS_OUT, VERIFIED)),
+    Option("--upstream-sni", f"{_POOL}.tls.sni", "tls-out", "Server name sent and verified [default: the"
+           " member's host].", metavar="NAME", needs=(TLS_OUT,)),
+    Option("--upstream-cert", f"{_POOL}.tls.cert", "tls-out", "Client certificate presented to upstreams"
+           " (mTLS).", metavar="PEM", needs=(TLS_OUT,), pair="--upstream-key"),
+    Option("--upstream-key", f"{_POOL}.tls.key", "tls-out", "The private key of --upstream-cert.",
+           metavar="PEM", needs=(TLS_OUT,), pair="--upstream-cert"),
+    Option("--upstream-alpn", f"{_POOL}.tls.alpn", "tls-out", "ALPN protocols offered to upstreams.",
+           parse=_names, metavar="LIST", needs=(TLS_OUT,)),
+    Option("--upstream-insecure", f"{_POOL}.tls.insecure", "tls-out",
+           "Do not verify upstream certificates (warns at start-up).", parse=_on, switch=True, needs=(TLS_OUT,)),
+    Option("--log-level", "log_level", "logging", "Level of the diagnostic log on stderr.", "info",
+           metavar="|".join(LOG_LEVELS)),
+    Option("--access-log", "access_log", "logging", "One line per session: '-' for stdout, a file path, or"
+           " 'off'.", "-", metavar="-|PATH|off"),
+    Option("--drain-timeout", "drain_timeout", "process", "On SIGTERM/SIGINT, how long sessions may finish"
+           " before they are closed.", "30s", _DURATION, "DURATION"),
+    Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
+           " one per CPU.", "1", _plain(parse_workers), "N|auto"),
+)  # fmt: skip
+
+# Sections that exist only when one of their flags is given; their defaults apply only then.
+OPTIONAL_SECTIONS = (f"{_LISTENER}.tls", f"{_POOL}.tls")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith((prefix + ".", prefix + "["))
+
+
+def option_for(path: str) -> Option | None:
+    """The option whose value ``path`` is, or lies inside (the longest such option path)."""
+    matches = [option for option in OPTIONS if _under(path, option.path)]
+    return max(matches, key=lambda option: len(option.path), default=None)
+
+
+def flagged(exc: ConfigError, typed: Mapping[str, object] | None = None) -> ConfigError:
+    """The same error naming the flag instead of the config path, with the value as it was typed
+    (``typed``: flag to text) rather than as it was parsed (``'0'``, not ``0.0``)."""
+    option = option_for(exc.path)
+    if option is None:
+        return exc
+    value = exc.value
+    if option.switch:
+        value = None
+    elif not option.multiple and typed is not None and option.flag in typed:
+        value = typed[option.flag]
+    return ConfigError(option.flag, value, exc.problem)
+
+
+# --- from flags to a Config ------------------------------------------------------------------------
+
+
+def build_config(params: Mapping[str, Any]) -> Config:
+    """The Config for what click collected (text as typed, nothing converted yet); ConfigErrors name
+    the flag and echo the text."""
+    given = frozenset(o.flag for o in OPTIONS if params.get(o.name) not in (None, False, ()))
+    typed = {o.flag: params[o.name] if o.flag in given else o.default for o in OPTIONS if not o.switch}
+    try:
+        _refuse_ineffective(params, given)
+        created = [s for s in OPTIONAL_SECTIONS if any(_under(o.path, s) for o in OPTIONS if o.flag in given)]
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            section = next((s for s in OPTIONAL_SECTIONS if _under(option.path, s)), None)
+            if option.flag in given:
+                raw: Any = params[option.name]
+            elif option.switch:
+                raw = False
+            elif option.default is not None:
+                raw = option.default
+            else:
+                continue
+            if section is not None and section not in created and option.path != section:
+                continue
+            values[option.path] = option.parse(raw, option.path, values)
+        return from_tree(_tree(values))
+    except ConfigError as exc:
+        raise flagged(exc, typed) from None
+
+
+def _refuse_ineffective(params: Mapping[str, Any], given: frozenset[str]) -> None:
+    """A flag whose needs the command line does not meet would be ignored: refuse it instead."""
+    for option in OPTIONS:
+        if option.flag not in given:
+            continue
+        shown = None if option.switch else params[option.name]
+        for need in option.needs:
+            if not need.met(given):
+                raise ConfigError(option.flag, shown, need.problem)
+        if option.pair and option.pair not in given:
+            raise ConfigError(option.pair, None, f"required with {option.flag}")
+
+
+def _tree(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested plain data from values by path (``listeners[0].tls.cert``), as ``from_tree`` takes it."""
+    tree: dict[str, Any] = {}
+    for path, value in values.items():
+        keys: list[str | int] = [int(i) if i else k for k, i in re.findall(r"(\w+)|\[(\d+)\]", path)]
+        node: Any = tree
+        for key, following in itertools.pairwise(keys):
+            if isinstance(key, int):
+                while len(node) <= key:
+                    node.append({})
+                node = node[key]
+            else:
+                node = node.setdefault(key, [] if isinstance(following, int) else {})
+        node[keys[-1]] = value
+    return tree
+
+
+def without_repeats(config: Config) -> tuple[Config, list[str]]:
+    """The Config with each pool's members listed once, and a warning for each member listed again."""
+    warnings: list[str] = []
+    pools = []
+    for pool in config.pools:
+        members = tuple(dict.fromkeys(pool.members))
+        for member in members:
+            if pool.members.count(member) > 1:
+                warnings.append(f"{member} is listed {pool.members.count(member)} times; it is used once")
+        pools.append(dataclasses.replace(pool, members=members) if len(members) < len(pool.members) else pool)
+    return dataclasses.replace(config, pools=tuple(pools)), warnings
+
+
+def refuse_self_loops(config: Config) -> None:
+    """A member that is one of our own listen addresses would make every probe and client loop through the
+    proxy until descriptors run out: refuse it (names resolved now; one that does not resolve passes)."""
+    local = local_networks()
+    for listener in config.listeners:
+        pool = config.pool(listener.pool)
+        listen = listener.address
+        listen_ips = set() if listen.host in WILDCARDS else _resolve(listen.host, listen.port)
+        for index, member in enumerate(pool.members):
+            if member.port != listen.port:
+                continue
+            for ip in sorted(_resolve(member.host, member.port), key=str):
+                if is_own(ip, listen.host, listen_ips, local):
+                    named = "is" if str(ip) == member.host else f"resolves to {ip}, which is"
+                    raise ConfigError(
+                        f"pools.{pool.name}.members[{index}]",
+                        str(member),
+                        f"{named} this proxy's own listen address {listen}: it would connect to itself",
+                    )
+
+
+def _resolve(host: str, port: int) -> set[IPAddress]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return set()
+    return {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+EXPLANATIONS = {
+    "Durations": [("250ms, 5s, 1m, 1h", "milliseconds, seconds, minutes, hours; a plain number is seconds")],
+    "Escapes in --health-send and --health-expect": [
+        (r"\r \n \t \0", "carriage return, line feed, tab, NUL"),
+        (r"\\ \xNN", "a backslash; the byte with hex value NN"),
+    ],
+    "Exit codes": [
+        ("0", "stopped after a graceful drain (SIGTERM/SIGINT)"),
+        ("1", "could not start (the listen address cannot be bound)"),
+        ("2", "a mistake on the command line or in a file it names; one line on stderr says which"),
+    ],
+}
+
+
+class _GroupedCommand(click.Command):
+    """Shows the options in their groups, then the value syntax and the exit codes."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        group_of = {option.name: option.group for option in OPTIONS}
+        sections: dict[str, list[tuple[str, str]]] = {title: [] for title in GROUPS.values()}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(GROUPS.get(group_of.get(param.name or "", ""), "Other"), []).append(record)
+        for title, rows in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for title, rows in EXPLANATIONS.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+
+def _click_option(option: Option) -> click.Option:
+    """The click option for ``option``: text in, parsing left to ``build_config`` (so a default is
+    not mistaken for a value the user typed)."""
+    shown = f"{option.help} [default: {option.default}]" if option.default is not None else option.help
+    if option.switch:
+        return click.Option([option.flag], is_flag=True, help=shown)
+    return click.Option(
+        [option.flag], multiple=option.multiple, required=option.required, metavar=option.metavar or "TEXT", help=shown
+    )
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
+    if wanted and not ctx.resilient_parsing:
+        click.echo(f"l4proxy {__version__}")
+        ctx.exit()
+
+
+def _start(**params: Any) -> None:
+    config, repeated = without_repeats(build_config(params))
     _setup_logging(config.log_level)
+    for warning in repeated:
+        log.warning("--upstream: %s", warning)
     check_tls_files(config)
+    try:
+        refuse_self_loops(config)
+    except ConfigError as exc:
+        raise flagged(exc) from None
     if any(p.tls is not None and p.tls.insecure for p in config.pools):
         log.warning(
             "--upstream-insecure: upstream certificates are NOT verified; anyone on the path can"
@@ -284,109 +440,47 @@ def command(**options: Any) -> None:
     except OSError as exc:
         raise ConfigError("--access-log", config.access_log, exc.strerror or str(exc)) from None
     raise_nofile_limit()
-    if options["workers"] > 1:
-        sys.exit(supervise(config, options["workers"], access_log, run))
+    if config.workers > 1:
+        sys.exit(supervise(config, config.workers, access_log, run))
     sys.exit(run(config, access_log))
 
 
-def build_config(options: dict[str, Any]) -> Config:
-    """The Config for parsed flags; ConfigErrors name the flag."""
-    try:
-        listen = parse_address(options["listen"], "--listen")
-        members = parse_members(options["upstreams"], "--upstream", default_port=listen.port)
-        health = HealthConfig(
-            interval=options["health_interval"],
-            timeout=options["health_timeout"],
-            rise=options["rise"],
-            fall=options["fall"],
-            send=parse_escapes(options["health_send"], "--health-send"),
-            expect=parse_escapes(options["health_expect"], "--health-expect"),
-            enabled=not options["no_health_checks"],
-            eject_time=options["eject_time"],
-        )
-        pool = PoolConfig(
-            members=members,
-            retries=options["retries"],
-            connect_timeout=options["connect_timeout"],
-            health=health,
-            tls=_upstream_tls(options),
-        )
-        listener = ListenerConfig(
-            address=listen,
-            idle_timeout=options["idle_timeout"],
-            half_closed_timeout=options["half_closed_timeout"],
-            buffer_size=options["buffer_size"],
-            tls=_server_tls(options),
-            relay=options["relay"],
-        )
-        return Config(
-            listeners=(listener,),
-            pools=(pool,),
-            drain_timeout=options["drain_timeout"],
-            access_log=options["access_log"],
-            log_level=options["log_level"],
-        )
-    except ConfigError as exc:
-        raise flagged(exc) from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-def _server_tls(options: dict[str, Any]) -> ServerTLSConfig | None:
-    cert, key = options["tls_cert"], options["tls_key"]
-    if cert is None and key is None:
-        for flag in ("tls_client_ca", "tls_alpn"):
-            if options[flag]:
-                raise ConfigError(FLAG_FOR_FIELD[flag], options[flag], "needs --tls-cert and --tls-key")
-        return None
-    if cert is None or key is None:
-        missing, given = ("--tls-key", "--tls-cert") if key is None else ("--tls-cert", "--tls-key")
-        raise ConfigError(missing, None, f"required with {given}")
-    return ServerTLSConfig(
-        cert=cert,
-        key=key,
-        client_ca=options["tls_client_ca"],
-        alpn=_names(options["tls_alpn"]),
-        handshake_timeout=options["tls_handshake_timeout"],
-        min_version=options["tls_min_version"],
-    )
-
-
-def _upstream_tls(options: dict[str, Any]) -> UpstreamTLSConfig | None:
-    names = ("upstream_ca", "upstream_sni", "upstream_cert", "upstream_key", "upstream_alpn", "upstream_insecure")
-    if not options["upstream_tls"]:
-        given = next((n for n in names if options[n]), None)
-        if given:
-            raise ConfigError("--" + given.replace("_", "-"), None, "needs --upstream-tls")
-        return None
-    if (options["upstream_cert"] is None) != (options["upstream_key"] is None):
-        missing = "--upstream-key" if options["upstream_key"] is None else "--upstream-cert"
-        raise ConfigError(missing, None, "--upstream-cert and --upstream-key go together")
-    return UpstreamTLSConfig(
-        ca=options["upstream_ca"],
-        sni=options["upstream_sni"],
-        cert=options["upstream_cert"],
-        key=options["upstream_key"],
-        alpn=_names(options["upstream_alpn"]),
-        insecure=options["upstream_insecure"],
-    )
+command = _GroupedCommand(
+    "l4proxy",
+    callback=_start,
+    params=[
+        *map(_click_option, OPTIONS),
+        click.Option(
+            ["--version"],
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_print_version,
+            help="Show the version and exit.",
+        ),
+    ],
+    help="A layer-4 (TCP) proxy: least-connections, retries and health checks in front of any service.\n\n"
+    "Example: l4proxy --listen :6379 --upstream redis-a,redis-b",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 
 
 def check_tls_files(config: Config) -> None:
     """Load every certificate, key and CA once before binding, so a bad file is a start-up error."""
     from .tls import client_context, server_context
 
-    try:
-        for listener in config.listeners:
-            if listener.tls is not None:
+    for index, listener in enumerate(config.listeners):
+        if listener.tls is not None:
+            try:
                 server_context(listener.tls)
-        for pool in config.pools:
-            if pool.tls is not None:
+            except ConfigError as exc:
+                raise flagged(exc.under(f"listeners[{index}].tls")) from None
+    for pool in config.pools:
+        if pool.tls is not None:
+            try:
                 client_context(pool.tls)
-    except ConfigError as exc:
-        raise flagged(exc) from None
+            except ConfigError as exc:
+                raise flagged(exc.under(f"pools.{pool.name}.tls")) from None
 
 
 def run(config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None) -> int:
@@ -464,12 +558,17 @@ def raise_nofile_limit() -> None:
             log.warning("could not raise the open-files limit from %d: %s", soft, exc)
 
 
+class _Stamped(logging.Formatter):
+    """Diagnostics stamped like the access log: ISO 8601 UTC with milliseconds and ``Z``."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Stamped("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> None:

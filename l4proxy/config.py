@@ -1,15 +1,20 @@
 """The whole configuration as frozen dataclasses, plus parsers for the textual forms users type.
 
 Every dataclass validates itself in ``__post_init__``, so an invalid Config cannot be built: the I/O
-layers never re-check values. Errors are ``ConfigError``s naming the field (the CLI renames fields to
-flags), the value and what was expected. Nothing here touches sockets or the event loop.
+layers never re-check values. Errors are ``ConfigError``s naming the field, the value and what was
+expected; a dataclass names its own field (``interval``) and :func:`from_tree`, which builds the whole
+tree from plain data (flags today, a config file next), places it (``pools.default.health.interval``,
+``listeners[0].tls.cert``); the CLI maps those paths to its flags. Nothing here touches sockets or the
+event loop.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
@@ -28,7 +33,8 @@ def parse_duration(text: str, field_name: str) -> float:
 
 
 def _parse_port(text: str, whole: str, field_name: str) -> int:
-    if not (text.isascii() and text.isdigit()):  # str.isdigit alone accepts '²', which int() rejects
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):  # str.isdigit alone accepts '²', which int() rejects
         raise ConfigError(field_name, whole, f"port {text!r} is not a number")
     port = int(text)
     if not 1 <= port <= 65535:
@@ -36,17 +42,25 @@ def _parse_port(text: str, whole: str, field_name: str) -> int:
     return port
 
 
-def _check_host(host: str, whole: str, field_name: str) -> str:
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _canonical_host(host: str) -> str | None:
+    """``host`` with an IP literal in canonical form; None when it is neither an IP nor a host name."""
     if not host:
         return host
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
         pass
-    labels = host.rstrip(".").split(".")
-    if not all(re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label) for label in labels):
+    return host if all(_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")) else None
+
+
+def _check_host(host: str, whole: str, field_name: str) -> str:
+    canonical = _canonical_host(host)
+    if canonical is None:
         raise ConfigError(field_name, whole, f"{host!r} is not a valid host name or IP address")
-    return host
+    return canonical
 
 
 def parse_address(text: str, field_name: str, default_port: int | None = None) -> Address:
@@ -57,6 +71,10 @@ def parse_address(text: str, field_name: str, default_port: int | None = None) -
     text = text.strip()
     if not text:
         raise ConfigError(field_name, text, "address is empty")
+    if "://" in text:
+        raise ConfigError(field_name, text, "a URL scheme is not allowed here; give HOST:PORT")
+    if any(c.isspace() for c in text):
+        raise ConfigError(field_name, text, "an address has no spaces in it")
     host, port_text = _split_host_port(text, field_name)
     host = _check_host(host, text, field_name)
     if port_text is None:
@@ -90,17 +108,25 @@ def _split_host_port(text: str, field_name: str) -> tuple[str, str | None]:
     return host, (port if sep else None)
 
 
-def parse_members(texts: list[str] | tuple[str, ...], field_name: str, default_port: int) -> tuple[Address, ...]:
-    """Members from repeated and/or comma-separated ``HOST[:PORT]`` values."""
-    members: list[Address] = []
+def member_texts(texts: list[str] | tuple[str, ...], field_name: str) -> list[str]:
+    """Each member as typed, from repeated and/or comma-separated values."""
+    parts: list[str] = []
     for text in texts:
         for part in text.split(","):
-            if not part.strip():
+            part = part.strip()
+            if not part:
                 raise ConfigError(field_name, text, "empty member in the list")
-            members.append(parse_address(part, field_name, default_port))
-    if not members:
+            if any(c.isspace() for c in part):
+                raise ConfigError(field_name, text, "separate members with commas, not spaces")
+            parts.append(part)
+    if not parts:
         raise ConfigError(field_name, None, "at least one upstream is required")
-    return tuple(members)
+    return parts
+
+
+def parse_members(texts: list[str] | tuple[str, ...], field_name: str, default_port: int) -> tuple[Address, ...]:
+    """Members from repeated and/or comma-separated ``HOST[:PORT]`` values."""
+    return tuple(parse_address(part, field_name, default_port) for part in member_texts(texts, field_name))
 
 
 # A lone ``x`` alternative catches a short \x; scanning pairs left to right keeps ``\\x41`` literal.
@@ -134,6 +160,12 @@ class Address:
     host: str
     port: int
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or _canonical_host(self.host) is None:
+            raise ConfigError("host", self.host, "is not a valid host name or IP address")
+        if type(self.port) is not int or not 0 <= self.port <= 65535:  # 0: any free port, for a listener
+            raise ConfigError("port", self.port, "must be a number 0..65535")
+
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
@@ -163,9 +195,9 @@ class HealthConfig:
     eject_time: float = 10.0
 
     def __post_init__(self) -> None:
-        _positive("health_interval", self.interval)
+        _positive("interval", self.interval)
+        _positive("timeout", self.timeout)
         _positive("eject_time", self.eject_time)
-        _positive("health_timeout", self.timeout)
         if self.rise < 1:
             raise ConfigError("rise", self.rise, "must be at least 1")
         if self.fall < 1:
@@ -184,9 +216,9 @@ class ServerTLSConfig:
     min_version: str = "1.2"
 
     def __post_init__(self) -> None:
-        _positive("tls_handshake_timeout", self.handshake_timeout)
-        if self.min_version not in ("1.2", "1.3"):
-            raise ConfigError("tls_min_version", self.min_version, "expected 1.2 or 1.3")
+        _positive("handshake_timeout", self.handshake_timeout)
+        if self.min_version not in TLS_VERSIONS:
+            raise ConfigError("min_version", self.min_version, f"expected {' or '.join(TLS_VERSIONS)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +234,8 @@ class UpstreamTLSConfig:
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
-            raise ConfigError("upstream_cert", self.cert, "a client certificate needs both a cert and a key")
+            missing = "key" if self.key is None else "cert"
+            raise ConfigError(missing, None, "a client certificate needs both a cert and a key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,10 +251,12 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         if not self.members:
-            raise ConfigError("upstream", None, "at least one upstream is required")
-        if any(not m.host for m in self.members):
-            bad = next(m for m in self.members if not m.host)
-            raise ConfigError("upstream", str(bad), "an upstream needs a host")
+            raise ConfigError("members", None, "at least one upstream is required")
+        for index, member in enumerate(self.members):
+            if not member.host:
+                raise ConfigError(f"members[{index}]", str(member), "an upstream needs a host")
+            if not member.port:
+                raise ConfigError(f"members[{index}]", str(member), "an upstream needs a port")
         if self.retries < 0:
             raise ConfigError("retries", self.retries, "must be 0 or more")
         _positive("connect_timeout", self.connect_timeout)
@@ -259,19 +294,22 @@ class Config:
     drain_timeout: float = 30.0
     access_log: str = "-"
     log_level: str = "info"
+    workers: int = 1  # processes accepting on the listeners (SO_REUSEPORT), under one supervisor
 
     def __post_init__(self) -> None:
         if not self.listeners:
-            raise ConfigError("listen", None, "at least one listener is required")
+            raise ConfigError("listeners", None, "at least one listener is required")
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
-            raise ConfigError("pool", names, "pool names must be unique")
-        for listener in self.listeners:
+            raise ConfigError("pools", names, "pool names must be unique")
+        for index, listener in enumerate(self.listeners):
             if listener.pool not in names:
-                raise ConfigError("pool", listener.pool, f"no such pool; known: {', '.join(names)}")
+                raise ConfigError(f"listeners[{index}].pool", listener.pool, f"no such pool; known: {', '.join(names)}")
         _positive("drain_timeout", self.drain_timeout)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", self.log_level, f"expected one of {', '.join(LOG_LEVELS)}")
+        if type(self.workers) is not int or self.workers < 1:
+            raise ConfigError("workers", self.workers, "must be at least 1")
 
     def pool(self, name: str) -> PoolConfig:
         """The pool called ``name`` (validated to exist for every listener)."""
@@ -280,3 +318,59 @@ class Config:
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RELAY_ENGINES = ("auto", "splice", "transport")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+# --- the tree from plain data ----------------------------------------------------------------------
+
+# Settings that hold a nested object (a section of the tree) or a list of them.
+_SECTIONS: dict[tuple[type, str], type] = {
+    (ListenerConfig, "address"): Address,
+    (ListenerConfig, "tls"): ServerTLSConfig,
+    (PoolConfig, "health"): HealthConfig,
+    (PoolConfig, "tls"): UpstreamTLSConfig,
+}
+_LISTS: dict[tuple[type, str], type] = {(PoolConfig, "members"): Address}
+
+_T = TypeVar("_T")
+
+
+def from_tree(tree: Mapping[str, Any]) -> Config:
+    """The Config for plain data shaped like the tree: ``listeners`` a list, ``pools`` a table by name,
+    sections as mappings. Every ConfigError names the full path of its value, so flags and a config
+    file get the same validation and can each name the value in their own terms."""
+    data = dict(tree)
+    listeners = tuple(
+        _build(ListenerConfig, item, f"listeners[{index}]") for index, item in enumerate(data.pop("listeners", ()))
+    )
+    pools = tuple(
+        _build(PoolConfig, {**spec, "name": name}, f"pools.{name}") for name, spec in data.pop("pools", {}).items()
+    )
+    return _build(Config, {**data, "listeners": listeners, "pools": pools}, "")
+
+
+def _build(kind: type[_T], data: object, path: str) -> _T:
+    if isinstance(data, kind):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, data, f"expected a table of {kind.__name__} settings")
+    known = {f.name: f for f in fields(kind)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in known:
+            raise ConfigError(where, None, "no such setting")
+        if (kind, key) in _SECTIONS and value is not None:
+            value = _build(_SECTIONS[kind, key], value, where)
+        elif (kind, key) in _LISTS:
+            value = tuple(_build(_LISTS[kind, key], item, f"{where}[{index}]") for index, item in enumerate(value))
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    for name, spec in known.items():
+        if name not in values and spec.default is MISSING and spec.default_factory is MISSING:
+            raise ConfigError(f"{path}.{name}" if path else name, None, "is required")
+    try:
+        return kind(**values)
+    except ConfigError as exc:
+        raise (exc.under(path) if path else exc) from None

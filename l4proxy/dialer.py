@@ -13,10 +13,8 @@ Host names are resolved by the loop's ``getaddrinfo`` (a thread), never blocking
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import logging
-import socket
 import ssl
 from collections.abc import Coroutine, Hashable
 from typing import Any
@@ -24,37 +22,12 @@ from typing import Any
 from .balancer import Member
 from .deadlines import Deadlines
 from .drive import Drive
+from .errors import failure_kind, out_of_descriptors
 from .health import Event
 from .pool import Pool
 from .relay import Pump, Session
 
 log = logging.getLogger("l4proxy.dialer")
-
-_LOCAL_EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-
-
-def out_of_descriptors(exc: BaseException) -> bool:
-    """The proxy itself ran out of descriptors or memory: says nothing about the member."""
-    return isinstance(exc, OSError) and exc.errno in _LOCAL_EXHAUSTION
-
-
-def failure_kind(exc: BaseException) -> str:
-    """A short cause for logs and metrics: refused, timeout, dns, tls: ..., or the OS error."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "timeout"
-    if isinstance(exc, socket.gaierror):
-        return f"dns: {exc.strerror}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"tls: {exc.verify_message or exc.reason}"
-    if isinstance(exc, ssl.SSLError):
-        return f"tls: {exc.reason or exc}"
-    if isinstance(exc, ConnectionResetError):
-        return "reset"
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return type(exc).__name__
 
 
 class Dial:

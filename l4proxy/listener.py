@@ -24,11 +24,11 @@ import socket
 from collections.abc import Callable
 
 from .config import ListenerConfig
+from .errors import EXHAUSTION_ERRNOS as _EXHAUSTED
 
 log = logging.getLogger("l4proxy.listener")
 
 _BATCH = 64
-_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 1.0
 _RESERVE = 16  # descriptors kept for upstream connects, health probes and log files
 

@@ -16,7 +16,7 @@ import random
 import time
 
 from .balancer import Member
-from .dialer import failure_kind, out_of_descriptors
+from .errors import failure_kind, out_of_descriptors
 from .health import Event
 from .pool import Pool
 

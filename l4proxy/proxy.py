@@ -243,13 +243,13 @@ class Proxy:
                 try:
                     self.server_tls[index] = server_context(listener_config.tls)
                 except ConfigError as exc:
-                    problems.append(exc)
+                    problems.append(exc.under(f"listeners[{index}].tls"))
         for pool in self.pools.values():
             if pool.config.tls is not None:
                 try:
                     pool.ssl_context = client_context(pool.config.tls)
                 except ConfigError as exc:
-                    problems.append(exc)
+                    problems.append(exc.under(f"pools.{pool.config.name}.tls"))
         return problems
 
     async def _sweep(self) -> None:

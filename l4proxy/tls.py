@@ -14,8 +14,8 @@ Decisions:
   direction of a session with a TLS side ends, the relay flushes what is buffered and closes that side.
 * **User mistakes are ConfigErrors**: every certificate, key or CA file is checked before OpenSSL sees
   it, and any ``OSError``/``ssl.SSLError`` from loading is turned into a one-line ``ConfigError`` naming
-  the config field (``tls_cert``, ``tls_key``, ``tls_client_ca``, ``upstream_ca``, ``upstream_cert``,
-  ``upstream_key``, ``tls_alpn``, ``upstream_alpn``), the path and what is wrong.
+  the field of the TLS config (``cert``, ``key``, ``client_ca``, ``ca``, ``alpn``; the caller places it
+  under its listener or pool), the path and what is wrong.
 
 The module opens files but no sockets and knows nothing of the event loop: the listener and dialer pass
 these contexts to ``loop.create_server``/``create_connection`` (or ``start_tls``) and call
@@ -57,11 +57,11 @@ def server_context(cfg: ServerTLSConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _MIN_VERSIONS[cfg.min_version]
     ctx.options |= _HARDENING
-    _load_cert_chain(ctx, cfg.cert, cfg.key, "tls_cert", "tls_key")
+    _load_cert_chain(ctx, cfg.cert, cfg.key, "cert", "key")
     if cfg.client_ca is not None:
-        _load_ca(ctx, cfg.client_ca, "tls_client_ca")
+        _load_ca(ctx, cfg.client_ca, "client_ca")
         ctx.verify_mode = ssl.CERT_REQUIRED
-    _set_alpn(ctx, cfg.alpn, "tls_alpn")
+    _set_alpn(ctx, cfg.alpn, "alpn")
     ctx.sni_callback = _remember_sni
     return ctx
 
@@ -75,12 +75,12 @@ def client_context(cfg: UpstreamTLSConfig) -> ssl.SSLContext:
         ctx.check_hostname = False  # must precede CERT_NONE
         ctx.verify_mode = ssl.CERT_NONE
     elif cfg.ca is not None:
-        _load_ca(ctx, cfg.ca, "upstream_ca")
+        _load_ca(ctx, cfg.ca, "ca")
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if cfg.cert is not None and cfg.key is not None:
-        _load_cert_chain(ctx, cfg.cert, cfg.key, "upstream_cert", "upstream_key")
-    _set_alpn(ctx, cfg.alpn, "upstream_alpn")
+        _load_cert_chain(ctx, cfg.cert, cfg.key, "cert", "key")
+    _set_alpn(ctx, cfg.alpn, "alpn")
     return ctx
 
 

@@ -268,7 +268,8 @@ def _reload_probe_tls(pools: list[_HealthPool]) -> None:
             try:
                 pool.ssl_context = client_context(pool.config.tls)
             except ConfigError as exc:
-                log.error("SIGHUP: health checks kept the previous TLS files: %s", exc)
+                problem = exc.under(f"pools.{pool.config.name}.tls")
+                log.error("SIGHUP: health checks kept the previous TLS files: %s", problem)
 
 
 @dataclasses.dataclass

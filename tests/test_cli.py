@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.cli import command
+from l4proxy import Address, Config, ListenerConfig, PoolConfig, __version__
+from l4proxy.cli import GROUPS, OPTIONS, build_config, command, flagged, option_for
+from l4proxy.errors import ConfigError
 
 COMMAND = [sys.executable, "-m", "l4proxy"]
 HOSTS = ["127.0.0.1", "::1"]
@@ -66,7 +68,7 @@ BAD_INPUTS = [
      "--connect-timeout '5x': expected a duration such as 250ms, 5s, 1m, 1h or 2.5"),
     (["--listen", ":6379", "--upstream", "a", "--idle-timeout", "-1s"],
      "--idle-timeout '-1s': expected a duration such as 250ms, 5s, 1m, 1h or 2.5"),
-    (["--listen", ":6379", "--upstream", "a", "--drain-timeout", "0"], "--drain-timeout 0.0: must be greater than 0"),
+    (["--listen", ":6379", "--upstream", "a", "--drain-timeout", "0"], "--drain-timeout '0': must be greater than 0"),
     (["--listen", ":70000", "--upstream", "a"], "--listen ':70000': port must be 1..65535"),
     (["--listen", ":0", "--upstream", "a:1"], "--listen ':0': port must be 1..65535"),
     (["--listen", "6379", "--upstream", "a"], "--listen '6379': a port is required, as HOST:PORT or :PORT"),
@@ -79,21 +81,58 @@ BAD_INPUTS = [
      "No such option '--upstream-tsl'. (Did you mean one of: '--upstream', '--upstream-sni', '--upstream-tls'?)"),
     (["--listen", ":6379", "--upstream", "a", "extra"], "Got unexpected extra argument (extra)"),
     (["--listen", ":6379", "--upstream", "a", "--listen"], "Option '--listen' requires an argument."),
-    (["--listen", ":6379", "--upstream", "a", "--retries", "x"],
-     "Invalid value for '--retries': 'x' is not a valid integer."),
-    (["--listen", ":6379", "--upstream", "a", "--retries", "-1"], "--retries -1: must be 0 or more"),
-    (["--listen", ":6379", "--upstream", "a", "--rise", "0"], "--rise 0: must be at least 1"),
-    (["--listen", ":6379", "--upstream", "a", "--fall", "0"], "--fall 0: must be at least 1"),
+    (["--listen", ":6379", "--upstream", "a", "--retries", "x"], "--retries 'x': expected a whole number"),
+    (["--listen", ":6379", "--upstream", "a", "--retries", "-1"], "--retries '-1': must be 0 or more"),
+    (["--listen", ":6379", "--upstream", "a", "--retries="], "--retries '': expected a whole number"),
+    (["--listen", ":6379", "--upstream", "a", "--tls-alpn="], "--tls-alpn '': needs --tls-cert and --tls-key"),
+    (["--listen", ":6379", "--upstream", "a", "--rise", "0"], "--rise '0': must be at least 1"),
+    (["--listen", ":6379", "--upstream", "a", "--fall", "0"], "--fall '0': must be at least 1"),
     (["--listen", ":6379", "--upstream", "a", "--log-level", "trace"],
-     "Invalid value for '--log-level': 'trace' is not one of 'debug', 'info', 'warning', 'error'."),
+     "--log-level 'trace': expected one of debug, info, warning, error"),
     (["--listen", ":6379", "--upstream", "a", "--buffer-size", "12q"],
      "--buffer-size '12q': expected bytes such as 65536, 64k or 1m"),
     (["--listen", ":6379", "--upstream", "a", "--buffer-size", "512"],
-     "--buffer-size 512: must be at least 1024 bytes"),
+     "--buffer-size '512': must be at least 1024 bytes"),
     (["--listen", ":6379", "--upstream", "a", "--health-send", r"PING\x4"],
      r"--health-send 'PING\\x4': \x needs two hex digits, as in \x0d"),
     (["--listen", ":6379", "--upstream", "a", "--access-log", "/nonexistent/dir/x.log"],
      "--access-log '/nonexistent/dir/x.log': No such file or directory"),
+    # what the first run tripped over: each says what is actually wrong
+    (["--listen", ":6379", "--upstream", "http://127.0.0.1:16391"],
+     "--upstream 'http://127.0.0.1:16391': a URL scheme is not allowed here; give HOST:PORT"),
+    (["--listen", ":6379", "--upstream", "127.0.0.1:16391 127.0.0.1:16392"],
+     "--upstream '127.0.0.1:16391 127.0.0.1:16392': separate members with commas, not spaces"),
+    (["--listen", ":6379", "--upstream", "127.0.0.1:-1"], "--upstream '127.0.0.1:-1': port must be 1..65535"),
+    (["--listen", "127.0.0.1:-1", "--upstream", "a"], "--listen '127.0.0.1:-1': port must be 1..65535"),
+    (["--listen", "http://:6379", "--upstream", "a"],
+     "--listen 'http://:6379': a URL scheme is not allowed here; give HOST:PORT"),
+    (["--listen", ":6379", "--upstream", "a", "--tls-cert", "c", "--tls-key", "k", "--tls-min-version", "1.1"],
+     "--tls-min-version '1.1': expected 1.2 or 1.3"),
+    (["--listen", ":6379", "--upstream", "a", "--relay", "fast"],
+     "--relay 'fast': expected one of auto, splice, transport"),
+    (["--listen", ":6379", "--upstream", "a", "--workers", "0"],
+     "--workers '0': expected a number of processes from 1 to 256, or 'auto'"),
+    (["--listen", ":6379", "--upstream", "a", "--health-timeout", "0s"],
+     "--health-timeout '0s': must be greater than 0"),
+    (["--listen", ":6379", "--upstream", "a", "--connect-timeout", "0"],
+     "--connect-timeout '0': must be greater than 0"),
+    # a flag the rest of the command line would make ineffective is refused
+    (["--listen", ":6379", "--upstream", "a", "--health-send", r"PING\r\n", "--no-health-checks"],
+     r"--health-send 'PING\\r\\n': has no effect with --no-health-checks"),
+    (["--listen", ":6379", "--upstream", "a", "--no-health-checks", "--health-interval", "1s"],
+     "--health-interval '1s': has no effect with --no-health-checks"),
+    (["--listen", ":6379", "--upstream", "a", "--rise", "1", "--no-health-checks"],
+     "--rise '1': has no effect with --no-health-checks"),
+    (["--listen", ":6379", "--upstream", "a", "--eject-time", "5s"],
+     "--eject-time '5s': applies only with --no-health-checks"),
+    (["--listen", ":6379", "--upstream", "a", "--tls-handshake-timeout", "5s"],
+     "--tls-handshake-timeout '5s': needs --tls-cert and --tls-key"),
+    (["--listen", ":6379", "--upstream", "a", "--tls-min-version", "1.3"],
+     "--tls-min-version '1.3': needs --tls-cert and --tls-key"),
+    (["--listen", ":6379", "--upstream", "a", "--upstream-tls", "--upstream-insecure", "--upstream-ca", "ca.pem"],
+     "--upstream-ca 'ca.pem': has no effect with --upstream-insecure (nothing is verified)"),
+    (["--listen", ":6379", "--upstream", "a", "--upstream-insecure"], "--upstream-insecure: needs --upstream-tls"),
+    (["--listen", ":6379", "--upstream", "a", "--upstream-sni", "x"], "--upstream-sni 'x': needs --upstream-tls"),
 ]
 
 
@@ -328,3 +367,126 @@ def test_second_sigterm_forces_exit_during_drain(tmp_path: Path) -> None:
     [record] = access_records(proxy.out())
     assert (record["in"], record["out"], record["end"]) == ("5", "5", "forced_shutdown")
     assert "Traceback" not in proxy.err()
+
+
+# --- the option table, help and version --------------------------------------------------------------
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"l4proxy {__version__}\n", "")
+
+
+def test_help_shows_the_groups_in_order_then_syntax_and_exit_codes() -> None:
+    out = run_cli("--help").stdout
+    titles = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == [
+        *GROUPS.values(),
+        "Other",
+        "Durations",
+        "Escapes in --health-send and --health-expect",
+        "Exit codes",
+    ]
+    sections = dict(re.findall(r"(?ms)^(\S[^\n]*):\n(.*?)(?=^\S|\Z)", out))
+    for option in OPTIONS:  # each flag in its own group
+        assert re.search(rf"^  {re.escape(option.flag)}\b", sections[GROUPS[option.group]], re.M), option.flag
+    assert r"\xNN" in sections["Escapes in --health-send and --health-expect"]
+    assert "250ms" in sections["Durations"]
+    assert [line.split()[0] for line in sections["Exit codes"].splitlines() if line[2:3].isdigit()] == ["0", "1", "2"]
+
+
+def readme_flags() -> set[str]:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = [line.split("|")[1] for line in readme.splitlines() if line.startswith("| `-")]
+    return {flag for row in rows for flag in re.findall(r"`(--?[a-z][a-z-]*)", row)}
+
+
+def test_readme_flag_table_matches_help() -> None:
+    in_help = {opt for param in command.get_params(command.make_context("l4proxy", ["--listen", ":1", "--upstream",
+               "a"])) for opt in param.opts}  # fmt: skip
+    assert readme_flags() == in_help
+
+
+def test_defaults_in_the_table_are_the_config_defaults() -> None:
+    """The table's defaults are what --help shows; the dataclasses' are what a program embedding l4proxy
+    gets: they must agree."""
+    params = command.make_context("l4proxy", ["--listen", "127.0.0.1:6379", "--upstream", "a"]).params
+    assert build_config(params) == Config(
+        listeners=(ListenerConfig(Address("127.0.0.1", 6379)),), pools=(PoolConfig(members=(Address("a", 6379),)),)
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "flag"),
+    [
+        ("listeners[0].address", "--listen"),
+        ("listeners[0].address.port", "--listen"),
+        ("pools.default.members", "--upstream"),
+        ("pools.default.members[3]", "--upstream"),
+        ("pools.default.health.interval", "--health-interval"),
+        ("pools.default.health.enabled", "--no-health-checks"),
+        ("pools.default.tls", "--upstream-tls"),
+        ("pools.default.tls.cert", "--upstream-cert"),
+        ("listeners[0].tls.cert", "--tls-cert"),
+        ("listeners[0].tls.min_version", "--tls-min-version"),
+        ("drain_timeout", "--drain-timeout"),
+        ("workers", "--workers"),
+        ("listeners[0].pool", None),  # no flag sets it: the error keeps its path
+        ("pools.defaults.tls", None),
+    ],
+)
+def test_error_paths_map_to_flags(path: str, flag: str | None) -> None:
+    option = option_for(path)
+    assert (option.flag if option else None) == flag
+    error = flagged(ConfigError(path, 0.0, "bad"), {"--drain-timeout": "0", "--upstream": ("a", "b")})
+    assert error.path == (flag or path)
+    if flag == "--drain-timeout":
+        assert str(error) == "--drain-timeout '0': bad"  # as typed, not as parsed
+
+
+def test_every_option_path_is_a_distinct_place_in_the_tree() -> None:
+    paths = [option.path for option in OPTIONS]
+    assert len(set(paths)) == len(paths)
+    assert all(option_for(option.path) is option for option in OPTIONS)
+
+
+# --- start-up checks -------------------------------------------------------------------------------
+
+
+def test_a_member_that_is_the_proxy_itself_is_refused() -> None:
+    port = free_port("127.0.0.1")
+    result = run_cli("--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1", "--access-log", "off")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"l4proxy: error: --upstream '127.0.0.1:{port}': is this proxy's own listen address 127.0.0.1:{port}:"
+        " it would connect to itself\n"
+    )
+
+
+def test_a_name_that_resolves_to_a_wildcard_listen_address_is_refused() -> None:
+    port = free_port("127.0.0.1")
+    result = run_cli("--listen", f":{port}", "--upstream", f"127.0.0.1:1,localhost:{port}", "--access-log", "off")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"l4proxy: error: --upstream 'localhost:{port}': resolves to 127.0.0.1, which is this proxy's own listen"
+        f" address :{port}: it would connect to itself\n"
+    )
+
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+def test_a_member_listed_twice_is_a_warning_and_used_once(tmp_path: Path) -> None:
+    """Also: every diagnostic line carries the access log's time stamp."""
+    host = "127.0.0.1"
+    with echo_server(host) as upstream, running_proxy(tmp_path, host, f"{upstream},{upstream}") as proxy:
+        with proxy.connect() as client:
+            assert exchange(client, b"once") == b"once"
+        proxy.signal(signal.SIGTERM)
+        code, _ = proxy.wait(5)
+    assert code == 0
+    lines = proxy.err().splitlines()
+    assert f"WARNING l4proxy: --upstream: {upstream} is listed 2 times; it is used once" in proxy.err()
+    assert all(re.match(rf"{STAMP} (DEBUG|INFO|WARNING|ERROR) l4proxy", line) for line in lines), lines
+    [record] = access_records(proxy.out())
+    assert (record["upstream"], record["out"]) == (upstream, "4")

@@ -19,6 +19,7 @@ from l4proxy.config import (
     PoolConfig,
     ServerTLSConfig,
     UpstreamTLSConfig,
+    from_tree,
     parse_address,
     parse_duration,
     parse_escapes,
@@ -93,7 +94,10 @@ def test_parse_address(text: str, default_port: int | None, expected: Address) -
         ("[::1]:0", None, "--upstream '[::1]:0': port must be 1..65535"),
         ("host:abc", None, "--upstream 'host:abc': port 'abc' is not a number"),
         ("host:", 6379, "--upstream 'host:': port '' is not a number"),
-        ("host:-1", None, "--upstream 'host:-1': port '-1' is not a number"),
+        ("host:-1", None, "--upstream 'host:-1': port must be 1..65535"),
+        ("host:-", None, "--upstream 'host:-': port '-' is not a number"),
+        ("http://a:1", None, "--upstream 'http://a:1': a URL scheme is not allowed here; give HOST:PORT"),
+        ("a:1 b:2", None, "--upstream 'a:1 b:2': an address has no spaces in it"),
         ("host:+5", None, "--upstream 'host:+5': port '+5' is not a number"),
         ("host:\u00b2", None, "--upstream 'host:\u00b2': port '\u00b2' is not a number"),  # superscript two
         ("host:\u0663", None, "--upstream 'host:\u0663': port '\u0663' is not a number"),  # Arabic-Indic three
@@ -116,7 +120,7 @@ def test_parse_address_rejects(text: str, default_port: int | None, message: str
     with pytest.raises(ConfigError) as caught:
         parse_address(text, "--upstream", default_port)
     assert str(caught.value) == message
-    assert caught.value.field == "--upstream"
+    assert caught.value.path == "--upstream"
 
 
 def test_config_error_is_a_value_error_with_its_parts() -> None:
@@ -125,7 +129,7 @@ def test_config_error_is_a_value_error_with_its_parts() -> None:
         parse_address("h:0", "listen")
     error = caught.value
     assert isinstance(error, ConfigError)
-    assert (error.field, error.value, error.problem) == ("listen", "h:0", "port must be 1..65535")
+    assert (error.path, error.value, error.problem) == ("listen", "h:0", "port must be 1..65535")
 
 
 @pytest.mark.parametrize(
@@ -154,7 +158,7 @@ def test_address_prints_in_the_form_it_is_parsed_from(address: Address, text: st
         (["a,b", "c"], [("a", 6379), ("b", 6379), ("c", 6379)]),
         ([" a , b "], [("a", 6379), ("b", 6379)]),
         (["::1,[::2]:5"], [("::1", 6379), ("::2", 5)]),
-        (["a", "a"], [("a", 6379), ("a", 6379)]),  # duplicates are the user's choice (a crude weight)
+        (["a", "a"], [("a", 6379), ("a", 6379)]),  # kept here; the command warns and uses it once
     ],
 )
 def test_parse_members(texts: list[str], expected: list[tuple[str, int]]) -> None:
@@ -171,6 +175,9 @@ def test_parse_members(texts: list[str], expected: list[tuple[str, int]]) -> Non
         (["a", ""], "--upstream '': empty member in the list"),
         (["a", "b:99999"], "--upstream 'b:99999': port must be 1..65535"),
         (["a,[::1"], "--upstream '[::1': missing ']' after the IPv6 address"),
+        (["a:1 b:2"], "--upstream 'a:1 b:2': separate members with commas, not spaces"),
+        (["a:1, b:2 c"], "--upstream 'a:1, b:2 c': separate members with commas, not spaces"),
+        (["http://a:1"], "--upstream 'http://a:1': a URL scheme is not allowed here; give HOST:PORT"),
     ],
 )
 def test_parse_members_rejects(texts: list[str], message: str) -> None:
@@ -230,15 +237,21 @@ _HALF_A_CLIENT_CERT = "a client certificate needs both a cert and a key"
 
 @pytest.mark.parametrize(
     ("kind", "settings", "message"),
-    [
+    [  # each object names its own field; from_tree places it (the table below)
+        (Address, {"host": "bad host", "port": 1}, "host 'bad host': is not a valid host name or IP address"),
+        (Address, {"host": "a", "port": 65536}, "port 65536: must be a number 0..65535"),
+        (Address, {"host": "a", "port": -1}, "port -1: must be a number 0..65535"),
+        (Address, {"host": "a", "port": "80"}, "port '80': must be a number 0..65535"),
         (HealthConfig, {"rise": 0}, "rise 0: must be at least 1"),
         (HealthConfig, {"fall": 0}, "fall 0: must be at least 1"),
         (HealthConfig, {"fall": -3}, "fall -3: must be at least 1"),
-        (HealthConfig, {"interval": 0.0}, "health_interval 0.0: must be greater than 0"),
-        (HealthConfig, {"interval": float("nan")}, "health_interval nan: must be greater than 0"),
-        (HealthConfig, {"timeout": -1.0}, "health_timeout -1.0: must be greater than 0"),
-        (PoolConfig, {"members": ()}, "upstream: at least one upstream is required"),
-        (PoolConfig, {"members": (Address("", 6379),)}, "upstream ':6379': an upstream needs a host"),
+        (HealthConfig, {"interval": 0.0}, "interval 0.0: must be greater than 0"),
+        (HealthConfig, {"interval": float("nan")}, "interval nan: must be greater than 0"),
+        (HealthConfig, {"timeout": -1.0}, "timeout -1.0: must be greater than 0"),
+        (HealthConfig, {"eject_time": 0.0}, "eject_time 0.0: must be greater than 0"),
+        (PoolConfig, {"members": ()}, "members: at least one upstream is required"),
+        (PoolConfig, {"members": (Address("", 6379),)}, "members[0] ':6379': an upstream needs a host"),
+        (PoolConfig, {"members": (*_MEMBERS, Address("b", 0))}, "members[1] 'b:0': an upstream needs a port"),
         (PoolConfig, {"members": _MEMBERS, "retries": -1}, "retries -1: must be 0 or more"),
         (PoolConfig, {"members": _MEMBERS, "connect_timeout": 0.0}, "connect_timeout 0.0: must be greater than 0"),
         (ListenerConfig, {"address": Address("", 1), "idle_timeout": 0.0}, "idle_timeout 0.0: must be greater than 0"),
@@ -255,25 +268,25 @@ _HALF_A_CLIENT_CERT = "a client certificate needs both a cert and a key"
         (
             ServerTLSConfig,
             {"cert": "c.pem", "key": "k.pem", "handshake_timeout": 0.0},
-            "tls_handshake_timeout 0.0: must be greater than 0",
+            "handshake_timeout 0.0: must be greater than 0",
         ),
         (
             ServerTLSConfig,
             {"cert": "c.pem", "key": "k.pem", "min_version": "1.1"},
-            "tls_min_version '1.1': expected 1.2 or 1.3",
+            "min_version '1.1': expected 1.2 or 1.3",
         ),
-        (UpstreamTLSConfig, {"cert": "c.pem"}, f"upstream_cert 'c.pem': {_HALF_A_CLIENT_CERT}"),
-        (UpstreamTLSConfig, {"key": "k.pem"}, f"upstream_cert: {_HALF_A_CLIENT_CERT}"),
-        (Config, {"listeners": (), "pools": (_POOL,)}, "listen: at least one listener is required"),
+        (UpstreamTLSConfig, {"cert": "c.pem"}, f"key: {_HALF_A_CLIENT_CERT}"),
+        (UpstreamTLSConfig, {"key": "k.pem"}, f"cert: {_HALF_A_CLIENT_CERT}"),
+        (Config, {"listeners": (), "pools": (_POOL,)}, "listeners: at least one listener is required"),
         (
             Config,
             {"listeners": (ListenerConfig(Address("", 1), pool="cache"),), "pools": (_POOL,)},
-            "pool 'cache': no such pool; known: default",
+            "listeners[0].pool 'cache': no such pool; known: default",
         ),
         (
             Config,
             {"listeners": (_LISTENER,), "pools": (_POOL, _POOL)},
-            "pool ['default', 'default']: pool names must be unique",
+            "pools ['default', 'default']: pool names must be unique",
         ),
         (
             Config,
@@ -285,6 +298,7 @@ _HALF_A_CLIENT_CERT = "a client certificate needs both a cert and a key"
             {"listeners": (_LISTENER,), "pools": (_POOL,), "log_level": "trace"},
             "log_level 'trace': expected one of debug, info, warning, error",
         ),
+        (Config, {"listeners": (_LISTENER,), "pools": (_POOL,), "workers": 0}, "workers 0: must be at least 1"),
     ],
 )
 def test_invalid_config_cannot_be_built(kind: type, settings: dict[str, Any], message: str) -> None:
@@ -301,6 +315,8 @@ def test_invalid_config_cannot_be_built(kind: type, settings: dict[str, Any], me
         (ListenerConfig, {"address": Address("", 1), "buffer_size": 1024}),
         (UpstreamTLSConfig, {"cert": "c.pem", "key": "k.pem"}),
         (Config, {"listeners": (_LISTENER,), "pools": (_POOL,)}),
+        (Address, {"host": "", "port": 0}),  # every interface, any free port: a listener in a test or program
+        (Address, {"host": "::ffff:127.0.0.1", "port": 65535}),
     ],
 )
 def test_boundary_values_are_accepted(kind: type, settings: dict[str, Any]) -> None:
@@ -320,3 +336,79 @@ def test_defaults_follow_the_documented_table() -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         _POOL.retries = 5  # type: ignore[misc]
+
+
+# --- the tree and its paths ------------------------------------------------------------------------
+
+
+def _tree(**overrides: Any) -> dict[str, Any]:
+    """A small valid tree, as flags or a config file give it, with ``overrides`` by dotted key."""
+    tree: dict[str, Any] = {
+        "listeners": [{"address": {"host": "127.0.0.1", "port": 6379}}],
+        "pools": {"default": {"members": [{"host": "redis-a", "port": 6379}], "health": {}}},
+    }
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+        node[last] = value
+    return tree
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"pools.default.health.interval": 0.0}, "pools.default.health.interval 0.0: must be greater than 0"),
+        ({"pools.default.health.rise": 0}, "pools.default.health.rise 0: must be at least 1"),
+        ({"pools.default.retries": -1}, "pools.default.retries -1: must be 0 or more"),
+        ({"pools.default.members": []}, "pools.default.members: at least one upstream is required"),
+        (
+            {"pools.default.members": [{"host": "a", "port": 1}, {"host": "b", "port": 70000}]},
+            "pools.default.members[1].port 70000: must be a number 0..65535",
+        ),
+        (
+            {"pools.default.members": [{"host": "a b", "port": 1}]},
+            "pools.default.members[0].host 'a b': is not a valid host name or IP address",
+        ),
+        ({"pools.default.tls": {"cert": "c.pem"}}, f"pools.default.tls.key: {_HALF_A_CLIENT_CERT}"),
+        ({"pools.default.tls": {"verify": False}}, "pools.default.tls.verify: no such setting"),
+        ({"pools.default.colour": "red"}, "pools.default.colour: no such setting"),
+        (
+            {"listeners.0.address": {"host": "", "port": 99999}},
+            "listeners[0].address.port 99999: must be a number 0..65535",
+        ),
+        ({"listeners.0.address": {"host": ""}}, "listeners[0].address.port: is required"),
+        ({"listeners.0.address": "a:1"}, "listeners[0].address 'a:1': expected a table of Address settings"),
+        ({"listeners.0.tls": {"key": "k.pem"}}, "listeners[0].tls.cert: is required"),
+        (
+            {"listeners.0.tls": {"cert": "c.pem", "key": "k.pem", "handshake_timeout": 0}},
+            "listeners[0].tls.handshake_timeout 0: must be greater than 0",
+        ),
+        (
+            {"listeners.0.tls": {"cert": "c", "key": "k", "min_version": "1.1"}},
+            "listeners[0].tls.min_version '1.1': expected 1.2 or 1.3",
+        ),
+        ({"listeners.0.idle_timeout": -1.0}, "listeners[0].idle_timeout -1.0: must be greater than 0"),
+        ({"listeners.0.pool": "cache"}, "listeners[0].pool 'cache': no such pool; known: default"),
+        ({"listeners": []}, "listeners: at least one listener is required"),
+        ({"drain_timeout": 0.0}, "drain_timeout 0.0: must be greater than 0"),
+        ({"workers": 0}, "workers 0: must be at least 1"),
+        ({"log_level": "loud"}, "log_level 'loud': expected one of debug, info, warning, error"),
+    ],
+)  # fmt: skip
+def test_errors_from_the_tree_name_the_full_path(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_tree(_tree(**overrides))
+    assert str(caught.value) == message
+
+
+def test_a_pool_is_named_by_its_key_and_lists_become_tuples() -> None:
+    config = from_tree(
+        _tree(**{"pools.default.tls": {"alpn": ["h2"]}, "listeners.0.tls": {"cert": "c", "key": "k", "alpn": ["x"]}})
+    )
+    pool = config.pool("default")
+    assert pool.members == (Address("redis-a", 6379),)
+    assert pool.tls == UpstreamTLSConfig(alpn=("h2",))
+    assert config.listeners[0].tls == ServerTLSConfig("c", "k", alpn=("x",))
+    assert config.listeners[0].address == Address("127.0.0.1", 6379)

@@ -34,6 +34,7 @@ PURE_MODULES = {
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
     "table": {"table", "balancer", "config", "errors", "health"},
+    "ownaddrs": {"ownaddrs"},
 }
 
 _PROBE = """

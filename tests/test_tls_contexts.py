@@ -182,7 +182,7 @@ NOT_KEY = "is not a PEM private key"
 NOT_CA = "is not a valid CA bundle (no PEM certificate found)"
 MISMATCH = "key does not match the certificate {cert}"
 
-SERVER_FIELDS = {"cert": "tls_cert", "key": "tls_key", "client_ca": "tls_client_ca"}
+SERVER_FIELDS = {"cert": "cert", "key": "key", "client_ca": "client_ca"}
 BAD_SERVER = [  # (config attribute, file given, problem); the message names the field and that file
     ("cert", "nope.pem", NOT_FOUND),
     ("cert", "a_dir", IS_DIR),
@@ -204,7 +204,7 @@ BAD_SERVER = [  # (config attribute, file given, problem); the message names the
     ("client_ca", "server.key", NOT_CA),
 ]
 
-UPSTREAM_FIELDS = {"ca": "upstream_ca", "cert": "upstream_cert", "key": "upstream_key"}
+UPSTREAM_FIELDS = {"ca": "ca", "cert": "cert", "key": "key"}
 BAD_UPSTREAM = [
     ("ca", "nope.pem", NOT_FOUND),
     ("ca", "a_dir", IS_DIR),
@@ -228,7 +228,7 @@ def test_server_context_bad_files(pki: PKI, attr: str, file: str, problem: str) 
         tls.server_context(cfg)
     field_name = SERVER_FIELDS[attr]
     assert str(info.value) == f"{field_name} {pki[file]!r}: {problem.format(cert=repr(cfg.cert))}"
-    assert info.value.field == field_name
+    assert info.value.path == field_name
 
 
 @pytest.mark.parametrize(("attr", "file", "problem"), BAD_UPSTREAM, ids=map(_case_id, BAD_UPSTREAM))
@@ -239,7 +239,7 @@ def test_client_context_bad_files(pki: PKI, attr: str, file: str, problem: str) 
         tls.client_context(cfg)
     field_name = UPSTREAM_FIELDS[attr]
     assert str(info.value) == f"{field_name} {pki[file]!r}: {problem.format(cert=repr(cfg.cert))}"
-    assert info.value.field == field_name
+    assert info.value.path == field_name
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
@@ -247,7 +247,7 @@ def test_unreadable_file(pki: PKI) -> None:
     os.chmod(pki["server.key"], 0)
     with pytest.raises(ConfigError) as info:
         tls.server_context(server_cfg(pki))
-    assert str(info.value) == f"tls_key {pki['server.key']!r}: not readable (permission denied)"
+    assert str(info.value) == f"key {pki['server.key']!r}: not readable (permission denied)"
 
 
 @pytest.mark.parametrize(
@@ -255,11 +255,11 @@ def test_unreadable_file(pki: PKI) -> None:
     [
         (
             lambda p: tls.server_context(server_cfg(p, alpn=("x" * 256,))),
-            "tls_alpn {}: an ALPN protocol name must be 1 to 255 bytes".format(repr("x" * 256)),
+            "alpn {}: an ALPN protocol name must be 1 to 255 bytes".format(repr("x" * 256)),
         ),
         (
             lambda p: tls.client_context(UpstreamTLSConfig(alpn=("",))),
-            "upstream_alpn '': an ALPN protocol name must be 1 to 255 bytes",
+            "alpn '': an ALPN protocol name must be 1 to 255 bytes",
         ),
     ],
     ids=["server too long", "upstream empty"],

@@ -222,12 +222,12 @@ START_UP_ERRORS = [
      "--tls-key '<server2.key>': key does not match the certificate '<server.pem>'"),
     (["--tls-cert", "<server.pem>", "--tls-key", "<ca.pem>"], "--tls-key '<ca.pem>': is not a PEM private key"),
     (["--tls-client-ca", "<ca.pem>"], "--tls-client-ca '<ca.pem>': needs --tls-cert and --tls-key"),
-    (["--upstream-ca", "<ca.pem>"], "--upstream-ca: needs --upstream-tls"),
+    (["--upstream-ca", "<ca.pem>"], "--upstream-ca '<ca.pem>': needs --upstream-tls"),
     (["--upstream-tls", "--upstream-ca", "<missing.pem>"], "--upstream-ca '<missing.pem>': file not found"),
     (["--upstream-tls", "--upstream-ca", "<server.key>"],
      "--upstream-ca '<server.key>': is not a valid CA bundle (no PEM certificate found)"),
     (["--upstream-tls", "--upstream-cert", "<client.pem>"],
-     "--upstream-key: --upstream-cert and --upstream-key go together"),
+     "--upstream-key: required with --upstream-cert"),
 ]  # fmt: skip
 
 

@@ -629,7 +629,7 @@ async def test_reload_swaps_good_files_in_and_keeps_the_context_on_broken_ones(p
         live = proxy.server_tls[0]
         cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
         problems = proxy.reload_tls()
-        assert [(p.field, p.problem) for p in problems] == [("tls_cert", "is not a PEM certificate")]
+        assert [(p.path, p.problem) for p in problems] == [("listeners[0].tls.cert", "is not a PEM certificate")]
         assert proxy.server_tls[0] is live
         assert await tls_exchange(proxy.port(), pki.client_ctx(ca="other_ca.pem"), b"kept") == b"kept"
 
