@@ -355,6 +355,11 @@ class Parser:
         self._buffer = b""
         self._done = False
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held while the header is incomplete: at most 106 (v1) or 16 + ``max_v2_length`` (v2)."""
+        return len(self._buffer)
+
     def feed(self, data: bytes) -> Parsed | None:
         """Take the next chunk: None while the header is incomplete, else the header and its share of ``data``."""
         if self._done:
