@@ -35,6 +35,7 @@ PURE_MODULES = {
     "acl": {"acl", "errors"},
     "table": {"table", "balancer", "config", "errors", "health"},
     "ownaddrs": {"ownaddrs"},
+    "proxyproto": {"proxyproto", "errors"},
 }
 
 _PROBE = """
