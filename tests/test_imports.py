@@ -29,6 +29,7 @@ PURE_MODULES = {
     "health": {"health"},
     "balancer": {"balancer", "config", "errors", "health"},
     "accesslog": {"accesslog"},  # imports relay only for type checking
+    "ratelog": {"ratelog"},
 }
 
 _PROBE = """
