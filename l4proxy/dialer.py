@@ -26,11 +26,14 @@ from .deadlines import Deadlines
 from .drive import Drive
 from .health import Event, Status
 from .pool import Pool
+from .ratelog import Warnings
 from .relay import Pump, Session
 
 log = logging.getLogger("l4proxy.dialer")
 
 _LOCAL_EXHAUSTION = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+NO_UPSTREAM = "clients with no upstream"  # rate-limited kinds of warnings (ratelog.py)
+CONNECT_FAILED = "failed upstream connects"
 
 
 def out_of_descriptors(exc: BaseException) -> bool:
@@ -65,13 +68,21 @@ class Dial:
     dial on to the next attempt, to the session,
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
-    __slots__ = ("deadline", "deadlines", "drive", "loop", "member", "pool", "pump", "session", "tried")
+    __slots__ = ("deadline", "deadlines", "drive", "loop", "member", "pool", "pump", "session", "tried", "warnings")
 
-    def __init__(self, session: Session, pool: Pool, loop: asyncio.AbstractEventLoop, deadlines: Deadlines) -> None:
+    def __init__(
+        self,
+        session: Session,
+        pool: Pool,
+        loop: asyncio.AbstractEventLoop,
+        deadlines: Deadlines,
+        warnings: Warnings,
+    ) -> None:
         self.session = session
         self.pool = pool
         self.loop = loop
         self.deadlines = deadlines
+        self.warnings = warnings  # a member down or every member down: one line per client otherwise
         self.tried: list[Member] = []
         self.member: Member | None = None
         self.pump: Pump | None = None
@@ -89,7 +100,9 @@ class Dial:
         if member is None:
             self.session.dial = None
             pool.no_upstream += 1
-            log.warning("no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause)
+            self.warnings.warn(
+                log, NO_UPSTREAM, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause
+            )
             self.session.fail(f"no_upstream ({cause})")
             return
         tried.append(member)
@@ -145,7 +158,9 @@ class Dial:
         cause = failure_kind(exc)
         exhausted = out_of_descriptors(exc)  # not this member's fault, and no other member would fare better
         if not exhausted:
-            log.warning("connect to %s for %s failed: %s", member.name, self.session.client_addr, cause)
+            self.warnings.warn(
+                log, CONNECT_FAILED, "connect to %s for %s failed: %s", member.name, self.session.client_addr, cause
+            )
             self.pool.report(member, Event.TRAFFIC_FAIL, f"connect failed: {cause}")
         if self.session.ended:
             self.session.dial = None

@@ -88,7 +88,7 @@ class Warnings:
         """``logger.warning(msg, *args)`` unless this kind is over its burst (then only counted)."""
         if self.ratelog.allow(kind, self.clock()):
             self._loggers[kind] = logger
-            logger.warning(msg, *args)
+            logger.warning(msg, *args, stacklevel=2)  # the caller's line, not this one
 
     def flush(self) -> None:
         """Write the summaries of windows that have passed (the proxy's sweeper calls this each tick)."""

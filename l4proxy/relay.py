@@ -321,6 +321,10 @@ class Session:
             on_end(self)
             self._unlink()
 
+    def discard(self) -> None:
+        """The client never became a session (its TLS handshake failed): break the same cycles."""
+        self._unlink()
+
     def _unlink(self) -> None:
         """Break the reference cycles (session <-> pumps <-> transports, session -> task) once both sides
         are gone, so the session is freed by reference counting instead of waiting for the cyclic GC,
