@@ -72,7 +72,11 @@ class Proxy:
         self.deadlines = Deadlines(asyncio.get_running_loop(), _expire_dial)
         try:
             for index, listener_config in enumerate(self.config.listeners):
-                listener = Listener(listener_config, self._server_for(index, listener_config))
+                listener = Listener(
+                    listener_config,
+                    self._server_for(index, listener_config),
+                    per_session=_descriptors_per_session(listener_config, self.pools[listener_config.pool]),
+                )
                 listener.start()
                 self.listeners.append(listener)
         except BaseException:
@@ -267,10 +271,13 @@ class Proxy:
         tick = max(0.02, min(1.0, shortest / 4))
         access_log = self.access_log
         warnings = self.warnings
+        listeners = self.listeners
         while True:
             await asyncio.sleep(tick)
             access_log.flush()
             warnings.flush()
+            for listener in listeners:
+                listener.check_limit()
             now = time.monotonic()
             for session in list(self.sessions):
                 moved = session.moved()
@@ -288,6 +295,13 @@ def _close_unowned(fd: AcceptedFD) -> None:
     """Close a client descriptor that no transport took (the loop failed before it could)."""
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _descriptors_per_session(config: ListenerConfig, pool: Pool) -> int:
+    """What one session of this listener holds: its two sockets, and the splice engine's descriptors
+    when every session moves there at once (``--relay splice``, plain TCP on both sides)."""
+    spliced = config.relay == "splice" and config.tls is None and pool.config.tls is None and splice.AVAILABLE
+    return 2 + (splice.DESCRIPTORS if spliced else 0)
 
 
 def _expire_dial(dial: Hashable) -> None:
