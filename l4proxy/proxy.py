@@ -247,6 +247,11 @@ class Proxy:
 
         return serve
 
+    @property
+    def uses_tls(self) -> bool:
+        """Whether any listener or pool has TLS files that ``reload_tls`` would re-read."""
+        return bool(self.server_tls) or any(pool.config.tls is not None for pool in self.pools.values())
+
     def reload_tls(self) -> list[ConfigError]:
         """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
         the problems, one line each. Established sessions are not touched."""
