@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
-import signal
-import sys
 
 import pytest
 
 from l4proxy import splice
 
 from .kit import Upstream, eventually
-from .test_emfile import ROOT, StderrLines, free_port
+from .test_emfile import StderrLines, child_proxy, free_port
 
 CLIENTS = 300
 
@@ -50,35 +48,6 @@ class Clients:
                 await writer.wait_closed()
 
 
-@contextlib.asynccontextmanager
-async def l4proxy(port: int, upstream: Upstream, *args: str, limit: int | None = None):  # type: ignore[no-untyped-def]
-    def lower() -> None:
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", str(upstream.address),
-        "--access-log", "off", "--no-health-checks", *args,
-        cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, preexec_fn=lower,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    stderr = StderrLines(proc.stderr)
-    try:
-        await eventually(lambda: stderr.count(f"listening on 127.0.0.1:{port}") == 1)
-        yield proc, stderr
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 10) == 0
-        await asyncio.wait_for(stderr.task, 5)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            with contextlib.suppress(ProcessLookupError):
-                await proc.wait()
-        stderr.task.cancel()
-    assert not any("Traceback" in line for line in stderr.lines), "\n".join(stderr.lines)
-
-
 async def every_client_served(port: int, server: Upstream, stderr: StderrLines) -> None:
     """Hold sessions until the proxy pauses accepting, check that no client was dropped, then let the
     sessions end one by one: the waiting clients are then accepted and served."""
@@ -103,13 +72,14 @@ async def test_splice_sessions_are_counted_at_eight_descriptors() -> None:
     """1,000 descriptors, 300 clients at once under ``--relay splice``: about 120 sessions fit; the
     others wait in the backlog and are served as sessions end."""
     port = free_port()
-    async with Upstream() as server, l4proxy(port, server, "--relay", "splice", limit=1000) as (_proc, stderr):
+    args = ("--no-health-checks", "--relay", "splice")
+    async with Upstream() as server, child_proxy(port, server, *args, limit=1000) as (_proc, stderr):
         await every_client_served(port, server, stderr)
 
 
 async def test_a_limit_lowered_at_run_time_pauses_accepting_instead_of_dropping() -> None:
     port = free_port()
-    async with Upstream() as server, l4proxy(port, server) as (proc, stderr):
+    async with Upstream() as server, child_proxy(port, server, "--no-health-checks") as (proc, stderr):
         resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (100, 100))
         await eventually(lambda: stderr.count("open-files limit is now 100") == 1, timeout=5)
         await every_client_served(port, server, stderr)
