@@ -257,14 +257,17 @@ def _soft_limit() -> int:
 
 def _open_descriptors() -> int:
     """How many descriptors this process has open: the entries of ``/proc/self/fd`` (less the one the
-    listing itself uses); elsewhere the lowest free number, which is at most that."""
+    listing itself uses); without ``/proc``, the lowest free number, which is at most that. When not even
+    the listing's own descriptor can be had, every descriptor is taken."""
     try:
         return len(os.listdir("/proc/self/fd")) - 1
-    except OSError:
+    except FileNotFoundError:
         pass
+    except OSError:
+        return 1 << 62
     try:
         probe = os.dup(2)
     except OSError:
-        return 0
+        return 1 << 62
     os.close(probe)
     return probe
