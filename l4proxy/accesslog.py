@@ -1,7 +1,8 @@
 """One access-log record per session, written when the session ends.
 
 Records are buffered and flushed about once a second (and at shutdown), so logging costs no system call
-per session.
+per session. A record's time stamp is the session's start, and records are written as sessions end, so
+they are not in time-stamp order.
 
 Format (logfmt, one line, easy to grep and to parse)::
 

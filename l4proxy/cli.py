@@ -518,6 +518,9 @@ async def serve(
             proxy.abort_all("forced_shutdown")
 
     def on_reload() -> None:
+        if not proxy.uses_tls:
+            log.info("SIGHUP: no TLS configured, nothing to reload")
+            return
         problems = proxy.reload_tls()
         for problem in problems:
             log.error("SIGHUP: kept the previous TLS files: %s", flagged(problem))

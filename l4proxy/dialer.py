@@ -25,9 +25,13 @@ from .drive import Drive
 from .errors import failure_kind, out_of_descriptors
 from .health import Event
 from .pool import Pool
+from .ratelog import Warnings
 from .relay import Pump, Session
 
 log = logging.getLogger("l4proxy.dialer")
+
+NO_UPSTREAM = "clients with no upstream"  # rate-limited kinds of warnings (ratelog.py)
+CONNECT_FAILED = "failed upstream connects"
 
 
 class Dial:
@@ -38,13 +42,21 @@ class Dial:
     dial on to the next attempt, to the session,
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
-    __slots__ = ("deadline", "deadlines", "drive", "loop", "member", "pool", "pump", "session", "tried")
+    __slots__ = ("deadline", "deadlines", "drive", "loop", "member", "pool", "pump", "session", "tried", "warnings")
 
-    def __init__(self, session: Session, pool: Pool, loop: asyncio.AbstractEventLoop, deadlines: Deadlines) -> None:
+    def __init__(
+        self,
+        session: Session,
+        pool: Pool,
+        loop: asyncio.AbstractEventLoop,
+        deadlines: Deadlines,
+        warnings: Warnings,
+    ) -> None:
         self.session = session
         self.pool = pool
         self.loop = loop
         self.deadlines = deadlines
+        self.warnings = warnings  # a member down or every member down: one line per client otherwise
         self.tried: list[Member] = []
         self.member: Member | None = None
         self.pump: Pump | None = None
@@ -62,7 +74,9 @@ class Dial:
         if member is None:
             self.session.dial = None
             pool.no_upstream += 1
-            log.warning("no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause)
+            self.warnings.warn(
+                log, NO_UPSTREAM, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause
+            )
             self.session.fail(f"no_upstream ({cause})")
             return
         tried.append(member)
@@ -116,7 +130,9 @@ class Dial:
         cause = failure_kind(exc)
         exhausted = out_of_descriptors(exc)  # not this member's fault, and no other member would fare better
         if not exhausted:
-            log.warning("connect to %s for %s failed: %s", member.name, self.session.client_addr, cause)
+            self.warnings.warn(
+                log, CONNECT_FAILED, "connect to %s for %s failed: %s", member.name, self.session.client_addr, cause
+            )
             self.pool.report(member, Event.TRAFFIC_FAIL, f"connect failed: {cause}")
         if self.session.ended:
             self.session.dial = None

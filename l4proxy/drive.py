@@ -51,6 +51,7 @@ class Drive:
             self.coro = None
             if not self.cancelled:
                 self.done(exc)
+            _forget_frames(exc)
             return
         if future is None:  # a bare yield: run again on the next iteration, as a Task would
             asyncio.get_running_loop().call_soon(self.step, None)
@@ -77,3 +78,15 @@ class Drive:
     @property
     def running(self) -> bool:
         return self.coro is not None
+
+
+def _forget_frames(exc: BaseException | None) -> None:
+    """Drop the tracebacks of a failed connect (and of the errors it was raised from). Each holds the
+    coroutine's frame, whose waiter holds the exception again: a reference cycle that kept the failed
+    connection's transports, protocol and SSL objects alive until the cyclic GC ran, which the GC tuning
+    delays. The callbacks read only the exception's type and message."""
+    seen = 0
+    while exc is not None and seen < 8:
+        exc.__traceback__ = None
+        exc = exc.__context__ or exc.__cause__
+        seen += 1

@@ -6,11 +6,17 @@ to a second; the pending clients wait in the kernel's backlog instead of being a
 Accepting resumes by itself once descriptors free up, with one more line to say so. Sockets are
 accepted in batches per readiness event to cut wake-ups under connection storms.
 
-Each client needs a second descriptor for its upstream, so accepting also pauses when fewer than
-``_RESERVE`` descriptors would be left once this batch's clients have their upstream sockets (the kernel
-hands out the lowest free number, so an accepted socket's number tells how many are in use): otherwise
-the last descriptors would go to clients that then could not be connected anywhere, and waiting clients
-would be accepted only to be dropped.
+Each client needs more descriptors once it is a session: one for its upstream socket on the transport
+engine, seven with ``--relay splice`` (the upstream socket, a dup of each socket and two pipes).
+Accepting a client that then cannot be connected anywhere would drop it, while waiting clients are
+better off in the kernel's backlog. So the listener keeps a budget: the descriptors free below the
+open-files limit, less a reserve (``_RESERVE``: probes, log files, a splice switch), as counted the
+last time it looked (the entries of ``/proc/self/fd``), less what each client accepted since will hold.
+When the budget runs out it counts again, which also sees the descriptors ended sessions gave back,
+and pauses only if it is really short. The limit itself is re-read then, on every pause, and by the
+proxy's sweeper once a tick (``check_limit``), so a limit lowered at run time (``prlimit --pid``)
+pauses accepting instead of letting clients in that cannot be served. Counting costs a directory
+listing, so it happens only when the budget is spent, at most once per back-off interval.
 """
 
 from __future__ import annotations
@@ -115,9 +121,11 @@ class Listener:
         self,
         config: ListenerConfig,
         serve: Callable[[socket.socket | AcceptedFD, object], None],
+        per_session: int = 2,
     ) -> None:
         self.config = config
         self.serve = serve
+        self.per_session = per_session  # descriptors a client holds once it is a session
         self.sockets: list[socket.socket] = []
         self.accepted = 0
         self.exhausted = 0  # times accepting paused for lack of descriptors
@@ -127,14 +135,16 @@ class Listener:
         self._backoff = _BACKOFF_MIN
         self._retry: asyncio.TimerHandle | None = None
         self._fd_limit = 0
+        self._budget = 0  # descriptors free for new sessions, as of the last count, less those since
+        self._counted = -1.0  # loop time of the last count
         self._short = False  # a pause was logged and accepting has not caught up since
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._bare = type(self._loop).__module__.startswith("uvloop")  # descriptors need no socket object
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self._fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 62
+        self._fd_limit = _soft_limit()
         self.sockets = bind_sockets(self.config)
+        self._count()
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -155,7 +165,7 @@ class Listener:
 
     def _accept(self, sock: socket.socket) -> None:
         accepted_type = (_ACCEPTED_FD if self._bare else _ACCEPTED)[sock.family]
-        for taken in range(_BATCH):
+        for _ in range(_BATCH):
             try:
                 fd, addr = sock._accept()  # type: ignore[attr-defined]  # the fd alone: see _Accepted4
                 conn = accepted_type(fd)
@@ -172,8 +182,8 @@ class Listener:
                     continue  # the client gave up before we accepted it
                 log.error("accept on %s failed: %s", self.config.address, exc)
                 return
-            # descriptors left after this one, less one upstream socket per client of this batch
-            crowded = self._fd_limit - 1 - fd - (taken + 1) < _RESERVE
+            self._budget -= self.per_session
+            crowded = self._budget < self.per_session and not self._recount()
             if not crowded:
                 self._backoff = _BACKOFF_MIN
             self.accepted += 1
@@ -182,14 +192,31 @@ class Listener:
                 self._pause(sock, f"fewer than {_RESERVE} of {self._fd_limit} open files left")
                 return
 
-    def _room(self, sock: socket.socket) -> bool:
-        """Whether more than the reserve of descriptors is free: probe the lowest free number."""
-        try:
-            probe = os.dup(sock.fileno())
-        except OSError:
+    def check_limit(self) -> None:
+        """Re-read the open-files limit (the proxy's sweeper calls this once a tick: one system call).
+        A change is logged once; a lower limit shrinks the budget at once, so accepting pauses before
+        it takes clients that could not be served."""
+        limit = _soft_limit()
+        if limit != self._fd_limit:
+            log.warning("open-files limit is now %d (was %d)", limit, self._fd_limit)
+            self._fd_limit = limit
+            self._count()
+
+    def _recount(self, force: bool = False) -> bool:
+        """The budget is spent: count again (at most once per back-off interval unless ``force``); True
+        if there is room for a session."""
+        assert self._loop is not None
+        if not force and self._loop.time() - self._counted < _BACKOFF_MIN:
             return False
-        os.close(probe)
-        return probe < self._fd_limit - _RESERVE
+        self._fd_limit = _soft_limit()
+        self._count()
+        return self._budget >= self.per_session
+
+    def _count(self) -> None:
+        """Set the budget from the descriptors open right now."""
+        if self._loop is not None:
+            self._counted = self._loop.time()
+        self._budget = self._fd_limit - _open_descriptors() - _RESERVE
 
     def _pause(self, sock: socket.socket, reason: str) -> None:
         """Out of descriptors: stop watching this socket for a while instead of spinning."""
@@ -211,10 +238,33 @@ class Listener:
     def _resume(self, sock: socket.socket) -> None:
         assert self._loop is not None
         self._retry = None
-        if sock.fileno() >= 0 and not self._room(sock):
+        if sock.fileno() >= 0 and not self._recount(force=True):
             self._pause(sock, "")  # still short of descriptors: wait longer, without a new line
             return
         self._paused.discard(sock)
         if sock.fileno() >= 0:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
             self._accept(sock)
+
+
+def _soft_limit() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 62
+
+
+def _open_descriptors() -> int:
+    """How many descriptors this process has open: the entries of ``/proc/self/fd`` (less the one the
+    listing itself uses); without ``/proc``, the lowest free number, which is at most that. When not even
+    the listing's own descriptor can be had, every descriptor is taken."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return 1 << 62
+    try:
+        probe = os.dup(2)
+    except OSError:
+        return 1 << 62
+    os.close(probe)
+    return probe

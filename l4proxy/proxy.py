@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -32,10 +33,14 @@ from .errors import ConfigError
 from .listener import AcceptedFD, Listener
 from .pool import Pool
 from .prober import Prober
+from .ratelog import Warnings
 from .relay import Session
 from .tls import client_context, server_context
 
 log = logging.getLogger("l4proxy")
+
+TLS_FAILED = "TLS handshake failures"  # rate-limited kinds of warnings (ratelog.py)
+ACCEPT_FAILED = "failed accepts"
 
 
 class Proxy:
@@ -53,6 +58,7 @@ class Proxy:
         self.sessions: set[Session] = set()
         self.served = 0
         self.tls_failures = 0  # client TLS handshakes that failed or timed out
+        self.warnings = Warnings(time.monotonic)  # lines any client can trigger, rate-limited per kind
         self._sweeper: asyncio.Task[None] | None = None
         # clients whose transport is not made yet (a TLS handshake, or one loop iteration)
         self._opening: dict[Session, Drive | Coroutine[Any, Any, Any]] = {}
@@ -66,7 +72,11 @@ class Proxy:
         self.deadlines = Deadlines(asyncio.get_running_loop(), _expire_dial)
         try:
             for index, listener_config in enumerate(self.config.listeners):
-                listener = Listener(listener_config, self._server_for(index, listener_config))
+                listener = Listener(
+                    listener_config,
+                    self._server_for(index, listener_config),
+                    per_session=_descriptors_per_session(listener_config, self.pools[listener_config.pool]),
+                )
                 listener.start()
                 self.listeners.append(listener)
         except BaseException:
@@ -169,11 +179,12 @@ class Proxy:
         opening = self._opening
         tls = config.tls is not None
         handshake_timeout = config.tls.handshake_timeout if config.tls is not None else None
+        warnings = self.warnings
 
         def on_client_ready(session: Session) -> None:
             opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
             sessions.add(session)
-            dial = session.dial = Dial(session, pool, loop, self.deadlines)
+            dial = session.dial = Dial(session, pool, loop, self.deadlines, warnings)
             dial.start()
 
         def on_end(session: Session) -> None:
@@ -199,7 +210,7 @@ class Proxy:
                     opener.send(None)  # the transport exists once this returns
                 except Exception as exc:
                     _close_unowned(sock)
-                    log.warning("accepting %s failed: %s", session.client_addr, exc)
+                    warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
                     return
                 session.opener = opener
                 opening[session] = opener
@@ -210,11 +221,14 @@ class Proxy:
                 if exc is None:
                     return
                 sock.close()  # a no-op once a transport has taken the socket (or the descriptor)
+                session.discard()
                 if tls:
                     self.tls_failures += 1
-                    log.warning("TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc))
+                    warnings.warn(
+                        log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc)
+                    )
                 else:
-                    log.warning("accepting %s failed: %s", session.client_addr, exc)
+                    warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
 
             if tls:
                 coro = loop.connect_accepted_socket(
@@ -233,6 +247,11 @@ class Proxy:
                 _close_unowned(sock)
 
         return serve
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether any listener or pool has TLS files that ``reload_tls`` would re-read."""
+        return bool(self.server_tls) or any(pool.config.tls is not None for pool in self.pools.values())
 
     def reload_tls(self) -> list[ConfigError]:
         """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
@@ -257,9 +276,14 @@ class Proxy:
         shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
         tick = max(0.02, min(1.0, shortest / 4))
         access_log = self.access_log
+        warnings = self.warnings
+        listeners = self.listeners
         while True:
             await asyncio.sleep(tick)
             access_log.flush()
+            warnings.flush()
+            for listener in listeners:
+                listener.check_limit()
             now = time.monotonic()
             for session in list(self.sessions):
                 moved = session.moved()
@@ -279,6 +303,13 @@ def _close_unowned(fd: AcceptedFD) -> None:
         os.close(fd)
 
 
+def _descriptors_per_session(config: ListenerConfig, pool: Pool) -> int:
+    """What one session of this listener holds: its two sockets, and the splice engine's descriptors
+    when every session moves there at once (``--relay splice``, plain TCP on both sides)."""
+    spliced = config.relay == "splice" and config.tls is None and pool.config.tls is None and splice.AVAILABLE
+    return 2 + (splice.DESCRIPTORS if spliced else 0)
+
+
 def _expire_dial(dial: Hashable) -> None:
     assert isinstance(dial, Dial)
     dial.expired()
@@ -289,10 +320,16 @@ def _client_tls(tls_config: UpstreamTLSConfig | None) -> ssl.SSLContext | None:
 
 
 def _tls_failure(exc: BaseException) -> str:
+    """Why a client's handshake failed, in words: the loops report a client that leaves mid-handshake
+    as a bare ``ConnectionResetError`` (no message), whether it reset or just closed."""
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "handshake timeout"
+    if isinstance(exc, ConnectionError):
+        if exc.errno == errno.ECONNRESET:
+            return "the client reset the connection during the handshake"
+        return "the client closed the connection during the handshake"
     return str(exc) or type(exc).__name__
 
 

@@ -222,7 +222,9 @@ class Session:
             pump.send_eof()
         if pump.eof:
             client.send_eof()
-        if pump.closed:
+        if client.closed:  # it left while we dialed: what it sent is on its way, close after it
+            self.end(self.end_cause)
+        elif pump.closed:
             self.end("upstream_closed")
         elif client.eof and pump.eof:
             self.end("eof")
@@ -235,7 +237,9 @@ class Session:
         """Half-close: forward the EOF; end the session once both directions are done."""
         peer = pump.peer
         if peer is None:  # EOF before the other side exists: attach_upstream forwards it
-            return True
+            # A TLS side closes after EOF whatever we return (and warns if we return True): side_lost
+            # then keeps what it sent for the upstream.
+            return pump.transport is not None and pump.transport.can_write_eof()
         if peer.eof or peer.closed:
             # Both directions are done. Closing the peer sends its FIN once its buffer is flushed, as
             # shutdown() would: one system call instead of two, on every session that ends cleanly.
@@ -251,8 +255,13 @@ class Session:
         side = "client" if pump is self.client else "upstream"
         peer = pump.peer
         if peer is None:
-            if pump is self.client:  # gone while dialing: stop the dial, nothing to relay
-                self.ended = True
+            if pump is self.client:
+                if self.client.pending and self.dial is not None:
+                    # Gone while dialing, but it sent bytes: they are ours to deliver. The dial goes
+                    # on, attach_upstream hands them over and then closes (or fail() logs no upstream).
+                    self.end_cause = "client_reset" if exc else "client_closed"
+                    return
+                self.ended = True  # gone while dialing and nothing to relay: stop the dial
                 self.end_cause = "client_reset" if exc else "client_closed"
                 if self.dial is not None:
                     self.dial.cancel()
@@ -301,7 +310,7 @@ class Session:
 
     def fail(self, cause: str) -> None:
         """No upstream could be reached: close the client at once."""
-        self.end_cause = self.end_cause or cause
+        self.end_cause = cause  # the client may have left already; this is what became of its bytes
         self.ended = True
         self.client.abort()
         self._finish_if_closed()
@@ -311,6 +320,10 @@ class Session:
             on_end, self.on_end = self.on_end, _noop
             on_end(self)
             self._unlink()
+
+    def discard(self) -> None:
+        """The client never became a session (its TLS handshake failed): break the same cycles."""
+        self._unlink()
 
     def _unlink(self) -> None:
         """Break the reference cycles (session <-> pumps <-> transports, session -> task) once both sides

@@ -11,6 +11,9 @@ copy to user space, about two system calls per pipe-full, one Python callback pe
   their sockets (a loop refuses ``add_reader`` on a descriptor a transport owns, and a dup has another
   number). If the moment is not quiet, the switch is retried shortly (bounded), never waited for while
   paused: pausing both directions while waiting for one to drain could deadlock an echoing peer.
+  A switch costs six descriptors (``DESCRIPTORS``: two dups, two pipes); when that would leave fewer
+  than ``SPARE`` below the open-files limit, the session stays on the transport engine, so new clients'
+  upstream connects are not starved (the listener counts them for ``--relay splice``).
 * **Backpressure**: a direction never reads more than its pipe holds. When the pipe is full, or a
   read finds no room while bytes are still in it, the direction stops reading until the write side has
   drained the pipe. Memory per direction is the pipe (1 MiB, or less if the system allows less), in
@@ -35,6 +38,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import socket
 import sys
 from typing import TYPE_CHECKING, Protocol
@@ -47,6 +51,8 @@ PIPE_SIZE = 1 << 20  # per direction; capped by /proc/sys/fs/pipe-max-size
 POOL_MAX = 16  # idle pipes kept for reuse (1 MiB pipes count against the user's pipe-user-pages-soft)
 RETRIES = 50  # attempts to find a quiet moment before giving up (until the next bulky streak)
 RETRY_DELAY = 0.005
+DESCRIPTORS = 6  # a switched session holds a dup of each socket and two pipes, beyond its two sockets
+SPARE = 16  # a switch is declined when it would leave fewer free descriptors than this below the limit
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH)
@@ -152,10 +158,12 @@ def start(session: Session) -> None:
     pipes: list[tuple[int, int, int]] = []
     try:
         taken.append(os.dup(client_t.get_extra_info("socket").fileno()))
+        if taken[0] + DESCRIPTORS + SPARE > _fd_limit():  # short of descriptors: leave them to new clients
+            raise OSError(errno.EMFILE, "descriptors are short")
         taken.append(os.dup(up_t.get_extra_info("socket").fileno()))
         pipes.append(pool.take())
         pipes.append(pool.take())
-    except OSError:  # out of descriptors: stay on the transport engine
+    except OSError:  # out of descriptors, or nearly: stay on the transport engine
         for fd in taken:
             os.close(fd)
         for pipe in pipes:
@@ -165,6 +173,12 @@ def start(session: Session) -> None:
     client_t.pause_reading()
     up_t.pause_reading()
     session.engine = Splicer(session, taken[0], taken[1], pipes[0], pipes[1])
+
+
+def _fd_limit() -> int:
+    """The open-files limit now (it may be changed at run time): one system call per switch."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 62
 
 
 def _quiet(session: Session) -> bool:

@@ -249,3 +249,43 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, interv
 def with_members(config: Config, members: Sequence[Address]) -> Config:
     pool = replace(config.pools[0], members=tuple(members))
     return replace(config, pools=(pool,))
+
+
+class SlowAccept:
+    """A fault: an upstream that is slow to accept. Until ``open()`` its accept queue is full, so the
+    kernel drops the SYNs of connects to it and they complete only on a retransmission, a second or
+    more later: a wide, deterministic window for a client to leave while its upstream connect is in
+    progress. Once open, it reads every connection to EOF and keeps the bytes (``received``)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((host, 0))
+        self.listener.listen(0)
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):  # fill the queue: later SYNs are dropped (as in ``blackhole``)
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(self.listener.getsockname())
+            self.fillers.append(filler)
+        self.address = Address(host, self.listener.getsockname()[1])
+        self.received: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def open(self) -> None:
+        """Start accepting (with a long queue): the retransmitted SYNs now complete."""
+        for filler in self.fillers:
+            filler.close()
+        self.server = await asyncio.start_server(self._read_all, sock=self.listener, backlog=1024)
+
+    async def _read_all(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            self.received.append(await reader.read())
+        writer.close()
+
+    async def close(self) -> None:
+        for filler in self.fillers:
+            filler.close()
+        if self.server is not None:
+            self.server.close()
+        self.listener.close()

@@ -36,6 +36,7 @@ PURE_MODULES = {
     "table": {"table", "balancer", "config", "errors", "health"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
+    "ratelog": {"ratelog"},
 }
 
 _PROBE = """

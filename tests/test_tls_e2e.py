@@ -212,6 +212,18 @@ def test_sighup_reloads_certificates_and_keeps_them_when_the_files_are_broken(tm
     assert "Traceback" not in proxy.stderr
 
 
+def test_sighup_without_tls_says_there_is_nothing_to_reload(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path)
+    proxy = L4Proxy(tmp_path, ["--upstream", f"127.0.0.1:{redis.port}"])
+    with started(redis, proxy):
+        assert proxy.proc is not None
+        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.wait_log("SIGHUP: no TLS configured, nothing to reload")
+        assert redis_cli(proxy.port, "PING") == "PONG"
+        assert proxy.terminate() == 0
+    assert "reloaded" not in proxy.stderr, proxy.stderr
+
+
 # --- start-up errors ---------------------------------------------------------------------------------
 
 START_UP_ERRORS = [
