@@ -458,8 +458,9 @@ def test_a_retired_slot_is_reused_only_once_no_worker_holds_it() -> None:
 
 def test_a_member_name_too_long_for_the_table_is_refused() -> None:
     table = SharedTable(make_config([Address("127.0.0.1", 1)]), 1)
+    longest = ".".join(["h" * 63] * 3 + ["h" * 61])  # 253 characters: the longest valid host name
     with pytest.raises(ConfigError, match="longer than the table's 1024 bytes"):
-        table.publish("default", [Address("h" * 1100, 1)])
+        table.publish("p" * 600, [Address(longest, 1)])  # a long pool name (a config file's) and host
 
 
 async def test_a_worker_follows_the_supervisors_update(tmp_path: Path) -> None:
