@@ -84,11 +84,13 @@ class Messages:
 class Scram:
     """The client side of SCRAM-SHA-256 (RFC 5802, RFC 7677) without channel binding."""
 
-    def __init__(self, password: str, nonce: str, keys: dict[tuple[bytes, int], bytes] | None = None) -> None:
+    def __init__(
+        self, password: str, nonce: str, keys: dict[tuple[bytes, int], bytes] | None = None, user: str = ""
+    ) -> None:
         self.password = password.encode("utf-8")
         self.nonce = nonce
         self.keys = {} if keys is None else keys  # salted passwords by (salt, iterations)
-        self.first_bare = f"n=,r={nonce}"
+        self.first_bare = f"n={user},r={nonce}"  # PostgreSQL takes the user from the startup message
         self.server_signature = b""
 
     def first(self) -> bytes:
