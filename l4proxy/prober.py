@@ -8,8 +8,8 @@ each failure is counted by member and kind in ``Prober.failures``. Every result 
 debug level (``--log-level debug``), with the probe's duration. Probes use streams: they are off the
 data path and run once per interval.
 
-In a pool with a ``*-primary`` check, the members UP are the ones that claim the primary role; more
-than one at once is a split brain, logged once per episode (``checks.SplitBrain``) and counted.
+In a pool with a ``*-primary`` check, the members UP whose last probe passed claim the primary role;
+more than one at once is a split brain, logged once per episode (``checks.SplitBrain``) and counted.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Prober:
         self._keys: dict[tuple[bytes, int], bytes] = {}  # SCRAM salted passwords, derived once
         primary = pool.config.health.kind in PRIMARY_KINDS
         self.split_brain: SplitBrain | None = SplitBrain() if primary else None
+        self._passing: set[Member] = set()  # members whose last primary check passed
 
     def start(self) -> None:
         """Start probing; a credentials file that cannot be used raises ConfigError (``auth``)."""
@@ -73,6 +74,7 @@ class Prober:
         current = set(self.pool.members)
         for member in [m for m in self.tasks if m not in current]:
             task = self.tasks.pop(member)
+            self._passing.discard(member)
             task.cancel()
             self._leaving.add(task)
             task.add_done_callback(self._left)
@@ -141,13 +143,18 @@ class Prober:
                     self.failures[member.key, verdict.failure] += 1
                 self.pool.report(member, Event.PROBE_OK if verdict.ok else Event.PROBE_FAIL, verdict.reason)
                 if self.split_brain is not None:
-                    self._watch_primaries()
+                    self._watch_primaries(member, verdict.ok)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
 
-    def _watch_primaries(self) -> None:
-        """Log the start and the end of each split-brain episode, once each."""
+    def _watch_primaries(self, member: Member, passed: bool) -> None:
+        """Log the start and the end of each split-brain episode, once each. A member claims the primary
+        role while it is UP and its last probe passed (members start UP before any probe)."""
         assert self.split_brain is not None
-        claimants = [m.name for m in self.pool.members if m.health.up]
+        if passed:
+            self._passing.add(member)
+        else:
+            self._passing.discard(member)
+        claimants = [m.name for m in self.pool.members if m.health.up and m in self._passing]
         episode = self.split_brain.observe(claimants)
         if episode is None:
             return
