@@ -36,6 +36,7 @@ import click
 
 from . import __version__
 from .accesslog import AccessLog
+from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     LOG_LEVELS,
     RELAY_ENGINES,
@@ -91,6 +92,13 @@ def _size(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
 
 def _names(text: str, path: str, _earlier: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _port(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
+    port = _whole(text, path, _earlier)
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, text, "port must be 1..65535")
+    return port
 
 
 def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[Address, ...]:
@@ -197,6 +205,21 @@ OPTIONS: tuple[Option, ...] = (
            r" 'PING\r\n' (escapes below).", parse=_plain(parse_escapes), metavar="BYTES", needs=(PROBES,)),
     Option("--health-expect", f"{_POOL}.health.expect", "health", "The probe passes only if the reply starts"
            " with these bytes, e.g. '+PONG'.", parse=_plain(parse_escapes), metavar="BYTES", needs=(PROBES,)),
+    Option("--health-check", f"{_POOL}.health.check", "health", "What a probe checks: the connect, send/expect,"
+           " an HTTP GET on a side port, a Redis PING or ROLE (master), a PostgreSQL login (not in recovery)"
+           " [default: send-expect with --health-send/--health-expect, else tcp].", metavar="|".join(KINDS),
+           needs=(PROBES,)),
+    Option("--health-expect-match", f"{_POOL}.health.expect_match", "health", "How the reply must hold"
+           " --health-expect: start with it, contain it, or match it as a regular expression.", "prefix",
+           metavar="|".join(MATCHES), needs=(PROBES,)),
+    Option("--health-path", f"{_POOL}.health.path", "health", "http: the path to GET [default: /].",
+           metavar="PATH", needs=(PROBES,)),
+    Option("--health-port", f"{_POOL}.health.port", "health", "http: the port to probe, e.g. Patroni's 8008"
+           " [default: the member's port].", parse=_port, metavar="PORT", needs=(PROBES,)),
+    Option("--health-status", f"{_POOL}.health.status", "health", "http: statuses that pass, e.g. 200 or"
+           " 200-299,304 [default: 2xx].", metavar="LIST", needs=(PROBES,)),
+    Option("--health-auth", f"{_POOL}.health.auth", "health", "redis, postgres: a file holding the credentials"
+           " ('password' or 'user password'; 'user database [password]').", metavar="FILE", needs=(PROBES,)),
     Option("--no-health-checks", f"{_POOL}.health.enabled", "health",
            "Turn active probes off (failed client connects still take members DOWN).", parse=_off, switch=True),
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
@@ -426,6 +449,7 @@ def _start(**params: Any) -> None:
     for warning in repeated:
         log.warning("--upstream: %s", warning)
     check_tls_files(config)
+    check_credentials_files(config)
     try:
         refuse_self_loops(config)
     except ConfigError as exc:
@@ -481,6 +505,17 @@ def check_tls_files(config: Config) -> None:
                 client_context(pool.tls)
             except ConfigError as exc:
                 raise flagged(exc.under(f"pools.{pool.name}.tls")) from None
+
+
+def check_credentials_files(config: Config) -> None:
+    """Read every health-check credentials file once before binding, so a bad one is a start-up error."""
+    for pool in config.pools:
+        health = pool.health
+        if health.enabled and health.auth is not None:
+            try:
+                load_credentials(health.auth, health.kind)
+            except ConfigError as exc:
+                raise flagged(exc.under(f"pools.{pool.name}.health")) from None
 
 
 def run(config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None) -> int:

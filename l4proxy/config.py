@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
+from . import checks
 from .errors import ConfigError
 
 # --- textual forms ---------------------------------------------------------------------------------
@@ -180,9 +181,10 @@ def _positive(name: str, value: float) -> None:
 class HealthConfig:
     """Active probes (every ``interval`` with jitter) and the rise/fall thresholds.
 
-    A probe is a TCP connect, then, when ``send`` or ``expect`` are set, a write of ``send`` and a read
-    that must start with ``expect``. Passive failures (failed connects of real clients) count toward
-    ``fall`` as well.
+    A probe is a TCP connect, then the conversation of ``check`` (``checks.KINDS``; unset: send-expect
+    when ``send`` or ``expect`` are set, else tcp): ``send``/``expect``/``expect_match``, an HTTP
+    ``GET path`` on ``port`` passing on ``status``, or a Redis or PostgreSQL login with the credentials
+    in the file ``auth``. Passive failures (failed connects of real clients) count toward ``fall`` as well.
     """
 
     interval: float = 2.0
@@ -193,8 +195,23 @@ class HealthConfig:
     expect: bytes = b""
     enabled: bool = True
     eject_time: float = 10.0
+    check: str | None = None
+    expect_match: str = "prefix"
+    path: str | None = None  # http: "/" when unset
+    port: int | None = None  # http: the member's port when unset
+    status: str | None = None  # http: "2xx" when unset
+    auth: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The check kind in force."""
+        return self.check or ("send-expect" if self.send or self.expect else "tcp")
 
     def __post_init__(self) -> None:
+        checks.validate(
+            check=self.check, kind=self.kind, send=self.send, expect=self.expect, expect_match=self.expect_match,
+            path=self.path, port=self.port, status=self.status, auth=self.auth,
+        )  # fmt: skip
         _positive("interval", self.interval)
         _positive("timeout", self.timeout)
         _positive("eject_time", self.eject_time)

@@ -42,6 +42,12 @@ NOT_RUN: dict[str, str] = {
     "l4proxy --listen 127.0.0.1:6379 --upstream redis.example.internal:6380":
         "illustrative (marked): a TLS service of the user's, and its CA",
     "redis-cli -p 6379 PING": "talks to the illustrative origination proxy above it",
+    "l4proxy --listen 127.0.0.1:6379 --upstream redis-a,redis-b --health-check redis-primary":
+        "illustrative (marked): the user's Redis hosts and credentials file",
+    "l4proxy --listen :5432 --upstream pg-a,pg-b --health-check postgres-primary":
+        "illustrative (marked): the user's PostgreSQL hosts and credentials file",
+    "l4proxy --listen :5432 --upstream pg-a,pg-b --health-check http":
+        "illustrative (marked): the user's Patroni hosts",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
 }
