@@ -26,6 +26,7 @@ PURE_MODULES = {
     # module: the l4proxy modules it may load (itself included)
     "errors": {"errors"},
     "config": {"config", "errors"},
+    "configfile": {"configfile", "config", "errors"},
     "health": {"health"},
     "balancer": {"balancer", "config", "errors", "health"},
     "accesslog": {"accesslog"},  # imports relay only for type checking
