@@ -368,19 +368,23 @@ def _check_files(node: Mapping[str, Any], path: str, problems: list[ConfigError]
 
 
 def _build(tree: dict[str, Any], problems: list[ConfigError]) -> Config | None:
-    """``from_tree(tree)``; each refusal is recorded (once: not again for a path already reported or
-    one that encloses it) and its value dropped, until it builds or nothing is left to drop."""
+    """``from_tree(tree)``; each refusal is recorded and its value dropped, until it builds or nothing is
+    left to drop. A refusal is not recorded again for a path already reported or dropped, or for one that
+    encloses it; a listener whose pool was refused goes with its pool, and is not another problem."""
+    dropped: list[str] = []
     while True:
         try:
             return from_tree(tree)
         except ConfigError as exc:
             exc = _by_name(tree, exc)
-            reported = [p.path for p in problems]
-            # A listener whose pool was refused is not another problem: it goes with its pool.
-            consequence = exc.path.endswith(".pool") and f"pools.{exc.value}"
-            if not any(_related(exc.path, other) or _related(consequence or exc.path, other) for other in reported):
+            known = [*(p.path for p in problems), *dropped]
+            path = exc.path
+            if path.endswith(".pool") and any(_related(f"pools.{exc.value}", other) for other in known):
+                path = path.removesuffix(".pool")
+            elif not any(_related(path, other) for other in known):
                 problems.append(exc)
-            if not _drop(tree, exc.path):
+            dropped.append(path)
+            if not _drop(tree, path):
                 return None
 
 
