@@ -462,7 +462,8 @@ def toml_key(key: str) -> str:
     return key if _NAME.fullmatch(key) else toml_value(key)
 
 
-def _plain(key: Key, value: Any) -> Any:
+def file_value(key: Key, value: Any) -> Any:
+    """A Config value as the file writes it (durations and probe bytes as text)."""
     if key.kind is float:
         return duration_text(value)
     if key.kind is bytes:
@@ -498,7 +499,7 @@ def _dump_section(obj: Any, schema: str, path: str, out: list[str]) -> None:
         elif value is None:
             out.append(f"# {child} is not set")
         else:
-            out.append(f"{child} = {toml_value(_plain(key, value))}")
+            out.append(f"{child} = {toml_value(file_value(key, value))}")
     for key, value, where in later:
         if value is None:
             out.append(f"# [{where}] is not set")

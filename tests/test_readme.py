@@ -2,7 +2,7 @@
 
 The fenced ``sh`` blocks of each file run in order, from the repository root, with ``.venv/bin`` first on
 PATH (as after ``source .venv/bin/activate``, which README asks for). A command ending in ``&`` runs in
-the background until the file is done; an ``l4proxy`` command is the proxy in the foreground of its own
+the background until the file is done; an ``l4proxy`` command (but ``l4proxy check``) is the proxy in the foreground of its own
 terminal: it runs until its block is done, and must then drain and exit 0 on SIGTERM. Either kind must
 accept connections on the port it names before the next command starts. Every other command must exit 0,
 and the ones in CHECKS must also print what README promises. ``$ command`` transcripts (the error example)
@@ -53,6 +53,7 @@ CHECKS: dict[str, Callable[[str], bool]] = {  # command prefix -> what its stdou
     ".venv/bin/python certs/generate.py": lambda out: "ca.pem" in out,
     ".venv/bin/python benchmarks/loadgen.py": lambda out: bool(re.match(LOADGEN_DONE, out)),
     PLAN_ONLY: lambda out: "target l4proxy: available" in out,
+    "l4proxy check": lambda out: "\n[listeners.cache-tls.tls]\n" in out and "\nworkers = 1\n" in out,
 }
 
 
@@ -109,7 +110,7 @@ def excluded(cmd: Command) -> bool:
 
 
 def long_running(cmd: Command) -> bool:
-    return cmd.background or cmd.argv[0] == "l4proxy"
+    return cmd.background or (cmd.argv[0] == "l4proxy" and cmd.argv[1:2] != ["check"])
 
 
 def listen_port(argv: list[str]) -> int:
