@@ -573,7 +573,7 @@ def with_process_flags(config: Config, params: Mapping[str, Any]) -> Config:
     given = _given(params)
     for option in OPTIONS:
         if option.flag in given and option not in PROCESS_OPTIONS:
-            shown = None if option.switch else params[option.name]
+            shown = None if option.switch else ",".join(params[option.name]) if option.multiple else params[option.name]
             problem = f"cannot be combined with --config; set {_file_key(option)} in the file"
             raise ConfigError(option.flag, shown, problem)
     try:
