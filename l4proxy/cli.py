@@ -10,6 +10,12 @@ line leaves off (``--tls-alpn`` without ``--tls-cert``, ``--health-send`` with `
 ``--upstream-ca`` with ``--upstream-insecure``) is refused, since the command line contradicts itself;
 what works but is probably not what was meant (a member listed twice) is a warning at start-up.
 
+``--config FILE`` takes the listeners and pools from a TOML file instead (``configfile``, which reads
+each value with the flag parsers here, ``FILE_FORMS``); the process-level flags may still be given and
+win over the file, the others are refused. ``l4proxy check --config FILE`` (``check`` as the first
+word, so ``l4proxy --listen ...`` parses as before) prints the effective configuration or every problem
+as ``FILE:LINE: path: problem``.
+
 Only this module turns errors into exit codes: 2 for a user mistake (bad flag, bad value, missing
 file, a member that is the proxy itself), 1 when the proxy cannot start (address in use), 0 after a
 graceful drain.

@@ -3,9 +3,9 @@
 Every dataclass validates itself in ``__post_init__``, so an invalid Config cannot be built: the I/O
 layers never re-check values. Errors are ``ConfigError``s naming the field, the value and what was
 expected; a dataclass names its own field (``interval``) and :func:`from_tree`, which builds the whole
-tree from plain data (flags today, a config file next), places it (``pools.default.health.interval``,
-``listeners[0].tls.cert``); the CLI maps those paths to its flags. Nothing here touches sockets or the
-event loop.
+tree from plain data (flags, or a config file through ``configfile``), places it
+(``pools.default.health.interval``, ``listeners[0].tls.cert``); the CLI maps those paths to its flags.
+Nothing here touches sockets or the event loop.
 """
 
 from __future__ import annotations

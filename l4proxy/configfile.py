@@ -291,6 +291,8 @@ class _Converter:
             if not math.isfinite(value):
                 raise ConfigError(where, value, "expected a finite number of seconds")
             value = float(value)
+        elif key.kind is int and type(value) is int and form is not None:
+            value = form(str(value), where)  # the flag's bounds hold in the file too (workers: 1..256)
         elif key.kind in (int, bool) and type(value) is key.kind:
             pass
         else:
