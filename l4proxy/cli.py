@@ -612,7 +612,8 @@ async def serve(
     try:
         await proxy.start()
     except OSError as exc:
-        print(f"l4proxy: error: cannot listen on {config.listeners[0].address}: {exc.strerror or exc}", file=sys.stderr)
+        failed = config.listeners[len(proxy.listeners)].address  # the listeners before it did start
+        print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
         return 1
     tune_gc()

@@ -6,6 +6,7 @@ proxy itself, a certificate that does not load) and what flags may go with ``--c
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,17 @@ def test_check_usage_and_missing_file() -> None:
     no_file = "l4proxy: error: --config 'no/such.toml': No such file or directory\n"
     assert (missing.returncode, missing.stderr) == (2, no_file)
     assert run_cli("check", "--help").stdout.startswith("Usage: l4proxy check [OPTIONS]")
+
+
+def test_an_address_in_use_is_named_even_when_it_is_not_the_first_listener(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "f.toml"
+        path.write_text(f'[listeners.a]\naddress = "127.0.0.1:{free_port()}"\npool = "p"\n[listeners.b]\n'
+                        f'address = "127.0.0.1:{port}"\npool = "p"\n[pools.p]\nmembers = ["127.0.0.1:2"]\n'
+                        "health.enabled = false\n")  # fmt: skip
+        result = run_cli("--config", str(path), "--access-log", "off")
+    in_use = f"l4proxy: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (1, in_use)
