@@ -99,11 +99,17 @@ def _walk(kind: type, prefix: str) -> Iterator[Key]:
             yield from _walk(section, f"{name}.*")
 
 
+def _children(paths: Iterator[str]) -> dict[str, list[str]]:
+    """The keys under each table path, in declaration order (for "did you mean" and the printout)."""
+    children: dict[str, list[str]] = {}
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        children.setdefault(parent, []).append(child)
+    return children
+
+
 SCHEMA: dict[str, Key] = {key.path: key for key in _walk(Config, "")}
-_CHILDREN: dict[str, list[str]] = {}
-for _path in SCHEMA:
-    _parent, _, _child = _path.rpartition(".")
-    _CHILDREN.setdefault(_parent, []).append(_child)
+_CHILDREN = _children(iter(SCHEMA))
 
 
 def generic(path: str) -> str:
