@@ -385,12 +385,15 @@ def test_help_shows_the_groups_in_order_then_syntax_and_exit_codes() -> None:
         "Other",
         "Durations",
         "Escapes in --health-send and --health-expect",
+        "Commands",
         "Exit codes",
     ]
     sections = dict(re.findall(r"(?ms)^(\S[^\n]*):\n(.*?)(?=^\S|\Z)", out))
     for option in OPTIONS:  # each flag in its own group
         assert re.search(rf"^  {re.escape(option.flag)}\b", sections[GROUPS[option.group]], re.M), option.flag
     assert r"\xNN" in sections["Escapes in --health-send and --health-expect"]
+    assert "check --config FILE" in sections["Commands"]
+    assert re.search(r"^  --config FILE\b", sections["Process"], re.M)
     assert "250ms" in sections["Durations"]
     assert [line.split()[0] for line in sections["Exit codes"].splitlines() if line[2:3].isdigit()] == ["0", "1", "2"]
 

@@ -30,6 +30,7 @@ PURE_MODULES = {
     "resp": {"resp", "checks", "errors"},
     "pgwire": {"pgwire", "checks", "errors"},
     "httpcheck": {"httpcheck", "checks", "errors"},
+    "configfile": {"configfile", "config", "checks", "errors"},
     "health": {"health"},
     "balancer": {"balancer", "checks", "config", "errors", "health"},
     "accesslog": {"accesslog"},  # imports relay only for type checking

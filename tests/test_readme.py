@@ -2,11 +2,11 @@
 
 The fenced ``sh`` blocks of each file run in order, from the repository root, with ``.venv/bin`` first on
 PATH (as after ``source .venv/bin/activate``, which README asks for). A command ending in ``&`` runs in
-the background until the file is done; an ``l4proxy`` command is the proxy in the foreground of its own
-terminal: it runs until its block is done, and must then drain and exit 0 on SIGTERM. Either kind must
-accept connections on the port it names before the next command starts. Every other command must exit 0,
-and the ones in CHECKS must also print what README promises. ``$ command`` transcripts (the error example)
-must print exactly the lines shown.
+the background until the file is done; an ``l4proxy`` command (but ``l4proxy check``) is the proxy in
+the foreground of its own terminal: it runs until its block is done, and must then drain and exit 0 on
+SIGTERM. Either kind must accept connections on the port it names before the next command starts. Every
+other command must exit 0, and the ones in CHECKS must also print what README promises. ``$ command``
+transcripts (the error examples) must print exactly the lines shown.
 
 What is not run as written, and why, is listed in NOT_RUN; each entry must still match a command in the
 docs, so the list cannot go stale. The fixed ports of the examples are swapped for free ones, so parallel
@@ -59,6 +59,7 @@ CHECKS: dict[str, Callable[[str], bool]] = {  # command prefix -> what its stdou
     ".venv/bin/python certs/generate.py": lambda out: "ca.pem" in out,
     ".venv/bin/python benchmarks/loadgen.py": lambda out: bool(re.match(LOADGEN_DONE, out)),
     PLAN_ONLY: lambda out: "target l4proxy: available" in out,
+    "l4proxy check": lambda out: "\n[listeners.cache-tls.tls]\n" in out and "\nworkers = 1\n" in out,
 }
 
 
@@ -115,7 +116,7 @@ def excluded(cmd: Command) -> bool:
 
 
 def long_running(cmd: Command) -> bool:
-    return cmd.background or cmd.argv[0] == "l4proxy"
+    return cmd.background or (cmd.argv[0] == "l4proxy" and cmd.argv[1:2] != ["check"])
 
 
 def listen_port(argv: list[str]) -> int:
