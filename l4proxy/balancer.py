@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from .config import Address, HealthConfig
+from .config import Address, HealthConfig, Resolved
 from .health import HealthState, Status
 
 UP = Status.UP
@@ -117,6 +117,8 @@ class Balancer:
                 member = self.draining.pop(key, None) or Member(address, key, self.health)
                 member.draining = False
                 added.append(member)
+            if isinstance(address, Resolved):  # an SRV record's weight, which may change
+                member.weight = address.weight
             member.index = len(members)
             members.append(member)
         removed = list(current.values())

@@ -76,7 +76,8 @@ class Prober:
     async def _run(self, member: Member) -> None:
         interval = self.pool.config.health.interval
         me = asyncio.current_task()
-        await asyncio.sleep(self.rng.uniform(0, interval))  # spread members' probes apart
+        if member.health.up:  # spread members' probes apart; one waiting for its first probe gets it now
+            await asyncio.sleep(self.rng.uniform(0, interval))
         while not self._stopping and self.tasks.get(member) is me:  # until stopped or the member is removed
             started = time.monotonic()
             try:
@@ -109,7 +110,7 @@ async def _probe(pool: Pool, member: Member) -> tuple[bool, str]:
     if pool.ssl_context is not None and pool.config.tls is not None:
         from .tls import server_hostname
 
-        kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.host)}
+        kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.hostname)}
     reader, writer = await asyncio.open_connection(address.host, address.port, **kwargs)  # type: ignore[arg-type]
     try:
         if health.send:
