@@ -19,6 +19,10 @@ names (``srv:_redis._tcp.cache.svc.cluster.local``). ``resolver.py`` looks the n
   the whole answer counts as failed, so a glitch on one target does not drain its members.
 * Members added because a name's answer *changed* wait for a passing probe before they get sessions
   (``Plan.check_first``); members from a name's first good answer start UP, as at start-up.
+* Make before break: an address a name no longer has (``Tracker.leaving``) stays a member while none
+  of the name's current addresses is UP, until the next answer, so a name that moved to one new
+  address is not left without a member while that address waits for its probe. An empty answer
+  that is taken drains at once.
 
 Pure: no sockets, no event loop, no clock (time is an argument).
 """
@@ -113,26 +117,31 @@ class Verdict(enum.Enum):
 class Tracker:
     """What one name stands for across resolutions (the rules in the module's docstring)."""
 
-    __slots__ = ("addresses", "empty_after", "empty_since", "failing")
+    __slots__ = ("addresses", "empty_after", "empty_since", "failing", "leaving")
 
     def __init__(self, empty_after: float) -> None:
         self.empty_after = empty_after
         self.addresses: tuple[Resolved, ...] | None = None  # None: no good answer yet
         self.empty_since: float | None = None
         self.failing = 0  # lookups failed in a row
+        self.leaving: tuple[Resolved, ...] = ()  # addresses the last change took away
 
     def observe(self, answer: Answer, now: float) -> Verdict:
         if answer.error:
             self.failing += 1
             return Verdict.FAILED
         self.failing = 0
+        self.leaving = ()
         if not answer.addresses:
             return self._empty(now)
         self.empty_since = None
         before, self.addresses = self.addresses, answer.addresses
         if before is None:
             return Verdict.FIRST
-        return Verdict.SAME if set(before) == set(answer.addresses) else Verdict.CHANGED
+        if set(before) == set(answer.addresses):
+            return Verdict.SAME
+        self.leaving = tuple(address for address in before if address not in answer.addresses)
+        return Verdict.CHANGED
 
     def _empty(self, now: float) -> Verdict:
         if self.empty_since is None:
@@ -145,8 +154,21 @@ class Tracker:
         return Verdict.EMPTY_KEPT
 
 
-def expand(targets: Iterable[Target], known: Mapping[Target, tuple[Resolved, ...] | None]) -> list[Address]:
-    """The pool's members: each target's current addresses, in the targets' order (see the rules)."""
+def lingering(tracker: Tracker, up: Collection[str]) -> tuple[Resolved, ...]:
+    """The addresses a name no longer has that stay members for now: those its last change took away,
+    while none of its current addresses is UP (``up``: the keys of the members that are)."""
+    if any(str(address) in up for address in tracker.addresses or ()):
+        return ()
+    return tracker.leaving
+
+
+def expand(
+    targets: Iterable[Target],
+    known: Mapping[Target, tuple[Resolved, ...] | None],
+    linger: Mapping[Target, tuple[Resolved, ...]] | None = None,
+) -> list[Address]:
+    """The pool's members: each target's current addresses, then those lingering, in the targets' order
+    (see the rules)."""
     members: list[Address] = []
     for target in targets:
         if isinstance(target, Address) and is_ip(target.host):
@@ -155,6 +177,7 @@ def expand(targets: Iterable[Target], known: Mapping[Target, tuple[Resolved, ...
         addresses = known.get(target)
         if addresses is not None:
             members.extend(addresses)
+            members.extend(linger.get(target, ()) if linger else ())
         elif isinstance(target, Address):
             members.append(target)
     return members

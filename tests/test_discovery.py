@@ -12,6 +12,7 @@ from l4proxy.discovery import (
     Verdict,
     address_answer,
     expand,
+    lingering,
     needs_resolving,
     plan,
     srv_answer,
@@ -191,3 +192,28 @@ def test_plan(current: list[str], wanted: list[str], first: list[str], expected:
     result = plan(current, wanted, first)
     assert (result.add, result.keep, result.drain, result.check_first) == expected
     assert result.changed == bool(expected[0] or expected[2])
+
+
+def test_a_moved_name_keeps_its_old_address_until_a_new_one_is_up() -> None:
+    tracker = Tracker(empty_after=30)
+    tracker.observe(GOOD_AB, 0)
+    assert tracker.observe(Answer((C,)), 10) is Verdict.CHANGED and tracker.leaving == (A, B)
+    assert lingering(tracker, up={str(A), str(B)}) == (A, B)  # C waits for its probe: A and B still serve
+    assert lingering(tracker, up={str(A), str(B), str(C)}) == ()  # C passed: A and B drain
+    assert expand([NAME], {NAME: (C,)}, {NAME: (A, B)}) == [C, A, B]
+    tracker.observe(Answer((C,)), 20)
+    assert tracker.leaving == () and lingering(tracker, up=set()) == ()  # the next answer ends it
+
+
+def test_addresses_that_stay_up_need_no_lingering() -> None:
+    tracker = Tracker(empty_after=30)
+    tracker.observe(GOOD_AB, 0)
+    tracker.observe(GOOD_BC, 10)
+    assert (tracker.leaving, lingering(tracker, up={str(A), str(B)})) == ((A,), ())
+
+
+def test_an_empty_answer_taken_leaves_nothing_lingering() -> None:
+    tracker = Tracker(empty_after=5)
+    tracker.observe(GOOD_AB, 0)
+    tracker.observe(EMPTY, 10)
+    assert (tracker.observe(EMPTY, 15), tracker.leaving, lingering(tracker, up=())) == (Verdict.EMPTY_TAKEN, (), ())
