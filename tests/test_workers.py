@@ -32,7 +32,7 @@ import pytest
 
 from l4proxy.accesslog import AccessLog
 from l4proxy.balancer import Balancer
-from l4proxy.config import Address, HealthConfig
+from l4proxy.config import Address, HealthConfig, Resolved, Service
 from l4proxy.errors import ConfigError
 from l4proxy.health import Event
 from l4proxy.proxy import Proxy
@@ -504,3 +504,16 @@ async def _follow(supervisor: Supervisor, proxy: Proxy, log: RecordingLog, new: 
     writer.close()
     await eventually(lambda: table.state[old_slot] == FREE)  # the supervisor reclaimed it
     assert leaving.active == 0
+
+
+def test_discovered_members_cross_the_table_with_their_name_and_weight_and_new_ones_start_down() -> None:
+    table = SharedTable(make_config([Address("redis.svc", 1), Service("_r._tcp.svc")]), 1)
+    assert table.capacity >= 2 * 256  # room for what the two names resolve to
+    assert [e.address for e in table.snapshot()[1]["default"]] == [Address("redis.svc", 1)]  # not yet resolved
+    moved = Resolved("10.0.0.2", 7001, name="r0.svc", weight=60)
+    stays = Resolved("10.0.0.1", 1, name="redis.svc")
+    slots = table.publish("default", [stays, moved], down={str(moved)})
+    entries = table.snapshot()[1]["default"]
+    assert [(e.key, e.address) for e in entries] == [(str(stays), stays), (str(moved), moved)]
+    assert entries[1].address.weight == 60  # type: ignore[attr-defined]
+    assert (table.up[slots[str(stays)]], table.up[slots[str(moved)]]) == (1, 0)
