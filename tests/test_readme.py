@@ -42,6 +42,10 @@ NOT_RUN: dict[str, str] = {
     "l4proxy --listen 127.0.0.1:6379 --upstream redis.example.internal:6380":
         "illustrative (marked): a TLS service of the user's, and its CA",
     "redis-cli -p 6379 PING": "talks to the illustrative origination proxy above it",
+    "l4proxy --listen 127.0.0.1:6390 --upstream redis-headless.cache.svc.cluster.local:6379":
+        "illustrative (marked): a Kubernetes headless Service of the user's",
+    "l4proxy --listen 127.0.0.1:6391 --upstream srv:_redis._tcp.redis.cache.svc.cluster.local":
+        "illustrative (marked): an SRV name of the user's",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
 }
