@@ -185,6 +185,7 @@ class HealthThread(threading.Thread):
         self.reload = threading.Event()
         self.pools: dict[str, _HealthPool] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
+        self.make_resolver: Callable[[Pool], Resolver] = Resolver  # tests point it at a DNS server of theirs
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -209,7 +210,7 @@ class HealthThread(threading.Thread):
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pools = {pool.name: _HealthPool(pool, self.table) for pool in self.config.pools}
-        resolvers = [Resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)]
+        resolvers = [self.make_resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)]
         await asyncio.gather(*(resolver.resolve() for resolver in resolvers))
         probers = [Prober(pool) for pool in self.pools.values()]
         for prober in probers:
