@@ -35,7 +35,8 @@ UP = Status.UP
 
 
 def member_keys(addresses: Sequence[Address]) -> list[str]:
-    """Each member's identity: its configured ``host:port``; a repeated address gets ``#2``, ``#3``..."""
+    """Each member's identity: its configured ``host:port`` (``name@ip:port`` for an address discovery
+    found); a repeated address gets ``#2``, ``#3``..."""
     seen: Counter[str] = Counter()
     keys = []
     for address in addresses:
