@@ -171,6 +171,6 @@ def _connect(
         address.host,
         address.port,
         ssl=tls,
-        server_hostname=server_hostname(pool.config.tls, address.host),
+        server_hostname=server_hostname(pool.config.tls, address.hostname),
         ssl_handshake_timeout=pool.config.connect_timeout,
     )

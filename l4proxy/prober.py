@@ -129,7 +129,8 @@ class Prober:
     async def _run(self, member: Member) -> None:
         interval = self.pool.config.health.interval
         me = asyncio.current_task()
-        await asyncio.sleep(self.rng.uniform(0, interval))  # spread members' probes apart
+        if member.health.up:  # spread members' probes apart; one waiting for its first probe gets it now
+            await asyncio.sleep(self.rng.uniform(0, interval))
         while not self._stopping and self.tasks.get(member) is me:  # until stopped or the member is removed
             started = time.monotonic()
             try:
@@ -188,7 +189,7 @@ async def _converse(pool: Pool, member: Member, conversation: Conversation) -> V
     if pool.ssl_context is not None and pool.config.tls is not None:
         from .tls import server_hostname
 
-        kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.host)}
+        kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.hostname)}
     port = health.port if health.port is not None else address.port
     reader, writer = await asyncio.open_connection(address.host, port, **kwargs)  # type: ignore[arg-type]
     try:

@@ -4,9 +4,10 @@
         port = proxy.port()                 # the bound port (useful with port 0)
         await proxy.serve_until_stopped()   # or anything else; leaving the block drains
 
-It owns the run-time objects (pools, probers, listeners), the set of live sessions, the sweeper that
-enforces idle and half-closed timeouts with one timer for all sessions, the access log, and the
-graceful drain: stop accepting, wait for sessions up to ``drain_timeout``, then abort the rest.
+It owns the run-time objects (pools, probers, resolvers for pools with DNS-named members, listeners),
+the set of live sessions, the sweeper that enforces idle and half-closed timeouts with one timer for all
+sessions, the access log, and the graceful drain: stop accepting, wait for sessions up to
+``drain_timeout``, then abort the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .pool import Pool
 from .prober import Prober
 from .ratelog import Warnings
 from .relay import Session
+from .resolver import Resolver
 from .tls import client_context, server_context
 
 log = logging.getLogger("l4proxy")
@@ -54,6 +56,7 @@ class Proxy:
         self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
         self.server_tls = {i: server_context(c.tls) for i, c in enumerate(config.listeners) if c.tls is not None}
         self.probers = [Prober(pool) for pool in self.pools.values()]
+        self.resolvers = [Resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)]
         self.listeners: list[Listener] = []
         self.sessions: set[Session] = set()
         self.served = 0
@@ -70,6 +73,7 @@ class Proxy:
     async def start(self) -> None:
         self._stopped = asyncio.Event()
         self.deadlines = Deadlines(asyncio.get_running_loop(), _expire_dial)
+        await asyncio.gather(*(resolver.resolve() for resolver in self.resolvers))  # DNS names: addresses first
         try:
             for index, listener_config in enumerate(self.config.listeners):
                 listener = Listener(
@@ -84,6 +88,8 @@ class Proxy:
             raise
         for prober in self.probers:
             prober.start()
+        for resolver in self.resolvers:
+            resolver.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="l4proxy sweeper")
         for listener in self.listeners:
             log.info("listening on %s", ", ".join(_fmt(a) for a in listener.addresses))
@@ -152,6 +158,8 @@ class Proxy:
                 listener.close()
 
     async def _stop_background(self) -> None:
+        for resolver in self.resolvers:
+            await resolver.stop()
         for prober in self.probers:
             await prober.stop()
         for pool in self.pools.values():

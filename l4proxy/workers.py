@@ -13,6 +13,10 @@ generation). Each worker looks at the generation every 50 ms (``Follower``) and,
 its own pools from the table's entries: removed members get no new sessions from it and keep the ones
 they have; the supervisor reuses their slots only once every worker has let go of them.
 
+**Discovery, once.** The health thread also runs the resolvers of pools with DNS-named members
+(``resolver.py``); their answers change its pools like ``update`` does, and the workers follow.
+New addresses that wait for a probe are published DOWN, so no worker picks them first.
+
 **Health, once.** Workers run no probers and decide nothing: ``Pool.forward`` sends their passive
 results to the table. The supervisor runs every pool's probers in one thread with its own event loop,
 and every 50 ms feeds the passive results that arrived since the last look into its own ``Pool``s: the
@@ -54,7 +58,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog, format_record
@@ -65,6 +69,7 @@ from .health import Event
 from .listener import bind_sockets
 from .pool import Pool
 from .prober import Prober
+from .resolver import Resolver
 from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
@@ -153,10 +158,10 @@ class _HealthPool(Pool):
         for member in self.members:
             member.slot = slots[member.key]
 
-    def update(self, members: Sequence[Address]) -> tuple[list[Member], list[Member]]:
-        dataclasses.replace(self.config, members=tuple(members))  # a bad list: raise before the table changes
-        slots = self._table.publish(self.name, members)
-        added, removed = super().update(members)
+    def set_members(self, members: Sequence[Address], check_first: Collection[str] = ()) -> Changes:
+        # members waiting for a probe are published DOWN, so no worker picks them in between
+        slots = self._table.publish(self.name, members, down=check_first if self.config.health.enabled else ())
+        added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
             self._up[member.slot] = 1 if member.health.up else 0
@@ -180,6 +185,7 @@ class HealthThread(threading.Thread):
         self.reload = threading.Event()
         self.pools: dict[str, _HealthPool] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
+        self.make_resolver: Callable[[Pool], Resolver] = Resolver  # tests point it at a DNS server of theirs
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -204,9 +210,13 @@ class HealthThread(threading.Thread):
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pools = {pool.name: _HealthPool(pool, self.table) for pool in self.config.pools}
+        resolvers = [self.make_resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)]
+        await asyncio.gather(*(resolver.resolve() for resolver in resolvers))
         probers = [Prober(pool) for pool in self.pools.values()]
         for prober in probers:
             prober.start()
+        for resolver in resolvers:
+            resolver.start()
         self.ready.set()
         try:
             while not self.stopping.is_set():
@@ -218,6 +228,8 @@ class HealthThread(threading.Thread):
                     self.reload.clear()
                     _reload_probe_tls(list(self.pools.values()))
         finally:
+            for resolver in resolvers:
+                await resolver.stop()
             for prober in probers:
                 await prober.stop()
             for pool in self.pools.values():
@@ -246,12 +258,11 @@ class Follower:
     def apply(self) -> None:
         generation, entries = self.table.snapshot()
         for pool in self.pools:
-            found = entries.get(pool.name)
-            if found:
-                pool.update([entry.address for entry in found])
-                slots = {entry.key: entry.slot for entry in found}
-                for member in pool.members:
-                    member.slot = slots[member.key]
+            found = entries.get(pool.name, [])  # none: discovery found no address
+            pool.set_members([entry.address for entry in found])
+            slots = {entry.key: entry.slot for entry in found}
+            for member in pool.members:
+                member.slot = slots[member.key]
         self.seen = generation
         self.table.saw(self.worker, generation)
 
@@ -413,6 +424,7 @@ class Supervisor:
         """Make a worker's Proxy use the shared table: global counts and status, the supervisor's
         members, no probers."""
         proxy.probers = []
+        proxy.resolvers = []  # the supervisor resolves; the table brings its answers
         view, forward = WorkerView(self.table, worker), forwarder(self.table, worker)
         for pool in proxy.pools.values():
             pool.balancer.view = view
