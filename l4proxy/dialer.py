@@ -8,6 +8,15 @@ except running out of our own descriptors or memory (EMFILE and kin): that is no
 no other member would fare better, so the client is closed without blaming any member or retrying. (The
 listener keeps a reserve of descriptors for upstream connects, so this is rare.)
 Host names are resolved by the loop's ``getaddrinfo`` (a thread), never blocking the loop.
+
+**Loops.** A member that is the proxy itself (refused at start-up, but a name can move, and a wildcard
+listen address is every address) makes each connect come back as a new client, which dials again. Every
+established upstream connection's local address goes into ``outgoing`` (the proxy's set, which the
+probes fill too) until its session ends; a client whose own address is in that set is one of ours, and
+is closed as ``loop`` with one warning instead of dialing on. The check runs when that client's own
+connect completes, not at accept: by then the connect that made it (which completed in the kernel
+before it could be accepted) has been recorded, while at accept time its callback may not have run yet.
+It is one set lookup per session, and the record one more, of an address uvloop already holds.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from collections.abc import Coroutine, Hashable
 from typing import Any
 
 from .balancer import Member
+from .causes import LOOP
 from .deadlines import Deadlines
 from .drive import Drive
 from .errors import failure_kind, out_of_descriptors
@@ -32,6 +42,7 @@ log = logging.getLogger("l4proxy.dialer")
 
 NO_UPSTREAM = "clients with no upstream"  # rate-limited kinds of warnings (ratelog.py)
 CONNECT_FAILED = "failed upstream connects"
+LOOPS = "connections from the proxy itself"
 
 
 class Dial:
@@ -42,7 +53,19 @@ class Dial:
     dial on to the next attempt, to the session,
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
-    __slots__ = ("deadline", "deadlines", "drive", "loop", "member", "pool", "pump", "session", "tried", "warnings")
+    __slots__ = (
+        "deadline",
+        "deadlines",
+        "drive",
+        "loop",
+        "member",
+        "outgoing",
+        "pool",
+        "pump",
+        "session",
+        "tried",
+        "warnings",
+    )
 
     def __init__(
         self,
@@ -51,12 +74,14 @@ class Dial:
         loop: asyncio.AbstractEventLoop,
         deadlines: Deadlines,
         warnings: Warnings,
+        outgoing: set[object],
     ) -> None:
         self.session = session
         self.pool = pool
         self.loop = loop
         self.deadlines = deadlines
         self.warnings = warnings  # a member down or every member down: one line per client otherwise
+        self.outgoing = outgoing  # local addresses of our upstream connections and probes (see Loops)
         self.tried: list[Member] = []
         self.member: Member | None = None
         self.pump: Pump | None = None
@@ -116,7 +141,28 @@ class Dial:
             self.pool.balancer.release(member)
             pump.abort()
             return
+        outgoing = self.outgoing
+        if session.client_address in outgoing:  # the client is one of our own connections
+            self._loop_back(member, pump)
+            return
+        assert pump.transport is not None
+        session.sockname = sockname = pump.transport.get_extra_info("sockname")
+        outgoing.add(sockname)
         session.attach_upstream(pump, member)
+
+    def _loop_back(self, member: Member, pump: Pump) -> None:
+        """Close a session whose client is our own connection, instead of relaying it on."""
+        self.pool.balancer.release(member)
+        pump.abort()
+        self.warnings.warn(
+            log,
+            LOOPS,
+            "closed a connection from this proxy's own %s in pool %s: member %s leads back to this proxy",
+            self.session.client_addr,
+            self.pool.name,
+            member.name,
+        )
+        self.session.fail(LOOP)
 
     def expired(self) -> None:
         """The connect deadline passed (``Deadlines`` calls this)."""

@@ -4,7 +4,10 @@ A probe is a TCP connect (with a TLS handshake when the pool originates TLS) and
 write of ``send`` and a read that must start with ``expect`` (Redis: ``PING\\r\\n`` -> ``+PONG``).
 Results go to ``Pool.report``; failure reasons tell refused, timeout, TLS and wrong-reply apart.
 Every result is also logged at debug level (``--log-level debug``), with the probe's duration.
-Probes use streams: they are off the data path and run once per interval.
+Probes use streams: they are off the data path and run once per interval. The local address of each
+member's latest probe connection stays in ``outgoing`` (the proxy's set) until the next probe of that
+member replaces it, so a member that leads back to the proxy is caught however fast the probe itself
+is done (``dialer.py``, Loops).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 
 from .balancer import Member
 from .errors import failure_kind, out_of_descriptors
@@ -27,9 +31,11 @@ class Prober:
     """Runs the probes of one pool until ``stop``: one task per member, kept in step with the pool's
     members by ``sync`` (which ``Pool.update`` calls once the prober has started)."""
 
-    def __init__(self, pool: Pool, rng: random.Random | None = None) -> None:
+    def __init__(self, pool: Pool, rng: random.Random | None = None, outgoing: set[object] | None = None) -> None:
         self.pool = pool
         self.rng = rng or random.Random()
+        self.outgoing = outgoing if outgoing is not None else set()
+        self._held: dict[Member, object] = {}  # each member's latest probe address in outgoing
         self.tasks: dict[Member, asyncio.Task[None]] = {}
         self._leaving: set[asyncio.Task[None]] = set()  # probes of removed members, cancelled
         self._stopping = False
@@ -46,6 +52,7 @@ class Prober:
         for member in [m for m in self.tasks if m not in current]:
             task = self.tasks.pop(member)
             task.cancel()
+            self._hold(member, None)
             self._leaving.add(task)
             task.add_done_callback(self._left)
         for member in self.pool.members:
@@ -72,6 +79,8 @@ class Prober:
                     task.result()
         self.tasks.clear()
         self._leaving.clear()
+        for member in list(self._held):
+            self._hold(member, None)
 
     async def _run(self, member: Member) -> None:
         interval = self.pool.config.health.interval
@@ -80,7 +89,7 @@ class Prober:
         while not self._stopping and self.tasks.get(member) is me:  # until stopped or the member is removed
             started = time.monotonic()
             try:
-                ok, reason = await probe(self.pool, member)
+                ok, reason = await probe(self.pool, member, lambda sockname: self._hold(member, sockname))
             except OSError:  # out of our own descriptors: no verdict on the member this time
                 log.debug("probe of %s in pool %s skipped: out of descriptors", member.name, self.pool.name)
             else:
@@ -88,21 +97,32 @@ class Prober:
                 log.debug("probe of %s in pool %s: %s (%.1f ms)", member.name, self.pool.name, reason, took)
                 self.pool.report(member, Event.PROBE_OK if ok else Event.PROBE_FAIL, reason)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
+        self._hold(member, None)
+
+    def _hold(self, member: Member, sockname: object) -> None:
+        """Keep ``sockname`` in ``outgoing`` as the member's latest probe address (None: forget it)."""
+        self.outgoing.discard(self._held.pop(member, None))
+        if sockname is not None:
+            self.outgoing.add(sockname)
+            self._held[member] = sockname
 
 
-async def probe(pool: Pool, member: Member) -> tuple[bool, str]:
-    """One probe of ``member``: (passed, reason). Raises OSError when the proxy is out of descriptors."""
+async def probe(
+    pool: Pool, member: Member, connected: Callable[[object], None] | None = None
+) -> tuple[bool, str]:
+    """One probe of ``member``: (passed, reason). Raises OSError when the proxy is out of descriptors.
+    ``connected`` is given the probe connection's local address."""
     health = pool.config.health
     try:
         async with asyncio.timeout(health.timeout):  # unlike wait_for on 3.11, never swallows a cancel
-            return await _probe(pool, member)
+            return await _probe(pool, member, connected)
     except (TimeoutError, OSError) as exc:
         if out_of_descriptors(exc):
             raise
         return False, f"check failed: {failure_kind(exc)}"
 
 
-async def _probe(pool: Pool, member: Member) -> tuple[bool, str]:
+async def _probe(pool: Pool, member: Member, connected: Callable[[object], None] | None) -> tuple[bool, str]:
     health = pool.config.health
     address = member.address
     kwargs: dict[str, object] = {}
@@ -111,6 +131,8 @@ async def _probe(pool: Pool, member: Member) -> tuple[bool, str]:
 
         kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.host)}
     reader, writer = await asyncio.open_connection(address.host, address.port, **kwargs)  # type: ignore[arg-type]
+    if connected is not None:
+        connected(writer.get_extra_info("sockname"))
     try:
         if health.send:
             writer.write(health.send)

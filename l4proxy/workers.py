@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from .accesslog import AccessLog, format_record
+from .accesslog import AccessLog, Finished
 from .balancer import Member
 from .config import Address, Config, PoolConfig
 from .errors import ConfigError
@@ -69,8 +69,7 @@ from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
-    from .relay import Session
+    from .proxy import Shared
 
 log = logging.getLogger("l4proxy.workers")
 
@@ -82,7 +81,7 @@ _STABLE = 10.0  # a worker that lived this long is replaced after the shortest b
 _PIPE_BUF = 4096
 
 Changes = tuple[list[Member], list[Member]]  # Pool.update's (added, removed)
-RunWorker = Callable[[Config, AccessLog, Callable[["Proxy"], None]], int]
+RunWorker = Callable[[Config, AccessLog, "Shared"], int]  # runs a Proxy(config, log, shared=...) to the end
 
 
 def parse_workers(text: str, field_name: str = "--workers") -> int:
@@ -104,10 +103,10 @@ class WorkerAccessLog(AccessLog):
         self.tail = f" worker={worker}\n"
         self.pending: list[str] = []
 
-    def record(self, session: Session) -> None:
+    def record(self, session: Finished) -> None:
         self.records += 1
         if self.fd is not None:
-            self.pending.append(format_record(session, time.time()) + self.tail)
+            self.pending.append(self.format(session, time.time()) + self.tail)
             if len(self.pending) >= 256:
                 self.flush()
 
@@ -262,6 +261,22 @@ class Follower:
         loop.call_later(_POLL, self.poll, loop)
 
 
+class WorkerShare:
+    """A worker's ``Proxy.shared``: its pools count sessions in the shared table, read the status the
+    supervisor decides, forward their passive results to it, and follow its member lists."""
+
+    def __init__(self, table: SharedTable, worker: int) -> None:
+        self.table = table
+        self.worker = worker
+
+    def join(self, pools: Sequence[Pool]) -> None:
+        view, forward = WorkerView(self.table, self.worker), forwarder(self.table, self.worker)
+        for pool in pools:
+            pool.balancer.view = view
+            pool.forward = forward
+        Follower(self.table, self.worker, pools).poll(asyncio.get_running_loop())
+
+
 def _reload_probe_tls(pools: list[_HealthPool]) -> None:
     for pool in pools:
         if pool.config.tls is not None:
@@ -400,7 +415,7 @@ class Supervisor:
             _tag_logs(worker)
             stream = self.access_log.stream
             access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
-            code = self.run_worker(self.config, access, lambda proxy: self._prepare(proxy, worker))
+            code = self.run_worker(self.config, access, WorkerShare(self.table, worker))
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:
@@ -408,16 +423,6 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code)
-
-    def _prepare(self, proxy: Proxy, worker: int) -> None:
-        """Make a worker's Proxy use the shared table: global counts and status, the supervisor's
-        members, no probers."""
-        proxy.probers = []
-        view, forward = WorkerView(self.table, worker), forwarder(self.table, worker)
-        for pool in proxy.pools.values():
-            pool.balancer.view = view
-            pool.forward = forward
-        Follower(self.table, worker, list(proxy.pools.values())).poll(asyncio.get_running_loop())
 
     def _stop(self) -> None:
         """Leaving (normally after the drain; on an error, with workers still running)."""

@@ -37,7 +37,7 @@ from l4proxy.errors import ConfigError
 from l4proxy.health import Event
 from l4proxy.proxy import Proxy
 from l4proxy.table import FREE, RETIRED, SharedTable, WorkerView, forwarder
-from l4proxy.workers import HealthThread, Supervisor, _HealthPool, parse_workers
+from l4proxy.workers import HealthThread, Supervisor, WorkerShare, _HealthPool, parse_workers
 
 from .kit import (
     Handler,
@@ -473,8 +473,8 @@ async def test_a_worker_follows_the_supervisors_update(tmp_path: Path) -> None:
         try:
             assert await asyncio.to_thread(supervisor.health.ready.wait, 5)
             log = RecordingLog()
-            proxy = Proxy(config, log)
-            supervisor._prepare(proxy, 0)
+            proxy = Proxy(config, log, shared=WorkerShare(supervisor.table, 0))
+            assert proxy.probers == []  # health is the supervisor's
             await proxy.start()
             try:
                 await _follow(supervisor, proxy, log, c)
