@@ -11,12 +11,13 @@ Host names are resolved by the loop's ``getaddrinfo`` (a thread), never blocking
 
 **Loops.** A member that is the proxy itself (refused at start-up, but a name can move, and a wildcard
 listen address is every address) makes each connect come back as a new client, which dials again. Every
-established upstream connection's local address goes into ``outgoing`` (the proxy's set, which the
-probes fill too) until its session ends; a client whose own address is in that set is one of ours, and
-is closed as ``loop`` with one warning instead of dialing on. The check runs when that client's own
+established upstream connection to a member on one of our listen ports (only those can be us) has its
+local address in ``Outgoing.addresses`` (the proxy's set, which the probes fill too) until its session
+ends; a client whose own address is in that set is one of ours, and is closed as ``loop`` with a
+rate-limited warning instead of being relayed on. The check runs when that client's own
 connect completes, not at accept: by then the connect that made it (which completed in the kernel
 before it could be accepted) has been recorded, while at accept time its callback may not have run yet.
-It is one set lookup per session, and the record one more, of an address uvloop already holds.
+It is one set lookup per session, and a port lookup per connect; a member on another port costs no more.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ log = logging.getLogger("l4proxy.dialer")
 NO_UPSTREAM = "clients with no upstream"  # rate-limited kinds of warnings (ratelog.py)
 CONNECT_FAILED = "failed upstream connects"
 LOOPS = "connections from the proxy itself"
+
+
+class Outgoing:
+    """The local addresses of the proxy's own outgoing connections, and the ports it listens on."""
+
+    __slots__ = ("addresses", "ports")
+
+    def __init__(self) -> None:
+        self.addresses: set[object] = set()
+        self.ports: set[int] = set()  # filled as the listeners bind
 
 
 class Dial:
@@ -74,14 +85,14 @@ class Dial:
         loop: asyncio.AbstractEventLoop,
         deadlines: Deadlines,
         warnings: Warnings,
-        outgoing: set[object],
+        outgoing: Outgoing,
     ) -> None:
         self.session = session
         self.pool = pool
         self.loop = loop
         self.deadlines = deadlines
         self.warnings = warnings  # a member down or every member down: one line per client otherwise
-        self.outgoing = outgoing  # local addresses of our upstream connections and probes (see Loops)
+        self.outgoing = outgoing  # our own connections' local addresses (see Loops)
         self.tried: list[Member] = []
         self.member: Member | None = None
         self.pump: Pump | None = None
@@ -142,12 +153,13 @@ class Dial:
             pump.abort()
             return
         outgoing = self.outgoing
-        if session.client_address in outgoing:  # the client is one of our own connections
+        if session.client_address in outgoing.addresses:  # the client is one of our own connections
             self._loop_back(member, pump)
             return
-        assert pump.transport is not None
-        session.sockname = sockname = pump.transport.get_extra_info("sockname")
-        outgoing.add(sockname)
+        if member.address.port in outgoing.ports:  # the member may be us: note who we are to it
+            assert pump.transport is not None
+            session.sockname = sockname = pump.transport.get_extra_info("sockname")
+            outgoing.addresses.add(sockname)
         session.attach_upstream(pump, member)
 
     def _loop_back(self, member: Member, pump: Pump) -> None:

@@ -7,12 +7,14 @@ chain of callbacks too. The sessions of a listener share one ``relay.Wiring``, b
 hooks that start the dial, end the session, and move bulky sessions to the splice engine when this
 listener's sessions may switch.
 
-**Opening a client** depends on the loop. On uvloop a plain client does not need the Drive:
-``open_plain_on_uvloop`` starts the coroutine, which makes the transport, and the session finishes it
-when it is freed; its only other outcome, the handshake, does not exist without TLS. This is the one
-place that relies on how uvloop's ``connect_accepted_socket`` runs, and ``tests/test_frontend.py`` pins
-that behaviour. TLS clients, and every client on asyncio's own loop (kept for debugging, not speed),
-go through the Drive.
+**Opening a client** depends on the loop. On uvloop a plain client does not need the Drive: the
+opener starts ``connect_accepted_socket`` by hand. Its first step calls the protocol factory once, makes
+the transport from the descriptor (an ``AcceptedFD`` is enough) and schedules ``connection_made``, then
+waits for that and nothing else; our pump sees ``connection_made`` anyway, so nothing waits on the
+coroutine, and ``Session._unlink`` finishes it when the session is freed. Its only other outcome, the
+handshake, does not exist without TLS. This is the one place that relies on how uvloop runs that
+coroutine, and ``tests/test_frontend.py`` pins the behaviour. TLS clients, and every client on
+asyncio's own loop (kept for debugging, not speed), go through the Drive.
 
 **Stages.** ``Frontend.stages`` are per-listener steps between accept and session (an ACL, a PROXY
 protocol header): each wraps the accept callback once, at ``start``, so a listener without stages
@@ -29,13 +31,12 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Coroutine, Hashable
-from typing import Any
+from collections.abc import Callable, Hashable
 
 from .accesslog import AccessLog
 from .config import ListenerConfig
 from .deadlines import Deadlines
-from .dialer import Dial
+from .dialer import Dial, Outgoing
 from .drive import Drive
 from .listener import AcceptedFD, Listener
 from .peer import format_peers
@@ -67,7 +68,7 @@ class Frontend:
         access_log: AccessLog,
         warnings: Warnings,
         splicing: Splicing,
-        outgoing: set[object],
+        outgoing: Outgoing,
     ) -> None:
         self.index = index
         self.config = config
@@ -127,7 +128,8 @@ class Frontend:
             table.served += 1
             if session.member is not None:
                 pool.balancer.release(session.member)
-            outgoing.discard(session.sockname)
+            if session.sockname is not None:
+                outgoing.addresses.discard(session.sockname)
             record(session)
             if not live:
                 idle.set()
@@ -152,9 +154,13 @@ class Frontend:
             session.client_address = address
             factory = itertools.repeat(session.client).__next__  # a C callable: no Python frame runs
             if bare and isinstance(sock, AcceptedFD):
+                # uvloop, plain: the one place that relies on how uvloop runs the coroutine (see the
+                # module's docstring; tests/test_frontend.py pins it). Inline: it runs per client.
+                opener = loop.connect_accepted_socket(factory, sock)  # type: ignore[arg-type]
                 try:
-                    opener = open_plain_on_uvloop(loop, factory, sock)
+                    opener.send(None)  # the transport exists once this returns
                 except Exception as exc:
+                    opener.close()
                     _close_unowned(sock)
                     warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
                     return
@@ -193,25 +199,6 @@ class Frontend:
             )
         else:
             self.warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
-
-
-def open_plain_on_uvloop(
-    loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], fd: AcceptedFD
-) -> Coroutine[Any, Any, Any]:
-    """Start uvloop's ``connect_accepted_socket`` for a plain client and return it, suspended.
-
-    What this relies on (``tests/test_frontend.py`` pins it): the first step calls ``factory`` once,
-    makes the transport from the descriptor (an ``AcceptedFD`` is enough) and schedules its
-    ``connection_made``, then waits for that and nothing else. Our pump sees ``connection_made``
-    anyway, so nothing needs to wait on the coroutine: ``Session._unlink`` finishes it when the session
-    is freed. Raises what the first step raises (the descriptor is then not the transport's)."""
-    opener = loop.connect_accepted_socket(factory, fd)  # type: ignore[arg-type]
-    try:
-        opener.send(None)  # the transport exists once this returns
-    except BaseException:
-        opener.close()
-        raise
-    return opener
 
 
 def _close_unowned(fd: AcceptedFD) -> None:

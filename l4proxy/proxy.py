@@ -27,6 +27,7 @@ from typing import Protocol
 from .accesslog import AccessLog
 from .config import Config, UpstreamTLSConfig
 from .deadlines import Deadlines
+from .dialer import Outgoing
 from .errors import ConfigError
 from .frontend import Frontend, expire_dial
 from .listener import Listener
@@ -59,8 +60,9 @@ class Proxy:
         self.shared = shared
         self.access_log = access_log or AccessLog.from_target(config.access_log)
         self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
-        self.outgoing: set[object] = set()  # local addresses of our upstream connections and probes
-        self.probers = [] if shared is not None else [Prober(p, outgoing=self.outgoing) for p in self.pools.values()]
+        self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
+        addresses = self.outgoing.addresses
+        self.probers = [] if shared is not None else [Prober(p, outgoing=addresses) for p in self.pools.values()]
         self.table = SessionTable()
         self.warnings = Warnings(time.monotonic)  # lines any client can trigger, rate-limited per kind
         self.splicing = Splicing()
@@ -104,6 +106,7 @@ class Proxy:
         try:
             for frontend in self.frontends:
                 frontend.start(self.deadlines)
+                self.outgoing.ports.update(port for _, port in frontend.listener.addresses)
         except BaseException:
             self._close_listeners()
             raise

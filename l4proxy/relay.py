@@ -328,7 +328,8 @@ class Session:
 
     def end(self, cause: str) -> None:
         """Close both sides, flushing what was already read; ``Wiring.ended`` runs once both are gone."""
-        self.end_cause = settle(self.end_cause, self.ended, "end", cause)
+        if not self.end_cause:  # causes.settle for "end" (the first cause stays), without the call
+            self.end_cause = cause
         if self.ended:
             return
         self.ended = True
