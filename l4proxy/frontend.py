@@ -34,6 +34,7 @@ import ssl
 from collections.abc import Callable, Hashable
 
 from .accesslog import AccessLog
+from .causes import LOOP
 from .config import ListenerConfig
 from .deadlines import Deadlines
 from .dialer import Dial, Outgoing
@@ -51,6 +52,7 @@ log = logging.getLogger("l4proxy")
 
 TLS_FAILED = "TLS handshake failures"  # rate-limited kinds of warnings (ratelog.py)
 ACCEPT_FAILED = "failed accepts"
+LOOPS = "connections from the proxy itself"
 
 Serve = Callable[[socket.socket | AcceptedFD, object], None]  # what a listener calls per accepted client
 Stage = Callable[[Serve], Serve]  # a per-listener step: given the next callback, the one to call first
@@ -117,9 +119,14 @@ class Frontend:
         live, opening, record = table.live, table.opening, self.access_log.record
         idle = table.idle
 
+        own = outgoing.addresses
+
         def client_ready(session: Session) -> None:
             opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
             live.add(session)
+            if session.client_address in own:  # one of our own connections: a member leads back here
+                self._loop_back(session)
+                return
             dial = session.dial = Dial(session, pool, loop, deadlines, warnings, outgoing)
             dial.start()
 
@@ -188,6 +195,19 @@ class Frontend:
                 _close_unowned(sock)
 
         return serve
+
+    def _loop_back(self, session: Session) -> None:
+        """Close a client that is one of our own connections instead of dialing on (``dialer.py``)."""
+        self.warnings.warn(
+            log,
+            LOOPS,
+            "closed a connection from this proxy's own %s: pool %s has a member that leads back to this"
+            " proxy (%s)",
+            session.client_addr,
+            self.pool.name,
+            format_peers(self.listener.addresses),
+        )
+        session.fail(LOOP)
 
     def _open_failed(self, sock: socket.socket | AcceptedFD, session: Session, exc: BaseException) -> None:
         sock.close()  # a no-op once a transport has taken the socket (or the descriptor)

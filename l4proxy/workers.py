@@ -323,7 +323,7 @@ class Supervisor:
                 self._step()
         finally:
             self._stop()
-        log.info("all %d workers stopped", self.count)
+        log.info("all %d worker%s stopped", self.count, "" if self.count == 1 else "s")
         return 0
 
     def _step(self) -> None:
@@ -340,17 +340,21 @@ class Supervisor:
 
     def _on_signal(self, signo: int) -> None:
         if signo == signal.SIGHUP:
-            log.info("SIGHUP received: reloading TLS files in every worker")
-            self.health.reload.set()
+            if _uses_tls(self.config):
+                log.info("SIGHUP received: reloading TLS files in every worker")
+                self.health.reload.set()
+            else:
+                log.info("SIGHUP: no TLS configured, nothing to reload")
             self._forward(signal.SIGHUP)
         elif signo in (signal.SIGTERM, signal.SIGINT):
             self.signals += 1
             name = signal.Signals(signo).name
             if self.signals == 1:
                 log.info(
-                    "%s received: draining %d workers for up to %.1fs (again to force)",
+                    "%s received: draining %d worker%s for up to %.1fs (again to force)",
                     name,
                     self.count,
+                    "" if self.count == 1 else "s",
                     self.config.drain_timeout,
                 )
                 for slot in self.slots:
@@ -459,6 +463,10 @@ def _claim_addresses(config: Config) -> Config:
         address = listener.address if listener.address.port else Address(listener.address.host, port)
         listeners.append(dataclasses.replace(listener, address=address, reuse_port=True))
     return dataclasses.replace(config, listeners=tuple(listeners))
+
+
+def _uses_tls(config: Config) -> bool:
+    return any(c.tls is not None for c in config.listeners) or any(p.tls is not None for p in config.pools)
 
 
 def _describe(status: int) -> str:

@@ -135,10 +135,10 @@ ALLOWED: dict[str, set[str]] = {
     | {"table", "tls"},
     "proxy": {"accesslog", "config", "deadlines", "errors", "frontend", "listener", "pool", "prober", "ratelog"}
     | {"relay", "sessions", "splice", "tls"},
-    "frontend": {"accesslog", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool", "ratelog"}
+    "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool", "ratelog"}
     | {"relay", "sessions", "splice", "tls"},
     "sessions": {"drive", "relay"},
-    "dialer": {"balancer", "causes", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
+    "dialer": {"balancer", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
     "prober": {"balancer", "errors", "health", "pool", "tls"},
     "pool": {"balancer", "config", "health"},
     "splice": {"causes", "config", "relay"},
