@@ -133,10 +133,10 @@ ALLOWED: dict[str, set[str]] = {
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
     | {"table", "tls"},
-    "proxy": {"accesslog", "config", "deadlines", "errors", "frontend", "listener", "pool", "prober", "ratelog"}
-    | {"relay", "sessions", "splice", "tls"},
-    "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool", "ratelog"}
-    | {"relay", "sessions", "splice", "tls"},
+    "proxy": {"accesslog", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool", "prober"}
+    | {"ratelog", "relay", "sessions", "splice", "tls"},
+    "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
+    | {"ratelog", "relay", "sessions", "splice", "tls"},
     "sessions": {"drive", "relay"},
     "dialer": {"balancer", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
     "prober": {"balancer", "errors", "health", "pool", "tls"},
