@@ -61,7 +61,7 @@ from .configfile import ConfigFileError, Document
 from .discovery import needs_resolving
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
-from .proxy import Proxy
+from .proxy import Proxy, Shared
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -648,22 +648,18 @@ def check_credentials_files(config: Config) -> None:
                 raise flagged(exc.under(f"pools.{pool.name}.health")) from None
 
 
-def run(config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None) -> int:
-    """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status. ``prepare`` adjusts the Proxy
-    before it starts (a worker process plugs in the shared table)."""
+def run(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
+    """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status. ``shared`` is a worker
+    process's seam to the supervisor's table (``Proxy(shared=...)``)."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, access_log, prepare))
+        return runner.run(serve(config, access_log, shared))
 
 
-async def serve(
-    config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None
-) -> int:
+async def serve(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
     """Start, wait for a signal, drain; a second signal closes the remaining sessions at once."""
-    proxy = Proxy(config, access_log)
-    if prepare is not None:
-        prepare(proxy)
+    proxy = Proxy(config, access_log, shared=shared)
     try:
         await proxy.start()
     except OSError as exc:

@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
-from .accesslog import AccessLog, format_record
+from .accesslog import AccessLog, Finished
 from .balancer import Member
 from .config import Address, Config, PoolConfig
 from .errors import ConfigError
@@ -74,8 +74,7 @@ from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
-    from .relay import Session
+    from .proxy import Shared
 
 log = logging.getLogger("l4proxy.workers")
 
@@ -87,7 +86,7 @@ _STABLE = 10.0  # a worker that lived this long is replaced after the shortest b
 _PIPE_BUF = 4096
 
 Changes = tuple[list[Member], list[Member]]  # Pool.update's (added, removed)
-RunWorker = Callable[[Config, AccessLog, Callable[["Proxy"], None]], int]
+RunWorker = Callable[[Config, AccessLog, "Shared"], int]  # runs a Proxy(config, log, shared=...) to the end
 
 
 def parse_workers(text: str, field_name: str = "--workers") -> int:
@@ -109,10 +108,10 @@ class WorkerAccessLog(AccessLog):
         self.tail = f" worker={worker}\n"
         self.pending: list[str] = []
 
-    def record(self, session: Session) -> None:
+    def record(self, session: Finished) -> None:
         self.records += 1
         if self.fd is not None:
-            self.pending.append(format_record(session, time.time()) + self.tail)
+            self.pending.append(self.format(session, time.time()) + self.tail)
             if len(self.pending) >= 256:
                 self.flush()
 
@@ -273,6 +272,22 @@ class Follower:
         loop.call_later(_POLL, self.poll, loop)
 
 
+class WorkerShare:
+    """A worker's ``Proxy.shared``: its pools count sessions in the shared table, read the status the
+    supervisor decides, forward their passive results to it, and follow its member lists."""
+
+    def __init__(self, table: SharedTable, worker: int) -> None:
+        self.table = table
+        self.worker = worker
+
+    def join(self, pools: Sequence[Pool]) -> None:
+        view, forward = WorkerView(self.table, self.worker), forwarder(self.table, self.worker)
+        for pool in pools:
+            pool.balancer.view = view
+            pool.forward = forward
+        Follower(self.table, self.worker, pools).poll(asyncio.get_running_loop())
+
+
 def _reload_probe_tls(pools: list[_HealthPool]) -> None:
     for pool in pools:
         if pool.config.tls is not None:
@@ -319,7 +334,7 @@ class Supervisor:
                 self._step()
         finally:
             self._stop()
-        log.info("all %d workers stopped", self.count)
+        log.info("all %d worker%s stopped", self.count, "" if self.count == 1 else "s")
         return 0
 
     def _step(self) -> None:
@@ -336,17 +351,21 @@ class Supervisor:
 
     def _on_signal(self, signo: int) -> None:
         if signo == signal.SIGHUP:
-            log.info("SIGHUP received: reloading TLS files in every worker")
-            self.health.reload.set()
+            if _uses_tls(self.config):
+                log.info("SIGHUP received: reloading TLS files in every worker")
+                self.health.reload.set()
+            else:
+                log.info("SIGHUP: no TLS configured, nothing to reload")
             self._forward(signal.SIGHUP)
         elif signo in (signal.SIGTERM, signal.SIGINT):
             self.signals += 1
             name = signal.Signals(signo).name
             if self.signals == 1:
                 log.info(
-                    "%s received: draining %d workers for up to %.1fs (again to force)",
+                    "%s received: draining %d worker%s for up to %.1fs (again to force)",
                     name,
                     self.count,
+                    "" if self.count == 1 else "s",
                     self.config.drain_timeout,
                 )
                 for slot in self.slots:
@@ -411,7 +430,7 @@ class Supervisor:
             _tag_logs(worker)
             stream = self.access_log.stream
             access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
-            code = self.run_worker(self.config, access, lambda proxy: self._prepare(proxy, worker))
+            code = self.run_worker(self.config, access, WorkerShare(self.table, worker))
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:
@@ -419,17 +438,6 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code)
-
-    def _prepare(self, proxy: Proxy, worker: int) -> None:
-        """Make a worker's Proxy use the shared table: global counts and status, the supervisor's
-        members, no probers."""
-        proxy.probers = []
-        proxy.resolvers = []  # the supervisor resolves; the table brings its answers
-        view, forward = WorkerView(self.table, worker), forwarder(self.table, worker)
-        for pool in proxy.pools.values():
-            pool.balancer.view = view
-            pool.forward = forward
-        Follower(self.table, worker, list(proxy.pools.values())).poll(asyncio.get_running_loop())
 
     def _stop(self) -> None:
         """Leaving (normally after the drain; on an error, with workers still running)."""
@@ -466,6 +474,10 @@ def _claim_addresses(config: Config) -> Config:
         address = listener.address if listener.address.port else Address(listener.address.host, port)
         listeners.append(dataclasses.replace(listener, address=address, reuse_port=True))
     return dataclasses.replace(config, listeners=tuple(listeners))
+
+
+def _uses_tls(config: Config) -> bool:
+    return any(c.tls is not None for c in config.listeners) or any(p.tls is not None for p in config.pools)
 
 
 def _describe(status: int) -> str:

@@ -38,7 +38,7 @@ from l4proxy.health import Event
 from l4proxy.proxy import Proxy
 from l4proxy.resolver import Resolver
 from l4proxy.table import FREE, RETIRED, SharedTable, WorkerView, forwarder
-from l4proxy.workers import HealthThread, Supervisor, _HealthPool, parse_workers
+from l4proxy.workers import HealthThread, Supervisor, WorkerShare, _HealthPool, parse_workers
 
 from .kit import (
     Handler,
@@ -229,8 +229,8 @@ async def test_sigterm_drains_every_worker_and_exits_zero(tmp_path: Path) -> Non
         writer.write(b"question")
         writer.write_eof()
         await eventually(lambda: server.active == 1)
-        proxy.proc.send_signal(signal.SIGHUP)  # forwarded: every worker reloads (no TLS here) and lives on
-        await proxy.wait_for("SIGHUP received")
+        proxy.proc.send_signal(signal.SIGHUP)  # forwarded: no TLS here, so nothing to reload; workers live on
+        await proxy.wait_for("SIGHUP: no TLS configured, nothing to reload")
         proxy.proc.send_signal(signal.SIGTERM)
         data = await asyncio.wait_for(reader.read(), 10)
         writer.close()
@@ -242,6 +242,7 @@ async def test_sigterm_drains_every_worker_and_exits_zero(tmp_path: Path) -> Non
     assert "SIGTERM received: draining 2 workers" in proxy.stderr
     assert proxy.count("exited with status 0") == 2 and "all 2 workers stopped" in proxy.stderr
     assert "Traceback" not in proxy.stderr and "was killed" not in proxy.stderr, proxy.stderr
+    assert "reloading TLS files" not in proxy.stderr
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -475,8 +476,8 @@ async def test_a_worker_follows_the_supervisors_update(tmp_path: Path) -> None:
         try:
             assert await asyncio.to_thread(supervisor.health.ready.wait, 5)
             log = RecordingLog()
-            proxy = Proxy(config, log)
-            supervisor._prepare(proxy, 0)
+            proxy = Proxy(config, log, shared=WorkerShare(supervisor.table, 0))
+            assert proxy.probers == []  # health is the supervisor's
             await proxy.start()
             try:
                 await _follow(supervisor, proxy, log, c)
