@@ -88,7 +88,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     digits = text[:-1] if scale > 1 else text
     if text.endswith("ib"):
         scale, digits = {"kib": 1024, "mib": 1024 * 1024}.get(text[-3:], 0), text[:-3]
-    if not digits.isdigit() or not scale:
+    # isdigit() alone lets '²' through to int(), which refuses it, as it refuses over 4300 digits
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18) or not scale:
         raise ConfigError("--buffer-size", value, "expected bytes such as 65536, 64k or 1m")
     return int(digits) * scale
 
