@@ -79,19 +79,14 @@ def _extra(before: dict[str, str]) -> int:
 
 
 def _settle(before: dict[str, str], runner: asyncio.Runner | None, timeout: float = 2.0) -> None:
-    """Give closing transports their loop iterations until the count is back (or ``timeout`` passed)."""
-
-    async def wait() -> None:
-        deadline = time.monotonic() + timeout
-        while _extra(before) > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-
-    if runner is not None:
-        runner.run(wait())
-        return
+    """Give closing transports their loop iterations until the count is back (or ``timeout`` passed).
+    Counted between runs of the loop: uvloop holds a socket pair for signals while it runs."""
     deadline = time.monotonic() + timeout
     while _extra(before) > 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+        if runner is not None:
+            runner.run(asyncio.sleep(0.01))
+        else:
+            time.sleep(0.01)
 
 
 @pytest.fixture(autouse=True)
