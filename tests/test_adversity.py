@@ -7,17 +7,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import socket
+import ssl
 import time
+from pathlib import Path
 
 import pytest
+import trustme
 
-from l4proxy import Address
+from l4proxy import Address, HealthConfig, UpstreamTLSConfig
 
 from .faults import Fault, FaultLink
-from .kit import ENGINES, connect, eventually, make_config, roundtrip, running, upstreams
+from .kit import ENGINES, connect, echo, eventually, make_config, roundtrip, running, upstreams
 
 HOSTS = ["127.0.0.1", "::1"]
 
@@ -187,3 +191,45 @@ async def test_stalls_and_dribbles_never_change_a_byte(relay: str) -> None:
     assert sorted(s.bytes_in for s in log.sessions) == sorted(sizes)
     assert sorted(s.bytes_out for s in log.sessions) == sorted(sizes)
     assert {s.end_cause for s in log.sessions} == {"eof"}
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_tls_probe_failures_are_told_apart_from_refused_and_timeout(
+    host: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Case 20, the TLS kind: with TLS origination, a member whose certificate is not trusted and a
+    member that does not speak TLS at all go DOWN with a ``tls:`` reason; the trusted one stays UP."""
+    caplog.set_level(logging.INFO, logger="l4proxy.health")
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+
+    def serving(authority: trustme.CA) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert(host).configure_cert(ctx)
+        return ctx
+
+    async def tls_echo(ctx: ssl.SSLContext) -> asyncio.Server:
+        return await asyncio.start_server(echo, host, 0, ssl=ctx)
+
+    good, untrusted = await tls_echo(serving(ca)), await tls_echo(serving(other))
+    try:
+        async with upstreams(1, host=host) as [plain]:
+            members = [Address(host, s.sockets[0].getsockname()[1]) for s in (good, untrusted)] + [plain.address]
+            probes = HealthConfig(enabled=True, interval=0.05, timeout=0.5, rise=1, fall=1)
+            config = make_config(members, Address(host, 0), health=probes,
+                                 upstream_tls=UpstreamTLSConfig(ca=str(tmp_path / "ca.pem")))
+            async with running(config) as (proxy, _):
+                pool = proxy.pools["default"]
+                await eventually(lambda: [m.health.status.name for m in pool.members] == ["UP", "DOWN", "DOWN"])
+    finally:
+        for server in (good, untrusted):
+            server.close()
+            await server.wait_closed()
+    reasons = {}
+    for record in caplog.records:
+        if record.name == "l4proxy.health" and " is DOWN: " in record.getMessage():
+            assert isinstance(record.args, tuple)
+            reasons[str(record.args[1])] = str(record.args[2])
+    assert set(reasons) == {str(members[1]), str(members[2])}
+    assert reasons[str(members[1])] == "check failed: tls: unable to get local issuer certificate"
+    assert reasons[str(members[2])].startswith("check failed: tls: ")  # an echo of our ClientHello
