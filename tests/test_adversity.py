@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import random
+import signal
 import socket
 import ssl
 import time
@@ -22,6 +23,7 @@ from l4proxy import Address, HealthConfig, UpstreamTLSConfig
 
 from .faults import Fault, FaultLink
 from .kit import ENGINES, connect, echo, eventually, make_config, roundtrip, running, upstreams
+from .servers import L4Proxy
 
 HOSTS = ["127.0.0.1", "::1"]
 
@@ -233,3 +235,39 @@ async def test_tls_probe_failures_are_told_apart_from_refused_and_timeout(
     assert set(reasons) == {str(members[1]), str(members[2])}
     assert reasons[str(members[1])] == "check failed: tls: unable to get local issuer certificate"
     assert reasons[str(members[2])].startswith("check failed: tls: ")  # an echo of our ClientHello
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sighup_under_live_tls_traffic_loses_no_connection_and_no_byte(tmp_path: Path, workers: str) -> None:
+    """Case 35 for the reload that exists (SIGHUP re-reads certificates; there is no config file yet):
+    TLS clients connecting in a loop through five SIGHUPs, with one and with two workers, are never
+    refused and get every byte back."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    async with upstreams(1) as [server]:
+        proxy = L4Proxy(tmp_path, ["--upstream", str(server.address), "--tls-cert", str(tmp_path / "server.pem"),
+                                   "--tls-key", str(tmp_path / "server.key"), "--workers", workers,
+                                   "--access-log", "off"])
+        await asyncio.to_thread(proxy.start)
+        try:
+            assert proxy.proc is not None
+            done = 0
+            for _ in range(5):
+                proxy.proc.send_signal(signal.SIGHUP)
+                for _ in range(10):
+                    payload = os.urandom(random.randint(1, 50_000))
+                    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, ssl=client_ctx,
+                                                                   server_hostname="localhost")
+                    writer.write(payload)
+                    assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
+                    writer.close()
+                    done += 1
+            assert proxy.terminate() == 0
+        finally:
+            proxy.kill()
+    assert done == 50
+    assert "TLS certificates and keys reloaded" in proxy.stderr and "Traceback" not in proxy.stderr
