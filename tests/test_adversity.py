@@ -24,17 +24,9 @@ from l4proxy import Address, HealthConfig, UpstreamTLSConfig
 from .faults import Fault, FaultLink
 from .kit import ENGINES, connect, echo, eventually, make_config, roundtrip, running, upstreams
 from .servers import L4Proxy
+from .test_timeouts import read_until_closed
 
 HOSTS = ["127.0.0.1", "::1"]
-
-
-async def read_until_end(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
-    """Everything the proxy sends until it closes; a reset counts as the end too."""
-    got = bytearray()
-    with contextlib.suppress(ConnectionError):
-        while data := await asyncio.wait_for(reader.read(65536), timeout):
-            got += data
-    return bytes(got)
 
 
 @pytest.mark.parametrize("relay", ENGINES)
@@ -87,7 +79,7 @@ async def test_upstream_cut_with_fin_delivers_every_byte_first(host: str, relay:
     ) as (proxy, log):
         reader, writer = await connect(proxy.port(), host)
         writer.write(payload)
-        got = await read_until_end(reader)
+        got = await read_until_closed(reader)
         writer.close()
         await log.wait_for(1)
     assert got == payload[:300_000]
@@ -106,7 +98,7 @@ async def test_upstream_rst_mid_stream_tears_the_client_down(host: str, relay: s
         reader, writer = await connect(proxy.port(), host)
         writer.write(os.urandom(200_000))
         started = time.monotonic()
-        got = await read_until_end(reader)
+        got = await read_until_closed(reader)
         assert time.monotonic() - started < 2.0
         writer.close()
         await log.wait_for(1)
@@ -154,7 +146,7 @@ async def test_member_that_accepts_and_never_answers_is_reaped_at_the_idle_timeo
         reader, writer = await connect(proxy.port())
         writer.write(b"anyone?")
         started = time.monotonic()
-        assert await read_until_end(reader) == b""
+        assert await read_until_closed(reader) == b""
         assert time.monotonic() - started < 3.0
         await log.wait_for(1)
         await eventually(lambda: link.active == 0 or link.relayed["up"] == 0)
