@@ -57,6 +57,7 @@ PROXY_FLAGS = ["--connect-timeout", "1s", "--retries", "2", "--health-interval",
                "--drain-timeout", "3s", "--tls-handshake-timeout", "2s", "--access-log", "off",
                "--log-level", "warning"]
 FD_SLACK = 40  # per process: up to 16 idle splice pipes (32 descriptors), and probes in flight
+MAX_ROUNDS = 1_000_000  # every loop also stops after this many rounds, whatever the clock says
 RSS_GROWTH = 1.5  # the end RSS may exceed the first half's peak by this factor (plus 16 MiB) at most
 
 
@@ -423,7 +424,9 @@ class Soak:
         """Run sessions of one kind, one after another, until the deadline."""
         proxy = self.proxies[proxy_name]
         tally = self.tallies[f"{proxy_name} {kind}"]
-        while self.running():
+        for _ in range(MAX_ROUNDS):
+            if not self.running():
+                break
             session = Session(next(self.ids), proxy, kind)
             try:
                 if kind == "rr":
@@ -475,14 +478,16 @@ class Soak:
                 return "upstream killed"
         if overlapping and session.received == 0:
             # killed before its first byte reached the upstream (or in a worker's accept queue)
-            return "killed before the first reply"
+            return "upstream or worker killed before the first reply"
         return ""
 
     # chaos
 
     async def chaos_loop(self) -> None:
         actions = [self.kill_echo, self.flap_echo, self.kill_redis, self.sighup, self.kill_worker]
-        while self.running():
+        for _ in range(MAX_ROUNDS):
+            if not self.running():
+                break
             await asyncio.sleep(self.rng.uniform(0.5, 1.5))
             if self.running():
                 await self.rng.choice(actions)()
@@ -544,7 +549,9 @@ class Soak:
 
     async def abuse_loop(self) -> None:
         kinds = [self.slowloris, self.garbage, self.half_open, self.never_reads, self.resets]
-        while self.running():
+        for _ in range(MAX_ROUNDS):
+            if not self.running():
+                break
             await asyncio.gather(*(kind() for kind in kinds), return_exceptions=True)
 
     async def slowloris(self) -> None:
@@ -600,7 +607,9 @@ class Soak:
     # the run
 
     async def sample_loop(self) -> None:
-        while self.running():
+        for _ in range(MAX_ROUNDS):
+            if not self.running():
+                break
             await asyncio.sleep(1.0)
             for proxy in self.proxies.values():
                 if proxy.alive():
