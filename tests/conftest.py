@@ -91,8 +91,9 @@ def _settle(before: dict[str, str], runner: asyncio.Runner | None, timeout: floa
 
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After a test that ran a Proxy: no live session, no task left on its loop but the test's own,
-    and no descriptor left open but the splice pool's idle pipes (which are counted in the message)."""
+    """After a test that ran a Proxy: no live or opening session, no sweeper, connect-deadline timer
+    or prober left, no task left on its loop, and no descriptor left open but the splice pool's idle
+    pipes (which are counted in the message)."""
     runner: asyncio.Runner | None = None
     if "_function_scoped_runner" in request.fixturenames:
         runner = request.getfixturevalue("_function_scoped_runner")
@@ -104,6 +105,11 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if not proxies:
         return
     problems = [f"{len(p.sessions)} sessions still live" for p in proxies if p.sessions]
+    problems += [f"{len(p._opening)} clients still opening" for p in proxies if p._opening]
+    problems += ["the sweeper timer still runs" for p in proxies if p._sweeper is not None]
+    problems += [f"{len(p.deadlines)} connect deadlines still armed" for p in proxies
+                 if hasattr(p, "deadlines") and (len(p.deadlines) or p.deadlines._timer is not None)]
+    problems += ["a health prober still runs" for p in proxies for prober in p.probers if prober.tasks]
     if runner is not None:
         tasks = [t for t in asyncio.all_tasks(runner.get_loop()) if not t.done()]
         problems += [f"task left running: {t!r}" for t in tasks]
