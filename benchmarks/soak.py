@@ -338,9 +338,13 @@ class Soak:
             proxy.sample_rss()
 
     async def stop(self) -> dict[str, int | None]:
-        for servers in self.echo.values():
-            for server in servers:
-                server.kill()
+        servers = [server for group in self.echo.values() for server in group]
+        for server in servers:
+            server.kill()
+        for _ in range(500):  # let the cut connections' handlers end (10 s at most) before the loop stops
+            if not any(server.held for server in servers):
+                break
+            await asyncio.sleep(0.02)
         for redis in self.redis:
             redis.kill()
         return {name: proxy.stop() for name, proxy in self.proxies.items()}
@@ -362,7 +366,7 @@ class Soak:
         reader, writer, session.client_port = await self.open(session.proxy, tls)
         try:
             if pipelined:
-                await asyncio.gather(self._send(session, writer, sizes), self._receive(session, reader, sizes))
+                await both(self._send(session, writer, sizes), self._receive(session, reader, sizes))
             else:
                 for seq, size in enumerate(sizes):
                     await self._send(session, writer, [size], first=seq)
@@ -371,7 +375,8 @@ class Soak:
                 writer.write_eof()
                 if await asyncio.wait_for(reader.read(1), STEP_TIMEOUT):
                     session.corrupted += 1  # bytes after the last echo
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+        except (TimeoutError, OSError, RuntimeError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            # uvloop raises RuntimeError when writing to a transport the peer's reset has closed
             raise Failed(type(exc).__name__) from exc
         finally:
             writer.close()
@@ -415,7 +420,7 @@ class Soak:
                     session.corrupted += 1
                 else:
                     session.received += len(got)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (TimeoutError, OSError, RuntimeError, asyncio.IncompleteReadError, ValueError) as exc:
             raise Failed(type(exc).__name__) from exc
         finally:
             writer.close()
@@ -622,7 +627,8 @@ class Soak:
         lanes += [("workers", "rr")] * 2 + [("workers", "bulk")] + [("workers", "churn")] * 2
         lanes += [("redis", "redis")] * 3 + [("tls", "rr")] * 2 + [("tls", "bulk")]
         background = [asyncio.ensure_future(c) for c in (self.chaos_loop(), self.abuse_loop(), self.sample_loop())]
-        await asyncio.gather(*(self.lane(p, k) for p, k in lanes))
+        crashed = [r for r in await asyncio.gather(*(self.lane(p, k) for p, k in lanes), return_exceptions=True)
+                   if isinstance(r, BaseException)]
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -633,7 +639,7 @@ class Soak:
         tracebacks = {name: p.stderr_path.read_text().count("Traceback") for name, p in self.proxies.items()}
         alive = {name: p.alive() for name, p in self.proxies.items()}
         statuses = await self.stop()
-        return self.report(fds_end, tracebacks, alive, statuses)
+        return self.report(fds_end, tracebacks, alive, statuses, crashed)
 
     async def settled_fds(self, timeout: float = 10.0) -> dict[str, int]:
         """Each proxy's descriptors once the clients are gone (sessions end, idle clients time out)."""
@@ -647,8 +653,8 @@ class Soak:
             await asyncio.sleep(0.2)
 
     def report(self, fds_end: dict[str, int], tracebacks: dict[str, int], alive: dict[str, bool],
-               statuses: dict[str, int | None]) -> int:
-        problems: list[str] = []
+               statuses: dict[str, int | None], crashed: list[BaseException]) -> int:
+        problems = [f"a traffic lane of the soak itself crashed: {exc!r}" for exc in crashed]
         lines = [f"soak: {self.args.duration:.0f}s, seed {self.args.seed}", "",
                  f"{'traffic':<16}{'sessions':>9}{'MiB sent':>10}{'MiB back':>10}{'lost B':>8}{'corrupt':>8}"
                  f"{'mismatch':>9}{'expected':>9}{'unexpected':>11}"]
@@ -699,6 +705,20 @@ class Soak:
         lines += ["", "result: " + ("PASS" if not problems else "FAIL"), *(f"  - {p}" for p in problems)]
         print("\n".join(lines), flush=True)
         return 1 if problems else 0
+
+
+async def both(*steps: Any) -> None:
+    """Run ``steps`` together; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
 
 
 def resp(*parts: bytes) -> bytes:
