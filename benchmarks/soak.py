@@ -44,6 +44,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,9 @@ LINGER_RST = struct.pack("ii", 1, 0)
 STEP_TIMEOUT = 15.0  # the longest any one read, write or connect may take before the session fails
 PROXY_FLAGS = ["--connect-timeout", "1s", "--retries", "2", "--health-interval", "300ms", "--health-timeout",
                "300ms", "--rise", "2", "--fall", "2", "--idle-timeout", "8s", "--half-closed-timeout", "3s",
-               "--drain-timeout", "3s", "--tls-handshake-timeout", "2s", "--access-log", "off",
-               "--log-level", "warning"]
+               "--drain-timeout", "3s", "--tls-handshake-timeout", "2s", "--log-level", "warning"]
 FD_SLACK = 40  # per process: up to 16 idle splice pipes (32 descriptors), and probes in flight
+CALM = 2.0  # seconds a pool's members must all have been in service before the chaos takes one out
 MAX_ROUNDS = 1_000_000  # every loop also stops after this many rounds, whatever the clock says
 RSS_GROWTH = 1.5  # the end RSS may exceed the first half's peak by this factor (plus 16 MiB) at most
 
@@ -74,12 +75,17 @@ class EchoServer:
         self.server: asyncio.Server | None = None
         self.held: dict[asyncio.StreamWriter, int | None] = {}
         self.kills = 0
+        self.back_at = 0.0  # when it last started listening
 
     async def start(self) -> EchoServer:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self.tls,
                                                  reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
+        self.back_at = time.monotonic()
         return self
+
+    def in_service(self) -> bool:
+        return self.server is not None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.held[writer] = None
@@ -126,6 +132,10 @@ class Redis:
         self.workdir, self.port = workdir, port
         self.proc: subprocess.Popen[bytes] | None = None
         self.kills: list[float] = []
+        self.back_at = 0.0
+
+    def in_service(self) -> bool:
+        return self.proc is not None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -133,6 +143,7 @@ class Redis:
              "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_listening(self.port)
+        self.back_at = time.monotonic()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -153,6 +164,8 @@ class Proxy:
         self.args = [sys.executable, "-m", "l4proxy", "--listen", f"127.0.0.1:{self.port}",
                      "--upstream", ",".join(f"127.0.0.1:{p}" for p in upstreams), *PROXY_FLAGS, *extra]
         self.stderr_path = workdir / f"{name}.stderr"
+        self.access_path = workdir / f"{name}.access"
+        self.args += ["--access-log", str(self.access_path)]  # read to explain unexpected failures
         self.proc: subprocess.Popen[bytes] | None = None
         self.rss: list[int] = []
         self.fds_start = 0
@@ -189,6 +202,13 @@ class Proxy:
                 self.proc.wait(10)
                 return None
         return self.proc.returncode
+
+
+def calm(members: list[Any]) -> bool:
+    """Every member of a pool in service, and long enough for its health checks to have seen it
+    (rise 2 x 300 ms, with jitter): the chaos takes out one member at a time, never the whole pool."""
+    now = time.monotonic()
+    return all(m.in_service() and now - m.back_at >= CALM for m in members)
 
 
 def children(pid: int) -> list[int]:
@@ -297,6 +317,7 @@ class Soak:
         self.echo: dict[str, list[EchoServer]] = {}
         self.redis: list[Redis] = []
         self.client_tls: ssl.SSLContext | None = None
+        self.unexplained: list[tuple[Session, float]] = []  # unexpected failures, with their wall time
 
     # set-up
 
@@ -355,10 +376,14 @@ class Soak:
         return time.monotonic() < self.deadline
 
     async def open(self, proxy: Proxy, tls: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", proxy.port, ssl=self.client_tls if tls else None,
-                                    server_hostname="localhost" if tls else None), STEP_TIMEOUT)
-        return reader, writer, writer.get_extra_info("sockname")[1]
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", proxy.port, ssl=self.client_tls if tls else None,
+                                        server_hostname="localhost" if tls else None), STEP_TIMEOUT)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            raise Failed(f"connect: {type(exc).__name__}") from exc
+        sockname = writer.get_extra_info("sockname")  # None once a reset has closed the transport
+        return reader, writer, sockname[1] if sockname else 0
 
     async def framed(self, session: Session, sizes: list[int], pipelined: bool, tls: bool = False) -> None:
         """Send one frame per size and check each echo, whole and in order; end with a half-close (plain)
@@ -467,6 +492,7 @@ class Soak:
             tally.expected[cause] += 1
         else:
             tally.unexpected.append(f"session {session.id} on {session.proxy.name} ({session.kind}): {failure}")
+            self.unexplained.append((session, time.time()))
 
     def expected_cause(self, session: Session) -> str:
         """Why the chaos, not the proxy, ended this session; '' when nothing explains it."""
@@ -500,8 +526,8 @@ class Soak:
     async def kill_echo(self) -> None:
         name = self.rng.choice(["plain", "workers"])
         server = self.rng.choice(self.echo[name])
-        if server.server is None:
-            return  # already down (flapping)
+        if not calm(self.echo[name]):
+            return
         self.proxies[name].kill_times.append(time.monotonic())
         self.chaos["echo server killed"] += 1
         self.chaos["sessions cut by echo kills"] += server.kill()
@@ -511,7 +537,7 @@ class Soak:
     async def flap_echo(self) -> None:
         name = self.rng.choice(["plain", "tls"])
         server = self.rng.choice(self.echo[name])
-        if server.server is None:
+        if not calm(self.echo[name]):
             return
         server.stop_listening()  # probes fail: DOWN after --fall; held sessions carry on
         self.chaos["health flapped"] += 1
@@ -519,10 +545,9 @@ class Soak:
         await server.start()
 
     async def kill_redis(self) -> None:
-        live = [r for r in self.redis if r.proc is not None]
-        if len(live) < 2:
+        if not calm(self.redis):
             return
-        redis = self.rng.choice(live)
+        redis = self.rng.choice(self.redis)
         killed = time.monotonic()
         self.proxies["redis"].kill_times.append(killed)
         redis.kills.append(killed)
@@ -652,6 +677,18 @@ class Soak:
                 return counts
             await asyncio.sleep(0.2)
 
+    def explain(self) -> list[str]:
+        """Up to 20 unexpected failures, each with the end cause of the nearest access-log line for its port."""
+        logs = {name: access_ends(p.access_path) for name, p in self.proxies.items()}
+        out = []
+        for session, failed_at in self.unexplained[:20]:
+            candidates = logs[session.proxy.name].get(session.client_port, [])
+            nearest = min(candidates, key=lambda c: abs(c[0] - failed_at), default=None)
+            cause = nearest[1] if nearest and abs(nearest[0] - failed_at) < 5 else "no access-log line"
+            out.append(f"session {session.id} on {session.proxy.name} ({session.kind}) from port "
+                       f"{session.client_port}: {cause}")
+        return out
+
     def report(self, fds_end: dict[str, int], tracebacks: dict[str, int], alive: dict[str, bool],
                statuses: dict[str, int | None], crashed: list[BaseException]) -> int:
         problems = [f"a traffic lane of the soak itself crashed: {exc!r}" for exc in crashed]
@@ -702,6 +739,9 @@ class Soak:
             problems.append(f"{len(total.unexpected)} unexpected failures: " + "; ".join(total.unexpected[:10]))
         if total.sessions == 0:
             problems.append("no session ran")
+        if self.unexplained:
+            lines += ["", "unexpected failures, as the proxy's access log ended them:",
+                      *(f"  {line}" for line in self.explain())]
         lines += ["", "result: " + ("PASS" if not problems else "FAIL"), *(f"  - {p}" for p in problems)]
         print("\n".join(lines), flush=True)
         return 1 if problems else 0
@@ -719,6 +759,19 @@ async def both(*steps: Any) -> None:
     for outcome in outcomes:
         if isinstance(outcome, Exception):
             raise outcome
+
+
+def access_ends(path: Path) -> dict[int, list[tuple[float, str]]]:
+    """Client port -> [(wall time, end cause)] from an access log."""
+    ends: dict[int, list[tuple[float, str]]] = defaultdict(list)
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            match = re.match(r'(\S+) client=\S+:(\d+) .*end=("[^"]*"|\S+)', line)
+            if match:
+                with contextlib.suppress(ValueError):
+                    stamp = datetime.fromisoformat(match.group(1).replace("Z", "+00:00")).timestamp()
+                    ends[int(match.group(2))].append((stamp, match.group(3)))
+    return ends
 
 
 def resp(*parts: bytes) -> bytes:
