@@ -54,7 +54,7 @@ HEADER = struct.Struct("!IIII")  # session id, sequence number, body length, CRC
 LINGER_RST = struct.pack("ii", 1, 0)
 STEP_TIMEOUT = 15.0  # the longest any one read, write or connect may take before the session fails
 PROXY_FLAGS = ["--connect-timeout", "1s", "--retries", "2", "--health-interval", "300ms", "--health-timeout",
-               "300ms", "--rise", "2", "--fall", "2", "--idle-timeout", "8s", "--half-closed-timeout", "3s",
+               "1s", "--rise", "2", "--fall", "2", "--idle-timeout", "8s", "--half-closed-timeout", "3s",
                "--drain-timeout", "3s", "--tls-handshake-timeout", "2s", "--log-level", "warning"]
 FD_SLACK = 40  # per process: up to 16 idle splice pipes (32 descriptors), and probes in flight
 CALM = 2.0  # seconds a pool's members must all have been in service before the chaos takes one out
@@ -678,16 +678,15 @@ class Soak:
             await asyncio.sleep(0.2)
 
     def explain(self) -> list[str]:
-        """Up to 20 unexpected failures, each with the end cause of the nearest access-log line for its port."""
+        """Unexpected failures counted by the end cause of the nearest access-log line for the client's port."""
         logs = {name: access_ends(p.access_path) for name, p in self.proxies.items()}
-        out = []
-        for session, failed_at in self.unexplained[:20]:
+        causes: Counter[str] = Counter()
+        for session, failed_at in self.unexplained[:10000]:
             candidates = logs[session.proxy.name].get(session.client_port, [])
             nearest = min(candidates, key=lambda c: abs(c[0] - failed_at), default=None)
-            cause = nearest[1] if nearest and abs(nearest[0] - failed_at) < 5 else "no access-log line"
-            out.append(f"session {session.id} on {session.proxy.name} ({session.kind}) from port "
-                       f"{session.client_port}: {cause}")
-        return out
+            cause = nearest[1] if nearest and abs(nearest[0] - failed_at) < 5 else "no access-log line for the port"
+            causes[f"{session.proxy.name} {session.kind}: {cause}"] += 1
+        return [f"{count:>6}  {cause}" for cause, count in causes.most_common()]
 
     def report(self, fds_end: dict[str, int], tracebacks: dict[str, int], alive: dict[str, bool],
                statuses: dict[str, int | None], crashed: list[BaseException]) -> int:
@@ -720,8 +719,9 @@ class Soak:
             rss = proxy.rss or [0]
             start, peak, end = rss[0] / 1024, max(rss) / 1024, rss[-1] / 1024
             first_half_peak = max(rss[: max(1, len(rss) // 2)]) / 1024
+            quarters = "/".join(f"{rss[min(len(rss) - 1, len(rss) * q // 4)] / 1024:.0f}" for q in (1, 2, 3))
             lines.append(f"{name:<9}{start:>10.1f}{peak:>8.1f}{end:>8.1f}    {proxy.fds_start:>11}{fds_end[name]:>6}"
-                         f"  {statuses[name]}")
+                         f"  {statuses[name]}    RSS at 1/4, 1/2, 3/4: {quarters} MiB")
             if end > first_half_peak * RSS_GROWTH + 16:
                 problems.append(f"{name}: RSS grew from {first_half_peak:.1f} MiB (first half's peak) to {end:.1f}")
             if fds_end[name] > proxy.fds_start + FD_SLACK:
