@@ -539,6 +539,7 @@ class Soak:
         server = self.rng.choice(self.echo[name])
         if not calm(self.echo[name]):
             return
+        self.proxies[name].kill_times.append(time.monotonic())  # the kernel resets connections still queued
         server.stop_listening()  # probes fail: DOWN after --fall; held sessions carry on
         self.chaos["health flapped"] += 1
         await asyncio.sleep(self.rng.uniform(0.8, 2.0))
