@@ -84,7 +84,7 @@ def _text(text: str, path: str, _earlier: Mapping[str, Any]) -> str:
 
 def _whole(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
     digits = text.strip().removeprefix("-")
-    if not (digits.isascii() and digits.isdigit()):
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):  # int() refuses over 4300 digits
         raise ConfigError(path, text, "expected a whole number")
     return int(text)
 
@@ -95,7 +95,7 @@ def _size(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
     digits = lowered[:-1] if scale > 1 else lowered
     if lowered.endswith("ib"):
         scale, digits = {"kib": 1024, "mib": 1024 * 1024}.get(lowered[-3:], 0), lowered[:-3]
-    if not (digits.isascii() and digits.isdigit()) or not scale:
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18) or not scale:
         raise ConfigError(path, text, "expected bytes such as 65536, 64k or 1m")
     return int(digits) * scale
 

@@ -11,6 +11,7 @@ Nothing here touches sockets or the event loop.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -30,14 +31,17 @@ def parse_duration(text: str, field_name: str) -> float:
     match = _DURATION.match(text)
     if not match:
         raise ConfigError(field_name, text, "expected a duration such as 250ms, 5s, 1m, 1h or 2.5")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):  # hundreds of digits overflow to inf: no wait may be infinite
+        raise ConfigError(field_name, text, "is too large")
+    return seconds
 
 
 def _parse_port(text: str, whole: str, field_name: str) -> int:
     digits = text[1:] if text.startswith("-") else text
     if not (digits.isascii() and digits.isdigit()):  # str.isdigit alone accepts '²', which int() rejects
         raise ConfigError(field_name, whole, f"port {text!r} is not a number")
-    port = int(text)
+    port = int(text) if len(text) <= 5 else 0  # int() refuses over 4300 digits with a ValueError
     if not 1 <= port <= 65535:
         raise ConfigError(field_name, whole, "port must be 1..65535")
     return port

@@ -94,7 +94,7 @@ def parse_workers(text: str, field_name: str = "--workers") -> int:
     value = text.strip().lower()
     if value == "auto":
         return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WORKERS:
+    if not (value.isascii() and value.isdigit() and len(value) <= 3) or not 1 <= int(value) <= MAX_WORKERS:
         raise ConfigError(field_name, text, f"expected a number of processes from 1 to {MAX_WORKERS}, or 'auto'")
     return int(value)
 
