@@ -17,12 +17,9 @@ import re
 import signal
 import socket
 import socketserver
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,31 +29,13 @@ from l4proxy.cli import GROUPS, OPTIONS, build_config, command, flagged, option_
 from l4proxy.config import Service
 from l4proxy.errors import ConfigError
 
-COMMAND = [sys.executable, "-m", "l4proxy"]
+from ..servers import Command, free_port, run_command
+
 HOSTS = ["127.0.0.1", "::1"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=20, check=False)
 
 
 def bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def free_port(host: str) -> int:
-    """A port nothing listens on right now (bound, read, closed): the proxy must be told its port."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout}s")
-        time.sleep(0.01)
 
 
 # --- user mistakes ---------------------------------------------------------------------------------
@@ -148,12 +127,12 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_user_mistake_is_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = run_cli(*args)
+    result = run_command(*args)
     assert (result.returncode, result.stderr, result.stdout) == (2, f"l4proxy: error: {message}\n", "")
 
 
 def test_access_log_that_is_a_directory(tmp_path: Path) -> None:
-    result = run_cli("--listen", "127.0.0.1:6379", "--upstream", "a", "--access-log", str(tmp_path))
+    result = run_command("--listen", "127.0.0.1:6379", "--upstream", "a", "--access-log", str(tmp_path))
     assert (result.returncode, result.stderr) == (2, f"l4proxy: error: --access-log '{tmp_path}': Is a directory\n")
 
 
@@ -164,7 +143,7 @@ def test_address_in_use_is_one_line_and_exit_1(host: str) -> None:
         taken.bind((host, 0))
         taken.listen()
         address = f"{bracket(host)}:{taken.getsockname()[1]}"
-        result = run_cli("--listen", address, "--upstream", "127.0.0.1:1", "--access-log", "off")
+        result = run_command("--listen", address, "--upstream", "127.0.0.1:1", "--access-log", "off")
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -173,14 +152,14 @@ def test_address_in_use_is_one_line_and_exit_1(host: str) -> None:
 
 
 def test_help_lists_every_flag() -> None:
-    result = run_cli("--help")
+    result = run_command("--help")
     assert (result.returncode, result.stderr) == (0, "")
     flags = [opt for param in command.params for opt in param.opts if opt.startswith("--")]
     assert len(flags) >= 18
     missing = [flag for flag in flags if not re.search(rf"(^|[\s,]){re.escape(flag)}\b", result.stdout)]
     assert missing == []
     assert "Usage: l4proxy [OPTIONS]" in result.stdout
-    assert run_cli("-h").stdout == result.stdout
+    assert run_command("-h").stdout == result.stdout
 
 
 # --- running it ------------------------------------------------------------------------------------
@@ -218,53 +197,16 @@ def echo_server(host: str) -> Iterator[str]:
         thread.join(5)
 
 
-@dataclass
-class Running:
-    process: subprocess.Popen[bytes]
-    host: str
-    port: int
-    stdout: Path
-    stderr: Path
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
-    def wait(self, timeout: float) -> tuple[int, float]:
-        """Exit code and seconds waited."""
-        started = time.monotonic()
-        code = self.process.wait(timeout)
-        return code, time.monotonic() - started
-
-    def err(self) -> str:
-        return self.stderr.read_text()
-
-    def out(self) -> str:
-        return self.stdout.read_text()
-
-    def connect(self) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout=5)
+def running_proxy(host: str, upstream: str, *extra: str) -> Command:
+    """The command on ``host``, its access log on stdout; a ``with`` starts it and kills what is left."""
+    return Command("--upstream", upstream, "--access-log", "-", *extra, host=host)
 
 
-@contextlib.contextmanager
-def running_proxy(tmp_path: Path, host: str, upstream: str, *extra: str) -> Iterator[Running]:
-    """The command, started and ready (it logged 'listening on'); killed if the test leaves it running."""
-    port = free_port(host)
-    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(
-            [*COMMAND, "--listen", f"{bracket(host)}:{port}", "--upstream", upstream, "--access-log", "-", *extra],
-            stdout=out,
-            stderr=err,
-        )
-    run = Running(process, host, port, stdout, stderr)
-    try:
-        wait_until(lambda: "listening on" in run.err() or process.poll() is not None, 10, "start-up")
-        assert process.poll() is None, run.err()
-        yield run
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
+def timed_wait(proxy: Command, timeout: float) -> tuple[int, float]:
+    """Exit code and seconds waited."""
+    started = time.monotonic()
+    code = proxy.wait(timeout)
+    return code, time.monotonic() - started
 
 
 def access_records(text: str) -> list[dict[str, str]]:
@@ -284,9 +226,9 @@ def exchange(client: socket.socket, payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("host", HOSTS)
-def test_relays_logs_exact_counts_and_exits_0_on_sigterm(tmp_path: Path, host: str) -> None:
+def test_relays_logs_exact_counts_and_exits_0_on_sigterm(host: str) -> None:
     payload = os.urandom(200_000)
-    with echo_server(host) as upstream, running_proxy(tmp_path, host, upstream, "--drain-timeout", "5s") as proxy:
+    with echo_server(host) as upstream, running_proxy(host, upstream, "--drain-timeout", "5s") as proxy:
         with proxy.connect() as client:
             client_address = client.getsockname()
             client.sendall(payload)
@@ -296,51 +238,51 @@ def test_relays_logs_exact_counts_and_exits_0_on_sigterm(tmp_path: Path, host: s
                 echoed.extend(chunk)
         assert bytes(echoed) == payload
         proxy.signal(signal.SIGTERM)
-        code, waited = proxy.wait(5)
+        code, waited = timed_wait(proxy, 5)
     assert code == 0 and waited < 5
-    [record] = access_records(proxy.out())
+    [record] = access_records(proxy.stdout)
     assert record["client"] == f"{bracket(host)}:{client_address[1]}"
     assert (record["upstream"], record["in"], record["out"], record["end"]) == (
         upstream, str(len(payload)), str(len(payload)), "eof"
     )
     assert re.fullmatch(r"\d+\.\d{3}s", record["duration"])
-    err = proxy.err()
+    err = proxy.stderr
     assert "Traceback" not in err and "stopped after 1 sessions" in err
 
 
-def test_sigint_drains_like_sigterm(tmp_path: Path) -> None:
-    with echo_server("127.0.0.1") as upstream, running_proxy(tmp_path, "127.0.0.1", upstream) as proxy:
+def test_sigint_drains_like_sigterm() -> None:
+    with echo_server("127.0.0.1") as upstream, running_proxy("127.0.0.1", upstream) as proxy:
         proxy.signal(signal.SIGINT)
-        code, _ = proxy.wait(5)
+        code, _ = timed_wait(proxy, 5)
     assert code == 0
-    assert "SIGINT received" in proxy.err() and "Traceback" not in proxy.err()
-    assert proxy.out() == ""
+    assert "SIGINT received" in proxy.stderr and "Traceback" not in proxy.stderr
+    assert proxy.stdout == ""
 
 
-def test_drain_stops_accepting_and_lets_open_sessions_finish(tmp_path: Path) -> None:
+def test_drain_stops_accepting_and_lets_open_sessions_finish() -> None:
     """Case 32: after SIGTERM a live session keeps working; the process exits once it ends."""
     host = "127.0.0.1"
-    with echo_server(host) as upstream, running_proxy(tmp_path, host, upstream, "--drain-timeout", "30s") as proxy:
+    with echo_server(host) as upstream, running_proxy(host, upstream, "--drain-timeout", "30s") as proxy:
         with proxy.connect() as client:
             assert exchange(client, b"before") == b"before"
             proxy.signal(signal.SIGTERM)
-            wait_until(lambda: "draining 1 session for up to" in proxy.err(), 5, "drain log line")
+            proxy.wait_log("draining 1 session for up to", timeout=5)
             with pytest.raises(ConnectionRefusedError):
                 proxy.connect().close()
             assert exchange(client, b"during drain") == b"during drain"
-            assert proxy.process.poll() is None
-        code, waited = proxy.wait(5)  # the client closed: the drain ends long before 30 s
+            assert proxy.poll() is None
+        code, waited = timed_wait(proxy, 5)  # the client closed: the drain ends long before 30 s
     assert code == 0 and waited < 5
-    [record] = access_records(proxy.out())
+    [record] = access_records(proxy.stdout)
     assert (record["in"], record["out"]) == ("18", "18")
-    assert "Traceback" not in proxy.err()
+    assert "Traceback" not in proxy.stderr
 
 
-def test_drain_deadline_closes_what_is_left(tmp_path: Path) -> None:
+def test_drain_deadline_closes_what_is_left() -> None:
     host = "127.0.0.1"
     with (
         echo_server(host) as upstream,
-        running_proxy(tmp_path, host, upstream, "--drain-timeout", "0.5s") as proxy,
+        running_proxy(host, upstream, "--drain-timeout", "0.5s") as proxy,
         proxy.connect() as client,
     ):
         assert exchange(client, b"idle") == b"idle"
@@ -348,47 +290,47 @@ def test_drain_deadline_closes_what_is_left(tmp_path: Path) -> None:
         proxy.signal(signal.SIGTERM)
         assert client.recv(100) == b""  # closed by the proxy at the deadline
         closed_after = time.monotonic() - sent
-        code, _ = proxy.wait(5)
+        code, _ = timed_wait(proxy, 5)
     assert code == 0
     assert 0.4 <= closed_after < 3
-    [record] = access_records(proxy.out())
+    [record] = access_records(proxy.stdout)
     assert (record["in"], record["out"], record["end"]) == ("4", "4", "shutdown")
-    assert "Traceback" not in proxy.err()
+    assert "Traceback" not in proxy.stderr
 
 
-def test_second_sigterm_forces_exit_during_drain(tmp_path: Path) -> None:
+def test_second_sigterm_forces_exit_during_drain() -> None:
     """Cases 9 and 32: a second signal closes open sessions at once, cleanly."""
     host = "127.0.0.1"
     with (
         echo_server(host) as upstream,
-        running_proxy(tmp_path, host, upstream, "--drain-timeout", "30s") as proxy,
+        running_proxy(host, upstream, "--drain-timeout", "30s") as proxy,
         proxy.connect() as client,
     ):
         assert exchange(client, b"hello") == b"hello"
         proxy.signal(signal.SIGTERM)
-        wait_until(lambda: "draining 1 session for up to" in proxy.err(), 5, "drain log line")
-        time.sleep(0.2)
-        assert proxy.process.poll() is None  # still draining: the session is open
+        proxy.wait_log("draining 1 session for up to", timeout=5)
+        time.sleep(0.2)  # the behaviour under test: the drain holds the process while the session is open
+        assert proxy.poll() is None
         proxy.signal(signal.SIGTERM)
-        code, waited = proxy.wait(3)
+        code, waited = timed_wait(proxy, 3)
         with contextlib.suppress(ConnectionResetError):
             assert client.recv(100) == b""
     assert code == 0 and waited < 3
-    [record] = access_records(proxy.out())
+    [record] = access_records(proxy.stdout)
     assert (record["in"], record["out"], record["end"]) == ("5", "5", "forced_shutdown")
-    assert "Traceback" not in proxy.err()
+    assert "Traceback" not in proxy.stderr
 
 
 # --- the option table, help and version --------------------------------------------------------------
 
 
 def test_version() -> None:
-    result = run_cli("--version")
+    result = run_command("--version")
     assert (result.returncode, result.stdout, result.stderr) == (0, f"l4proxy {__version__}\n", "")
 
 
 def test_help_shows_the_groups_in_order_then_syntax_and_exit_codes() -> None:
-    out = run_cli("--help").stdout
+    out = run_command("--help").stdout
     titles = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
     assert titles == [
         *GROUPS.values(),
@@ -479,8 +421,8 @@ def test_every_option_path_is_a_distinct_place_in_the_tree() -> None:
 
 
 def test_a_member_that_is_the_proxy_itself_is_refused() -> None:
-    port = free_port("127.0.0.1")
-    result = run_cli("--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1", "--access-log", "off")
+    port = free_port()
+    result = run_command("--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1", "--access-log", "off")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
         f"l4proxy: error: --upstream '127.0.0.1:{port}': is this proxy's own listen address 127.0.0.1:{port}:"
@@ -489,8 +431,8 @@ def test_a_member_that_is_the_proxy_itself_is_refused() -> None:
 
 
 def test_a_name_that_resolves_to_a_wildcard_listen_address_is_refused() -> None:
-    port = free_port("127.0.0.1")
-    result = run_cli("--listen", f":{port}", "--upstream", f"127.0.0.1:1,localhost:{port}", "--access-log", "off")
+    port = free_port()
+    result = run_command("--listen", f":{port}", "--upstream", f"127.0.0.1:1,localhost:{port}", "--access-log", "off")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
         f"l4proxy: error: --upstream 'localhost:{port}': resolves to 127.0.0.1, which is this proxy's own listen"
@@ -501,19 +443,19 @@ def test_a_name_that_resolves_to_a_wildcard_listen_address_is_refused() -> None:
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
-def test_a_member_listed_twice_is_a_warning_and_used_once(tmp_path: Path) -> None:
+def test_a_member_listed_twice_is_a_warning_and_used_once() -> None:
     """Also: every diagnostic line carries the access log's time stamp."""
     host = "127.0.0.1"
-    with echo_server(host) as upstream, running_proxy(tmp_path, host, f"{upstream},{upstream}") as proxy:
+    with echo_server(host) as upstream, running_proxy(host, f"{upstream},{upstream}") as proxy:
         with proxy.connect() as client:
             assert exchange(client, b"once") == b"once"
         proxy.signal(signal.SIGTERM)
-        code, _ = proxy.wait(5)
+        code, _ = timed_wait(proxy, 5)
     assert code == 0
-    lines = proxy.err().splitlines()
-    assert f"WARNING l4proxy: --upstream: {upstream} is listed 2 times; it is used once" in proxy.err()
+    lines = proxy.stderr.splitlines()
+    assert f"WARNING l4proxy: --upstream: {upstream} is listed 2 times; it is used once" in proxy.stderr
     assert all(re.match(rf"{STAMP} (DEBUG|INFO|WARNING|ERROR) l4proxy", line) for line in lines), lines
-    [record] = access_records(proxy.out())
+    [record] = access_records(proxy.stdout)
     assert (record["upstream"], record["out"]) == (upstream, "4")
 
 
@@ -535,7 +477,7 @@ def test_a_member_listed_twice_is_a_warning_and_used_once(tmp_path: Path) -> Non
     ],
 )  # fmt: skip
 def test_health_check_flags_that_cannot_take_effect(args: list[str], message: str) -> None:
-    result = run_cli("--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", *args)
+    result = run_command("--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", *args)
     assert (result.returncode, result.stderr) == (2, f"l4proxy: error: {message}\n")
 
 
@@ -554,7 +496,7 @@ def test_bad_credentials_files_are_start_up_errors_naming_the_file(
     path = tmp_path / "credentials"
     if text is not None:
         path.write_text(text)
-    port = free_port("127.0.0.1")
-    result = run_cli("--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:2", "--health-check", kind,
+    port = free_port()
+    result = run_command("--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:2", "--health-check", kind,
                      "--health-auth", str(path))  # fmt: skip
     assert (result.returncode, result.stderr) == (2, f"l4proxy: error: --health-auth '{path}': {problem}\n")

@@ -16,17 +16,11 @@ import pytest
 from l4proxy.cli import load_file
 from l4proxy.configfile import ConfigFileError
 
-from ..servers import RedisServer, free_port, redis_cli, wait_until
+from ..servers import ROOT, Command, RedisServer, free_port, redis_cli, run_command, started
 from .test_tls import Certs, tls_ping, tls_redis
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "l4proxy.toml"
 PORTS = ("7000", "7443", "7100", "7001", "7002", "7101")  # the example's: each gets a free one
-COMMAND = [sys.executable, "-m", "l4proxy"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, timeout=30, check=False)
 
 
 @pytest.fixture
@@ -46,11 +40,11 @@ def example(tmp_path: Path) -> tuple[Path, dict[str, int]]:
 
 def test_check_prints_a_configuration_that_checks_to_the_same_config(example: tuple[Path, dict[str, int]]) -> None:
     path, _ports = example
-    first = run_cli("check", "--config", str(path))
+    first = run_command("check", "--config", str(path))
     assert (first.returncode, first.stderr) == (0, ""), first.stderr
     printed = path.parent / "printed.toml"
     printed.write_text(first.stdout)
-    again = run_cli("check", "--config", str(printed))
+    again = run_command("check", "--config", str(printed))
     assert (again.returncode, again.stdout, again.stderr) == (0, first.stdout, "")
     assert load_file(str(printed)) == load_file(str(path))
 
@@ -61,32 +55,16 @@ def test_the_example_serves_all_three_listeners(example: tuple[Path, dict[str, i
     members = [RedisServer(tmp_path, port=ports[p]) for p in ("7001", "7002")]
     vault = tls_redis(tmp_path, certs, port=ports["7101"])
     access = tmp_path / "access.log"
-    err, out = tmp_path / "stderr", tmp_path / "stdout"
-    try:
-        for server in (*members, vault):
-            server.start()
-        with err.open("wb") as err_file, out.open("wb") as out_file:
-            proxy = subprocess.Popen([*COMMAND, "--config", str(path), "--access-log", str(access)],
-                                     stdout=out_file, stderr=err_file)  # fmt: skip
-        try:
-            wait_until(lambda: err.read_text().count("listening on") == 3 or proxy.poll() is not None)
-            assert proxy.poll() is None, err.read_text()
-            assert redis_cli(ports["7000"], "PING") == "PONG"  # plain
-            assert tls_ping(ports["7443"], certs["ca.pem"]) == b"+PONG\r\n"  # TLS terminated
-            assert redis_cli(ports["7100"], "PING") == "PONG"  # TLS originated to the TLS-only redis
-            proxy.terminate()
-            assert proxy.wait(15) == 0, err.read_text()
-        finally:
-            if proxy.poll() is None:
-                proxy.kill()
-                proxy.wait(5)
-    finally:
-        for server in (*members, vault):
-            server.stop()
+    proxy = Command("--config", str(path), "--access-log", str(access), listen=False, listeners=3)
+    with started(*members, vault, proxy):
+        assert redis_cli(ports["7000"], "PING") == "PONG"  # plain
+        assert tls_ping(ports["7443"], certs["ca.pem"]) == b"+PONG\r\n"  # TLS terminated
+        assert redis_cli(ports["7100"], "PING") == "PONG"  # TLS originated to the TLS-only redis
+        assert proxy.stop() == 0, proxy.stderr
     upstreams = re.findall(r"upstream=(\S+)", access.read_text())  # --access-log won over the file's "-"
     cache = {f"127.0.0.1:{ports[p]}" for p in ("7001", "7002")}
     assert len(upstreams) == 3 and set(upstreams[:2]) <= cache and upstreams[2] == f"127.0.0.1:{ports['7101']}"
-    assert out.read_text() == ""
+    assert proxy.stdout == ""
 
 
 def test_a_member_that_is_a_listen_address_and_a_certificate_that_does_not_load(tmp_path: Path) -> None:
@@ -118,16 +96,16 @@ def test_a_member_that_is_a_listen_address_and_a_certificate_that_does_not_load(
 def test_with_a_config_file_only_process_flags_may_be_given(tmp_path: Path, flags: list[str], message: str) -> None:
     path = tmp_path / "f.toml"
     path.write_text('[listeners.a]\naddress = "127.0.0.1:1"\npool = "p"\n[pools.p]\nmembers = ["127.0.0.1:2"]\n')
-    result = run_cli("--config", str(path), *flags)
+    result = run_command("--config", str(path), *flags)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", f"l4proxy: error: {message}\n")
 
 
 def test_check_usage_and_missing_file() -> None:
-    assert run_cli("check").stderr == "l4proxy: error: Missing option '--config'.\n"
-    missing = run_cli("check", "--config", "no/such.toml")
+    assert run_command("check").stderr == "l4proxy: error: Missing option '--config'.\n"
+    missing = run_command("check", "--config", "no/such.toml")
     no_file = "l4proxy: error: --config 'no/such.toml': No such file or directory\n"
     assert (missing.returncode, missing.stderr) == (2, no_file)
-    assert run_cli("check", "--help").stdout.startswith("Usage: l4proxy check [OPTIONS]")
+    assert run_command("check", "--help").stdout.startswith("Usage: l4proxy check [OPTIONS]")
 
 
 def test_an_address_in_use_is_named_even_when_it_is_not_the_first_listener(tmp_path: Path) -> None:
@@ -139,6 +117,6 @@ def test_an_address_in_use_is_named_even_when_it_is_not_the_first_listener(tmp_p
         path.write_text(f'[listeners.a]\naddress = "127.0.0.1:{free_port()}"\npool = "p"\n[listeners.b]\n'
                         f'address = "127.0.0.1:{port}"\npool = "p"\n[pools.p]\nmembers = ["127.0.0.1:2"]\n'
                         "health.enabled = false\n")  # fmt: skip
-        result = run_cli("--config", str(path), "--access-log", "off")
+        result = run_command("--config", str(path), "--access-log", "off")
     in_use = f"l4proxy: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert (result.returncode, result.stderr.splitlines()[-1]) == (1, in_use)

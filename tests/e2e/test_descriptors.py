@@ -9,15 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+from collections.abc import AsyncIterator
 
 import pytest
 
 from l4proxy import splice
 
 from ..kit import Upstream, eventually
-from .test_emfile import StderrLines, child_proxy, free_port
+from ..servers import Command
 
 CLIENTS = 300
+
+
+@contextlib.asynccontextmanager
+async def child_proxy(server: Upstream, *args: str, limit: int | None = None) -> AsyncIterator[Command]:
+    """The command in front of ``server``; leaving sends SIGTERM and expects exit 0 and no traceback."""
+    async with Command("--upstream", str(server.address), "--access-log", "off", *args, limit=limit) as proxy:
+        yield proxy
+        assert await proxy.stopped() == 0
+    assert "Traceback" not in proxy.stderr, proxy.stderr
 
 
 class Clients:
@@ -48,12 +58,12 @@ class Clients:
                 await writer.wait_closed()
 
 
-async def every_client_served(port: int, server: Upstream, stderr: StderrLines) -> None:
+async def every_client_served(proxy: Command, server: Upstream) -> None:
     """Hold sessions until the proxy pauses accepting, check that no client was dropped, then let the
     sessions end one by one: the waiting clients are then accepted and served."""
-    clients = Clients(port)
+    clients = Clients(proxy.port)
     try:
-        await eventually(lambda: stderr.count("accept on 127.0.0.1:") >= 1 or bool(clients.dropped), timeout=30)
+        await eventually(lambda: proxy.count("accept on 127.0.0.1:") >= 1 or bool(clients.dropped), timeout=30)
         await eventually(lambda: clients.echoed + len(clients.dropped) >= server.accepted, timeout=30)
         assert not clients.dropped, clients.dropped
         assert clients.echoed < CLIENTS  # the limit did bite: some clients wait in the backlog
@@ -64,22 +74,20 @@ async def every_client_served(port: int, server: Upstream, stderr: StderrLines) 
     finally:
         for task in clients.tasks:
             task.cancel()
-    assert not any("no upstream" in line or "connect to" in line for line in stderr.lines), "\n".join(stderr.lines)
+    assert not any("no upstream" in line or "connect to" in line for line in proxy.err_lines), proxy.stderr
 
 
 @pytest.mark.skipif(not splice.AVAILABLE, reason="the splice engine needs Linux os.splice")
 async def test_splice_sessions_are_counted_at_eight_descriptors() -> None:
     """1,000 descriptors, 300 clients at once under ``--relay splice``: about 120 sessions fit; the
     others wait in the backlog and are served as sessions end."""
-    port = free_port()
     args = ("--no-health-checks", "--relay", "splice")
-    async with Upstream() as server, child_proxy(port, server, *args, limit=1000) as (_proc, stderr):
-        await every_client_served(port, server, stderr)
+    async with Upstream() as server, child_proxy(server, *args, limit=1000) as proxy:
+        await every_client_served(proxy, server)
 
 
 async def test_a_limit_lowered_at_run_time_pauses_accepting_instead_of_dropping() -> None:
-    port = free_port()
-    async with Upstream() as server, child_proxy(port, server, "--no-health-checks") as (proc, stderr):
-        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (100, 100))
-        await eventually(lambda: stderr.count("open-files limit is now 100") == 1, timeout=5)
-        await every_client_served(port, server, stderr)
+    async with Upstream() as server, child_proxy(server, "--no-health-checks") as proxy:
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (100, 100))
+        await eventually(lambda: proxy.count("open-files limit is now 100") == 1, timeout=5)
+        await every_client_served(proxy, server)

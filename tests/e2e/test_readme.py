@@ -15,13 +15,11 @@ runs on one machine never collide; nothing else in a command is changed.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ..servers import free_port, wait_until
+from ..servers import free_port, wait_listening
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "benchmarks/README.md")
@@ -168,16 +166,7 @@ class Servers:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT)
         self.procs.append(Server(proc, argv, log, block))
-        port = listen_port(argv)
-        accepting = False
-
-        def settled() -> bool:  # accepting, or exited (then it never will)
-            nonlocal accepting
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                accepting = True
-            return accepting or proc.poll() is not None
-
-        wait_until(settled, 15)
+        accepting = wait_listening(listen_port(argv), timeout=15, exited=proc.poll)
         assert accepting, f"{shlex.join(argv)} exited {proc.returncode} at start: {log.read_text()[-1500:]}"
 
     def stop(self, keep: Callable[[int], bool] = lambda block: False) -> None:

@@ -13,8 +13,6 @@ import re
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from ..servers import L4Proxy, RedisServer, free_port, redis_cli, started
+from ..servers import Command, RedisServer, free_port, redis_cli, run_command, started
 
 PING = b"*1\r\n$4\r\nPING\r\n"
 
@@ -50,17 +48,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
             (out / f"{name}.pem").write_bytes(b"".join(c.bytes() for c in leaf.cert_chain_pems))
             (out / f"{name}.key").write_bytes(leaf.private_key_pem.bytes())
     return Certs(out)
-
-
-class Proxy(L4Proxy):
-    """The l4proxy command, ready once it logs 'listening on' (a bare TCP probe of a TLS listener would
-    itself be a failed handshake)."""
-
-    def start(self) -> Proxy:
-        with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "l4proxy", *self.args], stdout=out, stderr=err)
-        self.wait_log("listening on")
-        return self
 
 
 def tls_redis(tmp: Path, certs: Certs, auth_clients: str = "no", port: int | None = None) -> RedisServer:
@@ -94,7 +81,7 @@ def refused(port: int, ca: str, cert: str | None = None, key: str | None = None)
         return True
 
 
-def access_lines(proxy: L4Proxy) -> list[str]:
+def access_lines(proxy: Command) -> list[str]:
     return [line for line in proxy.stdout.splitlines() if " client=" in line]
 
 
@@ -103,16 +90,16 @@ def access_lines(proxy: L4Proxy) -> list[str]:
 
 def test_plain_redis_cli_through_tls_origination_to_tls_only_redis(tmp_path: Path, certs: Certs) -> None:
     redis = tls_redis(tmp_path, certs)
-    proxy = Proxy(tmp_path, [
+    proxy = Command(
         "--upstream", f"127.0.0.1:{redis.port}", "--upstream-tls", "--upstream-ca", certs["ca.pem"],
         "--health-send", r"PING\r\n", "--health-expect", "+PONG", "--health-interval", "100ms", "--fall", "1",
-    ])  # fmt: skip
+    )  # fmt: skip
     with started(redis, proxy):
         assert redis_cli(proxy.port, "PING") == "PONG"
         assert redis_cli(proxy.port, "SET", "k", "over tls") == "OK"
         assert redis_cli(proxy.port, "GET", "k") == "over tls"
-        time.sleep(0.5)  # several more TLS health probes
-        assert proxy.terminate() == 0
+        time.sleep(0.5)  # the behaviour under test: several more TLS probe rounds, none failing
+        assert proxy.stop() == 0
     lines = access_lines(proxy)
     assert len(lines) == 3 and all(f"upstream=127.0.0.1:{redis.port} " in line for line in lines), lines
     assert "tls_" not in proxy.stdout  # the client side is plain
@@ -122,14 +109,14 @@ def test_plain_redis_cli_through_tls_origination_to_tls_only_redis(tmp_path: Pat
 
 def test_redis_cli_tls_through_termination_to_plain_redis(tmp_path: Path, certs: Certs) -> None:
     redis = RedisServer(tmp_path)
-    proxy = Proxy(tmp_path, ["--upstream", f"127.0.0.1:{redis.port}", "--tls-cert", certs["server.pem"],
-                             "--tls-key", certs["server.key"]])
+    proxy = Command("--upstream", f"127.0.0.1:{redis.port}", "--tls-cert", certs["server.pem"],
+                             "--tls-key", certs["server.key"])
     with started(redis, proxy):
         tls = ["--tls", "--cacert", certs["ca.pem"], "--sni", "localhost"]
         assert redis_cli(proxy.port, *tls, "PING") == "PONG"
         assert redis_cli(proxy.port, *tls, "SET", "k", "terminated") == "OK"
         assert redis.cli("GET", "k") == "terminated"  # it reached the plain redis
-        assert proxy.terminate() == 0
+        assert proxy.stop() == 0
     lines = access_lines(proxy)
     assert len(lines) == 2, lines
     assert all(" tls_sni=localhost " in line and " tls_version=TLSv1.3 " in line for line in lines), lines
@@ -140,12 +127,12 @@ def test_mtls_on_both_sides_with_redis(tmp_path: Path, certs: Certs) -> None:
     """Case 26 with real clients: the proxy requires client certificates from ``ca`` and presents its
     own to a redis that requires them too."""
     redis = tls_redis(tmp_path, certs, auth_clients="yes")
-    proxy = Proxy(tmp_path, [
+    proxy = Command(
         "--upstream", f"127.0.0.1:{redis.port}", "--no-health-checks",
         "--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"], "--tls-client-ca", certs["ca.pem"],
         "--upstream-tls", "--upstream-ca", certs["ca.pem"],
         "--upstream-cert", certs["client.pem"], "--upstream-key", certs["client.key"],
-    ])  # fmt: skip
+    )  # fmt: skip
     with started(redis, proxy):
         good = ["--tls", "--cacert", certs["ca.pem"], "--cert", certs["client.pem"], "--key", certs["client.key"]]
         assert redis_cli(proxy.port, *good, "PING") == "PONG"
@@ -153,7 +140,7 @@ def test_mtls_on_both_sides_with_redis(tmp_path: Path, certs: Certs) -> None:
         assert refused(proxy.port, certs["ca.pem"], certs["client2.pem"], certs["client2.key"])  # another CA
         assert tls_ping(proxy.port, certs["ca.pem"], certs["client.pem"], certs["client.key"]) == b"+PONG\r\n"
         proxy.wait_log("TLS handshake with", timeout=5)
-        assert proxy.terminate() == 0
+        assert proxy.stop() == 0
     lines = access_lines(proxy)
     assert len(lines) == 2 and all(" tls_peer_cn=client " in line + " " for line in lines), lines
     assert proxy.stderr.count("TLS handshake with 127.0.0.1:") == 2
@@ -162,11 +149,11 @@ def test_mtls_on_both_sides_with_redis(tmp_path: Path, certs: Certs) -> None:
 
 def test_upstream_insecure_warns_at_start_up_and_skips_verification(tmp_path: Path, certs: Certs) -> None:
     redis = tls_redis(tmp_path, certs)
-    proxy = Proxy(tmp_path, ["--upstream", f"127.0.0.1:{redis.port}", "--upstream-tls", "--upstream-insecure",
-                             "--no-health-checks"])
+    proxy = Command("--upstream", f"127.0.0.1:{redis.port}", "--upstream-tls", "--upstream-insecure",
+                             "--no-health-checks")
     with started(redis, proxy):
         assert redis_cli(proxy.port, "PING") == "PONG"  # ca.pem is in no trust store: only insecure allows it
-        assert proxy.terminate() == 0
+        assert proxy.stop() == 0
     warnings = [line for line in proxy.stderr.splitlines() if "--upstream-insecure" in line]
     assert len(warnings) == 1 and " WARNING " in warnings[0] and "NOT verified" in warnings[0], warnings
 
@@ -179,9 +166,8 @@ def test_sighup_reloads_certificates_and_keeps_them_when_the_files_are_broken(tm
     cert.write_bytes(Path(certs["server.pem"]).read_bytes())
     key.write_bytes(Path(certs["server.key"]).read_bytes())
     redis = RedisServer(tmp_path)
-    proxy = Proxy(tmp_path, ["--upstream", f"127.0.0.1:{redis.port}", "--tls-cert", str(cert), "--tls-key", str(key)])
+    proxy = Command("--upstream", f"127.0.0.1:{redis.port}", "--tls-cert", str(cert), "--tls-key", str(key))
     with started(redis, proxy):
-        assert proxy.proc is not None
         ctx = ssl.create_default_context(cafile=certs["ca.pem"])
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw, ctx.wrap_socket(
             raw, server_hostname="localhost"
@@ -191,7 +177,7 @@ def test_sighup_reloads_certificates_and_keeps_them_when_the_files_are_broken(tm
 
             cert.write_bytes(Path(certs["server2.pem"]).read_bytes())
             key.write_bytes(Path(certs["server2.key"]).read_bytes())
-            proxy.proc.send_signal(signal.SIGHUP)
+            proxy.signal(signal.SIGHUP)
             proxy.wait_log("SIGHUP: TLS certificates and keys reloaded")
             assert redis_cli(proxy.port, "--tls", "--cacert", certs["ca2.pem"], "PING") == "PONG"
             with pytest.raises(ssl.SSLCertVerificationError):
@@ -200,13 +186,13 @@ def test_sighup_reloads_certificates_and_keeps_them_when_the_files_are_broken(tm
             assert session.recv(100) == b"+PONG\r\n"
 
             cert.write_text("-----BEGIN CERTIFICATE-----\nthis is not base64\n-----END CERTIFICATE-----\n")
-            proxy.proc.send_signal(signal.SIGHUP)
+            proxy.signal(signal.SIGHUP)
             proxy.wait_log("kept the previous TLS files")
             assert tls_ping(proxy.port, certs["ca2.pem"]) == b"+PONG\r\n"
             session.sendall(PING)
             assert session.recv(100) == b"+PONG\r\n"
-        assert proxy.proc.poll() is None
-        assert proxy.terminate() == 0
+        assert proxy.poll() is None
+        assert proxy.stop() == 0
     kept = [line for line in proxy.stderr.splitlines() if "kept the previous TLS files" in line]
     assert len(kept) == 1 and f"--tls-cert {str(cert)!r}: is not a PEM certificate" in kept[0], kept
     assert "Traceback" not in proxy.stderr
@@ -214,13 +200,12 @@ def test_sighup_reloads_certificates_and_keeps_them_when_the_files_are_broken(tm
 
 def test_sighup_without_tls_says_there_is_nothing_to_reload(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path)
-    proxy = L4Proxy(tmp_path, ["--upstream", f"127.0.0.1:{redis.port}"])
+    proxy = Command("--upstream", f"127.0.0.1:{redis.port}")
     with started(redis, proxy):
-        assert proxy.proc is not None
-        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.signal(signal.SIGHUP)
         proxy.wait_log("SIGHUP: no TLS configured, nothing to reload")
         assert redis_cli(proxy.port, "PING") == "PONG"
-        assert proxy.terminate() == 0
+        assert proxy.stop() == 0
     assert "reloaded" not in proxy.stderr, proxy.stderr
 
 
@@ -251,8 +236,7 @@ def test_tls_start_up_error_is_one_line_and_exit_2(certs: Certs, flags: list[str
     def fill(text: str) -> str:
         return re.sub(r"<([\w.]+)>", lambda m: certs[m.group(1)], text)
 
-    args = ["--listen", f"127.0.0.1:{free_port()}", "--upstream", "127.0.0.1:1", *map(fill, flags)]
-    out = subprocess.run([sys.executable, "-m", "l4proxy", *args], capture_output=True, timeout=20)
+    out = run_command("--listen", f"127.0.0.1:{free_port()}", "--upstream", "127.0.0.1:1", *map(fill, flags))
     assert out.returncode == 2, out
-    assert out.stderr.decode() == f"l4proxy: error: {fill(message)}\n"
-    assert out.stdout == b""
+    assert out.stderr == f"l4proxy: error: {fill(message)}\n"
+    assert out.stdout == ""

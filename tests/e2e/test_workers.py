@@ -22,8 +22,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -53,36 +51,26 @@ from ..kit import (
     roundtrip,
     upstreams,
 )
+from ..servers import Command, run_command
 
-ROOT = Path(__file__).resolve().parents[2]
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 
 
-class Supervised:
-    """The ``l4proxy`` command with ``--workers 2`` as a subprocess, its stderr collected line by line."""
+class Supervised(Command):
+    """``l4proxy --workers 2`` on a free port, with what the supervisor's log and the access log say."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, access_log: Path) -> None:
-        self.proc = proc
+    def __init__(self, access_log: Path, members: list[Address], *flags: str) -> None:
+        super().__init__(
+            "--upstream", ",".join(str(m) for m in members), "--workers", "2", "--access-log", str(access_log),
+            "--half-closed-timeout", "1s", "--drain-timeout", "5s", "--connect-timeout", "0.5s", *flags,
+            listeners=2,
+        )  # fmt: skip
         self.access_log = access_log
-        self.lines: list[str] = []
-        self.port = 0
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode().rstrip("\n"))
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
-
-    async def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
-        await eventually(lambda: self.count(text) >= count, timeout)
 
     def workers(self) -> dict[int, int]:
         """Worker slot -> pid of its latest process, from the supervisor's log."""
         found: dict[int, int] = {}
-        for line in self.lines:
+        for line in list(self.err_lines):
             if match := STARTED.search(line):
                 found[int(match.group(1))] = int(match.group(2))
         return found
@@ -94,45 +82,16 @@ class Supervised:
         await eventually(lambda: len(self.records()) >= count, timeout, interval=0.05)
         return self.records()
 
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
-
-    async def stop(self) -> int:
-        """SIGTERM and wait; kill the supervisor (its workers get SIGTERM from the kernel) if it hangs."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        await asyncio.wait_for(self._reader, 5)
-        return self.proc.returncode  # type: ignore[return-value]
-
 
 @contextlib.asynccontextmanager
 async def supervised(tmp_path: Path, members: list[Address], *flags: str) -> AsyncIterator[Supervised]:
-    """``l4proxy --workers 2`` on a free port, started and ready (both workers listening)."""
-    access_log = tmp_path / "access.log"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    upstream = ",".join(str(m) for m in members)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", upstream, "--workers", "2",
-        "--access-log", str(access_log), "--half-closed-timeout", "1s", "--drain-timeout", "5s",
-        "--connect-timeout", "0.5s", *flags,
-        cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    proxy = Supervised(proc, access_log)
-    try:
-        await proxy.wait_for("listening on", 2)
-        proxy.port = port
-        yield proxy
-    finally:
-        await proxy.stop()
+    """Started and ready (listening); stopped with SIGTERM if the test did not stop it."""
+    async with Supervised(tmp_path / "access.log", members, *flags) as proxy:
+        try:
+            yield proxy
+        finally:
+            if proxy.poll() is None:
+                await proxy.stopped()
 
 
 @contextlib.asynccontextmanager
@@ -200,15 +159,15 @@ async def test_a_killed_worker_is_logged_once_and_replaced(tmp_path: Path) -> No
     async with serving(1) as [server], supervised(tmp_path, [server.address]) as proxy:
         victim = proxy.workers()[0]
         os.kill(victim, signal.SIGKILL)
-        await proxy.wait_for(f"worker 0 (pid {victim}) was killed by SIGKILL; starting a new one in 0.1s")
-        await proxy.wait_for("listening on", 3)
+        await proxy.logged(f"worker 0 (pid {victim}) was killed by SIGKILL; starting a new one in 0.1s")
+        await proxy.logged("listening on", 3)
         replacement = proxy.workers()[0]
         assert replacement != victim
         for i in range(40):
             assert await roundtrip(proxy.port, b"%d" % i) == b"%d" % i
         records = await proxy.wait_records(40)
         assert proxy.count("was killed") == 1
-        assert await proxy.stop() == 0
+        assert await proxy.stopped() == 0
     counts = share(records)
     assert counts["worker=0"] and counts["worker=1"], counts  # the replacement takes sessions too
 
@@ -218,7 +177,7 @@ async def test_sigterm_drains_every_worker_and_exits_zero(tmp_path: Path) -> Non
 
     async def slow_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the behaviour under test: a reply still on its way at SIGTERM
         writer.write(reply)
         await writer.drain()
 
@@ -229,14 +188,13 @@ async def test_sigterm_drains_every_worker_and_exits_zero(tmp_path: Path) -> Non
         writer.write(b"question")
         writer.write_eof()
         await eventually(lambda: server.active == 1)
-        proxy.proc.send_signal(signal.SIGHUP)  # forwarded: no TLS here, so nothing to reload; workers live on
-        await proxy.wait_for("SIGHUP: no TLS configured, nothing to reload")
-        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.signal(signal.SIGHUP)  # forwarded: no TLS here, so nothing to reload; workers live on
+        await proxy.logged("SIGHUP: no TLS configured, nothing to reload")
+        proxy.signal(signal.SIGTERM)
         data = await asyncio.wait_for(reader.read(), 10)
         writer.close()
-        assert await asyncio.wait_for(proxy.proc.wait(), 10) == 0
+        assert await proxy.exited(10) == 0
         records = await proxy.wait_records(1)
-        await proxy.stop()
     assert data == reply
     assert len(records) == 1 and f"out={len(reply)}" in records[0] and "end=eof" in records[0], records
     assert "SIGTERM received: draining 2 workers" in proxy.stderr
@@ -258,13 +216,13 @@ async def test_a_second_sigterm_closes_the_sessions_at_once(tmp_path: Path) -> N
         reader, writer = await connect(proxy.port)
         writer.write(b"stay")
         await eventually(lambda: server.active == 1)
-        proxy.proc.send_signal(signal.SIGTERM)
-        await proxy.wait_for("SIGTERM received: draining", 3)  # the supervisor and both workers
-        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.signal(signal.SIGTERM)
+        await proxy.logged("SIGTERM received: draining", 3)  # the supervisor and both workers
+        proxy.signal(signal.SIGTERM)
         with contextlib.suppress(ConnectionError):
             assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
-        assert await asyncio.wait_for(proxy.proc.wait(), 5) == 0
+        assert await proxy.exited(5) == 0
         records = await proxy.wait_records(1)
     assert len(records) == 1 and "end=forced_shutdown" in records[0], records
     assert "SIGTERM received again" in proxy.stderr
@@ -277,19 +235,18 @@ async def test_a_member_going_down_is_logged_once_and_gets_no_clients(tmp_path: 
         down = Address("127.0.0.1", member.getsockname()[1])
         async with serving(1) as [up], supervised(tmp_path, [up.address, down], *flags) as proxy:
             member.close()  # refused from now on
-            await proxy.wait_for(f"member {down} is DOWN")
+            await proxy.logged(f"member {down} is DOWN")
             for i in range(20):
                 assert await roundtrip(proxy.port, b"%d" % i) == b"%d" % i
-            await asyncio.sleep(0.5)  # several more probe rounds
+            await asyncio.sleep(0.5)  # the behaviour under test: several more probe rounds, no second DOWN
             assert proxy.count("is DOWN") == 1, proxy.stderr
             records = await proxy.wait_records(20)
             assert all(f"upstream={up.address}" in line for line in records), records
             with listening_only_on(down.port):
-                await proxy.wait_for(f"member {down} is UP")
-                await asyncio.sleep(0.3)
-                await proxy.stop()
-    assert proxy.count("is DOWN") == 1 and proxy.count("is UP") == 1, proxy.stderr
-    health_lines = [line for line in proxy.lines if " is DOWN" in line or " is UP" in line]
+                await proxy.logged(f"member {down} is UP")
+                await asyncio.sleep(0.3)  # the behaviour under test: probe rounds after UP, no flap
+            assert proxy.count("is DOWN") == 1 and proxy.count("is UP") == 1, proxy.stderr
+    health_lines = [line for line in proxy.err_lines if " is DOWN" in line or " is UP" in line]
     assert all("l4proxy.health:" in line for line in health_lines), health_lines  # the supervisor's
 
 
@@ -300,19 +257,16 @@ async def test_workers_passive_failures_take_a_member_down_once(tmp_path: Path) 
     async with serving(1) as [server], supervised(tmp_path, [server.address, dead], *flags) as proxy:
         for i in range(30):
             assert await roundtrip(proxy.port, b"%d" % i) == b"%d" % i  # retried on the live member
-        await proxy.wait_for("is DOWN")
-        await asyncio.sleep(0.2)
-    down = [line for line in proxy.lines if " is DOWN" in line]
+        await proxy.logged("is DOWN")
+        await asyncio.sleep(0.2)  # the behaviour under test: more failures after DOWN, no second line
+    down = [line for line in proxy.err_lines if " is DOWN" in line]
     assert len(down) == 1 and f"member {dead} is DOWN: connect failed: refused" in down[0], proxy.stderr
     assert server.accepted == 30
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "", "1.5", "257"])
 def test_bad_workers_values_are_one_line_errors(value: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "l4proxy", "--listen", ":1", "--upstream", "a", f"--workers={value}"],
-        capture_output=True, text=True, timeout=20, check=False, cwd=ROOT,
-    )  # fmt: skip
+    result = run_command("--listen", ":1", "--upstream", "a", f"--workers={value}")
     expected = f"l4proxy: error: --workers {value!r}: expected a number of processes from 1 to 256, or 'auto'\n"
     assert (result.returncode, result.stderr) == (2, expected)
 
@@ -538,8 +492,7 @@ async def test_workers_follow_a_name_that_moves_and_get_the_new_address_only_onc
             supervisor.health.start()
             try:
                 assert await asyncio.to_thread(supervisor.health.ready.wait, 5)
-                proxy = Proxy(config, RecordingLog())
-                supervisor._prepare(proxy, 0)
+                proxy = Proxy(config, RecordingLog(), shared=WorkerShare(supervisor.table, 0))
                 await proxy.start()
                 try:
                     pool = proxy.pools["default"]

@@ -23,7 +23,7 @@ from l4proxy import Address, HealthConfig, UpstreamTLSConfig
 
 from ..faults import Fault, FaultLink
 from ..kit import ENGINES, connect, echo, eventually, make_config, roundtrip, running, upstreams
-from ..servers import L4Proxy
+from ..servers import Command
 from .test_timeouts import read_until_closed
 
 HOSTS = ["127.0.0.1", "::1"]
@@ -240,26 +240,23 @@ async def test_sighup_under_live_tls_traffic_loses_no_connection_and_no_byte(tmp
     leaf.private_key_pem.write_to_path(str(tmp_path / "server.key"))
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
-    async with upstreams(1) as [server]:
-        proxy = L4Proxy(tmp_path, ["--upstream", str(server.address), "--tls-cert", str(tmp_path / "server.pem"),
-                                   "--tls-key", str(tmp_path / "server.key"), "--workers", workers,
-                                   "--access-log", "off"])
-        await asyncio.to_thread(proxy.start)
-        try:
-            assert proxy.proc is not None
-            done = 0
-            for _ in range(5):
-                proxy.proc.send_signal(signal.SIGHUP)
-                for _ in range(10):
-                    payload = os.urandom(random.randint(1, 50_000))
-                    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, ssl=client_ctx,
-                                                                   server_hostname="localhost")
-                    writer.write(payload)
-                    assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
-                    writer.close()
-                    done += 1
-            assert proxy.terminate() == 0
-        finally:
-            proxy.kill()
+    tls = ("--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"))
+    async with (
+        upstreams(1) as [server],
+        Command("--upstream", str(server.address), *tls, "--workers", workers, "--access-log", "off",
+                listeners=int(workers)) as proxy,
+    ):
+        done = 0
+        for _ in range(5):
+            proxy.signal(signal.SIGHUP)
+            for _ in range(10):
+                payload = os.urandom(random.randint(1, 50_000))
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, ssl=client_ctx,
+                                                               server_hostname="localhost")
+                writer.write(payload)
+                assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
+                writer.close()
+                done += 1
+        assert await proxy.stopped(15) == 0
     assert done == 50
     assert "TLS certificates and keys reloaded" in proxy.stderr and "Traceback" not in proxy.stderr

@@ -9,14 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
-import sys
 import time
-from pathlib import Path
 
 from ..kit import Upstream, blackhole, connect, eventually, make_config, running, upstreams
-
-ROOT = Path(__file__).resolve().parents[2]
+from ..servers import Command
 
 
 async def refused(port: int) -> bool:
@@ -39,7 +35,7 @@ async def test_drain_stops_accepting_and_waits_for_the_open_session() -> None:
         assert await asyncio.wait_for(reader.readexactly(7), 5) == b"before "
 
         drain = asyncio.create_task(proxy.drain())
-        await asyncio.sleep(0.05)
+        await eventually(lambda: not proxy.listeners[0].sockets)  # the drain's first step
         assert await refused(port)  # no listener any more
         assert not drain.done()
         for word in (b"during ", b"drain"):  # the open session still relays both ways
@@ -122,37 +118,23 @@ async def test_sigterm_lets_a_session_in_flight_finish_and_exits_zero() -> None:
 
     async def slow_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the behaviour under test: a reply still on its way at SIGTERM
         writer.write(reply)
         await writer.drain()
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    async with Upstream(slow_answer) as server:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", str(server.address),
-            "--access-log", "-", "--no-health-checks", "--drain-timeout", "5s",
-            cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stdout is not None and proc.stderr is not None
-        try:
-            assert b"listening on" in await asyncio.wait_for(proc.stderr.readline(), 10)
-            reader, writer = await connect(port)
-            writer.write(b"question")
-            writer.write_eof()
-            await eventually(lambda: server.active == 1)
-            proc.send_signal(signal.SIGTERM)
-            data = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
-            assert await asyncio.wait_for(proc.wait(), 10) == 0
-            out = (await proc.stdout.read()).decode()
-            err = (await proc.stderr.read()).decode()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+    async with Upstream(slow_answer) as server, Command(
+        "--upstream", str(server.address), "--access-log", "-", "--no-health-checks", "--drain-timeout", "5s"
+    ) as proxy:
+        port = proxy.port
+        reader, writer = await connect(port)
+        writer.write(b"question")
+        writer.write_eof()
+        await eventually(lambda: server.active == 1)
+        proxy.signal(signal.SIGTERM)
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert await proxy.exited() == 0
+    out, err = proxy.stdout, proxy.stderr
     assert data == reply
     assert "end=eof" in out and f"out={len(reply)}" in out, out
     assert "SIGTERM received" in err and "Traceback" not in err, err
