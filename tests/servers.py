@@ -8,11 +8,13 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -246,6 +248,41 @@ def started(*servers: RedisServer | Command) -> Iterator[None]:
     finally:
         for server in reversed(servers):
             server.kill() if isinstance(server, Command) else server.stop()
+
+
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+@dataclass(frozen=True)
+class Certs:
+    """Paths of PEM files: ``ca`` signs server/client; ``ca2`` signs server2/client2 (a second PKI)."""
+
+    dir: Path
+
+    def __getitem__(self, name: str) -> str:
+        return str(self.dir / name)
+
+
+def tls_redis(tmp: Path, certs: Certs, auth_clients: str = "no", port: int | None = None) -> RedisServer:
+    """A redis-server that speaks TLS only: its plain port is off (``--port 0``)."""
+    port = port or free_port()
+    return RedisServer(tmp, port=port, extra=[
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", certs["server.pem"],
+        "--tls-key-file", certs["server.key"], "--tls-ca-cert-file", certs["ca.pem"],
+        "--tls-auth-clients", auth_clients,
+    ])  # fmt: skip
+
+
+def tls_ping(port: int, ca: str, cert: str | None = None, key: str | None = None) -> bytes:
+    """A RESP PING over TLS from Python's ssl module; the reply bytes."""
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
+        raw, server_hostname="localhost"
+    ) as sock:
+        sock.sendall(PING)
+        return sock.recv(100)
 
 
 class PostgresCluster:

@@ -16,8 +16,7 @@ import pytest
 from l4proxy.cli import load_file
 from l4proxy.configfile import ConfigFileError
 
-from ..servers import ROOT, Command, RedisServer, free_port, redis_cli, run_command, started
-from .test_tls import Certs, tls_ping, tls_redis
+from ..servers import ROOT, Certs, Command, RedisServer, free_port, redis_cli, run_command, started, tls_ping, tls_redis
 
 EXAMPLE = ROOT / "examples" / "l4proxy.toml"
 PORTS = ("7000", "7443", "7100", "7001", "7002", "7101")  # the example's: each gets a free one

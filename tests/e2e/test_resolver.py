@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import uuid
@@ -23,31 +22,8 @@ from l4proxy import Address, HealthConfig, Proxy
 from l4proxy.config import Config, Service
 from l4proxy.health import Status
 
-from ..dnsserver import Dnsmasq
-from ..kit import RecordingLog, Upstream, connect, eventually, make_config, open_session, roundtrip
-
-PROBE = HealthConfig(interval=0.3, timeout=0.5, rise=2, fall=2, send=b"PING\r\n", expect=b"+PONG")
-
-
-class Recording(Upstream):
-    """An upstream that answers probes (``PING`` -> ``+PONG``) and echoes clients, recording which of
-    the two each connection was, in order."""
-
-    def __init__(self, host: str) -> None:
-        super().__init__(self._serve_one, host)
-        self.kinds: list[str] = []
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = await reader.read(65536)
-        if data.startswith(b"PING"):
-            self.kinds.append("probe")
-            writer.write(b"+PONG\r\n")
-            return
-        self.kinds.append("client")
-        while data:
-            writer.write(data)
-            await writer.drain()
-            data = await reader.read(65536)
+from ..dnsserver import Dnsmasq, Recording, discovering, pair
+from ..kit import RecordingLog, connect, eventually, open_session, roundtrip
 
 
 @pytest.fixture
@@ -57,25 +33,6 @@ def dnsmasq(tmp_path: Path) -> Iterator[Dnsmasq]:
         yield server
     finally:
         server.stop()
-
-
-@contextlib.asynccontextmanager
-async def pair() -> AsyncIterator[tuple[Recording, Recording]]:
-    """Two recording upstreams on the same port, at 127.0.0.2 and 127.0.0.3: where a name moves."""
-    old = await Recording("127.0.0.2").start()
-    new = await Recording("127.0.0.3").start(old.port)
-    try:
-        yield old, new
-    finally:
-        await old.stop()
-        await new.stop()
-
-
-def discovering(members: list[Address | Service], health: HealthConfig = PROBE, **pool: float) -> Config:
-    config = make_config([Address("127.0.0.1", 1)], health=health)
-    settings = {"resolve_interval": 0.1, **pool}
-    pool = dataclasses.replace(config.pools[0], members=tuple(members), **settings)
-    return dataclasses.replace(config, pools=(pool,))
 
 
 @contextlib.asynccontextmanager

@@ -14,25 +14,12 @@ import signal
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
 
-from ..servers import Command, RedisServer, free_port, redis_cli, run_command, started
-
-PING = b"*1\r\n$4\r\nPING\r\n"
-
-
-@dataclass(frozen=True)
-class Certs:
-    """Paths of PEM files: ``ca`` signs server/client; ``ca2`` signs server2/client2 (a second PKI)."""
-
-    dir: Path
-
-    def __getitem__(self, name: str) -> str:
-        return str(self.dir / name)
+from ..servers import PING, Certs, Command, RedisServer, free_port, redis_cli, run_command, started, tls_ping, tls_redis
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +35,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
             (out / f"{name}.pem").write_bytes(b"".join(c.bytes() for c in leaf.cert_chain_pems))
             (out / f"{name}.key").write_bytes(leaf.private_key_pem.bytes())
     return Certs(out)
-
-
-def tls_redis(tmp: Path, certs: Certs, auth_clients: str = "no", port: int | None = None) -> RedisServer:
-    """A redis-server that speaks TLS only: its plain port is off (``--port 0``)."""
-    port = port or free_port()
-    return RedisServer(tmp, port=port, extra=[
-        "--port", "0", "--tls-port", str(port), "--tls-cert-file", certs["server.pem"],
-        "--tls-key-file", certs["server.key"], "--tls-ca-cert-file", certs["ca.pem"],
-        "--tls-auth-clients", auth_clients,
-    ])  # fmt: skip
-
-
-def tls_ping(port: int, ca: str, cert: str | None = None, key: str | None = None) -> bytes:
-    """A RESP PING over TLS from Python's ssl module; the reply bytes."""
-    ctx = ssl.create_default_context(cafile=ca)
-    if cert is not None:
-        ctx.load_cert_chain(cert, key)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as sock:
-        sock.sendall(PING)
-        return sock.recv(100)
 
 
 def refused(port: int, ca: str, cert: str | None = None, key: str | None = None) -> bool:

@@ -38,6 +38,7 @@ from l4proxy.resolver import Resolver
 from l4proxy.table import FREE, RETIRED, SharedTable, WorkerView, forwarder
 from l4proxy.workers import HealthThread, Supervisor, WorkerShare, _HealthPool, parse_workers
 
+from ..dnsserver import Dnsmasq, discovering, pair
 from ..kit import (
     Handler,
     RecordingLog,
@@ -479,8 +480,6 @@ def test_discovered_members_cross_the_table_with_their_name_and_weight_and_new_o
 async def test_workers_follow_a_name_that_moves_and_get_the_new_address_only_once_probed(tmp_path: Path) -> None:
     """The supervisor's health thread resolves (here through dnsmasq), the worker follows the table: the
     new address is published DOWN, probed, then used; the session on the old address keeps flowing."""
-    from ..dnsserver import Dnsmasq
-    from .test_resolver import discovering, pair  # upstreams that tell probes (PING) from clients
 
     dns = Dnsmasq(tmp_path).start()
     try:

@@ -22,9 +22,8 @@ import trustme
 from l4proxy import Address, HealthConfig, UpstreamTLSConfig
 
 from ..faults import Fault, FaultLink
-from ..kit import ENGINES, connect, echo, eventually, make_config, roundtrip, running, upstreams
+from ..kit import ENGINES, connect, echo, eventually, make_config, read_until_closed, roundtrip, running, upstreams
 from ..servers import Command
-from .test_timeouts import read_until_closed
 
 HOSTS = ["127.0.0.1", "::1"]
 

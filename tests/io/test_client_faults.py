@@ -15,8 +15,7 @@ import pytest
 
 from l4proxy.ratelog import RateLog
 
-from ..kit import eventually, make_config, refused_address, running, upstreams
-from .test_tls_proxy import PKI, client_hello, pki  # noqa: F401  # the module's certificates fixture
+from ..kit import PKI, client_hello, eventually, make_config, refused_address, running, upstreams
 
 WINDOW = 0.5
 
@@ -46,7 +45,7 @@ async def close_mid_handshake(port: int, hello: bytes) -> None:
 
 
 async def test_a_handshake_failure_storm_logs_five_lines_and_a_summary(
-    pki: PKI,  # noqa: F811
+    pki: PKI,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     hello = client_hello()
@@ -66,7 +65,7 @@ async def test_a_handshake_failure_storm_logs_five_lines_and_a_summary(
 
 
 async def test_a_client_closing_mid_handshake_is_named_as_such(
-    pki: PKI,  # noqa: F811
+    pki: PKI,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with upstreams(1) as [server], running(make_config([server.address], tls=pki.server_tls())) as (proxy, _):
@@ -106,7 +105,7 @@ def _left_in_cycles() -> dict[str, int]:
     return counts
 
 
-async def test_failed_handshakes_leave_no_reference_cycles(pki: PKI) -> None:  # noqa: F811
+async def test_failed_handshakes_leave_no_reference_cycles(pki: PKI) -> None:
     """Unbroken, each failed handshake would leave its session, pump, SSL objects, coroutine and traceback
     frames in cycles, freed only by the cyclic GC: with the collector off, nothing may pile up."""
     failures = 100

@@ -20,8 +20,7 @@ import pytest
 
 from l4proxy.relay import Session
 
-from ..kit import SlowAccept, eventually, make_config, running
-from .test_tls_proxy import PKI, pki  # noqa: F401  # the module's certificates fixture
+from ..kit import PKI, SlowAccept, eventually, make_config, running
 
 CLIENTS = 50
 TIMEOUT = 10.0
@@ -92,7 +91,7 @@ async def every_byte_arrives(client: Client, ctx: ssl.SSLContext | None, ends: s
 
 @pytest.mark.parametrize("client", [tls_close_notify, tls_bare_fin], ids=["close_notify", "bare_fin"])
 async def test_tls_clients_that_leave_during_the_connect_lose_nothing(
-    pki: PKI,  # noqa: F811
+    pki: PKI,
     client: Client,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

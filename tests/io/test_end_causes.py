@@ -18,9 +18,7 @@ from l4proxy.causes import settle
 from l4proxy.config import UpstreamTLSConfig
 from l4proxy.splice import Splicer
 
-from ..kit import Upstream, eventually, make_config, refused_address, running
-from .test_tls_proxy import PKI, TLSUpstream
-from .test_tls_proxy import pki as pki  # a fixture, used by name
+from ..kit import PKI, TLSUpstream, Upstream, eventually, make_config, refused_address, running
 
 # --- the rule, as a table -----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 from l4proxy import Proxy
 from l4proxy.relay import Session
 
-from ..kit import ENGINES, Upstream, connect, eventually, make_config, running
+from ..kit import ENGINES, Upstream, connect, eventually, make_config, read_until_closed, running
 
 pytestmark = pytest.mark.parametrize("relay", ENGINES)
 
@@ -27,15 +27,6 @@ def assert_no_leaks(proxy: Proxy, *servers: Upstream) -> None:
     assert not proxy.sessions
     assert [m.active for m in proxy.pools["default"].members] == [0] * len(proxy.pools["default"].members)
     assert [s.active for s in servers] == [0] * len(servers)
-
-
-async def read_until_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
-    """Everything until EOF; a reset counts as the end too (an aborted session may send RST)."""
-    data = bytearray()
-    with contextlib.suppress(ConnectionError):
-        while chunk := await asyncio.wait_for(reader.read(65536), timeout):
-            data += chunk
-    return bytes(data)
 
 
 async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -17,121 +17,28 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import trustme
 
 from l4proxy import Address
 from l4proxy.config import ServerTLSConfig, UpstreamTLSConfig
 
-from ..kit import Handler, Upstream, echo, eventually, make_config, running, upstreams
+from ..kit import (
+    PKI,
+    Upstream,
+    client_hello,
+    eventually,
+    make_config,
+    running,
+    tls_upstream,
+    upstreams,
+)
 
 TIMEOUT = 5.0
 
 
-# --- certificates ----------------------------------------------------------------------------------
-
-
-@dataclass
-class PKI:
-    """Certificate files under one directory; ``ca``/``other_ca`` are kept for building contexts."""
-
-    dir: Path
-    ca: trustme.CA
-    other_ca: trustme.CA
-    paths: dict[str, str] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> str:
-        return self.paths[name]
-
-    def write(self, name: str, data: bytes) -> None:
-        path = self.dir / name
-        path.write_bytes(data)
-        self.paths[name] = str(path)
-
-    def server_tls(self, **overrides: object) -> ServerTLSConfig:
-        values: dict[str, object] = {"cert": self["server.pem"], "key": self["server.key"], **overrides}
-        return ServerTLSConfig(**values)  # type: ignore[arg-type]
-
-    def client_ctx(self, cert: str | None = None, ca: str = "ca.pem", alpn: list[str] | None = None) -> ssl.SSLContext:
-        """A client context trusting ``ca``, presenting ``cert`` (``NAME.pem``/``NAME.key``) if given."""
-        ctx = ssl.create_default_context(cafile=self[ca])
-        if cert is not None:
-            ctx.load_cert_chain(self[f"{cert}.pem"], self[f"{cert}.key"])
-        if alpn:
-            ctx.set_alpn_protocols(alpn)
-        return ctx
-
-    def upstream_server_ctx(self, cert: str = "server", client_ca: str | None = None) -> ssl.SSLContext:
-        """A context for a TLS upstream serving ``cert``; with ``client_ca`` it requires client certs."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self[f"{cert}.pem"], self[f"{cert}.key"])
-        if client_ca is not None:
-            ctx.load_verify_locations(self[client_ca])
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    """``ca`` signs ``server`` (localhost, 127.0.0.1, ::1), ``client`` (CN good-client) and ``db_only``
-    (only the name db.internal); ``other_ca`` signs ``other_server`` and ``other_client``."""
-    ca, other_ca = trustme.CA(), trustme.CA()
-    p = PKI(tmp_path_factory.mktemp("pki"), ca, other_ca)
-    leaves = {
-        "server": ca.issue_cert("localhost", "127.0.0.1", "::1", common_name="localhost"),
-        "client": ca.issue_cert("good-client", common_name="good-client"),
-        "db_only": ca.issue_cert("db.internal", common_name="db.internal"),
-        "other_server": other_ca.issue_cert("localhost", "127.0.0.1", "::1"),
-        "other_client": other_ca.issue_cert("intruder", common_name="intruder"),
-    }
-    p.write("ca.pem", ca.cert_pem.bytes())
-    p.write("other_ca.pem", other_ca.cert_pem.bytes())
-    for name, leaf in leaves.items():
-        p.write(f"{name}.pem", b"".join(c.bytes() for c in leaf.cert_chain_pems))
-        p.write(f"{name}.key", leaf.private_key_pem.bytes())
-    return p
-
-
 # --- servers and clients ---------------------------------------------------------------------------
-
-
-class TLSUpstream(Upstream):
-    """A kit Upstream that speaks TLS; records what each handshake negotiated."""
-
-    def __init__(self, ctx: ssl.SSLContext, handler: Handler = echo, host: str = "127.0.0.1") -> None:
-        super().__init__(handler, host)
-        self.ctx = ctx
-        self.sni: list[str | None] = []
-        self.alpn: list[str | None] = []
-        self.peer_cn: list[str | None] = []
-        ctx.sni_callback = lambda _obj, name, _ctx: self.sni.append(name)  # type: ignore[assignment,func-returns-value]
-
-    async def start(self, port: int = 0) -> TLSUpstream:
-        self.server = await asyncio.start_server(self._record_then_serve, self.host, port, ssl=self.ctx)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _record_then_serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ssl_object = writer.get_extra_info("ssl_object")
-        self.alpn.append(ssl_object.selected_alpn_protocol())
-        subject = dict(rdn[0] for rdn in (ssl_object.getpeercert() or {}).get("subject", ()))
-        self.peer_cn.append(subject.get("commonName"))
-        await self._serve(reader, writer)
-
-
-@contextlib.asynccontextmanager
-async def tls_upstream(ctx: ssl.SSLContext, handler: Handler = echo, host: str = "127.0.0.1") -> AsyncIterator[
-    TLSUpstream
-]:
-    server = await TLSUpstream(ctx, handler, host).start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def open_tls(
@@ -192,15 +99,6 @@ async def seconds_until_closed(reader: asyncio.StreamReader) -> float:
         while await asyncio.wait_for(reader.read(4096), TIMEOUT):
             pass
     return time.monotonic() - start
-
-
-def client_hello() -> bytes:
-    """The bytes of a real ClientHello, produced by an in-memory SSLObject (no socket)."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
 
 
 def handshake_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
