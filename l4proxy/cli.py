@@ -660,14 +660,6 @@ def run(config: Config, access_log: AccessLog | None = None, shared: Shared | No
 async def serve(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
     """Start, wait for a signal, drain; a second signal closes the remaining sessions at once."""
     proxy = Proxy(config, access_log, shared=shared)
-    try:
-        await proxy.start()
-    except OSError as exc:
-        failed = config.listeners[proxy.failed_listener or 0].address
-        print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
-        proxy.access_log.close()
-        return 1
-    tune_gc()
     loop = asyncio.get_running_loop()
     received: list[str] = []
 
@@ -689,10 +681,20 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
         if not problems:
             log.info("SIGHUP: TLS certificates and keys reloaded")
 
+    # Handled from before "listening on" is logged: a signal sent on seeing it must drain, not kill.
+    # They run as loop callbacks, so never before start() has made the event that stop() sets.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
+        try:
+            await proxy.start()
+        except OSError as exc:
+            failed = config.listeners[proxy.failed_listener or 0].address
+            print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
+            proxy.access_log.close()
+            return 1
+        tune_gc()
         await proxy.serve_until_stopped()
         await proxy.drain()
     finally:
