@@ -202,9 +202,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
            " taken DOWN by failed connects stays out.", "10s", _DURATION, "DURATION", needs=(NO_PROBES,)),
     Option("--tls-cert", f"{_LISTENER}.tls.cert", "tls-in",
-           "Terminate TLS from clients with this certificate chain.", metavar="PEM", pair="--tls-key"),
-    Option("--tls-key", f"{_LISTENER}.tls.key", "tls-in", "The private key of --tls-cert.", metavar="PEM",
-           pair="--tls-cert"),
+           "Terminate TLS from clients with this certificate chain. Repeat for more certificates, chosen by the"
+           " SNI name clients ask for (their DNS names); the first is the default.", metavar="PEM",
+           multiple=True, pair="--tls-key"),
+    Option("--tls-key", f"{_LISTENER}.tls.key", "tls-in", "The private key of --tls-cert; one per --tls-cert,"
+           " in the same order.", metavar="PEM", multiple=True, pair="--tls-cert"),
     Option("--tls-client-ca", f"{_LISTENER}.tls.client_ca", "tls-in",
            "Require client certificates signed by this CA (mTLS).", metavar="PEM", needs=(TLS_IN,)),
     Option("--tls-alpn", f"{_LISTENER}.tls.alpn", "tls-in", "ALPN protocols offered to clients, e.g."
@@ -213,6 +215,9 @@ OPTIONS: tuple[Option, ...] = (
            "Close clients that do not finish the handshake.", "10s", _DURATION, "DURATION", needs=(TLS_IN,)),
     Option("--tls-min-version", f"{_LISTENER}.tls.min_version", "tls-in", "Oldest TLS version accepted from"
            " clients.", "1.2", metavar="|".join(TLS_VERSIONS), needs=(TLS_IN,)),
+    Option("--tls-ciphers", f"{_LISTENER}.tls.ciphers", "tls-in", "TLS 1.2 cipher list in OpenSSL syntax"
+           " [default: Mozilla intermediate: ECDHE with AES-GCM or ChaCha20-Poly1305]; TLS 1.3 suites are fixed.",
+           metavar="LIST", needs=(TLS_IN,)),
     Option("--upstream-tls", f"{_POOL}.tls", "tls-out", "Speak TLS to the upstreams (verified by default).",
            parse=_section, switch=True),
     Option("--upstream-ca", f"{_POOL}.tls.ca", "tls-out", "CA bundle that upstream certificates must chain to"
@@ -466,21 +471,28 @@ command = _GroupedCommand(
 
 
 def check_tls_files(config: Config) -> None:
-    """Load every certificate, key and CA once before binding, so a bad file is a start-up error."""
-    from .tls import client_context, server_context
+    """Load every certificate, key and CA once before binding, so a bad file (or an expired certificate)
+    is a start-up error; log the warnings (a certificate that expires soon)."""
+    from .tls import client_context, server_context, warn_under
 
     for index, listener in enumerate(config.listeners):
         if listener.tls is not None:
+            where = f"listeners[{index}].tls"
             try:
-                server_context(listener.tls)
+                server_context(listener.tls, warn_under(_warn_tls, where))
             except ConfigError as exc:
-                raise flagged(exc.under(f"listeners[{index}].tls")) from None
+                raise flagged(exc.under(where)) from None
     for pool in config.pools:
         if pool.tls is not None:
+            where = f"pools.{pool.name}.tls"
             try:
-                client_context(pool.tls)
+                client_context(pool.tls, warn_under(_warn_tls, where))
             except ConfigError as exc:
-                raise flagged(exc.under(f"pools.{pool.name}.tls")) from None
+                raise flagged(exc.under(where)) from None
+
+
+def _warn_tls(warning: ConfigError, when: str = "") -> None:
+    log.warning("%s%s", when, flagged(warning))
 
 
 def run(config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None) -> int:
@@ -521,7 +533,7 @@ async def serve(
         if not proxy.uses_tls:
             log.info("SIGHUP: no TLS configured, nothing to reload")
             return
-        problems = proxy.reload_tls()
+        problems = proxy.reload_tls(lambda warning: _warn_tls(warning, "SIGHUP: "))
         for problem in problems:
             log.error("SIGHUP: kept the previous TLS files: %s", flagged(problem))
         if not problems:

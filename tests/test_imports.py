@@ -37,6 +37,7 @@ PURE_MODULES = {
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
+    "certrules": {"certrules"},
 }
 
 _PROBE = """
