@@ -15,15 +15,17 @@ Decisions:
   defaults: the upstream is ours to configure.
 * **Session resumption**: OpenSSL issues session tickets (two per TLS 1.3 handshake; RFC 5077 tickets
   on TLS 1.2) and keeps a server-side session cache, so a returning client skips the certificate and
-  key exchange. The ticket key is random per context and lives as long as the context does: a reload
-  builds new contexts and so a new key (older tickets then fall back to a full handshake). Python
-  offers no way to set or rotate the key on a live context.
+  key exchange. The ticket key is random per context (so per worker process) and lives as long as the
+  context does: a reload builds new contexts and so a new key (older tickets then fall back to a full
+  handshake). Python offers no way to set or rotate the key on a live context. The certificate that
+  SNI selects does not matter: OpenSSL seals tickets with the key of the context the handshake began on.
 * **Several certificates** per listener: one context per certificate, all with the same settings. The
   first is the one the listener is given and the default; with two or more, its ``sni_callback``
   switches a handshake to the certificate the SNI name selects (``certrules.NameIndex``, built once per
   load). With one certificate no selection runs.
-* **Dates are checked at load**: a leaf certificate outside its validity period is a ConfigError naming
-  the file and the dates; one that expires within 14 days loads with a warning.
+* **Dates are checked at load**, for our certificates on both sides: a leaf certificate outside its
+  validity period is a ConfigError naming the file and the dates; one that expires within 14 days
+  loads with a warning.
 * **mTLS**: with ``client_ca`` a listener requires a client certificate that chains to that bundle
   *only*; the system trust store is never used to accept clients.
 * **No half-close on TLS**: TLS has ``close_notify`` (which ends the whole connection), not a TCP
@@ -71,13 +73,6 @@ __all__ = [
 # Something worth saying that does not stop the load (a certificate about to expire); same shape as an error.
 Warn = Callable[[ConfigError], None]
 
-
-
-def warn_under(warn: Warn | None, prefix: str) -> Warn | None:
-    """``warn`` for the warnings of a TLS config that sits at ``prefix`` in the tree (``listeners[0].tls``)."""
-    return None if warn is None else lambda exc: warn(exc.under(prefix))
-
-
 _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _HARDENING = ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
 
@@ -98,6 +93,11 @@ _SNI_SEEN: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 # --- contexts --------------------------------------------------------------------------------------
+
+
+def warn_under(warn: Warn | None, prefix: str) -> Warn | None:
+    """``warn`` for the warnings of a TLS config that sits at ``prefix`` in the tree (``listeners[0].tls``)."""
+    return None if warn is None else lambda exc: warn(exc.under(prefix))
 
 
 def server_context(cfg: ServerTLSConfig, warn: Warn | None = None) -> ssl.SSLContext:
