@@ -25,15 +25,20 @@ FORBIDDEN = ("asyncio", "socket", "ssl", "selectors", "uvloop", "subprocess")
 PURE_MODULES = {
     # module: the l4proxy modules it may load (itself included)
     "errors": {"errors"},
-    "config": {"config", "errors"},
+    "config": {"config", "checks", "errors"},
+    "checks": {"checks", "errors"},
+    "resp": {"resp", "checks", "errors"},
+    "pgwire": {"pgwire", "checks", "errors"},
+    "httpcheck": {"httpcheck", "checks", "errors"},
+    "configfile": {"configfile", "config", "checks", "errors"},
     "health": {"health"},
-    "balancer": {"balancer", "config", "errors", "health"},
+    "balancer": {"balancer", "checks", "config", "errors", "health"},
     "accesslog": {"accesslog"},  # imports relay only for type checking
     "outlier": {"outlier", "errors"},
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
-    "table": {"table", "balancer", "config", "errors", "health"},
+    "table": {"table", "balancer", "checks", "config", "errors", "health"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},

@@ -463,3 +463,21 @@ def test_command_start_up_errors(pki: PKI, flags: list[str], message: str) -> No
     if "valid" in message or "expired" in message:
         expected += f" ({period})"
     assert (out.returncode, out.stderr.decode(), out.stdout) == (2, f"l4proxy: error: {expected}\n", b"")
+
+
+def test_check_names_an_expiring_certificate_of_a_config_file_by_line(tmp_path: Path, pki: PKI) -> None:
+    config = tmp_path / "l4proxy.toml"
+    config.write_text(
+        '[listeners.web]\naddress = "127.0.0.1:7000"\npool = "p"\n[listeners.web.tls]\n'
+        f'cert = ["{pki["default.pem"]}", "{pki["soon.pem"]}"]\nkey = ["{pki["default.key"]}", "{pki["soon.key"]}"]\n'
+        '[pools.p]\nmembers = ["127.0.0.1:7001"]\n'
+    )
+    out = subprocess.run([sys.executable, "-m", "l4proxy", "check", "--config", str(config)], capture_output=True,
+                         text=True, timeout=20)  # fmt: skip
+    after = _period(pki, "soon").rsplit(" to ", 1)[1]
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        f"warning: {config}:5: listeners.web.tls.cert[1]: expires in 5 days, on {after} (got {pki['soon.pem']!r})",
+        f"warning: {config}:5: listeners.web.tls.cert[1]: no SNI name selects it: it has no DNS names, or earlier"
+        f" certificates serve them all (got {pki['soon.pem']!r})",
+    ]
