@@ -13,6 +13,10 @@ generation). Each worker looks at the generation every 50 ms (``Follower``) and,
 its own pools from the table's entries: removed members get no new sessions from it and keep the ones
 they have; the supervisor reuses their slots only once every worker has let go of them.
 
+**Discovery, once.** The health thread also runs the resolvers of pools with DNS-named members
+(``resolver.py``); their answers change its pools like ``update`` does, and the workers follow.
+New addresses that wait for a probe are published DOWN, so no worker picks them first.
+
 **Health, once.** Workers run no probers and decide nothing: ``Pool.forward`` sends their passive
 results to the table. The supervisor runs every pool's probers in one thread with its own event loop,
 and every 50 ms feeds the passive results that arrived since the last look into its own ``Pool``s: the
@@ -54,10 +58,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
-from .accesslog import AccessLog, format_record
+from .accesslog import AccessLog, Finished
 from .balancer import Member
 from .config import Address, Config, PoolConfig
 from .errors import ConfigError
@@ -65,12 +69,12 @@ from .health import Event
 from .listener import bind_sockets
 from .pool import Pool
 from .prober import Prober
+from .resolver import Resolver
 from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
-    from .relay import Session
+    from .proxy import Shared
 
 log = logging.getLogger("l4proxy.workers")
 
@@ -82,7 +86,7 @@ _STABLE = 10.0  # a worker that lived this long is replaced after the shortest b
 _PIPE_BUF = 4096
 
 Changes = tuple[list[Member], list[Member]]  # Pool.update's (added, removed)
-RunWorker = Callable[[Config, AccessLog, Callable[["Proxy"], None]], int]
+RunWorker = Callable[[Config, AccessLog, "Shared"], int]  # runs a Proxy(config, log, shared=...) to the end
 
 
 def parse_workers(text: str, field_name: str = "--workers") -> int:
@@ -90,7 +94,7 @@ def parse_workers(text: str, field_name: str = "--workers") -> int:
     value = text.strip().lower()
     if value == "auto":
         return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WORKERS:
+    if not (value.isascii() and value.isdigit() and len(value) <= 3) or not 1 <= int(value) <= MAX_WORKERS:
         raise ConfigError(field_name, text, f"expected a number of processes from 1 to {MAX_WORKERS}, or 'auto'")
     return int(value)
 
@@ -104,10 +108,10 @@ class WorkerAccessLog(AccessLog):
         self.tail = f" worker={worker}\n"
         self.pending: list[str] = []
 
-    def record(self, session: Session) -> None:
+    def record(self, session: Finished) -> None:
         self.records += 1
         if self.fd is not None:
-            self.pending.append(format_record(session, time.time()) + self.tail)
+            self.pending.append(self.format(session, time.time()) + self.tail)
             if len(self.pending) >= 256:
                 self.flush()
 
@@ -153,10 +157,10 @@ class _HealthPool(Pool):
         for member in self.members:
             member.slot = slots[member.key]
 
-    def update(self, members: Sequence[Address]) -> tuple[list[Member], list[Member]]:
-        dataclasses.replace(self.config, members=tuple(members))  # a bad list: raise before the table changes
-        slots = self._table.publish(self.name, members)
-        added, removed = super().update(members)
+    def set_members(self, members: Sequence[Address], check_first: Collection[str] = ()) -> Changes:
+        # members waiting for a probe are published DOWN, so no worker picks them in between
+        slots = self._table.publish(self.name, members, down=check_first if self.config.health.enabled else ())
+        added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
             self._up[member.slot] = 1 if member.health.up else 0
@@ -180,6 +184,7 @@ class HealthThread(threading.Thread):
         self.reload = threading.Event()
         self.pools: dict[str, _HealthPool] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
+        self.make_resolver: Callable[[Pool], Resolver] = Resolver  # tests point it at a DNS server of theirs
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -204,9 +209,13 @@ class HealthThread(threading.Thread):
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pools = {pool.name: _HealthPool(pool, self.table) for pool in self.config.pools}
+        resolvers = [self.make_resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)]
+        await asyncio.gather(*(resolver.resolve() for resolver in resolvers))
         probers = [Prober(pool) for pool in self.pools.values()]
         for prober in probers:
             prober.start()
+        for resolver in resolvers:
+            resolver.start()
         self.ready.set()
         try:
             while not self.stopping.is_set():
@@ -218,6 +227,8 @@ class HealthThread(threading.Thread):
                     self.reload.clear()
                     _reload_probe_tls(list(self.pools.values()))
         finally:
+            for resolver in resolvers:
+                await resolver.stop()
             for prober in probers:
                 await prober.stop()
             for pool in self.pools.values():
@@ -246,12 +257,11 @@ class Follower:
     def apply(self) -> None:
         generation, entries = self.table.snapshot()
         for pool in self.pools:
-            found = entries.get(pool.name)
-            if found:
-                pool.update([entry.address for entry in found])
-                slots = {entry.key: entry.slot for entry in found}
-                for member in pool.members:
-                    member.slot = slots[member.key]
+            found = entries.get(pool.name, [])  # none: discovery found no address
+            pool.set_members([entry.address for entry in found])
+            slots = {entry.key: entry.slot for entry in found}
+            for member in pool.members:
+                member.slot = slots[member.key]
         self.seen = generation
         self.table.saw(self.worker, generation)
 
@@ -260,6 +270,22 @@ class Follower:
         if self.table.generation != self.seen:
             self.apply()
         loop.call_later(_POLL, self.poll, loop)
+
+
+class WorkerShare:
+    """A worker's ``Proxy.shared``: its pools count sessions in the shared table, read the status the
+    supervisor decides, forward their passive results to it, and follow its member lists."""
+
+    def __init__(self, table: SharedTable, worker: int) -> None:
+        self.table = table
+        self.worker = worker
+
+    def join(self, pools: Sequence[Pool]) -> None:
+        view, forward = WorkerView(self.table, self.worker), forwarder(self.table, self.worker)
+        for pool in pools:
+            pool.balancer.view = view
+            pool.forward = forward
+        Follower(self.table, self.worker, pools).poll(asyncio.get_running_loop())
 
 
 def _reload_probe_tls(pools: list[_HealthPool]) -> None:
@@ -308,7 +334,7 @@ class Supervisor:
                 self._step()
         finally:
             self._stop()
-        log.info("all %d workers stopped", self.count)
+        log.info("all %d worker%s stopped", self.count, "" if self.count == 1 else "s")
         return 0
 
     def _step(self) -> None:
@@ -325,17 +351,21 @@ class Supervisor:
 
     def _on_signal(self, signo: int) -> None:
         if signo == signal.SIGHUP:
-            log.info("SIGHUP received: reloading TLS files in every worker")
-            self.health.reload.set()
+            if _uses_tls(self.config):
+                log.info("SIGHUP received: reloading TLS files in every worker")
+                self.health.reload.set()
+            else:
+                log.info("SIGHUP: no TLS configured, nothing to reload")
             self._forward(signal.SIGHUP)
         elif signo in (signal.SIGTERM, signal.SIGINT):
             self.signals += 1
             name = signal.Signals(signo).name
             if self.signals == 1:
                 log.info(
-                    "%s received: draining %d workers for up to %.1fs (again to force)",
+                    "%s received: draining %d worker%s for up to %.1fs (again to force)",
                     name,
                     self.count,
+                    "" if self.count == 1 else "s",
                     self.config.drain_timeout,
                 )
                 for slot in self.slots:
@@ -400,7 +430,7 @@ class Supervisor:
             _tag_logs(worker)
             stream = self.access_log.stream
             access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
-            code = self.run_worker(self.config, access, lambda proxy: self._prepare(proxy, worker))
+            code = self.run_worker(self.config, access, WorkerShare(self.table, worker))
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:
@@ -408,16 +438,6 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code)
-
-    def _prepare(self, proxy: Proxy, worker: int) -> None:
-        """Make a worker's Proxy use the shared table: global counts and status, the supervisor's
-        members, no probers."""
-        proxy.probers = []
-        view, forward = WorkerView(self.table, worker), forwarder(self.table, worker)
-        for pool in proxy.pools.values():
-            pool.balancer.view = view
-            pool.forward = forward
-        Follower(self.table, worker, list(proxy.pools.values())).poll(asyncio.get_running_loop())
 
     def _stop(self) -> None:
         """Leaving (normally after the drain; on an error, with workers still running)."""
@@ -454,6 +474,10 @@ def _claim_addresses(config: Config) -> Config:
         address = listener.address if listener.address.port else Address(listener.address.host, port)
         listeners.append(dataclasses.replace(listener, address=address, reuse_port=True))
     return dataclasses.replace(config, listeners=tuple(listeners))
+
+
+def _uses_tls(config: Config) -> bool:
+    return any(c.tls is not None for c in config.listeners) or any(p.tls is not None for p in config.pools)
 
 
 def _describe(status: int) -> str:
