@@ -39,7 +39,7 @@ from .relay import Session
 from .resolver import Resolver
 from .sessions import SessionTable
 from .splice import Splicing
-from .tls import client_context, server_context
+from .tls import Warn, client_context, reload_server_context, warn_under
 
 log = logging.getLogger("l4proxy")
 
@@ -180,22 +180,25 @@ class Proxy:
         """Whether any listener or pool has TLS files that ``reload_tls`` would re-read."""
         return bool(self.server_tls) or any(pool.config.tls is not None for pool in self.pools.values())
 
-    def reload_tls(self) -> list[ConfigError]:
-        """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
-        the problems, one line each. Established sessions are not touched."""
+    def reload_tls(self, warn: Warn | None = None) -> list[ConfigError]:
+        """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context (per
+        certificate, on a listener with several); returns the problems, one line each, and passes
+        warnings (a certificate about to expire) to ``warn``. Established sessions are not touched."""
         problems: list[ConfigError] = []
         for frontend in self.frontends:
-            if frontend.config.tls is not None:
-                try:
-                    frontend.tls_context = server_context(frontend.config.tls)
-                except ConfigError as exc:
-                    problems.append(exc.under(f"listeners[{frontend.index}].tls"))
+            if frontend.config.tls is not None and frontend.tls_context is not None:
+                where = f"listeners[{frontend.index}].tls"
+                frontend.tls_context, failed = reload_server_context(
+                    frontend.config.tls, frontend.tls_context, warn_under(warn, where)
+                )
+                problems.extend(exc.under(where) for exc in failed)
         for pool in self.pools.values():
             if pool.config.tls is not None:
+                where = f"pools.{pool.config.name}.tls"
                 try:
-                    pool.ssl_context = client_context(pool.config.tls)
+                    pool.ssl_context = client_context(pool.config.tls, warn_under(warn, where))
                 except ConfigError as exc:
-                    problems.append(exc.under(f"pools.{pool.config.name}.tls"))
+                    problems.append(exc.under(where))
         return problems
 
 
