@@ -688,7 +688,7 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
     try:
         await proxy.start()
     except OSError as exc:
-        failed = config.listeners[len(proxy.listeners)].address  # the listeners before it did start
+        failed = config.listeners[proxy.failed_listener or 0].address
         print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
         return 1

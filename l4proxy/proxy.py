@@ -76,6 +76,7 @@ class Proxy:
             for i, c in enumerate(config.listeners)
         ]
         self._stopped: asyncio.Event | None = None
+        self.failed_listener: int | None = None  # the index of the listener whose start raised
 
     @property
     def sessions(self) -> set[Session]:
@@ -111,8 +112,10 @@ class Proxy:
             self.shared.join(list(self.pools.values()))
         try:
             for frontend in self.frontends:
+                self.failed_listener = frontend.index
                 frontend.start(self.deadlines)
                 self.outgoing.ports.update(port for _, port in frontend.listener.addresses)
+            self.failed_listener = None
         except BaseException:
             self._close_listeners()
             raise
