@@ -36,6 +36,7 @@ import click
 
 from . import __version__
 from .accesslog import AccessLog
+from .admin import AdminServer
 from .config import (
     LOG_LEVELS,
     RELAY_ENGINES,
@@ -51,6 +52,7 @@ from .config import (
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy
+from .snapshot import ProxySource, Source, status_lines
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -235,6 +237,9 @@ OPTIONS: tuple[Option, ...] = (
            " before they are closed.", "30s", _DURATION, "DURATION"),
     Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
            " one per CPU.", "1", _plain(parse_workers), "N|auto"),
+    Option("--admin", "admin", "process", "Serve the admin API (/metrics, /healthz, /readyz, /status, member"
+           " drain/enable/disable) on this address; off unless given.", parse=_plain(parse_address),
+           metavar="HOST:PORT"),
 )  # fmt: skip
 
 # Sections that exist only when one of their flags is given; their defaults apply only then.
@@ -505,6 +510,12 @@ async def serve(
         print(f"l4proxy: error: cannot listen on {config.listeners[0].address}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
         return 1
+    try:
+        admin = await _start_admin(proxy)
+    except OSError as exc:
+        print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {exc.strerror or exc}", file=sys.stderr)
+        await proxy.drain()
+        return 1
     tune_gc()
     loop = asyncio.get_running_loop()
     received: list[str] = []
@@ -530,14 +541,33 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy))
     try:
         await proxy.serve_until_stopped()
         await proxy.drain()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+        if admin is not None:
+            await admin.close()
     log.info("stopped after %d sessions", proxy.served)
     return 0
+
+
+async def _start_admin(proxy: Proxy) -> AdminServer | None:
+    """The admin endpoint when ``--admin`` is given; raises OSError when it cannot listen."""
+    address = proxy.config.admin
+    if address is None:
+        return None
+    admin = AdminServer(ProxySource(proxy), address.host, address.port)
+    await admin.start()
+    return admin
+
+
+def log_status(source: Source) -> None:
+    """SIGUSR1: the status of every member, one line each, to the log."""
+    for line in status_lines(source.snapshot()):
+        log.info("%s", line)
 
 
 def tune_gc() -> None:

@@ -16,6 +16,7 @@ import random
 import time
 
 from .balancer import Member
+from .counters import DISABLED
 from .errors import failure_kind, out_of_descriptors
 from .health import Event
 from .pool import Pool
@@ -78,6 +79,9 @@ class Prober:
         me = asyncio.current_task()
         await asyncio.sleep(self.rng.uniform(0, interval))  # spread members' probes apart
         while not self._stopping and self.tasks.get(member) is me:  # until stopped or the member is removed
+            if member.admin == DISABLED:  # held by the operator: no checks until enabled
+                await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
+                continue
             started = time.monotonic()
             try:
                 ok, reason = await probe(self.pool, member)
@@ -86,6 +90,7 @@ class Prober:
             else:
                 took = (time.monotonic() - started) * 1000
                 log.debug("probe of %s in pool %s: %s (%.1f ms)", member.name, self.pool.name, reason, took)
+                member.stats.checked(ok, reason, took / 1000, time.time())
                 self.pool.report(member, Event.PROBE_OK if ok else Event.PROBE_FAIL, reason)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
 

@@ -26,6 +26,7 @@ from typing import Any
 from . import splice
 from .accesslog import AccessLog
 from .config import Config, ListenerConfig, UpstreamTLSConfig
+from .counters import ListenerCounters
 from .deadlines import Deadlines
 from .dialer import Dial
 from .drive import Drive
@@ -58,6 +59,9 @@ class Proxy:
         self.sessions: set[Session] = set()
         self.served = 0
         self.tls_failures = 0  # client TLS handshakes that failed or timed out
+        self.counters = [ListenerCounters() for _ in config.listeners]  # by listener index, for metrics
+        self.started_at = time.time()
+        self.draining = False  # set when a drain starts (readiness turns 503 at once)
         self.warnings = Warnings(time.monotonic)  # lines any client can trigger, rate-limited per kind
         self._sweeper: asyncio.Task[None] | None = None
         # clients whose transport is not made yet (a TLS handshake, or one loop iteration)
@@ -100,7 +104,8 @@ class Proxy:
         return self.listeners[index].addresses[0][1]
 
     def stop(self) -> None:
-        """Ask ``serve_until_stopped`` to return (signal handlers call this)."""
+        """Ask ``serve_until_stopped`` to return (signal handlers call this); the drain begins."""
+        self.draining = True
         if self._stopped is not None:
             self._stopped.set()
 
@@ -111,6 +116,7 @@ class Proxy:
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, let sessions finish for up to ``timeout``, then abort what is left."""
         timeout = self.config.drain_timeout if timeout is None else timeout
+        self.draining = True
         self._close_listeners()
         await self._cancel_opening()
         if self.sessions:
@@ -180,16 +186,25 @@ class Proxy:
         tls = config.tls is not None
         handshake_timeout = config.tls.handshake_timeout if config.tls is not None else None
         warnings = self.warnings
+        counters = self.counters[index]
 
         def on_client_ready(session: Session) -> None:
             opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
             sessions.add(session)
+            counters.sessions += 1
+            counters.active += 1
             dial = session.dial = Dial(session, pool, loop, self.deadlines, warnings)
             dial.start()
 
         def on_end(session: Session) -> None:
             sessions.discard(session)
             self.served += 1
+            counters.active -= 1
+            counters.ended += 1
+            counters.bytes_in += session.client.nbytes
+            upstream = session.upstream
+            if upstream is not None:
+                counters.bytes_out += upstream.nbytes
             if session.member is not None:
                 pool.balancer.release(session.member)
             self.access_log.record(session)
@@ -224,9 +239,9 @@ class Proxy:
                 session.discard()
                 if tls:
                     self.tls_failures += 1
-                    warnings.warn(
-                        log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc)
-                    )
+                    cause = _tls_failure(exc)
+                    counters.tls_failed(cause)
+                    warnings.warn(log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, cause)
                 else:
                     warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
 
