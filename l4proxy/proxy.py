@@ -336,11 +336,12 @@ def _client_tls(tls_config: UpstreamTLSConfig | None) -> ssl.SSLContext | None:
 
 def _tls_failure(exc: BaseException) -> str:
     """Why a client's handshake failed, in words: the loops report a client that leaves mid-handshake
-    as a bare ``ConnectionResetError`` (no message), whether it reset or just closed."""
+    as a bare ``ConnectionResetError`` (no message), whether it reset or just closed, and their own
+    handshake timeout as ``ConnectionAbortedError``."""
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "handshake timeout"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionAbortedError):
+        return "handshake timeout"  # both loops abort a handshake past its timeout with ConnectionAbortedError
     if isinstance(exc, ConnectionError):
         if exc.errno == errno.ECONNRESET:
             return "the client reset the connection during the handshake"
