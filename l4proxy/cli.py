@@ -23,6 +23,7 @@ import gc
 import ipaddress
 import itertools
 import logging
+import os
 import re
 import resource
 import signal
@@ -513,7 +514,8 @@ async def serve(
     try:
         admin = await _start_admin(proxy)
     except OSError as exc:
-        print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {exc.strerror or exc}", file=sys.stderr)
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # the loop's message repeats the address
+        print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
         await proxy.drain()
         return 1
     tune_gc()
