@@ -26,6 +26,7 @@ import asyncio
 import http
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -217,21 +218,30 @@ class _Connection(asyncio.Protocol):
         self.transport.write(out)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket for the admin endpoint, made before the event loop that serves it exists."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=64)
+
+
 class AdminServer:
     """The admin endpoint: listens on ``host:port`` (port 0: any free one) until ``close``."""
 
-    def __init__(self, source: Source, host: str, port: int) -> None:
+    def __init__(self, source: Source, host: str, port: int, sock: socket.socket | None = None) -> None:
         self.app = AdminApp(source)
         self.host = host
         self.port = port
+        self.sock = sock  # bound and listening already (the supervisor binds before it forks)
         self.server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: _Connection(self.app, self.connections), self.host or None, self.port, reuse_address=True
-        )
+        factory = lambda: _Connection(self.app, self.connections)  # noqa: E731
+        if self.sock is not None:
+            self.server = await loop.create_server(factory, sock=self.sock)
+        else:
+            self.server = await loop.create_server(factory, self.host or None, self.port, reuse_address=True)
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("admin endpoint on http://%s/", _fmt(self.host, self.port))
 

@@ -53,7 +53,7 @@ from .config import (
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy
-from .snapshot import ProxySource, Source, status_lines
+from .snapshot import ProxySource, log_status
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -564,12 +564,6 @@ async def _start_admin(proxy: Proxy) -> AdminServer | None:
     admin = AdminServer(ProxySource(proxy), address.host, address.port)
     await admin.start()
     return admin
-
-
-def log_status(source: Source) -> None:
-    """SIGUSR1: the status of every member, one line each, to the log."""
-    for line in status_lines(source.snapshot()):
-        log.info("%s", line)
 
 
 def tune_gc() -> None:

@@ -10,7 +10,9 @@ in how the proxy keeps its objects (a frontend per listener, a session table) is
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -150,7 +152,7 @@ def listener_view(name: str, pool: str, counters: ListenerCounters, listener: Li
     )
 
 
-def find_member(pools: dict[str, Pool], pool: str, member: str) -> tuple[Pool, Member]:
+def find_member(pools: Mapping[str, Pool], pool: str, member: str) -> tuple[Pool, Member]:
     """The pool called ``pool`` and its member whose key (or address) is ``member``."""
     found = pools.get(pool)
     if found is None:
@@ -272,3 +274,9 @@ def status_lines(snap: Snapshot) -> list[str]:
                 f" active {m.active}, sessions {m.sessions}, last check {check}"
             )
     return lines
+
+
+def log_status(source: Source) -> None:
+    """SIGUSR1: the status of every member, one line each, to the log."""
+    for line in status_lines(source.snapshot()):
+        logging.getLogger("l4proxy").info("%s", line)

@@ -51,6 +51,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -58,6 +59,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog, format_record
+from .admin import AdminServer, bind
 from .balancer import Member
 from .config import Address, Config, PoolConfig
 from .errors import ConfigError
@@ -65,6 +67,8 @@ from .health import Event
 from .listener import bind_sockets
 from .pool import Pool
 from .prober import Prober
+from .sharedstats import Publisher, SharedCounters, SupervisorSource
+from .snapshot import log_status
 from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
@@ -74,7 +78,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("l4proxy.workers")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 MAX_WORKERS = 256
 _POLL = 0.05  # how often the supervisor looks at passive results, and a worker at the generation
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
@@ -159,13 +163,19 @@ class _HealthPool(Pool):
         added, removed = super().update(members)
         for member in added:
             member.slot = slots[member.key]
-            self._up[member.slot] = 1 if member.health.up else 0
+            self._up[member.slot] = 1 if member.eligible else 0
         return added, removed
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
         if not member.draining:  # its slot may belong to another member soon
-            self._up[member.slot] = 1 if member.health.up else 0
+            self._up[member.slot] = 1 if member.eligible else 0
+
+    def set_admin(self, member: Member, state: str) -> None:
+        """The operator's state, decided here for every worker: a held member reads as not UP to their picks."""
+        super().set_admin(member, state)
+        if not member.draining:
+            self._up[member.slot] = 1 if member.eligible else 0
 
 
 class HealthThread(threading.Thread):
@@ -180,6 +190,7 @@ class HealthThread(threading.Thread):
         self.reload = threading.Event()
         self.pools: dict[str, _HealthPool] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
+        self.admin: AdminServer | None = None  # served on this thread's loop, over every worker
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -190,6 +201,11 @@ class HealthThread(threading.Thread):
                 runner.run(self._main())
         except Exception:
             log.exception("health checks stopped")
+
+    def call(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on this thread's loop (where the pools live), from another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(callback)
 
     def update(self, pool: str, members: Sequence[Address]) -> concurrent.futures.Future[Changes]:
         """Change the members of ``pool`` from another thread; the future has ``Pool.update``'s result
@@ -207,6 +223,8 @@ class HealthThread(threading.Thread):
         probers = [Prober(pool) for pool in self.pools.values()]
         for prober in probers:
             prober.start()
+        if self.admin is not None:
+            await self.admin.start()
         self.ready.set()
         try:
             while not self.stopping.is_set():
@@ -218,6 +236,8 @@ class HealthThread(threading.Thread):
                     self.reload.clear()
                     _reload_probe_tls(list(self.pools.values()))
         finally:
+            if self.admin is not None:
+                await self.admin.close()
             for prober in probers:
                 await prober.stop()
             for pool in self.pools.values():
@@ -283,13 +303,28 @@ class _Slot:
 class Supervisor:
     """Starts ``count`` workers, replaces dead ones, forwards signals, and runs the health thread."""
 
-    def __init__(self, config: Config, count: int, access_log: AccessLog, run_worker: RunWorker) -> None:
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        access_log: AccessLog,
+        run_worker: RunWorker,
+        admin: socket.socket | None = None,
+    ) -> None:
         self.config = config
         self.count = count
         self.access_log = access_log
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
+        self.shared = SharedCounters(config, count, self.table.capacity)  # the workers' counters, for --admin
         self.health = HealthThread(config, self.table)
+        self.admin_socket = admin
+        self.source = SupervisorSource(
+            config, lambda: self.health.pools, self.table, self.shared, lambda: self.draining
+        )
+        if admin is not None:
+            host, port = admin.getsockname()[:2]
+            self.health.admin = AdminServer(self.source, host, port, sock=admin)
         self.slots = [_Slot() for _ in range(count)]
         self.signals = 0
         self.pid = os.getpid()
@@ -324,7 +359,9 @@ class Supervisor:
                 self._spawn(worker)
 
     def _on_signal(self, signo: int) -> None:
-        if signo == signal.SIGHUP:
+        if signo == signal.SIGUSR1:
+            self.health.call(lambda: log_status(self.source))
+        elif signo == signal.SIGHUP:
             log.info("SIGHUP received: reloading TLS files in every worker")
             self.health.reload.set()
             self._forward(signal.SIGHUP)
@@ -365,6 +402,7 @@ class Supervisor:
     def _died(self, worker: int, status: int) -> None:
         slot = self.slots[worker]
         self.table.clear_worker(worker)
+        self.shared.retire(worker)
         how = _describe(status)
         if self.draining:
             level = logging.INFO if os.waitstatus_to_exitcode(status) == 0 else logging.WARNING
@@ -398,9 +436,12 @@ class Supervisor:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the worker's loop handles it once running
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             _tag_logs(worker)
+            if self.admin_socket is not None:
+                self.admin_socket.close()  # the supervisor's endpoint answers for every worker
             stream = self.access_log.stream
             access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
-            code = self.run_worker(self.config, access, lambda proxy: self._prepare(proxy, worker))
+            config = dataclasses.replace(self.config, admin=None)
+            code = self.run_worker(config, access, lambda proxy: self._prepare(proxy, worker))
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:
@@ -418,6 +459,8 @@ class Supervisor:
             pool.balancer.view = view
             pool.forward = forward
         Follower(self.table, worker, list(proxy.pools.values())).poll(asyncio.get_running_loop())
+        if self.admin_socket is not None:
+            Publisher(self.shared, worker, proxy).poll(asyncio.get_running_loop())
 
     def _stop(self) -> None:
         """Leaving (normally after the drain; on an error, with workers still running)."""
@@ -438,7 +481,14 @@ def supervise(config: Config, count: int, access_log: AccessLog, run_worker: Run
     except OSError as exc:
         print(f"l4proxy: error: cannot listen on {config.listeners[0].address}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    return Supervisor(config, count, access_log, run_worker).run()
+    admin = None
+    if config.admin is not None:
+        try:
+            admin = bind(config.admin.host, config.admin.port)
+        except OSError as exc:
+            print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    return Supervisor(config, count, access_log, run_worker, admin).run()
 
 
 def _claim_addresses(config: Config) -> Config:

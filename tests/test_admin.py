@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from l4proxy import Address, HealthConfig, ServerTLSConfig
 from l4proxy.admin import AdminApp, AdminServer
 from l4proxy.proxy import Proxy
+from l4proxy.sharedstats import LISTENER_FIELDS, SharedCounters
 from l4proxy.snapshot import NotFound, ProxySource, Snapshot
 
 from .kit import blackhole, connect, eventually, make_config, open_session, refused_address, running, upstreams
@@ -308,3 +309,20 @@ async def test_ipv6_members_can_be_named_url_encoded() -> None:
             target = f"/members/default/%5B::1%5D:{u0.port}/drain"
             status, body = await get_json(admin, "POST", target)
             assert (status, body["member"]["name"], body["member"]["state"]) == (200, f"[::1]:{u0.port}", "DRAIN")
+
+
+def test_a_dead_workers_totals_are_kept_and_its_gauges_dropped() -> None:
+    config = make_config([Address("127.0.0.1", 1)])
+    shared = SharedCounters(config, workers=2, capacity=4)
+    listener, slot = shared.listener(0), shared.slot(3)
+    for worker, (sessions, active, attempts) in enumerate([(5, 2, 7), (3, 1, 4)]):
+        row = worker * shared.row
+        shared.cells[row + listener + LISTENER_FIELDS.index("sessions")] = sessions
+        shared.cells[row + listener + LISTENER_FIELDS.index("active")] = active
+        shared.cells[row + slot] = attempts
+    width = len(LISTENER_FIELDS)
+    assert shared.total(listener, width)[1:3] == [8, 3] and shared.total(slot, 1) == [11]
+    shared.retire(0)
+    assert shared.total(listener, width)[1:3] == [8, 1]  # sessions kept, its active sessions are gone
+    assert shared.total(slot, 1) == [11]
+    assert all(shared.cells[offset] == 0 for offset in range(shared.row))  # a fresh row for the replacement

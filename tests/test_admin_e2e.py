@@ -5,6 +5,8 @@ one line and exit 1."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -138,3 +140,55 @@ def test_a_bad_admin_address_names_the_flag() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == "l4proxy: error: --admin 'localhost': a port is required, as HOST:PORT or :PORT\n"
+
+
+def status_of(port: int) -> dict[str, Any]:
+    code, body = fetch(f"http://127.0.0.1:{port}/status")
+    assert code == 200
+    return json.loads(body)
+
+
+def test_with_workers_the_supervisor_answers_for_all_of_them(tmp_path: Path, redis: RedisServer) -> None:
+    admin = free_port()
+    member = f"127.0.0.1:{redis.port}"
+    proxy = L4Proxy(tmp_path, ["--upstream", member, "--admin", f"127.0.0.1:{admin}", "--workers", "2"])
+    with started(proxy):
+        for _ in range(6):
+            assert redis_cli(proxy.port, "PING") == "PONG"
+        expected = 7  # with the start-up check that the proxy listens
+
+        def counted() -> bool:
+            return status_of(admin)["totals"]["sessions"] == expected
+
+        wait_until(counted)  # the workers copy their counters every quarter second
+        [pool] = status_of(admin)["pools"]
+        [seen] = pool["members"]
+        assert (seen["name"], seen["state"], seen["sessions"], seen["connect_attempts"]) == (member, "UP", 7, 7)
+        code, body = fetch(f"http://127.0.0.1:{admin}/metrics")
+        assert code == 200 and b'l4proxy_workers 2.0' in body
+
+        assert proxy.proc is not None
+        worker = next(int(w) for w in re.findall(r"worker 0 started \(pid (\d+)\)", proxy.stderr))
+        os.kill(worker, signal.SIGKILL)
+        proxy.wait_log("worker 0 (pid")
+        proxy.wait_log("worker 0 started", timeout=10)
+        assert status_of(admin)["totals"]["sessions"] == expected  # a dead worker's counts are kept
+
+        request = urllib.request.Request(f"http://127.0.0.1:{admin}/members/default/{member}/drain", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.loads(response.read())["member"]["state"] == "DRAIN"
+        assert fetch(f"http://127.0.0.1:{admin}/readyz") == (503, b"not ready: no eligible member in pool default\n")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+            assert client.recv(1) == b""  # no worker sends a new session to the drained member
+        request = urllib.request.Request(f"http://127.0.0.1:{admin}/members/default/{member}/enable", method="POST")
+        urllib.request.urlopen(request, timeout=5).close()
+        wait_until(lambda: redis_cli(proxy.port, "PING") == "PONG")
+
+        proxy.proc.send_signal(signal.SIGUSR1)
+        proxy.wait_log(f"status: pool default member {member} UP since ")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as held:
+            held.sendall(b"PING\r\n")
+            assert held.recv(7) == b"+PONG\r\n"
+            proxy.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: fetch(f"http://127.0.0.1:{admin}/readyz") == (503, b"not ready: draining\n"))
+        assert proxy.proc.wait(15) == 0
