@@ -17,7 +17,8 @@ Routes (README, "Monitoring"):
   is its ``host:port`` as configured (URL-encode ``[`` ``]`` of IPv6 if your client needs it).
 
 Errors are JSON ``{"error": "..."}``; an unknown pool or member is a 404 naming it. Requests with a body
-over ``MAX_BODY`` bytes, or idle connections past ``IDLE_TIMEOUT``, are closed.
+over ``MAX_BODY`` bytes, connections idle past ``IDLE_TIMEOUT`` and those beyond ``MAX_CONNECTIONS`` at
+once are closed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ log = logging.getLogger("l4proxy.admin")
 
 MAX_BODY = 4096
 IDLE_TIMEOUT = 30.0
+MAX_CONNECTIONS = 64  # admin clients at once; more are closed at once, so they cannot eat descriptors
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
 _ROUTES = {"/metrics": "GET", "/healthz": "GET", "/readyz": "GET", "/status": "GET"}
@@ -125,6 +127,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.connections) >= MAX_CONNECTIONS:
+            transport.close()
+            return
         self.connections.add(self)
         self._arm()
 

@@ -17,7 +17,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from l4proxy import Address, HealthConfig, ServerTLSConfig
-from l4proxy.admin import AdminApp, AdminServer
+from l4proxy.admin import MAX_CONNECTIONS, AdminApp, AdminServer
 from l4proxy.proxy import Proxy
 from l4proxy.sharedstats import LISTENER_FIELDS, SharedCounters
 from l4proxy.snapshot import NotFound, ProxySource, Snapshot
@@ -326,3 +326,19 @@ def test_a_dead_workers_totals_are_kept_and_its_gauges_dropped() -> None:
     assert shared.total(listener, width)[1:3] == [8, 1]  # sessions kept, its active sessions are gone
     assert shared.total(slot, 1) == [11]
     assert all(shared.cells[offset] == 0 for offset in range(shared.row))  # a fresh row for the replacement
+
+
+async def test_admin_clients_beyond_the_limit_are_closed_and_the_rest_served() -> None:
+    async with upstreams(1) as (u0,), running(make_config([u0.address])) as (proxy, _access), AdminServer(
+        ProxySource(proxy), "127.0.0.1", 0
+    ) as server:
+        idle = [await connect(server.port) for _ in range(MAX_CONNECTIONS)]
+        await eventually(lambda: len(server.connections) == MAX_CONNECTIONS)
+        reader, writer = await connect(server.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # one too many: closed at once
+        writer.close()
+        idle.pop()[1].close()
+        await eventually(lambda: len(server.connections) == MAX_CONNECTIONS - 1)
+        assert (await http(server.port, "GET", "/healthz"))[0] == 200
+        for _r, w in idle:
+            w.close()
