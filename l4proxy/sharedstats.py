@@ -1,4 +1,5 @@
-"""``--workers N`` with ``--admin``: the workers' counters in shared memory, and the supervisor's view.
+"""``--workers N``: the workers' counters in shared memory, and the supervisor's view of them (for
+``--admin`` and SIGUSR1).
 
 Each worker keeps its counters as in one process (plain ints, ``counters.py``) and copies them into its
 own row of one anonymous ``mmap`` every ``PUBLISH`` seconds (``Publisher``, a loop timer: nothing on the

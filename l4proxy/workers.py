@@ -26,10 +26,15 @@ ejection timers bring members back, as in one process.
 ``sigtimedwait`` in its main thread (the health thread never sees them). SIGTERM/SIGINT is forwarded as
 SIGTERM to every worker, which drains; a second one is forwarded again and makes the workers close
 their sessions at once; the supervisor exits 0 once every worker has exited. SIGHUP is forwarded (each
-worker reloads its TLS files) and the supervisor reloads its probes' client contexts. A child starts
+worker reloads its TLS files) and the supervisor reloads its probes' client contexts. SIGUSR1 makes the
+supervisor log every member's status (``snapshot.log_status``), for all workers. A child starts
 with those signals at their defaults (SIGHUP ignored until its loop handles it) and unblocked, in its
 own process group, so a terminal's Ctrl-C reaches it once, through the supervisor; it gets SIGTERM if
 the supervisor itself dies.
+
+**Admin.** With ``--admin`` the supervisor binds the endpoint before the first fork and serves it on the
+health thread's loop, over every worker (``sharedstats.py``: each worker copies its counters to shared
+memory every 0.25 s); workers run none of their own.
 
 **Forks** happen in the supervisor's main thread, which never runs an event loop. The first workers are
 forked before the health thread starts; a replacement is forked while it runs, and only builds fresh
@@ -316,7 +321,7 @@ class Supervisor:
         self.access_log = access_log
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
-        self.shared = SharedCounters(config, count, self.table.capacity)  # the workers' counters, for --admin
+        self.shared = SharedCounters(config, count, self.table.capacity)  # workers' counters: --admin, SIGUSR1
         self.health = HealthThread(config, self.table)
         self.admin_socket = admin
         self.source = SupervisorSource(
@@ -459,8 +464,7 @@ class Supervisor:
             pool.balancer.view = view
             pool.forward = forward
         Follower(self.table, worker, list(proxy.pools.values())).poll(asyncio.get_running_loop())
-        if self.admin_socket is not None:
-            Publisher(self.shared, worker, proxy).poll(asyncio.get_running_loop())
+        Publisher(self.shared, worker, proxy).poll(asyncio.get_running_loop())  # for --admin and SIGUSR1
 
     def _stop(self) -> None:
         """Leaving (normally after the drain; on an error, with workers still running)."""
