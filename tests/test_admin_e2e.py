@@ -108,6 +108,7 @@ def test_sigusr1_logs_every_member_and_the_admin_answers(tmp_path: Path, redis: 
     member = f"127.0.0.1:{redis.port}"
     proxy = L4Proxy(tmp_path, ["--upstream", member, "--admin", f"127.0.0.1:{admin}", "--no-health-checks"])
     with started(proxy):
+        wait_listening(admin)  # the admin endpoint starts just after the listeners
         assert fetch(f"http://127.0.0.1:{admin}/healthz") == (200, b"ok\n")
         assert redis_cli(proxy.port, "PING") == "PONG"
         assert proxy.proc is not None
@@ -153,6 +154,7 @@ def test_with_workers_the_supervisor_answers_for_all_of_them(tmp_path: Path, red
     member = f"127.0.0.1:{redis.port}"
     proxy = L4Proxy(tmp_path, ["--upstream", member, "--admin", f"127.0.0.1:{admin}", "--workers", "2"])
     with started(proxy):
+        wait_listening(admin)
         for _ in range(6):
             assert redis_cli(proxy.port, "PING") == "PONG"
         expected = 7  # with the start-up check that the proxy listens
