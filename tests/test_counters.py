@@ -1,10 +1,23 @@
-"""The pure counters behind /metrics: failure kinds and TLS reasons as bounded labels, as tables."""
+"""The pure counters behind /metrics (failure kinds and TLS reasons as bounded labels) and the
+operator's hold in the pick, as tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from l4proxy.counters import CONNECT_KINDS, MAX_REASONS, ListenerCounters, MemberCounters, connect_kind, tls_reason
+from l4proxy.balancer import Balancer
+from l4proxy.config import Address, HealthConfig
+from l4proxy.counters import (
+    CONNECT_KINDS,
+    DISABLED,
+    DRAIN,
+    MAX_REASONS,
+    READY,
+    ListenerCounters,
+    MemberCounters,
+    connect_kind,
+    tls_reason,
+)
 from l4proxy.errors import failure_kind
 
 
@@ -76,3 +89,20 @@ def test_member_counters_keep_every_kind_and_the_last_check() -> None:
         0.001,
     )
     assert (counters.why, counters.since) == ("check failed: refused", 101.0)
+
+
+@pytest.mark.parametrize(
+    ("held", "picked"),
+    [
+        ({}, ["a:1", "b:1", "c:1"]),
+        ({"a:1": DRAIN}, ["b:1", "c:1", "b:1"]),
+        ({"a:1": DRAIN, "c:1": DISABLED}, ["b:1", "b:1", "b:1"]),
+        ({"a:1": DRAIN, "b:1": DRAIN, "c:1": DISABLED}, [None, None, None]),
+    ],
+)
+def test_the_pick_leaves_members_held_by_the_operator_alone(held: dict[str, str], picked: list[str | None]) -> None:
+    balancer = Balancer([Address("a", 1), Address("b", 1), Address("c", 1)], HealthConfig())
+    for member in balancer.members:
+        member.admin = held.get(member.key, READY)
+    assert [getattr(balancer.pick(), "key", None) for _ in picked] == picked
+    assert balancer.any_up is (picked[0] is not None)
