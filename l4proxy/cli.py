@@ -10,6 +10,12 @@ line leaves off (``--tls-alpn`` without ``--tls-cert``, ``--health-send`` with `
 ``--upstream-ca`` with ``--upstream-insecure``) is refused, since the command line contradicts itself;
 what works but is probably not what was meant (a member listed twice) is a warning at start-up.
 
+``--config FILE`` takes the listeners and pools from a TOML file instead (``configfile``, which reads
+each value with the flag parsers here, ``FILE_FORMS``); the process-level flags may still be given and
+win over the file, the others are refused. ``l4proxy check --config FILE`` (``check`` as the first
+word, so ``l4proxy --listen ...`` parses as before) prints the effective configuration or every problem
+as ``FILE:LINE: path: problem``.
+
 Only this module turns errors into exit codes: 2 for a user mistake (bad flag, bad value, missing
 file, a member that is the proxy itself), 1 when the proxy cannot start (address in use), 0 after a
 graceful drain.
@@ -35,9 +41,10 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, configfile
 from .accesslog import AccessLog
 from .admin import AdminServer
+from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     LOG_LEVELS,
     RELAY_ENGINES,
@@ -50,6 +57,7 @@ from .config import (
     parse_escapes,
     parse_members,
 )
+from .configfile import ConfigFileError, Document
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy
@@ -94,6 +102,13 @@ def _size(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
 
 def _names(text: str, path: str, _earlier: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _port(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
+    port = _whole(text, path, _earlier)
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, text, "port must be 1..65535")
+    return port
 
 
 def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[Address, ...]:
@@ -200,6 +215,21 @@ OPTIONS: tuple[Option, ...] = (
            r" 'PING\r\n' (escapes below).", parse=_plain(parse_escapes), metavar="BYTES", needs=(PROBES,)),
     Option("--health-expect", f"{_POOL}.health.expect", "health", "The probe passes only if the reply starts"
            " with these bytes, e.g. '+PONG'.", parse=_plain(parse_escapes), metavar="BYTES", needs=(PROBES,)),
+    Option("--health-check", f"{_POOL}.health.check", "health", "What a probe checks: the connect, send/expect,"
+           " an HTTP GET on a side port, a Redis PING or ROLE (master), a PostgreSQL login (not in recovery)"
+           " [default: send-expect with --health-send/--health-expect, else tcp].", metavar="|".join(KINDS),
+           needs=(PROBES,)),
+    Option("--health-expect-match", f"{_POOL}.health.expect_match", "health", "How the reply must hold"
+           " --health-expect: start with it, contain it, or match it as a regular expression.", "prefix",
+           metavar="|".join(MATCHES), needs=(PROBES,)),
+    Option("--health-path", f"{_POOL}.health.path", "health", "http: the path to GET [default: /].",
+           metavar="PATH", needs=(PROBES,)),
+    Option("--health-port", f"{_POOL}.health.port", "health", "http: the port to probe, e.g. Patroni's 8008"
+           " [default: the member's port].", parse=_port, metavar="PORT", needs=(PROBES,)),
+    Option("--health-status", f"{_POOL}.health.status", "health", "http: statuses that pass, e.g. 200 or"
+           " 200-299,304 [default: 2xx].", metavar="LIST", needs=(PROBES,)),
+    Option("--health-auth", f"{_POOL}.health.auth", "health", "redis, postgres: a file holding the credentials"
+           " ('password' or 'user password'; 'user database [password]').", metavar="FILE", needs=(PROBES,)),
     Option("--no-health-checks", f"{_POOL}.health.enabled", "health",
            "Turn active probes off (failed client connects still take members DOWN).", parse=_off, switch=True),
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
@@ -247,6 +277,19 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONAL_SECTIONS = (f"{_LISTENER}.tls", f"{_POOL}.tls")
 
 
+def _form(option: Option) -> configfile.Form:
+    return lambda text, path: option.parse(text, path, {})
+
+
+# The text forms a config file accepts, by schema path: each flag's own parser (members, a list in the
+# file, are parsed one by one; switches are TOML booleans or tables).
+FILE_FORMS: dict[str, configfile.Form] = {
+    configfile.generic(o.path): _form(o) for o in OPTIONS if not o.switch and not o.multiple
+}
+# With --config, only the process-level settings may come from flags too (and win over the file).
+PROCESS_OPTIONS = tuple(o for o in OPTIONS if not o.path.startswith(("listeners", "pools")))
+
+
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith((prefix + ".", prefix + "["))
 
@@ -277,8 +320,11 @@ def flagged(exc: ConfigError, typed: Mapping[str, object] | None = None) -> Conf
 def build_config(params: Mapping[str, Any]) -> Config:
     """The Config for what click collected (text as typed, nothing converted yet); ConfigErrors name
     the flag and echo the text."""
-    given = frozenset(o.flag for o in OPTIONS if params.get(o.name) not in (None, False, ()))
+    given = _given(params)
     typed = {o.flag: params[o.name] if o.flag in given else o.default for o in OPTIONS if not o.switch}
+    for option in OPTIONS:
+        if option.required and option.flag not in given:
+            raise click.MissingParameter(param_type="option", param_hint=f"'{option.flag}'")
     try:
         _refuse_ineffective(params, given)
         created = [s for s in OPTIONAL_SECTIONS if any(_under(o.path, s) for o in OPTIONS if o.flag in given)]
@@ -299,6 +345,10 @@ def build_config(params: Mapping[str, Any]) -> Config:
         return from_tree(_tree(values))
     except ConfigError as exc:
         raise flagged(exc, typed) from None
+
+
+def _given(params: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset(o.flag for o in OPTIONS if params.get(o.name) not in (None, False, ()))
 
 
 def _refuse_ineffective(params: Mapping[str, Any], given: frozenset[str]) -> None:
@@ -345,9 +395,16 @@ def without_repeats(config: Config) -> tuple[Config, list[str]]:
 
 
 def refuse_self_loops(config: Config) -> None:
-    """A member that is one of our own listen addresses would make every probe and client loop through the
-    proxy until descriptors run out: refuse it (names resolved now; one that does not resolve passes)."""
+    """Refuse the first member that is one of our own listen addresses (see :func:`self_loops`)."""
+    for problem in self_loops(config):
+        raise problem
+
+
+def self_loops(config: Config) -> list[ConfigError]:
+    """Members that are one of our own listen addresses: each would make every probe and client loop
+    through the proxy until descriptors run out (names resolved now; one that does not resolve passes)."""
     local = local_networks()
+    problems = []
     for listener in config.listeners:
         pool = config.pool(listener.pool)
         listen = listener.address
@@ -358,11 +415,13 @@ def refuse_self_loops(config: Config) -> None:
             for ip in sorted(_resolve(member.host, member.port), key=str):
                 if is_own(ip, listen.host, listen_ips, local):
                     named = "is" if str(ip) == member.host else f"resolves to {ip}, which is"
-                    raise ConfigError(
+                    problems.append(ConfigError(
                         f"pools.{pool.name}.members[{index}]",
                         str(member),
                         f"{named} this proxy's own listen address {listen}: it would connect to itself",
-                    )
+                    ))
+                    break
+    return problems
 
 
 def _resolve(host: str, port: int) -> set[IPAddress]:
@@ -381,6 +440,7 @@ EXPLANATIONS = {
         (r"\r \n \t \0", "carriage return, line feed, tab, NUL"),
         (r"\\ \xNN", "a backslash; the byte with hex value NN"),
     ],
+    "Commands": [("check --config FILE", "check a config file: print the effective configuration, or each problem")],
     "Exit codes": [
         ("0", "stopped after a graceful drain (SIGTERM/SIGINT)"),
         ("1", "could not start (the listen address cannot be bound)"),
@@ -393,7 +453,7 @@ class _GroupedCommand(click.Command):
     """Shows the options in their groups, then the value syntax and the exit codes."""
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        group_of = {option.name: option.group for option in OPTIONS}
+        group_of = {option.name: option.group for option in OPTIONS} | {"config": "process"}
         sections: dict[str, list[tuple[str, str]]] = {title: [] for title in GROUPS.values()}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
@@ -413,11 +473,11 @@ def _click_option(option: Option) -> click.Option:
     """The click option for ``option``: text in, parsing left to ``build_config`` (so a default is
     not mistaken for a value the user typed)."""
     shown = f"{option.help} [default: {option.default}]" if option.default is not None else option.help
+    if option.required:  # checked by build_config: a config file gives these instead
+        shown += " [required without --config]"
     if option.switch:
         return click.Option([option.flag], is_flag=True, help=shown)
-    return click.Option(
-        [option.flag], multiple=option.multiple, required=option.required, metavar=option.metavar or "TEXT", help=shown
-    )
+    return click.Option([option.flag], multiple=option.multiple, metavar=option.metavar or "TEXT", help=shown)
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, wanted: bool) -> None:
@@ -427,15 +487,21 @@ def _print_version(ctx: click.Context, _param: click.Parameter, wanted: bool) ->
 
 
 def _start(**params: Any) -> None:
-    config, repeated = without_repeats(build_config(params))
-    _setup_logging(config.log_level)
-    for warning in repeated:
-        log.warning("--upstream: %s", warning)
-    check_tls_files(config)
-    try:
-        refuse_self_loops(config)
-    except ConfigError as exc:
-        raise flagged(exc) from None
+    path = params.pop("config")
+    if path is not None:
+        config = with_process_flags(load_file(path), params)
+        _setup_logging(config.log_level)
+    else:
+        config, repeated = without_repeats(build_config(params))
+        _setup_logging(config.log_level)
+        for warning in repeated:
+            log.warning("--upstream: %s", warning)
+        check_tls_files(config)
+        try:
+            refuse_self_loops(config)
+        except ConfigError as exc:
+            raise flagged(exc) from None
+    check_credentials_files(config)
     if any(p.tls is not None and p.tls.insecure for p in config.pools):
         log.warning(
             "--upstream-insecure: upstream certificates are NOT verified; anyone on the path can"
@@ -451,11 +517,22 @@ def _start(**params: Any) -> None:
     sys.exit(run(config, access_log))
 
 
+def _check(config: str) -> None:
+    """``l4proxy check``: the effective configuration on stdout, or every problem on stderr."""
+    click.echo(configfile.dump(load_file(config)), nl=False)
+
+
+_CONFIG_HELP = (
+    "Read listeners, pools and settings from this TOML file; with it only the process-level flags (logging,"
+    " process) may be given, and they win over the file. 'l4proxy check --config FILE' checks a file."
+)
+
 command = _GroupedCommand(
     "l4proxy",
     callback=_start,
     params=[
         *map(_click_option, OPTIONS),
+        click.Option(["--config"], metavar="FILE", help=_CONFIG_HELP),
         click.Option(
             ["--version"],
             is_flag=True,
@@ -470,23 +547,90 @@ command = _GroupedCommand(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
+check_command = click.Command(
+    "check",
+    callback=_check,
+    params=[click.Option(["--config"], metavar="FILE", required=True, help="The TOML file to check.")],
+    help="Check a config file: print the effective configuration (every default filled in) as TOML and exit"
+    " 0, or print each problem as FILE:LINE: path: problem and exit 2.",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
 
 def check_tls_files(config: Config) -> None:
     """Load every certificate, key and CA once before binding, so a bad file is a start-up error."""
+    for problem in tls_problems(config):
+        raise flagged(problem)
+
+
+def tls_problems(config: Config, named: bool = False) -> list[ConfigError]:
+    """What is wrong with each certificate, key and CA the Config names; listeners are placed by index
+    (as flags know them) or, ``named``, by name (as a config file does)."""
     from .tls import client_context, server_context
 
+    problems = []
     for index, listener in enumerate(config.listeners):
         if listener.tls is not None:
             try:
                 server_context(listener.tls)
             except ConfigError as exc:
-                raise flagged(exc.under(f"listeners[{index}].tls")) from None
+                problems.append(exc.under(f"listeners.{listener.name}.tls" if named else f"listeners[{index}].tls"))
     for pool in config.pools:
         if pool.tls is not None:
             try:
                 client_context(pool.tls)
             except ConfigError as exc:
-                raise flagged(exc.under(f"pools.{pool.name}.tls")) from None
+                problems.append(exc.under(f"pools.{pool.name}.tls"))
+    return problems
+
+
+def load_file(path: str) -> Config:
+    """The Config in the file at ``path``, checked as far as can be without binding: ConfigFileError
+    with every problem, each on its line."""
+    try:
+        source = open(path, "rb").read()  # noqa: SIM115 - closed when the read returns
+    except OSError as exc:
+        raise ConfigError("--config", path, exc.strerror or str(exc)) from None
+    try:
+        document = Document.parse(source)
+        config = document.build(FILE_FORMS, os.path.dirname(os.path.abspath(path)), os.path.exists)
+    except ConfigFileError as exc:
+        raise ConfigFileError(exc.problems, path) from None
+    problems = [*tls_problems(config, named=True), *self_loops(config)]
+    if problems:
+        raise ConfigFileError(sorted(map(document.problem, problems), key=lambda p: p.line), path)
+    return config
+
+
+def with_process_flags(config: Config, params: Mapping[str, Any]) -> Config:
+    """The file's Config with the process-level flags given on the command line in place of its values;
+    any other listener or pool flag is refused (the file defines those)."""
+    given = _given(params)
+    for option in OPTIONS:
+        if option.flag in given and option not in PROCESS_OPTIONS:
+            shown = None if option.switch else ",".join(params[option.name]) if option.multiple else params[option.name]
+            problem = f"cannot be combined with --config; set {_file_key(option)} in the file"
+            raise ConfigError(option.flag, shown, problem)
+    try:
+        overrides = {o.path: o.parse(params[o.name], o.path, {}) for o in PROCESS_OPTIONS if o.flag in given}
+        return dataclasses.replace(config, **overrides)
+    except ConfigError as exc:
+        raise flagged(exc, {o.flag: params[o.name] for o in PROCESS_OPTIONS if o.flag in given}) from None
+
+
+def _file_key(option: Option) -> str:
+    return configfile.generic(option.path).replace("*", "NAME")
+
+
+def check_credentials_files(config: Config) -> None:
+    """Read every health-check credentials file once before binding, so a bad one is a start-up error."""
+    for pool in config.pools:
+        health = pool.health
+        if health.enabled and health.auth is not None:
+            try:
+                load_credentials(health.auth, health.kind)
+            except ConfigError as exc:
+                raise flagged(exc.under(f"pools.{pool.name}.health")) from None
 
 
 def run(config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None) -> int:
@@ -508,7 +652,8 @@ async def serve(
     try:
         await proxy.start()
     except OSError as exc:
-        print(f"l4proxy: error: cannot listen on {config.listeners[0].address}: {exc.strerror or exc}", file=sys.stderr)
+        failed = config.listeners[len(proxy.listeners)].address  # the listeners before it did start
+        print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
         return 1
     try:
@@ -601,13 +746,19 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors, exit 2 for user mistakes, never a traceback for them."""
+    """Entry point: one-line errors, exit 2 for user mistakes, never a traceback for them. ``check``
+    as the first word runs the file check instead of the proxy."""
+    args = sys.argv[1:] if argv is None else argv
+    chosen, prog = (check_command, "l4proxy check") if args[:1] == ["check"] else (command, "l4proxy")
     try:
-        command.main(args=argv, prog_name="l4proxy", standalone_mode=False)
+        chosen.main(args=args[1:] if chosen is check_command else args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
         _fail(exc.format_message())
+    except ConfigFileError as exc:
+        print("\n".join(exc.lines()), file=sys.stderr)
+        sys.exit(2)
     except ConfigError as exc:
         _fail(str(flagged(exc)))
     except click.exceptions.Abort:

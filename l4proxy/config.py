@@ -3,9 +3,9 @@
 Every dataclass validates itself in ``__post_init__``, so an invalid Config cannot be built: the I/O
 layers never re-check values. Errors are ``ConfigError``s naming the field, the value and what was
 expected; a dataclass names its own field (``interval``) and :func:`from_tree`, which builds the whole
-tree from plain data (flags today, a config file next), places it (``pools.default.health.interval``,
-``listeners[0].tls.cert``); the CLI maps those paths to its flags. Nothing here touches sockets or the
-event loop.
+tree from plain data (flags, or a config file through ``configfile``), places it
+(``pools.default.health.interval``, ``listeners[0].tls.cert``); the CLI maps those paths to its flags.
+Nothing here touches sockets or the event loop.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
+from . import checks
 from .errors import ConfigError
 
 # --- textual forms ---------------------------------------------------------------------------------
@@ -180,9 +181,10 @@ def _positive(name: str, value: float) -> None:
 class HealthConfig:
     """Active probes (every ``interval`` with jitter) and the rise/fall thresholds.
 
-    A probe is a TCP connect, then, when ``send`` or ``expect`` are set, a write of ``send`` and a read
-    that must start with ``expect``. Passive failures (failed connects of real clients) count toward
-    ``fall`` as well.
+    A probe is a TCP connect, then the conversation of ``check`` (``checks.KINDS``; unset: send-expect
+    when ``send`` or ``expect`` are set, else tcp): ``send``/``expect``/``expect_match``, an HTTP
+    ``GET path`` on ``port`` passing on ``status``, or a Redis or PostgreSQL login with the credentials
+    in the file ``auth``. Passive failures (failed connects of real clients) count toward ``fall`` as well.
     """
 
     interval: float = 2.0
@@ -193,8 +195,23 @@ class HealthConfig:
     expect: bytes = b""
     enabled: bool = True
     eject_time: float = 10.0
+    check: str | None = None
+    expect_match: str = "prefix"
+    path: str | None = None  # http: "/" when unset
+    port: int | None = None  # http: the member's port when unset
+    status: str | None = None  # http: "2xx" when unset
+    auth: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The check kind in force."""
+        return self.check or ("send-expect" if self.send or self.expect else "tcp")
 
     def __post_init__(self) -> None:
+        checks.validate(
+            check=self.check, kind=self.kind, send=self.send, expect=self.expect, expect_match=self.expect_match,
+            path=self.path, port=self.port, status=self.status, auth=self.auth,
+        )  # fmt: skip
         _positive("interval", self.interval)
         _positive("timeout", self.timeout)
         _positive("eject_time", self.eject_time)
@@ -275,6 +292,7 @@ class ListenerConfig:
     backlog: int = 1024
     reuse_port: bool = False  # SO_REUSEPORT, so several worker processes can each bind the address
     relay: str = "auto"  # engine: 'auto' (bulky plain-TCP sessions switch to splice), 'splice', 'transport'
+    name: str = "default"  # its table key in a config file
 
     def __post_init__(self) -> None:
         _positive("idle_timeout", self.idle_timeout)
@@ -338,17 +356,25 @@ _T = TypeVar("_T")
 
 
 def from_tree(tree: Mapping[str, Any]) -> Config:
-    """The Config for plain data shaped like the tree: ``listeners`` a list, ``pools`` a table by name,
-    sections as mappings. Every ConfigError names the full path of its value, so flags and a config
+    """The Config for plain data shaped like the tree: ``listeners`` a list (flags) or a table by name
+    (a config file), ``pools`` a table by name, sections as mappings. Every ConfigError names the full
+    path of its value (``listeners[0].tls.cert``, ``listeners.redis.tls.cert``), so flags and a config
     file get the same validation and can each name the value in their own terms."""
     data = dict(tree)
-    listeners = tuple(
-        _build(ListenerConfig, item, f"listeners[{index}]") for index, item in enumerate(data.pop("listeners", ()))
+    listeners = data.pop("listeners", ())
+    named = listeners.items() if isinstance(listeners, Mapping) else enumerate(listeners)
+    built = tuple(
+        _build(ListenerConfig, {**spec, "name": key} if isinstance(key, str) else spec, _item("listeners", key))
+        for key, spec in named
     )
     pools = tuple(
         _build(PoolConfig, {**spec, "name": name}, f"pools.{name}") for name, spec in data.pop("pools", {}).items()
     )
-    return _build(Config, {**data, "listeners": listeners, "pools": pools}, "")
+    return _build(Config, {**data, "listeners": built, "pools": pools}, "")
+
+
+def _item(table: str, key: int | str) -> str:
+    return f"{table}[{key}]" if isinstance(key, int) else f"{table}.{key}"
 
 
 def _build(kind: type[_T], data: object, path: str) -> _T:

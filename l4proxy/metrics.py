@@ -2,10 +2,10 @@
 
 A custom collector reads the counters at scrape time (``snapshot.Source``), so the data path only
 bumps plain ints and pays nothing for metrics between scrapes. The registry is our own, not the
-library's global one, so nothing else ends up in the output. Labels: ``listener`` (the configured
-address), ``pool``, ``member`` (its configured host:port) and a few bounded ones (``kind``,
-``reason``, ``state``, ``result``); never a client's address. README's "Monitoring" section lists
-every family.
+library's global one, so nothing else ends up in the output. Labels: ``listener`` and ``pool`` (names:
+"default" from flags, table keys in a config file), ``member`` (its configured host:port) and a few
+bounded ones (``kind``, ``reason``, ``state``, ``result``); never a client's address. README's
+"Monitoring" section lists every family.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
     failures = _counter("l4proxy_member_connect_failures", "Failed upstream connects, by kind.", [*M, "kind"])
     state = _gauge("l4proxy_member_status", "1 for the member's current state (UP, DOWN, DRAIN, MAINT).", [*M, "state"])
     checks = _counter("l4proxy_member_checks", "Health probe results.", [*M, "result"])
+    check_failures = _counter("l4proxy_member_check_failures", "Failed health probes, by kind.", [*M, "kind"])
     latency = _gauge("l4proxy_member_check_duration_seconds", "How long the last health probe took.", M)
     for pool in snap.pools:
         for m in pool.members:
@@ -108,8 +109,10 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
                 state.add_metric([*labels, name], int(m.state == name))
             checks.add_metric([*labels, "passed"], m.checks_passed)
             checks.add_metric([*labels, "failed"], m.checks_failed)
+            for kind, count in m.check_failures.items():
+                check_failures.add_metric([*labels, kind], count)
             latency.add_metric(labels, m.last_check_seconds)
-    yield from (active, sessions, attempts, failures, state, checks, latency)
+    yield from (active, sessions, attempts, failures, state, checks, check_failures, latency)
 
 
 def registry(source: Source) -> CollectorRegistry:

@@ -1,10 +1,15 @@
 """Active health probes: one task per member, each on its own jittered schedule.
 
-A probe is a TCP connect (with a TLS handshake when the pool originates TLS) and, when configured, a
-write of ``send`` and a read that must start with ``expect`` (Redis: ``PING\\r\\n`` -> ``+PONG``).
-Results go to ``Pool.report``; failure reasons tell refused, timeout, TLS and wrong-reply apart.
-Every result is also logged at debug level (``--log-level debug``), with the probe's duration.
-Probes use streams: they are off the data path and run once per interval.
+A probe connects (with a TLS handshake when the pool originates TLS) and then holds the conversation
+of the pool's check kind (``checks``: tcp, send-expect, and the ``httpcheck``, ``resp`` and ``pgwire``
+kinds), which are pure; this module only moves their bytes. Results go to ``Pool.report`` with a reason
+naming the failure kind (refused, timeout, wrong role, auth failed, bad reply, server error, tls), and
+each failure is counted by member and kind in ``Prober.failures``. Every result is also logged at
+debug level (``--log-level debug``), with the probe's duration. Probes use streams: they are off the
+data path and run once per interval.
+
+In a pool with a ``*-primary`` check, the members UP whose last probe passed claim the primary role;
+more than one at once is a split brain, logged once per episode (``checks.SplitBrain``) and counted.
 """
 
 from __future__ import annotations
@@ -13,11 +18,25 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
+from collections import Counter
 
 from .balancer import Member
+from .checks import (
+    PRIMARY_KINDS,
+    Connect,
+    Conversation,
+    Credentials,
+    Failure,
+    SendExpect,
+    SplitBrain,
+    Verdict,
+    from_exception,
+    load_credentials,
+)
 from .counters import DISABLED
-from .errors import failure_kind, out_of_descriptors
+from .errors import out_of_descriptors
 from .health import Event
 from .pool import Pool
 
@@ -34,10 +53,20 @@ class Prober:
         self.tasks: dict[Member, asyncio.Task[None]] = {}
         self._leaving: set[asyncio.Task[None]] = set()  # probes of removed members, cancelled
         self._stopping = False
+        self.failures: Counter[tuple[str, Failure]] = Counter()  # by member key and kind
+        self.credentials: Credentials | None = None
+        self._keys: dict[tuple[bytes, int], bytes] = {}  # SCRAM salted passwords, derived once
+        primary = pool.config.health.kind in PRIMARY_KINDS
+        self.split_brain: SplitBrain | None = SplitBrain() if primary else None
+        self._passing: set[Member] = set()  # members whose last primary check passed
 
     def start(self) -> None:
-        if not self.pool.config.health.enabled:
+        """Start probing; a credentials file that cannot be used raises ConfigError (``auth``)."""
+        health = self.pool.config.health
+        if not health.enabled:
             return
+        if health.auth is not None:
+            self.credentials = load_credentials(health.auth, health.kind)
         self.pool.probes = self
         self.sync()
 
@@ -46,6 +75,7 @@ class Prober:
         current = set(self.pool.members)
         for member in [m for m in self.tasks if m not in current]:
             task = self.tasks.pop(member)
+            self._passing.discard(member)
             task.cancel()
             self._leaving.add(task)
             task.add_done_callback(self._left)
@@ -74,6 +104,29 @@ class Prober:
         self.tasks.clear()
         self._leaving.clear()
 
+    def conversation(self, member: Member) -> Conversation:
+        """A fresh conversation of the pool's check kind with ``member``."""
+        health = self.pool.config.health
+        kind = health.kind
+        if kind == "tcp":
+            return Connect()
+        if kind == "send-expect":
+            return SendExpect(health.send, health.expect, health.expect_match)
+        if kind == "http":
+            from .httpcheck import HttpCheck
+
+            port = health.port or member.address.port
+            host = f"[{member.address.host}]" if ":" in member.address.host else member.address.host
+            return HttpCheck(f"{host}:{port}", health.path or "/", health.status or "2xx")
+        if kind.startswith("redis"):
+            from .resp import RedisCheck
+
+            return RedisCheck(kind == "redis-primary", self.credentials)
+        from .pgwire import PostgresCheck
+
+        assert self.credentials is not None, "validated: the postgres checks need credentials"
+        return PostgresCheck(kind == "postgres-primary", self.credentials, secrets.token_urlsafe(18), self._keys)
+
     async def _run(self, member: Member) -> None:
         interval = self.pool.config.health.interval
         me = asyncio.current_task()
@@ -84,30 +137,56 @@ class Prober:
                 continue
             started = time.monotonic()
             try:
-                ok, reason = await probe(self.pool, member)
+                verdict = await probe(self.pool, member, self.conversation(member))
             except OSError:  # out of our own descriptors: no verdict on the member this time
                 log.debug("probe of %s in pool %s skipped: out of descriptors", member.name, self.pool.name)
             else:
                 took = (time.monotonic() - started) * 1000
-                log.debug("probe of %s in pool %s: %s (%.1f ms)", member.name, self.pool.name, reason, took)
-                member.stats.checked(ok, reason, took / 1000, time.time())
-                self.pool.report(member, Event.PROBE_OK if ok else Event.PROBE_FAIL, reason)
+                log.debug("probe of %s in pool %s: %s (%.1f ms)", member.name, self.pool.name, verdict.reason, took)
+                member.stats.checked(verdict.ok, verdict.reason, took / 1000, time.time())
+                if verdict.failure is not None:
+                    self.failures[member.key, verdict.failure] += 1
+                self.pool.report(member, Event.PROBE_OK if verdict.ok else Event.PROBE_FAIL, verdict.reason)
+                if self.split_brain is not None:
+                    self._watch_primaries(member, verdict.ok)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
 
+    def _watch_primaries(self, member: Member, passed: bool) -> None:
+        """Log the start and the end of each split-brain episode, once each. A member claims the primary
+        role while it is UP and its last probe passed (members start UP before any probe)."""
+        assert self.split_brain is not None
+        if passed:
+            self._passing.add(member)
+        else:
+            self._passing.discard(member)
+        claimants = [m.name for m in self.pool.members if m.health.up and m in self._passing]
+        episode = self.split_brain.observe(claimants)
+        if episode is None:
+            return
+        if episode.began:
+            log.error(
+                "pool %s split brain: %d members claim the primary role: %s",
+                self.pool.name, len(episode.claimants), ", ".join(episode.claimants),
+            )  # fmt: skip
+        else:
+            now = f"{episode.claimants[0]} claims" if episode.claimants else "no member claims"
+            log.warning("pool %s split brain over: %s the primary role", self.pool.name, now)
 
-async def probe(pool: Pool, member: Member) -> tuple[bool, str]:
-    """One probe of ``member``: (passed, reason). Raises OSError when the proxy is out of descriptors."""
-    health = pool.config.health
+
+async def probe(pool: Pool, member: Member, conversation: Conversation) -> Verdict:
+    """One probe of ``member``: its verdict. Raises OSError when the proxy is out of descriptors."""
     try:
-        async with asyncio.timeout(health.timeout):  # unlike wait_for on 3.11, never swallows a cancel
-            return await _probe(pool, member)
-    except (TimeoutError, OSError) as exc:
+        async with asyncio.timeout(pool.config.health.timeout):  # unlike wait_for on 3.11, never swallows a cancel
+            return await _converse(pool, member, conversation)
+    except TimeoutError:
+        return conversation.stalled() or Verdict(Failure.TIMEOUT)
+    except OSError as exc:
         if out_of_descriptors(exc):
             raise
-        return False, f"check failed: {failure_kind(exc)}"
+        return from_exception(exc)
 
 
-async def _probe(pool: Pool, member: Member) -> tuple[bool, str]:
+async def _converse(pool: Pool, member: Member, conversation: Conversation) -> Verdict:
     health = pool.config.health
     address = member.address
     kwargs: dict[str, object] = {}
@@ -115,27 +194,28 @@ async def _probe(pool: Pool, member: Member) -> tuple[bool, str]:
         from .tls import server_hostname
 
         kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.host)}
-    reader, writer = await asyncio.open_connection(address.host, address.port, **kwargs)  # type: ignore[arg-type]
+    port = health.port if health.port is not None else address.port
+    reader, writer = await asyncio.open_connection(address.host, port, **kwargs)  # type: ignore[arg-type]
     try:
-        if health.send:
-            writer.write(health.send)
-            await writer.drain()
-        if health.expect:
-            reply = await _read_prefix(reader, len(health.expect))
-            if not reply.startswith(health.expect):
-                return False, f"check failed: wrong reply {reply[:40]!r}, expected {health.expect!r}"
-        return True, "check passed"
+        out, verdict = conversation.start()
+        if verdict is not None:  # nothing to hear back: the write itself must succeed
+            if out:
+                writer.write(out)
+                await writer.drain()
+            return verdict
+        while verdict is None:
+            if out:
+                writer.write(out)
+            data = await reader.read(65536)
+            if not data:
+                return conversation.closed()
+            out, verdict = conversation.feed(data)
+        if out:  # a courtesy (PostgreSQL's Terminate): the verdict stands whatever happens to it
+            with contextlib.suppress(OSError):
+                writer.write(out)
+                await writer.drain()
+        return verdict
     finally:
         writer.close()
         with contextlib.suppress(OSError, asyncio.TimeoutError):
             await writer.wait_closed()
-
-
-async def _read_prefix(reader: asyncio.StreamReader, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = await reader.read(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data

@@ -21,16 +21,17 @@ import asyncio
 import dataclasses
 import mmap
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .counters import ADMIN_STATES, CONNECT_KINDS
-from .snapshot import ListenerView, MemberView, PoolView, Snapshot, find_member, member_view
+from .snapshot import ListenerView, MemberView, PoolView, Snapshot, check_failures, find_member, member_view
 
 if TYPE_CHECKING:
     from .balancer import Member
     from .config import Config
     from .pool import Pool
+    from .prober import Prober
     from .proxy import Proxy
     from .table import SharedTable
 
@@ -142,12 +143,14 @@ class SupervisorSource:
         self,
         config: Config,
         pools: Callable[[], Mapping[str, Pool]],
+        probers: Callable[[], Sequence[Prober]],
         table: SharedTable,
         shared: SharedCounters,
         draining: Callable[[], bool],
     ) -> None:
         self.config = config
         self.pools = pools
+        self.probers = probers
         self.table = table
         self.shared = shared
         self.draining = draining
@@ -163,7 +166,8 @@ class SupervisorSource:
         totals = self.shared.total(self.shared.listener(index), len(LISTENER_FIELDS))
         values = dict(zip(LISTENER_FIELDS, totals, strict=True))
         return ListenerView(
-            name=str(config.address),
+            name=config.name,
+            address=str(config.address),
             pool=config.pool,
             accepted=values["accepted"],
             sessions=values["sessions"],
@@ -176,11 +180,12 @@ class SupervisorSource:
 
     def _pool(self, pool: Pool) -> PoolView:
         retries, no_upstream = self.shared.total(self.shared.pool(pool.name), len(POOL_FIELDS))
-        return PoolView(pool.name, tuple(self._member(m) for m in pool.members), retries, no_upstream)
+        members = tuple(self._member(m, pool) for m in pool.members)
+        return PoolView(pool.name, members, retries, no_upstream)
 
-    def _member(self, member: Member) -> MemberView:
+    def _member(self, member: Member, pool: Pool) -> MemberView:
         active = sum(self.table.active[cell] for cell in self.table.column(member.slot))
-        view = member_view(member, self.started_at, active=active)
+        view = member_view(member, self.started_at, check_failures(self.probers(), pool, member), active=active)
         attempts, sessions, *failures = self.shared.total(self.shared.slot(member.slot), len(SLOT_FIELDS))
         return dataclasses.replace(
             view, attempts=attempts, sessions=sessions, connect_failures=dict(zip(CONNECT_KINDS, failures, strict=True))
@@ -189,4 +194,4 @@ class SupervisorSource:
     def set_admin(self, pool: str, member: str, action: str) -> MemberView:
         found, target = find_member(self.pools(), pool, member)
         found.set_admin(target, ADMIN_STATES[action])
-        return self._member(target)
+        return self._member(target, found)

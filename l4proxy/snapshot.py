@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__
+from .checks import Failure
 from .counters import ADMIN_STATES, DISABLED, DRAIN, ListenerCounters
 
 if TYPE_CHECKING:
     from .balancer import Member
+    from .config import ListenerConfig
     from .listener import Listener
     from .pool import Pool
+    from .prober import Prober
     from .proxy import Proxy
 
 STATES = ("UP", "DOWN", "DRAIN", "MAINT")  # as HAProxy's haproxy_server_status states
@@ -30,7 +33,8 @@ STATES = ("UP", "DOWN", "DRAIN", "MAINT")  # as HAProxy's haproxy_server_status 
 
 @dataclass(frozen=True, slots=True)
 class ListenerView:
-    name: str  # the configured address, e.g. 127.0.0.1:7000
+    name: str  # "default" from flags, its table key in a config file
+    address: str  # as configured, e.g. 127.0.0.1:7000
     pool: str
     accepted: int
     sessions: int
@@ -54,6 +58,7 @@ class MemberView:
     connect_failures: dict[str, int]
     checks_passed: int
     checks_failed: int
+    check_failures: dict[str, int]  # by kind (checks.Failure, lower-case names)
     last_check: str
     last_check_ok: bool
     last_check_seconds: float
@@ -112,7 +117,20 @@ def state_of(member: Member, up: bool | None = None) -> str:
     return "UP" if (member.health.up if up is None else up) else "DOWN"
 
 
-def member_view(member: Member, started_at: float, active: int | None = None, up: bool | None = None) -> MemberView:
+def check_failures(probers: Sequence[Prober], pool: Pool, member: Member) -> dict[str, int]:
+    """The member's failed checks by kind, every kind present, from its pool's prober (if it has one)."""
+    prober = next((p for p in probers if p.pool is pool), None)
+    found = prober.failures if prober is not None else {}
+    return {kind.name.lower(): found.get((member.key, kind), 0) for kind in Failure}
+
+
+def member_view(
+    member: Member,
+    started_at: float,
+    check_failures: dict[str, int],
+    active: int | None = None,
+    up: bool | None = None,
+) -> MemberView:
     """A member's facts; ``active`` and ``up`` override this process's (the workers' table knows better)."""
     stats = member.stats
     return MemberView(
@@ -127,21 +145,23 @@ def member_view(member: Member, started_at: float, active: int | None = None, up
         connect_failures=dict(stats.connect_failures),
         checks_passed=stats.checks_passed,
         checks_failed=stats.checks_failed,
+        check_failures=check_failures,
         last_check=stats.last_check,
         last_check_ok=stats.last_check_ok,
         last_check_seconds=stats.last_check_seconds,
     )
 
 
-def pool_view(pool: Pool, started_at: float) -> PoolView:
-    members = tuple(member_view(m, started_at) for m in pool.members)
+def pool_view(pool: Pool, started_at: float, probers: Sequence[Prober]) -> PoolView:
+    members = tuple(member_view(m, started_at, check_failures(probers, pool, m)) for m in pool.members)
     return PoolView(pool.name, members, pool.retries, pool.no_upstream)
 
 
-def listener_view(name: str, pool: str, counters: ListenerCounters, listener: Listener | None) -> ListenerView:
+def listener_view(config: ListenerConfig, counters: ListenerCounters, listener: Listener | None) -> ListenerView:
     return ListenerView(
-        name=name,
-        pool=pool,
+        name=config.name,
+        address=str(config.address),
+        pool=config.pool,
         accepted=listener.accepted if listener is not None else counters.sessions,
         sessions=counters.sessions,
         active=counters.active,
@@ -173,20 +193,19 @@ class ProxySource:
         proxy = self.proxy
         listeners = tuple(
             listener_view(
-                str(config.address),
-                config.pool,
+                config,
                 proxy.counters[index],
                 proxy.listeners[index] if index < len(proxy.listeners) else None,
             )
             for index, config in enumerate(proxy.config.listeners)
         )
-        pools = tuple(pool_view(pool, proxy.started_at) for pool in proxy.pools.values())
+        pools = tuple(pool_view(pool, proxy.started_at, proxy.probers) for pool in proxy.pools.values())
         return Snapshot(listeners, pools, proxy.started_at, time.time(), proxy.draining, proxy.config.workers)
 
     def set_admin(self, pool: str, member: str, action: str) -> MemberView:
         found, target = find_member(self.proxy.pools, pool, member)
         found.set_admin(target, ADMIN_STATES[action])
-        return member_view(target, self.proxy.started_at)
+        return member_view(target, self.proxy.started_at, check_failures(self.proxy.probers, found, target))
 
 
 # --- renderings ------------------------------------------------------------------------------------
@@ -207,7 +226,7 @@ def member_json(member: MemberView) -> dict[str, Any]:
         "sessions": member.sessions,
         "connect_attempts": member.attempts,
         "connect_failures": member.connect_failures,
-        "checks": {"passed": member.checks_passed, "failed": member.checks_failed},
+        "checks": {"passed": member.checks_passed, "failed": member.checks_failed, "failures": member.check_failures},
         "last_check": {
             "result": member.last_check or None,
             "ok": member.last_check_ok if member.last_check else None,
@@ -221,6 +240,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
     listeners = [
         {
             "name": listener.name,
+            "address": listener.address,
             "pool": listener.pool,
             "accepted": listener.accepted,
             "sessions": listener.sessions,

@@ -196,6 +196,7 @@ class HealthThread(threading.Thread):
         self.pools: dict[str, _HealthPool] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
         self.admin: AdminServer | None = None  # served on this thread's loop, over every worker
+        self.probers: list[Prober] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -225,7 +226,7 @@ class HealthThread(threading.Thread):
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pools = {pool.name: _HealthPool(pool, self.table) for pool in self.config.pools}
-        probers = [Prober(pool) for pool in self.pools.values()]
+        probers = self.probers = [Prober(pool) for pool in self.pools.values()]
         for prober in probers:
             prober.start()
         if self.admin is not None:
@@ -324,8 +325,9 @@ class Supervisor:
         self.shared = SharedCounters(config, count, self.table.capacity)  # workers' counters: --admin, SIGUSR1
         self.health = HealthThread(config, self.table)
         self.admin_socket = admin
+        health = self.health
         self.source = SupervisorSource(
-            config, lambda: self.health.pools, self.table, self.shared, lambda: self.draining
+            config, lambda: health.pools, lambda: health.probers, self.table, self.shared, lambda: self.draining
         )
         if admin is not None:
             host, port = admin.getsockname()[:2]

@@ -131,3 +131,68 @@ def started(*servers: RedisServer | L4Proxy) -> Iterator[None]:
     finally:
         for server in reversed(servers):
             server.kill() if isinstance(server, L4Proxy) else server.stop()
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on a loopback port under ``root``, run by an unprivileged user
+    (``nobody`` when the tests run as root, else the current user): initdb, or pg_basebackup of
+    another cluster (``standby_of``: a streaming standby with ``-R``; ``copy_of``: a standalone copy)."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root = root
+        self.data = root / name
+        self.port = free_port()
+        self.log = root / f"{name}.log"
+
+    @staticmethod
+    def bin(command: str) -> str:
+        found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{command}"))
+        return str(found[-1]) if found else require(command)
+
+    def run(self, *args: str) -> None:
+        """Run a server-side command as the cluster's owner."""
+        owner = {"user": "nobody", "group": "nogroup", "extra_groups": []} if os.geteuid() == 0 else {}
+        subprocess.run(args, check=True, capture_output=True, timeout=60, cwd=self.root, **owner)  # type: ignore[call-overload]
+
+    def init(self, hba: str) -> PostgresCluster:
+        self.run(self.bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                 "--no-sync", "--no-instructions")
+        (self.data / "pg_hba.conf").write_text(hba)
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"listen_addresses = '127.0.0.1'\nunix_socket_directories = '{self.root}'\nfsync = off\n")
+        return self
+
+    def backup_of(self, source: PostgresCluster, standby: bool) -> PostgresCluster:
+        self.run(self.bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(source.port), "-U", "postgres",
+                 "-D", str(self.data), "-X", "stream", "--no-sync", *(["-R"] if standby else []))
+        return self
+
+    def start(self) -> PostgresCluster:
+        self.run(self.bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-o", f"-p {self.port}", "start")
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.run(self.bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def promote(self) -> None:
+        self.run(self.bin("pg_ctl"), "-D", str(self.data), "-w", "promote")
+
+    def sql(self, statement: str) -> str:
+        out = subprocess.run([require("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d",
+                              "postgres", "-AXqt", "-v", "ON_ERROR_STOP=1", "-c", statement],
+                             capture_output=True, timeout=30, check=True, text=True)
+        return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def postgres_root() -> Iterator[Path]:
+    """A directory the clusters' owner can use (``nobody`` cannot enter a root-only temp dir)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="l4proxy-pg-"))
+    try:
+        root.chmod(0o777)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -26,6 +26,7 @@ from .kit import blackhole, connect, eventually, make_config, open_session, refu
 from .servers import require
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+CHECK_KINDS = {"refused", "timeout", "wrong_role", "auth_failed", "bad_reply", "server_error", "tls", "other"}
 
 
 async def http(port: int, method: str, target: str) -> tuple[int, dict[str, str], bytes]:
@@ -100,7 +101,7 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
                 assert await exchange(proxy.port(), b"x" * size) == b"x" * size
             await access.wait_for(len(sizes))
             text, samples = await scrape(admin)
-    listener = {"listener": str(config.listeners[0].address)}
+    listener = {"listener": "default"}
     assert value(samples, "l4proxy_listener_accepted_total", **listener) == 6
     assert value(samples, "l4proxy_listener_sessions_total", **listener) == 6
     assert value(samples, "l4proxy_listener_sessions_active", **listener) == 0
@@ -161,6 +162,32 @@ async def test_timeouts_and_no_upstream_are_counted() -> None:
     assert value(samples, "l4proxy_pool_no_upstream_total", pool="default") == 1
 
 
+async def test_failed_checks_are_counted_by_kind() -> None:
+    refused = refused_address()
+    async with upstreams(1) as (u0,):
+        config = make_config([refused, u0.address], health=HealthConfig(interval=0.05, timeout=0.5))
+        async with running(config) as (proxy, _access), admin_of(proxy) as admin:
+            bad, good = proxy.pools["default"].members
+            await eventually(lambda: bad.stats.checks_failed >= 3 and good.stats.checks_passed >= 3)
+            _, samples = await scrape(admin)
+            code, snapshot = await get_json(admin, "GET", "/status")
+    assert code == 200
+    failed = value(samples, "l4proxy_member_checks_total", pool="default", member=str(refused), result="failed")
+    kinds = {
+        dict(labels)["kind"]: n
+        for (name, labels), n in samples.items()
+        if name == "l4proxy_member_check_failures_total" and dict(labels)["member"] == str(refused)
+    }
+    assert failed >= 3 and kinds == {**dict.fromkeys(kinds, 0), "refused": failed}
+    assert set(kinds) == CHECK_KINDS
+    assert value(samples, "l4proxy_member_status", pool="default", member=str(refused), state="DOWN") == 1
+    assert value(samples, "l4proxy_member_check_duration_seconds", pool="default", member=str(u0.address)) > 0
+    bad_json, good_json = snapshot["pools"][0]["members"]
+    assert (bad_json["state"], bad_json["why"]) == ("DOWN", "check failed: refused")
+    assert bad_json["last_check"]["result"] == "check failed: refused" and bad_json["last_check"]["ok"] is False
+    assert good_json["last_check"]["ok"] is True and good_json["last_check"]["latency_ms"] > 0
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> ServerTLSConfig:
     tmp: Path = tmp_path_factory.mktemp("admin-tls")
@@ -185,7 +212,7 @@ async def test_tls_handshake_failures_are_counted_by_reason(tls_files: ServerTLS
             silent[1].close()
             await eventually(lambda: sum(proxy.counters[0].tls_failures.values()) == 3)
             _, samples = await scrape(admin)
-    listener = str(config.listeners[0].address)
+    listener = "default"
     failures = {dict(labels)["reason"]: n for (name, labels), n in samples.items() if "tls_failures" in name}
     assert failures == {"http_request": 2, "timeout": 1}
     assert value(samples, "l4proxy_listener_accepted_total", listener=listener) == 3

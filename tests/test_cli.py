@@ -385,12 +385,15 @@ def test_help_shows_the_groups_in_order_then_syntax_and_exit_codes() -> None:
         "Other",
         "Durations",
         "Escapes in --health-send and --health-expect",
+        "Commands",
         "Exit codes",
     ]
     sections = dict(re.findall(r"(?ms)^(\S[^\n]*):\n(.*?)(?=^\S|\Z)", out))
     for option in OPTIONS:  # each flag in its own group
         assert re.search(rf"^  {re.escape(option.flag)}\b", sections[GROUPS[option.group]], re.M), option.flag
     assert r"\xNN" in sections["Escapes in --health-send and --health-expect"]
+    assert "check --config FILE" in sections["Commands"]
+    assert re.search(r"^  --config FILE\b", sections["Process"], re.M)
     assert "250ms" in sections["Durations"]
     assert [line.split()[0] for line in sections["Exit codes"].splitlines() if line[2:3].isdigit()] == ["0", "1", "2"]
 
@@ -490,3 +493,46 @@ def test_a_member_listed_twice_is_a_warning_and_used_once(tmp_path: Path) -> Non
     assert all(re.match(rf"{STAMP} (DEBUG|INFO|WARNING|ERROR) l4proxy", line) for line in lines), lines
     [record] = access_records(proxy.out())
     assert (record["upstream"], record["out"]) == (upstream, "4")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--health-check", "redis", "--health-send", "PING"],
+         "--health-send 'PING': applies only to the send-expect check, not redis"),
+        (["--health-path", "/primary"], "--health-path '/primary': applies only to the http check, not tcp"),
+        (["--health-check", "http", "--health-status", "6xx"],
+         "--health-status '6xx': expected statuses such as 2xx, 200, 200-299 or a comma-separated list"),
+        (["--health-check", "http", "--health-port", "0"], "--health-port '0': port must be 1..65535"),
+        (["--health-check", "postgres"],
+         "--health-check 'postgres': the postgres checks need a credentials file (auth) naming user and database"),
+        (["--health-expect-match", "contains"],
+         "--health-expect-match 'contains': applies only to the send-expect check with a reply"),
+        (["--health-check", "redis", "--no-health-checks"],
+         "--health-check 'redis': has no effect with --no-health-checks"),
+    ],
+)  # fmt: skip
+def test_health_check_flags_that_cannot_take_effect(args: list[str], message: str) -> None:
+    result = run_cli("--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", *args)
+    assert (result.returncode, result.stderr) == (2, f"l4proxy: error: {message}\n")
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "problem"),
+    [
+        ("redis", None, "No such file or directory"),
+        ("redis", "", "is empty; expected 'password' or 'user password'"),
+        ("postgres", "health\n", "names only a user; expected 'user database [password]'"),
+        ("redis-primary", "one\ntwo\n", "has more than one line; expected 'password' or 'user password'"),
+    ],
+)
+def test_bad_credentials_files_are_start_up_errors_naming_the_file(
+    tmp_path: Path, kind: str, text: str | None, problem: str
+) -> None:
+    path = tmp_path / "credentials"
+    if text is not None:
+        path.write_text(text)
+    port = free_port("127.0.0.1")
+    result = run_cli("--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:2", "--health-check", kind,
+                     "--health-auth", str(path))  # fmt: skip
+    assert (result.returncode, result.stderr) == (2, f"l4proxy: error: --health-auth '{path}': {problem}\n")

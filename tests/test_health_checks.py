@@ -175,7 +175,7 @@ async def test_flapping_member_does_not_change_state_on_every_probe(caplog: pyte
     up, down = Status.UP, Status.DOWN
     assert seen[: len(script)] == [up] * 8 + [down] * 8 + [up]
     assert health_changes(caplog, "DOWN") == {
-        str(server.address): "check failed: wrong reply b'-ERR\\r', expected b'+PONG'"
+        str(server.address): "check failed: bad reply: b'-ERR\\r', expected b'+PONG'"
     }
     assert health_changes(caplog, "UP") == {str(server.address): "check passed"}
     assert sum(" is DOWN: " in r.getMessage() for r in caplog.records) == 1
@@ -207,8 +207,8 @@ async def test_probe_failure_kinds_are_told_apart_in_the_log(caplog: pytest.LogC
     assert health_changes(caplog, "DOWN") == {
         str(refused): "check failed: refused",
         str(silent): "check failed: timeout",
-        str(liar.address): "check failed: wrong reply b'-ERR ', expected b'+PONG'",
-        str(mute.address): "check failed: wrong reply b'', expected b'+PONG'",
+        str(liar.address): "check failed: bad reply: b'-ERR ', expected b'+PONG'",
+        str(mute.address): "check failed: bad reply: b'', expected b'+PONG'",
     }
     assert all(m.total == 0 for m in pool.members)  # probes are not sessions
 
@@ -245,7 +245,7 @@ async def test_member_failing_checks_keeps_its_sessions_and_gets_no_new_ones(
         await eventually(lambda: member_a.active == member_b.active == 0)
     assert (a.sessions, b.sessions) == (1, 4)
     assert health_changes(caplog, "DOWN") == {
-        str(server_a.address): "check failed: wrong reply b'-ERR ', expected b'+PONG'"
+        str(server_a.address): "check failed: bad reply: b'-ERR ', expected b'+PONG'"
     }
     assert [s.member.name for s in log.sessions].count(member_a.name) == 1
 

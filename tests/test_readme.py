@@ -2,11 +2,11 @@
 
 The fenced ``sh`` blocks of each file run in order, from the repository root, with ``.venv/bin`` first on
 PATH (as after ``source .venv/bin/activate``, which README asks for). A command ending in ``&`` runs in
-the background until the file is done; an ``l4proxy`` command is the proxy in the foreground of its own
-terminal: it runs until its block is done, and must then drain and exit 0 on SIGTERM. Either kind must
-accept connections on the port it names before the next command starts. Every other command must exit 0,
-and the ones in CHECKS must also print what README promises. ``$ command`` transcripts (the error example)
-must print exactly the lines shown.
+the background until the file is done; an ``l4proxy`` command (but ``l4proxy check``) is the proxy in
+the foreground of its own terminal: it runs until its block is done, and must then drain and exit 0 on
+SIGTERM. Either kind must accept connections on the port it names before the next command starts. Every
+other command must exit 0, and the ones in CHECKS must also print what README promises. ``$ command``
+transcripts (the error examples) must print exactly the lines shown.
 
 What is not run as written, and why, is listed in NOT_RUN; each entry must still match a command in the
 docs, so the list cannot go stale. The fixed ports of the examples are swapped for free ones, so parallel
@@ -42,6 +42,12 @@ NOT_RUN: dict[str, str] = {
     "l4proxy --listen 127.0.0.1:6379 --upstream redis.example.internal:6380":
         "illustrative (marked): a TLS service of the user's, and its CA",
     "redis-cli -p 6379 PING": "talks to the illustrative origination proxy above it",
+    "l4proxy --listen 127.0.0.1:6379 --upstream redis-a,redis-b --health-check redis-primary":
+        "illustrative (marked): the user's Redis hosts and credentials file",
+    "l4proxy --listen :5432 --upstream pg-a,pg-b --health-check postgres-primary":
+        "illustrative (marked): the user's PostgreSQL hosts and credentials file",
+    "l4proxy --listen :5432 --upstream pg-a,pg-b --health-check http":
+        "illustrative (marked): the user's Patroni hosts",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
 }
@@ -53,6 +59,7 @@ CHECKS: dict[str, Callable[[str], bool]] = {  # command prefix -> what its stdou
     ".venv/bin/python certs/generate.py": lambda out: "ca.pem" in out,
     ".venv/bin/python benchmarks/loadgen.py": lambda out: bool(re.match(LOADGEN_DONE, out)),
     PLAN_ONLY: lambda out: "target l4proxy: available" in out,
+    "l4proxy check": lambda out: "\n[listeners.cache-tls.tls]\n" in out and "\nworkers = 1\n" in out,
 }
 
 
@@ -109,7 +116,7 @@ def excluded(cmd: Command) -> bool:
 
 
 def long_running(cmd: Command) -> bool:
-    return cmd.background or cmd.argv[0] == "l4proxy"
+    return cmd.background or (cmd.argv[0] == "l4proxy" and cmd.argv[1:2] != ["check"])
 
 
 def listen_port(argv: list[str]) -> int:

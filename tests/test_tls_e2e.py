@@ -63,9 +63,9 @@ class Proxy(L4Proxy):
         return self
 
 
-def tls_redis(tmp: Path, certs: Certs, auth_clients: str = "no") -> RedisServer:
+def tls_redis(tmp: Path, certs: Certs, auth_clients: str = "no", port: int | None = None) -> RedisServer:
     """A redis-server that speaks TLS only: its plain port is off (``--port 0``)."""
-    port = free_port()
+    port = port or free_port()
     return RedisServer(tmp, port=port, extra=[
         "--port", "0", "--tls-port", str(port), "--tls-cert-file", certs["server.pem"],
         "--tls-key-file", certs["server.key"], "--tls-ca-cert-file", certs["ca.pem"],
