@@ -10,48 +10,50 @@ Format (logfmt, one line, easy to grep and to parse)::
 
 ``in`` counts bytes read from the client (sent upstream), ``out`` bytes read from the upstream (sent to
 the client). ``end`` says how the session ended: eof (both directions closed cleanly), client_closed,
-upstream_closed, client_reset, upstream_reset, idle_timeout, half_closed_timeout, shutdown, or
-no_upstream (with the last connect error). TLS facts follow when a side speaks TLS.
+upstream_closed, client_reset, upstream_reset, idle_timeout, half_closed_timeout, shutdown,
+forced_shutdown, loop, or no_upstream (with the last connect error); ``causes.py`` says what each
+means. TLS facts follow when a side speaks TLS.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import Protocol, TextIO
 
-if TYPE_CHECKING:
-    from .relay import Session
-
-
-def format_record(session: Session, now: float) -> str:
-    """The access-log line for ``session`` (pure; ``now`` is wall-clock seconds). One f-string: this runs
-    once per session, on the connection-rate path."""
-    started = session.started
-    member = session.member
-    upstream = session.upstream
-    cause = session.end_cause or "eof"
-    address = session.client_address
-    ipv4 = type(address) is tuple and ":" not in address[0]  # the common case, formatted without a call
-    client = f"{address[0]}:{address[1]}" if ipv4 else format_peer(address)  # type: ignore[index]
-    whole = int(started)
-    if _second[0] != whole:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    line = (
-        f"{_second[1]}{_MILLIS[int((started - whole) * 1000)]} client={client}"
-        f" upstream={member.name if member is not None else '-'}"
-        f" in={session.client.nbytes} out={upstream.nbytes if upstream is not None else 0}"
-        f" duration={now - started:.3f}s end={_quote(cause) if ' ' in cause else cause}"
-    )
-    if session.tls_info:
-        line += "".join(f" {key}={_quote(value)}" for key, value in session.tls_info.items())
-    return line
+from .peer import format_peer
 
 
-# The time stamp is ISO 8601 UTC with milliseconds: the seconds part is formatted once per second, not per
-# record, and the milliseconds come from a table (formatting an int costs more than indexing a list).
-_second: list[object] = [None, ""]  # the last whole second formatted, and its text
-_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
+class _Side(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class Finished(Protocol):
+    """What a record reads from a session (``relay.Session``); typed here so this module stays a leaf."""
+
+    @property
+    def started(self) -> float: ...
+    @property
+    def member(self) -> _Named | None: ...
+    @property
+    def client(self) -> _Side: ...
+    @property
+    def upstream(self) -> _Side | None: ...
+    @property
+    def end_cause(self) -> str: ...
+    @property
+    def client_address(self) -> object: ...
+    @property
+    def tls_info(self) -> dict[str, str] | None: ...
+
+
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]  # formatting an int costs more than indexing a list
 
 
 def _quote(value: str) -> str:
@@ -65,6 +67,9 @@ class AccessLog:
         self.stream = stream
         self.owned = owned
         self.records = 0
+        # The time stamp is ISO 8601 UTC with milliseconds: the seconds part is formatted once per
+        # second, not per record. The last whole second formatted, and its text:
+        self._second: list[object] = [None, ""]
 
     @classmethod
     def from_target(cls, target: str) -> AccessLog:
@@ -75,10 +80,34 @@ class AccessLog:
             return cls(sys.stdout)
         return cls(open(target, "a", encoding="utf-8"), owned=True)
 
-    def record(self, session: Session) -> None:
+    def format(self, session: Finished, now: float) -> str:
+        """The access-log line for ``session`` (``now`` is wall-clock seconds). One f-string: this runs
+        once per session, on the connection-rate path."""
+        started = session.started
+        member = session.member
+        upstream = session.upstream
+        cause = session.end_cause or "eof"
+        address = session.client_address
+        ipv4 = type(address) is tuple and ":" not in address[0]  # the common case, formatted without a call
+        client = f"{address[0]}:{address[1]}" if ipv4 else format_peer(address)  # type: ignore[index]
+        whole = int(started)
+        second = self._second
+        if second[0] != whole:
+            second[0], second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        line = (
+            f"{second[1]}{_MILLIS[int((started - whole) * 1000)]} client={client}"
+            f" upstream={member.name if member is not None else '-'}"
+            f" in={session.client.nbytes} out={upstream.nbytes if upstream is not None else 0}"
+            f" duration={now - started:.3f}s end={_quote(cause) if ' ' in cause else cause}"
+        )
+        if session.tls_info:
+            line += "".join(f" {key}={_quote(value)}" for key, value in session.tls_info.items())
+        return line
+
+    def record(self, session: Finished) -> None:
         self.records += 1
         if self.stream is not None:
-            self.stream.write(format_record(session, time.time()) + "\n")
+            self.stream.write(self.format(session, time.time()) + "\n")
 
     def flush(self) -> None:
         """Write out buffered records; the proxy calls this about once a second, not once per record."""
@@ -91,11 +120,3 @@ class AccessLog:
             if self.owned:
                 self.stream.close()
             self.stream = None
-
-
-def format_peer(address: object) -> str:
-    """``host:port`` (``[v6]:port``) for a socket address tuple, ``-`` when unknown."""
-    if not isinstance(address, tuple) or len(address) < 2:
-        return "-"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from .config import Address, HealthConfig
+from .config import Address, HealthConfig, Resolved
 from .counters import READY, MemberCounters
 from .health import HealthState, Status
 
@@ -36,7 +36,8 @@ UP = Status.UP
 
 
 def member_keys(addresses: Sequence[Address]) -> list[str]:
-    """Each member's identity: its configured ``host:port``; a repeated address gets ``#2``, ``#3``..."""
+    """Each member's identity: its configured ``host:port`` (``name@ip:port`` for an address discovery
+    found); a repeated address gets ``#2``, ``#3``..."""
     seen: Counter[str] = Counter()
     keys = []
     for address in addresses:
@@ -140,6 +141,8 @@ class Balancer:
                 member = self.draining.pop(key, None) or Member(address, key, self.health)
                 member.draining = False
                 added.append(member)
+            if isinstance(address, Resolved):  # an SRV record's weight, which may change
+                member.weight = address.weight
             member.index = len(members)
             members.append(member)
         removed = list(current.values())

@@ -51,6 +51,7 @@ from .config import (
     TLS_VERSIONS,
     Address,
     Config,
+    Service,
     from_tree,
     parse_address,
     parse_duration,
@@ -58,9 +59,10 @@ from .config import (
     parse_members,
 )
 from .configfile import ConfigFileError, Document
+from .discovery import needs_resolving
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
-from .proxy import Proxy
+from .proxy import Proxy, Shared
 from .snapshot import ProxySource, log_status
 from .workers import parse_workers, supervise
 
@@ -84,7 +86,7 @@ def _text(text: str, path: str, _earlier: Mapping[str, Any]) -> str:
 
 def _whole(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
     digits = text.strip().removeprefix("-")
-    if not (digits.isascii() and digits.isdigit()):
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):  # int() refuses over 4300 digits
         raise ConfigError(path, text, "expected a whole number")
     return int(text)
 
@@ -95,7 +97,7 @@ def _size(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
     digits = lowered[:-1] if scale > 1 else lowered
     if lowered.endswith("ib"):
         scale, digits = {"kib": 1024, "mib": 1024 * 1024}.get(lowered[-3:], 0), lowered[:-3]
-    if not (digits.isascii() and digits.isdigit()) or not scale:
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18) or not scale:
         raise ConfigError(path, text, "expected bytes such as 65536, 64k or 1m")
     return int(digits) * scale
 
@@ -111,7 +113,7 @@ def _port(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
     return port
 
 
-def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[Address, ...]:
+def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[Address | Service, ...]:
     """Members; a missing port is the listen port."""
     return parse_members(texts, path, default_port=earlier[LISTEN_PATH].port)
 
@@ -198,11 +200,17 @@ OPTIONS: tuple[Option, ...] = (
            " plain-TCP session, 'transport' never (TLS sessions always use transports).", "auto",
            metavar="|".join(RELAY_ENGINES)),
     Option("--upstream", f"{_POOL}.members", "upstreams", "Pool members, comma-separated and/or repeated; the port"
-           " defaults to the listen port.", parse=_members, metavar="HOST[:PORT],...", multiple=True, required=True),
+           " defaults to the listen port; srv:NAME takes members and ports from DNS SRV records.", parse=_members,
+           metavar="HOST[:PORT],...", multiple=True, required=True),
     Option("--connect-timeout", f"{_POOL}.connect_timeout", "upstreams",
            "Give up on one connect attempt after this long and try another member.", "5s", _DURATION, "DURATION"),
     Option("--retries", f"{_POOL}.retries", "upstreams",
            "Extra connect attempts after the first, each to a member not yet tried.", "2", _whole, "N"),
+    Option("--resolve-interval", f"{_POOL}.resolve_interval", "upstreams", "Resolve members given as DNS names"
+           " (HOST or srv:NAME) again this often; each address they resolve to is a member.", "10s", _DURATION,
+           "DURATION"),
+    Option("--resolve-empty-after", f"{_POOL}.resolve_empty_after", "upstreams", "An empty DNS answer replaces"
+           " the last good one only once every answer for this long was empty.", "30s", _DURATION, "DURATION"),
     Option("--health-interval", f"{_POOL}.health.interval", "health",
            "Time between active health probes of each member.", "2s", _DURATION, "DURATION", needs=(PROBES,)),
     Option("--health-timeout", f"{_POOL}.health.timeout", "health", "A probe that takes longer fails.", "1s",
@@ -342,7 +350,9 @@ def build_config(params: Mapping[str, Any]) -> Config:
             if section is not None and section not in created and option.path != section:
                 continue
             values[option.path] = option.parse(raw, option.path, values)
-        return from_tree(_tree(values))
+        config = from_tree(_tree(values))
+        _refuse_discovery_unused(config, params, given)
+        return config
     except ConfigError as exc:
         raise flagged(exc, typed) from None
 
@@ -362,6 +372,16 @@ def _refuse_ineffective(params: Mapping[str, Any], given: frozenset[str]) -> Non
                 raise ConfigError(option.flag, shown, need.problem)
         if option.pair and option.pair not in given:
             raise ConfigError(option.pair, None, f"required with {option.flag}")
+
+
+def _refuse_discovery_unused(config: Config, params: Mapping[str, Any], given: frozenset[str]) -> None:
+    """The discovery flags do nothing when every member is an IP address: refuse them then."""
+    if any(needs_resolving(member) for pool in config.pools for member in pool.members):
+        return
+    for flag in ("--resolve-interval", "--resolve-empty-after"):
+        if flag in given:
+            problem = "has no effect: every --upstream is an IP address"
+            raise ConfigError(flag, params[flag[2:].replace("-", "_")], problem)
 
 
 def _tree(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -410,7 +430,7 @@ def self_loops(config: Config) -> list[ConfigError]:
         listen = listener.address
         listen_ips = set() if listen.host in WILDCARDS else _resolve(listen.host, listen.port)
         for index, member in enumerate(pool.members):
-            if member.port != listen.port:
+            if isinstance(member, Service) or member.port != listen.port:  # SRV ports are known once resolved
                 continue
             for ip in sorted(_resolve(member.host, member.port), key=str):
                 if is_own(ip, listen.host, listen_ips, local):
@@ -633,22 +653,18 @@ def check_credentials_files(config: Config) -> None:
                 raise flagged(exc.under(f"pools.{pool.name}.health")) from None
 
 
-def run(config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None) -> int:
-    """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status. ``prepare`` adjusts the Proxy
-    before it starts (a worker process plugs in the shared table)."""
+def run(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
+    """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status. ``shared`` is a worker
+    process's seam to the supervisor's table (``Proxy(shared=...)``)."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, access_log, prepare))
+        return runner.run(serve(config, access_log, shared))
 
 
-async def serve(
-    config: Config, access_log: AccessLog | None = None, prepare: Callable[[Proxy], None] | None = None
-) -> int:
+async def serve(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
     """Start, wait for a signal, drain; a second signal closes the remaining sessions at once."""
-    proxy = Proxy(config, access_log)
-    if prepare is not None:
-        prepare(proxy)
+    proxy = Proxy(config, access_log, shared=shared)
     try:
         await proxy.start()
     except OSError as exc:

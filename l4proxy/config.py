@@ -11,6 +11,7 @@ Nothing here touches sockets or the event loop.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -30,14 +31,17 @@ def parse_duration(text: str, field_name: str) -> float:
     match = _DURATION.match(text)
     if not match:
         raise ConfigError(field_name, text, "expected a duration such as 250ms, 5s, 1m, 1h or 2.5")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):  # hundreds of digits overflow to inf: no wait may be infinite
+        raise ConfigError(field_name, text, "is too large")
+    return seconds
 
 
 def _parse_port(text: str, whole: str, field_name: str) -> int:
     digits = text[1:] if text.startswith("-") else text
     if not (digits.isascii() and digits.isdigit()):  # str.isdigit alone accepts '²', which int() rejects
         raise ConfigError(field_name, whole, f"port {text!r} is not a number")
-    port = int(text)
+    port = int(text) if len(text) <= 5 else 0  # int() refuses over 4300 digits with a ValueError
     if not 1 <= port <= 65535:
         raise ConfigError(field_name, whole, "port must be 1..65535")
     return port
@@ -125,9 +129,33 @@ def member_texts(texts: list[str] | tuple[str, ...], field_name: str) -> list[st
     return parts
 
 
-def parse_members(texts: list[str] | tuple[str, ...], field_name: str, default_port: int) -> tuple[Address, ...]:
-    """Members from repeated and/or comma-separated ``HOST[:PORT]`` values."""
-    return tuple(parse_address(part, field_name, default_port) for part in member_texts(texts, field_name))
+SRV_PREFIX = "srv:"
+
+
+def parse_member(text: str, field_name: str, default_port: int) -> Address | Service:
+    """One member: ``HOST[:PORT]``, or ``srv:NAME`` (a DNS SRV name; its records give the ports)."""
+    if not text.lower().startswith(SRV_PREFIX):
+        return parse_address(text, field_name, default_port)
+    name = text[len(SRV_PREFIX) :]
+    if not name or _canonical_host(name) is None or is_ip(name):
+        raise ConfigError(field_name, text, "expected srv:NAME with a DNS name, such as srv:_redis._tcp.example.com")
+    return Service(name)
+
+
+def parse_members(
+    texts: list[str] | tuple[str, ...], field_name: str, default_port: int
+) -> tuple[Address | Service, ...]:
+    """Members from repeated and/or comma-separated ``HOST[:PORT]`` or ``srv:NAME`` values."""
+    return tuple(parse_member(part, field_name, default_port) for part in member_texts(texts, field_name))
+
+
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP literal (never resolved) rather than a DNS name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # A lone ``x`` alternative catches a short \x; scanning pairs left to right keeps ``\\x41`` literal.
@@ -170,6 +198,43 @@ class Address:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def hostname(self) -> str:
+        """The name TLS sends as SNI and checks the certificate against: the host as configured."""
+        return self.host
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved(Address):
+    """An address that DNS name ``name`` resolved to: dialed by IP (``host``), but keyed, logged and
+    verified (TLS) by the name, so the same IP under two names is two members. ``weight`` is an SRV
+    record's weight (1 for A/AAAA answers)."""
+
+    name: str = ""
+    weight: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.name}@{Address.__str__(self)}"
+
+    @property
+    def hostname(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A member given as a DNS SRV name (``srv:_redis._tcp.cache.svc.cluster.local``): its records
+    name the targets, their ports, priorities and weights; discovery expands it into addresses."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or _canonical_host(self.name) is None:
+            raise ConfigError("name", self.name, "is not a valid DNS name")
+
+    def __str__(self) -> str:
+        return f"{SRV_PREFIX}{self.name}"
 
 
 def _positive(name: str, value: float) -> None:
@@ -257,19 +322,30 @@ class UpstreamTLSConfig:
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    """A named set of members with its balancing, retry and health settings."""
+    """A named set of members with its balancing, retry and health settings.
 
-    members: tuple[Address, ...]
+    Members given as DNS names (``Address`` with a host name, or ``Service``) are resolved again every
+    ``resolve_interval``; an empty answer replaces the last good one only once every answer for
+    ``resolve_empty_after`` was empty (``discovery.py``).
+    """
+
+    members: tuple[Address | Service, ...]
     name: str = "default"
     retries: int = 2
     connect_timeout: float = 5.0
     health: HealthConfig = field(default_factory=HealthConfig)
     tls: UpstreamTLSConfig | None = None
+    resolve_interval: float = 10.0
+    resolve_empty_after: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.members:
             raise ConfigError("members", None, "at least one upstream is required")
+        _positive("resolve_interval", self.resolve_interval)
+        _positive("resolve_empty_after", self.resolve_empty_after)
         for index, member in enumerate(self.members):
+            if isinstance(member, Service):
+                continue
             if not member.host:
                 raise ConfigError(f"members[{index}]", str(member), "an upstream needs a host")
             if not member.port:
@@ -351,6 +427,7 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (Config, "admin"): Address,
 }
 _LISTS: dict[tuple[type, str], type] = {(PoolConfig, "members"): Address}
+_ALSO: dict[type, tuple[type, ...]] = {Address: (Service,)}  # objects a list of these may hold as they are
 
 _T = TypeVar("_T")
 
@@ -378,8 +455,8 @@ def _item(table: str, key: int | str) -> str:
 
 
 def _build(kind: type[_T], data: object, path: str) -> _T:
-    if isinstance(data, kind):
-        return data
+    if isinstance(data, (kind, *_ALSO.get(kind, ()))):
+        return data  # type: ignore[return-value]
     if not isinstance(data, Mapping):
         raise ConfigError(path, data, f"expected a table of {kind.__name__} settings")
     known = {f.name: f for f in fields(kind)}  # type: ignore[arg-type]

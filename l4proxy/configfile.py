@@ -29,7 +29,17 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from .config import Address, Config, ListenerConfig, PoolConfig, from_tree, parse_address
+from .config import (
+    SRV_PREFIX,
+    Address,
+    Config,
+    ListenerConfig,
+    PoolConfig,
+    Service,
+    from_tree,
+    parse_address,
+    parse_member,
+)
 from .errors import ConfigError, L4ProxyError
 
 Form = Callable[[str, str], Any]  # the text as typed and its path -> the value (a flag's parser)
@@ -74,7 +84,8 @@ def _kind(hint: Any) -> type | str:
     if hint is Address:
         return "address"
     if typing.get_origin(hint) is tuple:
-        return "members" if typing.get_args(hint)[0] is Address else "names"
+        item = typing.get_args(hint)[0]
+        return "members" if item is Address or Address in typing.get_args(item) else "names"
     if dataclasses.is_dataclass(hint):
         return "section"
     return typing.cast(type, hint)
@@ -275,10 +286,13 @@ class _Converter:
             return members
         return self._leaf(key, value, where)
 
-    def _member(self, item: Any, where: str) -> Address:
-        """A member; a table with ``address`` and its options is the planned other form."""
+    def _member(self, item: Any, where: str) -> Address | Service:
+        """A member: ``"HOST:PORT"`` or ``"srv:NAME"``; a table with ``address`` and its options is the
+        planned other form."""
         if not isinstance(item, str):
             raise ConfigError(where, item, 'expected "HOST:PORT" text')
+        if item.lower().startswith(SRV_PREFIX):
+            return parse_member(item, where, default_port=0)  # the SRV records give the ports
         return parse_address(item, where)
 
     def _leaf(self, key: Key, value: Any, where: str) -> Any:

@@ -40,12 +40,11 @@ class ListenerCounters:
     """One listener's sessions, bytes and TLS failures. ``sessions`` counts sessions begun (the client
     is accepted and, for TLS, its handshake done); bytes are added when a session ends."""
 
-    __slots__ = ("active", "bytes_in", "bytes_out", "ended", "sessions", "tls_failures")
+    __slots__ = ("active", "bytes_in", "bytes_out", "sessions", "tls_failures")
 
     def __init__(self) -> None:
         self.sessions = 0
         self.active = 0
-        self.ended = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.tls_failures: dict[str, int] = {}

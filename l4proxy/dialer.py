@@ -8,13 +8,27 @@ except running out of our own descriptors or memory (EMFILE and kin): that is no
 no other member would fare better, so the client is closed without blaming any member or retrying. (The
 listener keeps a reserve of descriptors for upstream connects, so this is rare.)
 Host names are resolved by the loop's ``getaddrinfo`` (a thread), never blocking the loop.
+
+**Loops.** A member that is the proxy itself (refused at start-up, but a name can move, and a wildcard
+listen address is every address) makes each connect come back as a new client, which dials again. Every
+connection to a member on one of our listen ports (only those can be us) has its local address in
+``Outgoing.addresses`` (the proxy's set, which the probes fill too) from its ``connect()`` call until
+its session ends; a client whose own address is in that set is one of ours, and is closed as ``loop``
+with a rate-limited warning before it dials (``frontend.py``). For such a member the socket is made
+and connected here (``_connect_noted``), so its address is known before the connection can be
+accepted at the other end; a member given by name is noted once connected, which may be a hop late.
+It costs one set lookup per session and a port lookup per connect; a member on another port costs
+nothing more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import itertools
 import logging
+import socket
 import ssl
 from collections.abc import Coroutine, Hashable
 from typing import Any
@@ -34,6 +48,16 @@ NO_UPSTREAM = "clients with no upstream"  # rate-limited kinds of warnings (rate
 CONNECT_FAILED = "failed upstream connects"
 
 
+class Outgoing:
+    """The local addresses of the proxy's own outgoing connections, and the ports it listens on."""
+
+    __slots__ = ("addresses", "ports")
+
+    def __init__(self) -> None:
+        self.addresses: set[object] = set()
+        self.ports: set[int] = set()  # filled as the listeners bind
+
+
 class Dial:
     """The dial of one session: a chain of callbacks, no coroutine of its own and no Task.
 
@@ -42,7 +66,19 @@ class Dial:
     dial on to the next attempt, to the session,
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
-    __slots__ = ("deadline", "deadlines", "drive", "loop", "member", "pool", "pump", "session", "tried", "warnings")
+    __slots__ = (
+        "deadline",
+        "deadlines",
+        "drive",
+        "loop",
+        "member",
+        "outgoing",
+        "pool",
+        "pump",
+        "session",
+        "tried",
+        "warnings",
+    )
 
     def __init__(
         self,
@@ -51,12 +87,14 @@ class Dial:
         loop: asyncio.AbstractEventLoop,
         deadlines: Deadlines,
         warnings: Warnings,
+        outgoing: Outgoing,
     ) -> None:
         self.session = session
         self.pool = pool
         self.loop = loop
         self.deadlines = deadlines
         self.warnings = warnings  # a member down or every member down: one line per client otherwise
+        self.outgoing = outgoing  # our own connections' local addresses (see Loops)
         self.tried: list[Member] = []
         self.member: Member | None = None
         self.pump: Pump | None = None
@@ -87,7 +125,10 @@ class Dial:
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
         self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
         try:
-            coro = _connect(self.loop, pool, member, pump)
+            if member.address.port in self.outgoing.ports and _is_ip(member.address.host):
+                coro = _connect_noted(self.loop, pool, member, pump, self.outgoing)
+            else:
+                coro = _connect(self.loop, pool, member, pump)
         except (OSError, ssl.SSLError) as exc:
             self._failed(exc)
             return
@@ -117,7 +158,13 @@ class Dial:
         if session.ended:  # the client left as the connect completed
             self.pool.balancer.release(member)
             pump.abort()
+            self.outgoing.addresses.discard(session.sockname)  # its session's end has passed already
             return
+        outgoing = self.outgoing
+        if session.sockname is None and member.address.port in outgoing.ports:  # a name that may be us
+            assert pump.transport is not None
+            session.sockname = sockname = pump.transport.get_extra_info("sockname")
+            outgoing.addresses.add(sockname)
         member.stats.sessions += 1
         session.attach_upstream(pump, member)
 
@@ -159,22 +206,54 @@ class Dial:
 
 
 def _connect(
-    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump
+    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump, sock: socket.socket | None = None
 ) -> Coroutine[Any, Any, tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
-    """The loop's connect coroutine for one attempt, not yet started."""
+    """The loop's connect coroutine for one attempt, not yet started (over ``sock``, connected, if given)."""
     address = member.address
     tls = pool.ssl_context
     factory = itertools.repeat(pump).__next__  # returns the pump; a C callable, so no Python frame runs
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": address.host, "port": address.port}
     if tls is None:
-        return loop.create_connection(factory, address.host, address.port)
+        return loop.create_connection(factory, **where)
     from .tls import server_hostname
 
     assert pool.config.tls is not None
     return loop.create_connection(
         factory,
-        address.host,
-        address.port,
+        **where,
         ssl=tls,
-        server_hostname=server_hostname(pool.config.tls, address.host),
+        server_hostname=server_hostname(pool.config.tls, address.hostname),
         ssl_handshake_timeout=pool.config.connect_timeout,
     )
+
+
+async def _connect_noted(
+    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump, outgoing: Outgoing
+) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """Connect to a member that may be this proxy, with the socket's local address in ``outgoing`` from
+    the ``connect()`` call on (see Loops), so the far end can tell it is us as soon as it accepts."""
+    host, port = member.address.host, member.address.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sockname: object = None
+    try:
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect((host, port))
+        sockname = sock.getsockname()
+        outgoing.addresses.add(sockname)
+        await loop.sock_connect(sock, (host, port))
+        connected = await _connect(loop, pool, member, pump, sock)
+    except BaseException:
+        outgoing.addresses.discard(sockname)
+        sock.close()
+        raise
+    pump.session.sockname = sockname
+    return connected
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -84,6 +84,11 @@ class HealthState:
     def up(self) -> bool:
         return self.status is Status.UP
 
+    def await_probe(self, reason: str) -> None:
+        """DOWN until one probe passes (a member at a new address is checked before it gets sessions);
+        if that probe fails, it is an ordinary DOWN member that needs ``rise`` passes."""
+        self.status, self.streak, self.last_reason = Status.DOWN, self.rise - 1, reason
+
     def observe(self, event: Event, reason: str = "") -> Change | None:
         """Apply one result; return the Change when the status flips, else None."""
         if event is Event.TRAFFIC_OK and self.streak == 0 and self.status is Status.UP:

@@ -6,7 +6,10 @@ successful connects go through ``Pool.connect_ok``, which skips the report when 
 
 ``Pool.update`` changes the members in place, matched by key (``balancer.member_keys``): members that
 stay keep their health state; added ones start UP and get probes; removed ones get no new sessions,
-lose their probes and ejection timers, and keep their sessions until those end.
+lose their probes and ejection timers, and keep their sessions until those end. Host names in the list
+stay as they are until the pool's next resolution (``resolver.py``) expands them into their addresses;
+the resolver applies its answers through ``set_members``, whose ``check_first`` members (new addresses
+of a name) are DOWN until their first probe passes, when health checks are on.
 
 In a worker process (``--workers N``), ``forward`` is set: results go to the supervisor through shared
 memory instead, and only the supervisor's pools decide and log status (see ``workers.py``).
@@ -19,12 +22,13 @@ import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from .balancer import Balancer, Member
 from .config import Address, PoolConfig
 from .counters import DISABLED, DRAIN, READY
+from .discovery import Target, unresolved
 from .health import Event, Status
 
 log = logging.getLogger("l4proxy.health")
@@ -46,7 +50,7 @@ class Pool:
     def __init__(self, config: PoolConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.balancer = Balancer(config.members, config.health)
+        self.balancer = Balancer(unresolved(config.members), config.health)
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
         self.retries = 0  # connect attempts after a client's first
@@ -58,11 +62,24 @@ class Pool:
     def members(self) -> list[Member]:
         return self.balancer.members
 
-    def update(self, members: Sequence[Address]) -> tuple[list[Member], list[Member]]:
-        """Change the members to ``members``; returns the (added, removed) ones. Raises ConfigError (and
-        changes nothing) when the list is not a valid pool."""
-        self.config = dataclasses.replace(self.config, members=tuple(members))
+    def update(self, members: Sequence[Target]) -> tuple[list[Member], list[Member]]:
+        """Change the configured members to ``members``; returns the (added, removed) ones. Raises
+        ConfigError (and changes nothing) when the list is not a valid pool."""
+        config = dataclasses.replace(self.config, members=tuple(members))
+        changes = self.set_members(unresolved(members))
+        self.config = config
+        return changes
+
+    def set_members(
+        self, members: Sequence[Address], check_first: Collection[str] = ()
+    ) -> tuple[list[Member], list[Member]]:
+        """Make ``members`` the live members (the configured ones stay as they are); added members whose
+        key is in ``check_first`` get no sessions until a probe passes. Returns the (added, removed)."""
         added, removed = self.balancer.update(members)
+        if self.config.health.enabled and self.forward is None:
+            for member in added:
+                if member.key in check_first:
+                    member.health.await_probe("a new address, not probed yet")
         for member in removed:
             timer = self._ejections.pop(member, None)
             if timer is not None:
@@ -76,7 +93,7 @@ class Pool:
             log.info(
                 "pool %s updated: added %s; removed %s; %d in all",
                 self.name,
-                ", ".join(m.name for m in added) or "none",
+                ", ".join(m.name + ("" if m.health.up else " (waits for a probe)") for m in added) or "none",
                 ", ".join(m.name for m in removed) or "none",
                 len(self.members),
             )

@@ -10,6 +10,10 @@ data path and run once per interval.
 
 In a pool with a ``*-primary`` check, the members UP whose last probe passed claim the primary role;
 more than one at once is a split brain, logged once per episode (``checks.SplitBrain``) and counted.
+
+The local address of each member's latest probe connection stays in ``outgoing`` (the proxy's set)
+until the next probe of that member replaces it, so a member that leads back to the proxy is caught
+however fast the probe itself is done (``dialer.py``, Loops).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import random
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from .balancer import Member
 from .checks import (
@@ -47,9 +52,11 @@ class Prober:
     """Runs the probes of one pool until ``stop``: one task per member, kept in step with the pool's
     members by ``sync`` (which ``Pool.update`` calls once the prober has started)."""
 
-    def __init__(self, pool: Pool, rng: random.Random | None = None) -> None:
+    def __init__(self, pool: Pool, rng: random.Random | None = None, outgoing: set[object] | None = None) -> None:
         self.pool = pool
         self.rng = rng or random.Random()
+        self.outgoing = outgoing if outgoing is not None else set()
+        self._held: dict[Member, object] = {}  # each member's latest probe address in outgoing
         self.tasks: dict[Member, asyncio.Task[None]] = {}
         self._leaving: set[asyncio.Task[None]] = set()  # probes of removed members, cancelled
         self._stopping = False
@@ -77,6 +84,7 @@ class Prober:
             task = self.tasks.pop(member)
             self._passing.discard(member)
             task.cancel()
+            self._hold(member, None)
             self._leaving.add(task)
             task.add_done_callback(self._left)
         for member in self.pool.members:
@@ -103,6 +111,8 @@ class Prober:
                     task.result()
         self.tasks.clear()
         self._leaving.clear()
+        for member in list(self._held):
+            self._hold(member, None)
 
     def conversation(self, member: Member) -> Conversation:
         """A fresh conversation of the pool's check kind with ``member``."""
@@ -130,14 +140,17 @@ class Prober:
     async def _run(self, member: Member) -> None:
         interval = self.pool.config.health.interval
         me = asyncio.current_task()
-        await asyncio.sleep(self.rng.uniform(0, interval))  # spread members' probes apart
+        if member.health.up:  # spread members' probes apart; one waiting for its first probe gets it now
+            await asyncio.sleep(self.rng.uniform(0, interval))
         while not self._stopping and self.tasks.get(member) is me:  # until stopped or the member is removed
             if member.admin == DISABLED:  # held by the operator: no checks until enabled
                 await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
                 continue
             started = time.monotonic()
             try:
-                verdict = await probe(self.pool, member, self.conversation(member))
+                verdict = await probe(
+                    self.pool, member, self.conversation(member), lambda sockname: self._hold(member, sockname)
+                )
             except OSError:  # out of our own descriptors: no verdict on the member this time
                 log.debug("probe of %s in pool %s skipped: out of descriptors", member.name, self.pool.name)
             else:
@@ -150,6 +163,14 @@ class Prober:
                 if self.split_brain is not None:
                     self._watch_primaries(member, verdict.ok)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
+        self._hold(member, None)
+
+    def _hold(self, member: Member, sockname: object) -> None:
+        """Keep ``sockname`` in ``outgoing`` as the member's latest probe address (None: forget it)."""
+        self.outgoing.discard(self._held.pop(member, None))
+        if sockname is not None:
+            self.outgoing.add(sockname)
+            self._held[member] = sockname
 
     def _watch_primaries(self, member: Member, passed: bool) -> None:
         """Log the start and the end of each split-brain episode, once each. A member claims the primary
@@ -173,11 +194,15 @@ class Prober:
             log.warning("pool %s split brain over: %s the primary role", self.pool.name, now)
 
 
-async def probe(pool: Pool, member: Member, conversation: Conversation) -> Verdict:
-    """One probe of ``member``: its verdict. Raises OSError when the proxy is out of descriptors."""
+
+async def probe(
+    pool: Pool, member: Member, conversation: Conversation, connected: Callable[[object], None] | None = None
+) -> Verdict:
+    """One probe of ``member``: its verdict. Raises OSError when the proxy is out of descriptors.
+    ``connected`` is given the probe connection's local address."""
     try:
         async with asyncio.timeout(pool.config.health.timeout):  # unlike wait_for on 3.11, never swallows a cancel
-            return await _converse(pool, member, conversation)
+            return await _converse(pool, member, conversation, connected)
     except TimeoutError:
         return conversation.stalled() or Verdict(Failure.TIMEOUT)
     except OSError as exc:
@@ -186,16 +211,20 @@ async def probe(pool: Pool, member: Member, conversation: Conversation) -> Verdi
         return from_exception(exc)
 
 
-async def _converse(pool: Pool, member: Member, conversation: Conversation) -> Verdict:
+async def _converse(
+    pool: Pool, member: Member, conversation: Conversation, connected: Callable[[object], None] | None
+) -> Verdict:
     health = pool.config.health
     address = member.address
     kwargs: dict[str, object] = {}
     if pool.ssl_context is not None and pool.config.tls is not None:
         from .tls import server_hostname
 
-        kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.host)}
+        kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.hostname)}
     port = health.port if health.port is not None else address.port
     reader, writer = await asyncio.open_connection(address.host, port, **kwargs)  # type: ignore[arg-type]
+    if connected is not None:
+        connected(writer.get_extra_info("sockname"))
     try:
         out, verdict = conversation.start()
         if verdict is not None:  # nothing to hear back: the write itself must succeed

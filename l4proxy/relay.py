@@ -23,8 +23,13 @@ task, one Python call per chunk. The rules it keeps:
   with what it saw last tick, and closes sessions that stay quiet for ``idle_timeout``, or
   ``half_closed_timeout`` once one direction ended. The hot path does no timer work at all.
 * **Engines**: a plain-TCP session whose reads come in full (``BULKY_STREAK`` reads of ``BULKY_READ``
-  bytes or more in a row) moves to the zero-copy engine of ``splice.py``; ``--relay`` chooses. The
-  session keeps it in ``engine``, and ``end``/``abort`` stop it before closing the transports.
+  bytes or more in a row) may move to another engine (``splice.py``). The relay does not know engines:
+  it calls the hooks its listener gave it (``Wiring.bulky``, ``Wiring.attached``), keeps what they
+  install in ``Session.engine`` (anything with ``stop()``), and stops it before closing the transports.
+* **Seams**: what the relay calls out to is typed here as small Protocols (``Engine``, ``Dialing``) and
+  one ``Wiring`` per listener, so the relay imports no module above it (``tests/test_imports.py``).
+* **End causes**: ``end``, ``abort`` and ``fail`` offer a cause; ``causes.settle`` decides which one
+  the session keeps (the rule is written down in ``causes.py``).
 """
 
 from __future__ import annotations
@@ -32,19 +37,74 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import splice
-from .accesslog import format_peer
+from .causes import EOF, closed, lost, settle
+from .peer import format_peer
 from .tls import describe
 
 if TYPE_CHECKING:
     from .balancer import Member
     from .config import ListenerConfig
-    from .dialer import Dial
 
 BULKY_READ = 65536  # a read this large means the sender keeps the socket full
 BULKY_STREAK = 4  # that many in a row make a plain-TCP session move to the splice engine (--relay auto)
+
+
+class Engine(Protocol):
+    """What ``Session.engine`` holds once an engine took over (or declined): ``end``/``abort`` stop it."""
+
+    def stop(self) -> None: ...
+
+
+class Dialing(Protocol):
+    """The dial in flight for a session (``dialer.Dial``): cancelled when the client leaves first."""
+
+    def cancel(self) -> None: ...
+
+
+class _Still:
+    """The engine of a session that stays on the transports (TLS, ``--relay transport``, no splice)."""
+
+    __slots__ = ()
+
+    def stop(self) -> None:
+        return None
+
+
+NEVER: Engine = _Still()
+SessionHook = Callable[["Session"], None]
+
+
+def stay(session: Session) -> None:
+    """A ``bulky``/``attached`` hook for sessions that never switch engine: asked once, never again."""
+    session.engine = NEVER
+
+
+class Wiring:
+    """What every session of one listener calls out to, built once per listener (``frontend.py``), so a
+    session stores one reference instead of a hook each and compares no setting per session.
+
+    ``client_ready``: the client's transport is up (after its TLS handshake): start the dial.
+    ``ended``: both sides are gone (called once). ``bulky``: a bulky streak was seen. ``attached``: the
+    upstream was just attached (``None``: nothing to do)."""
+
+    __slots__ = ("attached", "buffer_size", "bulky", "client_ready", "ended", "limits")
+
+    def __init__(
+        self,
+        limits: ListenerConfig,
+        client_ready: SessionHook,
+        ended: SessionHook,
+        bulky: SessionHook = stay,
+        attached: SessionHook | None = None,
+    ) -> None:
+        self.limits = limits
+        self.buffer_size = limits.buffer_size
+        self.client_ready = client_ready
+        self.ended = ended
+        self.bulky = bulky
+        self.attached = attached
 
 
 class Pump(asyncio.Protocol):
@@ -73,7 +133,7 @@ class Pump(asyncio.Protocol):
         if self is session.client:  # after its TLS handshake, if any: note the TLS facts, start the dial
             if session.limits.tls is not None:
                 session.note_tls()
-            session.on_client_ready(session)
+            session.wiring.client_ready(session)
 
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
@@ -84,8 +144,9 @@ class Pump(asyncio.Protocol):
                 self.streak = 0
             else:
                 self.streak += 1
-                if self.streak >= BULKY_STREAK and self.session.engine is None:
-                    splice.start(self.session)
+                session = self.session
+                if self.streak >= BULKY_STREAK and session.engine is None:
+                    session.wiring.bulky(session)
         elif self.peer is None and not self.closed:  # early: hold until the peer exists
             pending = self.pending
             if pending is None:
@@ -125,16 +186,6 @@ class Pump(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    def send_eof(self) -> None:
-        """Pass an EOF on to this side: FIN where possible, else flush and close (TLS)."""
-        t = self.transport
-        if t is None or self.closed or t.is_closing():
-            return
-        if t.can_write_eof():
-            t.write_eof()
-        else:
-            t.close()
-
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -147,8 +198,8 @@ class Pump(asyncio.Protocol):
 class Session:
     """A client connection, its upstream connection, and the facts the access log needs.
 
-    Lifecycle: accepted -> ``on_client_ready`` (the proxy starts the dial) -> ``attach_upstream`` or
-    ``fail`` -> relaying -> ``end``/``abort`` -> both transports lost -> ``on_end`` exactly once.
+    Lifecycle: accepted -> ``Wiring.client_ready`` (the frontend starts the dial) -> ``attach_upstream``
+    or ``fail`` -> relaying -> ``end``/``abort`` -> both transports lost -> ``Wiring.ended`` exactly once.
     """
 
     __slots__ = (
@@ -162,38 +213,33 @@ class Session:
         "last_active",
         "limits",
         "member",
-        "on_client_ready",
-        "on_end",
         "opener",
         "seen",
+        "sockname",
         "started",
         "tls_info",
         "upstream",
+        "wiring",
     )
 
-    def __init__(
-        self,
-        limits: ListenerConfig,
-        on_client_ready: Callable[[Session], None],
-        on_end: Callable[[Session], None],
-    ) -> None:
-        self.limits = limits
-        self.buffer_size = limits.buffer_size
-        self.on_client_ready = on_client_ready
-        self.on_end = on_end
+    def __init__(self, wiring: Wiring) -> None:
+        self.wiring = wiring
+        self.limits = wiring.limits
+        self.buffer_size = wiring.buffer_size
         self.client = Pump(self)
         self.upstream: Pump | None = None
         self.member: Member | None = None
-        self.dial: Dial | None = None  # the dial in flight, cancelled if the client leaves first
-        self.opener: Coroutine[Any, Any, Any] | None = None  # see Proxy: finished by _unlink
+        self.dial: Dialing | None = None  # the dial in flight, cancelled if the client leaves first
+        self.opener: Coroutine[Any, Any, Any] | None = None  # see frontend.py: finished by _unlink
         self.client_address: object = None  # as accept() returned it; formatted only when logged
+        self.sockname: object = None  # the local address of its upstream connection, once connected
         self.seen = -1  # bytes moved as of the sweeper's last look; -1: not looked at yet
         self.started = time.time()
         self.last_active = 0.0  # set by the sweeper's first look, which sees "activity" (seen is -1)
         self.end_cause = ""
         self.ended = False
         self.tls_info: dict[str, str] | None = None
-        self.engine: splice.Engine | None = None  # set once the splice engine takes over (or never will)
+        self.engine: Engine | None = None  # set once another engine takes over (or NEVER: none will)
 
     # wiring
 
@@ -218,68 +264,71 @@ class Session:
             client.out = pump.transport
         if not client.closed:
             pump.out = client.transport
-        if client.eof:
-            pump.send_eof()
-        if pump.eof:
-            client.send_eof()
         if client.closed:  # it left while we dialed: what it sent is on its way, close after it
             self.end(self.end_cause)
         elif pump.closed:
-            self.end("upstream_closed")
+            self.end(closed(client=False))
         elif client.eof and pump.eof:
-            self.end("eof")
-        elif self.limits.relay == "splice":  # with auto, the first bulky streak decides (splice.start)
-            splice.attached(self)
+            self.end(EOF)
+        elif client.eof:
+            self.side_eof(client)
+        elif pump.eof:
+            self.side_eof(pump)
+        else:
+            attached = self.wiring.attached  # with --relay splice; with auto, a bulky streak decides
+            if attached is not None:
+                attached(self)
 
     # events from the pumps
 
     def side_eof(self, pump: Pump) -> bool:
-        """Half-close: forward the EOF; end the session once both directions are done."""
+        """Half-close: forward the EOF; end the session once both directions are done. Where either side
+        is TLS there is no half-close (see the module's rules): the EOF ends the session, and the label
+        names the side that sent it."""
         peer = pump.peer
+        transport = pump.transport
         if peer is None:  # EOF before the other side exists: attach_upstream forwards it
             # A TLS side closes after EOF whatever we return (and warns if we return True): side_lost
             # then keeps what it sent for the upstream.
-            return pump.transport is not None and pump.transport.can_write_eof()
+            return transport is not None and transport.can_write_eof()
         if peer.eof or peer.closed:
             # Both directions are done. Closing the peer sends its FIN once its buffer is flushed, as
             # shutdown() would: one system call instead of two, on every session that ends cleanly.
-            self.end("eof")
+            self.end(EOF)
             return False
-        peer.send_eof()
-        return pump.transport is not None and pump.transport.can_write_eof()
+        out = peer.transport
+        if transport is None or out is None or not (transport.can_write_eof() and out.can_write_eof()):
+            self.end(closed(client=pump is self.client))  # flushes both sides, then closes them
+            return False
+        if not out.is_closing():
+            out.write_eof()
+        return True
 
     def side_lost(self, pump: Pump, exc: Exception | None) -> None:
         if self.ended:
             self._finish_if_closed()
             return
-        side = "client" if pump is self.client else "upstream"
+        client = pump is self.client
         peer = pump.peer
         if peer is None:
-            if pump is self.client:
+            if client:
+                self.end_cause = lost(client, exc is not None)
                 if self.client.pending and self.dial is not None:
                     # Gone while dialing, but it sent bytes: they are ours to deliver. The dial goes
                     # on, attach_upstream hands them over and then closes (or fail() logs no upstream).
-                    self.end_cause = "client_reset" if exc else "client_closed"
                     return
                 self.ended = True  # gone while dialing and nothing to relay: stop the dial
-                self.end_cause = "client_reset" if exc else "client_closed"
                 if self.dial is not None:
                     self.dial.cancel()
                 self._finish_if_closed()
             return
-        if exc is not None:
-            cause = f"{side}_reset"
-        elif pump.eof and peer.eof:
-            cause = "eof"
-        else:
-            cause = f"{side}_closed"
-        self.end(cause)
+        self.end(EOF if exc is None and pump.eof and peer.eof else lost(client, exc is not None))
 
     # ending
 
     def end(self, cause: str) -> None:
-        """Close both sides, flushing what was already read; ``on_end`` runs once both are gone."""
-        if not self.end_cause:
+        """Close both sides, flushing what was already read; ``Wiring.ended`` runs once both are gone."""
+        if not self.end_cause:  # causes.settle for "end" (the first cause stays), without the call
             self.end_cause = cause
         if self.ended:
             return
@@ -296,8 +345,7 @@ class Session:
 
     def abort(self, cause: str) -> None:
         """Tear both sides down now, discarding buffers (idle timeout, forced shutdown)."""
-        if not self.ended or self.end_cause == "eof":
-            self.end_cause = cause
+        self.end_cause = settle(self.end_cause, self.ended, "abort", cause)
         self.ended = True
         if self.engine is not None:
             self.engine.stop()
@@ -310,15 +358,15 @@ class Session:
 
     def fail(self, cause: str) -> None:
         """No upstream could be reached: close the client at once."""
-        self.end_cause = cause  # the client may have left already; this is what became of its bytes
+        self.end_cause = settle(self.end_cause, self.ended, "fail", cause)
         self.ended = True
         self.client.abort()
         self._finish_if_closed()
 
     def _finish_if_closed(self) -> None:
         if (self.client.closed or self.client.transport is None) and (self.upstream is None or self.upstream.closed):
-            on_end, self.on_end = self.on_end, _noop
-            on_end(self)
+            wiring, self.wiring = self.wiring, _FINISHED
+            wiring.ended(self)
             self._unlink()
 
     def discard(self) -> None:
@@ -331,7 +379,6 @@ class Session:
         which under a connection storm otherwise costs several percent of the CPU. Only the counters and
         facts the access log reads stay."""
         self.dial = None
-        self.on_client_ready = _noop
         opener, self.opener = self.opener, None
         if opener is not None:  # its transport is closed: let the coroutine return (or raise) now
             try:
@@ -373,3 +420,8 @@ class Session:
 
 def _noop(session: Session) -> None:
     return None
+
+
+_FINISHED = Wiring.__new__(Wiring)  # a finished session's: its hooks have all run, none runs again
+_FINISHED.client_ready = _FINISHED.ended = _FINISHED.bulky = _noop
+_FINISHED.attached = None

@@ -99,18 +99,18 @@ class Publisher:
 
     def publish(self) -> None:
         shared, cells, base, proxy = self.shared, self.shared.cells, self.base, self.proxy
-        for index, counters in enumerate(proxy.counters):
-            listener = proxy.listeners[index] if index < len(proxy.listeners) else None
+        for index, frontend in enumerate(proxy.frontends):
+            counters, listener = frontend.counters, frontend.listener
             tls = dict.fromkeys(TLS_REASONS, 0)
             for reason, count in counters.tls_failures.items():
                 tls[reason if reason in tls else "other"] += count
             values = (
-                listener.accepted if listener is not None else 0,
+                listener.accepted,
                 counters.sessions,
                 counters.active,
                 counters.bytes_in,
                 counters.bytes_out,
-                listener.exhausted if listener is not None else 0,
+                listener.exhausted,
                 *tls.values(),
             )
             _store(cells, base + shared.listener(index), values)

@@ -157,18 +157,18 @@ def pool_view(pool: Pool, started_at: float, probers: Sequence[Prober]) -> PoolV
     return PoolView(pool.name, members, pool.retries, pool.no_upstream)
 
 
-def listener_view(config: ListenerConfig, counters: ListenerCounters, listener: Listener | None) -> ListenerView:
+def listener_view(config: ListenerConfig, counters: ListenerCounters, listener: Listener) -> ListenerView:
     return ListenerView(
         name=config.name,
         address=str(config.address),
         pool=config.pool,
-        accepted=listener.accepted if listener is not None else counters.sessions,
+        accepted=listener.accepted,
         sessions=counters.sessions,
         active=counters.active,
         bytes_in=counters.bytes_in,
         bytes_out=counters.bytes_out,
         tls_failures=dict(counters.tls_failures),
-        accept_pauses=listener.exhausted if listener is not None else 0,
+        accept_pauses=listener.exhausted,
     )
 
 
@@ -191,14 +191,7 @@ class ProxySource:
 
     def snapshot(self) -> Snapshot:
         proxy = self.proxy
-        listeners = tuple(
-            listener_view(
-                config,
-                proxy.counters[index],
-                proxy.listeners[index] if index < len(proxy.listeners) else None,
-            )
-            for index, config in enumerate(proxy.config.listeners)
-        )
+        listeners = tuple(listener_view(f.config, f.counters, f.listener) for f in proxy.frontends)
         pools = tuple(pool_view(pool, proxy.started_at, proxy.probers) for pool in proxy.pools.values())
         return Snapshot(listeners, pools, proxy.started_at, time.time(), proxy.draining, proxy.config.workers)
 

@@ -28,7 +28,9 @@ copy to user space, about two system calls per pipe-full, one Python callback pe
   transports, which deliver ``connection_lost`` as on the transport engine.
 
 Pipes come from a small pool (creating and sizing a pipe costs three system calls): a drained pipe is
-reused, one that still holds bytes is closed. ``close_pool()`` closes the idle ones at shutdown.
+reused, one that still holds bytes is closed. The pool belongs to a ``Splicing``, one per proxy, whose
+``start`` is the relay's ``bulky``/``attached`` hook for the listeners whose sessions may switch
+(``usable``); ``Splicing.close`` closes the idle pipes when the proxy stops.
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ import os
 import resource
 import socket
 import sys
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
+
+from .causes import EOF, lost
+from .relay import NEVER
 
 if TYPE_CHECKING:
+    from .config import ListenerConfig
     from .relay import Pump, Session
+
+__all__ = ["AVAILABLE", "DESCRIPTORS", "NEVER", "PipePool", "Splicer", "Splicing", "pipe_size", "usable"]
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 PIPE_SIZE = 1 << 20  # per direction; capped by /proc/sys/fs/pipe-max-size
@@ -58,7 +66,8 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
-def _pipe_size() -> int:
+def pipe_size() -> int:
+    """The size a new pipe is given: ``PIPE_SIZE``, capped by the system's maximum."""
     try:
         with open("/proc/sys/fs/pipe-max-size", encoding="ascii") as f:
             return min(PIPE_SIZE, int(f.read()))
@@ -71,7 +80,7 @@ class PipePool:
 
     def __init__(self) -> None:
         self.idle: list[tuple[int, int, int]] = []
-        self.size = _pipe_size() if AVAILABLE else 0
+        self.size = pipe_size() if AVAILABLE else 0
 
     def take(self) -> tuple[int, int, int]:
         if self.idle:
@@ -97,82 +106,55 @@ class PipePool:
             os.close(w)
 
 
-pool = PipePool()
+def usable(config: ListenerConfig, upstream_tls: bool) -> bool:
+    """Whether sessions of this listener may switch: plain TCP both ways, splice on this system, and
+    ``--relay`` not ``transport``. Decided once per listener; the relay's hooks follow from it."""
+    return AVAILABLE and config.relay != "transport" and config.tls is None and not upstream_tls
 
 
-def close_pool() -> None:
-    """Close the idle pipes (the proxy calls this when it stops)."""
-    pool.close()
+class Splicing:
+    """The splice engine of one proxy: its pipe pool, and ``start``, the hook that switches a session."""
 
+    def __init__(self) -> None:
+        self.pipes = PipePool()
 
-class Engine(Protocol):
-    """What ``Session.engine`` holds: something to stop when the session ends."""
+    def start(self, session: Session) -> None:
+        """Switch ``session`` now if it is quiet, else retry shortly (``session.engine`` is None until
+        then). Only sessions of ``usable`` listeners get here."""
+        if session.engine is not None or session.ended:
+            return
+        up = session.upstream
+        if up is None or session.client.eof or up.eof:  # a half-closed session stays where it is
+            session.engine = NEVER
+            return
+        if not _quiet(session):
+            session.engine = _Retry(self, session)
+            return
+        assert session.client.transport is not None and up.transport is not None
+        client_t, up_t = session.client.transport, up.transport
+        taken: list[int] = []
+        pipes: list[tuple[int, int, int]] = []
+        try:
+            taken.append(os.dup(client_t.get_extra_info("socket").fileno()))
+            if taken[0] + DESCRIPTORS + SPARE > _fd_limit():  # short of descriptors: leave them to new clients
+                raise OSError(errno.EMFILE, "descriptors are short")
+            taken.append(os.dup(up_t.get_extra_info("socket").fileno()))
+            pipes.append(self.pipes.take())
+            pipes.append(self.pipes.take())
+        except OSError:  # out of descriptors, or nearly: stay on the transport engine
+            for fd in taken:
+                os.close(fd)
+            for pipe in pipes:
+                self.pipes.give(pipe, empty=True)
+            session.engine = NEVER
+            return
+        client_t.pause_reading()
+        up_t.pause_reading()
+        session.engine = Splicer(self.pipes, session, taken[0], taken[1], pipes[0], pipes[1])
 
-    def stop(self) -> None: ...
-
-
-class _Never:
-    """The session will not switch (TLS, ``--relay transport``, or no splice on this system)."""
-
-    __slots__ = ()
-
-    def stop(self) -> None:
-        return None
-
-
-NEVER = _Never()
-
-
-def attached(session: Session) -> None:
-    """A session was just attached: mark it ineligible once, or with ``--relay splice`` switch now."""
-    if not _eligible(session):
-        session.engine = NEVER
-    elif session.limits.relay == "splice":
-        start(session)
-
-
-def _eligible(session: Session) -> bool:
-    up = session.upstream
-    if not AVAILABLE or session.limits.relay == "transport" or session.limits.tls is not None or up is None:
-        return False
-    return up.transport is not None and up.transport.get_extra_info("sslcontext") is None
-
-
-def start(session: Session) -> None:
-    """Switch ``session`` to splicing now if it is quiet, else retry shortly (``session.engine`` is None)."""
-    if session.engine is not None or session.ended:
-        return
-    if not _eligible(session):
-        session.engine = NEVER
-        return
-    up = session.upstream
-    if session.client.eof or (up is not None and up.eof):  # a half-closed session stays where it is
-        session.engine = NEVER
-        return
-    if not _quiet(session):
-        session.engine = _Retry(session)
-        return
-    assert up is not None and session.client.transport is not None and up.transport is not None
-    client_t, up_t = session.client.transport, up.transport
-    taken: list[int] = []
-    pipes: list[tuple[int, int, int]] = []
-    try:
-        taken.append(os.dup(client_t.get_extra_info("socket").fileno()))
-        if taken[0] + DESCRIPTORS + SPARE > _fd_limit():  # short of descriptors: leave them to new clients
-            raise OSError(errno.EMFILE, "descriptors are short")
-        taken.append(os.dup(up_t.get_extra_info("socket").fileno()))
-        pipes.append(pool.take())
-        pipes.append(pool.take())
-    except OSError:  # out of descriptors, or nearly: stay on the transport engine
-        for fd in taken:
-            os.close(fd)
-        for pipe in pipes:
-            pool.give(pipe, empty=True)
-        session.engine = NEVER
-        return
-    client_t.pause_reading()
-    up_t.pause_reading()
-    session.engine = Splicer(session, taken[0], taken[1], pipes[0], pipes[1])
+    def close(self) -> None:
+        """Close the idle pipes (the proxy stops; sessions still switched return theirs as they end)."""
+        self.pipes.close()
 
 
 def _fd_limit() -> int:
@@ -200,9 +182,10 @@ def _quiet(session: Session) -> bool:
 class _Retry:
     """A pending retry of the switch; ``stop()`` (the session ending) cancels it."""
 
-    __slots__ = ("handle", "left", "session")
+    __slots__ = ("handle", "left", "session", "splicing")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, splicing: Splicing, session: Session) -> None:
+        self.splicing = splicing
         self.session = session
         self.left = RETRIES
         self.handle: asyncio.Handle | asyncio.TimerHandle = asyncio.get_running_loop().call_soon(self.again)
@@ -214,10 +197,10 @@ class _Retry:
         session.engine = None
         up = session.upstream
         if session.ended or session.client.eof or (up is not None and up.eof):
-            start(session)  # nothing, or NEVER for a half-closed session
+            self.splicing.start(session)  # nothing, or NEVER for a half-closed session
             return
         if _quiet(session):
-            start(session)
+            self.splicing.start(session)
             return
         self.left -= 1
         if self.left > 0:
@@ -331,7 +314,7 @@ class _Flow:
         if self.writing:
             self.writing = False
             loop.remove_writer(self.dst)
-        pool.give(self.pipe, self.held == 0)
+        self.splicer.pipes.give(self.pipe, self.held == 0)
 
 
 def socket_shutdown(fd: int) -> None:
@@ -346,10 +329,11 @@ def socket_shutdown(fd: int) -> None:
 class Splicer:
     """Both directions of a switched session, on dups of its two sockets."""
 
-    __slots__ = ("fds", "flows", "loop", "session", "stopped", "switched_at")
+    __slots__ = ("fds", "flows", "loop", "pipes", "session", "stopped", "switched_at")
 
     def __init__(
         self,
+        pipes: PipePool,
         session: Session,
         client_fd: int,
         up_fd: int,
@@ -357,6 +341,7 @@ class Splicer:
         pipe_out: tuple[int, int, int],
     ) -> None:
         assert session.upstream is not None
+        self.pipes = pipes  # where the pipes go back when the engine stops
         self.session = session
         self.loop = asyncio.get_running_loop()
         self.fds = (client_fd, up_fd)
@@ -376,7 +361,7 @@ class Splicer:
 
     def flow_done(self) -> None:
         if all(flow.done for flow in self.flows):
-            self.session.end("eof")
+            self.session.end(EOF)
 
     def failed(self, pump: Pump, exc: OSError) -> None:
         """``pump``'s side failed: give the other side what its pipe holds, then end both."""
@@ -385,8 +370,7 @@ class Splicer:
         for flow in self.flows:
             if flow.pump is not pump:
                 flow.last_flush()
-        side = "client" if pump is self.session.client else "upstream"
-        self.session.end(f"{side}_reset" if exc.errno in _GONE else f"{side}_closed")
+        self.session.end(lost(client=pump is self.session.client, error=exc.errno in _GONE))
 
     def stop(self) -> None:
         """Unregister, release the pipes and close the dups; the transports are closed by the session."""

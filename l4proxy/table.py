@@ -7,7 +7,8 @@ machines we run on, so there are no locks.
 **Slots.** Each member of each pool has a slot, allocated by (pool, member key) with headroom
 (``capacity``), so a pool can change without re-forking: the supervisor's ``publish`` gives added
 members free slots and retires the slots of removed ones; workers find members by key in the slot
-entries (pool, key, host, port, position), never by their place in a list. Per slot:
+entries (pool, key, host, port, position, and for an address found by discovery its name and weight),
+never by their place in a list. Per slot:
 
 * ``active[worker][slot]``: the sessions a worker has on the member, written by that worker only
   (``Balancer.acquire/release`` -> ``WorkerView.publish``). A worker's pick sums the column, so
@@ -28,17 +29,19 @@ Pure: no sockets, no event loop.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from .balancer import Member, member_keys
-from .config import Address, Config
+from .config import Address, Config, Resolved
+from .discovery import needs_resolving, unresolved
 from .errors import ConfigError
 from .health import Event
 
 REASON = 96  # bytes kept of a passive failure's cause
-ENTRY = 1024  # bytes of one slot's identity: pool, key, host, port, position
+ENTRY = 1024  # bytes of one slot's identity: pool, key, host, port, position, name, weight
 FREE, LIVE, RETIRED = 0, 1, 2
+DISCOVERED = 256  # more slots for each member given as a DNS name: the addresses it may resolve to
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +61,9 @@ class SharedTable:
 
     def __init__(self, config: Config, workers: int, capacity: int | None = None) -> None:
         members = sum(len(pool.members) for pool in config.pools)
+        named = sum(needs_resolving(member) for pool in config.pools for member in pool.members)
         self.workers = workers
-        self.capacity = capacity or members + max(members, 64)
+        self.capacity = capacity or members + max(members, 64) + DISCOVERED * named
         slots, cells = self.capacity, workers * self.capacity
         words = 8 * cells
         sizes = (8 * (1 + workers), words, words, words, slots, slots, slots * ENTRY, cells * REASON)
@@ -82,7 +86,7 @@ class SharedTable:
         self._seen_fails = [0] * cells
         self._seen_oks = [0] * cells
         for pool in config.pools:
-            self.publish(pool.name, pool.members)
+            self.publish(pool.name, unresolved(pool.members))
 
     # layout
 
@@ -99,9 +103,10 @@ class SharedTable:
 
     # the supervisor's side
 
-    def publish(self, pool: str, members: Sequence[Address]) -> dict[str, int]:
-        """Make ``members`` the pool's members (by key); returns each key's slot. Raises ConfigError,
-        changing nothing, when the free slots do not suffice."""
+    def publish(self, pool: str, members: Sequence[Address], down: Collection[str] = ()) -> dict[str, int]:
+        """Make ``members`` the pool's members (by key); returns each key's slot. New members start UP;
+        those whose key is in ``down`` are DOWN (the health thread's pool decides from then on). Raises
+        ConfigError, changing nothing, when the free slots do not suffice."""
         keys = member_keys(members)
         wanted = set(keys)
         new = [key for key in keys if (pool, key) not in self._slots]
@@ -132,6 +137,8 @@ class SharedTable:
             self._retired.pop(slot, None)
             self._quiet.discard(slot)
             self.entries[slot * ENTRY : (slot + 1) * ENTRY] = entry.ljust(ENTRY, b"\0")
+            if key in down:  # a new address: DOWN before any worker can see its entry
+                self.up[slot] = 0
         self.header[0] += 1  # even: whole again
         return slots
 
@@ -199,8 +206,8 @@ class SharedTable:
             found: dict[str, list[tuple[int, Entry]]] = {}
             for slot in range(self.capacity):
                 if self.state[slot] == LIVE:
-                    pool, key, host, port, position = _decode(self.entries[slot * ENTRY : (slot + 1) * ENTRY])
-                    found.setdefault(pool, []).append((position, Entry(key, Address(host, port), slot)))
+                    pool, key, address, position = _decode(self.entries[slot * ENTRY : (slot + 1) * ENTRY])
+                    found.setdefault(pool, []).append((position, Entry(key, address, slot)))
             if self.header[0] == generation:
                 return generation, {pool: [e for _, e in sorted(items, key=_first)] for pool, items in found.items()}
 
@@ -222,12 +229,14 @@ def _first(pair: tuple[int, Entry]) -> int:
 
 
 def _encode(pool: str, key: str, address: Address, position: int) -> bytes:
-    return "\0".join((pool, key, address.host, str(address.port), str(position))).encode()
+    name, weight = (address.name, address.weight) if isinstance(address, Resolved) else ("", 1)
+    return "\0".join((pool, key, address.host, str(address.port), str(position), name, str(weight))).encode()
 
 
-def _decode(raw: memoryview) -> tuple[str, str, str, int, int]:
-    pool, key, host, port, position = raw.tobytes().rstrip(b"\0").decode().split("\0")
-    return pool, key, host, int(port), int(position)
+def _decode(raw: memoryview) -> tuple[str, str, Address, int]:
+    pool, key, host, port, position, name, weight = raw.tobytes().rstrip(b"\0").decode().split("\0")
+    address = Resolved(host, int(port), name=name, weight=int(weight)) if name else Address(host, int(port))
+    return pool, key, address, int(position)
 
 
 class WorkerView:

@@ -13,6 +13,10 @@ generation). Each worker looks at the generation every 50 ms (``Follower``) and,
 its own pools from the table's entries: removed members get no new sessions from it and keep the ones
 they have; the supervisor reuses their slots only once every worker has let go of them.
 
+**Discovery, once.** The health thread also runs the resolvers of pools with DNS-named members
+(``resolver.py``); their answers change its pools like ``update`` does, and the workers follow.
+New addresses that wait for a probe are published DOWN, so no worker picks them first.
+
 **Health, once.** Workers run no probers and decide nothing: ``Pool.forward`` sends their passive
 results to the table. The supervisor runs every pool's probers in one thread with its own event loop,
 and every 50 ms feeds the passive results that arrived since the last look into its own ``Pool``s: the
@@ -60,10 +64,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
-from .accesslog import AccessLog, format_record
+from .accesslog import AccessLog, Finished
 from .admin import AdminServer, bind
 from .balancer import Member
 from .config import Address, Config, PoolConfig
@@ -72,14 +76,14 @@ from .health import Event
 from .listener import bind_sockets
 from .pool import Pool
 from .prober import Prober
+from .resolver import Resolver
 from .sharedstats import Publisher, SharedCounters, SupervisorSource
 from .snapshot import log_status
 from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
-    from .relay import Session
+    from .proxy import Proxy, Shared
 
 log = logging.getLogger("l4proxy.workers")
 
@@ -91,7 +95,7 @@ _STABLE = 10.0  # a worker that lived this long is replaced after the shortest b
 _PIPE_BUF = 4096
 
 Changes = tuple[list[Member], list[Member]]  # Pool.update's (added, removed)
-RunWorker = Callable[[Config, AccessLog, Callable[["Proxy"], None]], int]
+RunWorker = Callable[[Config, AccessLog, "Shared"], int]  # runs a Proxy(config, log, shared=...) to the end
 
 
 def parse_workers(text: str, field_name: str = "--workers") -> int:
@@ -99,7 +103,7 @@ def parse_workers(text: str, field_name: str = "--workers") -> int:
     value = text.strip().lower()
     if value == "auto":
         return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WORKERS:
+    if not (value.isascii() and value.isdigit() and len(value) <= 3) or not 1 <= int(value) <= MAX_WORKERS:
         raise ConfigError(field_name, text, f"expected a number of processes from 1 to {MAX_WORKERS}, or 'auto'")
     return int(value)
 
@@ -113,10 +117,10 @@ class WorkerAccessLog(AccessLog):
         self.tail = f" worker={worker}\n"
         self.pending: list[str] = []
 
-    def record(self, session: Session) -> None:
+    def record(self, session: Finished) -> None:
         self.records += 1
         if self.fd is not None:
-            self.pending.append(format_record(session, time.time()) + self.tail)
+            self.pending.append(self.format(session, time.time()) + self.tail)
             if len(self.pending) >= 256:
                 self.flush()
 
@@ -162,10 +166,10 @@ class _HealthPool(Pool):
         for member in self.members:
             member.slot = slots[member.key]
 
-    def update(self, members: Sequence[Address]) -> tuple[list[Member], list[Member]]:
-        dataclasses.replace(self.config, members=tuple(members))  # a bad list: raise before the table changes
-        slots = self._table.publish(self.name, members)
-        added, removed = super().update(members)
+    def set_members(self, members: Sequence[Address], check_first: Collection[str] = ()) -> Changes:
+        # members waiting for a probe are published DOWN, so no worker picks them in between
+        slots = self._table.publish(self.name, members, down=check_first if self.config.health.enabled else ())
+        added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
             self._up[member.slot] = 1 if member.eligible else 0
@@ -195,6 +199,7 @@ class HealthThread(threading.Thread):
         self.reload = threading.Event()
         self.pools: dict[str, _HealthPool] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
+        self.make_resolver: Callable[[Pool], Resolver] = Resolver  # tests point it at a DNS server of theirs
         self.admin: AdminServer | None = None  # served on this thread's loop, over every worker
         self.probers: list[Prober] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -226,9 +231,13 @@ class HealthThread(threading.Thread):
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.pools = {pool.name: _HealthPool(pool, self.table) for pool in self.config.pools}
+        resolvers = [self.make_resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)]
+        await asyncio.gather(*(resolver.resolve() for resolver in resolvers))
         probers = self.probers = [Prober(pool) for pool in self.pools.values()]
         for prober in probers:
             prober.start()
+        for resolver in resolvers:
+            resolver.start()
         if self.admin is not None:
             await self.admin.start()
         self.ready.set()
@@ -244,6 +253,8 @@ class HealthThread(threading.Thread):
         finally:
             if self.admin is not None:
                 await self.admin.close()
+            for resolver in resolvers:
+                await resolver.stop()
             for prober in probers:
                 await prober.stop()
             for pool in self.pools.values():
@@ -272,12 +283,11 @@ class Follower:
     def apply(self) -> None:
         generation, entries = self.table.snapshot()
         for pool in self.pools:
-            found = entries.get(pool.name)
-            if found:
-                pool.update([entry.address for entry in found])
-                slots = {entry.key: entry.slot for entry in found}
-                for member in pool.members:
-                    member.slot = slots[member.key]
+            found = entries.get(pool.name, [])  # none: discovery found no address
+            pool.set_members([entry.address for entry in found])
+            slots = {entry.key: entry.slot for entry in found}
+            for member in pool.members:
+                member.slot = slots[member.key]
         self.seen = generation
         self.table.saw(self.worker, generation)
 
@@ -286,6 +296,27 @@ class Follower:
         if self.table.generation != self.seen:
             self.apply()
         loop.call_later(_POLL, self.poll, loop)
+
+
+class WorkerShare:
+    """A worker's ``Proxy.shared``: its pools count sessions in the shared table, read the status the
+    supervisor decides, forward their passive results to it, and follow its member lists."""
+
+    def __init__(self, table: SharedTable, worker: int, counters: SharedCounters | None = None) -> None:
+        self.table = table
+        self.worker = worker
+        self.counters = counters
+
+    def join(self, pools: Sequence[Pool]) -> None:
+        view, forward = WorkerView(self.table, self.worker), forwarder(self.table, self.worker)
+        for pool in pools:
+            pool.balancer.view = view
+            pool.forward = forward
+        Follower(self.table, self.worker, pools).poll(asyncio.get_running_loop())
+
+    def publish(self, proxy: Proxy) -> None:
+        if self.counters is not None:  # for the supervisor's --admin and SIGUSR1
+            Publisher(self.counters, self.worker, proxy).poll(asyncio.get_running_loop())
 
 
 def _reload_probe_tls(pools: list[_HealthPool]) -> None:
@@ -323,15 +354,14 @@ class Supervisor:
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
         self.shared = SharedCounters(config, count, self.table.capacity)  # workers' counters: --admin, SIGUSR1
-        self.health = HealthThread(config, self.table)
+        self.health = health = HealthThread(config, self.table)
         self.admin_socket = admin
-        health = self.health
         self.source = SupervisorSource(
             config, lambda: health.pools, lambda: health.probers, self.table, self.shared, lambda: self.draining
         )
         if admin is not None:
             host, port = admin.getsockname()[:2]
-            self.health.admin = AdminServer(self.source, host, port, sock=admin)
+            health.admin = AdminServer(self.source, host, port, sock=admin)
         self.slots = [_Slot() for _ in range(count)]
         self.signals = 0
         self.pid = os.getpid()
@@ -350,7 +380,7 @@ class Supervisor:
                 self._step()
         finally:
             self._stop()
-        log.info("all %d workers stopped", self.count)
+        log.info("all %d worker%s stopped", self.count, "" if self.count == 1 else "s")
         return 0
 
     def _step(self) -> None:
@@ -369,17 +399,21 @@ class Supervisor:
         if signo == signal.SIGUSR1:
             self.health.call(lambda: log_status(self.source))
         elif signo == signal.SIGHUP:
-            log.info("SIGHUP received: reloading TLS files in every worker")
-            self.health.reload.set()
+            if _uses_tls(self.config):
+                log.info("SIGHUP received: reloading TLS files in every worker")
+                self.health.reload.set()
+            else:
+                log.info("SIGHUP: no TLS configured, nothing to reload")
             self._forward(signal.SIGHUP)
         elif signo in (signal.SIGTERM, signal.SIGINT):
             self.signals += 1
             name = signal.Signals(signo).name
             if self.signals == 1:
                 log.info(
-                    "%s received: draining %d workers for up to %.1fs (again to force)",
+                    "%s received: draining %d worker%s for up to %.1fs (again to force)",
                     name,
                     self.count,
+                    "" if self.count == 1 else "s",
                     self.config.drain_timeout,
                 )
                 for slot in self.slots:
@@ -448,7 +482,7 @@ class Supervisor:
             stream = self.access_log.stream
             access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
             config = dataclasses.replace(self.config, admin=None)
-            code = self.run_worker(config, access, lambda proxy: self._prepare(proxy, worker))
+            code = self.run_worker(config, access, WorkerShare(self.table, worker, self.shared))
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:
@@ -456,17 +490,6 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code)
-
-    def _prepare(self, proxy: Proxy, worker: int) -> None:
-        """Make a worker's Proxy use the shared table: global counts and status, the supervisor's
-        members, no probers."""
-        proxy.probers = []
-        view, forward = WorkerView(self.table, worker), forwarder(self.table, worker)
-        for pool in proxy.pools.values():
-            pool.balancer.view = view
-            pool.forward = forward
-        Follower(self.table, worker, list(proxy.pools.values())).poll(asyncio.get_running_loop())
-        Publisher(self.shared, worker, proxy).poll(asyncio.get_running_loop())  # for --admin and SIGUSR1
 
     def _stop(self) -> None:
         """Leaving (normally after the drain; on an error, with workers still running)."""
@@ -510,6 +533,10 @@ def _claim_addresses(config: Config) -> Config:
         address = listener.address if listener.address.port else Address(listener.address.host, port)
         listeners.append(dataclasses.replace(listener, address=address, reuse_port=True))
     return dataclasses.replace(config, listeners=tuple(listeners))
+
+
+def _uses_tls(config: Config) -> bool:
+    return any(c.tls is not None for c in config.listeners) or any(p.tls is not None for p in config.pools)
 
 
 def _describe(status: int) -> str:

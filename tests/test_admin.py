@@ -210,7 +210,7 @@ async def test_tls_handshake_failures_are_counted_by_reason(tls_files: ServerTLS
             silent = await connect(proxy.port())  # says nothing: the handshake timeout closes it
             assert await asyncio.wait_for(silent[0].read(), 5) == b""
             silent[1].close()
-            await eventually(lambda: sum(proxy.counters[0].tls_failures.values()) == 3)
+            await eventually(lambda: sum(proxy.frontends[0].counters.tls_failures.values()) == 3)
             _, samples = await scrape(admin)
     listener = "default"
     failures = {dict(labels)["reason"]: n for (name, labels), n in samples.items() if "tls_failures" in name}

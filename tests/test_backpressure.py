@@ -30,7 +30,7 @@ ONE_READ = 256 * 1024
 
 def bound(relay: str, buffer_size: int) -> int:
     """What the proxy may hold: a buffer and one read on transports, a pipe-full per direction with splice."""
-    return buffer_size + ONE_READ if relay == "transport" else max(buffer_size + ONE_READ, 2 * splice.pool.size)
+    return buffer_size + ONE_READ if relay == "transport" else max(buffer_size + ONE_READ, 2 * splice.pipe_size())
 
 
 def held_by_proxy(proxy: Proxy) -> int:

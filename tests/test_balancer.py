@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from l4proxy.balancer import Balancer, Member, member_keys
-from l4proxy.config import Address, HealthConfig
+from l4proxy.config import Address, HealthConfig, Resolved
 from l4proxy.health import Change, Event, Status
 
 HEALTH = HealthConfig(rise=2, fall=3)
@@ -321,3 +321,12 @@ def test_a_removed_member_without_sessions_is_forgotten() -> None:
     assert balancer.draining == {}
     added, _ = balancer.update(addresses(2, 1))
     assert added[0] is not member and added[0].health.status is Status.UP
+
+
+def test_resolved_members_take_their_srv_weight_and_follow_its_changes() -> None:
+    heavy, light = Resolved("10.0.0.1", 1, name="a", weight=3), Resolved("10.0.0.2", 1, name="b")
+    balancer = Balancer([heavy, light], HealthConfig())
+    assert [(m.key, m.weight) for m in balancer.members] == [("a@10.0.0.1:1", 3), ("b@10.0.0.2:1", 1)]
+    kept = balancer.members[0]
+    balancer.update([Resolved("10.0.0.1", 1, name="a", weight=5), light])
+    assert balancer.members[0] is kept and kept.weight == 5

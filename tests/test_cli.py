@@ -29,6 +29,7 @@ import pytest
 
 from l4proxy import Address, Config, ListenerConfig, PoolConfig, __version__
 from l4proxy.cli import GROUPS, OPTIONS, build_config, command, flagged, option_for
+from l4proxy.config import Service
 from l4proxy.errors import ConfigError
 
 COMMAND = [sys.executable, "-m", "l4proxy"]
@@ -133,6 +134,15 @@ BAD_INPUTS = [
      "--upstream-ca 'ca.pem': has no effect with --upstream-insecure (nothing is verified)"),
     (["--listen", ":6379", "--upstream", "a", "--upstream-insecure"], "--upstream-insecure: needs --upstream-tls"),
     (["--listen", ":6379", "--upstream", "a", "--upstream-sni", "x"], "--upstream-sni 'x': needs --upstream-tls"),
+    # discovery
+    (["--listen", ":6379", "--upstream", "10.0.0.1,[::1]:7", "--resolve-interval", "1s"],
+     "--resolve-interval '1s': has no effect: every --upstream is an IP address"),
+    (["--listen", ":6379", "--upstream", "10.0.0.1", "--resolve-empty-after", "1m"],
+     "--resolve-empty-after '1m': has no effect: every --upstream is an IP address"),
+    (["--listen", ":6379", "--upstream", "a", "--resolve-interval", "0"],
+     "--resolve-interval '0': must be greater than 0"),
+    (["--listen", ":6379", "--upstream", "srv:_redis._tcp.x:6379"],
+     "--upstream 'srv:_redis._tcp.x:6379': expected srv:NAME with a DNS name, such as srv:_redis._tcp.example.com"),
 ]
 
 
@@ -410,6 +420,17 @@ def test_readme_flag_table_matches_help() -> None:
     assert readme_flags() == in_help
 
 
+def test_discovery_flags_set_the_pool() -> None:
+    args = ["--listen", ":6379", "--upstream", "redis.svc,srv:_redis._tcp.cache", "--resolve-interval", "2s",
+            "--resolve-empty-after", "1m"]  # fmt: skip
+    pool = build_config(command.make_context("l4proxy", args).params).pools[0]
+    assert (pool.members, pool.resolve_interval, pool.resolve_empty_after) == (
+        (Address("redis.svc", 6379), Service("_redis._tcp.cache")),
+        2.0,
+        60.0,
+    )
+
+
 def test_defaults_in_the_table_are_the_config_defaults() -> None:
     """The table's defaults are what --help shows; the dataclasses' are what a program embedding l4proxy
     gets: they must agree."""
@@ -434,6 +455,7 @@ def test_defaults_in_the_table_are_the_config_defaults() -> None:
         ("listeners[0].tls.min_version", "--tls-min-version"),
         ("drain_timeout", "--drain-timeout"),
         ("workers", "--workers"),
+        ("pools.default.resolve_interval", "--resolve-interval"),
         ("listeners[0].pool", None),  # no flag sets it: the error keeps its path
         ("pools.defaults.tls", None),
     ],

@@ -17,7 +17,9 @@ from l4proxy.config import (
     HealthConfig,
     ListenerConfig,
     PoolConfig,
+    Resolved,
     ServerTLSConfig,
+    Service,
     UpstreamTLSConfig,
     from_tree,
     parse_address,
@@ -165,6 +167,16 @@ def test_parse_members(texts: list[str], expected: list[tuple[str, int]]) -> Non
     assert parse_members(texts, "--upstream", default_port=6379) == tuple(Address(h, p) for h, p in expected)
 
 
+def test_parse_members_takes_srv_names() -> None:
+    members = parse_members(["10.0.0.1,srv:_redis._tcp.cache.svc.cluster.local", "SRV:_db._tcp.x."], "m", 6379)
+    srv = (Service("_redis._tcp.cache.svc.cluster.local"), Service("_db._tcp.x."))
+    assert members == (Address("10.0.0.1", 6379), *srv)
+    assert [str(m) for m in members[1:]] == ["srv:_redis._tcp.cache.svc.cluster.local", "srv:_db._tcp.x."]
+
+
+_SRV_EXPECTED = "--upstream '{}': expected srv:NAME with a DNS name, such as srv:_redis._tcp.example.com"
+
+
 @pytest.mark.parametrize(
     ("texts", "message"),
     [
@@ -178,6 +190,9 @@ def test_parse_members(texts: list[str], expected: list[tuple[str, int]]) -> Non
         (["a:1 b:2"], "--upstream 'a:1 b:2': separate members with commas, not spaces"),
         (["a:1, b:2 c"], "--upstream 'a:1, b:2 c': separate members with commas, not spaces"),
         (["http://a:1"], "--upstream 'http://a:1': a URL scheme is not allowed here; give HOST:PORT"),
+        (["srv:"], _SRV_EXPECTED.format("srv:")),
+        (["srv:_r._tcp.x:6379"], _SRV_EXPECTED.format("srv:_r._tcp.x:6379")),  # the records give the port
+        (["srv:10.0.0.1"], _SRV_EXPECTED.format("srv:10.0.0.1")),
     ],
 )
 def test_parse_members_rejects(texts: list[str], message: str) -> None:
@@ -254,6 +269,13 @@ _HALF_A_CLIENT_CERT = "a client certificate needs both a cert and a key"
         (PoolConfig, {"members": (*_MEMBERS, Address("b", 0))}, "members[1] 'b:0': an upstream needs a port"),
         (PoolConfig, {"members": _MEMBERS, "retries": -1}, "retries -1: must be 0 or more"),
         (PoolConfig, {"members": _MEMBERS, "connect_timeout": 0.0}, "connect_timeout 0.0: must be greater than 0"),
+        (PoolConfig, {"members": _MEMBERS, "resolve_interval": 0.0}, "resolve_interval 0.0: must be greater than 0"),
+        (
+            PoolConfig,
+            {"members": _MEMBERS, "resolve_empty_after": -1.0},
+            "resolve_empty_after -1.0: must be greater than 0",
+        ),
+        (Service, {"name": "bad name"}, "name 'bad name': is not a valid DNS name"),
         (ListenerConfig, {"address": Address("", 1), "idle_timeout": 0.0}, "idle_timeout 0.0: must be greater than 0"),
         (
             ListenerConfig,
@@ -331,6 +353,20 @@ def test_defaults_follow_the_documented_table() -> None:
     assert (pool.health.interval, pool.health.rise, pool.health.fall) == (2.0, 2, 3)
     assert (listener.idle_timeout, listener.half_closed_timeout, listener.buffer_size) == (3600.0, 30.0, 65536)
     assert config.drain_timeout == 30.0
+    assert (pool.resolve_interval, pool.resolve_empty_after) == (10.0, 30.0)
+
+
+def test_a_resolved_address_is_keyed_and_verified_by_its_name() -> None:
+    resolved = Resolved("fd00::5", 6379, name="redis.svc", weight=3)
+    assert (str(resolved), resolved.hostname) == ("redis.svc@[fd00::5]:6379", "redis.svc")
+    assert (str(Address("redis.svc", 6379)), Address("redis.svc", 6379).hostname) == ("redis.svc:6379", "redis.svc")
+    assert resolved != Address("fd00::5", 6379)  # the same IP under a name is another member
+
+
+def test_a_pool_takes_srv_members_from_the_tree() -> None:
+    pools = {"default": {"members": [Service("_r._tcp.x")]}}
+    tree = {"listeners": [{"address": {"host": "", "port": 1}}], "pools": pools}
+    assert from_tree(tree).pools[0].members == (Service("_r._tcp.x"),)
 
 
 def test_config_is_frozen() -> None:

@@ -203,3 +203,15 @@ def test_exactly_one_change_per_flip(seed: int, rise: int, fall: int) -> None:
             flips += 1
             assert change == Change(before, state.status, f"result {number}")
     assert flips > 10  # the run did exercise both directions
+
+
+def test_a_member_awaiting_its_first_probe_needs_one_pass_or_then_rise() -> None:
+    state = HealthState(rise=3, fall=2)
+    state.await_probe("a new address")
+    assert (state.status, state.last_reason) == (Status.DOWN, "a new address")
+    assert state.observe(Event.TRAFFIC_OK) is None  # passive results do not count while DOWN
+    assert state.observe(Event.PROBE_OK, "check passed") == Change(Status.DOWN, Status.UP, "check passed")
+    state.await_probe("moved again")
+    assert state.observe(Event.PROBE_FAIL, "refused") is None
+    assert [state.observe(Event.PROBE_OK, "ok") for _ in range(3)][-1] == Change(Status.DOWN, Status.UP, "ok")
+    assert state.status is Status.UP

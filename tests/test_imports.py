@@ -2,7 +2,13 @@
 
 Each pure module is imported in a fresh interpreter, and the test reads what that interpreter then has
 in ``sys.modules``: both the forbidden standard modules and the l4proxy modules it pulled in, so the
-one-way dependency graph of DESIGN.md is checked too (balancer → health, config → errors).
+one-way dependency graph is checked too (balancer → health, config → errors).
+
+The whole package's graph is checked statically as well: every ``import`` in every module (those under
+``TYPE_CHECKING`` and inside functions included) must be an edge declared in ``ALLOWED``, and the
+declared graph has no cycle. Its shape: ``cli → workers/proxy → frontend → sessions/dialer/prober/pool →
+splice → relay → pure modules``; the relay owns the seams it calls (``Engine``, ``Dialing``,
+``Wiring``), so nothing it calls has to import it back.
 
 The subprocess registers a bare ``l4proxy`` package (its ``__path__`` only, ``__init__`` not run) before
 importing, which isolates each module's own imports from the package's public surface; the last test
@@ -34,12 +40,15 @@ PURE_MODULES = {
     "health": {"health"},
     "balancer": {"balancer", "checks", "config", "counters", "errors", "health"},
     "counters": {"counters"},
-    "accesslog": {"accesslog"},  # imports relay only for type checking
+    "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
+    "peer": {"peer"},
+    "causes": {"causes"},
     "outlier": {"outlier", "errors"},
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
-    "table": {"table", "balancer", "checks", "config", "counters", "errors", "health"},
+    "table": {"table", "balancer", "checks", "config", "counters", "discovery", "errors", "health"},
+    "discovery": {"discovery", "checks", "config", "errors"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
@@ -120,3 +129,82 @@ def test_the_package_itself_loads_the_io_modules_only_when_proxy_is_used() -> No
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[] Proxy True"
+
+
+# module: the l4proxy modules it may import (any kind of import). A new edge is a design decision:
+# add it here only if it points down (the test below refuses cycles).
+ALLOWED: dict[str, set[str]] = {
+    "__main__": {"cli"},
+    "__init__": {"config", "errors", "proxy"},
+    "cli": {"accesslog", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
+    | {"workers", "admin", "snapshot"},
+    "demo": {"config", "proxy"},
+    "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
+    | {"resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
+    "proxy": {"accesslog", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool", "prober"}
+    | {"ratelog", "relay", "resolver", "sessions", "splice", "tls"},
+    "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
+    | {"ratelog", "relay", "sessions", "splice", "tls", "counters"},
+    "sessions": {"drive", "relay"},
+    "dialer": {"balancer", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
+    "prober": {"balancer", "checks", "errors", "health", "httpcheck", "pgwire", "pool", "resp", "tls", "counters"},
+    "pool": {"balancer", "config", "discovery", "health", "counters"},
+    # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
+    "admin": {"counters", "metrics", "snapshot"},
+    "metrics": {"counters", "snapshot"},
+    "snapshot": {"balancer", "checks", "config", "counters", "listener", "pool", "prober", "proxy"},
+    "sharedstats": {"balancer", "config", "counters", "pool", "prober", "proxy", "snapshot", "table"},
+    "splice": {"causes", "config", "relay"},
+    "relay": {"balancer", "causes", "config", "peer", "tls"},
+    "listener": {"config", "errors"},
+    "tls": {"config", "errors"},
+    "resolver": {"balancer", "config", "discovery", "errors", "pool"},
+    "drive": set(),
+    "deadlines": set(),
+    **{module: loads - {module} for module, loads in PURE_MODULES.items()},
+}
+
+
+def static_imports() -> dict[str, set[str]]:
+    """Every package module and the package modules its source imports, however and wherever."""
+    modules = {path.stem for path in package_dir().glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package_dir().glob("*.py")):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("l4proxy")):
+                parts = (node.module or "").split(".")
+                name = parts[0] if node.level == 1 else (parts[1] if len(parts) > 1 else "")
+                found |= {name} if name else {alias.name for alias in node.names if alias.name in modules}
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("l4proxy.")}
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_every_module_has_its_place_in_the_graph() -> None:
+    assert sorted(set(static_imports()) - set(ALLOWED)) == [], "add the new module's edges to ALLOWED"
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_imports_follow_the_declared_edges(module: str) -> None:
+    extra = static_imports().get(module, set()) - ALLOWED[module]
+    assert extra == set(), f"l4proxy.{module} imports {sorted(extra)}, which ALLOWED does not declare"
+
+
+def test_the_declared_graph_has_no_cycle() -> None:
+    """Peel off modules with no remaining dependencies; whatever cannot be peeled is on a cycle."""
+    left = {module: set(deps) for module, deps in ALLOWED.items()}
+    while True:
+        leaves = {module for module, deps in left.items() if not deps & left.keys()}
+        if not leaves:
+            break
+        for module in leaves:
+            del left[module]
+    assert left == {}, f"a cycle among {sorted(left)}"
+
+
+@pytest.mark.parametrize(("upper", "lower"), [("relay", "dialer"), ("relay", "splice"), ("relay", "accesslog")])
+def test_the_relay_imports_none_of_the_modules_that_call_it(upper: str, lower: str) -> None:
+    """The cycle this graph replaced: the relay called its engine, dial and log by importing them."""
+    assert lower not in static_imports()[upper]

@@ -146,3 +146,31 @@ async def test_a_down_member_added_back_while_draining_is_ejected_for_its_time_a
         await eventually(lambda: member.health.status is Status.UP, timeout=2)
         writer.close()
         await log.wait_for(1)
+
+
+async def test_a_new_address_gets_no_session_before_its_first_probe_passes(caplog: pytest.LogCaptureFixture) -> None:
+    """``set_members(check_first=...)``, as discovery calls it for an address a name moved to: the member
+    is DOWN until one probe passes (probed at once, not after the jitter), and only then takes clients."""
+    caplog.set_level(logging.INFO, "l4proxy.health")
+    slow = HealthConfig(interval=60, timeout=1, rise=3)  # no probe would come in time but the first one
+    async with upstreams(2) as [old, new], running(make_config([old.address], health=slow)) as (proxy, log):
+        pool = proxy.pools["default"]
+        before = new.accepted
+        added, _ = pool.set_members([old.address, new.address], check_first={str(new.address)})
+        [member] = added
+        assert member.health.status is Status.DOWN and new.accepted == before
+        line = f"pool default updated: added {new.address} (waits for a probe); removed none; 2 in all"
+        assert line in caplog.messages
+        await eventually(lambda: member.health.up)  # one passing probe, although rise is 3
+        assert new.accepted == 1  # that probe: no client was sent before it
+        for i in range(2):
+            assert await roundtrip(proxy.port(), b"hi") == b"hi"
+            await log.wait_for(i + 1)
+        assert new.accepted == 2
+    assert f"pool default member {new.address} is UP: check passed" in caplog.messages
+
+
+async def test_without_health_checks_a_new_address_is_eligible_at_once() -> None:
+    async with upstreams(2) as [old, new], running(make_config([old.address])) as (proxy, _log):
+        added, _ = proxy.pools["default"].set_members([old.address, new.address], check_first={str(new.address)})
+        assert added[0].health.up  # nothing would probe it; failed connects still take it out

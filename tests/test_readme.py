@@ -48,6 +48,10 @@ NOT_RUN: dict[str, str] = {
         "illustrative (marked): the user's PostgreSQL hosts and credentials file",
     "l4proxy --listen :5432 --upstream pg-a,pg-b --health-check http":
         "illustrative (marked): the user's Patroni hosts",
+    "l4proxy --listen 127.0.0.1:6390 --upstream redis-headless.cache.svc.cluster.local:6379":
+        "illustrative (marked): a Kubernetes headless Service of the user's",
+    "l4proxy --listen 127.0.0.1:6391 --upstream srv:_redis._tcp.redis.cache.svc.cluster.local":
+        "illustrative (marked): an SRV name of the user's",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
 }

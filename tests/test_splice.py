@@ -374,9 +374,9 @@ async def test_pipes_are_returned_to_the_pool_and_reused() -> None:
             await log.wait_for(i + 1)
             writer.close()
             pipes.append({flow.pipe for flow in spliced(log.sessions[i]).flows})
-            assert pipes[i] <= set(splice.pool.idle)  # drained pipes went back
+            assert pipes[i] <= set(proxy.splicing.pipes.idle)  # drained pipes went back
         assert pipes[0] == pipes[1] == pipes[2]  # and were taken again
-    assert splice.pool.idle == []  # closed when the proxy stopped
+    assert proxy.splicing.pipes.idle == []  # closed when the proxy stopped
 
 
 async def test_no_descriptor_outlives_the_proxy() -> None:

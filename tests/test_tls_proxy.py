@@ -385,6 +385,20 @@ async def test_origination_verifies_and_sends_sni_and_alpn(pki: PKI, host: str) 
     assert "tls_" not in log.lines[0]  # the client side is plain
 
 
+async def test_a_member_found_by_name_is_dialed_by_ip_and_verified_by_its_name(pki: PKI) -> None:
+    """Discovery turns ``localhost`` into its addresses; the certificate is still checked against, and
+    SNI still names, ``localhost``, as when the name was dialed itself."""
+    async with tls_upstream(pki.upstream_server_ctx()) as server:
+        upstream_tls = UpstreamTLSConfig(ca=pki["ca.pem"])
+        config = make_config([Address("localhost", server.port)], upstream_tls=upstream_tls)
+        async with running(config) as (proxy, log):
+            assert f"localhost@127.0.0.1:{server.port}" in [m.key for m in proxy.pools["default"].members]
+            assert await plain_exchange(proxy.port(), b"by name") == b"by name"
+            await log.wait_for(1)
+    assert server.sni == ["localhost"]
+    assert log.sessions[0].member.key == f"localhost@127.0.0.1:{server.port}"
+
+
 async def test_origination_presents_a_client_certificate(pki: PKI) -> None:
     async with tls_upstream(pki.upstream_server_ctx(client_ca="ca.pem")) as server:
         upstream_tls = UpstreamTLSConfig(ca=pki["ca.pem"], cert=pki["client.pem"], key=pki["client.key"])

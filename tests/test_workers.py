@@ -32,12 +32,13 @@ import pytest
 
 from l4proxy.accesslog import AccessLog
 from l4proxy.balancer import Balancer
-from l4proxy.config import Address, HealthConfig
+from l4proxy.config import Address, HealthConfig, Resolved, Service
 from l4proxy.errors import ConfigError
 from l4proxy.health import Event
 from l4proxy.proxy import Proxy
+from l4proxy.resolver import Resolver
 from l4proxy.table import FREE, RETIRED, SharedTable, WorkerView, forwarder
-from l4proxy.workers import HealthThread, Supervisor, _HealthPool, parse_workers
+from l4proxy.workers import HealthThread, Supervisor, WorkerShare, _HealthPool, parse_workers
 
 from .kit import (
     Handler,
@@ -228,8 +229,8 @@ async def test_sigterm_drains_every_worker_and_exits_zero(tmp_path: Path) -> Non
         writer.write(b"question")
         writer.write_eof()
         await eventually(lambda: server.active == 1)
-        proxy.proc.send_signal(signal.SIGHUP)  # forwarded: every worker reloads (no TLS here) and lives on
-        await proxy.wait_for("SIGHUP received")
+        proxy.proc.send_signal(signal.SIGHUP)  # forwarded: no TLS here, so nothing to reload; workers live on
+        await proxy.wait_for("SIGHUP: no TLS configured, nothing to reload")
         proxy.proc.send_signal(signal.SIGTERM)
         data = await asyncio.wait_for(reader.read(), 10)
         writer.close()
@@ -241,6 +242,7 @@ async def test_sigterm_drains_every_worker_and_exits_zero(tmp_path: Path) -> Non
     assert "SIGTERM received: draining 2 workers" in proxy.stderr
     assert proxy.count("exited with status 0") == 2 and "all 2 workers stopped" in proxy.stderr
     assert "Traceback" not in proxy.stderr and "was killed" not in proxy.stderr, proxy.stderr
+    assert "reloading TLS files" not in proxy.stderr
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -474,8 +476,8 @@ async def test_a_worker_follows_the_supervisors_update(tmp_path: Path) -> None:
         try:
             assert await asyncio.to_thread(supervisor.health.ready.wait, 5)
             log = RecordingLog()
-            proxy = Proxy(config, log)
-            supervisor._prepare(proxy, 0)
+            proxy = Proxy(config, log, shared=WorkerShare(supervisor.table, 0))
+            assert proxy.probers == []  # health is the supervisor's
             await proxy.start()
             try:
                 await _follow(supervisor, proxy, log, c)
@@ -505,3 +507,57 @@ async def _follow(supervisor: Supervisor, proxy: Proxy, log: RecordingLog, new: 
     writer.close()
     await eventually(lambda: table.state[old_slot] == FREE)  # the supervisor reclaimed it
     assert leaving.active == 0
+
+
+def test_discovered_members_cross_the_table_with_their_name_and_weight_and_new_ones_start_down() -> None:
+    table = SharedTable(make_config([Address("redis.svc", 1), Service("_r._tcp.svc")]), 1)
+    assert table.capacity >= 2 * 256  # room for what the two names resolve to
+    assert [e.address for e in table.snapshot()[1]["default"]] == [Address("redis.svc", 1)]  # not yet resolved
+    moved = Resolved("10.0.0.2", 7001, name="r0.svc", weight=60)
+    stays = Resolved("10.0.0.1", 1, name="redis.svc")
+    slots = table.publish("default", [stays, moved], down={str(moved)})
+    entries = table.snapshot()[1]["default"]
+    assert [(e.key, e.address) for e in entries] == [(str(stays), stays), (str(moved), moved)]
+    assert entries[1].address.weight == 60  # type: ignore[attr-defined]
+    assert (table.up[slots[str(stays)]], table.up[slots[str(moved)]]) == (1, 0)
+
+
+async def test_workers_follow_a_name_that_moves_and_get_the_new_address_only_once_probed(tmp_path: Path) -> None:
+    """The supervisor's health thread resolves (here through dnsmasq), the worker follows the table: the
+    new address is published DOWN, probed, then used; the session on the old address keeps flowing."""
+    from .dnsserver import Dnsmasq
+    from .test_resolver import discovering, pair  # upstreams that tell probes (PING) from clients
+
+    dns = Dnsmasq(tmp_path).start()
+    try:
+        dns.set_hosts({"redis.test": ["127.0.0.2"]})
+        async with pair() as (_old, new):
+            config = discovering([Address("redis.test", new.port)])
+            supervisor = Supervisor(config, 1, AccessLog(None), lambda *_: 0)
+            supervisor.health.make_resolver = lambda pool: Resolver(pool, dns.getaddrinfo)
+            supervisor.health.start()
+            try:
+                assert await asyncio.to_thread(supervisor.health.ready.wait, 5)
+                proxy = Proxy(config, RecordingLog())
+                supervisor._prepare(proxy, 0)
+                await proxy.start()
+                try:
+                    pool = proxy.pools["default"]
+                    await eventually(lambda: [m.key for m in pool.members] == [f"redis.test@127.0.0.2:{new.port}"])
+                    reader, writer, first = await open_session(proxy)
+                    dns.set_hosts({"redis.test": ["127.0.0.3"]})
+                    await eventually(lambda: [m.key for m in pool.members] == [f"redis.test@127.0.0.3:{new.port}"])
+                    for _ in range(3):
+                        assert await roundtrip(proxy.port(), b"moved") == b"moved"
+                    assert new.kinds[0] == "probe" and new.kinds.count("client") == 3
+                    assert pool.no_upstream == 0 and first.draining
+                    writer.write(b"still")
+                    assert await asyncio.wait_for(reader.readexactly(5), 5) == b"still"
+                    writer.close()
+                finally:
+                    await proxy.drain()
+            finally:
+                supervisor.health.stopping.set()
+                await asyncio.to_thread(supervisor.health.join, 5)
+    finally:
+        dns.stop()

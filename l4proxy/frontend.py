@@ -1,0 +1,258 @@
+"""One listener's front end: its sockets (``Listener``), its TLS context, and how a client accepted
+there becomes a session of its pool.
+
+No Task per client: the loop's ``connect_accepted_socket`` runs under a ``Drive`` (``drive.py``); the
+client pump's ``connection_made`` (after the TLS handshake, if any) starts the dial, and the dial is a
+chain of callbacks too. The sessions of a listener share one ``relay.Wiring``, built here once: the
+hooks that start the dial, end the session, and move bulky sessions to the splice engine when this
+listener's sessions may switch.
+
+**Opening a client** depends on the loop. On uvloop a plain client does not need the Drive: the
+opener starts ``connect_accepted_socket`` by hand. Its first step calls the protocol factory once, makes
+the transport from the descriptor (an ``AcceptedFD`` is enough) and schedules ``connection_made``, then
+waits for that and nothing else; our pump sees ``connection_made`` anyway, so nothing waits on the
+coroutine, and ``Session._unlink`` finishes it when the session is freed. Its only other outcome, the
+handshake, does not exist without TLS. This is the one place that relies on how uvloop runs that
+coroutine, and ``tests/test_frontend.py`` pins the behaviour. TLS clients, and every client on
+asyncio's own loop (kept for debugging, not speed), go through the Drive.
+
+**Stages.** ``Frontend.stages`` are per-listener steps between accept and session (an ACL, a PROXY
+protocol header): each wraps the accept callback once, at ``start``, so a listener without stages
+calls the opener directly and pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable, Hashable
+
+from .accesslog import AccessLog
+from .causes import LOOP
+from .config import ListenerConfig
+from .counters import ListenerCounters
+from .deadlines import Deadlines
+from .dialer import Dial, Outgoing
+from .drive import Drive
+from .listener import AcceptedFD, Listener
+from .peer import format_peers
+from .pool import Pool
+from .ratelog import Warnings
+from .relay import Session, SessionHook, Wiring, stay
+from .sessions import SessionTable
+from .splice import DESCRIPTORS, Splicing, usable
+from .tls import server_context
+
+log = logging.getLogger("l4proxy")
+
+TLS_FAILED = "TLS handshake failures"  # rate-limited kinds of warnings (ratelog.py)
+ACCEPT_FAILED = "failed accepts"
+LOOPS = "connections from the proxy itself"
+
+Serve = Callable[[socket.socket | AcceptedFD, object], None]  # what a listener calls per accepted client
+Stage = Callable[[Serve], Serve]  # a per-listener step: given the next callback, the one to call first
+
+
+class Frontend:
+    """Listener ``index`` of the config: accepts its clients and turns them into sessions of ``pool``."""
+
+    def __init__(
+        self,
+        index: int,
+        config: ListenerConfig,
+        pool: Pool,
+        table: SessionTable,
+        access_log: AccessLog,
+        warnings: Warnings,
+        splicing: Splicing,
+        outgoing: Outgoing,
+    ) -> None:
+        self.index = index
+        self.config = config
+        self.pool = pool
+        self.table = table
+        self.access_log = access_log
+        self.warnings = warnings
+        self.splicing = splicing
+        self.outgoing = outgoing
+        self.tls_context: ssl.SSLContext | None = None if config.tls is None else server_context(config.tls)
+        self.stages: list[Stage] = []
+        self.tls_failures = 0  # client TLS handshakes that failed or timed out
+        self.counters = ListenerCounters()  # for the admin endpoint: read at scrape time
+        self.spliced = usable(config, pool.config.tls is not None)
+        self.listener = Listener(config, self._refused, per_session=self.descriptors_per_session())
+
+    def descriptors_per_session(self) -> int:
+        """What one session holds: its two sockets, and the splice engine's descriptors when every
+        session moves there at once (``--relay splice``, plain TCP on both sides)."""
+        return 2 + (DESCRIPTORS if self.spliced and self.config.relay == "splice" else 0)
+
+    def start(self, deadlines: Deadlines) -> None:
+        """Bind and accept: the stages wrap the opener once, here."""
+        serve = self._opener(deadlines)
+        for stage in reversed(self.stages):
+            serve = stage(serve)
+        self.listener.serve = serve
+        self.listener.start()
+
+    def close(self) -> None:
+        """Stop accepting; sessions are not touched."""
+        if self.listener.sockets:
+            self.listener.close()
+
+    def describe(self) -> str:
+        """``127.0.0.1:6379 -> pool default: 10.0.0.1:6379, 10.0.0.2:6379``, for the start-up log."""
+        members = ", ".join(m.name for m in self.pool.members) or "no members"
+        return f"{format_peers(self.listener.addresses)} -> pool {self.pool.name}: {members}"
+
+    def _refused(self, sock: socket.socket | AcceptedFD, _address: object) -> None:
+        """The callback before ``start`` (never called: the listener accepts only once started)."""
+        sock.close()
+
+    def _wiring(self, deadlines: Deadlines) -> Wiring:
+        loop = asyncio.get_running_loop()
+        pool, table, warnings, outgoing = self.pool, self.table, self.warnings, self.outgoing
+        live, opening, record = table.live, table.opening, self.access_log.record
+        idle = table.idle
+
+        own = outgoing.addresses
+        counters = self.counters
+
+        def client_ready(session: Session) -> None:
+            opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
+            live.add(session)
+            counters.sessions += 1
+            counters.active += 1
+            if session.client_address in own:  # one of our own connections: a member leads back here
+                self._loop_back(session)
+                return
+            dial = session.dial = Dial(session, pool, loop, deadlines, warnings, outgoing)
+            dial.start()
+
+        def ended(session: Session) -> None:
+            live.discard(session)
+            table.served += 1
+            counters.active -= 1
+            counters.bytes_in += session.client.nbytes
+            upstream = session.upstream
+            if upstream is not None:
+                counters.bytes_out += upstream.nbytes
+            if session.member is not None:
+                pool.balancer.release(session.member)
+            if session.sockname is not None:
+                outgoing.addresses.discard(session.sockname)
+            record(session)
+            if not live:
+                idle.set()
+
+        bulky: SessionHook = self.splicing.start if self.spliced else stay
+        attached: SessionHook | None = None
+        if self.config.relay == "splice":
+            attached = bulky
+        return Wiring(self.config, client_ready, ended, bulky, attached)
+
+    def _opener(self, deadlines: Deadlines) -> Serve:
+        """The per-client callback: a session for the accepted client, and its transport under way."""
+        loop = asyncio.get_running_loop()
+        wiring = self._wiring(deadlines)
+        opening = self.table.opening
+        warnings = self.warnings
+        tls = self.config.tls
+        bare = type(loop).__module__.startswith("uvloop") and tls is None
+
+        def serve(sock: socket.socket | AcceptedFD, address: object) -> None:
+            session = Session(wiring)
+            session.client_address = address
+            factory = itertools.repeat(session.client).__next__  # a C callable: no Python frame runs
+            if bare and isinstance(sock, AcceptedFD):
+                # uvloop, plain: the one place that relies on how uvloop runs the coroutine (see the
+                # module's docstring; tests/test_frontend.py pins it). Inline: it runs per client.
+                opener = loop.connect_accepted_socket(factory, sock)  # type: ignore[arg-type]
+                try:
+                    opener.send(None)  # the transport exists once this returns
+                except Exception as exc:
+                    opener.close()
+                    _close_unowned(sock)
+                    warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
+                    return
+                session.opener = opener
+                opening[session] = opener
+                return
+
+            def opened(exc: BaseException | None) -> None:
+                opening.pop(session, None)
+                if exc is not None:
+                    self._open_failed(sock, session, exc)
+
+            client: socket.socket = sock  # type: ignore[assignment]  # uvloop takes an AcceptedFD as it is
+            if tls is not None:
+                coro = loop.connect_accepted_socket(
+                    factory, client, ssl=self.tls_context, ssl_handshake_timeout=tls.handshake_timeout
+                )
+            else:
+                coro = loop.connect_accepted_socket(factory, client)
+            drive = Drive(coro, opened)
+            if drive.coro is not None:
+                if session.client.transport is None:
+                    opening[session] = drive  # until connection_made; drain closes what is left
+            elif isinstance(sock, AcceptedFD) and session.client.transport is None:
+                _close_unowned(sock)
+
+        return serve
+
+    def _loop_back(self, session: Session) -> None:
+        """Close a client that is one of our own connections instead of dialing on (``dialer.py``)."""
+        self.warnings.warn(
+            log,
+            LOOPS,
+            "closed a connection from this proxy's own %s: pool %s has a member that leads back to this"
+            " proxy (%s)",
+            session.client_addr,
+            self.pool.name,
+            format_peers(self.listener.addresses),
+        )
+        session.fail(LOOP)
+
+    def _open_failed(self, sock: socket.socket | AcceptedFD, session: Session, exc: BaseException) -> None:
+        sock.close()  # a no-op once a transport has taken the socket (or the descriptor)
+        session.discard()
+        if self.config.tls is not None:
+            self.tls_failures += 1
+            cause = _tls_failure(exc)
+            self.counters.tls_failed(cause)
+            self.warnings.warn(log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, cause)
+        else:
+            self.warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
+
+
+def _close_unowned(fd: AcceptedFD) -> None:
+    """Close a client descriptor that no transport took (the loop failed before it could)."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def expire_dial(dial: Hashable) -> None:
+    """``Deadlines``' callback: a dial's connect deadline passed."""
+    assert isinstance(dial, Dial)
+    dial.expired()
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a client's handshake failed, in words: the loops report a client that leaves mid-handshake
+    as a bare ``ConnectionResetError`` (no message), whether it reset or just closed, and their own
+    handshake timeout as ``ConnectionAbortedError``."""
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionAbortedError):
+        return "handshake timeout"  # both loops abort a handshake past its timeout with ConnectionAbortedError
+    if isinstance(exc, ConnectionError):
+        if exc.errno == errno.ECONNRESET:
+            return "the client reset the connection during the handshake"
+        return "the client closed the connection during the handshake"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,104 @@
+"""The live sessions of one proxy: who is open, the sweeper, the drain and the abort.
+
+``live`` holds every session whose client is connected (from ``Wiring.client_ready`` until
+``Wiring.ended``, both in ``frontend.py``); ``opening`` the clients whose transport is not made yet
+(a TLS handshake, or one loop iteration), which a drain closes instead of waiting for.
+
+**The sweeper** is one timer for all sessions: each tick it compares every session's byte counters
+with what it saw last tick, and aborts those quiet for their ``idle_timeout``, or
+``half_closed_timeout`` once one direction ended; the hot path does no timer work at all. The same
+tick runs the proxy's periodic chores (flushing the access log and the rate-limited warnings,
+re-reading the open-files limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from .drive import Drive
+from .relay import Session
+
+log = logging.getLogger("l4proxy")
+
+
+class SessionTable:
+    """Live and opening sessions, their sweeper, drain and abort."""
+
+    def __init__(self) -> None:
+        self.live: set[Session] = set()
+        self.opening: dict[Session, Drive | Coroutine[Any, Any, Any]] = {}
+        self.served = 0  # sessions ended so far
+        self.idle = asyncio.Event()  # set when the last live session ends
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def start(self, tick: float, chores: Sequence[Callable[[], None]]) -> None:
+        """Run the sweeper every ``tick`` seconds, with ``chores`` before each sweep."""
+        self._sweeper = asyncio.create_task(self._sweep(tick, tuple(chores)), name="l4proxy sweeper")
+
+    async def drain(self, timeout: float) -> None:
+        """Close the opening clients, let live sessions finish for up to ``timeout``, abort the rest."""
+        await self.cancel_opening()
+        if self.live:
+            count = len(self.live)
+            log.info("draining %d session%s for up to %.1fs", count, "" if count == 1 else "s", timeout)
+            self.idle.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), timeout)
+        self.abort_all("shutdown")
+
+    async def cancel_opening(self) -> None:
+        """Close clients whose transport is not made yet: they are not sessions yet, and must not become
+        sessions (dial, relay, log) after the drain has returned."""
+        opening = list(self.opening.values())
+        self.opening.clear()
+        for drive in opening:
+            if isinstance(drive, Drive):
+                drive.cancel()
+            else:  # a plain client's connect_accepted_socket on uvloop: closing it closes the transport
+                drive.close()
+        if opening:
+            await asyncio.sleep(0)  # the cancelled handshakes close their transports on this iteration
+
+    def abort_all(self, cause: str) -> None:
+        """Close every session now (drain deadline reached, or a second signal)."""
+        if self.live:
+            count = len(self.live)
+            log.info("closing %d session%s: %s", count, "" if count == 1 else "s", cause)
+        for session in list(self.live):
+            session.abort(cause)
+
+    async def stop(self) -> None:
+        """Stop the sweeper."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    async def _sweep(self, tick: float, chores: tuple[Callable[[], None], ...]) -> None:
+        while True:
+            await asyncio.sleep(tick)
+            for chore in chores:
+                chore()
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Abort the sessions that have been quiet past their timeout as of ``now``."""
+        for session in list(self.live):
+            moved = session.moved()
+            if moved != session.seen:
+                session.seen = moved
+                session.last_active = now
+                continue
+            limits = session.limits
+            half = session.half_closed
+            if now - session.last_active >= (limits.half_closed_timeout if half else limits.idle_timeout):
+                session.abort("half_closed_timeout" if half else "idle_timeout")
