@@ -72,21 +72,16 @@ def _counted(fds: dict[str, str]) -> int:
     return sum(target != "/dev/null" for target in fds.values())
 
 
-def _idle_pipes(proxies: list[Proxy]) -> int:
-    """Idle pipe pairs the proxies' splice engines keep for their next sessions."""
-    return sum(len(p.splicing.pipes.idle) for p in proxies)
+def _extra(before: dict[str, str], idle: int = 0) -> int:
+    """Descriptors opened since ``before`` and still open, ``idle`` splice pipes excepted."""
+    return _counted(_open_fds()) - _counted(before) - 2 * idle
 
 
-def _extra(before: dict[str, str], proxies: list[Proxy]) -> int:
-    """Descriptors opened since ``before`` and still open, the splice pool's idle pipes excepted."""
-    return _counted(_open_fds()) - _counted(before) - 2 * _idle_pipes(proxies)
-
-
-def _settle(before: dict[str, str], proxies: list[Proxy], runner: asyncio.Runner | None, timeout: float = 2.0) -> None:
+def _settle(before: dict[str, str], runner: asyncio.Runner | None, idle: int, timeout: float = 2.0) -> None:
     """Give closing transports their loop iterations until the count is back (or ``timeout`` passed).
     Counted between runs of the loop: uvloop holds a socket pair for signals while it runs."""
     deadline = time.monotonic() + timeout
-    while _extra(before, proxies) > 0 and time.monotonic() < deadline:
+    while _extra(before, idle) > 0 and time.monotonic() < deadline:
         if runner is not None:
             runner.run(asyncio.sleep(0.01))
         else:
@@ -117,11 +112,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if runner is not None:
         tasks = [t for t in asyncio.all_tasks(runner.get_loop()) if not t.done()]
         problems += [f"task left running: {t!r}" for t in tasks]
-    _settle(before, proxies, runner)
-    extra = _extra(before, proxies)
+    idle = sum(len(p.splicing.pipes.idle) for p in proxies)
+    _settle(before, runner, idle)
+    extra = _extra(before, idle)
     if extra > 0:
         after = _open_fds()
         new = sorted(f"{fd} -> {target}" for fd, target in after.items() if before.get(fd) != target)
-        problems.append(f"{extra} more descriptors open than before the test ({_idle_pipes(proxies)} idle "
+        problems.append(f"{extra} more descriptors open than before the test ({idle} idle "
                         f"splice pipes not counted); new or changed: {new}")
     assert not problems, "the test left things behind: " + "; ".join(problems)
