@@ -44,6 +44,16 @@ def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 10.0,
             time.sleep(0.02)
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """``kit.eventually`` for a test without a loop, asking a server that announces nothing (an HTTP
+    endpoint, a count in redis); output of the command is waited on with ``Command.wait_for``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.02)
+
+
 def require(command: str) -> str:
     """The path of ``command``; a missing server fails the test (CI installs it), it never skips."""
     path = shutil.which(command)

@@ -22,8 +22,8 @@ from l4proxy.proxy import Proxy
 from l4proxy.sharedstats import LISTENER_FIELDS, SharedCounters
 from l4proxy.snapshot import NotFound, ProxySource, Snapshot
 
-from .kit import blackhole, connect, eventually, make_config, open_session, refused_address, running, upstreams
-from .servers import require
+from ..kit import blackhole, connect, eventually, make_config, open_session, refused_address, running, upstreams
+from ..servers import require
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 CHECK_KINDS = {"refused", "timeout", "wrong_role", "auth_failed", "bad_reply", "server_error", "tls", "other"}

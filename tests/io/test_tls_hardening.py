@@ -12,8 +12,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,10 +22,8 @@ import trustme
 from l4proxy import Address, ServerTLSConfig, UpstreamTLSConfig, tls
 from l4proxy.errors import ConfigError
 
-from .kit import make_config, running, upstreams
-from .servers import RedisServer, free_port, started
-from .test_tls_e2e import PING
-from .test_tls_e2e import Proxy as TLSCommand
+from ..kit import make_config, running, upstreams
+from ..servers import PING, Command, RedisServer, free_port, run_command, started
 
 TIMEOUT = 5.0
 OPENSSL = shutil.which("openssl") or "openssl"
@@ -425,16 +421,15 @@ def test_command_serves_repeated_certificates_by_sni_and_warns_of_expiry_at_star
     redis = RedisServer(tmp_path)
     pairs = [arg for name in ("default", "a", "soon") for arg in ("--tls-cert", pki[f"{name}.pem"])]
     keys = [arg for name in ("default", "a", "soon") for arg in ("--tls-key", pki[f"{name}.key"])]
-    proxy = TLSCommand(tmp_path, ["--upstream", f"127.0.0.1:{redis.port}", *pairs, *keys])
+    proxy = Command("--upstream", f"127.0.0.1:{redis.port}", *pairs, *keys)
     with started(redis, proxy):
-        assert proxy.proc is not None
         assert [_served_cn(proxy.port, pki, name) for name in ("a.test", "z.wild.test", "b.test", "localhost")] == [
             "a.test", "a.test", "localhost", "localhost"
         ]
-        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.signal(signal.SIGHUP)
         proxy.wait_log("SIGHUP: TLS certificates and keys reloaded")
         assert _served_cn(proxy.port, pki, "a.test") == "a.test"
-        assert proxy.terminate() == 0
+        assert proxy.stop() == 0
     expiring = f"--tls-cert {pki['soon.pem']!r}: expires in 5 days, on "
     warnings = [line for line in proxy.stderr.splitlines() if expiring in line]
     assert len(warnings) == 2 and all(" WARNING " in line for line in warnings), proxy.stderr
@@ -456,13 +451,12 @@ def test_command_start_up_errors(pki: PKI, flags: list[str], message: str) -> No
     def fill(text: str) -> str:
         return re.sub(r"<([\w.]+)>", lambda m: pki[m.group(1)], text)
 
-    args = ["--listen", f"127.0.0.1:{free_port()}", "--upstream", "127.0.0.1:1", *map(fill, flags)]
-    out = subprocess.run([sys.executable, "-m", "l4proxy", *args], capture_output=True, timeout=20)
+    out = run_command("--listen", f"127.0.0.1:{free_port()}", "--upstream", "127.0.0.1:1", *map(fill, flags))
     period = _period(pki, "future" if "future" in message else "expired")
     expected = fill(message).format(after=period.rsplit(" to ", 1)[1])
     if "valid" in message or "expired" in message:
         expected += f" ({period})"
-    assert (out.returncode, out.stderr.decode(), out.stdout) == (2, f"l4proxy: error: {expected}\n", b"")
+    assert (out.returncode, out.stderr, out.stdout) == (2, f"l4proxy: error: {expected}\n", "")
 
 
 def test_check_names_an_expiring_certificate_of_a_config_file_by_line(tmp_path: Path, pki: PKI) -> None:
@@ -472,8 +466,7 @@ def test_check_names_an_expiring_certificate_of_a_config_file_by_line(tmp_path: 
         f'cert = ["{pki["default.pem"]}", "{pki["soon.pem"]}"]\nkey = ["{pki["default.key"]}", "{pki["soon.key"]}"]\n'
         '[pools.p]\nmembers = ["127.0.0.1:7001"]\n'
     )
-    out = subprocess.run([sys.executable, "-m", "l4proxy", "check", "--config", str(config)], capture_output=True,
-                         text=True, timeout=20)  # fmt: skip
+    out = run_command("check", "--config", str(config))
     after = _period(pki, "soon").rsplit(" to ", 1)[1]
     assert out.returncode == 0, out.stderr
     assert out.stderr.splitlines() == [

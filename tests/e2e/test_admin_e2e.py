@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,7 +18,17 @@ from typing import Any
 
 import pytest
 
-from .servers import L4Proxy, RedisServer, free_port, redis_cli, require, started, wait_listening, wait_until
+from ..servers import (
+    Command,
+    RedisServer,
+    free_port,
+    redis_cli,
+    require,
+    run_command,
+    started,
+    wait_listening,
+    wait_until,
+)
 
 
 def fetch(url: str) -> tuple[int, bytes]:
@@ -80,7 +89,7 @@ def redis(tmp_path: Path) -> Any:
 
 def test_prometheus_scrapes_the_session_count(tmp_path: Path, redis: RedisServer) -> None:
     admin = free_port()
-    proxy = L4Proxy(tmp_path, ["--upstream", f"127.0.0.1:{redis.port}", "--admin", f"127.0.0.1:{admin}"])
+    proxy = Command("--upstream", f"127.0.0.1:{redis.port}", "--admin", f"127.0.0.1:{admin}")
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{admin}")
     with started(proxy):
         for _ in range(3):
@@ -89,9 +98,9 @@ def test_prometheus_scrapes_the_session_count(tmp_path: Path, redis: RedisServer
             prometheus.start()
             expression = "l4proxy_listener_sessions_total"
 
-            def counted() -> bool:  # the start-up check that the proxy listens is a session too
+            def counted() -> bool:
                 result = query(prometheus.port, expression)
-                return bool(result) and result[0]["value"][1] == "4"
+                return bool(result) and result[0]["value"][1] == "3"
 
             wait_until(counted, timeout=30)
             [series] = query(prometheus.port, 'l4proxy_member_status{state="UP"}')
@@ -100,45 +109,39 @@ def test_prometheus_scrapes_the_session_count(tmp_path: Path, redis: RedisServer
             assert up["value"][1] == "1"  # every scrape succeeded
         finally:
             prometheus.stop()
-        assert proxy.terminate() == 0
+        assert proxy.stop() == 0
 
 
-def test_sigusr1_logs_every_member_and_the_admin_answers(tmp_path: Path, redis: RedisServer) -> None:
+def test_sigusr1_logs_every_member_and_the_admin_answers(redis: RedisServer) -> None:
     admin = free_port()
     member = f"127.0.0.1:{redis.port}"
-    proxy = L4Proxy(tmp_path, ["--upstream", member, "--admin", f"127.0.0.1:{admin}", "--no-health-checks"])
+    proxy = Command("--upstream", member, "--admin", f"127.0.0.1:{admin}", "--no-health-checks")
     with started(proxy):
         wait_listening(admin)  # the admin endpoint starts just after the listeners
         assert fetch(f"http://127.0.0.1:{admin}/healthz") == (200, b"ok\n")
         assert redis_cli(proxy.port, "PING") == "PONG"
-        assert proxy.proc is not None
-        proxy.proc.send_signal(signal.SIGUSR1)
+        proxy.signal(signal.SIGUSR1)
         proxy.wait_log(f"status: pool default member {member} UP since ")
         line = next(x for x in proxy.stderr.splitlines() if "status: pool default" in x)
-        assert line.endswith("(started); active 0, sessions 2, last check none")  # with the start-up check
-        assert proxy.terminate() == 0
+        assert line.endswith("(started); active 0, sessions 1, last check none")
+        assert proxy.stop() == 0
 
 
-def test_a_taken_admin_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
+def test_a_taken_admin_port_is_one_line_and_exit_1() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         listen = free_port()
-        result = subprocess.run(
-            [sys.executable, "-m", "l4proxy", "--listen", f"127.0.0.1:{listen}", "--upstream", "127.0.0.1:1",
-             "--admin", f"127.0.0.1:{port}", "--no-health-checks"], capture_output=True, text=True, timeout=20,
-        )  # fmt: skip
+        result = run_command("--listen", f"127.0.0.1:{listen}", "--upstream", "127.0.0.1:1",
+                             "--admin", f"127.0.0.1:{port}", "--no-health-checks")
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert errors == [f"l4proxy: error: --admin: cannot listen on 127.0.0.1:{port}: Address already in use"]
 
 
 def test_a_bad_admin_address_names_the_flag() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "l4proxy", "--listen", ":7000", "--upstream", "a", "--admin", "localhost"],
-        capture_output=True, text=True, timeout=20,
-    )  # fmt: skip
+    result = run_command("--listen", ":7000", "--upstream", "a", "--admin", "localhost")
     assert result.returncode == 2
     assert result.stderr == "l4proxy: error: --admin 'localhost': a port is required, as HOST:PORT or :PORT\n"
 
@@ -149,15 +152,15 @@ def status_of(port: int) -> dict[str, Any]:
     return json.loads(body)
 
 
-def test_with_workers_the_supervisor_answers_for_all_of_them(tmp_path: Path, redis: RedisServer) -> None:
+def test_with_workers_the_supervisor_answers_for_all_of_them(redis: RedisServer) -> None:
     admin = free_port()
     member = f"127.0.0.1:{redis.port}"
-    proxy = L4Proxy(tmp_path, ["--upstream", member, "--admin", f"127.0.0.1:{admin}", "--workers", "2"])
+    proxy = Command("--upstream", member, "--admin", f"127.0.0.1:{admin}", "--workers", "2")
     with started(proxy):
         wait_listening(admin)
         for _ in range(6):
             assert redis_cli(proxy.port, "PING") == "PONG"
-        expected = 7  # with the start-up check that the proxy listens
+        expected = 6
 
         def counted() -> bool:
             return status_of(admin)["totals"]["sessions"] == expected
@@ -165,11 +168,10 @@ def test_with_workers_the_supervisor_answers_for_all_of_them(tmp_path: Path, red
         wait_until(counted)  # the workers copy their counters every quarter second
         [pool] = status_of(admin)["pools"]
         [seen] = pool["members"]
-        assert (seen["name"], seen["state"], seen["sessions"], seen["connect_attempts"]) == (member, "UP", 7, 7)
+        assert (seen["name"], seen["state"], seen["sessions"], seen["connect_attempts"]) == (member, "UP", 6, 6)
         code, body = fetch(f"http://127.0.0.1:{admin}/metrics")
         assert code == 200 and b'l4proxy_workers 2.0' in body
 
-        assert proxy.proc is not None
         worker = next(int(w) for w in re.findall(r"worker 0 started \(pid (\d+)\)", proxy.stderr))
         os.kill(worker, signal.SIGKILL)
         proxy.wait_log("worker 0 (pid")
@@ -186,11 +188,11 @@ def test_with_workers_the_supervisor_answers_for_all_of_them(tmp_path: Path, red
         urllib.request.urlopen(request, timeout=5).close()
         wait_until(lambda: redis_cli(proxy.port, "PING") == "PONG")
 
-        proxy.proc.send_signal(signal.SIGUSR1)
+        proxy.signal(signal.SIGUSR1)
         proxy.wait_log(f"status: pool default member {member} UP since ")
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as held:
             held.sendall(b"PING\r\n")
             assert held.recv(7) == b"+PONG\r\n"
-            proxy.proc.send_signal(signal.SIGTERM)
+            proxy.signal(signal.SIGTERM)
             wait_until(lambda: fetch(f"http://127.0.0.1:{admin}/readyz") == (503, b"not ready: draining\n"))
-        assert proxy.proc.wait(15) == 0
+        assert proxy.wait(15) == 0
