@@ -105,8 +105,10 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if not proxies:
         return
     problems = [f"{len(p.sessions)} sessions still live" for p in proxies if p.sessions]
-    problems += [f"{len(p._opening)} clients still opening" for p in proxies if p._opening]
-    problems += ["the sweeper timer still runs" for p in proxies if p._sweeper is not None]
+    problems += [f"{len(p.table.opening)} clients still opening" for p in proxies if p.table.opening]
+    problems += ["the sweeper timer still runs" for p in proxies if p.table._sweeper is not None]
+    problems += [f"{len(f.edge.reading)} clients still awaited for a PROXY header" for p in proxies
+                 for f in p.frontends if f.edge.reading]
     problems += [f"{len(p.deadlines)} connect deadlines still armed" for p in proxies
                  if hasattr(p, "deadlines") and (len(p.deadlines) or p.deadlines._timer is not None)]
     problems += ["a health prober still runs" for p in proxies for prober in p.probers if prober.tasks]
