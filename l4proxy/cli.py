@@ -43,9 +43,11 @@ import click
 
 from . import __version__, configfile
 from .accesslog import AccessLog
+from .acl import parse_cidr, parse_rate
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     LOG_LEVELS,
+    PROXY_VERSIONS,
     RELAY_ENGINES,
     TLS_VERSIONS,
     Address,
@@ -116,6 +118,12 @@ def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> t
     return parse_members(texts, path, default_port=earlier[LISTEN_PATH].port)
 
 
+def _cidrs(texts: tuple[str, ...], path: str, _earlier: Mapping[str, Any]) -> tuple[str, ...]:
+    """CIDR ranges from repeated and/or comma-separated values, as canonical text."""
+    parts = [part.strip() for text in texts for part in text.split(",")]
+    return tuple(str(parse_cidr(part, path)) for part in parts)
+
+
 def _off(given: bool, path: str, _earlier: Mapping[str, Any]) -> bool:
     return not given
 
@@ -141,6 +149,7 @@ TLS_IN = Need("needs --tls-cert and --tls-key", lambda given: bool({"--tls-cert"
 TLS_OUT = Need("needs --upstream-tls", lambda given: "--upstream-tls" in given)
 PROBES = Need("has no effect with --no-health-checks", lambda given: "--no-health-checks" not in given)
 NO_PROBES = Need("applies only with --no-health-checks", lambda given: "--no-health-checks" in given)
+PROXY_IN = Need("needs --accept-proxy", lambda given: "--accept-proxy" in given)
 VERIFIED = Need(
     "has no effect with --upstream-insecure (nothing is verified)", lambda given: "--upstream-insecure" not in given
 )
@@ -177,6 +186,7 @@ GROUPS = {
     "listener": "Listener",
     "upstreams": "Upstreams",
     "health": "Health checks",
+    "access": "Who may connect",
     "tls-in": "TLS from clients",
     "tls-out": "TLS to upstreams",
     "logging": "Logging",
@@ -209,6 +219,9 @@ OPTIONS: tuple[Option, ...] = (
            "DURATION"),
     Option("--resolve-empty-after", f"{_POOL}.resolve_empty_after", "upstreams", "An empty DNS answer replaces"
            " the last good one only once every answer for this long was empty.", "30s", _DURATION, "DURATION"),
+    Option("--send-proxy", f"{_POOL}.send_proxy", "upstreams", "Send each member a PROXY protocol header with"
+           " the client's address before any byte; probes send LOCAL (v2) or UNKNOWN (v1).",
+           metavar="|".join(PROXY_VERSIONS)),
     Option("--health-interval", f"{_POOL}.health.interval", "health",
            "Time between active health probes of each member.", "2s", _DURATION, "DURATION", needs=(PROBES,)),
     Option("--health-timeout", f"{_POOL}.health.timeout", "health", "A probe that takes longer fails.", "1s",
@@ -240,6 +253,22 @@ OPTIONS: tuple[Option, ...] = (
            "Turn active probes off (failed client connects still take members DOWN).", parse=_off, switch=True),
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
            " taken DOWN by failed connects stays out.", "10s", _DURATION, "DURATION", needs=(NO_PROBES,)),
+    Option("--accept-proxy", f"{_LISTENER}.accept_proxy", "access", "Clients start with a PROXY protocol header"
+           " (v1 or v2, from a load balancer in front); the address it carries is the client's.", parse=_on,
+           switch=True),
+    Option("--accept-proxy-from", f"{_LISTENER}.accept_proxy_from", "access", "Only peers in these CIDR ranges"
+           " must send the header; others are served as direct clients (repeatable).", parse=_cidrs,
+           metavar="CIDR", multiple=True, needs=(PROXY_IN,)),
+    Option("--proxy-timeout", f"{_LISTENER}.proxy_timeout", "access", "Close a client whose PROXY header has not"
+           " arrived within this long.", "5s", _DURATION, "DURATION", needs=(PROXY_IN,)),
+    Option("--allow", f"{_LISTENER}.allow", "access", "Accept clients only from these CIDR ranges (repeatable,"
+           " comma-separated).", parse=_cidrs, metavar="CIDR", multiple=True),
+    Option("--deny", f"{_LISTENER}.deny", "access", "Refuse clients from these CIDR ranges; wins over --allow.",
+           parse=_cidrs, metavar="CIDR", multiple=True),
+    Option("--max-connections-per-ip", f"{_LISTENER}.max_connections_per_ip", "access", "Refuse a client"
+           " address's connections past this many at once (per worker process).", parse=_whole, metavar="N"),
+    Option("--rate-per-ip", f"{_LISTENER}.rate_per_ip", "access", "New connections a second from one client"
+           " address, with a burst of as many (per worker process).", parse=_plain(parse_rate), metavar="N/s"),
     Option("--tls-cert", f"{_LISTENER}.tls.cert", "tls-in",
            "Terminate TLS from clients with this certificate chain.", metavar="PEM", pair="--tls-key"),
     Option("--tls-key", f"{_LISTENER}.tls.key", "tls-in", "The private key of --tls-cert.", metavar="PEM",

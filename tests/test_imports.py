@@ -31,14 +31,14 @@ FORBIDDEN = ("asyncio", "socket", "ssl", "selectors", "uvloop", "subprocess")
 PURE_MODULES = {
     # module: the l4proxy modules it may load (itself included)
     "errors": {"errors"},
-    "config": {"config", "checks", "errors"},
+    "config": {"config", "acl", "checks", "errors"},
     "checks": {"checks", "errors"},
     "resp": {"resp", "checks", "errors"},
     "pgwire": {"pgwire", "checks", "errors"},
     "httpcheck": {"httpcheck", "checks", "errors"},
-    "configfile": {"configfile", "config", "checks", "errors"},
+    "configfile": {"configfile", "acl", "config", "checks", "errors"},
     "health": {"health"},
-    "balancer": {"balancer", "checks", "config", "errors", "health"},
+    "balancer": {"balancer", "acl", "checks", "config", "errors", "health"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
     "peer": {"peer"},
     "causes": {"causes"},
@@ -46,8 +46,8 @@ PURE_MODULES = {
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
-    "table": {"table", "balancer", "checks", "config", "discovery", "errors", "health"},
-    "discovery": {"discovery", "checks", "config", "errors"},
+    "table": {"table", "acl", "balancer", "checks", "config", "discovery", "errors", "health"},
+    "discovery": {"discovery", "acl", "checks", "config", "errors"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
@@ -135,18 +135,21 @@ def test_the_package_itself_loads_the_io_modules_only_when_proxy_is_used() -> No
 ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
-    "cli": {"accesslog", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
+    "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
     | {"workers"},
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
     | {"resolver", "table", "tls"},
     "proxy": {"accesslog", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool", "prober"}
     | {"ratelog", "relay", "resolver", "sessions", "splice", "tls"},
-    "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
-    | {"ratelog", "relay", "sessions", "splice", "tls"},
+    "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "edge", "listener", "peer"}
+    | {"pool", "ratelog", "relay", "sessions", "splice", "tls"},
+    "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
     "sessions": {"drive", "relay"},
-    "dialer": {"balancer", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
-    "prober": {"balancer", "checks", "errors", "health", "httpcheck", "pgwire", "pool", "resp", "tls"},
+    "dialer": {"balancer", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto", "ratelog"}
+    | {"relay", "tls"},
+    "prober": {"balancer", "checks", "dialer", "errors", "health", "httpcheck", "pgwire", "pool", "proxyproto"}
+    | {"resp", "tls"},
     "pool": {"balancer", "config", "discovery", "health"},
     "splice": {"causes", "config", "relay"},
     "relay": {"balancer", "causes", "config", "peer", "tls"},
