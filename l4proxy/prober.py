@@ -195,7 +195,6 @@ class Prober:
             log.warning("pool %s split brain over: %s the primary role", self.pool.name, now)
 
 
-
 async def probe(
     pool: Pool, member: Member, conversation: Conversation, connected: Callable[[object], None] | None = None
 ) -> Verdict:

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import uvloop
 
-from l4proxy import splice
 from l4proxy.proxy import Proxy
 
 _loop_errors: list[dict[str, Any]] = []
@@ -74,8 +73,8 @@ def _counted(fds: dict[str, str]) -> int:
 
 
 def _extra(before: dict[str, str]) -> int:
-    """Descriptors opened since ``before`` and still open, the splice pool's idle pipes excepted."""
-    return _counted(_open_fds()) - _counted(before) - 2 * len(splice.pool.idle)
+    """Descriptors opened since ``before`` and still open (each Proxy's drain closes its idle splice pipes)."""
+    return _counted(_open_fds()) - _counted(before)
 
 
 def _settle(before: dict[str, str], runner: asyncio.Runner | None, timeout: float = 2.0) -> None:
@@ -92,8 +91,8 @@ def _settle(before: dict[str, str], runner: asyncio.Runner | None, timeout: floa
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a test that ran a Proxy: no live or opening session, no sweeper, connect-deadline timer
-    or prober left, no task left on its loop, and no descriptor left open but the splice pool's idle
-    pipes (which are counted in the message)."""
+    or prober left, no client awaited for a PROXY header, no task left on its loop, and no descriptor
+    left open."""
     runner: asyncio.Runner | None = None
     if "_function_scoped_runner" in request.fixturenames:
         runner = request.getfixturevalue("_function_scoped_runner")
@@ -120,6 +119,5 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if extra > 0:
         after = _open_fds()
         new = sorted(f"{fd} -> {target}" for fd, target in after.items() if before.get(fd) != target)
-        problems.append(f"{extra} more descriptors open than before the test ({len(splice.pool.idle)} idle "
-                        f"splice pipes not counted); new or changed: {new}")
+        problems.append(f"{extra} more descriptors open than before the test; new or changed: {new}")
     assert not problems, "the test left things behind: " + "; ".join(problems)
