@@ -390,7 +390,7 @@ def _refuse_ineffective(params: Mapping[str, Any], given: frozenset[str]) -> Non
     for option in OPTIONS:
         if option.flag not in given:
             continue
-        shown = None if option.switch else params[option.name]
+        shown = _shown(option, params)
         for need in option.needs:
             if not need.met(given):
                 raise ConfigError(option.flag, shown, need.problem)
@@ -652,14 +652,21 @@ def with_process_flags(config: Config, params: Mapping[str, Any]) -> Config:
     given = _given(params)
     for option in OPTIONS:
         if option.flag in given and option not in PROCESS_OPTIONS:
-            shown = None if option.switch else ",".join(params[option.name]) if option.multiple else params[option.name]
             problem = f"cannot be combined with --config; set {_file_key(option)} in the file"
-            raise ConfigError(option.flag, shown, problem)
+            raise ConfigError(option.flag, _shown(option, params), problem)
     try:
         overrides = {o.path: o.parse(params[o.name], o.path, {}) for o in PROCESS_OPTIONS if o.flag in given}
         return dataclasses.replace(config, **overrides)
     except ConfigError as exc:
         raise flagged(exc, {o.flag: params[o.name] for o in PROCESS_OPTIONS if o.flag in given}) from None
+
+
+def _shown(option: Option, params: Mapping[str, Any]) -> str | None:
+    """What the user typed for ``option``, as an error echoes it (repeated values comma-joined)."""
+    if option.switch:
+        return None
+    value = params[option.name]
+    return ",".join(value) if option.multiple else value
 
 
 def _file_key(option: Option) -> str:
