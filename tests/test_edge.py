@@ -196,6 +196,8 @@ MALFORMED = {
     "v2_unsupported_family": SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12),
     "not_proxy": b"GET / HTTP/1.1\r\n\r\n",
     "v1_bad_address": b"PROXY TCP4 999.1.1.1 10.0.0.1 1 2\r\n",
+    "tlv_invalid": SIGNATURE + b"\x21\x11\x00\x11" + bytes(12) + b"\x02\x00\x02\xff\xfe",  # AUTHORITY not UTF-8
+    "v2_bad_command": SIGNATURE + b"\x22\x11\x00\x0c" + bytes(12),
 }
 
 
