@@ -177,8 +177,12 @@ class Dial:
             session.sockname = sockname = pump.transport.get_extra_info("sockname")
             outgoing.addresses.add(sockname)
         if self.header and self.pool.ssl_context is None:
-            assert pump.transport is not None
-            pump.transport.write(self.header)  # before attach_upstream hands over the early bytes
+            early = session.client.pending
+            if early:  # one write with the early bytes attach_upstream hands over
+                early.insert(0, self.header)
+            else:
+                assert pump.transport is not None
+                pump.transport.write(self.header)
         session.attach_upstream(pump, member)
 
     def expired(self) -> None:
@@ -292,15 +296,20 @@ async def _connect_noted(
     return connected
 
 
-def proxy_header(session: Session, version: str, client_cert: bool = False) -> bytes:
+def proxy_header(
+    session: Session, version: str, client_cert: bool = False, listening: tuple[str, int] | None = None
+) -> bytes:
     """The PROXY header for ``session``'s client (``version`` 'v1' or 'v2'): the address it came from
-    and the one it reached, as a header carried them or as its socket has them. With v2 over a
+    and the one it reached, as a header carried them, else ``listening`` (the listener's one address)
+    or what its socket says. With v2 over a
     TLS-terminated client, the TLVs HAProxy sends: ALPN, AUTHORITY (the SNI), SSL with the version,
     the cipher and, when a client certificate was verified (``client_cert``), its CN."""
     address = session.client_address
     source = address[0], address[1]  # type: ignore[index]
     if isinstance(address, Carried):
         destination = address.destination
+    elif listening is not None:
+        destination = listening
     else:
         transport = session.client.transport
         assert transport is not None

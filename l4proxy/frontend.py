@@ -164,15 +164,21 @@ class Frontend:
 
     def _dial_maker(self) -> Callable[..., Dial]:
         """What makes a session's dial: ``Dial`` itself, or one that gives it the PROXY header the pool
-        sends (``send_proxy``), built once per session and the same for every attempt."""
+        sends (``send_proxy``), built once per session and the same for every attempt. A listener on
+        one address (not a wildcard) is every direct client's destination: no ``getsockname`` each."""
         version = self.pool.config.send_proxy
         if version is None:
             return Dial
         client_cert = self.config.tls is not None and self.config.tls.client_ca is not None
+        listener = self.listener
+        fixed: list[tuple[str, int] | None] = []  # looked up at the first client: bound only then
 
         def dial_with_header(session: Session, *rest: Any) -> Dial:
+            if not fixed:
+                bound = listener.addresses
+                fixed.append(bound[0] if len(bound) == 1 and bound[0][0] not in ("0.0.0.0", "::") else None)
             dial = Dial(session, *rest)
-            dial.header = proxy_header(session, version, client_cert)
+            dial.header = proxy_header(session, version, client_cert, fixed[0])
             return dial
 
         return dial_with_header

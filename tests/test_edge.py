@@ -125,6 +125,27 @@ async def test_the_header_sent_upstream_is_byte_exact_and_first(version: str, re
     assert (reply, member.received) == (b"ok", [header + b"hello"])
 
 
+async def test_the_header_comes_first_when_the_client_waits_for_the_member_to_speak() -> None:
+    """No early bytes to ride with: the header is written alone, as soon as the member is connected."""
+    received: list[bytes] = []
+
+    async def greets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello?")
+        received.append(await reader.read())
+        writer.close()
+
+    async with upstreams(1, handler=greets) as [member], running(edge_config([member.address], send_proxy="v1")) as run:
+        port = run[0].port()
+        reader, writer = await dial_from("127.0.0.3", port)
+        assert await asyncio.wait_for(reader.readexactly(6), 5) == b"hello?"
+        writer.write(b"late")
+        writer.write_eof()
+        client_port = writer.get_extra_info("sockname")[1]
+        await eventually(lambda: received != [])
+        writer.close()
+    assert received == [encode_v1(("127.0.0.3", client_port), ("127.0.0.1", port)) + b"late"]
+
+
 async def test_an_ipv6_client_is_sent_as_tcp6() -> None:
     async with recorder() as member:
         config = edge_config([member.address], Address("::1", 0), send_proxy="v1")
