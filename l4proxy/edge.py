@@ -111,9 +111,9 @@ class Edge:
                 self._refuse(sock, address, "deny" if why.startswith("denied") else "allow", why)
                 return
             if sources is not None:
-                why = sources.admit(host, clock())  # type: ignore[assignment]
-                if why is not None:
-                    self._refuse(sock, address, why.partition(" ")[0], why)
+                over = sources.admit(host, clock())
+                if over is not None:
+                    self._refuse(sock, address, over.partition(" ")[0], over)
                     return
             serve(sock, address)
 
