@@ -18,7 +18,7 @@ Every refusal is counted by reason (``refused``: deny, allow, max_connections_pe
 (``ratelog``), since any client can cause one.
 
 **Reading exactly the header.** Each time the socket is readable, what has arrived is peeked
-(``MSG_PEEK``) and fed to the connection's parser. A complete header is then consumed exactly (a
+(``MSG_PEEK``, 256 bytes at a time) and fed to the connection's parser. A complete header is then consumed exactly (a
 ``recv`` of its length), an incomplete one whole (every byte of it is header). So nothing after the
 header is ever taken from the kernel: the client's first bytes are read by whatever comes next, the
 session's transport, its TLS handshake or the splice engine, with nothing to replay. The first try is
@@ -44,7 +44,7 @@ from .config import ListenerConfig
 from .deadlines import Deadlines
 from .listener import AcceptedFD
 from .peer import Carried, format_peer
-from .proxyproto import V2_MAX_LENGTH, Command, Parser, ProxyProtocolError
+from .proxyproto import Command, Parser, ProxyProtocolError
 from .ratelog import Warnings
 
 log = logging.getLogger("l4proxy")
@@ -55,7 +55,7 @@ BAD_HEADERS = "clients closed for their PROXY header"
 Serve = Callable[[socket.socket | AcceptedFD, object], None]  # as frontend.Serve
 Stage = Callable[[Serve], Serve]
 
-_PEEK = 16 + V2_MAX_LENGTH  # the longest header the parser accepts
+_PEEK = 256  # a v1 line, or a v2 header with its addresses and some TLVs; a longer one takes more peeks
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
@@ -178,28 +178,31 @@ class _Reading:
     def read(self) -> bool:
         """Take what has arrived; True once the client is handed on or closed."""
         raw = self.raw
-        try:
-            data = raw.recv(_PEEK, _PEEK_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            self.fail("reset")
-            return True
-        if not data:
-            self.fail("eof")
-            return True
-        try:
-            parsed = self.parser.feed(data)
-        except ProxyProtocolError as exc:
-            self.fail(exc.reason, exc.message)
-            return True
-        try:
-            raw.recv(len(data) if parsed is None else parsed.consumed, socket.MSG_DONTWAIT)  # peeked: there
-        except OSError:  # reset in between
-            self.fail("reset")
-            return True
-        if parsed is None:
-            return False
+        while True:
+            try:
+                data = raw.recv(_PEEK, _PEEK_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                self.fail("reset")
+                return True
+            if not data:
+                self.fail("eof")
+                return True
+            try:
+                parsed = self.parser.feed(data)
+            except ProxyProtocolError as exc:
+                self.fail(exc.reason, exc.message)
+                return True
+            try:
+                raw.recv(len(data) if parsed is None else parsed.consumed, socket.MSG_DONTWAIT)  # peeked: there
+            except OSError:  # reset in between
+                self.fail("reset")
+                return True
+            if parsed is not None:
+                break
+            if len(data) < _PEEK:  # all there is: wait for the rest
+                return False
         self._stop()
         header = parsed.header
         address = self.address

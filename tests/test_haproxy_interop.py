@@ -64,18 +64,22 @@ async def listening(port: int, timeout: float = 10.0) -> None:
     await eventually(up, timeout)
 
 
+def accepting(front: int, log_format: str, member: int) -> str:
+    """An HAProxy frontend on ``front`` that requires a PROXY header and logs ``log_format``."""
+    return f"""frontend fe
+    bind 127.0.0.1:{front} accept-proxy
+    log-format "{log_format}"
+    default_backend be
+backend be
+    server s1 127.0.0.1:{member}
+"""
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_haproxy_accepting_our_header_logs_each_real_client(tmp_path: Path, version: str) -> None:
     front = free_port()
-    body = f"""frontend fe
-    bind 127.0.0.1:{front} accept-proxy
-    log-format "client %ci:%cp"
-    default_backend be
-backend be
-"""
     async with upstreams(1) as [echo]:
-        body += f"    server s1 127.0.0.1:{echo.port}\n"
-        with haproxy(tmp_path, body) as log:
+        with haproxy(tmp_path, accepting(front, "client %ci:%cp", echo.port)) as log:
             await listening(front)
             config = edge_config([Address("127.0.0.1", front)], send_proxy=version)
             async with running(config) as (proxy, _):
@@ -102,17 +106,10 @@ async def test_haproxy_reads_the_authority_tlv_of_our_v2_header_over_tls(
 ) -> None:
     pem, ca = server_pem
     front = free_port()
-    body = f"""frontend fe
-    bind 127.0.0.1:{front} accept-proxy
-    log-format "client %ci:%cp authority %[fc_pp_authority]"
-    default_backend be
-backend be
-"""
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
     async with upstreams(1) as [echo]:
-        body += f"    server s1 127.0.0.1:{echo.port}\n"
-        with haproxy(tmp_path, body) as log:
+        with haproxy(tmp_path, accepting(front, "client %ci:%cp authority %[fc_pp_authority]", echo.port)) as log:
             await listening(front)
             config = edge_config([Address("127.0.0.1", front)], send_proxy="v2", tls=ServerTLSConfig(pem, pem))
             async with running(config) as (proxy, _):
