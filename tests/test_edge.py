@@ -175,6 +175,7 @@ VALID = {
     "v1 UNKNOWN": (V1_UNKNOWN, None),
     "v2 TCP4": (encode_v2(_SRC4, _DST4), "10.1.2.3:40000"),
     "v2 TCP6 with a TLV": (encode_v2(_SRC6, _DST6, [(0x05, b"id-1")]), "[2001:db8::7]:40001"),
+    "v2 TCP4 longer than one peek": (encode_v2(_SRC4, _DST4, [(0xE0, b"t" * 600)]), "10.1.2.3:40000"),
     "v2 LOCAL": (V2_LOCAL, None),
     "v2 LOCAL with an address block": (SIGNATURE + b"\x20\x11\x00\x0c" + bytes(12), None),
 }
