@@ -44,6 +44,7 @@ import click
 from . import __version__, configfile
 from .accesslog import AccessLog
 from .acl import parse_cidr, parse_rate
+from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     LOG_LEVELS,
@@ -64,6 +65,7 @@ from .discovery import needs_resolving
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
+from .snapshot import ProxySource, log_status
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -308,6 +310,9 @@ OPTIONS: tuple[Option, ...] = (
            " before they are closed.", "30s", _DURATION, "DURATION"),
     Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
            " one per CPU.", "1", _plain(parse_workers), "N|auto"),
+    Option("--admin", "admin", "process", "Serve the admin API (/metrics, /healthz, /readyz, /status, member"
+           " drain/enable/disable) on this address; off unless given.", parse=_plain(parse_address),
+           metavar="HOST:PORT"),
 )  # fmt: skip
 
 # Sections that exist only when one of their flags is given; their defaults apply only then.
@@ -728,6 +733,13 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
         print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
         return 1
+    try:
+        admin = await _start_admin(proxy)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # the loop's message repeats the address
+        print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
+        await proxy.drain()
+        return 1
     tune_gc()
     loop = asyncio.get_running_loop()
     received: list[str] = []
@@ -753,14 +765,27 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy))
     try:
         await proxy.serve_until_stopped()
         await proxy.drain()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+        if admin is not None:
+            await admin.close()
     log.info("stopped after %d sessions", proxy.served)
     return 0
+
+
+async def _start_admin(proxy: Proxy) -> AdminServer | None:
+    """The admin endpoint when ``--admin`` is given; raises OSError when it cannot listen."""
+    address = proxy.config.admin
+    if address is None:
+        return None
+    admin = AdminServer(ProxySource(proxy), address.host, address.port)
+    await admin.start()
+    return admin
 
 
 def tune_gc() -> None:

@@ -440,6 +440,7 @@ class Config:
     access_log: str = "-"
     log_level: str = "info"
     workers: int = 1  # processes accepting on the listeners (SO_REUSEPORT), under one supervisor
+    admin: Address | None = None  # where the admin API and /metrics listen; None: off
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -482,6 +483,7 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (ListenerConfig, "tls"): ServerTLSConfig,
     (PoolConfig, "health"): HealthConfig,
     (PoolConfig, "tls"): UpstreamTLSConfig,
+    (Config, "admin"): Address,
 }
 _LISTS: dict[tuple[type, str], type] = {(PoolConfig, "members"): Address}
 _ALSO: dict[type, tuple[type, ...]] = {Address: (Service,)}  # objects a list of these may hold as they are

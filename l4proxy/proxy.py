@@ -51,6 +51,10 @@ class Shared(Protocol):
         """Plug ``pools`` in (called by ``Proxy.start`` on the running loop, before accepting)."""
         ...
 
+    def publish(self, proxy: Proxy) -> None:
+        """Start handing the proxy's counters to the other process (called by ``Proxy.start`` once accepting)."""
+        ...
+
 
 class Proxy:
     """Listeners, pools and sessions for one Config."""
@@ -64,7 +68,9 @@ class Proxy:
         self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
         self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
         addresses = self.outgoing.addresses
-        self.probers = [] if shared is not None else [Prober(p, outgoing=addresses) for p in self.pools.values()]
+        self.probers = [] if shared is not None else [
+            Prober(p, outgoing=addresses, ports=self.outgoing.ports) for p in self.pools.values()
+        ]
         self.resolvers = [] if shared is not None else [  # a worker: the supervisor resolves
             Resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)
         ]
@@ -77,6 +83,8 @@ class Proxy:
         ]
         self._stopped: asyncio.Event | None = None
         self.failed_listener: int | None = None  # the index of the listener whose start raised
+        self.started_at = time.time()
+        self.draining = False  # set when a drain starts: readiness (admin /readyz) turns 503 at once
 
     @property
     def sessions(self) -> set[Session]:
@@ -126,6 +134,8 @@ class Proxy:
         shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
         chores = [self.access_log.flush, self.warnings.flush, *(f.listener.check_limit for f in self.frontends)]
         self.table.start(max(0.02, min(1.0, shortest / 4)), chores)
+        if self.shared is not None:
+            self.shared.publish(self)
         for frontend in self.frontends:
             log.info("listening on %s", frontend.describe())
 
@@ -141,7 +151,8 @@ class Proxy:
         return self.frontends[index].listener.addresses[0][1]
 
     def stop(self) -> None:
-        """Ask ``serve_until_stopped`` to return (signal handlers call this)."""
+        """Ask ``serve_until_stopped`` to return (signal handlers call this); the drain begins."""
+        self.draining = True
         if self._stopped is not None:
             self._stopped.set()
 
@@ -152,6 +163,7 @@ class Proxy:
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, let sessions finish for up to ``timeout``, then abort what is left."""
         timeout = self.config.drain_timeout if timeout is None else timeout
+        self.draining = True
         self._close_listeners()
         await self.table.drain(timeout)
         self.splicing.close()  # the idle pipes; aborted sessions have returned theirs

@@ -38,7 +38,8 @@ PURE_MODULES = {
     "httpcheck": {"httpcheck", "checks", "errors"},
     "configfile": {"configfile", "acl", "config", "checks", "errors"},
     "health": {"health"},
-    "balancer": {"balancer", "acl", "checks", "config", "errors", "health"},
+    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health"},
+    "counters": {"counters"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
     "peer": {"peer"},
     "causes": {"causes"},
@@ -46,7 +47,7 @@ PURE_MODULES = {
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
-    "table": {"table", "acl", "balancer", "checks", "config", "discovery", "errors", "health"},
+    "table": {"table", "acl", "balancer", "checks", "config", "counters", "discovery", "errors", "health"},
     "discovery": {"discovery", "acl", "checks", "config", "errors"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
@@ -137,21 +138,26 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"workers"},
+    | {"workers", "admin", "snapshot"},
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
-    | {"resolver", "table", "tls"},
+    | {"resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
     "proxy": {"accesslog", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool", "prober"}
     | {"ratelog", "relay", "resolver", "sessions", "splice", "tls"},
-    "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "edge", "listener", "peer"}
-    | {"pool", "ratelog", "relay", "sessions", "splice", "tls"},
+    "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
+    | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls"},
     "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
     "sessions": {"drive", "relay"},
     "dialer": {"balancer", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto", "ratelog"}
     | {"relay", "tls"},
-    "prober": {"balancer", "checks", "dialer", "errors", "health", "httpcheck", "pgwire", "pool", "proxyproto"}
-    | {"resp", "tls"},
-    "pool": {"balancer", "config", "discovery", "health"},
+    "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
+    | {"proxyproto", "resp", "tls"},
+    "pool": {"balancer", "config", "discovery", "health", "counters"},
+    # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
+    "admin": {"counters", "metrics", "snapshot"},
+    "metrics": {"counters", "snapshot"},
+    "snapshot": {"balancer", "checks", "config", "counters", "listener", "pool", "prober", "proxy"},
+    "sharedstats": {"balancer", "config", "counters", "pool", "prober", "proxy", "snapshot", "table"},
     "splice": {"causes", "config", "relay"},
     "relay": {"balancer", "causes", "config", "peer", "tls"},
     "listener": {"config", "errors"},
