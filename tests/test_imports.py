@@ -51,6 +51,7 @@ PURE_MODULES = {
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
+    "reload": {"reload", "config", "checks", "errors"},
 }
 
 _PROBE = """
@@ -140,8 +141,8 @@ ALLOWED: dict[str, set[str]] = {
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
     | {"resolver", "table", "tls"},
-    "proxy": {"accesslog", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool", "prober"}
-    | {"ratelog", "relay", "resolver", "sessions", "splice", "tls"},
+    "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
+    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
     | {"ratelog", "relay", "sessions", "splice", "tls"},
     "sessions": {"drive", "relay"},
