@@ -3,7 +3,7 @@
 ``Proxy.apply`` carries a plan out; this module only decides, so every decision is a table test.
 
 **Listeners** are matched by address, not by name: a listener whose address is unchanged keeps its
-listening socket (renamed or not), so not one client is refused while the file changes. When its
+listening socket (renamed or not; on port 0, any free port, by name too), so not one client is refused while the file changes. When its
 settings changed (or its pool, or whether its pool originates TLS, which decides the splice engine)
 it gets a new ``Frontend`` around the same socket (``rebuilt``): new clients see the new settings,
 sessions already open keep the ones they started with. A listener at a new address is opened; one
@@ -113,7 +113,7 @@ def _listeners(
     kept: list[Kept] = []
     opened: list[int] = []
     for index, listener in enumerate(new.listeners):
-        match = next((i for i, o in unmatched.items() if o.address == listener.address), None)
+        match = next((i for i, o in unmatched.items() if _same(o, listener)), None)
         if match is None:
             opened.append(index)
             continue
@@ -121,6 +121,12 @@ def _listeners(
         rebuilt = _frontend(before, old_pools) != _frontend(listener, new_pools)
         kept.append(Kept(match, index, rebuilt))
     return tuple(kept), tuple(opened), tuple(unmatched)
+
+
+def _same(old: ListenerConfig, new: ListenerConfig) -> bool:
+    """Whether ``new`` is at ``old``'s address: port 0 (any free port) says nothing, so there the name
+    decides too."""
+    return old.address == new.address and (new.address.port != 0 or old.name == new.name)
 
 
 def _frontend(listener: ListenerConfig, pools: dict[str, PoolConfig]) -> tuple[object, ...]:
