@@ -41,7 +41,7 @@ from typing import Any
 
 import click
 
-from . import __version__, configfile
+from . import __version__, configfile, takeover
 from .accesslog import AccessLog
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
@@ -62,6 +62,7 @@ from .discovery import needs_resolving
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
+from .reload import Plan
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -430,11 +431,13 @@ def self_loops(config: Config) -> list[ConfigError]:
             for ip in sorted(_resolve(member.host, member.port), key=str):
                 if is_own(ip, listen.host, listen_ips, local):
                     named = "is" if str(ip) == member.host else f"resolves to {ip}, which is"
-                    problems.append(ConfigError(
-                        f"pools.{pool.name}.members[{index}]",
-                        str(member),
-                        f"{named} this proxy's own listen address {listen}: it would connect to itself",
-                    ))
+                    problems.append(
+                        ConfigError(
+                            f"pools.{pool.name}.members[{index}]",
+                            str(member),
+                            f"{named} this proxy's own listen address {listen}: it would connect to itself",
+                        )
+                    )
                     break
     return problems
 
@@ -468,7 +471,7 @@ class _GroupedCommand(click.Command):
     """Shows the options in their groups, then the value syntax and the exit codes."""
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        group_of = {option.name: option.group for option in OPTIONS} | {"config": "process"}
+        group_of = {option.name: option.group for option in OPTIONS} | {"config": "process", "takeover": "process"}
         sections: dict[str, list[tuple[str, str]]] = {title: [] for title in GROUPS.values()}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
@@ -503,9 +506,18 @@ def _print_version(ctx: click.Context, _param: click.Parameter, wanted: bool) ->
 
 def _start(**params: Any) -> None:
     path = params.pop("config")
+    handover = params.pop("takeover")
+    loader = None
     if path is not None:
         config = with_process_flags(load_file(path), params)
         _setup_logging(config.log_level)
+
+        def loader() -> Config:
+            """The file again, as at start-up (the process flags still win), for SIGHUP."""
+            reloaded = with_process_flags(load_file(path), params)
+            check_credentials_files(reloaded)
+            return reloaded
+
     else:
         config, repeated = without_repeats(build_config(params))
         _setup_logging(config.log_level)
@@ -516,6 +528,8 @@ def _start(**params: Any) -> None:
             refuse_self_loops(config)
         except ConfigError as exc:
             raise flagged(exc) from None
+    if handover is not None and config.workers > 1:
+        raise ConfigError("--takeover", handover, "works with one process only, not with --workers/workers above 1")
     check_credentials_files(config)
     if any(p.tls is not None and p.tls.insecure for p in config.pools):
         log.warning(
@@ -528,8 +542,8 @@ def _start(**params: Any) -> None:
         raise ConfigError("--access-log", config.access_log, exc.strerror or str(exc)) from None
     raise_nofile_limit()
     if config.workers > 1:
-        sys.exit(supervise(config, config.workers, access_log, run))
-    sys.exit(run(config, access_log))
+        sys.exit(supervise(config, config.workers, access_log, run, loader, report_refused))
+    sys.exit(run(config, access_log, loader=loader, handover=handover))
 
 
 def _check(config: str) -> None:
@@ -537,6 +551,10 @@ def _check(config: str) -> None:
     click.echo(configfile.dump(load_file(config)), nl=False)
 
 
+_TAKEOVER_HELP = (
+    "Serve this UNIX socket so a newer l4proxy started with the same flag can take the listening sockets"
+    " over (hitless upgrade); if a running l4proxy serves it already, take its sockets first."
+)
 _CONFIG_HELP = (
     "Read listeners, pools and settings from this TOML file; with it only the process-level flags (logging,"
     " process) may be given, and they win over the file. 'l4proxy check --config FILE' checks a file."
@@ -548,6 +566,7 @@ command = _GroupedCommand(
     params=[
         *map(_click_option, OPTIONS),
         click.Option(["--config"], metavar="FILE", help=_CONFIG_HELP),
+        click.Option(["--takeover"], metavar="SOCKET", help=_TAKEOVER_HELP),
         click.Option(
             ["--version"],
             is_flag=True,
@@ -648,38 +667,131 @@ def check_credentials_files(config: Config) -> None:
                 raise flagged(exc.under(f"pools.{pool.name}.health")) from None
 
 
-def run(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
+Loader = Callable[[], Config]  # the config file read and checked again (SIGHUP)
+
+
+def run(
+    config: Config,
+    access_log: AccessLog | None = None,
+    shared: Shared | None = None,
+    *,
+    loader: Loader | None = None,
+    handover: str | None = None,
+) -> int:
     """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status. ``shared`` is a worker
-    process's seam to the supervisor's table (``Proxy(shared=...)``)."""
+    process's seam to the supervisor's table (``Proxy(shared=...)``); ``loader`` reads the config
+    file again on SIGHUP; ``handover`` is the ``--takeover`` socket's path."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, access_log, shared))
+        return runner.run(serve(config, access_log, shared, loader=loader, handover=handover))
 
 
-async def serve(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
-    """Start, wait for a signal, drain; a second signal closes the remaining sessions at once."""
-    proxy = Proxy(config, access_log, shared=shared)
+async def serve(
+    config: Config,
+    access_log: AccessLog | None = None,
+    shared: Shared | None = None,
+    *,
+    loader: Loader | None = None,
+    handover: str | None = None,
+) -> int:
+    """Start (taking the listening sockets over from a running l4proxy at ``handover``, if one serves
+    there), wait for a signal, drain; a second signal closes the remaining sessions at once. SIGHUP
+    reloads the file through ``loader`` (or, without one, the TLS files); a worker gets its
+    configurations from the supervisor instead."""
+    handoff = None if handover is None else await asyncio.to_thread(_ask_for_sockets, handover)
+    proxy = Proxy(config, access_log, shared=shared, inherited=None if handoff is None else handoff.sockets)
     try:
         await proxy.start()
     except OSError as exc:
         failed = config.listeners[len(proxy.listeners)].address  # the listeners before it did start
         print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
+        if handoff is not None:
+            handoff.abandon()
         return 1
+    if handoff is not None:
+        handoff.ready()
+        log.info("took over %d listening sockets from pid %d, which drains and exits", handoff.count, handoff.pid)
     tune_gc()
     loop = asyncio.get_running_loop()
     received: list[str] = []
+    reloads = _Reloads(proxy, loader)
 
     def on_signal(name: str) -> None:
         received.append(name)
         if len(received) == 1:
-            log.info("%s received: draining for up to %.1fs (again to force)", name, config.drain_timeout)
+            log.info("%s received: draining for up to %.1fs (again to force)", name, proxy.config.drain_timeout)
             proxy.stop()
         else:
             proxy.abort_all("forced_shutdown")
 
-    def on_reload() -> None:
+    def handed(pid: int) -> None:
+        received.append("takeover")
+        log.info("takeover: pid %d accepts on our listening sockets now; draining for up to %.1fs and exiting",
+                 pid, proxy.config.drain_timeout)  # fmt: skip
+        proxy.stop()
+
+    server = None if handover is None else takeover.Server(handover, proxy.handover, handed)
+    if server is not None:
+        server.start()
+    if shared is not None:
+        shared.follow(reloads.apply)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
+    try:
+        await proxy.serve_until_stopped()
+        if server is not None:
+            await server.stop()
+        await reloads.finish()
+        await proxy.drain()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("stopped after %d sessions", proxy.served)
+    return 0
+
+
+def _ask_for_sockets(path: str) -> takeover.Handoff | None:
+    try:
+        return takeover.request(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--takeover", path, f"the process serving it did not hand its sockets over: {exc}") from None
+
+
+class _Reloads:
+    """SIGHUP in one process: the file read again (off the loop: it resolves names) and applied, one
+    reload at a time; a broken file keeps the running configuration and is counted
+    (``Proxy.reloads_failed``). Without a file, the TLS files are re-read, as always."""
+
+    def __init__(self, proxy: Proxy, loader: Loader | None) -> None:
+        self.proxy = proxy
+        self.loader = loader
+        self.lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def on_sighup(self) -> None:
+        if self.loader is None:
+            self._tls_only()
+            return
+        self._spawn(self._from_file(self.loader))
+
+    def apply(self, config: Config) -> None:
+        """A worker: the configuration the supervisor checked and sent."""
+        self._spawn(self._apply(config, quiet=True))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def finish(self) -> None:
+        """Let a reload under way end before the drain."""
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _tls_only(self) -> None:
+        proxy = self.proxy
         if not proxy.uses_tls:
             log.info("SIGHUP: no TLS configured, nothing to reload")
             return
@@ -689,17 +801,42 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
         if not problems:
             log.info("SIGHUP: TLS certificates and keys reloaded")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
-    try:
-        await proxy.serve_until_stopped()
-        await proxy.drain()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-    log.info("stopped after %d sessions", proxy.served)
-    return 0
+    async def _from_file(self, loader: Loader) -> None:
+        async with self.lock:
+            try:
+                config = await asyncio.to_thread(loader)
+            except (ConfigFileError, ConfigError) as exc:
+                self.proxy.reloads_failed += 1
+                report_refused(exc)
+                return
+            await self._apply(config, quiet=False)
+
+    async def _apply(self, config: Config, quiet: bool) -> None:
+        try:
+            steps, problems = await self.proxy.reconfigure(config)
+        except OSError as exc:
+            self.proxy.reloads_failed += 1
+            log.error("SIGHUP: kept the running configuration: cannot listen on a new address: %s", exc.strerror or exc)
+            return
+        for problem in problems:
+            log.error("SIGHUP: kept the previous TLS files: %s", problem)
+        if not quiet:
+            report_applied(steps)
+
+
+def report_refused(exc: ConfigFileError | ConfigError) -> None:
+    """A reload refused: every problem, in the ``check`` format, then what happens."""
+    lines = exc.lines() if isinstance(exc, ConfigFileError) else [str(flagged(exc))]
+    for line in lines:
+        log.error("SIGHUP: %s", line)
+    log.error("SIGHUP: kept the running configuration (%d problem%s in the file)", len(lines), "" if len(lines) == 1
+              else "s")  # fmt: skip
+
+
+def report_applied(steps: Plan) -> None:
+    for name in steps.restart:
+        log.warning("SIGHUP: %s changed in the file; it takes effect when l4proxy is restarted", name)
+    log.info("SIGHUP: configuration reloaded: %s", steps.summary())
 
 
 def tune_gc() -> None:

@@ -60,7 +60,12 @@ class Shared(Protocol):
     """Health and member lists kept by another process (the supervisor of ``--workers N``)."""
 
     def join(self, pools: Sequence[Pool]) -> None:
-        """Plug ``pools`` in (called by ``Proxy.start`` on the running loop, before accepting)."""
+        """Plug ``pools`` in (called by ``Proxy.start`` on the running loop, before accepting, and by
+        ``apply`` for pools a reload adds)."""
+        ...
+
+    def follow(self, apply: Callable[[Config], None]) -> None:
+        """Call ``apply`` with each configuration the supervisor sends (it checked it, once for all)."""
         ...
 
 

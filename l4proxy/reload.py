@@ -3,11 +3,11 @@
 ``Proxy.apply`` carries a plan out; this module only decides, so every decision is a table test.
 
 **Listeners** are matched by address, not by name: a listener whose address is unchanged keeps its
-listening socket (renamed or not; on port 0, any free port, by name too), so not one client is refused while the file changes. When its
-settings changed (or its pool, or whether its pool originates TLS, which decides the splice engine)
-it gets a new ``Frontend`` around the same socket (``rebuilt``): new clients see the new settings,
-sessions already open keep the ones they started with. A listener at a new address is opened; one
-whose address left the file stops accepting, and its sessions drain.
+listening socket (renamed or not; on port 0, any free port, by name too), so not one client is refused
+while the file changes. When its settings changed (or its pool, or whether its pool originates TLS,
+which decides the splice engine) it gets a new ``Frontend`` around the same socket (``rebuilt``): new
+clients see the new settings, sessions already open keep the ones they started with. A listener at a
+new address is opened; one whose address left the file stops accepting, and its sessions drain.
 
 **Pools** are matched by name: a pool in both files changes in place (``Pool.update``: members that
 stay keep their health and sessions), one only in the new file is added, one only in the old file is

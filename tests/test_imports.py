@@ -137,10 +137,10 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"workers"},
+    | {"reload", "takeover", "workers"},
     "demo": {"config", "proxy"},
-    "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
-    | {"resolver", "table", "tls"},
+    "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
+    | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls"},
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
     | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
@@ -155,6 +155,7 @@ ALLOWED: dict[str, set[str]] = {
     "tls": {"config", "errors"},
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
     "drive": set(),
+    "takeover": set(),
     "deadlines": set(),
     **{module: loads - {module} for module, loads in PURE_MODULES.items()},
 }
