@@ -704,7 +704,7 @@ async def serve(
     try:
         await proxy.start()
     except OSError as exc:
-        failed = config.listeners[len(proxy.listeners)].address  # the listeners before it did start
+        failed = config.listeners[0].address if proxy.binding is None else proxy.binding.address
         print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
         if handoff is not None:

@@ -98,6 +98,7 @@ class Proxy:
         self.inherited = dict(inherited or {})  # listening sockets handed over, by listen address
         self.reloads = 0  # configurations applied by reconfigure
         self.reloads_failed = 0  # reloads refused (a broken file: the CLI counts them here)
+        self.binding: ListenerConfig | None = None  # the listener start() binds (or bound last)
         self._stopped: asyncio.Event | None = None
         self._drain_timers: set[asyncio.TimerHandle] = set()
 
@@ -152,6 +153,7 @@ class Proxy:
             self.shared.join(list(self.pools.values()))
         try:
             for frontend in self.frontends:
+                self.binding = frontend.config
                 frontend.start(self.deadlines, self.inherited.pop(str(frontend.config.address), None))
                 self.outgoing.ports.update(port for _, port in frontend.listener.addresses)
         except BaseException:
