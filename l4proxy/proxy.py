@@ -51,7 +51,7 @@ from .reload import Plan, plan
 from .resolver import Resolver
 from .sessions import SessionTable
 from .splice import Splicing
-from .tls import client_context, server_context
+from .tls import Warn, client_context, reload_server_context, warn_under
 
 log = logging.getLogger("l4proxy")
 
@@ -66,6 +66,10 @@ class Shared(Protocol):
 
     def follow(self, apply: Callable[[Config], None]) -> None:
         """Call ``apply`` with each configuration the supervisor sends (it checked it, once for all)."""
+        ...
+
+    def publish(self, proxy: Proxy) -> None:
+        """Start handing the proxy's counters to the other process (called by ``Proxy.start`` once accepting)."""
         ...
 
 
@@ -100,6 +104,8 @@ class Proxy:
         self.reloads_failed = 0  # reloads refused (a broken file: the CLI counts them here)
         self.binding: ListenerConfig | None = None  # the listener start() binds (or bound last)
         self._stopped: asyncio.Event | None = None
+        self.started_at = time.time()
+        self.draining = False  # set when a drain starts: readiness (admin /readyz) turns 503 at once
         self._drain_timers: set[asyncio.TimerHandle] = set()
 
     def _prober(self, pool: Pool) -> Prober:
@@ -171,6 +177,8 @@ class Proxy:
         shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
         chores = [self.access_log.flush, self.warnings.flush, self._check_limits]
         self.table.start(max(0.02, min(1.0, shortest / 4)), chores)
+        if self.shared is not None:
+            self.shared.publish(self)
         for frontend in self.frontends:
             log.info("listening on %s", frontend.describe())
 
@@ -190,7 +198,8 @@ class Proxy:
         return self.frontends[index].listener.addresses[0][1]
 
     def stop(self) -> None:
-        """Ask ``serve_until_stopped`` to return (signal handlers call this)."""
+        """Ask ``serve_until_stopped`` to return (signal handlers call this); the drain begins."""
+        self.draining = True
         if self._stopped is not None:
             self._stopped.set()
 
@@ -201,6 +210,7 @@ class Proxy:
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, let sessions finish for up to ``timeout``, then abort what is left."""
         timeout = self.config.drain_timeout if timeout is None else timeout
+        self.draining = True
         self._close_listeners()
         await self.table.drain(timeout)
         self.splicing.close()  # the idle pipes; aborted sessions have returned theirs
@@ -236,34 +246,40 @@ class Proxy:
         return bool(self.server_tls) or any(pool.config.tls is not None for pool in self.pools.values())
 
     def reload_tls(
-        self, listeners: Sequence[int] | None = None, pools: Sequence[str] | None = None
+        self, listeners: Sequence[int] | None = None, pools: Sequence[str] | None = None, warn: Warn | None = None
     ) -> list[ConfigError]:
         """Re-read certificates, keys and CAs (SIGHUP): of every listener and pool, or of those given
-        (listener indexes, pool names). A broken file keeps the old context; returns the problems, one
-        line each. Established sessions are not touched."""
+        (listener indexes, pool names). A broken file keeps the old context (per certificate, on a
+        listener with several); returns the problems, one line each, and passes warnings (a certificate
+        about to expire) to ``warn``. Established sessions are not touched."""
         problems: list[ConfigError] = []
         for frontend in self.frontends:
-            if frontend.config.tls is not None and (listeners is None or frontend.index in listeners):
-                try:
-                    frontend.tls_context = server_context(frontend.config.tls)
-                except ConfigError as exc:
-                    problems.append(exc.under(f"listeners[{frontend.index}].tls"))
+            if listeners is not None and frontend.index not in listeners:
+                continue
+            if frontend.config.tls is not None and frontend.tls_context is not None:
+                where = f"listeners[{frontend.index}].tls"
+                frontend.tls_context, failed = reload_server_context(
+                    frontend.config.tls, frontend.tls_context, warn_under(warn, where)
+                )
+                problems.extend(exc.under(where) for exc in failed)
         for pool in self.pools.values():
             if pool.config.tls is not None and (pools is None or pool.name in pools):
+                where = f"pools.{pool.config.name}.tls"
                 try:
-                    pool.ssl_context = client_context(pool.config.tls)
+                    pool.ssl_context = client_context(pool.config.tls, warn_under(warn, where))
                 except ConfigError as exc:
-                    problems.append(exc.under(f"pools.{pool.config.name}.tls"))
+                    problems.append(exc.under(where))
         return problems
 
     # reload
 
-    async def reconfigure(self, config: Config) -> tuple[Plan, list[ConfigError]]:
+    async def reconfigure(self, config: Config, warn: Warn | None = None) -> tuple[Plan, list[ConfigError]]:
         """Run ``config`` from now on (a reload): the plan applied, and the TLS files of the listeners and
-        pools that stay read again (their problems returned; the old context stays for those)."""
+        pools that stay read again (their problems returned; the old context stays for those; warnings,
+        such as a certificate about to expire, go to ``warn``)."""
         steps = plan(self.config, config)
         await self.apply(steps)
-        return steps, self.reload_tls(steps.tls_listeners, steps.tls_pools)
+        return steps, self.reload_tls(steps.tls_listeners, steps.tls_pools, warn)
 
     async def apply(self, steps: Plan) -> None:
         """Carry out ``steps`` (``reload.plan``); an OSError binding a new listener changes nothing."""

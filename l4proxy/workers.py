@@ -39,10 +39,15 @@ supervisor refused.
 ``sigtimedwait`` in its main thread (the health thread never sees them). SIGTERM/SIGINT is forwarded as
 SIGTERM to every worker, which drains; a second one is forwarded again and makes the workers close
 their sessions at once; the supervisor exits 0 once every worker has exited. SIGHUP is forwarded (each
-worker reloads its TLS files) and the supervisor reloads its probes' client contexts. A child starts
+worker reloads its TLS files) and the supervisor reloads its probes' client contexts. SIGUSR1 makes the
+supervisor log every member's status (``snapshot.log_status``), for all workers. A child starts
 with those signals at their defaults (SIGHUP ignored until its loop handles it) and unblocked, in its
 own process group, so a terminal's Ctrl-C reaches it once, through the supervisor; it gets SIGTERM if
 the supervisor itself dies.
+
+**Admin.** With ``--admin`` the supervisor binds the endpoint before the first fork and serves it on the
+health thread's loop, over every worker (``sharedstats.py``: each worker copies its counters to shared
+memory every 0.25 s); workers run none of their own.
 
 **Forks** happen in the supervisor's main thread, which never runs an event loop. The first workers are
 forked before the health thread starts; a replacement is forked while it runs, and only builds fresh
@@ -65,6 +70,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -73,6 +79,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog, Finished
+from .admin import AdminServer, bind
 from .balancer import Member
 from .config import Address, Config, ListenerConfig, PoolConfig
 from .configfile import ConfigFileError
@@ -84,15 +91,17 @@ from .pool import Pool
 from .prober import Prober
 from .reload import Plan, plan
 from .resolver import Resolver
+from .sharedstats import Publisher, SharedCounters, SupervisorSource
+from .snapshot import log_status
 from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
-    from .proxy import Shared
+    from .proxy import Proxy, Shared
 
 log = logging.getLogger("l4proxy.workers")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 MAX_WORKERS = 256
 _POLL = 0.05  # how often the supervisor looks at passive results, and a worker at the generation
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
@@ -179,13 +188,19 @@ class _HealthPool(Pool):
         added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
-            self._up[member.slot] = 1 if member.health.up else 0
+            self._up[member.slot] = 1 if member.eligible else 0
         return added, removed
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
         if not member.draining:  # its slot may belong to another member soon
-            self._up[member.slot] = 1 if member.health.up else 0
+            self._up[member.slot] = 1 if member.eligible else 0
+
+    def set_admin(self, member: Member, state: str) -> None:
+        """The operator's state, decided here for every worker: a held member reads as not UP to their picks."""
+        super().set_admin(member, state)
+        if not member.draining:
+            self._up[member.slot] = 1 if member.eligible else 0
 
 
 class HealthThread(threading.Thread):
@@ -203,6 +218,7 @@ class HealthThread(threading.Thread):
         self.resolvers: dict[str, Resolver] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
         self.make_resolver: Callable[[Pool], Resolver] = Resolver  # tests point it at a DNS server of theirs
+        self.admin: AdminServer | None = None  # served on this thread's loop, over every worker
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -213,6 +229,11 @@ class HealthThread(threading.Thread):
                 runner.run(self._main())
         except Exception:
             log.exception("health checks stopped")
+
+    def call(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on this thread's loop (where the pools live), from another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(callback)
 
     def update(self, pool: str, members: Sequence[Address]) -> concurrent.futures.Future[Changes]:
         """Change the members of ``pool`` from another thread; the future has ``Pool.update``'s result
@@ -273,6 +294,8 @@ class HealthThread(threading.Thread):
         self._loop = asyncio.get_running_loop()
         for config in self.config.pools:
             await self._watch(_HealthPool(config, self.table))
+        if self.admin is not None:
+            await self.admin.start()
         self.ready.set()
         try:
             while not self.stopping.is_set():
@@ -284,6 +307,8 @@ class HealthThread(threading.Thread):
                     self.reload.clear()
                     _reload_probe_tls(list(self.pools.values()))
         finally:
+            if self.admin is not None:
+                await self.admin.close()
             for name in list(self.pools):
                 await self._unwatch(name)
             for pool in self.pools.values():
@@ -332,10 +357,13 @@ class WorkerShare:
     supervisor decides, forward their passive results to it, and follow its member lists; the
     configurations the supervisor sends arrive on ``configs`` (a pipe)."""
 
-    def __init__(self, table: SharedTable, worker: int, configs: int | None = None) -> None:
+    def __init__(
+        self, table: SharedTable, worker: int, configs: int | None = None, counters: SharedCounters | None = None
+    ) -> None:
         self.table = table
         self.worker = worker
         self.configs = configs
+        self.counters = counters
         self.follower: Follower | None = None
         self._pending = b""
 
@@ -369,6 +397,10 @@ class WorkerShare:
         self._pending += data
         for config in _messages(self):
             apply(config)
+
+    def publish(self, proxy: Proxy) -> None:
+        if self.counters is not None:  # for the supervisor's --admin and SIGUSR1
+            Publisher(self.counters, self.worker, proxy).poll(asyncio.get_running_loop())
 
 
 def _messages(share: WorkerShare) -> list[Config]:
@@ -422,6 +454,7 @@ class Supervisor:
         run_worker: RunWorker,
         loader: Loader | None = None,
         refused: Refused | None = None,
+        admin: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.loader = loader
@@ -432,7 +465,20 @@ class Supervisor:
         self.access_log = access_log
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
-        self.health = HealthThread(config, self.table)
+        self.shared = SharedCounters(config, count, self.table.capacity)  # workers' counters: --admin, SIGUSR1
+        self.health = health = HealthThread(config, self.table)
+        self.admin_socket = admin
+        self.source = SupervisorSource(
+            lambda: self.config,
+            lambda: health.pools,
+            lambda: list(health.probers.values()),
+            self.table,
+            self.shared,
+            lambda: self.draining,
+        )
+        if admin is not None:
+            host, port = admin.getsockname()[:2]
+            health.admin = AdminServer(self.source, host, port, sock=admin)
         self.slots = [_Slot() for _ in range(count)]
         self.signals = 0
         self.pid = os.getpid()
@@ -467,7 +513,9 @@ class Supervisor:
                 self._spawn(worker)
 
     def _on_signal(self, signo: int) -> None:
-        if signo == signal.SIGHUP and self.loader is not None:
+        if signo == signal.SIGUSR1:
+            self.health.call(lambda: log_status(self.source))
+        elif signo == signal.SIGHUP and self.loader is not None:
             self._reload(self.loader)
         elif signo == signal.SIGHUP:
             if _uses_tls(self.config):
@@ -518,7 +566,7 @@ class Supervisor:
         for slot in self.slots:
             if slot.pid and slot.pipe >= 0:
                 with contextlib.suppress(OSError):
-                    _send(slot.pipe, steps.new)
+                    _send(slot.pipe, dataclasses.replace(steps.new, admin=None))  # as at spawn
         self.health.reload.set()  # the probes' TLS files, read again
         for name in steps.restart:
             log.warning("SIGHUP: %s changed in the file; it takes effect when l4proxy is restarted", name)
@@ -545,6 +593,7 @@ class Supervisor:
     def _died(self, worker: int, status: int) -> None:
         slot = self.slots[worker]
         self.table.clear_worker(worker)
+        self.shared.retire(worker)
         how = _describe(status)
         if self.draining:
             level = logging.INFO if os.waitstatus_to_exitcode(status) == 0 else logging.WARNING
@@ -585,9 +634,12 @@ class Supervisor:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the worker's loop handles it once running
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             _tag_logs(worker)
+            if self.admin_socket is not None:
+                self.admin_socket.close()  # the supervisor's endpoint answers for every worker
             stream = self.access_log.stream
             access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
-            code = self.run_worker(self.config, access, WorkerShare(self.table, worker, configs))
+            config = dataclasses.replace(self.config, admin=None)
+            code = self.run_worker(config, access, WorkerShare(self.table, worker, configs, self.shared))
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:
@@ -623,7 +675,14 @@ def supervise(
     except OSError as exc:
         print(f"l4proxy: error: cannot listen on {config.listeners[0].address}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    return Supervisor(config, count, access_log, run_worker, loader, refused).run()
+    admin = None
+    if config.admin is not None:
+        try:
+            admin = bind(config.admin.host, config.admin.port)
+        except OSError as exc:
+            print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    return Supervisor(config, count, access_log, run_worker, loader, refused, admin).run()
 
 
 def _claim_addresses(config: Config) -> Config:

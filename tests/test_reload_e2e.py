@@ -246,3 +246,32 @@ def test_a_new_process_that_cannot_start_leaves_the_old_one_serving(tmp_path: Pa
     finally:
         old.kill()
         taken.close()
+
+
+def test_takeover_hands_the_admin_endpoint_over_too(tmp_path: Path, members: list[int]) -> None:
+    """The new process answers on the same --admin address: it took the old one's socket, so binding it
+    does not fail while the old process drains."""
+    path = tmp_path / "l4proxy.toml"
+    port, admin = free_port(), free_port()
+    write_config(path, {"main": port}, members)
+    control = str(tmp_path / "l4proxy.sock")
+    flags = ("--config", str(path), "--takeover", control, "--admin", f"127.0.0.1:{admin}")
+    old = Command(tmp_path, *flags, name="old")
+    new = None
+    try:
+        wait_listening(port)
+        wait_listening(admin)
+        new = Command(tmp_path, *flags, name="new")
+        new.wait_log("took over 1 listening sockets from pid")
+        new.wait_log("admin endpoint on http://127.0.0.1:")
+        assert old.proc.wait(20) == 0
+        with socket.create_connection(("127.0.0.1", admin), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(12) == b"HTTP/1.1 200"
+        assert echo_once(port, b"after") == b"after"
+        assert new.stop() == 0
+    finally:
+        old.kill()
+        if new is not None:
+            new.kill()
+    assert "Traceback" not in old.stderr + (new.stderr if new else "")
