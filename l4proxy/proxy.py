@@ -39,7 +39,7 @@ from .relay import Session
 from .resolver import Resolver
 from .sessions import SessionTable
 from .splice import Splicing
-from .tls import client_context, server_context
+from .tls import Warn, client_context, reload_server_context, warn_under
 
 log = logging.getLogger("l4proxy")
 
@@ -76,6 +76,7 @@ class Proxy:
             for i, c in enumerate(config.listeners)
         ]
         self._stopped: asyncio.Event | None = None
+        self.failed_listener: int | None = None  # the index of the listener whose start raised
 
     @property
     def sessions(self) -> set[Session]:
@@ -111,8 +112,10 @@ class Proxy:
             self.shared.join(list(self.pools.values()))
         try:
             for frontend in self.frontends:
+                self.failed_listener = frontend.index
                 frontend.start(self.deadlines)
                 self.outgoing.ports.update(port for _, port in frontend.listener.addresses)
+            self.failed_listener = None
         except BaseException:
             self._close_listeners()
             raise
@@ -180,22 +183,25 @@ class Proxy:
         """Whether any listener or pool has TLS files that ``reload_tls`` would re-read."""
         return bool(self.server_tls) or any(pool.config.tls is not None for pool in self.pools.values())
 
-    def reload_tls(self) -> list[ConfigError]:
-        """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
-        the problems, one line each. Established sessions are not touched."""
+    def reload_tls(self, warn: Warn | None = None) -> list[ConfigError]:
+        """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context (per
+        certificate, on a listener with several); returns the problems, one line each, and passes
+        warnings (a certificate about to expire) to ``warn``. Established sessions are not touched."""
         problems: list[ConfigError] = []
         for frontend in self.frontends:
-            if frontend.config.tls is not None:
-                try:
-                    frontend.tls_context = server_context(frontend.config.tls)
-                except ConfigError as exc:
-                    problems.append(exc.under(f"listeners[{frontend.index}].tls"))
+            if frontend.config.tls is not None and frontend.tls_context is not None:
+                where = f"listeners[{frontend.index}].tls"
+                frontend.tls_context, failed = reload_server_context(
+                    frontend.config.tls, frontend.tls_context, warn_under(warn, where)
+                )
+                problems.extend(exc.under(where) for exc in failed)
         for pool in self.pools.values():
             if pool.config.tls is not None:
+                where = f"pools.{pool.config.name}.tls"
                 try:
-                    pool.ssl_context = client_context(pool.config.tls)
+                    pool.ssl_context = client_context(pool.config.tls, warn_under(warn, where))
                 except ConfigError as exc:
-                    problems.append(exc.under(f"pools.{pool.config.name}.tls"))
+                    problems.append(exc.under(where))
         return problems
 
 

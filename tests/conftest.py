@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import uvloop
 
-from l4proxy import splice
 from l4proxy.proxy import Proxy
 
 _loop_errors: list[dict[str, Any]] = []
@@ -73,16 +72,16 @@ def _counted(fds: dict[str, str]) -> int:
     return sum(target != "/dev/null" for target in fds.values())
 
 
-def _extra(before: dict[str, str]) -> int:
-    """Descriptors opened since ``before`` and still open, the splice pool's idle pipes excepted."""
-    return _counted(_open_fds()) - _counted(before) - 2 * len(splice.pool.idle)
+def _extra(before: dict[str, str], idle: int = 0) -> int:
+    """Descriptors opened since ``before`` and still open, ``idle`` splice pipes excepted."""
+    return _counted(_open_fds()) - _counted(before) - 2 * idle
 
 
-def _settle(before: dict[str, str], runner: asyncio.Runner | None, timeout: float = 2.0) -> None:
+def _settle(before: dict[str, str], runner: asyncio.Runner | None, idle: int, timeout: float = 2.0) -> None:
     """Give closing transports their loop iterations until the count is back (or ``timeout`` passed).
     Counted between runs of the loop: uvloop holds a socket pair for signals while it runs."""
     deadline = time.monotonic() + timeout
-    while _extra(before) > 0 and time.monotonic() < deadline:
+    while _extra(before, idle) > 0 and time.monotonic() < deadline:
         if runner is not None:
             runner.run(asyncio.sleep(0.01))
         else:
@@ -105,19 +104,20 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if not proxies:
         return
     problems = [f"{len(p.sessions)} sessions still live" for p in proxies if p.sessions]
-    problems += [f"{len(p._opening)} clients still opening" for p in proxies if p._opening]
-    problems += ["the sweeper timer still runs" for p in proxies if p._sweeper is not None]
+    problems += [f"{len(p.table.opening)} clients still opening" for p in proxies if p.table.opening]
+    problems += ["the sweeper timer still runs" for p in proxies if p.table._sweeper is not None]
     problems += [f"{len(p.deadlines)} connect deadlines still armed" for p in proxies
                  if hasattr(p, "deadlines") and (len(p.deadlines) or p.deadlines._timer is not None)]
     problems += ["a health prober still runs" for p in proxies for prober in p.probers if prober.tasks]
     if runner is not None:
         tasks = [t for t in asyncio.all_tasks(runner.get_loop()) if not t.done()]
         problems += [f"task left running: {t!r}" for t in tasks]
-    _settle(before, runner)
-    extra = _extra(before)
+    idle = sum(len(p.splicing.pipes.idle) for p in proxies)
+    _settle(before, runner, idle)
+    extra = _extra(before, idle)
     if extra > 0:
         after = _open_fds()
         new = sorted(f"{fd} -> {target}" for fd, target in after.items() if before.get(fd) != target)
-        problems.append(f"{extra} more descriptors open than before the test ({len(splice.pool.idle)} idle "
+        problems.append(f"{extra} more descriptors open than before the test ({idle} idle "
                         f"splice pipes not counted); new or changed: {new}")
     assert not problems, "the test left things behind: " + "; ".join(problems)

@@ -51,6 +51,7 @@ PURE_MODULES = {
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
+    "certrules": {"certrules"},
 }
 
 _PROBE = """
@@ -151,7 +152,7 @@ ALLOWED: dict[str, set[str]] = {
     "splice": {"causes", "config", "relay"},
     "relay": {"balancer", "causes", "config", "peer", "tls"},
     "listener": {"config", "errors"},
-    "tls": {"config", "errors"},
+    "tls": {"certrules", "config", "errors"},
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
     "drive": set(),
     "deadlines": set(),
