@@ -54,8 +54,6 @@ NOT_RUN: dict[str, str] = {
         "illustrative (marked): a Kubernetes headless Service of the user's",
     "l4proxy --listen 127.0.0.1:6391 --upstream srv:_redis._tcp.redis.cache.svc.cluster.local":
         "illustrative (marked): an SRV name of the user's",
-    ".venv/bin/python benchmarks/soak.py --duration 600": "runs for ten minutes; CI runs the same script for 20 s "
-                                                          "after the suite",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
 }
