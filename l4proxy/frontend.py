@@ -105,13 +105,13 @@ class Frontend:
         session moves there at once (``--relay splice``, plain TCP on both sides)."""
         return 2 + (DESCRIPTORS if self.spliced and self.config.relay == "splice" else 0)
 
-    def start(self, deadlines: Deadlines) -> None:
-        """Bind and accept: the stages wrap the opener once, here."""
+    def start(self, deadlines: Deadlines, sockets: list[socket.socket] | None = None) -> None:
+        """Bind (or take ``sockets``, already listening) and accept: the stages wrap the opener once, here."""
         serve = self._opener(deadlines)
         for stage in reversed(self.stages):
             serve = stage(serve)
         self.listener.serve = serve
-        self.listener.start()
+        self.listener.start(sockets)
 
     def close(self) -> None:
         """Stop accepting and close the clients whose PROXY header is still awaited; sessions are not

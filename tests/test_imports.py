@@ -52,6 +52,7 @@ PURE_MODULES = {
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
+    "reload": {"reload", "acl", "config", "checks", "errors"},
     "certrules": {"certrules"},
 }
 
@@ -138,12 +139,12 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"workers", "admin", "snapshot"},
+    | {"reload", "takeover", "workers", "admin", "snapshot"},
     "demo": {"config", "proxy"},
-    "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
-    | {"resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
-    "proxy": {"accesslog", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool", "prober"}
-    | {"ratelog", "relay", "resolver", "sessions", "splice", "tls"},
+    "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
+    | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
+    "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
+    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls"},
     "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
@@ -164,6 +165,7 @@ ALLOWED: dict[str, set[str]] = {
     "tls": {"certrules", "config", "errors"},
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
     "drive": set(),
+    "takeover": set(),
     "deadlines": set(),
     **{module: loads - {module} for module, loads in PURE_MODULES.items()},
 }
