@@ -23,9 +23,9 @@ import trustme
 from l4proxy import Address
 from l4proxy.config import ServerTLSConfig
 
-from .kit import eventually, running, upstreams
-from .servers import free_port, require
-from .test_edge import edge_config, exchange
+from ..io.test_edge import edge_config, exchange
+from ..kit import eventually, running, upstreams
+from ..servers import free_port, require
 
 _GLOBAL = """global
     log stdout format raw local0

@@ -11,7 +11,8 @@ import random
 import pytest
 
 from l4proxy import Address, Config, ListenerConfig
-from tests.kit import connect, eventually, make_config, open_session, running, upstreams, with_members
+
+from ..kit import connect, eventually, make_config, open_session, running, upstreams, with_members
 
 
 def listeners(config: Config, *added: ListenerConfig, drop: int | None = None) -> Config:

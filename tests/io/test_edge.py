@@ -32,7 +32,7 @@ from l4proxy.proxyproto import (
     encode_v2,
 )
 
-from .kit import ENGINES, RecordingLog, Upstream, eventually, make_config, running, upstreams
+from ..kit import ENGINES, RecordingLog, Upstream, eventually, make_config, running, upstreams
 
 
 def edge_config(members: list[Address], listen: Address | None = None, **settings: Any) -> Config:

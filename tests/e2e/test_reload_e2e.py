@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .servers import free_port, wait_listening, wait_until
+from ..servers import free_port, wait_listening, wait_until
 
 
 def echo_server() -> tuple[socket.socket, threading.Thread]:
