@@ -260,6 +260,38 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, interv
         await asyncio.sleep(interval)
 
 
+def edge_config(members: list[Address], listen: Address | None = None, **settings: Any) -> Config:
+    """``make_config`` with the edge's settings placed: ``send_proxy`` on the pool, the rest on the listener."""
+    pool_settings = {k: settings.pop(k) for k in ("send_proxy",) if k in settings}
+    listener_keys = {"accept_proxy", "accept_proxy_from", "proxy_timeout", "allow", "deny"}
+    listener_keys |= {"max_connections_per_ip", "rate_per_ip", "tls"}
+    listener_settings = {k: settings.pop(k) for k in list(settings) if k in listener_keys}
+    config = make_config(members, listen, **settings)
+    listener = replace(config.listeners[0], **listener_settings)
+    return replace(config, listeners=(listener,), pools=(replace(config.pools[0], **pool_settings),))
+
+
+async def dial_from(
+    source: str, port: int, host: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connected from ``source`` (a loopback address of its own)."""
+    return await asyncio.open_connection(host, port, local_addr=(source, 0))
+
+
+async def exchange(port: int, data: bytes, source: str = "127.0.0.1", host: str = "127.0.0.1") -> tuple[bytes, int]:
+    """Send ``data``, half-close, read to the end; the reply and the client's own port."""
+    reader, writer = await dial_from(source, port, host)
+    own_port = writer.get_extra_info("sockname")[1]
+    try:
+        writer.write(data)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 5), own_port
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
 def with_members(config: Config, members: Sequence[Address]) -> Config:
     pool = replace(config.pools[0], members=tuple(members))
     return replace(config, pools=(pool,))
@@ -401,6 +433,20 @@ async def tls_upstream(ctx: ssl.SSLContext, handler: Handler = echo, host: str =
         yield server
     finally:
         await server.stop()
+
+
+async def open_tls(
+    port: int, ctx: ssl.SSLContext, host: str = "127.0.0.1", server_hostname: str = "localhost"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=ctx, server_hostname=server_hostname), 5.0
+    )
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 5.0)
 
 
 def client_hello() -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -23,9 +22,8 @@ import trustme
 from l4proxy import Address
 from l4proxy.config import ServerTLSConfig
 
-from ..io.test_edge import edge_config, exchange
-from ..kit import eventually, running, upstreams
-from ..servers import free_port, require
+from ..kit import edge_config, eventually, exchange, running, upstreams
+from ..servers import free_port, require, wait_listening
 
 _GLOBAL = """global
     log stdout format raw local0
@@ -53,17 +51,6 @@ def haproxy(tmp_path: Path, body: str) -> Iterator[Path]:
         proc.wait(10)
 
 
-async def listening(port: int, timeout: float = 10.0) -> None:
-    """Wait until something accepts on 127.0.0.1:``port``."""
-
-    def up() -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-        return False
-
-    await eventually(up, timeout)
-
-
 def accepting(front: int, log_format: str, member: int) -> str:
     """An HAProxy frontend on ``front`` that requires a PROXY header and logs ``log_format``."""
     return f"""frontend fe
@@ -80,7 +67,7 @@ async def test_haproxy_accepting_our_header_logs_each_real_client(tmp_path: Path
     front = free_port()
     async with upstreams(1) as [echo]:
         with haproxy(tmp_path, accepting(front, "client %ci:%cp", echo.port)) as log:
-            await listening(front)
+            await asyncio.to_thread(wait_listening, front)
             config = edge_config([Address("127.0.0.1", front)], send_proxy=version)
             async with running(config) as (proxy, _):
                 clients = []
@@ -110,7 +97,7 @@ async def test_haproxy_reads_the_authority_tlv_of_our_v2_header_over_tls(
     ca.configure_trust(client_ctx)
     async with upstreams(1) as [echo]:
         with haproxy(tmp_path, accepting(front, "client %ci:%cp authority %[fc_pp_authority]", echo.port)) as log:
-            await listening(front)
+            await asyncio.to_thread(wait_listening, front)
             config = edge_config([Address("127.0.0.1", front)], send_proxy="v2", tls=ServerTLSConfig(pem, pem))
             async with running(config) as (proxy, _):
                 reader, writer = await asyncio.open_connection(
@@ -138,7 +125,7 @@ backend be
     server ours 127.0.0.1:{proxy.port()} {option}
 """
         with haproxy(tmp_path, body):
-            await listening(front)  # HAProxy may pass this probe on, from 127.0.0.1
+            await asyncio.to_thread(wait_listening, front)  # HAProxy may pass this probe on, from 127.0.0.1
             clients = []
             for source in ("127.0.0.7", "127.0.0.8"):
                 reply, port = await exchange(front, b"behind haproxy", source=source)

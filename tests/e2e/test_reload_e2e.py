@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..servers import free_port, wait_listening, wait_until
+from ..servers import Command, free_port, run_command, wait_listening, wait_until
 
 
 def echo_server() -> tuple[socket.socket, threading.Thread]:
@@ -37,34 +35,6 @@ def echo_server() -> tuple[socket.socket, threading.Thread]:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     return listener, thread
-
-
-class Command:
-    """``l4proxy --config FILE ...`` as a subprocess, its stderr in a file."""
-
-    def __init__(self, tmp: Path, *args: str, name: str = "l4proxy") -> None:
-        self.err = tmp / f"{name}.err"
-        with open(self.err, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "l4proxy", *args], stderr=err,
-                                         stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    @property
-    def stderr(self) -> str:
-        return self.err.read_text()
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
-        wait_until(lambda: self.stderr.count(text) >= count or self.proc.poll() is not None, timeout)
-        assert self.stderr.count(text) >= count, f"{text!r} not logged; stderr:\n{self.stderr}"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(20)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def write_config(path: Path, listeners: dict[str, int], members: list[int], *, workers: int = 1,
@@ -137,19 +107,19 @@ def test_file_reloads_under_live_traffic_refuse_nothing_and_a_broken_file_keeps_
     path = tmp_path / "l4proxy.toml"
     main, extra = free_port(), free_port()
     write_config(path, {"main": main}, members[:1], workers=workers)
-    proxy = Command(tmp_path, "--config", str(path))
+    proxy = Command("--config", str(path), listen=False, listeners=workers)
     try:
-        wait_listening(main)
+        proxy.start()
         loop = ClientLoop(main)
         loop.at_least(20)
         write_config(path, {"main": main, "extra": extra}, members, workers=workers)
-        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.signal(signal.SIGHUP)
         proxy.wait_log("SIGHUP: configuration reloaded")
         wait_listening(extra)
         assert echo_once(extra, b"extra") == b"extra"
         loop.at_least(20)
         path.write_text(path.read_text().replace('pool = "main"', 'pool = "mian"', 1) + "bogus = 1\n")
-        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.signal(signal.SIGHUP)
         proxy.wait_log("SIGHUP: kept the running configuration (2 problems in the file)")
         assert f"SIGHUP: {path}:7: listeners.main.pool: no such pool; did you mean 'main'? (got 'mian')" \
             in proxy.stderr
@@ -157,7 +127,7 @@ def test_file_reloads_under_live_traffic_refuse_nothing_and_a_broken_file_keeps_
         assert echo_once(extra, b"still") == b"still"  # the old configuration runs on
         loop.at_least(20)
         write_config(path, {"main": main}, members[1:], workers=workers)
-        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.signal(signal.SIGHUP)
         proxy.wait_log("SIGHUP: configuration reloaded", count=2)
         wait_until(lambda: _refused(extra), 10)
         loop.at_least(20)
@@ -188,24 +158,24 @@ def test_takeover_refuses_no_connection_and_the_old_sessions_run_to_their_end(
     port = free_port()
     write_config(path, {"main": port}, members)
     control = str(tmp_path / "l4proxy.sock")
-    old = Command(tmp_path, "--config", str(path), "--takeover", control, name="old")
+    old = Command("--config", str(path), "--takeover", control, listen=False)
     new = None
     try:
-        wait_listening(port)
+        old.start()
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"before")
         assert held.recv(6) == b"before"
         loop = ClientLoop(port)
         loop.at_least(20)
-        new = Command(tmp_path, "--config", str(path), "--takeover", control, name="new")
+        new = Command("--config", str(path), "--takeover", control, listen=False).spawn()
         new.wait_log("took over 1 listening sockets from pid")
         old.wait_log("takeover: pid")
         loop.at_least(50)
         held.sendall(b"after")  # the old process still relays its session
         assert held.recv(5) == b"after"
-        assert old.proc.poll() is None
+        assert old.poll() is None
         held.close()
-        assert old.proc.wait(20) == 0  # its last session ended: it exits without waiting the deadline
+        assert old.wait(20) == 0  # its last session ended: it exits without waiting the deadline
         loop.at_least(20)
         loop.stop()
         assert loop.failures == []
@@ -221,8 +191,7 @@ def test_takeover_refuses_no_connection_and_the_old_sessions_run_to_their_end(
 def test_takeover_with_workers_is_refused(tmp_path: Path, members: list[int]) -> None:
     path = tmp_path / "l4proxy.toml"
     write_config(path, {"main": free_port()}, members, workers=2)
-    proc = subprocess.run([sys.executable, "-m", "l4proxy", "--config", str(path), "--takeover",
-                           str(tmp_path / "s")], capture_output=True, text=True, timeout=30, check=False)
+    proc = run_command("--config", str(path), "--takeover", str(tmp_path / "s"))
     assert proc.returncode == 2
     assert proc.stderr == (f"l4proxy: error: --takeover '{tmp_path / 's'}': works with one process only, not with"
                            " --workers/workers above 1\n")
@@ -233,12 +202,11 @@ def test_a_new_process_that_cannot_start_leaves_the_old_one_serving(tmp_path: Pa
     port, taken = free_port(), socket.create_server(("127.0.0.1", 0))
     write_config(path, {"main": port}, members)
     control = str(tmp_path / "l4proxy.sock")
-    old = Command(tmp_path, "--config", str(path), "--takeover", control, name="old")
+    old = Command("--config", str(path), "--takeover", control, listen=False)
     try:
-        wait_listening(port)
+        old.start()
         write_config(tmp_path / "new.toml", {"main": port, "clash": taken.getsockname()[1]}, members)
-        new = subprocess.run([sys.executable, "-m", "l4proxy", "--config", str(tmp_path / "new.toml"), "--takeover",
-                              control], capture_output=True, text=True, timeout=30, check=False)
+        new = run_command("--config", str(tmp_path / "new.toml"), "--takeover", control)
         assert new.returncode == 1 and "cannot listen on 127.0.0.1:" in new.stderr
         old.wait_log("takeover: the new process did not start; still serving")
         assert echo_once(port, b"still") == b"still"
@@ -256,15 +224,15 @@ def test_takeover_hands_the_admin_endpoint_over_too(tmp_path: Path, members: lis
     write_config(path, {"main": port}, members)
     control = str(tmp_path / "l4proxy.sock")
     flags = ("--config", str(path), "--takeover", control, "--admin", f"127.0.0.1:{admin}")
-    old = Command(tmp_path, *flags, name="old")
+    old = Command(*flags, listen=False)
     new = None
     try:
-        wait_listening(port)
-        wait_listening(admin)
-        new = Command(tmp_path, *flags, name="new")
+        old.start()
+        old.wait_log("admin endpoint on http://127.0.0.1:")
+        new = Command(*flags, listen=False).spawn()
         new.wait_log("took over 1 listening sockets from pid")
         new.wait_log("admin endpoint on http://127.0.0.1:")
-        assert old.proc.wait(20) == 0
+        assert old.wait(20) == 0
         with socket.create_connection(("127.0.0.1", admin), timeout=10) as conn:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert conn.recv(12) == b"HTTP/1.1 200"

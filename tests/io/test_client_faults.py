@@ -19,8 +19,18 @@ import pytest
 from l4proxy.config import UpstreamTLSConfig
 from l4proxy.ratelog import RateLog
 
-from ..kit import PKI, client_hello, eventually, make_config, refused_address, running, tls_upstream, upstreams
-from .test_tls_proxy import close, open_tls
+from ..kit import (
+    PKI,
+    client_hello,
+    close,
+    eventually,
+    make_config,
+    open_tls,
+    refused_address,
+    running,
+    tls_upstream,
+    upstreams,
+)
 
 WINDOW = 0.5
 

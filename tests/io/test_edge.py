@@ -13,12 +13,11 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
 
-from l4proxy import Address, Config, HealthConfig, Proxy
+from l4proxy import Address, HealthConfig, Proxy
 from l4proxy.config import ServerTLSConfig
 from l4proxy.proxyproto import (
     PP2_CLIENT_CERT_CONN,
@@ -32,18 +31,17 @@ from l4proxy.proxyproto import (
     encode_v2,
 )
 
-from ..kit import ENGINES, RecordingLog, Upstream, eventually, make_config, running, upstreams
-
-
-def edge_config(members: list[Address], listen: Address | None = None, **settings: Any) -> Config:
-    """``make_config`` with the edge's settings placed: ``send_proxy`` on the pool, the rest on the listener."""
-    pool_settings = {k: settings.pop(k) for k in ("send_proxy",) if k in settings}
-    listener_keys = {"accept_proxy", "accept_proxy_from", "proxy_timeout", "allow", "deny"}
-    listener_keys |= {"max_connections_per_ip", "rate_per_ip", "tls"}
-    listener_settings = {k: settings.pop(k) for k in list(settings) if k in listener_keys}
-    config = make_config(members, listen, **settings)
-    listener = replace(config.listeners[0], **listener_settings)
-    return replace(config, listeners=(listener,), pools=(replace(config.pools[0], **pool_settings),))
+from ..kit import (
+    ENGINES,
+    RecordingLog,
+    Upstream,
+    dial_from,
+    edge_config,
+    eventually,
+    exchange,
+    running,
+    upstreams,
+)
 
 
 class Recorder(Upstream):
@@ -72,25 +70,6 @@ async def recorder(host: str = "127.0.0.1") -> AsyncIterator[Recorder]:
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 LOOPBACK = "127.0.0.1"
-
-
-async def dial_from(source: str, port: int, host: str = "127.0.0.1") -> Stream:
-    """A client connected from ``source`` (a loopback address of its own)."""
-    return await asyncio.open_connection(host, port, local_addr=(source, 0))
-
-
-async def exchange(port: int, data: bytes, source: str = "127.0.0.1", host: str = "127.0.0.1") -> tuple[bytes, int]:
-    """Send ``data``, half-close, read to the end; the reply and the client's own port."""
-    reader, writer = await dial_from(source, port, host)
-    own_port = writer.get_extra_info("sockname")[1]
-    try:
-        writer.write(data)
-        writer.write_eof()
-        return await asyncio.wait_for(reader.read(), 5), own_port
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 async def closed_without_reply(port: int, data: bytes = b"", source: str = "127.0.0.1", host: str = LOOPBACK) -> bool:

@@ -28,8 +28,10 @@ from ..kit import (
     PKI,
     Upstream,
     client_hello,
+    close,
     eventually,
     make_config,
+    open_tls,
     running,
     tls_upstream,
     upstreams,
@@ -39,20 +41,6 @@ TIMEOUT = 5.0
 
 
 # --- servers and clients ---------------------------------------------------------------------------
-
-
-async def open_tls(
-    port: int, ctx: ssl.SSLContext, host: str = "127.0.0.1", server_hostname: str = "localhost"
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(
-        asyncio.open_connection(host, port, ssl=ctx, server_hostname=server_hostname), TIMEOUT
-    )
-
-
-async def close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError, asyncio.TimeoutError):
-        await asyncio.wait_for(writer.wait_closed(), TIMEOUT)
 
 
 async def tls_exchange(port: int, ctx: ssl.SSLContext, payload: bytes, host: str = "127.0.0.1") -> bytes:
