@@ -243,3 +243,27 @@ def test_takeover_hands_the_admin_endpoint_over_too(tmp_path: Path, members: lis
         if new is not None:
             new.kill()
     assert "Traceback" not in old.stderr + (new.stderr if new else "")
+
+
+@pytest.mark.parametrize(("sig", "logged"), [
+    (signal.SIGHUP, "SIGHUP: configuration reloaded"),
+    (signal.SIGUSR1, "status: pool main member 127.0.0.1:"),
+    (signal.SIGTERM, "SIGTERM received: draining"),
+])  # fmt: skip
+def test_a_signal_sent_on_seeing_listening_on_is_handled_not_fatal(
+    tmp_path: Path, members: list[int], sig: signal.Signals, logged: str
+) -> None:
+    """The handlers are in place before 'listening on' is logged: a SIGHUP reloads, a SIGUSR1 logs the
+    status, a SIGTERM drains; none takes the default action, which kills the process. The admin endpoint
+    starts after that line, which widens the window a late handler would leave."""
+    path = tmp_path / "l4proxy.toml"
+    write_config(path, {"main": free_port()}, members)
+    proxy = Command("--config", str(path), "--admin", f"127.0.0.1:{free_port()}", listen=False)
+    try:
+        proxy.start()
+        proxy.signal(sig)
+        proxy.wait_log(logged)
+        assert proxy.stop() == 0
+    finally:
+        proxy.kill()
+    assert "Traceback" not in proxy.stderr
