@@ -130,7 +130,7 @@ class Parser:
         header = self._header
         if header[0] != HANDSHAKE:
             what = "a TLS handshake record" if not self._message else "the ClientHello's next record"
-            raise ClientHelloError("not_tls", f"{what} expected, got {bytes(header[:5])!r}")
+            raise ClientHelloError("not_tls", f"{what} (0x16) expected, got 0x{header[0]:02x}")
         if len(header) >= 2 and header[1] != 3:
             raise ClientHelloError("bad_record", f"TLS record version {header[1]}.x, 3.x expected")
         if len(header) == 5:
