@@ -229,6 +229,9 @@ _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def _label(label: str) -> bool:
-    return 0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-") and _LABEL_CHARS.issuperset(
-        label
+    return (
+        0 < len(label) <= 63
+        and not label.startswith("-")
+        and not label.endswith("-")
+        and _LABEL_CHARS.issuperset(label)
     )

@@ -426,7 +426,9 @@ class ListenerConfig:
             object.__setattr__(self, name, _ranges(getattr(self, name), name))
         object.__setattr__(self, "sni", _routes(self.sni))
         if self.sni and self.tls is not None:
-            raise ConfigError("sni", None, "routes TLS through untouched, so it cannot be combined with tls (termination)")
+            raise ConfigError(
+                "sni", None, "routes TLS through untouched, so it cannot be combined with tls (termination)"
+            )
         if self.sni_strict and not self.sni:
             raise ConfigError("sni_strict", self.sni_strict, "needs sni routes")
         _positive("sni_timeout", self.sni_timeout)
@@ -487,7 +489,9 @@ class Config:
             if pool not in names:
                 raise ConfigError(where, pool, f"no such pool; known: {', '.join(names)}")
             if self.pool(pool).tls is not None:
-                raise ConfigError(where, pool, "this pool originates TLS, but SNI routes pass the client's TLS on as it is")
+                raise ConfigError(
+                    where, pool, "this pool originates TLS, but SNI routes pass the client's TLS on as it is"
+                )
 
 
 def _routes(routes: object) -> tuple[tuple[str, str], ...]:

@@ -9,7 +9,7 @@ import ssl
 import pytest
 
 from l4proxy.clienthello import MAX_RECORDS, REASONS, ClientHelloError, Hello, Parser
-from l4proxy.config import ListenerConfig, Address
+from l4proxy.config import Address, ListenerConfig
 from l4proxy.errors import ConfigError
 from l4proxy.sniroutes import Routes, parse_pattern
 
