@@ -28,6 +28,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 
+from .awaiting import Awaited
 from .clienthello import ClientHelloError, Parser
 from .config import ListenerConfig
 from .deadlines import Deadlines
@@ -59,7 +60,7 @@ class SniRouter:
         self.errors: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.routed: Counter[str] = Counter()  # clients handed on, by pool
-        self.peeking: set[_Peeking] = set()
+        self.peeking: set[Awaited] = set()
         self.deadlines: Deadlines | None = None
         self.leave: Callable[[object], None] | None = None  # told of each client closed here (per-source limits)
 
@@ -103,10 +104,10 @@ def _routes(config: ListenerConfig) -> Routes:
     return Routes(config.sni, None if config.sni_strict else config.pool)
 
 
-class _Peeking:
+class _Peeking(Awaited):
     """One client whose ClientHello is being peeked at (see the module's docstring)."""
 
-    __slots__ = ("address", "bucket", "loop", "lowered", "parser", "raw", "router", "seen", "serve_pool", "sock")
+    __slots__ = ("lowered", "parser", "router", "seen", "serve_pool")
 
     def __init__(
         self,
@@ -116,26 +117,16 @@ class _Peeking:
         address: object,
         serve_pool: ServePool,
     ) -> None:
+        super().__init__(loop, sock, address, router.peeking)
         self.router = router
-        self.loop = loop
-        self.sock = sock  # as accepted: what the session gets
-        # recv with flags needs a socket object; one made from the bare number costs no system call
-        self.raw = sock if isinstance(sock, socket.socket) else socket.socket(sock.family, socket.SOCK_STREAM, 0, sock)
-        self.address = address
         self.serve_pool = serve_pool
         self.parser = Parser()
         self.seen = 0  # bytes peeked so far: the parser has had them
         self.lowered = False  # SO_RCVLOWAT was raised and must be set back
-        self.bucket: set[Hashable] | None = None  # its deadline, once it is waited for
 
     def start(self) -> None:
-        if self.read():
-            return
-        router = self.router
-        assert router.deadlines is not None
-        router.peeking.add(self)
-        self.loop.add_reader(self.raw.fileno(), self.read)
-        self.bucket = router.deadlines.add(self, router.config.sni_timeout)
+        if not self.read():
+            self.watch(self.router.deadlines, self.router.config.sni_timeout, self.read)
 
     def read(self) -> bool:
         """Peek at what has arrived; True once the client is handed on or closed."""
@@ -166,14 +157,11 @@ class _Peeking:
         except OSError:  # reset in between
             self.fail("reset")
             return True
-        self._stop()
         pool = self.router.choose(hello.server_name, self.address)
         if pool is None:
             self.close()
-            return True
-        if raw is not self.sock:
-            raw.detach()  # the number goes on as accepted
-        self.serve_pool(pool)(self.sock, self.address)
+        else:
+            self.hand_on(self.serve_pool(pool), self.address)
         return True
 
     def expired(self) -> None:
@@ -190,18 +178,9 @@ class _Peeking:
         self.close()
 
     def close(self) -> None:
-        self._stop()
-        self.raw.close()
+        super().close()
         if self.router.leave is not None:
             self.router.leave(self.address)
-
-    def _stop(self) -> None:
-        if self in self.router.peeking:
-            self.router.peeking.discard(self)
-            self.loop.remove_reader(self.raw.fileno())
-        if self.bucket is not None:
-            self.bucket.discard(self)
-            self.bucket = None
 
 
 def _expire(peeking: Hashable) -> None:

@@ -150,8 +150,9 @@ ALLOWED: dict[str, set[str]] = {
     | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls"},
-    "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
-    "sni": {"clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
+    "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
+    "awaiting": {"deadlines", "listener"},
+    "sni": {"awaiting", "clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
     "sessions": {"drive", "relay"},
     "dialer": {"balancer", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto", "ratelog"}
     | {"relay", "tls"},

@@ -184,8 +184,9 @@ async def test_openssl_s_client_with_servername(ca: trustme.CA, tmp_path: Path) 
             assert "Verification: OK" in err.decode()
 
 
-async def test_strict_routes_refuse_an_unrouted_name_and_a_client_without_sni(ca: trustme.CA) -> None:
-    async with tls_servers(ca) as servers, running(sni_config(servers, "auto", sni_strict=True)) as (proxy, _log):
+@pytest.mark.parametrize("relay", ENGINES)
+async def test_strict_routes_refuse_an_unrouted_name_and_a_client_without_sni(ca: trustme.CA, relay: str) -> None:
+    async with tls_servers(ca) as servers, running(sni_config(servers, relay, sni_strict=True)) as (proxy, _log):
         for name in ("nobody.example", None):
             with pytest.raises((OSError, ssl.SSLError)):
                 await tls_session(proxy.port(), ca, name)
@@ -211,8 +212,9 @@ async def raw_client(port: int, data: bytes) -> tuple[bytes, float]:
     return got, took
 
 
-async def test_a_client_that_never_completes_its_hello_is_closed_at_the_timeout(ca: trustme.CA) -> None:
-    async with tls_servers(ca) as servers, running(sni_config(servers, "auto", sni_timeout=0.3)) as (proxy, _log):
+@pytest.mark.parametrize("relay", ENGINES)
+async def test_a_client_that_never_completes_its_hello_is_closed_at_the_timeout(ca: trustme.CA, relay: str) -> None:
+    async with tls_servers(ca) as servers, running(sni_config(servers, relay, sni_timeout=0.3)) as (proxy, _log):
         sni = proxy.frontends[0].sni
         assert sni is not None
         partial = client_hello("a.example")[:40]
