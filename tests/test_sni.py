@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -27,7 +31,9 @@ from l4proxy.proxy import Proxy
 from l4proxy.splice import Splicer
 
 from .kit import ENGINES, eventually, running
+from .servers import free_port, wait_listening, wait_until
 from .test_clienthello import client_hello
+from .test_reload_e2e import Command
 
 NAMES = {"pa": "a.example", "pb": "x.b.example", "pc": "default.example"}  # pool: the name its server holds
 
@@ -298,3 +304,82 @@ def test_listeners_without_routes_have_no_sni_stage() -> None:
     )
     proxy = Proxy(config)
     assert proxy.frontends[0].sni is None
+
+
+# --- the real command: a config file, workers, a reload ----------------------------------------------
+
+
+def threaded_tls_server(ca: trustme.CA, name: str) -> socket.socket:
+    """A TLS server in threads presenting a certificate for ``name``, saying its name to each client."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name, common_name=name).configure_cert(context)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(f"I am {name}\n".encode())
+            while tls.recv(65536):
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+def greeting(port: int, ca: trustme.CA, name: str) -> tuple[str, str]:
+    """What a Python ssl client asking for ``name`` is told, and the CN of the certificate it saw."""
+    context = client_context(ca, verify_name=False)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with raw, context.wrap_socket(raw, server_hostname=name) as tls:
+        cert = tls.getpeercert()
+        assert cert is not None
+        cn = next(value for rdn in cert["subject"] for key, value in rdn if key == "commonName")
+        return tls.recv(100).decode().strip(), cn
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_command_routes_by_sni_from_its_file_and_reloads_routes(
+    ca: trustme.CA, tmp_path: Path, workers: int
+) -> None:
+    servers = {pool: threaded_tls_server(ca, name) for pool, name in NAMES.items()}
+    port = free_port()
+    path = tmp_path / "sni.toml"
+
+    def write(routes: str) -> None:
+        pools = "".join(f'[pools.{pool}]\nmembers = ["127.0.0.1:{s.getsockname()[1]}"]\nhealth.enabled = false\n'
+                        for pool, s in servers.items())  # fmt: skip
+        path.write_text(f'access_log = "off"\nworkers = {workers}\n[listeners.edge]\naddress = "127.0.0.1:{port}"\n'
+                        f'pool = "pc"\nsni = {{ {routes} }}\n{pools}')  # fmt: skip
+
+    write('"a.example" = "pa", "*.b.example" = "pb"')
+    check = subprocess.run([sys.executable, "-m", "l4proxy", "check", "--config", str(path)],
+                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert 'sni = {"a.example" = "pa", "*.b.example" = "pb"}' in check.stdout
+    command = Command(tmp_path, "--config", str(path))
+    try:
+        command.wait_log("listening on")
+        wait_listening(port)
+        assert greeting(port, ca, "a.example") == ("I am a.example", "a.example")
+        assert greeting(port, ca, "y.b.example") == ("I am x.b.example", "x.b.example")
+        assert greeting(port, ca, "c.example") == ("I am default.example", "default.example")
+        write('"a.example" = "pb", "c.example" = "pa"')
+        command.proc.send_signal(signal.SIGHUP)
+        command.wait_log("SIGHUP: configuration reloaded")
+        wait_until(lambda: greeting(port, ca, "c.example")[1] == "a.example")  # every worker has it
+        for _ in range(4 * workers):  # whichever worker takes the client
+            assert greeting(port, ca, "c.example") == ("I am a.example", "a.example")
+            assert greeting(port, ca, "a.example") == ("I am x.b.example", "x.b.example")
+            assert greeting(port, ca, "y.b.example") == ("I am default.example", "default.example")
+        assert command.stop() == 0
+    finally:
+        command.kill()
+        for listener in servers.values():
+            listener.close()
