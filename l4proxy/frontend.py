@@ -23,6 +23,11 @@ calls the opener directly and pays nothing for them. This listener's own are the
 ``refused`` and ``header_errors`` are exposed here; ``leave`` (set only with per-source limits) hears
 of every admitted client that is gone, served or not.
 
+**SNI routes** (``sni.py``): a listener with routes ends its stages with the ``SniRouter``, which picks
+each client's pool from its ClientHello and calls that pool's opener. Each pool gets an opener (and a
+``Wiring``) of its own at its first client, so its sessions dial, count and release in that pool; the
+listener's own ``pool`` is the default. A listener without routes builds its single opener as before.
+
 **PROXY headers to members** (the pool's ``send_proxy``): the dial of each session gets its header
 (``dialer.proxy_header``) from a dial maker of its own, so a pool without it pays nothing.
 """
