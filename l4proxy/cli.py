@@ -329,6 +329,7 @@ def _form(option: Option) -> configfile.Form:
 FILE_FORMS: dict[str, configfile.Form] = {
     configfile.generic(o.path): _form(o) for o in OPTIONS if not o.switch and not o.multiple
 }
+FILE_FORMS["listeners.*.sni_timeout"] = parse_duration  # SNI routes have no flags: the file alone sets them
 # With --config, only the process-level settings may come from flags too (and win over the file).
 PROCESS_OPTIONS = tuple(o for o in OPTIONS if not o.path.startswith(("listeners", "pools")))
 

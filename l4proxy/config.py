@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from . import checks
 from .acl import parse_cidr
 from .errors import ConfigError
+from .sniroutes import parse_pattern
 
 # --- textual forms ---------------------------------------------------------------------------------
 
@@ -392,7 +393,12 @@ class ListenerConfig:
     """Where clients connect, which pool serves them, the per-session timeouts and buffer, and who may
     connect (``edge.py``): a PROXY header to read first (``accept_proxy``, from every peer or only
     from those in ``accept_proxy_from``), CIDR ``allow``/``deny`` rules and per-source limits.
-    Ranges are kept as canonical text (``10.0.0.0/8``), checked here."""
+    Ranges are kept as canonical text (``10.0.0.0/8``), checked here.
+
+    ``sni`` routes TLS clients by the server name of their ClientHello (``sniroutes.py``), without
+    terminating TLS: ``(pattern, pool)`` pairs, given as a mapping or pairs, kept with canonical
+    patterns; ``pool`` then serves the names no route matches and clients without SNI, unless
+    ``sni_strict`` refuses them. A client gets ``sni_timeout`` to send its whole ClientHello."""
 
     address: Address
     pool: str = "default"
@@ -411,10 +417,21 @@ class ListenerConfig:
     deny: tuple[str, ...] = ()
     max_connections_per_ip: int | None = None
     rate_per_ip: int | None = None  # connections a second, with a burst of as many
+    sni: tuple[tuple[str, str], ...] = ()
+    sni_strict: bool = False
+    sni_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("accept_proxy_from", "allow", "deny"):
             object.__setattr__(self, name, _ranges(getattr(self, name), name))
+        object.__setattr__(self, "sni", _routes(self.sni))
+        if self.sni and self.tls is not None:
+            raise ConfigError(
+                "sni", None, "routes TLS through untouched, so it cannot be combined with tls (termination)"
+            )
+        if self.sni_strict and not self.sni:
+            raise ConfigError("sni_strict", self.sni_strict, "needs sni routes")
+        _positive("sni_timeout", self.sni_timeout)
         if self.accept_proxy_from and not self.accept_proxy:
             raise ConfigError("accept_proxy_from", list(self.accept_proxy_from), "needs accept_proxy")
         _positive("proxy_timeout", self.proxy_timeout)
@@ -451,6 +468,7 @@ class Config:
         for index, listener in enumerate(self.listeners):
             if listener.pool not in names:
                 raise ConfigError(f"listeners[{index}].pool", listener.pool, f"no such pool; known: {', '.join(names)}")
+            self._check_routes(index, listener)
         _positive("drain_timeout", self.drain_timeout)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", self.log_level, f"expected one of {', '.join(LOG_LEVELS)}")
@@ -460,6 +478,36 @@ class Config:
     def pool(self, name: str) -> PoolConfig:
         """The pool called ``name`` (validated to exist for every listener)."""
         return next(p for p in self.pools if p.name == name)
+
+    def _check_routes(self, index: int, listener: ListenerConfig) -> None:
+        """Every pool an SNI listener routes to exists and takes the client's TLS as it is."""
+        if not listener.sni:
+            return
+        names = [p.name for p in self.pools]
+        for pattern, pool in (*listener.sni, ("", listener.pool)):
+            where = f"listeners[{index}].sni.{pattern}" if pattern else f"listeners[{index}].pool"
+            if pool not in names:
+                raise ConfigError(where, pool, f"no such pool; known: {', '.join(names)}")
+            if self.pool(pool).tls is not None:
+                raise ConfigError(
+                    where, pool, "this pool originates TLS, but SNI routes pass the client's TLS on as it is"
+                )
+
+
+def _routes(routes: object) -> tuple[tuple[str, str], ...]:
+    """SNI routes as ``(pattern, pool)`` pairs with canonical patterns, each pattern once."""
+    pairs = list(routes.items()) if isinstance(routes, Mapping) else routes
+    if not isinstance(pairs, list | tuple) or not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
+        raise ConfigError("sni", routes, 'expected a table of server names and pools, as {"a.example" = "pool_a"}')
+    out: dict[str, str] = {}
+    for text, pool in pairs:
+        pattern = parse_pattern(text, f"sni.{text}")
+        if not isinstance(pool, str) or not pool:
+            raise ConfigError(f"sni.{text}", pool, "expected the name of a pool")
+        if pattern in out:
+            raise ConfigError(f"sni.{text}", pool, f"the same name as another route ({pattern})")
+        out[pattern] = pool
+    return tuple(out.items())
 
 
 def _ranges(texts: tuple[str, ...], name: str) -> tuple[str, ...]:

@@ -62,7 +62,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 class Key:
     """One key of the file. ``path`` has ``*`` for a listener's or pool's name; ``kind`` is the value's
     type (``float`` is a duration), ``"address"``, ``"members"``, ``"names"`` (a list of text), ``"paths"``
-    (a file path, or a list of them),
+    (a file path, or a list of them), ``"routes"`` (a table of text by name: SNI routes),
     ``"section"`` (a table) or ``"named"`` (a table of sections by name)."""
 
     path: str
@@ -86,6 +86,8 @@ def _kind(hint: Any) -> type | str:
         return "address"
     if hint == tuple[str, ...] | str:
         return "paths"
+    if hint == tuple[tuple[str, str], ...]:
+        return "routes"
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
         return "members" if item is Address or Address in typing.get_args(item) else "names"
@@ -313,6 +315,8 @@ class _Converter:
             value = tuple(os.path.normpath(os.path.join(self.base, text)) for text in texts)
         elif key.kind == "address" and isinstance(value, str):
             value = parse_address(value, where)
+        elif key.kind == "routes" and isinstance(value, dict):
+            pass  # each pattern and pool is checked by ListenerConfig and _cross_check, each on its own line
         elif key.kind is float and isinstance(value, int | float) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ConfigError(where, value, "expected a finite number of seconds")
@@ -342,6 +346,7 @@ _EXPECTED: dict[type | str, str] = {
     "names": 'a list of names, as ["h2", "http/1.1"]',
     "paths": 'a file path, or a list of them, as "server.pem" or ["a.pem", "b.pem"]',
     "address": 'an address, as "HOST:PORT"',
+    "routes": 'a table of server names and pools, as { "a.example" = "pool_a", "*.b.example" = "pool_b" }',
 }
 # Keys whose text is a file path: a relative one is taken from the config file's folder.
 PATHS = frozenset(
@@ -363,6 +368,7 @@ def _cross_check(tree: dict[str, Any], problems: list[ConfigError], exists: Exis
             hint = _suggest(pool, pools) or (f"; known: {', '.join(pools)}" if pools else "; no pools are defined")
             problems.append(ConfigError(f"listeners.{name}.pool", pool, "no such pool" + hint))
             del listeners[name]
+        _check_routes(name, listener, pools, problems)
         address = listener.get("address")
         if isinstance(address, Address):
             for other, other_name in bound:
@@ -389,6 +395,18 @@ def _cross_check(tree: dict[str, Any], problems: list[ConfigError], exists: Exis
     _check_files(tree, "", problems, exists)
 
 
+def _check_routes(name: str, listener: dict[str, Any], pools: list[str], problems: list[ConfigError]) -> None:
+    """An SNI route to a pool that does not exist is a problem of its own line; the route is dropped."""
+    routes = listener.get("sni")
+    if not isinstance(routes, dict):
+        return
+    for pattern, pool in list(routes.items()):
+        if isinstance(pool, str) and pool not in pools:
+            hint = _suggest(pool, pools) or (f"; known: {', '.join(pools)}" if pools else "; no pools are defined")
+            problems.append(ConfigError(f"listeners.{name}.sni.{pattern}", pool, "no such pool" + hint))
+            del routes[pattern]
+
+
 def _overlap(a: Address, b: Address) -> bool:
     """Two listen addresses that cannot both be bound: the same, or the same port on a wildcard."""
     return a.port == b.port and (a.host == b.host or a.host in ("", "0.0.0.0", "::") or b.host in ("", "0.0.0.0", "::"))
@@ -410,7 +428,8 @@ def _check_files(node: Mapping[str, Any], path: str, problems: list[ConfigError]
 def _build(tree: dict[str, Any], problems: list[ConfigError]) -> Config | None:
     """``from_tree(tree)``; each refusal is recorded and its value dropped, until it builds or nothing is
     left to drop. A refusal is not recorded again for a path already reported or dropped, or for one that
-    encloses it; a listener whose pool was refused goes with its pool, and is not another problem."""
+    encloses it; a listener whose pool was refused goes with its pool, and is not another problem, nor is
+    ``sni_strict`` once every route was refused."""
     dropped: list[str] = []
     while True:
         try:
@@ -421,6 +440,8 @@ def _build(tree: dict[str, Any], problems: list[ConfigError]) -> Config | None:
             path = exc.path
             if path.endswith(".pool") and any(_related(f"pools.{exc.value}", other) for other in known):
                 path = path.removesuffix(".pool")
+            elif path.endswith(".sni_strict") and any(o.startswith(f"{path[:-7]}.") for o in known):
+                pass  # its routes were all refused: not another problem
             elif not any(_related(path, other) for other in known):
                 problems.append(exc)
             dropped.append(path)
@@ -447,7 +468,11 @@ def _drop(tree: dict[str, Any], path: str) -> bool:
     node: Any = tree
     parent: Any = None
     key: str | int | None = None
-    for part in parts:
+    for at, part in enumerate(parts):
+        rest = ".".join(str(p) for p in parts[at:])
+        if isinstance(node, dict) and rest in node:  # a key with dots in it (an SNI route's name)
+            parent, key = node, rest
+            break
         in_table = isinstance(node, dict) and part in node
         in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
         if not (in_table or in_list):
@@ -514,6 +539,8 @@ def file_value(key: Key, value: Any) -> Any:
         return [str(member) for member in value]
     if key.kind == "paths":
         return value[0] if len(value) == 1 else list(value)
+    if key.kind == "routes":
+        return dict(value)
     return value
 
 

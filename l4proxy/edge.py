@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable
 
 from .acl import Acl, SourceLimits, SourceTable
+from .awaiting import Awaited
 from .config import ListenerConfig
 from .deadlines import Deadlines
 from .listener import AcceptedFD
@@ -74,7 +75,7 @@ class Edge:
         limits = SourceLimits(config.max_connections_per_ip, config.rate_per_ip)
         self.sources = SourceTable(limits) if limited else None
         self.senders = Acl(_networks(config.accept_proxy_from)) if config.accept_proxy_from else None
-        self.reading: set[_Reading] = set()  # clients whose header has not arrived yet
+        self.reading: set[Awaited] = set()  # clients whose header has not arrived yet
         self.deadlines: Deadlines | None = None
 
     def stages(self) -> list[Stage]:
@@ -140,10 +141,10 @@ class Edge:
         self.warnings.warn(log, REFUSED, "refused %s on %s: %s", format_peer(address), self.config.address, why)
 
 
-class _Reading:
+class _Reading(Awaited):
     """One client whose PROXY header is being read (see the module's docstring)."""
 
-    __slots__ = ("address", "bucket", "edge", "loop", "parser", "raw", "serve", "sock")
+    __slots__ = ("edge", "parser", "serve")
 
     def __init__(
         self,
@@ -153,27 +154,14 @@ class _Reading:
         address: object,
         serve: Serve,
     ) -> None:
+        super().__init__(loop, sock, address, edge.reading)
         self.edge = edge
-        self.loop = loop
-        self.sock = sock  # as accepted: what the next stage gets
-        # recv with flags needs a socket object; one made from the bare number costs no system call
-        self.raw = sock if isinstance(sock, socket.socket) else socket.socket(sock.family, socket.SOCK_STREAM, 0, sock)
-        self.address = address
         self.serve = serve
         self.parser = Parser()
-        self.bucket: set[Hashable] | None = None  # its deadline, once it is waited for
 
     def start(self) -> None:
-        if self.read():
-            return
-        edge = self.edge
-        assert edge.deadlines is not None
-        edge.reading.add(self)
-        self.loop.add_reader(self.raw.fileno(), self.readable)
-        self.bucket = edge.deadlines.add(self, edge.config.proxy_timeout)
-
-    def readable(self) -> None:
-        self.read()
+        if not self.read():
+            self.watch(self.edge.deadlines, self.edge.config.proxy_timeout, self.read)
 
     def read(self) -> bool:
         """Take what has arrived; True once the client is handed on or closed."""
@@ -203,14 +191,11 @@ class _Reading:
                 break
             if len(data) < _PEEK:  # all there is: wait for the rest
                 return False
-        self._stop()
         header = parsed.header
         address = self.address
         if header.command is Command.PROXY and header.source is not None:
             address = Carried(header.source[0], header.source[1], header.destination)
-        if raw is not self.sock:
-            raw.detach()  # the number goes on as accepted
-        self.serve(self.sock, address)
+        self.hand_on(self.serve, address)
         return True
 
     def expired(self) -> None:
@@ -225,18 +210,6 @@ class _Reading:
             edge.warnings.warn(log, BAD_HEADERS, "closed %s on %s: %s", format_peer(self.address),
                                edge.config.address, message)  # fmt: skip
         self.close()
-
-    def close(self) -> None:
-        self._stop()
-        self.raw.close()
-
-    def _stop(self) -> None:
-        if self in self.edge.reading:
-            self.edge.reading.discard(self)
-            self.loop.remove_reader(self.raw.fileno())
-        if self.bucket is not None:
-            self.bucket.discard(self)
-            self.bucket = None
 
 
 def _expire(reading: Hashable) -> None:

@@ -23,6 +23,11 @@ calls the opener directly and pays nothing for them. This listener's own are the
 ``refused`` and ``header_errors`` are exposed here; ``leave`` (set only with per-source limits) hears
 of every admitted client that is gone, served or not.
 
+**SNI routes** (``sni.py``): a listener with routes ends its stages with the ``SniRouter``, which picks
+each client's pool from its ClientHello and calls that pool's opener. Each pool gets an opener (and a
+``Wiring``) of its own at its first client, so its sessions dial, count and release in that pool; the
+listener's own ``pool`` is the default. A listener without routes builds its single opener as before.
+
 **PROXY headers to members** (the pool's ``send_proxy``): the dial of each session gets its header
 (``dialer.proxy_header``) from a dial maker of its own, so a pool without it pays nothing.
 """
@@ -37,7 +42,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from .accesslog import AccessLog
@@ -54,6 +59,7 @@ from .pool import Pool
 from .ratelog import Warnings
 from .relay import Session, SessionHook, Wiring, stay
 from .sessions import SessionTable
+from .sni import SniRouter
 from .splice import DESCRIPTORS, Splicing, usable
 from .tls import server_context
 
@@ -80,6 +86,7 @@ class Frontend:
         warnings: Warnings,
         splicing: Splicing,
         outgoing: Outgoing,
+        pools: Mapping[str, Pool] | None = None,
     ) -> None:
         self.index = index
         self.config = config
@@ -95,6 +102,9 @@ class Frontend:
         self.refused = self.edge.refused  # clients the rules or limits closed, by reason
         self.header_errors = self.edge.header_errors  # clients closed for their PROXY header, by reason
         self.leave: Callable[[object], None] | None = None if self.edge.sources is None else self.edge.leave
+        self.sni = SniRouter(config, warnings, pools or {pool.name: pool}) if config.sni else None
+        if self.sni is not None:
+            self.sni.leave = self.leave
         self.tls_failures = 0  # client TLS handshakes that failed or timed out
         self.counters = ListenerCounters()  # for the admin endpoint: read at scrape time
         self.spliced = usable(config, pool.config.tls is not None)
@@ -107,7 +117,7 @@ class Frontend:
 
     def start(self, deadlines: Deadlines, sockets: list[socket.socket] | None = None) -> None:
         """Bind (or take ``sockets``, already listening) and accept: the stages wrap the opener once, here."""
-        serve = self._opener(deadlines)
+        serve = self._opener(deadlines, self.pool) if self.sni is None else self.sni.stage(self._openers(deadlines))
         for stage in reversed(self.stages):
             serve = stage(serve)
         self.listener.serve = serve
@@ -119,25 +129,29 @@ class Frontend:
         if self.listener.sockets:
             self.listener.close()
         self.edge.close()
+        if self.sni is not None:
+            self.sni.close()
 
     def describe(self) -> str:
         """``127.0.0.1:6379 -> pool default: 10.0.0.1:6379, 10.0.0.2:6379``, for the start-up log."""
         members = ", ".join(m.name for m in self.pool.members) or "no members"
-        return f"{format_peers(self.listener.addresses)} -> pool {self.pool.name}: {members}"
+        routes = "".join(f"{pattern} -> pool {pool}, " for pattern, pool in self.config.sni)
+        default = "" if not self.config.sni else "the rest refused; " if self.config.sni_strict else "the rest -> "
+        return f"{format_peers(self.listener.addresses)} -> {routes}{default}pool {self.pool.name}: {members}"
 
     def _refused(self, sock: socket.socket | AcceptedFD, _address: object) -> None:
         """The callback before ``start`` (never called: the listener accepts only once started)."""
         sock.close()
 
-    def _wiring(self, deadlines: Deadlines) -> Wiring:
+    def _wiring(self, deadlines: Deadlines, pool: Pool) -> Wiring:
         loop = asyncio.get_running_loop()
-        pool, table, warnings, outgoing = self.pool, self.table, self.warnings, self.outgoing
+        table, warnings, outgoing = self.table, self.warnings, self.outgoing
         live, opening, record = table.live, table.opening, self.access_log.record
         idle = table.idle
 
         own = outgoing.addresses
         counters = self.counters
-        make_dial = self._dial_maker()
+        make_dial = self._dial_maker(pool)
 
         def client_ready(session: Session) -> None:
             opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
@@ -172,11 +186,11 @@ class Frontend:
             attached = bulky
         return Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
 
-    def _dial_maker(self) -> Callable[..., Dial]:
+    def _dial_maker(self, pool: Pool) -> Callable[..., Dial]:
         """What makes a session's dial: ``Dial`` itself, or one that gives it the PROXY header the pool
         sends (``send_proxy``), built once per session and the same for every attempt. A listener on
         one address (not a wildcard) is every direct client's destination: no ``getsockname`` each."""
-        version = self.pool.config.send_proxy
+        version = pool.config.send_proxy
         if version is None:
             return Dial
         client_cert = self.config.tls is not None and self.config.tls.client_ca is not None
@@ -205,10 +219,23 @@ class Frontend:
 
         return ended_and_left
 
-    def _opener(self, deadlines: Deadlines) -> Serve:
-        """The per-client callback: a session for the accepted client, and its transport under way."""
+    def _openers(self, deadlines: Deadlines) -> Callable[[Pool], Serve]:
+        """The opener of each pool an SNI route leads to, made at its first client and again for a pool
+        a reload replaced."""
+        made: dict[str, tuple[Pool, Serve]] = {}
+
+        def opener(pool: Pool) -> Serve:
+            found = made.get(pool.name)
+            if found is None or found[0] is not pool:
+                found = made[pool.name] = (pool, self._opener(deadlines, pool))
+            return found[1]
+
+        return opener
+
+    def _opener(self, deadlines: Deadlines, pool: Pool) -> Serve:
+        """The per-client callback: a session of ``pool`` for the accepted client, and its transport under way."""
         loop = asyncio.get_running_loop()
-        wiring = self._wiring(deadlines)
+        wiring = self._wiring(deadlines, pool)
         opening = self.table.opening
         warnings = self.warnings
         tls = self.config.tls

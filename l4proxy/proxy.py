@@ -113,7 +113,9 @@ class Proxy:
 
     def _frontend(self, index: int, config: ListenerConfig) -> Frontend:
         pool = self.pools[config.pool]
-        return Frontend(index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing)
+        return Frontend(
+            index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing, self.pools
+        )
 
     @property
     def probers(self) -> list[Prober]:
@@ -305,6 +307,8 @@ class Proxy:
                 replacement.start(self.deadlines, frontend.listener.release())  # no await in between
                 self._drain_later(_of_listener(frontend.config), new.drain_timeout)
                 frontend = replacement
+            elif frontend.sni is not None:
+                frontend.sni.reroute(new.listeners[kept.new])
             frontend.index = kept.new
             frontends[kept.new] = frontend
         for index, sockets in fresh.items():

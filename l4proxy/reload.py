@@ -130,9 +130,12 @@ def _same(old: ListenerConfig, new: ListenerConfig) -> bool:
 
 
 def _frontend(listener: ListenerConfig, pools: dict[str, PoolConfig]) -> tuple[object, ...]:
-    """What a Frontend is built from: its settings (not its name, which nothing at run time reads),
-    its pool, and whether that pool speaks TLS (a TLS upstream rules out the splice engine)."""
-    return dataclasses.replace(listener, name=""), pools[listener.pool].tls is not None
+    """What a Frontend is built from: its settings (not its name, which nothing at run time reads, nor
+    its SNI routes, which change in place), its pool, and whether that pool speaks TLS (a TLS upstream
+    rules out the splice engine)."""
+    routed = bool(listener.sni)  # a listener that starts or stops routing by SNI is rebuilt
+    settings = dataclasses.replace(listener, name="", sni=(), sni_strict=False)
+    return settings, routed, pools[listener.pool].tls is not None
 
 
 def _probing(pool: PoolConfig) -> tuple[object, ...]:

@@ -456,3 +456,19 @@ def client_hello() -> bytes:
     with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
     return outgoing.read()
+
+
+def sni_client_hello(name: str | None, version: ssl.TLSVersion | None = None, alpn: tuple[str, ...] = ()) -> bytes:
+    """The first flight of a real TLS client: one record holding its ClientHello."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()

@@ -140,6 +140,22 @@ PROBLEMS = [
                                             " [\"h2\", \"http/1.1\"] (got [1])"]),
     (BASE + "[pools.q]\nmembers = []\n[listeners.b]\naddress = ':1'\npool = 'q'\n", [  # b goes with its pool
         "f.toml:8: pools.q.members: at least one upstream is required"]),
+    # SNI routes
+    (BASE.replace('"p"\n', '"p"\nsni = { "a.example" = "p", "*.b.example" = "pq", "a.*.x" = "p" }\n'), [
+        "f.toml:4: listeners.a.sni.*.b.example: no such pool; did you mean 'p'? (got 'pq')",
+        "f.toml:4: listeners.a.sni.a.*.x: expected a server name such as a.example, or *.b.example for a suffix"
+        " (got 'a.*.x')"]),
+    (BASE.replace('"p"\n', '"p"\nsni = { "a.example" = "p" }\ntls = {cert = "a.pem", key = "a.key"}\n'), [
+        "f.toml:4: listeners.a.sni: routes TLS through untouched, so it cannot be combined with tls (termination)"]),
+    (BASE + '[listeners.a.sni]\n"a.example" = "q"\n"B.example" = 7\n[pools.q]\nmembers = ["127.0.0.1:7002"]\n'
+     'tls = {}\n', [
+        "f.toml:8: listeners.a.sni.a.example: this pool originates TLS, but SNI routes pass the client's TLS on as"
+        " it is (got 'q')",
+        "f.toml:9: listeners.a.sni.B.example: expected the name of a pool (got 7)"]),
+    (BASE.replace('"p"\n', '"p"\nsni_strict = true\nsni = "a.example"\n'), [
+        "f.toml:4: listeners.a.sni_strict: needs sni routes (got true)",
+        "f.toml:5: listeners.a.sni: expected a table of server names and pools, as { \"a.example\" = \"pool_a\","
+        " \"*.b.example\" = \"pool_b\" } (got 'a.example')"]),
 ]  # fmt: skip
 
 
@@ -192,6 +208,26 @@ def test_the_effective_configuration_reads_back_as_the_same_config() -> None:
     assert load(printed, "/elsewhere") == config  # paths were made absolute
     assert dump(load(printed)) == printed
     assert "\n# client_ca is not set\n" in printed and '\nidle_timeout = "10m"\n' in printed
+
+
+SNI_FILE = BASE.replace('pool = "p"\n', 'pool = "p"\nsni = { "A.example" = "q", "*.b.example" = "p" }\n'
+                        'sni_strict = true\nsni_timeout = "250ms"\n') + '[pools.q]\nmembers = ["127.0.0.1:7002"]\n'
+
+
+def test_sni_routes_load_in_canonical_form_and_read_back() -> None:
+    config = load(SNI_FILE)
+    listener = config.listeners[0]
+    assert (listener.sni, listener.sni_strict, listener.sni_timeout) == (
+        (("a.example", "q"), ("*.b.example", "p")), True, 0.25)  # fmt: skip
+    printed = dump(config)
+    assert 'sni = {"a.example" = "q", "*.b.example" = "p"}\n' in printed
+    assert load(printed) == config
+
+
+def test_sni_routes_may_be_a_table_of_their_own() -> None:
+    table = BASE + '[listeners.a.sni]\n"A.example" = "q"\n"*.b.example" = "p"\n'
+    table += '[pools.q]\nmembers = ["127.0.0.1:7002"]\n'
+    assert load(table).listeners[0].sni == (("a.example", "q"), ("*.b.example", "p"))
 
 
 @given(st.floats(min_value=1e-6, max_value=1e7, allow_nan=False))

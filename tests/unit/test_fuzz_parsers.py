@@ -13,9 +13,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from l4proxy.cli import _size
+from l4proxy.clienthello import MAX_LENGTH, ClientHelloError, Hello, Parser
+from l4proxy.clienthello import REASONS as CLIENT_HELLO_REASONS
 from l4proxy.config import Address, parse_address, parse_duration, parse_escapes, parse_members
 from l4proxy.errors import ConfigError
 from l4proxy.workers import MAX_WORKERS, parse_workers
+
+from .test_clienthello import V12, V13, client_hello, records
 
 FAST = settings(max_examples=100, deadline=200)
 
@@ -141,3 +145,59 @@ def test_escapes_round_trip(data: bytes) -> None:
 def test_escapes_are_bytes_or_a_config_error(text: str) -> None:
     data = outcome(lambda: parse_escapes(text, "--health-send"))
     assert data is None or isinstance(data, bytes)
+
+
+# --- the TLS ClientHello peek (SNI routing) --------------------------------------------------------
+
+_HELLOS = [client_hello(name, version) for name in ("a.example", None) for version in (V12, V13)]
+
+
+def hello_outcome(chunks: list[bytes], max_length: int = MAX_LENGTH) -> Hello | None:
+    """What a parser fed ``chunks`` answers: a Hello, or None for need-more or a ClientHelloError (the
+    only exception allowed). It never holds more than its bound, and each feed is quick."""
+    parser = Parser(max_length)
+    for chunk in chunks:
+        started = time.perf_counter()
+        try:
+            hello = parser.feed(chunk)
+        except ClientHelloError as exc:
+            assert exc.reason in CLIENT_HELLO_REASONS
+            return None
+        finally:
+            assert time.perf_counter() - started < 0.1
+        if hello is not None:
+            return hello
+        assert parser.buffered <= max_length + 8
+    return None
+
+
+@FAST
+@given(st.lists(st.binary(max_size=300), max_size=8))
+@example([b"\x16\x03\x01\x00\x01\x01"] * 70)
+def test_any_bytes_are_a_hello_need_more_or_a_client_hello_error(chunks: list[bytes]) -> None:
+    hello_outcome(chunks)
+
+
+@FAST
+@given(st.sampled_from(_HELLOS), st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=6),
+       st.integers(1, 64))  # fmt: skip
+def test_real_hellos_with_bytes_changed_never_raise_another_error(
+    flight: bytes, changes: list[tuple[int, int]], chunk: int
+) -> None:
+    data = bytearray(flight)
+    for at, value in changes:
+        data[at % len(data)] = value
+    hello = hello_outcome([bytes(data[i : i + chunk]) for i in range(0, len(data), chunk)], max_length=4096)
+    assert hello is None or hello.server_name is None or hello.server_name.isascii()
+
+
+@FAST
+@given(st.sampled_from(_HELLOS), st.lists(st.integers(1, 400), min_size=1, max_size=10), st.integers(40, 16384))
+def test_real_hellos_give_their_name_however_they_are_cut(flight: bytes, cuts: list[int], record: int) -> None:
+    data = records(flight, record)
+    chunks, at = [], 0
+    for cut in cuts * (len(data) // sum(cuts) + 1):
+        chunks.append(data[at : at + cut])
+        at += cut
+    expected = Parser().feed(flight)
+    assert hello_outcome([c for c in chunks if c]) == expected

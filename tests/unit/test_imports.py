@@ -31,14 +31,14 @@ FORBIDDEN = ("asyncio", "socket", "ssl", "selectors", "uvloop", "subprocess")
 PURE_MODULES = {
     # module: the l4proxy modules it may load (itself included)
     "errors": {"errors"},
-    "config": {"config", "acl", "checks", "errors"},
+    "config": {"config", "acl", "checks", "errors", "sniroutes"},
     "checks": {"checks", "errors"},
     "resp": {"resp", "checks", "errors"},
     "pgwire": {"pgwire", "checks", "errors"},
     "httpcheck": {"httpcheck", "checks", "errors"},
-    "configfile": {"configfile", "acl", "config", "checks", "errors"},
+    "configfile": {"configfile", "acl", "config", "checks", "errors", "sniroutes"},
     "health": {"health"},
-    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health"},
+    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health", "sniroutes"},
     "counters": {"counters"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
     "peer": {"peer"},
@@ -47,12 +47,15 @@ PURE_MODULES = {
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
-    "table": {"table", "acl", "balancer", "checks", "config", "counters", "discovery", "errors", "health"},
-    "discovery": {"discovery", "acl", "checks", "config", "errors"},
+    "table": {"table", "acl", "balancer", "checks", "config", "counters", "discovery", "errors", "health"}
+    | {"sniroutes"},
+    "discovery": {"discovery", "acl", "checks", "config", "errors", "sniroutes"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
+    "clienthello": {"clienthello", "errors"},
+    "sniroutes": {"sniroutes", "errors"},
     "ratelog": {"ratelog"},
-    "reload": {"reload", "acl", "config", "checks", "errors"},
+    "reload": {"reload", "acl", "config", "checks", "errors", "sniroutes"},
     "certrules": {"certrules"},
 }
 
@@ -146,8 +149,10 @@ ALLOWED: dict[str, set[str]] = {
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
     | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
-    | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls"},
-    "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
+    | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls"},
+    "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
+    "awaiting": {"deadlines", "listener"},
+    "sni": {"awaiting", "clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
     "sessions": {"drive", "relay"},
     "dialer": {"balancer", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto", "ratelog"}
     | {"relay", "tls"},
