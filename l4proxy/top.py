@@ -25,7 +25,7 @@ import tty
 from collections.abc import Iterator
 from typing import IO, Any
 
-from rich.console import Console, Group
+from rich.console import Console, Group, JustifyMethod
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -84,7 +84,7 @@ def render(previous: dict[str, Any] | None, current: dict[str, Any], admin: str,
     table = Table(box=None, padding=(0, topview.GAP, 0, 0), show_edge=False, pad_edge=False, expand=False)
     table.add_column(topview.NAME_TITLE, width=name_width, no_wrap=True, overflow="crop")
     for column in columns:
-        justify = "left" if column.title == "STATE" else "right"
+        justify: JustifyMethod = "left" if column.title == "STATE" else "right"
         table.add_column(column.title, width=column.width, no_wrap=True, overflow="crop", justify=justify)
     for row in topview.visible(topview.rows(previous, current), max(height - 3, 1)):
         texts = topview.cells(row, name_width, columns)

@@ -208,21 +208,26 @@ def rows(previous: Status | None, current: Status) -> list[Row]:
 def _pool_rows(pool: Mapping[str, Any], before: Mapping[str, Any] | None, seconds: float | None) -> list[Row]:
     members = _by_name(pool.get("members"))
     old_members = _by_name((before or {}).get("members"))
-    member_rows = [_member_row(m, old_members.get(key), seconds) for key, m in members.items()]
-    rates = [_Rates(old_members.get(key), m, seconds).of("sessions") for key, m in members.items()]
+    counts = [_Rates(old_members.get(key), m, seconds) for key, m in members.items()]
     up = sum(1 for m in members.values() if m.get("state") == "UP")
     head = Row(
         kind="pool",
         name=f"pool {pool.get('name')}",
         state=f"{up}/{len(members)} UP",
         active=_whole(sum(_count(m.get("active_sessions")) or 0 for m in members.values())),
-        sessions_rate=number(None if before is None or None in rates else sum(r for r in rates if r is not None)),
-        bytes_rate=NONE,
+        sessions_rate=number(_total([c.of("sessions") for c in counts]) if before is not None else None),
+        bytes_rate=size(_total([c.of("bytes_in", "bytes_out") for c in counts]) if before is not None else None),
         failures=_whole(pool.get("no_upstream")),
         ejections=_whole(pool.get("ejections")),
         queue=_whole(pool.get("queued")),
     )
-    return [head, *member_rows]
+    return [head, *(_member_row(m, old_members.get(key), seconds) for key, m in members.items())]
+
+
+def _total(rates: Sequence[float | None]) -> float | None:
+    """A pool's rate: its members' summed, unknown if any member's is (one just added, a restart)."""
+    known = [r for r in rates if r is not None]
+    return sum(known) if len(known) == len(rates) else None
 
 
 def _member_row(member: Mapping[str, Any], before: Mapping[str, Any] | None, seconds: float | None) -> Row:
@@ -233,7 +238,7 @@ def _member_row(member: Mapping[str, Any], before: Mapping[str, Any] | None, sec
         state=str(member.get("state", NONE)),
         active=_whole(member.get("active_sessions")),
         sessions_rate=number(counts.of("sessions")),
-        bytes_rate=size(counts.of("bytes_in", "bytes_out")) if "bytes_in" in member else NONE,
+        bytes_rate=size(counts.of("bytes_in", "bytes_out")),
         failures=_whole(member.get("connect_failures")),
         ejections=_whole(member.get("ejections")),
         queue=_whole(member.get("queued")),
