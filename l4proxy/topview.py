@@ -27,10 +27,10 @@ Status = Mapping[str, Any]
 class Column:
     title: str
     width: int
-    optional: bool = False  # dropped, right-most first, when the terminal is too narrow
+    optional: bool = False  # dropped first when the terminal is too narrow
 
 
-# The name column takes what the others leave; it is never narrower than MIN_NAME.
+# The name column takes what the others leave, and never less than MIN_NAME while a column can go.
 NAME_TITLE = "NAME"
 MIN_NAME = 12
 GAP = 1  # spaces between columns
@@ -73,15 +73,13 @@ class Row:
 
 
 def layout(width: int) -> tuple[int, tuple[Column, ...]]:
-    """The name column's width and the other columns that fit in ``width`` characters."""
+    """The name column's width and the other columns that fit in ``width`` characters: the optional
+    ones go first, right-most first, then the others from the right, until the name has ``MIN_NAME``."""
     columns = list(COLUMNS)
-    while True:
-        used = sum(c.width for c in columns) + GAP * len(columns)
-        name = width - used
-        if name >= MIN_NAME or not any(c.optional for c in columns):
-            return max(name, MIN_NAME), tuple(columns)
-        last = max(i for i, c in enumerate(columns) if c.optional)
-        del columns[last]
+    while columns and width - sum(c.width + GAP for c in columns) < MIN_NAME:
+        optional = [i for i, c in enumerate(columns) if c.optional]
+        del columns[optional[-1] if optional else -1]
+    return max(width - sum(c.width + GAP for c in columns), 1), tuple(columns)
 
 
 def truncate(text: str, width: int) -> str:
