@@ -4,7 +4,8 @@ It reads ``GET /status`` (plain HTTP/1.1 with ``http.client``: one short request
 the previous answer for the rates (``topview``), and draws with rich: a table cut to the terminal's
 width and height, redrawn in place on the alternate screen, so the shell's screen comes back on exit.
 Keys are read in cbreak mode (one key at a time, no echo; Ctrl-C still interrupts) by waiting on stdin
-with ``select``, and the terminal's settings are restored on every way out. When stdout is not a
+with ``select``, and the terminal's settings are restored on every way out (``q``, Ctrl-C, SIGTERM,
+SIGHUP, an error). When stdout is not a
 terminal it reads twice, a second apart (so the rates are real), prints one table and exits 0.
 
 A proxy that cannot be read at start is a user mistake (exit 2, one line naming ``--admin``); one that
@@ -18,6 +19,7 @@ import http.client
 import json
 import os
 import select
+import signal
 import sys
 import termios
 import time
@@ -97,6 +99,22 @@ def render(previous: dict[str, Any] | None, current: dict[str, Any], admin: str,
 
 
 @contextlib.contextmanager
+def ended_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (the ssh session went away) end ``top`` through the ``finally`` blocks, so
+    the terminal is restored then too; their default action would leave it in cbreak mode."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    saved = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def cbreak(stream: IO[str]) -> Iterator[int | None]:
     """Keys one at a time, unechoed, while the block runs; the terminal as it was afterwards, however
     the block ends. Yields the descriptor to read keys from, or None when stdin is not a terminal."""
@@ -130,7 +148,7 @@ def live(address: Address, admin: str, console: Console, first: dict[str, Any]) 
     """Refresh once a second until ``q``; 0."""
     previous: dict[str, Any] | None = None
     current, problem = first, ""
-    with cbreak(sys.stdin) as fd, Live(console=console, screen=True, auto_refresh=False) as view:
+    with ended_by_signals(), cbreak(sys.stdin) as fd, Live(console=console, screen=True, auto_refresh=False) as view:
         while True:
             width, height = console.size
             view.update(render(previous, current, admin, width, height, problem or HINT, bool(problem)), refresh=True)

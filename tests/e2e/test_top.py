@@ -1,6 +1,6 @@
 """``l4proxy top`` against a live proxy with two redis members: on a real terminal (a detached tmux
 session of 80x24, its screen read with ``capture-pane``) it shows both members UP, then the one whose
-server stopped DOWN, and ``q`` or Ctrl-C ends it with the terminal's settings as they were; with stdout
+server stopped DOWN, and ``q``, Ctrl-C or SIGTERM ends it with the terminal's settings as they were; with stdout
 a pipe it prints one table with real rates and exits 0; an admin address that does not answer is one
 line naming ``--admin`` and exit 2.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -145,6 +146,14 @@ def test_ctrl_c_quits_and_restores_the_terminal(proxy: Proxy, terminal: Terminal
     terminal.wait_for(proxy.name(0), "UP")
     terminal.run("send-keys", "-t", "top", "C-c")
     assert terminal.exit_status() == "130 restored"
+
+
+def test_sigterm_restores_the_terminal_too(proxy: Proxy, terminal: Terminal) -> None:
+    terminal.wait_for(proxy.name(0), "UP")
+    shell = int(terminal.run("display-message", "-p", "-t", "top", "#{pane_pid}"))
+    [top] = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()
+    os.kill(int(top), signal.SIGTERM)
+    assert terminal.exit_status() == f"{128 + signal.SIGTERM} restored"
 
 
 def test_not_a_terminal_prints_one_table_with_rates(proxy: Proxy) -> None:
