@@ -498,7 +498,10 @@ EXPLANATIONS = {
         (r"\r \n \t \0", "carriage return, line feed, tab, NUL"),
         (r"\\ \xNN", "a backslash; the byte with hex value NN"),
     ],
-    "Commands": [("check --config FILE", "check a config file: print the effective configuration, or each problem")],
+    "Commands": [
+        ("check --config FILE", "check a config file: print the effective configuration, or each problem"),
+        ("top --admin HOST:PORT", "a live view of a running proxy's listeners, pools and members (q quits)"),
+    ],
     "Exit codes": [
         ("0", "stopped after a graceful drain (SIGTERM/SIGINT)"),
         ("1", "could not start (the listen address cannot be bound)"),
@@ -638,6 +641,29 @@ check_command = click.Command(
     " 0, or print each problem as FILE:LINE: path: problem and exit 2.",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
+
+
+def _top(admin: str) -> None:
+    """``l4proxy top``: the live view of the proxy whose admin endpoint is at ``admin``."""
+    from .top import run as watch  # rich loads only for this command
+
+    address = parse_address(admin, "--admin")
+    sys.exit(watch(address, admin))
+
+
+top_command = click.Command(
+    "top",
+    callback=_top,
+    params=[
+        click.Option(["--admin"], metavar="HOST:PORT", required=True, help="The proxy's admin endpoint (its --admin)."),
+    ],
+    help="A live view of a running proxy's listeners, pools and members, read from its admin endpoint's /status"
+    " once a second: state, active sessions, sessions/s, bytes/s, failures. q quits. When stdout is not a"
+    " terminal, prints one table and exits 0.",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+SUBCOMMANDS = {"check": check_command, "top": top_command}
 
 
 def check_tls_files(config: Config) -> None:
@@ -1007,11 +1033,15 @@ def _setup_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors, exit 2 for user mistakes, never a traceback for them. ``check``
-    as the first word runs the file check instead of the proxy."""
+    or ``top`` as the first word runs that command instead of the proxy."""
     args = sys.argv[1:] if argv is None else argv
-    chosen, prog = (check_command, "l4proxy check") if args[:1] == ["check"] else (command, "l4proxy")
+    chosen = SUBCOMMANDS.get(args[0]) if args else None
+    if chosen is not None:
+        args, prog = args[1:], f"l4proxy {args[0]}"
+    else:
+        chosen, prog = command, "l4proxy"
     try:
-        chosen.main(args=args[1:] if chosen is check_command else args, prog_name=prog, standalone_mode=False)
+        chosen.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:

@@ -59,9 +59,12 @@ class ListenerCounters:
 
 class MemberCounters:
     """What a member's metrics need beyond ``Member.active``/``total``: sessions that reached it,
-    connect failures by kind, probe results, and when and why its state last changed."""
+    connect failures by kind, bytes each way (added as its sessions end), probe results, and when and
+    why its state last changed."""
 
     __slots__ = (
+        "bytes_in",
+        "bytes_out",
         "checks_failed",
         "checks_passed",
         "connect_failures",
@@ -76,6 +79,8 @@ class MemberCounters:
 
     def __init__(self, since: float = 0.0) -> None:
         self.sessions = 0
+        self.bytes_in = 0  # from clients to the member
+        self.bytes_out = 0  # from the member to clients
         self.connect_failures = dict.fromkeys(CONNECT_KINDS, 0)
         self.checks_passed = 0
         self.checks_failed = 0

@@ -168,12 +168,17 @@ class Frontend:
             live.discard(session)
             table.served += 1
             counters.active -= 1
-            counters.bytes_in += session.client.nbytes
-            upstream = session.upstream
+            sent = session.client.nbytes
+            counters.bytes_in += sent
+            upstream, member = session.upstream, session.member
             if upstream is not None:
                 counters.bytes_out += upstream.nbytes
-            if session.member is not None:
-                pool.balancer.release(session.member)
+            if member is not None:
+                pool.balancer.release(member)
+                if upstream is not None:
+                    stats = member.stats
+                    stats.bytes_in += sent
+                    stats.bytes_out += upstream.nbytes
             if session.sockname is not None:
                 outgoing.addresses.discard(session.sockname)
             record(session)

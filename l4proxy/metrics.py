@@ -92,6 +92,8 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
     active = _gauge("l4proxy_member_sessions_active", "Sessions on the member now (dials included).", M)
     sessions = _counter("l4proxy_member_sessions", "Sessions whose upstream connect to the member succeeded.", M)
     attempts = _counter("l4proxy_member_connect_attempts", "Upstream connect attempts.", M)
+    bytes_in = _counter("l4proxy_member_bytes_in", "Bytes from clients to the member, counted as sessions end.", M)
+    bytes_out = _counter("l4proxy_member_bytes_out", "Bytes from the member to clients, counted as sessions end.", M)
     failures = _counter("l4proxy_member_connect_failures", "Failed upstream connects, by kind.", [*M, "kind"])
     state = _gauge("l4proxy_member_status", "1 for the member's current state (UP, DOWN, DRAIN, MAINT).", [*M, "state"])
     checks = _counter("l4proxy_member_checks", "Health probe results.", [*M, "result"])
@@ -103,6 +105,8 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
             active.add_metric(labels, m.active)
             sessions.add_metric(labels, m.sessions)
             attempts.add_metric(labels, m.attempts)
+            bytes_in.add_metric(labels, m.bytes_in)
+            bytes_out.add_metric(labels, m.bytes_out)
             for kind in CONNECT_KINDS:
                 failures.add_metric([*labels, kind], m.connect_failures.get(kind, 0))
             for name in STATES:
@@ -112,7 +116,7 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
             for kind, count in m.check_failures.items():
                 check_failures.add_metric([*labels, kind], count)
             latency.add_metric(labels, m.last_check_seconds)
-    yield from (active, sessions, attempts, failures, state, checks, check_failures, latency)
+    yield from (active, sessions, attempts, bytes_in, bytes_out, failures, state, checks, check_failures, latency)
 
 
 def registry(source: Source) -> CollectorRegistry:

@@ -42,7 +42,7 @@ PUBLISH = 0.25  # seconds between a worker's copies of its counters
 TLS_REASONS = ("timeout", "client_reset", "client_closed", "other")
 LISTENER_FIELDS = ("accepted", "sessions", "active", "bytes_in", "bytes_out", "accept_pauses", *TLS_REASONS)
 POOL_FIELDS = ("retries", "no_upstream")
-SLOT_FIELDS = ("attempts", "sessions", *CONNECT_KINDS)
+SLOT_FIELDS = ("attempts", "sessions", "bytes_in", "bytes_out", *CONNECT_KINDS)
 _GAUGES = {LISTENER_FIELDS.index("active")}  # listener offsets of values that are not running totals
 
 
@@ -131,7 +131,8 @@ class Publisher:
                 if member.slot >= 0:
                     stats = member.stats
                     failures = stats.connect_failures
-                    values = (member.total, stats.sessions, *(failures[kind] for kind in CONNECT_KINDS))
+                    counts = (member.total, stats.sessions, stats.bytes_in, stats.bytes_out)
+                    values = (*counts, *(failures[kind] for kind in CONNECT_KINDS))
                     _store(cells, base + shared.slot(member.slot), values)
 
     def poll(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -199,9 +200,12 @@ class SupervisorSource:
     def _member(self, member: Member, pool: Pool) -> MemberView:
         active = sum(self.table.active[cell] for cell in self.table.column(member.slot))
         view = member_view(member, self.started_at, check_failures(self.probers(), pool, member), active=active)
-        attempts, sessions, *failures = self.shared.total(self.shared.slot(member.slot), len(SLOT_FIELDS))
+        attempts, sessions, bytes_in, bytes_out, *failures = self.shared.total(
+            self.shared.slot(member.slot), len(SLOT_FIELDS)
+        )
+        failed = dict(zip(CONNECT_KINDS, failures, strict=True))
         return dataclasses.replace(
-            view, attempts=attempts, sessions=sessions, connect_failures=dict(zip(CONNECT_KINDS, failures, strict=True))
+            view, attempts=attempts, sessions=sessions, bytes_in=bytes_in, bytes_out=bytes_out, connect_failures=failed
         )
 
     def set_admin(self, pool: str, member: str, action: str) -> MemberView:

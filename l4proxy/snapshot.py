@@ -62,6 +62,8 @@ class MemberView:
     last_check: str
     last_check_ok: bool
     last_check_seconds: float
+    bytes_in: int = 0  # from clients to the member, added as sessions end
+    bytes_out: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,8 @@ def member_view(
         last_check=stats.last_check,
         last_check_ok=stats.last_check_ok,
         last_check_seconds=stats.last_check_seconds,
+        bytes_in=stats.bytes_in,
+        bytes_out=stats.bytes_out,
     )
 
 
@@ -219,6 +223,8 @@ def member_json(member: MemberView) -> dict[str, Any]:
         "sessions": member.sessions,
         "connect_attempts": member.attempts,
         "connect_failures": member.connect_failures,
+        "bytes_in": member.bytes_in,
+        "bytes_out": member.bytes_out,
         "checks": {"passed": member.checks_passed, "failed": member.checks_failed, "failures": member.check_failures},
         "last_check": {
             "result": member.last_check or None,

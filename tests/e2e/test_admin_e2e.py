@@ -169,6 +169,8 @@ def test_with_workers_the_supervisor_answers_for_all_of_them(redis: RedisServer)
         [pool] = status_of(admin)["pools"]
         [seen] = pool["members"]
         assert (seen["name"], seen["state"], seen["sessions"], seen["connect_attempts"]) == (member, "UP", 6, 6)
+        totals = status_of(admin)["totals"]  # the one member served every byte, through both workers
+        assert (seen["bytes_in"], seen["bytes_out"]) == (totals["bytes_in"], totals["bytes_out"]) == (6 * 14, 6 * 7)
         code, body = fetch(f"http://127.0.0.1:{admin}/metrics")
         assert code == 200 and b'l4proxy_workers 2.0' in body
 

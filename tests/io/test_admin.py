@@ -123,6 +123,10 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
         assert value(samples, "l4proxy_member_status", **labels, state="UP") == 1
         for kind in ("refused", "timeout", "dns", "tls", "reset", "other"):
             assert value(samples, "l4proxy_member_connect_failures_total", **labels, kind=kind) == 0
+    for direction in ("in", "out"):  # each session's bytes go to the member that served it
+        name = f"l4proxy_member_bytes_{direction}_total"
+        assert value(samples, name, **bad) == 0
+        assert sum(value(samples, name, pool="default", member=str(m.address)) for m in (u0, u1)) == sum(sizes)
     assert value(samples, "l4proxy_pool_members_eligible", pool="default") == 2
     assert value(samples, "l4proxy_ready") == 1
     assert value(samples, "l4proxy_open_fds") > 0

@@ -57,6 +57,7 @@ PURE_MODULES = {
     "ratelog": {"ratelog"},
     "reload": {"reload", "acl", "config", "checks", "errors", "sniroutes"},
     "certrules": {"certrules"},
+    "topview": {"topview"},
 }
 
 _PROBE = """
@@ -142,7 +143,8 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"reload", "takeover", "workers", "admin", "snapshot"},
+    | {"reload", "takeover", "workers", "admin", "snapshot", "top"},
+    "top": {"config", "errors", "topview"},
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
     | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
