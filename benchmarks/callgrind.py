@@ -5,7 +5,11 @@ fraction of a percent, so it shows changes of a few percent that timing cannot. 
 (``results/profile.md``): l4proxy runs under ``valgrind --tool=callgrind --instr-atstart=no`` with the
 benchmark target's flags (health checks on, an access log to a file), a warm-up load runs uncounted,
 ``callgrind_control -i on`` switches counting on, the measured load runs, and the dump's total is
-divided by its connections (``connect``) or requests (``rr``, one connection).
+divided by its connections (``connect``) or requests (``rr``, one connection): ``per_unit``. Under
+callgrind a load takes tens of times longer than it would, so the proxy's timers (the sweeper, health
+probes, access-log flushes) add to the count in proportion to the wall time, which a busy machine
+stretches; ``--idle`` seconds counted with no load afterwards give their rate, and ``net_per_unit``
+takes that share out.
 
     .venv/bin/python benchmarks/callgrind.py connect --count 3000
     .venv/bin/python benchmarks/callgrind.py rr --count 20000 --keep /tmp/cg     # keep the dump to annotate
@@ -52,6 +56,16 @@ def control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], capture_output=True, timeout=120, check=True)
 
 
+def dump(pid: int, tmp: Path) -> Path:
+    """Dump the counts since the last dump (or since counting began) and return the new file."""
+    before = set(tmp.glob(f"callgrind.out.{pid}.*"))
+    control("-d", str(pid))
+    new = set(tmp.glob(f"callgrind.out.{pid}.*")) - before
+    if not new:
+        raise RuntimeError(f"no dump from callgrind in {tmp}")
+    return new.pop()
+
+
 def total(dump: Path) -> int:
     """The instruction count of a dump: its ``totals:`` (or ``summary:``) line."""
     text = dump.read_text(errors="replace")
@@ -80,18 +94,20 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         t0 = time.monotonic()
         res = loadgen(args.mode, port, args.count)
         elapsed = time.monotonic() - t0
-        control("-d", str(proxy.pid))
+        loaded = dump(proxy.pid, tmp)
+        time.sleep(args.idle)  # no load: what the timers (sweeper, probes, log flushes) cost per second
+        idle = dump(proxy.pid, tmp)
         control("-i", "off", str(proxy.pid))
-        dumps = sorted(tmp.glob(f"callgrind.out.{proxy.pid}.*"))
-        if not dumps:
-            raise RuntimeError(f"no dump from callgrind in {tmp}")
         n = int(str(res["requests"]))
-        instructions = total(dumps[-1])
+        instructions = total(loaded)
+        background = total(idle) / args.idle * elapsed
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
-            shutil.copy(dumps[-1], Path(args.keep) / f"callgrind.{args.mode}.out")
+            shutil.copy(loaded, Path(args.keep) / f"callgrind.{args.mode}.out")
         return {"mode": args.mode, "count": n, "errors": res.get("errors", 0), "instructions": instructions,
-                "per_unit": round(instructions / n), "seconds": round(elapsed, 1), "tree": args.tree or "."}
+                "per_unit": round(instructions / n), "net_per_unit": round((instructions - background) / n),
+                "idle_per_second": round(total(idle) / args.idle), "seconds": round(elapsed, 1),
+                "tree": args.tree or "."}
     finally:
         proxy.terminate()
         try:
@@ -109,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", help="a checkout whose l4proxy package to run (default: the installed one)")
     p.add_argument("--flag", action="append", default=[], help="an extra l4proxy argument (repeatable)")
     p.add_argument("--keep", help="a folder to copy the dump to, for callgrind_annotate")
+    p.add_argument("--idle", type=float, default=5.0,
+                   help="seconds counted with no load after it, to take the timers' share out (net_per_unit)")
     args = p.parse_args(argv)
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("callgrind.py: valgrind (with callgrind_control) is not installed", file=sys.stderr)
