@@ -119,6 +119,21 @@ def test_sigusr1_logs_every_member_and_the_admin_answers(tmp_path: Path, redis: 
         assert proxy.terminate() == 0
 
 
+def test_the_admin_endpoint_starts_no_thread(tmp_path: Path, redis: RedisServer) -> None:
+    """Once a process has a second thread, glibc sends every system call through its cancellation
+    wrappers, a few percent more instructions per relayed request: binding the endpoint must not start
+    the loop's resolver threads."""
+    admin = free_port()
+    proxy = L4Proxy(tmp_path, ["--upstream", f"127.0.0.1:{redis.port}", "--admin", f"127.0.0.1:{admin}"])
+    with started(proxy):
+        wait_listening(admin)
+        assert fetch(f"http://127.0.0.1:{admin}/metrics")[0] == 200
+        assert redis_cli(proxy.port, "PING") == "PONG"
+        assert proxy.proc is not None
+        assert os.listdir(f"/proc/{proxy.proc.pid}/task") == [str(proxy.proc.pid)]
+        assert proxy.terminate() == 0
+
+
 def test_a_taken_admin_port_is_one_line_and_exit_1(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
