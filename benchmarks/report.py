@@ -3,8 +3,9 @@
 Medians (not means) because the machine is shared: one sample hit by a neighbour's burst should not move
 the summary. Ratios are l4proxy / HAProxy, / nginx and / direct of those medians; for latency the
 interesting figure is the latency a proxy *adds* over the direct connection, so that is reported too.
-Two small tables follow the main one: l4proxy with 2 workers against 1 (and HAProxy), and bulk through
-TLS termination against a plain l4proxy session of the same run.
+Small tables follow the main one: l4proxy with 2 workers against 1 (and HAProxy), bulk through TLS
+termination against a plain l4proxy session of the same run, and, with ``run.py --variant``, l4proxy with
+features on against HAProxy and against plain l4proxy of the same run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ PCTS = ("p50", "p90", "p99", "p99.9")
 TARGET_ORDER = ("direct", "l4proxy", "l4proxy-w2", "l4proxy-plain", "haproxy", "nginx", "pproxy")
 COLORS = {"direct": "#888888", "l4proxy": "#22aa77", "l4proxy-w2": "#116644", "l4proxy-plain": "#88ddbb",
           "haproxy": "#2277cc", "nginx": "#7744bb", "pproxy": "#cc7722"}
+VARIANT_COLOR = "#55bb99"  # every l4proxy+NAME target (run.py --variant)
+
+
+def ordered(names: list[str]) -> list[str]:
+    """The run's targets in report order: the known ones first, then the variants as the run named them."""
+    return [t for t in TARGET_ORDER if t in names] + [t for t in names if t not in TARGET_ORDER]
 
 
 def flat(sample: dict[str, Any]) -> dict[str, float]:
@@ -151,7 +158,7 @@ def scenario_rows(name: str, scn: dict[str, Any], targets: list[str]) -> list[st
 
 def markdown(doc: dict[str, Any]) -> str:
     m, run = doc["machine"], doc["run"]
-    targets = [t for t in TARGET_ORDER if t in run["targets"]]
+    targets = ordered(run["targets"])
     head = (f"| scenario | metric | {' | '.join(targets)} | l4proxy / haproxy | l4proxy / nginx | l4proxy / direct |\n"
             f"|---|---|{'---|' * len(targets)}---|---|---|")
     body = [row for name, scn in doc["scenarios"].items() for row in scenario_rows(name, scn, targets)]
@@ -166,7 +173,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Medians of {run['repeats']} interleaved samples per target; load generator processes: {run['procs']}.",
         "",
         head, *body, "",
-        *workers_table(doc), *tls_table(doc),
+        *workers_table(doc), *tls_table(doc), *variants_table(doc),
         "### Performance bar (l4proxy)", "",
         "| check | measured | threshold | result |", "|---|---|---|---|",
         *[bar_row(c) for c in doc["bar"]], "",
@@ -217,6 +224,49 @@ def tls_table(doc: dict[str, Any]) -> list[str]:
             *rows, ""]
 
 
+VARIANT_METRICS = ("rate", "cpu_us_per_req")
+
+
+def variant_ratios(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per variant, scenario and metric: the median, its ratio to HAProxy, and that ratio divided by
+    plain l4proxy's, which is the figure the feature bars name (within 3% or 5% of plain)."""
+    rows = []
+    for target, info in doc["run"].get("variants", {}).items():
+        for name, scn in doc["scenarios"].items():
+            if target not in scn["targets"]:
+                continue
+            for key in VARIANT_METRICS:
+                mine = value(scn, target, key)
+                to_haproxy = ratio(mine, value(scn, "haproxy", key))
+                plain = ratio(value(scn, "l4proxy", key), value(scn, "haproxy", key))
+                rows.append({"scenario": name, "variant": info["variant"], "target": target, "metric": key,
+                             "median": mine, "to_haproxy": to_haproxy, "to_plain": ratio(to_haproxy, plain),
+                             "status": scn["targets"][target].get("status")})
+    return rows
+
+
+def variants_table(doc: dict[str, Any]) -> list[str]:
+    """``variant_ratios`` as Markdown, with each variant's flags."""
+    rows = doc.get("variant_ratios") or []
+    if not rows:
+        return []
+    labels = {key: label for m in METRICS.values() for key, label, _ in m}
+    scns = doc["scenarios"]
+    lines = []
+    for r in rows:
+        label = dict((k, lb) for k, lb, _ in metrics(r["scenario"], scns[r["scenario"]])).get(r["metric"])
+        cell = status_cell(scns[r["scenario"]], r["target"]) or fmt(r["median"])
+        lines.append(f"| {r['scenario']} | {label or labels[r['metric']]} | {r['variant']} | {cell} | "
+                     f"{fmt(r['to_haproxy'])} | {fmt(r['to_plain'])} |")
+    flags = [f"- `{info['variant']}` ({t}): `{info['flags']}`: {info['about']}"
+             for t, info in doc["run"]["variants"].items()]
+    return ["### Variants (l4proxy with features on, same run)", "",
+            "`/ plain` is the variant's ratio to HAProxy divided by plain l4proxy's: for rates above 1 is "
+            "better, for CPU below 1.", "",
+            "| scenario | metric | variant | value | / haproxy | / plain |", "|---|---|---|---|---|---|",
+            *lines, "", *flags, ""]
+
+
 def bar_row(c: dict[str, Any]) -> str:
     result = {True: "pass", False: "miss", None: "not measured"}[c["passed"]]
     op = ">=" if c["higher_is_better"] else "<="
@@ -233,6 +283,10 @@ def notes(doc: dict[str, Any]) -> list[str]:
                 out.append(f"- {name} / {t}: {r.get('status')}: {str(r.get('reason', ''))[:200]}")
             for err in r.get("errors", [])[:1]:
                 out.append(f"- {name} / {t}: a sample failed: {err[:200]}")
+            scrapes = r.get("scrapes")
+            if scrapes and scrapes["failed"]:
+                out.append(f"- {name} / {t}: {scrapes['failed']} of {scrapes['ok'] + scrapes['failed']} scrapes of "
+                           f"{scrapes['url']} failed, the last: {scrapes['last_error'][:200]}")
     return (["### Notes", "", *out, ""]) if out else []
 
 
@@ -248,7 +302,7 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return ["charts skipped: matplotlib not importable (pip install matplotlib)"]
-    targets = [t for t in TARGET_ORDER if t in doc["run"]["targets"]]
+    targets = ordered(doc["run"]["targets"])
     scns = {n: s for n, s in doc["scenarios"].items() if s["kind"] != "memory"}
     written = []
     if scns:
@@ -273,7 +327,7 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
 
 def throughput_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str]) -> None:
     key = "gbps" if scn["kind"] == "bulk" else "rate"
-    targets = [t for t in TARGET_ORDER if t in scn["targets"] and (t in targets or t == "l4proxy-plain")]
+    targets = [t for t in ordered(list(scn["targets"])) if t in targets or t == "l4proxy-plain"]
     meds, lo, hi = [], [], []
     for t in targets:
         vals = [flat(s).get(key, 0.0) for s in scn["targets"].get(t, {}).get("samples", [])] or [0.0]
@@ -281,7 +335,7 @@ def throughput_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str])
         meds.append(med)
         lo.append(med - min(vals))
         hi.append(max(vals) - med)
-    ax.bar(targets, meds, yerr=[lo, hi], capsize=3, color=[COLORS[t] for t in targets])
+    ax.bar(targets, meds, yerr=[lo, hi], capsize=3, color=[COLORS.get(t, VARIANT_COLOR) for t in targets])
     ax.set_title(name, fontsize=9)
     ax.set_ylabel("Gbit/s" if key == "gbps" else "per second", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -292,7 +346,7 @@ def latency_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str]) ->
         med = scn["targets"].get(t, {}).get("median", {})
         ys = [med.get(p) for p in PCTS]
         if all(y is not None for y in ys):
-            ax.plot(PCTS, ys, marker="o", label=t, color=COLORS[t])
+            ax.plot(PCTS, ys, marker="o", label=t, color=COLORS.get(t, VARIANT_COLOR))
     ax.set_yscale("log")
     ax.set_title(name, fontsize=9)
     ax.set_ylabel("latency, us", fontsize=8)

@@ -8,6 +8,7 @@ the memory scenario reads VmRSS with N idle sessions open. Results go to ``--out
 
     .venv/bin/python benchmarks/run.py --quick
     .venv/bin/python benchmarks/run.py --scenarios rr,bulk --targets direct,l4proxy,haproxy
+    .venv/bin/python benchmarks/run.py --quick --variant weights,edge,admin    # rr and connect, features on
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import sysinfo
 from targets import (
     HERE,
     TARGETS,
+    VARIANTS,
     Env,
+    L4proxyVariant,
     Proc,
     Running,
     Tls,
@@ -40,7 +43,7 @@ from targets import (
     make_certs,
     rss_kib,
     start_redis,
-    start_upstream,
+    start_upstreams,
     worker_sessions,
 )
 
@@ -147,6 +150,7 @@ def last_json(out: str) -> dict[str, Any]:
 def sample_loadgen(s: Scenario, run: Running, ctx: Ctx) -> dict[str, Any]:
     """Run the load generator once; attach the proxy's CPU time spent during it."""
     cmd = loadgen_cmd(s, run, ctx)
+    scraped = (run.scraper.ok, run.scraper.failed) if run.scraper is not None else (0, 0)
     cpu0 = cpu_seconds(run.proc.pid) if run.proc else 0.0
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=s.load["duration"] + 90)
     cpu = cpu_seconds(run.proc.pid) - cpu0 if run.proc else None
@@ -154,6 +158,8 @@ def sample_loadgen(s: Scenario, run: Running, ctx: Ctx) -> dict[str, Any]:
         raise RuntimeError(f"loadgen failed ({done.returncode}): {done.stderr.strip()[-400:]}")
     res = last_json(done.stdout)
     res["cpu_s"] = cpu
+    if run.scraper is not None:  # the scrapes that fell within this sample, and any that failed
+        res["scrapes"], res["scrape_failures"] = run.scraper.ok - scraped[0], run.scraper.failed - scraped[1]
     if cpu is not None and s.kind == "bulk":
         gb = (res["bytes_up"] + res["bytes_down"]) / 1e9
         res["cpu_us_per_gb"] = cpu * 1e6 / gb if gb else None
@@ -226,22 +232,28 @@ SAMPLERS = {"rr": sample_loadgen, "connect": sample_loadgen, "bulk": sample_load
 
 
 @contextlib.contextmanager
-def upstreams(s: Scenario, ctx: Ctx, sessions: int) -> Any:
-    """Start what the scenario's targets forward to; stop it afterwards by PID."""
+def upstreams(s: Scenario, ctx: Ctx, sessions: int, names: list[str]) -> Any:
+    """Start what the scenario's targets ``names`` forward to; stop it afterwards by PID. A variant with
+    PROXY headers makes the upstream drop them (for every target: one without sends none), one with two
+    members gets a second port on the same upstream process."""
+    variants = [t.variant for n in names if isinstance(t := TARGETS[n], L4proxyVariant)]
+    strip = ctx.edge or any(v.strip_proxy for v in variants)
+    listeners = 2 if any(v.two_members for v in variants) else 1
     procs: list[Proc] = []
-    plain = tls = None
+    plain = tls = second = None
     try:
         if s.kind == "redis":
             proc, plain = start_redis(ctx.tmp)
             procs.append(proc)
         else:
             mode = "bulk" if s.kind == "bulk" else "echo"
-            proc, plain = start_upstream(mode, ctx.tmp, strip_proxy=ctx.edge)
+            proc, plains = start_upstreams(mode, ctx.tmp, strip_proxy=strip, listeners=listeners)
             procs.append(proc)
+            plain, second = plains[0], (plains[1] if listeners > 1 else None)
             if s.tls:
-                proc, tls = start_upstream(mode, ctx.tmp, ctx.certs, strip_proxy=ctx.edge)
+                proc, (tls,) = start_upstreams(mode, ctx.tmp, ctx.certs, strip_proxy=strip)
                 procs.append(proc)
-        yield Env(s.name, s.tls, plain, tls, ctx.certs, ctx.tmp, sessions, ctx.edge)
+        yield Env(s.name, s.tls, plain, tls, ctx.certs, ctx.tmp, sessions, ctx.edge, second)
     finally:
         for p in procs:
             p.stop()
@@ -293,7 +305,7 @@ def run_scenario(s: Scenario, names: list[str], repeats: int, ctx: Ctx, sessions
     names = [n for n in names if TARGETS[n].runs(s.name)]
     if s.twin and "l4proxy" in names and s.twin not in names:
         names.insert(names.index("l4proxy") + 1, s.twin)
-    with upstreams(s, ctx, sessions) as env:
+    with upstreams(s, ctx, sessions, names) as env:
         sampler = sample_fresh if s.kind == "memory" else sample_interleaved
         results = sampler(s, names, repeats, ctx, env)
     for out in results.values():
@@ -317,6 +329,8 @@ def sample_interleaved(s: Scenario, names: list[str], repeats: int, ctx: Ctx, en
             stop(run)
             if run is not None and TARGETS[n].workers > 1:
                 out["worker_sessions"] = worker_sessions(run.access_log)
+            if run is not None and run.scraper is not None:
+                out["scrapes"] = run.scraper.totals()
     return {n: out for n, (_, out) in running.items()}
 
 
@@ -342,8 +356,8 @@ def sample_fresh(s: Scenario, names: list[str], repeats: int, ctx: Ctx, env: Env
 
 
 def stop(run: Running | None) -> None:
-    if run is not None and run.proc is not None:
-        run.proc.stop()
+    if run is not None:
+        run.stop()
 
 
 # --- command line ---------------------------------------------------------------------------------------
@@ -376,12 +390,29 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edge", action="store_true",
                    help="l4proxy and HAProxy send PROXY v2 headers upstream and check a source ACL (l4proxy: "
                         "--send-proxy v2 --allow 127.0.0.0/8); the upstreams drop the headers")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME[,NAME...]",
+                   help="l4proxy with features on, beside plain l4proxy and HAProxy in the same run, from "
+                        + ",".join(VARIANTS) + "; repeatable. Default scenarios then: rr,connect; default "
+                        "targets: l4proxy,haproxy and the variants")
     p.add_argument("--no-charts", action="store_true")
     p.add_argument("--plan", action="store_true",
                    help="print the scenarios, targets (and which are missing here) and budgets, then exit")
     args = p.parse_args(argv)
     args.profile = "quick" if args.quick else "smoke" if args.smoke else "full"
+    args.variants = [v for given in args.variant for v in given.split(",") if v]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variant {','.join(bad)!r}: unknown; expected some of {','.join(VARIANTS)}")
+    if args.variants and args.edge:
+        p.error("--edge: gives every proxy the edge features; with --variant use the edge variant instead")
     return args
+
+
+def variant_targets(args: argparse.Namespace) -> list[str]:
+    """The targets a run with ``--variant`` adds: plain l4proxy (the reference) and each variant's."""
+    if not args.variants:
+        return []
+    return list(dict.fromkeys(["l4proxy", *(VARIANTS[v].target for v in args.variants)]))
 
 
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[str], tuple[int, int]]:
@@ -389,8 +420,10 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[str]
     prof = dict(PROFILES[args.profile])
     if args.sessions:
         prof["sessions"] = args.sessions
-    names = (args.scenarios or DEFAULT_SCENARIOS[args.profile]).split(",")
-    tnames = (args.targets or DEFAULT_TARGETS[args.profile]).split(",")
+    extra = variant_targets(args)
+    names = (args.scenarios or ("rr,connect" if extra else DEFAULT_SCENARIOS[args.profile])).split(",")
+    tnames = (args.targets or ("haproxy" if extra else DEFAULT_TARGETS[args.profile])).split(",")
+    tnames = list(dict.fromkeys(tnames + extra))
     for flag, given, known in (("--scenarios", names, list(scenarios(prof))), ("--targets", tnames, list(TARGETS))):
         bad = [n for n in given if n not in known]
         if bad:
@@ -435,14 +468,18 @@ def main(argv: list[str] | None = None) -> int:
         certs = make_certs(tmp) if any(known[n].tls for n in names) else None
         ctx = Ctx(tmp, certs, args.procs, edge=args.edge)
         results = {n: run_scenario(known[n], tnames, repeats, ctx, prof["sessions"]) for n in names}
-    doc = {
+    doc: dict[str, Any] = {
         "machine": machine,
         "run": {"profile": args.profile, "repeats": repeats, "targets": tnames, "scenarios": names,
                 "procs": args.procs, "edge": args.edge, "nofile": nofile, "seconds": round(time.monotonic() - t0, 1),
-                "started": started, "budgets": prof},
+                "started": started, "budgets": prof,
+                "variants": {VARIANTS[v].target: {"variant": v, "about": VARIANTS[v].about,
+                                                  "flags": VARIANTS[v].describe()}
+                             for v in ["plain", *args.variants] if args.variants}},
         "scenarios": results,
     }
     doc["bar"] = [asdict(c) for c in report.bar_checks(doc)]
+    doc["variant_ratios"] = report.variant_ratios(doc)
     print(report.write_all(doc, args.out, charts_on=not args.no_charts))
     return 0
 

@@ -19,9 +19,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
@@ -59,6 +62,7 @@ class Env:
     tmp: Path
     sessions: int = 1000
     edge: bool = False  # both proxies send PROXY v2 to the upstream and check a source ACL (run.py --edge)
+    second_upstream: tuple[str, int] | None = None  # a second plain member, for variants that name {b}
 
     @property
     def proxy_upstream(self) -> tuple[str, int]:
@@ -104,6 +108,13 @@ class Running:
     proc: Proc | None = None
     notes: list[str] = field(default_factory=list)
     access_log: Path | None = None
+    scraper: Scraper | None = None  # the admin variant's: polls the admin endpoint while the target runs
+
+    def stop(self) -> None:
+        if self.scraper is not None:
+            self.scraper.stop()
+        if self.proc is not None:
+            self.proc.stop()
 
 
 # --- small process and socket helpers -------------------------------------------------------------------
@@ -187,7 +198,16 @@ def start_upstream(
     mode: str, tmp: Path, certs: Tls | None = None, strip_proxy: bool = False
 ) -> tuple[Proc, tuple[str, int]]:
     """Start benchmarks/upstream.py on port 0 and read the port it prints."""
-    cmd = [sys.executable, str(HERE / "upstream.py"), "--mode", mode] + (["--strip-proxy"] if strip_proxy else [])
+    proc, addrs = start_upstreams(mode, tmp, certs, strip_proxy)
+    return proc, addrs[0]
+
+
+def start_upstreams(
+    mode: str, tmp: Path, certs: Tls | None = None, strip_proxy: bool = False, listeners: int = 1
+) -> tuple[Proc, list[tuple[str, int]]]:
+    """One benchmarks/upstream.py process serving on ``listeners`` ports (chosen by the kernel)."""
+    cmd = [sys.executable, str(HERE / "upstream.py"), "--mode", mode, "--listeners", str(listeners)]
+    cmd += ["--strip-proxy"] if strip_proxy else []
     if certs is not None:
         cmd += ["--tls-cert", certs.cert, "--tls-key", certs.key]
     name = f"upstream-{mode}{'-tls' if certs else ''}"
@@ -196,9 +216,10 @@ def start_upstream(
     line = proc.popen.stdout.readline().strip()
     if not line:
         raise RuntimeError(f"{name} did not start: {proc.log_tail()}")
-    addr = ("127.0.0.1", int(line))
-    wait_ready(addr, proc)
-    return proc, addr
+    addrs = [("127.0.0.1", int(port)) for port in line.split()]
+    for addr in addrs:
+        wait_ready(addr, proc)
+    return proc, addrs
 
 
 def start_redis(tmp: Path) -> tuple[Proc, tuple[str, int]]:
@@ -259,9 +280,20 @@ class L4proxy(Target):
         return str(local) if local.exists() else shutil.which("l4proxy")
 
     def start(self, env: Env) -> Running:
-        port, (uh, up) = free_port(), env.proxy_upstream
+        port = free_port()
         access_log = env.tmp / f"{self.name}-access-{env.scenario}.log"
-        cmd = [self.binary() or "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", f"{uh}:{up}",
+        proc = spawn(f"{self.name}-{env.scenario}", self.command(env, port, access_log), env.tmp)
+        run = ready(Running(("127.0.0.1", port), env.tls == "term", proc, access_log=access_log))
+        settle_workers(proc, self.workers)
+        return run
+
+    def upstream(self, env: Env) -> str:
+        """The ``--upstream`` value: the scenario's one upstream."""
+        uh, up = env.proxy_upstream
+        return f"{uh}:{up}"
+
+    def command(self, env: Env, port: int, access_log: Path) -> list[str]:
+        cmd = [self.binary() or "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", self.upstream(env),
                "--access-log", str(access_log), "--log-level", "warning", "--drain-timeout", "1s"]
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
@@ -274,10 +306,7 @@ class L4proxy(Target):
         elif env.tls == "orig":
             assert env.certs is not None
             cmd += ["--upstream-tls", "--upstream-ca", env.certs.ca]
-        proc = spawn(f"{self.name}-{env.scenario}", cmd, env.tmp)
-        run = ready(Running(("127.0.0.1", port), env.tls == "term", proc, access_log=access_log))
-        settle_workers(proc, self.workers)
-        return run
+        return cmd
 
 
 class L4proxyWorkers(L4proxy):
@@ -296,6 +325,117 @@ class L4proxyPlain(L4proxy):
 
     def start(self, env: Env) -> Running:
         return super().start(dataclasses.replace(env, tls=""))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """l4proxy with some features on, sampled beside plain l4proxy and HAProxy in the same run
+    (``run.py --variant``), for the feature bars: rates with a feature on within a few percent of
+    plain, as ratios to HAProxy. Data only, so a variant whose syntax is not there yet is recorded as
+    unsupported (with l4proxy's error line) and runs once it is.
+
+    In ``flags`` and ``upstream``, ``{a}`` and ``{b}`` stand for two echo upstreams (``host:port``; one
+    process on two ports), ``{admin}`` for a free ``host:port``. ``strip_proxy``: the upstream drops the
+    PROXY header each connection starts with. ``scrape``: a path on ``{admin}`` fetched every second
+    while the target runs, as a Prometheus server would."""
+
+    name: str
+    about: str
+    flags: tuple[str, ...] = ()
+    upstream: str = "{a}"
+    strip_proxy: bool = False
+    scrape: str = ""
+
+    @property
+    def target(self) -> str:
+        """The target's name: plain is the ``l4proxy`` target itself."""
+        return "l4proxy" if self.name == "plain" else f"l4proxy+{self.name}"
+
+    @property
+    def two_members(self) -> bool:
+        return "{b}" in self.upstream or any("{b}" in f for f in self.flags)
+
+    def describe(self) -> str:
+        """The flags as a command line would show them, placeholders left in."""
+        return shlex.join(["--upstream", self.upstream, *self.flags])
+
+
+EDGE_FLAGS = ["--send-proxy", "v2", "--allow", "127.0.0.0/8"]  # run.py --edge; HAProxy's twin: haproxy_config
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("plain", "no feature beyond the l4proxy target's defaults (health checks, access log)"),
+    Variant("weights", "two members, one with a weight and a session limit: weighted least-connections",
+            upstream="{a};weight=3;max_conns=10000,{b}"),
+    Variant("edge", "PROXY v2 headers to the member (which drops them) and a source ACL",
+            flags=tuple(EDGE_FLAGS), strip_proxy=True),
+    Variant("admin", "the admin endpoint on, its /metrics scraped every second", flags=("--admin", "{admin}"),
+            scrape="/metrics"),
+)}
+
+
+class L4proxyVariant(L4proxy):
+    """l4proxy with a variant's flags (``Variant``), in the rr and connect scenarios."""
+
+    scenarios = frozenset({"rr", "connect"})
+
+    def __init__(self, variant: Variant) -> None:
+        self.variant = variant
+        self.name = variant.target
+        self.places: dict[str, str] = {}
+
+    def upstream(self, env: Env) -> str:
+        return self.variant.upstream.format(**self.places)
+
+    def command(self, env: Env, port: int, access_log: Path) -> list[str]:
+        (ah, ap), second = env.proxy_upstream, env.second_upstream
+        self.places = {"a": f"{ah}:{ap}", "b": f"{second[0]}:{second[1]}" if second else "{b}",
+                       "admin": f"127.0.0.1:{free_port()}"}
+        cmd = super().command(env, port, access_log)
+        return cmd + [flag.format(**self.places) for flag in self.variant.flags]
+
+    def start(self, env: Env) -> Running:
+        run = super().start(env)
+        if self.variant.scrape:
+            # the admin endpoint may open after the listener. The first answer may pay for imports and
+            # set-up: over before the first sample, as it would be long before any under a real Prometheus
+            host, port = self.places["admin"].rsplit(":", 1)
+            wait_ready((host, int(port)), run.proc)
+            run.scraper = Scraper(f"http://{self.places['admin']}{self.variant.scrape}")
+            run.scraper.first.wait(10)
+        return run
+
+
+class Scraper:
+    """Fetches ``url`` at once and then every ``interval`` seconds, in a thread of the runner, until
+    stopped; counts the answers and failures (a sample reads how many fell within it)."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        self.url, self.interval = url, interval
+        self.ok = self.failed = 0
+        self.last_error = ""
+        self._stopping = threading.Event()
+        self.first = threading.Event()  # set once the first fetch is over, answered or not
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as answer:
+                    answer.read()
+                self.ok += 1
+            except OSError as exc:
+                self.failed += 1
+                self.last_error = str(exc)
+            self.first.set()
+            if self._stopping.wait(self.interval):
+                return
+
+    def totals(self) -> dict[str, Any]:
+        return {"url": self.url, "ok": self.ok, "failed": self.failed, "last_error": self.last_error}
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
 
 
 def settle_workers(proc: Proc, workers: int, timeout: float = 10.0) -> None:
@@ -322,9 +462,6 @@ class Haproxy(Target):
         cfg.write_text(haproxy_config(port, uh, up, env))
         proc = spawn(f"haproxy-{env.scenario}", ["haproxy", "-db", "-f", str(cfg)], env.tmp)
         return ready(Running(("127.0.0.1", port), env.tls == "term", proc))
-
-
-EDGE_FLAGS = ["--send-proxy", "v2", "--allow", "127.0.0.0/8"]  # run.py --edge; HAProxy's twin: haproxy_config
 
 
 def haproxy_maxconn(sessions: int) -> int:
@@ -477,7 +614,8 @@ def ready(run: Running) -> Running:
 
 
 TARGETS: dict[str, Target] = {
-    t.name: t for t in (Direct(), L4proxy(), L4proxyWorkers(), L4proxyPlain(), Haproxy(), Nginx(), Pproxy())
+    t.name: t for t in (Direct(), L4proxy(), L4proxyWorkers(), L4proxyPlain(), Haproxy(), Nginx(), Pproxy(),
+                        *(L4proxyVariant(v) for v in VARIANTS.values() if v.name != "plain"))
 }
 
 

@@ -9,10 +9,13 @@ and the proxy under test is what the numbers measure:
   what it received. The count lets the client verify end to end that every uploaded byte arrived, without
   relying on half-close (which not every proxy passes on).
 
-With ``--port 0`` it prints the chosen port on stdout (one line) once it accepts connections.
+With ``--port 0`` it prints the chosen port on stdout (one line) once it accepts connections;
+``--listeners N`` serves the same on N ports of one process (the pool members of the ``weights``
+variant), printed space-separated on that line.
 ``--strip-proxy`` drops a PROXY protocol header (v1 or v2) that starts a connection, for the ``--edge``
-runs in which the proxies under test send one: a benchmark tool's leniency (the header must come whole in
-the first read, and a connection without one is served as it is), not a parser.
+runs and the ``edge`` variant, in which the proxies under test send one: a benchmark tool's leniency
+(the header must come whole in the first read, and a connection without one is served as it is), not a
+parser.
 """
 
 from __future__ import annotations
@@ -153,18 +156,21 @@ def server_ssl(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 async def serve(args: argparse.Namespace) -> None:
     """Listen until SIGTERM/SIGINT; announce the port on stdout so a parent can use port 0."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        stripping(PROTOCOLS[args.mode]) if args.strip_proxy else PROTOCOLS[args.mode], args.host, args.port,
-        backlog=4096,
-        ssl=server_ssl(args.tls_cert, args.tls_key), reuse_address=True,
-    )
-    port = server.sockets[0].getsockname()[1]
-    print(port, flush=True)
+    protocol = stripping(PROTOCOLS[args.mode]) if args.strip_proxy else PROTOCOLS[args.mode]
+    servers = [
+        await loop.create_server(
+            protocol, args.host, args.port, backlog=4096, ssl=server_ssl(args.tls_cert, args.tls_key),
+            reuse_address=True,
+        )
+        for _ in range(args.listeners)
+    ]
+    print(" ".join(str(s.sockets[0].getsockname()[1]) for s in servers), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    server.close()
+    for server in servers:
+        server.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,7 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", help="private key for --tls-cert (PEM)")
     parser.add_argument("--strip-proxy", action="store_true", help="drop a PROXY header starting a connection")
+    parser.add_argument("--listeners", type=int, default=1,
+                        help="serve on this many ports (each chosen by the kernel: --port 0), printed on one line")
     args = parser.parse_args(argv)
+    if args.listeners > 1 and args.port:
+        parser.error(f"--listeners {args.listeners}: needs --port 0, got --port {args.port}")
     raise_nofile_limit()
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
         r.run(serve(args))

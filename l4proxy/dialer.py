@@ -232,12 +232,14 @@ def _connect(
     address = member.address
     tls = pool.ssl_context
     factory = itertools.repeat(pump).__next__  # returns the pump; a C callable, so no Python frame runs
-    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": address.host, "port": address.port}
-    if tls is None:
-        return loop.create_connection(factory, **where)
+    if tls is None:  # the common case: host and port positional, no keyword dict built and unpacked
+        if sock is None:
+            return loop.create_connection(factory, address.host, address.port)
+        return loop.create_connection(factory, sock=sock)
     from .tls import server_hostname
 
     assert pool.config.tls is not None
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": address.host, "port": address.port}
     return loop.create_connection(
         factory,
         **where,

@@ -158,7 +158,9 @@ class Frontend:
             live.add(session)
             counters.sessions += 1
             counters.active += 1
-            if session.client_address in own:  # one of our own connections: a member leads back here
+            # one of our own connections: a member leads back here (an empty set, the common case,
+            # skips hashing the client's address)
+            if own and session.client_address in own:
                 self._loop_back(session)
                 return
             dial = session.dial = make_dial(session, pool, loop, deadlines, warnings, outgoing)

@@ -4,7 +4,8 @@ l4proxy with two workers.
 Checks the shape and sanity of the JSON it writes (positive rates, ordered percentiles, byte counts that
 match), never speed: the numbers of a shared machine are not a test. A second smoke run takes HAProxy and
 nginx through plain and TLS scenarios, so the configurations the runner writes for them keep working
-(CI installs both; a missing one fails, it never skips).
+(CI installs both; a missing one fails, it never skips). A third takes the feature variants
+(``--variant weights,edge,admin``) through rr and connect beside plain l4proxy and HAProxy.
 """
 
 from __future__ import annotations
@@ -178,3 +179,68 @@ def test_the_report_names_nginx_and_compares_with_it(others: tuple[dict[str, Any
     assert results["machine"]["nginx"].startswith("nginx version: nginx/")
     assert "| l4proxy / haproxy | l4proxy / nginx | l4proxy / direct |" in md
     assert "| direct | haproxy | nginx |" in md
+
+
+VARIANT_RUN = ("weights", "edge", "admin")
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """The smoke run of the feature variants: rr and connect, plain l4proxy and HAProxy beside them."""
+    require("haproxy")
+    out = tmp_path_factory.mktemp("bench-variants")
+    smoke(out, "--variant", ",".join(VARIANT_RUN))
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def test_variants_run_beside_plain_l4proxy_and_haproxy_in_rr_and_connect(
+    variants: tuple[dict[str, Any], str],
+) -> None:
+    results, _ = variants
+    assert results["run"]["scenarios"] == ["rr", "connect"]
+    assert results["run"]["targets"] == ["haproxy", "l4proxy", "l4proxy+weights", "l4proxy+edge", "l4proxy+admin"]
+    assert results["run"]["variants"]["l4proxy+edge"]["flags"] == "--upstream '{a}' --send-proxy v2 --allow 127.0.0.0/8"
+    assert results["run"]["variants"]["l4proxy"]["variant"] == "plain"
+
+
+@pytest.mark.parametrize("scenario", ["rr", "connect"])
+@pytest.mark.parametrize("target", ["l4proxy+edge", "l4proxy+admin", "l4proxy+weights"])
+def test_each_variant_carries_the_load_or_says_why_not(
+    variants: tuple[dict[str, Any], str], scenario: str, target: str
+) -> None:
+    results, _ = variants
+    entry = results["scenarios"][scenario]["targets"][target]
+    if target == "l4proxy+weights" and entry["status"] == "unsupported":  # until member options exist
+        assert "--upstream" in entry["reason"] and "weight=3" in entry["reason"]
+        return
+    (s,) = samples(results, scenario, target)
+    assert s["rate"] > 0 and s["requests"] > 0 and s["errors"] == 0 and s["cpu_s"] >= 0
+
+
+def test_the_admin_variant_is_scraped_without_failures(variants: tuple[dict[str, Any], str]) -> None:
+    results, _ = variants
+    for scenario in ("rr", "connect"):
+        scrapes = results["scenarios"][scenario]["targets"]["l4proxy+admin"]["scrapes"]
+        assert scrapes["url"].endswith("/metrics") and scrapes["ok"] >= 1 and scrapes["failed"] == 0, scrapes
+
+
+def test_variant_ratios_are_to_haproxy_and_to_plain(variants: tuple[dict[str, Any], str]) -> None:
+    results, md = variants
+    rows = {(r["scenario"], r["variant"], r["metric"]): r for r in results["variant_ratios"]}
+    assert set(rows) == {(s, v, m) for s in ("rr", "connect") for v in ("plain", *VARIANT_RUN)
+                         for m in ("rate", "cpu_us_per_req")}
+    plain = rows["rr", "plain", "rate"]
+    assert plain["to_plain"] == 1.0 and plain["to_haproxy"] > 0
+    edge = rows["rr", "edge", "rate"]
+    assert edge["to_plain"] == pytest.approx(edge["to_haproxy"] / plain["to_haproxy"])
+    assert "### Variants (l4proxy with features on, same run)" in md
+    assert "| rr | req/s | edge |" in md and "- `admin` (l4proxy+admin): `--upstream '{a}' --admin '{admin}'`" in md
+
+
+def test_an_unknown_variant_is_a_one_line_error() -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--variant", "edge,colour", "--plan"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "run.py: error: --variant 'colour': unknown; expected some of plain,weights,edge,admin"
+    )

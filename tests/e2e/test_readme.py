@@ -56,6 +56,10 @@ NOT_RUN: dict[str, str] = {
         "illustrative (marked): the user's Redis hosts behind a load balancer of theirs",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
+    ".venv/bin/python benchmarks/callgrind.py connect": "runs l4proxy under valgrind for a minute or more (a "
+                                                        "measurement, not a check; CI has no valgrind)",
+    ".venv/bin/python benchmarks/callgrind.py rr": "the same, per request",
+    "callgrind_annotate /tmp/cg/callgrind.rr.out": "reads the dump the callgrind.py command above it keeps",
 }
 LOADGEN_DONE = r"(rr|connect): \d+ req/s over \d+ requests, 0 errors,"
 PLAN_ONLY = ".venv/bin/python benchmarks/run.py"  # runs for minutes: checked with --plan (flags and names parsed)

@@ -1,0 +1,140 @@
+"""User-space instructions per proxied connection, or per request on one held connection, with callgrind.
+
+CPU time on a shared VM swings by tens of percent; callgrind's instruction count repeats to within a
+fraction of a percent, so it shows changes of a few percent that timing cannot. The method
+(``results/profile.md``): l4proxy runs under ``valgrind --tool=callgrind --instr-atstart=no`` with the
+benchmark target's flags (health checks on, an access log to a file), a warm-up load runs uncounted,
+``callgrind_control -i on`` switches counting on, the measured load runs, and the dump's total is
+divided by its connections (``connect``) or requests (``rr``, one connection): ``per_unit``. Under
+callgrind a load takes tens of times longer than it would, so the proxy's timers (the sweeper, health
+probes, access-log flushes) add to the count in proportion to the wall time, which a busy machine
+stretches; ``--idle`` seconds counted with no load afterwards give their rate, and ``net_per_unit``
+takes that share out.
+
+    .venv/bin/python benchmarks/callgrind.py connect --count 3000
+    .venv/bin/python benchmarks/callgrind.py rr --count 20000 --keep /tmp/cg     # keep the dump to annotate
+    .venv/bin/python benchmarks/callgrind.py rr --tree /path/to/an/older/checkout  # the same on older code
+
+``--tree`` runs the l4proxy package found in that directory with this venv's Python, so two
+commits can be compared without a second venv. ``--flag`` appends l4proxy flags (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from targets import HERE, free_port, start_upstream, wait_ready
+
+WARMUP = {"connect": 300, "rr": 2000}
+# --tree: run the l4proxy package of another checkout. The venv's editable install finds its own package
+# before sys.path is searched, so its finder is dropped first; argv[1] is the checkout.
+LAUNCH = ("import runpy, sys\n"
+          "sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith('__editable__')]\n"
+          "sys.path.insert(0, sys.argv.pop(1))\n"
+          "sys.argv[0] = 'l4proxy'\n"
+          "runpy.run_module('l4proxy', run_name='__main__', alter_sys=True)\n")
+
+
+def loadgen(mode: str, port: int, count: int) -> dict[str, object]:
+    """One bounded load: ``count`` connections (16 at a time) or ``count`` requests on one connection."""
+    conns = "16" if mode == "connect" else "1"
+    cmd = [sys.executable, str(HERE / "loadgen.py"), mode, "--json", "--port", str(port), "--conns", conns,
+           "--size", "64", "--requests", str(count), "--duration", "600", "--warmup", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], capture_output=True, timeout=120, check=True)
+
+
+def dump(pid: int, tmp: Path) -> Path:
+    """Dump the counts since the last dump (or since counting began) and return the new file."""
+    before = set(tmp.glob(f"callgrind.out.{pid}.*"))
+    control("-d", str(pid))
+    new = set(tmp.glob(f"callgrind.out.{pid}.*")) - before
+    if not new:
+        raise RuntimeError(f"no dump from callgrind in {tmp}")
+    return new.pop()
+
+
+def total(dump: Path) -> int:
+    """The instruction count of a dump: its ``totals:`` (or ``summary:``) line."""
+    text = dump.read_text(errors="replace")
+    found = re.search(r"^(?:totals|summary): (\d+)", text, re.M)
+    if found is None:
+        raise RuntimeError(f"no totals in {dump}")
+    return int(found.group(1))
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
+    up_proc, (uh, up) = start_upstream("echo", tmp)
+    port = free_port()
+    run = ["-c", LAUNCH, str(Path(args.tree).resolve())] if args.tree else ["-m", "l4proxy"]
+    out = tmp / "callgrind.out"
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
+           sys.executable, *run, "--listen", f"127.0.0.1:{port}", "--upstream", f"{uh}:{up}",
+           "--access-log", str(tmp / "access.log"), "--log-level", "warning", "--drain-timeout", "1s",
+           *args.flag]
+    log = (tmp / "proxy.log").open("ab")
+    proxy = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    try:
+        wait_ready(("127.0.0.1", port), None, timeout=120)
+        loadgen(args.mode, port, WARMUP[args.mode])
+        control("-i", "on", str(proxy.pid))
+        t0 = time.monotonic()
+        res = loadgen(args.mode, port, args.count)
+        elapsed = time.monotonic() - t0
+        loaded = dump(proxy.pid, tmp)
+        time.sleep(args.idle)  # no load: what the timers (sweeper, probes, log flushes) cost per second
+        idle = dump(proxy.pid, tmp)
+        control("-i", "off", str(proxy.pid))
+        n = int(str(res["requests"]))
+        instructions = total(loaded)
+        background = total(idle) / args.idle * elapsed
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(loaded, Path(args.keep) / f"callgrind.{args.mode}.out")
+        return {"mode": args.mode, "count": n, "errors": res.get("errors", 0), "instructions": instructions,
+                "per_unit": round(instructions / n), "net_per_unit": round((instructions - background) / n),
+                "idle_per_second": round(total(idle) / args.idle), "seconds": round(elapsed, 1),
+                "tree": args.tree or "."}
+    finally:
+        proxy.terminate()
+        try:
+            proxy.wait(60)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
+        up_proc.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=sorted(WARMUP))
+    p.add_argument("--count", type=int, default=3000, help="connections (connect) or requests (rr) counted")
+    p.add_argument("--tree", help="a checkout whose l4proxy package to run (default: the installed one)")
+    p.add_argument("--flag", action="append", default=[], help="an extra l4proxy argument (repeatable)")
+    p.add_argument("--keep", help="a folder to copy the dump to, for callgrind_annotate")
+    p.add_argument("--idle", type=float, default=5.0,
+                   help="seconds counted with no load after it, to take the timers' share out (net_per_unit)")
+    args = p.parse_args(argv)
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        print("callgrind.py: valgrind (with callgrind_control) is not installed", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="l4cg-") as tmp:
+        print(json.dumps(measure(args, Path(tmp))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
