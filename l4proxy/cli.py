@@ -272,6 +272,9 @@ OPTIONS: tuple[Option, ...] = (
            " 'off'.", "-", metavar="-|PATH|off"),
     Option("--drain-timeout", "drain_timeout", "process", "On SIGTERM/SIGINT, how long sessions may finish"
            " before they are closed.", "30s", _DURATION, "DURATION"),
+    Option("--shutdown-delay", "shutdown_delay", "process", "On SIGTERM/SIGINT, keep accepting for this long"
+           " while no longer ready (load balancers and Kubernetes endpoints catch up), then drain.", "0s",
+           _DURATION, "DURATION"),
     Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
            " one per CPU.", "1", _plain(parse_workers), "N|auto"),
 )  # fmt: skip
@@ -674,7 +677,9 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
     def on_signal(name: str) -> None:
         received.append(name)
         if len(received) == 1:
-            log.info("%s received: draining for up to %.1fs (again to force)", name, config.drain_timeout)
+            delay = config.shutdown_delay
+            first = f"not ready, accepting for {delay:.1f}s more, then " if delay > 0 else ""
+            log.info("%s received: %sdraining for up to %.1fs (again to force)", name, first, config.drain_timeout)
             proxy.stop()
         else:
             proxy.abort_all("forced_shutdown")

@@ -28,7 +28,8 @@ ejection timers bring members back, as in one process.
 
 **Signals.** The supervisor blocks SIGTERM, SIGINT, SIGHUP and SIGCHLD and takes them with
 ``sigtimedwait`` in its main thread (the health thread never sees them). SIGTERM/SIGINT is forwarded as
-SIGTERM to every worker, which drains; a second one is forwarded again and makes the workers close
+SIGTERM to every worker, which drains (after its ``shutdown_delay``, while the supervisor already counts
+as draining for readiness); a second one is forwarded again and makes the workers close
 their sessions at once; the supervisor exits 0 once every worker has exited. SIGHUP is forwarded (each
 worker reloads its TLS files) and the supervisor reloads its probes' client contexts. A child starts
 with those signals at their defaults (SIGHUP ignored until its loop handles it) and unblocked, in its
@@ -361,9 +362,11 @@ class Supervisor:
             self.signals += 1
             name = signal.Signals(signo).name
             if self.signals == 1:
+                delay = self.config.shutdown_delay
                 log.info(
-                    "%s received: draining %d worker%s for up to %.1fs (again to force)",
+                    "%s received: %sdraining %d worker%s for up to %.1fs (again to force)",
                     name,
+                    f"not ready, accepting for {delay:.1f}s more, then " if delay > 0 else "",
                     self.count,
                     "" if self.count == 1 else "s",
                     self.config.drain_timeout,

@@ -70,6 +70,8 @@ BAD_INPUTS = [
     (["--listen", ":6379", "--upstream", "a", "--idle-timeout", "-1s"],
      "--idle-timeout '-1s': expected a duration such as 250ms, 5s, 1m, 1h or 2.5"),
     (["--listen", ":6379", "--upstream", "a", "--drain-timeout", "0"], "--drain-timeout '0': must be greater than 0"),
+    (["--listen", ":6379", "--upstream", "a", "--shutdown-delay", "-5s"],
+     "--shutdown-delay '-5s': expected a duration such as 250ms, 5s, 1m, 1h or 2.5"),
     (["--listen", ":70000", "--upstream", "a"], "--listen ':70000': port must be 1..65535"),
     (["--listen", ":0", "--upstream", "a:1"], "--listen ':0': port must be 1..65535"),
     (["--listen", "6379", "--upstream", "a"], "--listen '6379': a port is required, as HOST:PORT or :PORT"),
@@ -454,6 +456,7 @@ def test_defaults_in_the_table_are_the_config_defaults() -> None:
         ("listeners[0].tls.cert", "--tls-cert"),
         ("listeners[0].tls.min_version", "--tls-min-version"),
         ("drain_timeout", "--drain-timeout"),
+        ("shutdown_delay", "--shutdown-delay"),
         ("workers", "--workers"),
         ("pools.default.resolve_interval", "--resolve-interval"),
         ("listeners[0].pool", None),  # no flag sets it: the error keeps its path

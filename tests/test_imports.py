@@ -51,6 +51,7 @@ PURE_MODULES = {
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
+    "spread": {"spread"},
 }
 
 _PROBE = """
@@ -144,7 +145,7 @@ ALLOWED: dict[str, set[str]] = {
     | {"ratelog", "relay", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
     | {"ratelog", "relay", "sessions", "splice", "tls"},
-    "sessions": {"drive", "relay"},
+    "sessions": {"drive", "relay", "spread"},
     "dialer": {"balancer", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
     "prober": {"balancer", "checks", "errors", "health", "httpcheck", "pgwire", "pool", "resp", "tls"},
     "pool": {"balancer", "config", "discovery", "health"},

@@ -1,0 +1,189 @@
+"""Graceful termination Kubernetes can rely on: ``--shutdown-delay`` and the spread of the forced closes.
+
+On SIGTERM the proxy turns not ready at once (``Proxy.draining``, what readiness reads), keeps accepting
+for the delay (endpoints take seconds to learn the pod is going), then stops accepting, lets sessions
+finish up to the drain timeout, and closes what is left over the drain's last second; exit 0. In
+process first, then the real command with one process and with ``--workers 2``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from .kit import Upstream, connect, eventually, make_config, roundtrip, running, upstreams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A member that reads everything and never answers or closes."""
+    while await reader.read(65536):
+        pass
+
+
+async def refused(port: int) -> bool:
+    try:
+        _reader, writer = await asyncio.wait_for(connect(port), 2)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def until_refused(port: int, timeout: float = 10.0) -> None:
+    """Wait until the listener is gone (a connect is refused)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await refused(port):
+        assert asyncio.get_running_loop().time() < deadline, "still accepting"
+        await asyncio.sleep(0.02)
+
+
+async def test_delay_flips_readiness_first_keeps_accepting_then_drains() -> None:
+    delay = 1.5
+    async with upstreams(1) as [server], running(
+        make_config([server.address], shutdown_delay=delay, drain_timeout=5.0)
+    ) as (proxy, log):
+        port = proxy.port()
+        reader, writer = await connect(port)
+        writer.write(b"before ")
+        assert await asyncio.wait_for(reader.readexactly(7), 5) == b"before "
+        assert not proxy.draining
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        drain = asyncio.create_task(proxy.drain())
+        await eventually(lambda: proxy.draining)
+        assert loop.time() - began < 0.5  # not ready at once ...
+        assert await roundtrip(port, b"during the delay") == b"during the delay"  # ... yet accepting
+        assert not drain.done()
+        await until_refused(port)
+        closed_after = loop.time() - began
+        for word in (b"during ", b"drain"):  # the session opened before still relays both ways
+            writer.write(word)
+            assert await asyncio.wait_for(reader.readexactly(len(word)), 5) == word
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        await asyncio.wait_for(drain, 5)
+        writer.close()
+    assert delay * 0.9 <= closed_after < delay + 2, closed_after
+    served = {s.bytes_in: s.end_cause for s in log.sessions if s.bytes_in}  # the others: refusal probes
+    assert served == {len(b"before during drain"): "eof", len(b"during the delay"): "eof"}
+
+
+async def test_a_second_signal_ends_the_delay_and_closes_everything() -> None:
+    async with Upstream(hold) as server, running(
+        make_config([server.address], shutdown_delay=30.0, drain_timeout=30.0)
+    ) as (proxy, log):
+        reader, writer = await connect(proxy.port())
+        writer.write(b"stay")
+        await eventually(lambda: server.active == 1)
+        drain = asyncio.create_task(proxy.drain())
+        await eventually(lambda: proxy.draining)
+        proxy.abort_all("forced_shutdown")
+        await asyncio.wait_for(drain, 5)
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert not proxy.sessions
+        await eventually(lambda: server.active == 0)
+    assert [s.end_cause for s in log.sessions] == ["forced_shutdown"]
+
+
+async def test_forced_closes_are_spread_over_the_last_second() -> None:
+    """20 sessions that never end: none is closed before the last second of the drain begins, and their
+    closes span most of that second instead of one instant."""
+    count, timeout = 20, 1.5
+    async with Upstream(hold) as server, running(make_config([server.address], drain_timeout=timeout)) as (
+        proxy,
+        log,
+    ):
+        clients = [await connect(proxy.port()) for _ in range(count)]
+        for _reader, writer in clients:
+            writer.write(b"stay")
+        await eventually(lambda: server.active == count)
+        loop = asyncio.get_running_loop()
+
+        async def closed_at(reader: asyncio.StreamReader) -> float:
+            with contextlib.suppress(ConnectionResetError):  # an aborted session may end in a reset
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            return loop.time()
+
+        watchers = [asyncio.create_task(closed_at(reader)) for reader, _writer in clients]
+        began = loop.time()
+        await asyncio.wait_for(proxy.drain(), 10)
+        closes = sorted(await asyncio.gather(*watchers))
+        for _reader, writer in clients:
+            writer.close()
+        await eventually(lambda: server.active == 0)
+    first, last = closes[0] - began, closes[-1] - began
+    assert first >= (timeout - 1.0) * 0.9, first  # the drain's first half-second is theirs
+    assert last - first >= 0.6, closes  # spread: 20 batches 50 ms apart, not one burst
+    assert last < timeout + 1.0, last
+    assert [s.end_cause for s in log.sessions] == ["shutdown"] * count
+
+
+def command(port: int, upstream: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "l4proxy", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
+            "--access-log", "-", "--no-health-checks", *extra]  # fmt: skip
+
+
+async def read_until(stream: asyncio.StreamReader, text: bytes, seen: bytearray, timeout: float = 10) -> None:
+    """Read lines of ``stream`` into ``seen`` until ``text`` appears in them."""
+    while text not in seen:
+        line = await asyncio.wait_for(stream.readline(), timeout)
+        assert line, f"{text!r} never logged; stderr:\n{seen.decode()}"
+        seen.extend(line)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_with_a_delay_serves_then_drains_and_exits_zero(workers: str) -> None:
+    """The command: SIGTERM, a client connecting during the delay is served, the listener closes after
+    it, the session that never ends is closed at the drain's deadline, exit 0 (supervisor included)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with Upstream() as server:
+        proc = await asyncio.create_subprocess_exec(
+            *command(port, str(server.address), "--shutdown-delay", "1.5s", "--drain-timeout", "1s",
+                     "--workers", workers),
+            cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        err = bytearray()
+        try:
+            for _ in range(int(workers)):
+                await read_until(proc.stderr, b"listening on", err)
+                err.extend(b"\n")  # the next worker's line is another one
+            idle_reader, idle = await connect(port)
+            idle.write(b"open")
+            assert await asyncio.wait_for(idle_reader.readexactly(4), 5) == b"open"
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            proc.send_signal(signal.SIGTERM)
+            await read_until(proc.stderr, b"not ready, accepting for 1.5s more", err)
+            assert await roundtrip(port, b"during the delay") == b"during the delay"
+            await until_refused(port)
+            closed_after = loop.time() - began
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(idle_reader.read(), 10) == b""
+            idle.close()
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+            out = (await proc.stdout.read()).decode()
+            err.extend(await proc.stderr.read())
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert closed_after >= 1.5 * 0.9, closed_after
+    records = [dict(f.split("=", 1) for f in line.split()[1:]) for line in out.splitlines()]
+    by_bytes = sorted((r["in"], r["end"]) for r in records if r["in"] != "0")  # in=0: the refusal probes
+    assert by_bytes == [("16", "eof"), ("4", "shutdown")], out
+    assert all(r["end"] == "eof" for r in records if r["in"] == "0"), out
+    assert b"Traceback" not in err, err.decode()
