@@ -29,6 +29,7 @@ from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from .config import Address, HealthConfig, Resolved
+from .counters import READY, MemberCounters
 from .health import HealthState, Status
 
 UP = Status.UP
@@ -51,9 +52,24 @@ class Member:
 
     ``index`` is its place in the pool's list (the pick's rotation), ``slot`` its place in the workers'
     shared table (-1 in one process); ``draining`` is set while it is out of the pool with sessions left.
+    ``admin`` is the operator's state (``counters.DRAIN``/``DISABLED``, or READY ""): any but READY keeps
+    new sessions away whatever the health. ``stats`` holds the counters metrics read.
     """
 
-    __slots__ = ("active", "address", "draining", "health", "index", "key", "name", "slot", "total", "weight")
+    __slots__ = (
+        "active",
+        "address",
+        "admin",
+        "draining",
+        "health",
+        "index",
+        "key",
+        "name",
+        "slot",
+        "stats",
+        "total",
+        "weight",
+    )
 
     def __init__(self, address: Address, key: str, health: HealthConfig, weight: int = 1) -> None:
         self.address = address
@@ -66,10 +82,17 @@ class Member:
         self.total = 0
         self.draining = False
         self.health = HealthState(health.rise, health.fall)
+        self.admin = READY
+        self.stats = MemberCounters()
 
     @property
     def up(self) -> bool:
         return self.health.up
+
+    @property
+    def eligible(self) -> bool:
+        """UP and not held by the operator: the pick may choose it."""
+        return self.health.up and not self.admin
 
     def __repr__(self) -> str:
         return f"<Member {self.name} active={self.active} {self.health.status.value}>"
@@ -144,11 +167,11 @@ class Balancer:
             if member in tried:
                 continue
             if view is None:  # one process: this process's counts and health are the truth
-                if member.health.status is not UP:
+                if member.health.status is not UP or member.admin:
                     continue
                 load = member.active / member.weight
             else:  # several workers: every worker's count, status from the supervisor
-                if not view.up(member.slot):
+                if not view.up(member.slot):  # the supervisor writes 0 for a member held by the operator too
                     continue
                 load = view.active(member.slot) / member.weight
             if best is None or load < best_load:
@@ -173,4 +196,4 @@ class Balancer:
     def any_up(self) -> bool:
         if self.view is not None:
             return any(self.view.up(m.slot) for m in self.members)
-        return any(m.health.up for m in self.members)
+        return any(m.eligible for m in self.members)

@@ -43,6 +43,7 @@ import click
 
 from . import __version__, configfile
 from .accesslog import AccessLog
+from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     LOG_LEVELS,
@@ -62,6 +63,7 @@ from .discovery import needs_resolving
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
+from .snapshot import ProxySource, log_status
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -241,9 +243,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
            " taken DOWN by failed connects stays out.", "10s", _DURATION, "DURATION", needs=(NO_PROBES,)),
     Option("--tls-cert", f"{_LISTENER}.tls.cert", "tls-in",
-           "Terminate TLS from clients with this certificate chain.", metavar="PEM", pair="--tls-key"),
-    Option("--tls-key", f"{_LISTENER}.tls.key", "tls-in", "The private key of --tls-cert.", metavar="PEM",
-           pair="--tls-cert"),
+           "Terminate TLS from clients with this certificate chain. Repeat for more certificates, chosen by the"
+           " SNI name clients ask for (their DNS names); the first is the default.", metavar="PEM",
+           multiple=True, pair="--tls-key"),
+    Option("--tls-key", f"{_LISTENER}.tls.key", "tls-in", "The private key of --tls-cert; one per --tls-cert,"
+           " in the same order.", metavar="PEM", multiple=True, pair="--tls-cert"),
     Option("--tls-client-ca", f"{_LISTENER}.tls.client_ca", "tls-in",
            "Require client certificates signed by this CA (mTLS).", metavar="PEM", needs=(TLS_IN,)),
     Option("--tls-alpn", f"{_LISTENER}.tls.alpn", "tls-in", "ALPN protocols offered to clients, e.g."
@@ -252,6 +256,9 @@ OPTIONS: tuple[Option, ...] = (
            "Close clients that do not finish the handshake.", "10s", _DURATION, "DURATION", needs=(TLS_IN,)),
     Option("--tls-min-version", f"{_LISTENER}.tls.min_version", "tls-in", "Oldest TLS version accepted from"
            " clients.", "1.2", metavar="|".join(TLS_VERSIONS), needs=(TLS_IN,)),
+    Option("--tls-ciphers", f"{_LISTENER}.tls.ciphers", "tls-in", "TLS 1.2 cipher list in OpenSSL syntax"
+           " [default: Mozilla intermediate: ECDHE with AES-GCM or ChaCha20-Poly1305]; TLS 1.3 suites are fixed.",
+           metavar="LIST", needs=(TLS_IN,)),
     Option("--upstream-tls", f"{_POOL}.tls", "tls-out", "Speak TLS to the upstreams (verified by default).",
            parse=_section, switch=True),
     Option("--upstream-ca", f"{_POOL}.tls.ca", "tls-out", "CA bundle that upstream certificates must chain to"
@@ -277,6 +284,9 @@ OPTIONS: tuple[Option, ...] = (
            _DURATION, "DURATION"),
     Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
            " one per CPU.", "1", _plain(parse_workers), "N|auto"),
+    Option("--admin", "admin", "process", "Serve the admin API (/metrics, /healthz, /readyz, /status, member"
+           " drain/enable/disable) on this address; off unless given.", parse=_plain(parse_address),
+           metavar="HOST:PORT"),
 )  # fmt: skip
 
 # Sections that exist only when one of their flags is given; their defaults apply only then.
@@ -507,8 +517,11 @@ def _print_version(ctx: click.Context, _param: click.Parameter, wanted: bool) ->
 def _start(**params: Any) -> None:
     path = params.pop("config")
     if path is not None:
-        config = with_process_flags(load_file(path), params)
+        heard: list[str] = []
+        config = with_process_flags(load_file(path, heard), params)
         _setup_logging(config.log_level)
+        for warning in heard:
+            log.warning("%s", warning)
     else:
         config, repeated = without_repeats(build_config(params))
         _setup_logging(config.log_level)
@@ -537,7 +550,10 @@ def _start(**params: Any) -> None:
 
 def _check(config: str) -> None:
     """``l4proxy check``: the effective configuration on stdout, or every problem on stderr."""
-    click.echo(configfile.dump(load_file(config)), nl=False)
+    heard: list[str] = []
+    click.echo(configfile.dump(load_file(config, heard)), nl=False)
+    for warning in heard:
+        click.echo(f"warning: {warning}", err=True)
 
 
 _CONFIG_HELP = (
@@ -576,35 +592,46 @@ check_command = click.Command(
 
 
 def check_tls_files(config: Config) -> None:
-    """Load every certificate, key and CA once before binding, so a bad file is a start-up error."""
-    for problem in tls_problems(config):
+    """Load every certificate, key and CA once before binding, so a bad file (or an expired certificate)
+    is a start-up error; log the warnings (a certificate that expires soon)."""
+    for problem in tls_problems(config, warn=_warn_tls):
         raise flagged(problem)
 
 
-def tls_problems(config: Config, named: bool = False) -> list[ConfigError]:
+def _warn_tls(warning: ConfigError, when: str = "") -> None:
+    log.warning("%s%s", when, flagged(warning))
+
+
+def tls_problems(
+    config: Config, named: bool = False, warn: Callable[[ConfigError], None] | None = None
+) -> list[ConfigError]:
     """What is wrong with each certificate, key and CA the Config names; listeners are placed by index
-    (as flags know them) or, ``named``, by name (as a config file does)."""
-    from .tls import client_context, server_context
+    (as flags know them) or, ``named``, by name (as a config file does). ``warn`` hears what is worth
+    saying but loads (a certificate that expires soon), placed the same way."""
+    from .tls import client_context, server_context, warn_under
 
     problems = []
     for index, listener in enumerate(config.listeners):
         if listener.tls is not None:
+            where = f"listeners.{listener.name}.tls" if named else f"listeners[{index}].tls"
             try:
-                server_context(listener.tls)
+                server_context(listener.tls, warn_under(warn, where))
             except ConfigError as exc:
-                problems.append(exc.under(f"listeners.{listener.name}.tls" if named else f"listeners[{index}].tls"))
+                problems.append(exc.under(where))
     for pool in config.pools:
         if pool.tls is not None:
+            where = f"pools.{pool.name}.tls"
             try:
-                client_context(pool.tls)
+                client_context(pool.tls, warn_under(warn, where))
             except ConfigError as exc:
-                problems.append(exc.under(f"pools.{pool.name}.tls"))
+                problems.append(exc.under(where))
     return problems
 
 
-def load_file(path: str) -> Config:
+def load_file(path: str, warnings: list[str] | None = None) -> Config:
     """The Config in the file at ``path``, checked as far as can be without binding: ConfigFileError
-    with every problem, each on its line."""
+    with every problem, each on its line. ``warnings`` gets a ``FILE:LINE: ...`` line for each thing worth
+    saying that does not stop it (a certificate that expires soon)."""
     try:
         source = open(path, "rb").read()  # noqa: SIM115 - closed when the read returns
     except OSError as exc:
@@ -614,7 +641,10 @@ def load_file(path: str) -> Config:
         config = document.build(FILE_FORMS, os.path.dirname(os.path.abspath(path)), os.path.exists)
     except ConfigFileError as exc:
         raise ConfigFileError(exc.problems, path) from None
-    problems = [*tls_problems(config, named=True), *self_loops(config)]
+    heard: list[ConfigError] = []
+    problems = [*tls_problems(config, named=True, warn=heard.append), *self_loops(config)]
+    if warnings is not None:
+        warnings.extend(document.problem(warning).render(path) for warning in heard)
     if problems:
         raise ConfigFileError(sorted(map(document.problem, problems), key=lambda p: p.line), path)
     return config
@@ -666,9 +696,16 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
     try:
         await proxy.start()
     except OSError as exc:
-        failed = config.listeners[len(proxy.listeners)].address  # the listeners before it did start
+        failed = config.listeners[proxy.failed_listener or 0].address
         print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
+        return 1
+    try:
+        admin = await _start_admin(proxy)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # the loop's message repeats the address
+        print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
+        await proxy.drain()
         return 1
     tune_gc()
     loop = asyncio.get_running_loop()
@@ -688,7 +725,7 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
         if not proxy.uses_tls:
             log.info("SIGHUP: no TLS configured, nothing to reload")
             return
-        problems = proxy.reload_tls()
+        problems = proxy.reload_tls(lambda warning: _warn_tls(warning, "SIGHUP: "))
         for problem in problems:
             log.error("SIGHUP: kept the previous TLS files: %s", flagged(problem))
         if not problems:
@@ -697,14 +734,27 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy))
     try:
         await proxy.serve_until_stopped()
         await proxy.drain()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+        if admin is not None:
+            await admin.close()
     log.info("stopped after %d sessions", proxy.served)
     return 0
+
+
+async def _start_admin(proxy: Proxy) -> AdminServer | None:
+    """The admin endpoint when ``--admin`` is given; raises OSError when it cannot listen."""
+    address = proxy.config.admin
+    if address is None:
+        return None
+    admin = AdminServer(ProxySource(proxy), address.host, address.port)
+    await admin.start()
+    return admin
 
 
 def tune_gc() -> None:

@@ -117,6 +117,8 @@ class Dial:
             )
             self.session.fail(f"no_upstream ({cause})")
             return
+        if tried:
+            pool.retries += 1
         tried.append(member)
         balancer.acquire(member)
         self.member = member
@@ -163,6 +165,7 @@ class Dial:
             assert pump.transport is not None
             session.sockname = sockname = pump.transport.get_extra_info("sockname")
             outgoing.addresses.add(sockname)
+        member.stats.sessions += 1
         session.attach_upstream(pump, member)
 
     def expired(self) -> None:
@@ -180,6 +183,7 @@ class Dial:
             self.warnings.warn(
                 log, CONNECT_FAILED, "connect to %s for %s failed: %s", member.name, self.session.client_addr, cause
             )
+            member.stats.connect_failed(cause)
             self.pool.report(member, Event.TRAFFIC_FAIL, f"connect failed: {cause}")
         if self.session.ended:
             self.session.dial = None

@@ -21,11 +21,13 @@ import asyncio
 import dataclasses
 import logging
 import ssl
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from .balancer import Balancer, Member
 from .config import Address, PoolConfig
+from .counters import DISABLED, DRAIN, READY
 from .discovery import Target, unresolved
 from .health import Event, Status
 
@@ -51,6 +53,7 @@ class Pool:
         self.balancer = Balancer(unresolved(config.members), config.health)
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
+        self.retries = 0  # connect attempts after a client's first
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
         self.probes: Probes | None = None  # set by a running prober
@@ -113,12 +116,23 @@ class Pool:
         change = member.health.observe(event, reason)
         if change is None:
             return
+        member.stats.changed(change.reason, time.time())
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
             if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
                 self._eject(member)
         else:
             log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)
+
+    def set_admin(self, member: Member, state: str) -> None:
+        """The operator's state for ``member`` (admin API): DRAIN takes no new sessions and keeps its
+        checks; DISABLED takes none and is not probed either; READY is back to what health says."""
+        if member.admin == state:
+            return
+        member.admin = state
+        word = {READY: "enabled", DRAIN: "draining", DISABLED: "disabled"}[state]
+        member.stats.changed(f"{word} by the operator", time.time())
+        log.info("pool %s member %s %s by the operator", self.name, member.name, word)
 
     def _eject(self, member: Member) -> None:
         loop = asyncio.get_running_loop()

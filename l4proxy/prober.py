@@ -40,6 +40,7 @@ from .checks import (
     from_exception,
     load_credentials,
 )
+from .counters import DISABLED
 from .errors import out_of_descriptors
 from .health import Event
 from .pool import Pool
@@ -142,6 +143,9 @@ class Prober:
         if member.health.up:  # spread members' probes apart; one waiting for its first probe gets it now
             await asyncio.sleep(self.rng.uniform(0, interval))
         while not self._stopping and self.tasks.get(member) is me:  # until stopped or the member is removed
+            if member.admin == DISABLED:  # held by the operator: no checks until enabled
+                await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
+                continue
             started = time.monotonic()
             try:
                 verdict = await probe(
@@ -152,6 +156,7 @@ class Prober:
             else:
                 took = (time.monotonic() - started) * 1000
                 log.debug("probe of %s in pool %s: %s (%.1f ms)", member.name, self.pool.name, verdict.reason, took)
+                member.stats.checked(verdict.ok, verdict.reason, took / 1000, time.time())
                 if verdict.failure is not None:
                     self.failures[member.key, verdict.failure] += 1
                 self.pool.report(member, Event.PROBE_OK if verdict.ok else Event.PROBE_FAIL, verdict.reason)

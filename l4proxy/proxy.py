@@ -41,7 +41,7 @@ from .relay import Session
 from .resolver import Resolver
 from .sessions import SessionTable
 from .splice import Splicing
-from .tls import client_context, server_context
+from .tls import Warn, client_context, reload_server_context, warn_under
 
 log = logging.getLogger("l4proxy")
 
@@ -51,6 +51,10 @@ class Shared(Protocol):
 
     def join(self, pools: Sequence[Pool]) -> None:
         """Plug ``pools`` in (called by ``Proxy.start`` on the running loop, before accepting)."""
+        ...
+
+    def publish(self, proxy: Proxy) -> None:
+        """Start handing the proxy's counters to the other process (called by ``Proxy.start`` once accepting)."""
         ...
 
 
@@ -78,6 +82,8 @@ class Proxy:
             for i, c in enumerate(config.listeners)
         ]
         self._stopped: asyncio.Event | None = None
+        self.failed_listener: int | None = None  # the index of the listener whose start raised
+        self.started_at = time.time()
         self.draining = False  # set when a drain starts: readiness (admin /readyz) turns 503 at once
         self._delay_over = asyncio.Event()  # set by a second signal, or once the shutdown delay has run
 
@@ -115,8 +121,10 @@ class Proxy:
             self.shared.join(list(self.pools.values()))
         try:
             for frontend in self.frontends:
+                self.failed_listener = frontend.index
                 frontend.start(self.deadlines)
                 self.outgoing.ports.update(port for _, port in frontend.listener.addresses)
+            self.failed_listener = None
         except BaseException:
             self._close_listeners()
             raise
@@ -127,6 +135,8 @@ class Proxy:
         shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
         chores = [self.access_log.flush, self.warnings.flush, *(f.listener.check_limit for f in self.frontends)]
         self.table.start(max(0.02, min(1.0, shortest / 4)), chores)
+        if self.shared is not None:
+            self.shared.publish(self)
         for frontend in self.frontends:
             log.info("listening on %s", frontend.describe())
 
@@ -196,22 +206,25 @@ class Proxy:
         """Whether any listener or pool has TLS files that ``reload_tls`` would re-read."""
         return bool(self.server_tls) or any(pool.config.tls is not None for pool in self.pools.values())
 
-    def reload_tls(self) -> list[ConfigError]:
-        """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
-        the problems, one line each. Established sessions are not touched."""
+    def reload_tls(self, warn: Warn | None = None) -> list[ConfigError]:
+        """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context (per
+        certificate, on a listener with several); returns the problems, one line each, and passes
+        warnings (a certificate about to expire) to ``warn``. Established sessions are not touched."""
         problems: list[ConfigError] = []
         for frontend in self.frontends:
-            if frontend.config.tls is not None:
-                try:
-                    frontend.tls_context = server_context(frontend.config.tls)
-                except ConfigError as exc:
-                    problems.append(exc.under(f"listeners[{frontend.index}].tls"))
+            if frontend.config.tls is not None and frontend.tls_context is not None:
+                where = f"listeners[{frontend.index}].tls"
+                frontend.tls_context, failed = reload_server_context(
+                    frontend.config.tls, frontend.tls_context, warn_under(warn, where)
+                )
+                problems.extend(exc.under(where) for exc in failed)
         for pool in self.pools.values():
             if pool.config.tls is not None:
+                where = f"pools.{pool.config.name}.tls"
                 try:
-                    pool.ssl_context = client_context(pool.config.tls)
+                    pool.ssl_context = client_context(pool.config.tls, warn_under(warn, where))
                 except ConfigError as exc:
-                    problems.append(exc.under(f"pools.{pool.config.name}.tls"))
+                    problems.append(exc.under(where))
         return problems
 
 

@@ -31,10 +31,15 @@ ejection timers bring members back, as in one process.
 SIGTERM to every worker, which drains (after its ``shutdown_delay``, while the supervisor already counts
 as draining for readiness); a second one is forwarded again and makes the workers close
 their sessions at once; the supervisor exits 0 once every worker has exited. SIGHUP is forwarded (each
-worker reloads its TLS files) and the supervisor reloads its probes' client contexts. A child starts
+worker reloads its TLS files) and the supervisor reloads its probes' client contexts. SIGUSR1 makes the
+supervisor log every member's status (``snapshot.log_status``), for all workers. A child starts
 with those signals at their defaults (SIGHUP ignored until its loop handles it) and unblocked, in its
 own process group, so a terminal's Ctrl-C reaches it once, through the supervisor; it gets SIGTERM if
 the supervisor itself dies.
+
+**Admin.** With ``--admin`` the supervisor binds the endpoint before the first fork and serves it on the
+health thread's loop, over every worker (``sharedstats.py``: each worker copies its counters to shared
+memory every 0.25 s); workers run none of their own.
 
 **Forks** happen in the supervisor's main thread, which never runs an event loop. The first workers are
 forked before the health thread starts; a replacement is forked while it runs, and only builds fresh
@@ -56,6 +61,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -63,6 +69,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog, Finished
+from .admin import AdminServer, bind
 from .balancer import Member
 from .config import Address, Config, PoolConfig
 from .errors import ConfigError
@@ -71,15 +78,17 @@ from .listener import bind_sockets
 from .pool import Pool
 from .prober import Prober
 from .resolver import Resolver
+from .sharedstats import Publisher, SharedCounters, SupervisorSource
+from .snapshot import log_status
 from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
-    from .proxy import Shared
+    from .proxy import Proxy, Shared
 
 log = logging.getLogger("l4proxy.workers")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 MAX_WORKERS = 256
 _POLL = 0.05  # how often the supervisor looks at passive results, and a worker at the generation
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
@@ -164,13 +173,19 @@ class _HealthPool(Pool):
         added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
-            self._up[member.slot] = 1 if member.health.up else 0
+            self._up[member.slot] = 1 if member.eligible else 0
         return added, removed
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
         if not member.draining:  # its slot may belong to another member soon
-            self._up[member.slot] = 1 if member.health.up else 0
+            self._up[member.slot] = 1 if member.eligible else 0
+
+    def set_admin(self, member: Member, state: str) -> None:
+        """The operator's state, decided here for every worker: a held member reads as not UP to their picks."""
+        super().set_admin(member, state)
+        if not member.draining:
+            self._up[member.slot] = 1 if member.eligible else 0
 
 
 class HealthThread(threading.Thread):
@@ -186,6 +201,8 @@ class HealthThread(threading.Thread):
         self.pools: dict[str, _HealthPool] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
         self.make_resolver: Callable[[Pool], Resolver] = Resolver  # tests point it at a DNS server of theirs
+        self.admin: AdminServer | None = None  # served on this thread's loop, over every worker
+        self.probers: list[Prober] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -196,6 +213,11 @@ class HealthThread(threading.Thread):
                 runner.run(self._main())
         except Exception:
             log.exception("health checks stopped")
+
+    def call(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on this thread's loop (where the pools live), from another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(callback)
 
     def update(self, pool: str, members: Sequence[Address]) -> concurrent.futures.Future[Changes]:
         """Change the members of ``pool`` from another thread; the future has ``Pool.update``'s result
@@ -212,11 +234,13 @@ class HealthThread(threading.Thread):
         self.pools = {pool.name: _HealthPool(pool, self.table) for pool in self.config.pools}
         resolvers = [self.make_resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)]
         await asyncio.gather(*(resolver.resolve() for resolver in resolvers))
-        probers = [Prober(pool) for pool in self.pools.values()]
+        probers = self.probers = [Prober(pool) for pool in self.pools.values()]
         for prober in probers:
             prober.start()
         for resolver in resolvers:
             resolver.start()
+        if self.admin is not None:
+            await self.admin.start()
         self.ready.set()
         try:
             while not self.stopping.is_set():
@@ -228,6 +252,8 @@ class HealthThread(threading.Thread):
                     self.reload.clear()
                     _reload_probe_tls(list(self.pools.values()))
         finally:
+            if self.admin is not None:
+                await self.admin.close()
             for resolver in resolvers:
                 await resolver.stop()
             for prober in probers:
@@ -277,9 +303,10 @@ class WorkerShare:
     """A worker's ``Proxy.shared``: its pools count sessions in the shared table, read the status the
     supervisor decides, forward their passive results to it, and follow its member lists."""
 
-    def __init__(self, table: SharedTable, worker: int) -> None:
+    def __init__(self, table: SharedTable, worker: int, counters: SharedCounters | None = None) -> None:
         self.table = table
         self.worker = worker
+        self.counters = counters
 
     def join(self, pools: Sequence[Pool]) -> None:
         view, forward = WorkerView(self.table, self.worker), forwarder(self.table, self.worker)
@@ -287,6 +314,10 @@ class WorkerShare:
             pool.balancer.view = view
             pool.forward = forward
         Follower(self.table, self.worker, pools).poll(asyncio.get_running_loop())
+
+    def publish(self, proxy: Proxy) -> None:
+        if self.counters is not None:  # for the supervisor's --admin and SIGUSR1
+            Publisher(self.counters, self.worker, proxy).poll(asyncio.get_running_loop())
 
 
 def _reload_probe_tls(pools: list[_HealthPool]) -> None:
@@ -310,13 +341,28 @@ class _Slot:
 class Supervisor:
     """Starts ``count`` workers, replaces dead ones, forwards signals, and runs the health thread."""
 
-    def __init__(self, config: Config, count: int, access_log: AccessLog, run_worker: RunWorker) -> None:
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        access_log: AccessLog,
+        run_worker: RunWorker,
+        admin: socket.socket | None = None,
+    ) -> None:
         self.config = config
         self.count = count
         self.access_log = access_log
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
-        self.health = HealthThread(config, self.table)
+        self.shared = SharedCounters(config, count, self.table.capacity)  # workers' counters: --admin, SIGUSR1
+        self.health = health = HealthThread(config, self.table)
+        self.admin_socket = admin
+        self.source = SupervisorSource(
+            config, lambda: health.pools, lambda: health.probers, self.table, self.shared, lambda: self.draining
+        )
+        if admin is not None:
+            host, port = admin.getsockname()[:2]
+            health.admin = AdminServer(self.source, host, port, sock=admin)
         self.slots = [_Slot() for _ in range(count)]
         self.signals = 0
         self.pid = os.getpid()
@@ -351,7 +397,9 @@ class Supervisor:
                 self._spawn(worker)
 
     def _on_signal(self, signo: int) -> None:
-        if signo == signal.SIGHUP:
+        if signo == signal.SIGUSR1:
+            self.health.call(lambda: log_status(self.source))
+        elif signo == signal.SIGHUP:
             if _uses_tls(self.config):
                 log.info("SIGHUP received: reloading TLS files in every worker")
                 self.health.reload.set()
@@ -398,6 +446,7 @@ class Supervisor:
     def _died(self, worker: int, status: int) -> None:
         slot = self.slots[worker]
         self.table.clear_worker(worker)
+        self.shared.retire(worker)
         how = _describe(status)
         if self.draining:
             level = logging.INFO if os.waitstatus_to_exitcode(status) == 0 else logging.WARNING
@@ -431,9 +480,12 @@ class Supervisor:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the worker's loop handles it once running
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             _tag_logs(worker)
+            if self.admin_socket is not None:
+                self.admin_socket.close()  # the supervisor's endpoint answers for every worker
             stream = self.access_log.stream
             access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
-            code = self.run_worker(self.config, access, WorkerShare(self.table, worker))
+            config = dataclasses.replace(self.config, admin=None)
+            code = self.run_worker(config, access, WorkerShare(self.table, worker, self.shared))
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:
@@ -461,7 +513,14 @@ def supervise(config: Config, count: int, access_log: AccessLog, run_worker: Run
     except OSError as exc:
         print(f"l4proxy: error: cannot listen on {config.listeners[0].address}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    return Supervisor(config, count, access_log, run_worker).run()
+    admin = None
+    if config.admin is not None:
+        try:
+            admin = bind(config.admin.host, config.admin.port)
+        except OSError as exc:
+            print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    return Supervisor(config, count, access_log, run_worker, admin).run()
 
 
 def _claim_addresses(config: Config) -> Config:
