@@ -141,17 +141,38 @@ async def read_until(stream: asyncio.StreamReader, text: bytes, seen: bytearray,
         seen.extend(line)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-async def test_sigterm_with_a_delay_serves_then_drains_and_exits_zero(workers: str) -> None:
-    """The command: SIGTERM, a client connecting during the delay is served, the listener closes after
-    it, the session that never ends is closed at the drain's deadline, exit 0 (supervisor included)."""
+async def readyz(port: int) -> int:
+    """The status of ``GET /readyz`` on the admin port; 0 when nothing answers there."""
+    try:
+        reader, writer = await asyncio.wait_for(connect(port), 2)
+    except OSError:
+        return 0
+    try:
+        writer.write(b"GET /readyz HTTP/1.1\r\nHost: l4proxy\r\nConnection: close\r\n\r\n")
+        status = await asyncio.wait_for(reader.readline(), 5)
+    except (TimeoutError, OSError):
+        return 0
+    finally:
+        writer.close()
+    return int(status.split()[1]) if status.startswith(b"HTTP/1.1 ") else 0
+
+
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_with_a_delay_serves_then_drains_and_exits_zero(workers: str) -> None:
+    """The command: SIGTERM makes /readyz 503 at once, a client connecting during the delay is still
+    served, the listener closes after it, the session that never ends is closed at the drain's deadline,
+    exit 0 (with workers, the supervisor's /readyz and exit)."""
+    port, admin = free_port(), free_port()
     async with Upstream() as server:
         proc = await asyncio.create_subprocess_exec(
-            *command(port, str(server.address), "--shutdown-delay", "1.5s", "--drain-timeout", "1s",
-                     "--workers", workers),
+            *command(port, str(server.address), "--shutdown-delay", "2.5s", "--drain-timeout", "1s",
+                     "--workers", workers, "--admin", f"127.0.0.1:{admin}"),
             cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -161,14 +182,22 @@ async def test_sigterm_with_a_delay_serves_then_drains_and_exits_zero(workers: s
             for _ in range(int(workers)):
                 await read_until(proc.stderr, b"listening on", err)
                 err.extend(b"\n")  # the next worker's line is another one
+            deadline = asyncio.get_running_loop().time() + 10
+            while await readyz(admin) != 200:  # the supervisor's admin opens just after the workers
+                assert asyncio.get_running_loop().time() < deadline, "/readyz never 200"
+                await asyncio.sleep(0.05)
             idle_reader, idle = await connect(port)
             idle.write(b"open")
             assert await asyncio.wait_for(idle_reader.readexactly(4), 5) == b"open"
             loop = asyncio.get_running_loop()
             began = loop.time()
             proc.send_signal(signal.SIGTERM)
-            await read_until(proc.stderr, b"not ready, accepting for 1.5s more", err)
-            assert await roundtrip(port, b"during the delay") == b"during the delay"
+            await read_until(proc.stderr, b"not ready, accepting for 2.5s more", err)
+            assert await readyz(admin) == 503  # not ready first ...
+            try:
+                assert await roundtrip(port, b"during the delay") == b"during the delay"  # ... still serving
+            except ConnectionError as exc:
+                raise AssertionError(f"{exc!r} {loop.time() - began:.2f}s after SIGTERM") from exc
             await until_refused(port)
             closed_after = loop.time() - began
             with contextlib.suppress(ConnectionResetError):
@@ -181,7 +210,7 @@ async def test_sigterm_with_a_delay_serves_then_drains_and_exits_zero(workers: s
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    assert closed_after >= 1.5 * 0.9, closed_after
+    assert closed_after >= 2.5 * 0.9, closed_after
     records = [dict(f.split("=", 1) for f in line.split()[1:]) for line in out.splitlines()]
     by_bytes = sorted((r["in"], r["end"]) for r in records if r["in"] != "0")  # in=0: the refusal probes
     assert by_bytes == [("16", "eof"), ("4", "shutdown")], out
