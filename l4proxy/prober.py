@@ -25,7 +25,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .balancer import Member
 from .checks import (
@@ -52,10 +52,17 @@ class Prober:
     """Runs the probes of one pool until ``stop``: one task per member, kept in step with the pool's
     members by ``sync`` (which ``Pool.update`` calls once the prober has started)."""
 
-    def __init__(self, pool: Pool, rng: random.Random | None = None, outgoing: set[object] | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        rng: random.Random | None = None,
+        outgoing: set[object] | None = None,
+        ports: Collection[int] = (),
+    ) -> None:
         self.pool = pool
         self.rng = rng or random.Random()
         self.outgoing = outgoing if outgoing is not None else set()
+        self.ports = ports  # the ports we listen on: only a member on one of them can lead back here
         self._held: dict[Member, object] = {}  # each member's latest probe address in outgoing
         self.tasks: dict[Member, asyncio.Task[None]] = {}
         self._leaving: set[asyncio.Task[None]] = set()  # probes of removed members, cancelled
@@ -168,7 +175,9 @@ class Prober:
     def _hold(self, member: Member, sockname: object) -> None:
         """Keep ``sockname`` in ``outgoing`` as the member's latest probe address (None: forget it)."""
         self.outgoing.discard(self._held.pop(member, None))
-        if sockname is not None:
+        # A member on another port is not us, and recording its probe's address would take a client
+        # that the kernel later gives the same local port for a loop.
+        if sockname is not None and member.address.port in self.ports:
             self.outgoing.add(sockname)
             self._held[member] = sockname
 

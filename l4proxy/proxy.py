@@ -70,7 +70,9 @@ class Proxy:
         self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
         self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
         addresses = self.outgoing.addresses
-        self.probers = [] if shared is not None else [Prober(p, outgoing=addresses) for p in self.pools.values()]
+        self.probers = [] if shared is not None else [
+            Prober(p, outgoing=addresses, ports=self.outgoing.ports) for p in self.pools.values()
+        ]
         self.resolvers = [] if shared is not None else [  # a worker: the supervisor resolves
             Resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)
         ]
