@@ -37,16 +37,18 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import click
 
-from . import __version__, configfile
+from . import __version__, configfile, takeover
 from .accesslog import AccessLog
+from .acl import parse_cidr, parse_rate
 from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     LOG_LEVELS,
+    PROXY_VERSIONS,
     RELAY_ENGINES,
     TLS_VERSIONS,
     Address,
@@ -63,6 +65,7 @@ from .discovery import needs_resolving
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
+from .reload import Plan
 from .snapshot import ProxySource, log_status
 from .workers import parse_workers, supervise
 
@@ -118,6 +121,12 @@ def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> t
     return parse_members(texts, path, default_port=earlier[LISTEN_PATH].port)
 
 
+def _cidrs(texts: tuple[str, ...], path: str, _earlier: Mapping[str, Any]) -> tuple[str, ...]:
+    """CIDR ranges from repeated and/or comma-separated values, as canonical text."""
+    parts = [part.strip() for text in texts for part in text.split(",")]
+    return tuple(str(parse_cidr(part, path)) for part in parts)
+
+
 def _off(given: bool, path: str, _earlier: Mapping[str, Any]) -> bool:
     return not given
 
@@ -143,6 +152,7 @@ TLS_IN = Need("needs --tls-cert and --tls-key", lambda given: bool({"--tls-cert"
 TLS_OUT = Need("needs --upstream-tls", lambda given: "--upstream-tls" in given)
 PROBES = Need("has no effect with --no-health-checks", lambda given: "--no-health-checks" not in given)
 NO_PROBES = Need("applies only with --no-health-checks", lambda given: "--no-health-checks" in given)
+PROXY_IN = Need("needs --accept-proxy", lambda given: "--accept-proxy" in given)
 VERIFIED = Need(
     "has no effect with --upstream-insecure (nothing is verified)", lambda given: "--upstream-insecure" not in given
 )
@@ -179,6 +189,7 @@ GROUPS = {
     "listener": "Listener",
     "upstreams": "Upstreams",
     "health": "Health checks",
+    "access": "Who may connect",
     "tls-in": "TLS from clients",
     "tls-out": "TLS to upstreams",
     "logging": "Logging",
@@ -211,6 +222,9 @@ OPTIONS: tuple[Option, ...] = (
            "DURATION"),
     Option("--resolve-empty-after", f"{_POOL}.resolve_empty_after", "upstreams", "An empty DNS answer replaces"
            " the last good one only once every answer for this long was empty.", "30s", _DURATION, "DURATION"),
+    Option("--send-proxy", f"{_POOL}.send_proxy", "upstreams", "Send each member a PROXY protocol header with"
+           " the client's address before any byte; probes send LOCAL (v2) or UNKNOWN (v1).",
+           metavar="|".join(PROXY_VERSIONS)),
     Option("--health-interval", f"{_POOL}.health.interval", "health",
            "Time between active health probes of each member.", "2s", _DURATION, "DURATION", needs=(PROBES,)),
     Option("--health-timeout", f"{_POOL}.health.timeout", "health", "A probe that takes longer fails.", "1s",
@@ -242,6 +256,22 @@ OPTIONS: tuple[Option, ...] = (
            "Turn active probes off (failed client connects still take members DOWN).", parse=_off, switch=True),
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
            " taken DOWN by failed connects stays out.", "10s", _DURATION, "DURATION", needs=(NO_PROBES,)),
+    Option("--accept-proxy", f"{_LISTENER}.accept_proxy", "access", "Clients start with a PROXY protocol header"
+           " (v1 or v2, from a load balancer in front); the address it carries is the client's.", parse=_on,
+           switch=True),
+    Option("--accept-proxy-from", f"{_LISTENER}.accept_proxy_from", "access", "Only peers in these CIDR ranges"
+           " must send the header; others are served as direct clients (repeatable).", parse=_cidrs,
+           metavar="CIDR", multiple=True, needs=(PROXY_IN,)),
+    Option("--proxy-timeout", f"{_LISTENER}.proxy_timeout", "access", "Close a client whose PROXY header has not"
+           " arrived within this long.", "5s", _DURATION, "DURATION", needs=(PROXY_IN,)),
+    Option("--allow", f"{_LISTENER}.allow", "access", "Accept clients only from these CIDR ranges (repeatable,"
+           " comma-separated).", parse=_cidrs, metavar="CIDR", multiple=True),
+    Option("--deny", f"{_LISTENER}.deny", "access", "Refuse clients from these CIDR ranges; wins over --allow.",
+           parse=_cidrs, metavar="CIDR", multiple=True),
+    Option("--max-connections-per-ip", f"{_LISTENER}.max_connections_per_ip", "access", "Refuse a client"
+           " address's connections past this many at once (per worker process).", parse=_whole, metavar="N"),
+    Option("--rate-per-ip", f"{_LISTENER}.rate_per_ip", "access", "New connections a second from one client"
+           " address, with a burst of as many (per worker process).", parse=_plain(parse_rate), metavar="N/s"),
     Option("--tls-cert", f"{_LISTENER}.tls.cert", "tls-in",
            "Terminate TLS from clients with this certificate chain. Repeat for more certificates, chosen by the"
            " SNI name clients ask for (their DNS names); the first is the default.", metavar="PEM",
@@ -374,7 +404,7 @@ def _refuse_ineffective(params: Mapping[str, Any], given: frozenset[str]) -> Non
     for option in OPTIONS:
         if option.flag not in given:
             continue
-        shown = None if option.switch else params[option.name]
+        shown = _shown(option, params)
         for need in option.needs:
             if not need.met(given):
                 raise ConfigError(option.flag, shown, need.problem)
@@ -443,11 +473,13 @@ def self_loops(config: Config) -> list[ConfigError]:
             for ip in sorted(_resolve(member.host, member.port), key=str):
                 if is_own(ip, listen.host, listen_ips, local):
                     named = "is" if str(ip) == member.host else f"resolves to {ip}, which is"
-                    problems.append(ConfigError(
-                        f"pools.{pool.name}.members[{index}]",
-                        str(member),
-                        f"{named} this proxy's own listen address {listen}: it would connect to itself",
-                    ))
+                    problems.append(
+                        ConfigError(
+                            f"pools.{pool.name}.members[{index}]",
+                            str(member),
+                            f"{named} this proxy's own listen address {listen}: it would connect to itself",
+                        )
+                    )
                     break
     return problems
 
@@ -481,7 +513,7 @@ class _GroupedCommand(click.Command):
     """Shows the options in their groups, then the value syntax and the exit codes."""
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        group_of = {option.name: option.group for option in OPTIONS} | {"config": "process"}
+        group_of = {option.name: option.group for option in OPTIONS} | {"config": "process", "takeover": "process"}
         sections: dict[str, list[tuple[str, str]]] = {title: [] for title in GROUPS.values()}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
@@ -516,12 +548,24 @@ def _print_version(ctx: click.Context, _param: click.Parameter, wanted: bool) ->
 
 def _start(**params: Any) -> None:
     path = params.pop("config")
+    handover = params.pop("takeover")
+    loader = None
     if path is not None:
         heard: list[str] = []
         config = with_process_flags(load_file(path, heard), params)
         _setup_logging(config.log_level)
         for warning in heard:
             log.warning("%s", warning)
+
+        def loader() -> Config:
+            """The file again, as at start-up (the process flags still win), for SIGHUP."""
+            again: list[str] = []
+            reloaded = with_process_flags(load_file(path, again), params)
+            check_credentials_files(reloaded)
+            for warning in again:
+                log.warning("SIGHUP: %s", warning)
+            return reloaded
+
     else:
         config, repeated = without_repeats(build_config(params))
         _setup_logging(config.log_level)
@@ -532,6 +576,8 @@ def _start(**params: Any) -> None:
             refuse_self_loops(config)
         except ConfigError as exc:
             raise flagged(exc) from None
+    if handover is not None and config.workers > 1:
+        raise ConfigError("--takeover", handover, "works with one process only, not with --workers/workers above 1")
     check_credentials_files(config)
     if any(p.tls is not None and p.tls.insecure for p in config.pools):
         log.warning(
@@ -544,8 +590,8 @@ def _start(**params: Any) -> None:
         raise ConfigError("--access-log", config.access_log, exc.strerror or str(exc)) from None
     raise_nofile_limit()
     if config.workers > 1:
-        sys.exit(supervise(config, config.workers, access_log, run))
-    sys.exit(run(config, access_log))
+        sys.exit(supervise(config, config.workers, access_log, run, loader, report_refused))
+    sys.exit(run(config, access_log, loader=loader, handover=handover))
 
 
 def _check(config: str) -> None:
@@ -556,6 +602,10 @@ def _check(config: str) -> None:
         click.echo(f"warning: {warning}", err=True)
 
 
+_TAKEOVER_HELP = (
+    "Serve this UNIX socket so a newer l4proxy started with the same flag can take the listening sockets"
+    " over (hitless upgrade); if a running l4proxy serves it already, take its sockets first."
+)
 _CONFIG_HELP = (
     "Read listeners, pools and settings from this TOML file; with it only the process-level flags (logging,"
     " process) may be given, and they win over the file. 'l4proxy check --config FILE' checks a file."
@@ -567,6 +617,7 @@ command = _GroupedCommand(
     params=[
         *map(_click_option, OPTIONS),
         click.Option(["--config"], metavar="FILE", help=_CONFIG_HELP),
+        click.Option(["--takeover"], metavar="SOCKET", help=_TAKEOVER_HELP),
         click.Option(
             ["--version"],
             is_flag=True,
@@ -656,14 +707,21 @@ def with_process_flags(config: Config, params: Mapping[str, Any]) -> Config:
     given = _given(params)
     for option in OPTIONS:
         if option.flag in given and option not in PROCESS_OPTIONS:
-            shown = None if option.switch else ",".join(params[option.name]) if option.multiple else params[option.name]
             problem = f"cannot be combined with --config; set {_file_key(option)} in the file"
-            raise ConfigError(option.flag, shown, problem)
+            raise ConfigError(option.flag, _shown(option, params), problem)
     try:
         overrides = {o.path: o.parse(params[o.name], o.path, {}) for o in PROCESS_OPTIONS if o.flag in given}
         return dataclasses.replace(config, **overrides)
     except ConfigError as exc:
         raise flagged(exc, {o.flag: params[o.name] for o in PROCESS_OPTIONS if o.flag in given}) from None
+
+
+def _shown(option: Option, params: Mapping[str, Any]) -> str | None:
+    """What the user typed for ``option``, as an error echoes it (repeated values comma-joined)."""
+    if option.switch:
+        return None
+    value = params[option.name]
+    return ",".join(value) if option.multiple else value
 
 
 def _file_key(option: Option) -> str:
@@ -681,62 +739,111 @@ def check_credentials_files(config: Config) -> None:
                 raise flagged(exc.under(f"pools.{pool.name}.health")) from None
 
 
-def run(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
+Loader = Callable[[], Config]  # the config file read and checked again (SIGHUP)
+
+
+def run(
+    config: Config,
+    access_log: AccessLog | None = None,
+    shared: Shared | None = None,
+    *,
+    loader: Loader | None = None,
+    handover: str | None = None,
+) -> int:
     """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status. ``shared`` is a worker
-    process's seam to the supervisor's table (``Proxy(shared=...)``)."""
+    process's seam to the supervisor's table (``Proxy(shared=...)``); ``loader`` reads the config
+    file again on SIGHUP; ``handover`` is the ``--takeover`` socket's path."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, access_log, shared))
+        return runner.run(serve(config, access_log, shared, loader=loader, handover=handover))
 
 
-async def serve(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
-    """Start, wait for a signal, drain; a second signal closes the remaining sessions at once."""
-    proxy = Proxy(config, access_log, shared=shared)
+async def serve(
+    config: Config,
+    access_log: AccessLog | None = None,
+    shared: Shared | None = None,
+    *,
+    loader: Loader | None = None,
+    handover: str | None = None,
+) -> int:
+    """Start (taking the listening sockets over from a running l4proxy at ``handover``, if one serves
+    there), wait for a signal, drain; a second signal closes the remaining sessions at once. SIGHUP
+    reloads the file through ``loader`` (or, without one, the TLS files); a worker gets its
+    configurations from the supervisor instead."""
+    handoff = None if handover is None else await asyncio.to_thread(_ask_for_sockets, handover)
+    admin_sockets = None if handoff is None else handoff.sockets.pop(_admin_key(config), None)
+    proxy = Proxy(config, access_log, shared=shared, inherited=None if handoff is None else handoff.sockets)
     try:
         await proxy.start()
     except OSError as exc:
-        failed = config.listeners[proxy.failed_listener or 0].address
+        failed = config.listeners[0].address if proxy.binding is None else proxy.binding.address
         print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
+        for sock in admin_sockets or ():
+            sock.close()
+        if handoff is not None:
+            handoff.abandon()
         return 1
     try:
-        admin = await _start_admin(proxy)
+        admin = await _start_admin(proxy, admin_sockets)
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)  # the loop's message repeats the address
         print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
+        if handoff is not None:
+            handoff.abandon()
         await proxy.drain()
         return 1
+    if handoff is not None:
+        handoff.ready()
+        log.info("took over %d listening sockets from pid %d, which drains and exits", handoff.count, handoff.pid)
     tune_gc()
     loop = asyncio.get_running_loop()
     received: list[str] = []
+    reloads = _Reloads(proxy, loader)
 
     def on_signal(name: str) -> None:
         received.append(name)
         if len(received) == 1:
-            delay = config.shutdown_delay
+            delay = proxy.config.shutdown_delay
             first = f"not ready, accepting for {delay:.1f}s more, then " if delay > 0 else ""
-            log.info("%s received: %sdraining for up to %.1fs (again to force)", name, first, config.drain_timeout)
+            log.info("%s received: %sdraining for up to %.1fs (again to force)",
+                     name, first, proxy.config.drain_timeout)  # fmt: skip
             proxy.stop()
         else:
             proxy.abort_all("forced_shutdown")
 
-    def on_reload() -> None:
-        if not proxy.uses_tls:
-            log.info("SIGHUP: no TLS configured, nothing to reload")
-            return
-        problems = proxy.reload_tls(lambda warning: _warn_tls(warning, "SIGHUP: "))
-        for problem in problems:
-            log.error("SIGHUP: kept the previous TLS files: %s", flagged(problem))
-        if not problems:
-            log.info("SIGHUP: TLS certificates and keys reloaded")
+    def handed(pid: int) -> None:
+        received.append("takeover")
+        log.info("takeover: pid %d accepts on our listening sockets now; draining for up to %.1fs and exiting",
+                 pid, proxy.config.drain_timeout)  # fmt: skip
+        if admin is not None:  # the new process answers on the endpoint's socket from now on
+            closing.append(asyncio.ensure_future(admin.close()))
+        proxy.stop(delayed=False)
 
+    def listening() -> takeover.Listening:
+        """What a new process takes over: the listeners' sockets, and the admin endpoint's."""
+        handed_over = proxy.handover()
+        if admin is not None and admin.server is not None:
+            sockets = cast(list[socket.socket], list(admin.server.sockets))  # only their fileno() is sent
+            handed_over.append((_admin_key(proxy.config), sockets))
+        return handed_over
+
+    closing: list[asyncio.Future[None]] = []
+    server = None if handover is None else takeover.Server(handover, listening, handed)
+    if server is not None:
+        server.start()
+    if shared is not None:
+        shared.follow(reloads.apply)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
     loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy))
     try:
         await proxy.serve_until_stopped()
+        if server is not None:
+            await server.stop()
+        await reloads.finish()
         await proxy.drain()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
@@ -747,12 +854,115 @@ async def serve(config: Config, access_log: AccessLog | None = None, shared: Sha
     return 0
 
 
-async def _start_admin(proxy: Proxy) -> AdminServer | None:
-    """The admin endpoint when ``--admin`` is given; raises OSError when it cannot listen."""
+def _ask_for_sockets(path: str) -> takeover.Handoff | None:
+    try:
+        return takeover.request(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--takeover", path, f"the process serving it did not hand its sockets over: {exc}") from None
+
+
+class _Reloads:
+    """SIGHUP in one process: the file read again (off the loop: it resolves names) and applied, one
+    reload at a time; a broken file keeps the running configuration and is counted
+    (``Proxy.reloads_failed``). Without a file, the TLS files are re-read, as always."""
+
+    def __init__(self, proxy: Proxy, loader: Loader | None) -> None:
+        self.proxy = proxy
+        self.loader = loader
+        self.lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def on_sighup(self) -> None:
+        if self.loader is None:
+            self._tls_only()
+            return
+        self._spawn(self._from_file(self.loader))
+
+    def apply(self, config: Config) -> None:
+        """A worker: the configuration the supervisor checked and sent."""
+        self._spawn(self._apply(config, quiet=True))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def finish(self) -> None:
+        """Let a reload under way end before the drain."""
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _tls_only(self) -> None:
+        proxy = self.proxy
+        if not proxy.uses_tls:
+            log.info("SIGHUP: no TLS configured, nothing to reload")
+            return
+        problems = proxy.reload_tls(warn=_sighup_warning)
+        for problem in problems:
+            log.error("SIGHUP: kept the previous TLS files: %s", flagged(problem))
+        if not problems:
+            log.info("SIGHUP: TLS certificates and keys reloaded")
+
+    async def _from_file(self, loader: Loader) -> None:
+        async with self.lock:
+            try:
+                config = await asyncio.to_thread(loader)
+            except (ConfigFileError, ConfigError) as exc:
+                self.proxy.reloads_failed += 1
+                report_refused(exc)
+                return
+            await self._apply(config, quiet=False)
+
+    async def _apply(self, config: Config, quiet: bool) -> None:
+        try:
+            steps, problems = await self.proxy.reconfigure(config, warn=_sighup_warning)
+        except OSError as exc:
+            self.proxy.reloads_failed += 1
+            log.error("SIGHUP: kept the running configuration: cannot listen on a new address: %s", exc.strerror or exc)
+            return
+        for problem in problems:
+            log.error("SIGHUP: kept the previous TLS files: %s", problem)
+        if not quiet:
+            report_applied(steps)
+
+
+def _sighup_warning(warning: ConfigError) -> None:
+    _warn_tls(warning, "SIGHUP: ")
+
+
+def report_refused(exc: ConfigFileError | ConfigError) -> None:
+    """A reload refused: every problem, in the ``check`` format, then what happens."""
+    lines = exc.lines() if isinstance(exc, ConfigFileError) else [str(flagged(exc))]
+    for line in lines:
+        log.error("SIGHUP: %s", line)
+    log.error("SIGHUP: kept the running configuration (%d problem%s in the file)", len(lines), "" if len(lines) == 1
+              else "s")  # fmt: skip
+
+
+def report_applied(steps: Plan) -> None:
+    for name in steps.restart:
+        log.warning("SIGHUP: %s changed in the file; it takes effect when l4proxy is restarted", name)
+    log.info("SIGHUP: configuration reloaded: %s", steps.summary())
+
+
+def _admin_key(config: Config) -> str:
+    """The admin endpoint's entry in a takeover (not a listen address, so no listener takes it)."""
+    return f"admin {config.admin}"
+
+
+async def _start_admin(proxy: Proxy, inherited: list[socket.socket] | None = None) -> AdminServer | None:
+    """The admin endpoint when ``--admin`` is given (on the socket a takeover handed over, if any);
+    raises OSError when it cannot listen."""
     address = proxy.config.admin
     if address is None:
+        for unused in inherited or ():
+            unused.close()
         return None
-    admin = AdminServer(ProxySource(proxy), address.host, address.port)
+    sock: socket.socket | None = None
+    if inherited:
+        sock, *extra = inherited
+        for unused in extra:
+            unused.close()
+    admin = AdminServer(ProxySource(proxy), address.host, address.port, sock=sock)
     await admin.start()
     return admin
 

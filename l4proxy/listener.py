@@ -139,11 +139,19 @@ class Listener:
         self._counted = -1.0  # loop time of the last count
         self._short = False  # a pause was logged and accepting has not caught up since
 
-    def start(self) -> None:
+    def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Accept on ``sockets`` (already listening: kept across a reload, or handed over by another
+        process) or, without them, on sockets bound now."""
         self._loop = asyncio.get_running_loop()
         self._bare = type(self._loop).__module__.startswith("uvloop")  # descriptors need no socket object
         self._fd_limit = _soft_limit()
-        self.sockets = bind_sockets(self.config)
+        if sockets is None:
+            sockets = bind_sockets(self.config)
+        else:
+            for sock in sockets:
+                sock.setblocking(False)
+                sock.listen(self.config.backlog)  # a changed backlog applies to a kept socket too
+        self.sockets = sockets
         self._count()
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
@@ -162,6 +170,20 @@ class Listener:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self.sockets = []
+
+    def release(self) -> list[socket.socket]:
+        """Stop accepting and hand the sockets over, still listening: clients that connect meanwhile
+        wait in the kernel's queue for the sockets' next owner."""
+        assert self._loop is not None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for sock in self.sockets:
+            if sock not in self._paused:
+                self._loop.remove_reader(sock.fileno())
+        self._paused.clear()
+        sockets, self.sockets = self.sockets, []
+        return sockets
 
     def _accept(self, sock: socket.socket) -> None:
         accepted_type = (_ACCEPTED_FD if self._bare else _ACCEPTED)[sock.family]

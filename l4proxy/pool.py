@@ -70,6 +70,16 @@ class Pool:
         self.config = config
         return changes
 
+    def retune(self, config: PoolConfig, members: bool = True) -> tuple[list[Member], list[Member]]:
+        """Take ``config``'s settings (a reload): the members' rise and fall follow its health settings,
+        and, with ``members``, its member list goes through ``update`` (a worker's members come from the
+        supervisor instead). Returns the (added, removed) members."""
+        self.balancer.health = config.health
+        for member in [*self.members, *self.balancer.draining.values()]:
+            member.health.rise, member.health.fall = config.health.rise, config.health.fall
+        self.config = dataclasses.replace(config, members=self.config.members)
+        return self.update(config.members) if members else ([], [])
+
     def set_members(
         self, members: Sequence[Address], check_first: Collection[str] = ()
     ) -> tuple[list[Member], list[Member]]:

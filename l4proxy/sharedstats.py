@@ -5,7 +5,10 @@ Each worker keeps its counters as in one process (plain ints, ``counters.py``) a
 own row of one anonymous ``mmap`` every ``PUBLISH`` seconds (``Publisher``, a loop timer: nothing on the
 data path). The supervisor's admin endpoint sums the rows (``SupervisorSource``). The row is bounded:
 per listener ``LISTENER_FIELDS``, per pool ``POOL_FIELDS``, per member slot of the shared table
-(``table.SharedTable``) ``SLOT_FIELDS``. TLS failure reasons are folded into ``TLS_REASONS`` here, since
+(``table.SharedTable``) ``SLOT_FIELDS``. The layout is the start-up configuration's: rows are found by
+listen address and pool name, so a reload that reorders or renames them reads the right cells; a
+listener or pool a reload adds has no cells until the next start (the admin endpoint shows it with
+zero counts, health and members are still exact). TLS failure reasons are folded into ``TLS_REASONS`` here, since
 a row cannot hold arbitrary names.
 
 Every cell has one writer (its worker), and aligned 8-byte stores are atomic, so there are no locks.
@@ -29,7 +32,7 @@ from .snapshot import ListenerView, MemberView, PoolView, Snapshot, check_failur
 
 if TYPE_CHECKING:
     from .balancer import Member
-    from .config import Config
+    from .config import Config, ListenerConfig
     from .pool import Pool
     from .prober import Prober
     from .proxy import Proxy
@@ -49,6 +52,9 @@ class SharedCounters:
     def __init__(self, config: Config, workers: int, capacity: int) -> None:
         self.workers = workers
         self.listeners = len(config.listeners)
+        self.addresses: dict[str, int] = {}  # listen address -> listener index in the row
+        for index, listener in enumerate(config.listeners):
+            self.addresses.setdefault(str(listener.address), index)
         self.pools = {pool.name: index for index, pool in enumerate(config.pools)}
         self._pool_base = self.listeners * len(LISTENER_FIELDS)
         self._slot_base = self._pool_base + len(self.pools) * len(POOL_FIELDS)
@@ -99,7 +105,10 @@ class Publisher:
 
     def publish(self) -> None:
         shared, cells, base, proxy = self.shared, self.shared.cells, self.base, self.proxy
-        for index, frontend in enumerate(proxy.frontends):
+        for frontend in proxy.frontends:  # read each time: a reload replaces them
+            index = shared.addresses.get(str(frontend.config.address))
+            if index is None:  # added by a reload: no cells in this layout
+                continue
             counters, listener = frontend.counters, frontend.listener
             tls = dict.fromkeys(TLS_REASONS, 0)
             for reason, count in counters.tls_failures.items():
@@ -115,6 +124,8 @@ class Publisher:
             )
             _store(cells, base + shared.listener(index), values)
         for pool in proxy.pools.values():
+            if pool.name not in shared.pools:
+                continue
             _store(cells, base + shared.pool(pool.name), (pool.retries, pool.no_upstream))
             for member in pool.members:
                 if member.slot >= 0:
@@ -141,7 +152,7 @@ class SupervisorSource:
 
     def __init__(
         self,
-        config: Config,
+        config: Callable[[], Config],
         pools: Callable[[], Mapping[str, Pool]],
         probers: Callable[[], Sequence[Prober]],
         table: SharedTable,
@@ -157,13 +168,14 @@ class SupervisorSource:
         self.started_at = time.time()
 
     def snapshot(self) -> Snapshot:
-        listeners = tuple(self._listener(index) for index in range(len(self.config.listeners)))
+        listeners = tuple(self._listener(listener) for listener in self.config().listeners)  # as reloaded
         pools = tuple(self._pool(pool) for pool in self.pools().values())
         return Snapshot(listeners, pools, self.started_at, time.time(), self.draining(), self.shared.workers)
 
-    def _listener(self, index: int) -> ListenerView:
-        config = self.config.listeners[index]
-        totals = self.shared.total(self.shared.listener(index), len(LISTENER_FIELDS))
+    def _listener(self, config: ListenerConfig) -> ListenerView:
+        index = self.shared.addresses.get(str(config.address))
+        width = len(LISTENER_FIELDS)
+        totals = [0] * width if index is None else self.shared.total(self.shared.listener(index), width)
         values = dict(zip(LISTENER_FIELDS, totals, strict=True))
         return ListenerView(
             name=config.name,
@@ -179,7 +191,8 @@ class SupervisorSource:
         )
 
     def _pool(self, pool: Pool) -> PoolView:
-        retries, no_upstream = self.shared.total(self.shared.pool(pool.name), len(POOL_FIELDS))
+        known = pool.name in self.shared.pools
+        retries, no_upstream = self.shared.total(self.shared.pool(pool.name), len(POOL_FIELDS)) if known else (0, 0)
         members = tuple(self._member(m, pool) for m in pool.members)
         return PoolView(pool.name, members, retries, no_upstream)
 

@@ -154,6 +154,21 @@ BAD_INPUTS = [
      "--resolve-interval '0': must be greater than 0"),
     (["--listen", ":6379", "--upstream", "srv:_redis._tcp.x:6379"],
      "--upstream 'srv:_redis._tcp.x:6379': expected srv:NAME with a DNS name, such as srv:_redis._tcp.example.com"),
+    (["--listen", ":6379", "--upstream", "a", "--send-proxy", "v3"], "--send-proxy 'v3': expected v1 or v2"),
+    (["--listen", ":6379", "--upstream", "a", "--proxy-timeout", "1s"], "--proxy-timeout '1s': needs --accept-proxy"),
+    (["--listen", ":6379", "--upstream", "a", "--accept-proxy-from", "10.0.0.0/8"],
+     "--accept-proxy-from '10.0.0.0/8': needs --accept-proxy"),
+    (["--listen", ":6379", "--upstream", "a", "--accept-proxy", "--proxy-timeout", "0"],
+     "--proxy-timeout '0': must be greater than 0"),
+    (["--listen", ":6379", "--upstream", "a", "--allow", "10.0.0.1/8"],
+     "--allow '10.0.0.1/8': has host bits set: the range is 10.0.0.0/8"),
+    (["--listen", ":6379", "--upstream", "a", "--deny", "10.0.0.0/8,bad"],
+     "--deny 'bad': 'bad' is not an IPv4 or IPv6 address"),
+    (["--listen", ":6379", "--upstream", "a", "--allow", "::1/129"], "--allow '::1/129': prefix length must be 0..128"),
+    (["--listen", ":6379", "--upstream", "a", "--max-connections-per-ip", "0"],
+     "--max-connections-per-ip '0': must be at least 1"),
+    (["--listen", ":6379", "--upstream", "a", "--rate-per-ip", "fast"],
+     "--rate-per-ip 'fast': expected a rate such as 100/s"),
 ]
 
 
@@ -468,6 +483,10 @@ def test_defaults_in_the_table_are_the_config_defaults() -> None:
         ("shutdown_delay", "--shutdown-delay"),
         ("workers", "--workers"),
         ("pools.default.resolve_interval", "--resolve-interval"),
+        ("pools.default.send_proxy", "--send-proxy"),
+        ("listeners[0].allow[2]", "--allow"),
+        ("listeners[0].accept_proxy_from", "--accept-proxy-from"),
+        ("listeners[0].accept_proxy", "--accept-proxy"),
         ("listeners[0].pool", None),  # no flag sets it: the error keeps its path
         ("pools.defaults.tls", None),
     ],
