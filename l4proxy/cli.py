@@ -63,6 +63,7 @@ from .config import (
 from .configfile import ConfigFileError, Document
 from .discovery import needs_resolving
 from .errors import ConfigError
+from .notify import notify
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
 from .reload import Plan
@@ -809,6 +810,7 @@ async def serve(
             first = f"not ready, accepting for {delay:.1f}s more, then " if delay > 0 else ""
             log.info("%s received: %sdraining for up to %.1fs (again to force)",
                      name, first, proxy.config.drain_timeout)  # fmt: skip
+            notify("STOPPING=1")
             proxy.stop()
         else:
             proxy.abort_all("forced_shutdown")
@@ -839,6 +841,7 @@ async def serve(
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
     loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy))
+    notify("READY=1")  # listening, and the signals are ours (Type=notify)
     try:
         await proxy.serve_until_stopped()
         if server is not None:

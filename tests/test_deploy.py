@@ -228,7 +228,7 @@ def test_the_unit_verifies(tmp_path: Path) -> None:
 def test_the_unit_fields() -> None:
     text = (DEPLOY / "l4proxy.service").read_text()
     service = unit_fields(text)["Service"]
-    assert service["Type"] == ["simple"]
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["all"]  # READY=1 from a worker too
     assert service["ExecStart"] == [f"/usr/local/bin/l4proxy --config {CONFIG_PATH}"]
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert int(service["LimitNOFILE"][0]) >= 65536

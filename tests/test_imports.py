@@ -140,10 +140,11 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"reload", "takeover", "workers", "admin", "snapshot"},
+    | {"notify", "reload", "takeover", "workers", "admin", "snapshot"},
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
-    | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
+    | {"notify", "pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats"}
+    | {"snapshot"},
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
     | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
@@ -167,6 +168,7 @@ ALLOWED: dict[str, set[str]] = {
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
     "drive": set(),
     "takeover": set(),
+    "notify": set(),
     "deadlines": set(),
     **{module: loads - {module} for module, loads in PURE_MODULES.items()},
 }
