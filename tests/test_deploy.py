@@ -183,15 +183,21 @@ def test_probes_resources_budget_and_termination_add_up(name: str) -> None:
     assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": admin_port["name"]}
     for container in [*pod.get("initContainers", []), *pod["containers"]]:
         assert set(container["resources"]["requests"]) == {"cpu", "memory"}, container["name"]
-    if name == "sidecar.yaml":
-        assert proxy in pod["initContainers"] and proxy["restartPolicy"] == "Always"  # a native sidecar
-    # the grace period covers every preStop, then l4proxy's delay and drain (its forced closes are inside it)
-    pre_stop = sum(float(c["lifecycle"]["preStop"]["exec"]["command"][1]) for c in pod["containers"]
-                   if "lifecycle" in c)  # fmt: skip
     delay = parse_duration(settings["shutdown_delay"], "shutdown_delay")
     drain = parse_duration(settings["drain_timeout"], "drain_timeout")
-    assert delay == 5.0
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + delay + drain + 2, (pre_stop, delay, drain)
+    pre_stop = [c["lifecycle"]["preStop"]["exec"]["command"] for c in pod["containers"] if "lifecycle" in c]
+    assert all(command[0] == "sleep" for command in pre_stop), pre_stop
+    waits = sum(float(command[1]) for command in pre_stop)
+    if name == "sidecar.yaml":
+        assert proxy in pod["initContainers"] and proxy["restartPolicy"] == "Always"  # a native sidecar
+        assert waits == 5.0  # the app's endpoints catch up before the app stops ...
+        assert delay == 0.0  # ... and l4proxy is stopped only after the app, its one client, has exited
+    else:
+        assert delay == 5.0 and waits == 0.0  # the delay is l4proxy's own: a preStop sleep would add to it
+        readiness = proxy["readinessProbe"]
+        assert readiness["periodSeconds"] * readiness["failureThreshold"] < delay  # 503 seen within the delay
+    # the grace period covers every preStop, then l4proxy's delay and drain (its forced closes are inside it)
+    assert pod["terminationGracePeriodSeconds"] >= waits + delay + drain + 2, (waits, delay, drain)
     budget = docs["PodDisruptionBudget"]["spec"]
     assert budget["selector"] == deployment["spec"]["selector"]
 
