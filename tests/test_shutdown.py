@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from .kit import Upstream, connect, eventually, make_config, roundtrip, running, upstreams
+from .servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,21 +153,32 @@ async def readyz(port: int) -> int:
     return int(status.split()[1]) if status.startswith(b"HTTP/1.1 ") else 0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+async def echoed(port: int, payload: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client whose session is up: ``payload`` went through the echo member and came back."""
+    reader, writer = await connect(port)
+    writer.write(payload)
+    assert await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload
+    return reader, writer
+
+
+async def closed_at(reader: asyncio.StreamReader) -> float:
+    """When the proxy closes this client (an aborted session may end in a reset)."""
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 15) == b""
+    return asyncio.get_running_loop().time()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_sigterm_with_a_delay_serves_then_drains_and_exits_zero(workers: str) -> None:
-    """The command: SIGTERM makes /readyz 503 at once, a client connecting during the delay is still
-    served, the listener closes after it, the session that never ends is closed at the drain's deadline,
-    exit 0 (with workers, the supervisor's /readyz and exit)."""
+    """The command, in the order Kubernetes relies on: SIGTERM makes /readyz 503 at once, a client
+    connecting during the delay is still served, then connects are refused, a session open from before
+    finishes during the drain, and the 20 that never end are closed at its deadline, spread over its
+    last second; exit 0 (with workers, the supervisor's /readyz and exit)."""
+    delay, drain, held = 1.5, 1.5, 20
     port, admin = free_port(), free_port()
     async with Upstream() as server:
         proc = await asyncio.create_subprocess_exec(
-            *command(port, str(server.address), "--shutdown-delay", "2.5s", "--drain-timeout", "1s",
+            *command(port, str(server.address), "--shutdown-delay", f"{delay}s", "--drain-timeout", f"{drain}s",
                      "--workers", workers, "--admin", f"127.0.0.1:{admin}"),
             cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -182,23 +193,30 @@ async def test_sigterm_with_a_delay_serves_then_drains_and_exits_zero(workers: s
             while await readyz(admin) != 200:  # the supervisor's admin opens just after the workers
                 assert asyncio.get_running_loop().time() < deadline, "/readyz never 200"
                 await asyncio.sleep(0.05)
-            idle_reader, idle = await connect(port)
-            idle.write(b"open")
-            assert await asyncio.wait_for(idle_reader.readexactly(4), 5) == b"open"
+            finishing, finisher = await echoed(port, b"open")
+            clients = [await echoed(port, b"hold") for _ in range(held)]
+            watchers = [asyncio.create_task(closed_at(reader)) for reader, _writer in clients]
             loop = asyncio.get_running_loop()
             began = loop.time()
             proc.send_signal(signal.SIGTERM)
-            await read_until(proc.stderr, b"not ready, accepting for 2.5s more", err)
+            await read_until(proc.stderr, f"not ready, accepting for {delay:.1f}s more".encode(), err)
             assert await readyz(admin) == 503  # not ready first ...
+            not_ready = loop.time() - began
             try:
                 assert await roundtrip(port, b"during the delay") == b"during the delay"  # ... still serving
             except ConnectionError as exc:
                 raise AssertionError(f"{exc!r} {loop.time() - began:.2f}s after SIGTERM") from exc
             await until_refused(port)
-            closed_after = loop.time() - began
-            with contextlib.suppress(ConnectionResetError):
-                assert await asyncio.wait_for(idle_reader.read(), 10) == b""
-            idle.close()
+            refused = loop.time() - began
+            finisher.write(b"drain")  # the drain lets a session from before finish
+            assert await asyncio.wait_for(finishing.readexactly(5), 5) == b"drain"
+            finisher.write_eof()
+            assert await asyncio.wait_for(finishing.read(), 5) == b""
+            finished = loop.time() - began
+            closes = sorted(t - began for t in await asyncio.gather(*watchers))
+            finisher.close()
+            for _reader, writer in clients:
+                writer.close()
             assert await asyncio.wait_for(proc.wait(), 15) == 0
             out = (await proc.stdout.read()).decode()
             err.extend(await proc.stderr.read())
@@ -206,9 +224,13 @@ async def test_sigterm_with_a_delay_serves_then_drains_and_exits_zero(workers: s
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    assert closed_after >= 2.5 * 0.9, closed_after
+    timeline = f"503 {not_ready:.2f}s, refused {refused:.2f}s, finished {finished:.2f}s, closes {closes}"
+    assert not_ready < delay * 0.5 and refused >= delay * 0.9, timeline
+    assert finished < closes[0], timeline  # finished before the forced closes began ...
+    assert closes[0] >= (delay + drain - 1.0) * 0.9, timeline  # ... which wait for the drain's last second
+    assert closes[-1] - closes[0] >= 0.6 and closes[-1] < delay + drain + 1.0, timeline  # spread over it
     records = [dict(f.split("=", 1) for f in line.split()[1:]) for line in out.splitlines()]
     by_bytes = sorted((r["in"], r["end"]) for r in records if r["in"] != "0")  # in=0: the refusal probes
-    assert by_bytes == [("16", "eof"), ("4", "shutdown")], out
+    assert by_bytes == sorted([("16", "eof"), ("9", "eof"), *[("4", "shutdown")] * held]), out
     assert all(r["end"] == "eof" for r in records if r["in"] == "0"), out
     assert b"Traceback" not in err, err.decode()
