@@ -275,3 +275,28 @@ def test_takeover_hands_the_admin_endpoint_over_too(tmp_path: Path, members: lis
         if new is not None:
             new.kill()
     assert "Traceback" not in old.stderr + (new.stderr if new else "")
+
+
+def test_a_process_taken_over_does_not_wait_its_shutdown_delay(tmp_path: Path, members: list[int]) -> None:
+    """The new process accepts on the very sockets at once, so there are no endpoints to wait for: the old
+    one, though started with a minute of --shutdown-delay, stops accepting and exits as soon as its
+    sessions are done."""
+    path = tmp_path / "l4proxy.toml"
+    port = free_port()
+    write_config(path, {"main": port}, members)
+    control = str(tmp_path / "l4proxy.sock")
+    old = Command(tmp_path, "--config", str(path), "--takeover", control, "--shutdown-delay", "60s", name="old")
+    new = None
+    try:
+        wait_listening(port)
+        new = Command(tmp_path, "--config", str(path), "--takeover", control, name="new")
+        new.wait_log("took over 1 listening sockets from pid")
+        assert old.proc.wait(20) == 0
+        assert echo_once(port, b"after") == b"after"
+        assert new.stop() == 0
+    finally:
+        old.kill()
+        if new is not None:
+            new.kill()
+    assert "shutdown delay over" not in old.stderr
+    assert "Traceback" not in old.stderr + new.stderr
