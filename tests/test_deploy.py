@@ -1,7 +1,8 @@
 """The deployment artefacts in ``deploy/``: the Dockerfile, the Kubernetes manifests, the systemd unit.
 
 No container engine runs here, so the image's contract is tested as far as it reaches without one: the
-wheel the Dockerfile builds is installed in a fresh virtualenv and the image's own entrypoint command
+wheels the Dockerfile builds (l4proxy's and its dependencies', none compiled here) are installed with
+``--no-index`` in a fresh virtualenv, and the image's own entrypoint command
 (its ENTRYPOINT and CMD, the config at the documented path swapped for a file of ours) serves Redis and
 answers the HEALTHCHECK. The manifests are validated with ``kubernetes-validate --strict`` for two
 Kubernetes versions, their embedded TOML passes ``l4proxy check``, and their termination settings add
@@ -84,10 +85,13 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
             else:
                 shutil.copy(ROOT / name, source / name)
-    run_ok(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", tmp / "dist", source, cwd=tmp)
+    dist = tmp / "dist"
+    run_ok(sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", dist, source, cwd=tmp)  # deps too, as there
+    # slim has no compiler: every dependency must come as a published wheel, none built here for this machine
+    built = [w.name for w in dist.glob("*.whl") if re.search(r"-linux_\w+\.whl$", w.name)]
+    assert not built, built
     run_ok(sys.executable, "-m", "venv", tmp / "venv")
-    [wheel] = (tmp / "dist").glob("l4proxy-*.whl")
-    run_ok(tmp / "venv" / "bin" / "pip", "install", "-q", wheel)
+    run_ok(tmp / "venv" / "bin" / "pip", "install", "-q", "--no-index", "--find-links", dist, "l4proxy")  # only those
     return tmp / "venv"
 
 
