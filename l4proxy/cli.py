@@ -775,33 +775,11 @@ async def serve(
     handoff = None if handover is None else await asyncio.to_thread(_ask_for_sockets, handover)
     admin_sockets = None if handoff is None else handoff.sockets.pop(_admin_key(config), None)
     proxy = Proxy(config, access_log, shared=shared, inherited=None if handoff is None else handoff.sockets)
-    try:
-        await proxy.start()
-    except OSError as exc:
-        failed = config.listeners[0].address if proxy.binding is None else proxy.binding.address
-        print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
-        proxy.access_log.close()
-        for sock in admin_sockets or ():
-            sock.close()
-        if handoff is not None:
-            handoff.abandon()
-        return 1
-    try:
-        admin = await _start_admin(proxy, admin_sockets)
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)  # the loop's message repeats the address
-        print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
-        if handoff is not None:
-            handoff.abandon()
-        await proxy.drain()
-        return 1
-    if handoff is not None:
-        handoff.ready()
-        log.info("took over %d listening sockets from pid %d, which drains and exits", handoff.count, handoff.pid)
-    tune_gc()
     loop = asyncio.get_running_loop()
     received: list[str] = []
     reloads = _Reloads(proxy, loader)
+    admin: AdminServer | None = None
+    early_reload: list[bool] = []
 
     def on_signal(name: str) -> None:
         received.append(name)
@@ -831,18 +809,50 @@ async def serve(
             handed_over.append((_admin_key(proxy.config), sockets))
         return handed_over
 
-    closing: list[asyncio.Future[None]] = []
-    server = None if handover is None else takeover.Server(handover, listening, handed)
-    if server is not None:
-        server.start()
-    if shared is not None:
-        shared.follow(reloads.apply)
+    # Handled from before "listening on" is logged: a signal sent on seeing it must drain, not kill.
+    # They run as loop callbacks, so never before start() has made the event that stop() sets. A SIGHUP
+    # during start-up is applied once the proxy runs: a reload must not interleave with start().
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
+    loop.add_signal_handler(signal.SIGHUP, early_reload.append, True)
     loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy))
-    notify("READY=1")  # listening, and the signals are ours (Type=notify)
+    closing: list[asyncio.Future[None]] = []
+    server: takeover.Server | None = None
     try:
+        try:
+            await proxy.start()
+        except OSError as exc:
+            failed = config.listeners[0].address if proxy.binding is None else proxy.binding.address
+            print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
+            proxy.access_log.close()
+            for sock in admin_sockets or ():
+                sock.close()
+            if handoff is not None:
+                handoff.abandon()
+            return 1
+        try:
+            admin = await _start_admin(proxy, admin_sockets)
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # the loop's message repeats the address
+            print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
+            if handoff is not None:
+                handoff.abandon()
+            await proxy.drain()
+            return 1
+        if handoff is not None:
+            handoff.ready()
+            log.info("took over %d listening sockets from pid %d, which drains and exits", handoff.count, handoff.pid)
+        tune_gc()
+        if handover is not None:
+            server = takeover.Server(handover, listening, handed)
+            server.start()
+        if shared is not None:
+            shared.follow(reloads.apply)
+        loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
+        if early_reload:
+            reloads.on_sighup()
+        if not received:  # (a signal during start-up said STOPPING=1 already)
+            notify("READY=1")  # listening, and serving the admin endpoint (Type=notify)
         await proxy.serve_until_stopped()
         if server is not None:
             await server.stop()

@@ -13,7 +13,7 @@ the transport from the descriptor (an ``AcceptedFD`` is enough) and schedules ``
 waits for that and nothing else; our pump sees ``connection_made`` anyway, so nothing waits on the
 coroutine, and ``Session._unlink`` finishes it when the session is freed. Its only other outcome, the
 handshake, does not exist without TLS. This is the one place that relies on how uvloop runs that
-coroutine, and ``tests/test_frontend.py`` pins the behaviour. TLS clients, and every client on
+coroutine, and ``tests/io/test_frontend.py`` pins the behaviour. TLS clients, and every client on
 asyncio's own loop (kept for debugging, not speed), go through the Drive.
 
 **Stages.** ``Frontend.stages`` are per-listener steps between accept and session (an ACL, a PROXY
@@ -220,7 +220,7 @@ class Frontend:
             factory = itertools.repeat(session.client).__next__  # a C callable: no Python frame runs
             if bare and isinstance(sock, AcceptedFD):
                 # uvloop, plain: the one place that relies on how uvloop runs the coroutine (see the
-                # module's docstring; tests/test_frontend.py pins it). Inline: it runs per client.
+                # module's docstring; tests/io/test_frontend.py pins it). Inline: it runs per client.
                 opener = loop.connect_accepted_socket(factory, sock)  # type: ignore[arg-type]
                 try:
                     opener.send(None)  # the transport exists once this returns

@@ -27,7 +27,7 @@ task, one Python call per chunk. The rules it keeps:
   it calls the hooks its listener gave it (``Wiring.bulky``, ``Wiring.attached``), keeps what they
   install in ``Session.engine`` (anything with ``stop()``), and stops it before closing the transports.
 * **Seams**: what the relay calls out to is typed here as small Protocols (``Engine``, ``Dialing``) and
-  one ``Wiring`` per listener, so the relay imports no module above it (``tests/test_imports.py``).
+  one ``Wiring`` per listener, so the relay imports no module above it (``tests/unit/test_imports.py``).
 * **End causes**: ``end``, ``abort`` and ``fail`` offer a cause; ``causes.settle`` decides which one
   the session keeps (the rule is written down in ``causes.py``).
 """

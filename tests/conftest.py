@@ -17,6 +17,8 @@ import uvloop
 
 from l4proxy.proxy import Proxy
 
+from .kit import PKI, make_pki
+
 _loop_errors: list[dict[str, Any]] = []
 
 # libuv opens a process-wide pipe (its signal lock) when its first loop starts: open it now, so the
@@ -35,6 +37,12 @@ def _recording(factory: Callable[[], asyncio.AbstractEventLoop]) -> Callable[[],
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Callable[[], Any]]:
     return {"asyncio": _recording(asyncio.new_event_loop), "uvloop": _recording(uvloop.new_event_loop)}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """The TLS tests' certificate files (``make_pki``), made once per module."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(autouse=True)

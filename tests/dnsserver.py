@@ -10,14 +10,16 @@ system resolver's shape (``loop.getaddrinfo``) answered by this server, for ``Re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,10 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
+from l4proxy import Address, HealthConfig
+from l4proxy.config import Config, Service
+
+from .kit import Upstream, make_config
 from .servers import free_port
 
 
@@ -154,3 +160,48 @@ class Dnsmasq:
         if not infos:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return infos
+
+
+# --- members that move: upstreams that tell probes from clients, a pool that resolves names ---------
+
+PROBE = HealthConfig(interval=0.3, timeout=0.5, rise=2, fall=2, send=b"PING\r\n", expect=b"+PONG")
+
+
+class Recording(Upstream):
+    """An upstream that answers probes (``PING`` -> ``+PONG``) and echoes clients, recording which of
+    the two each connection was, in order."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(self._serve_one, host)
+        self.kinds: list[str] = []
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(65536)
+        if data.startswith(b"PING"):
+            self.kinds.append("probe")
+            writer.write(b"+PONG\r\n")
+            return
+        self.kinds.append("client")
+        while data:
+            writer.write(data)
+            await writer.drain()
+            data = await reader.read(65536)
+
+
+@contextlib.asynccontextmanager
+async def pair() -> AsyncIterator[tuple[Recording, Recording]]:
+    """Two recording upstreams on the same port, at 127.0.0.2 and 127.0.0.3: where a name moves."""
+    old = await Recording("127.0.0.2").start()
+    new = await Recording("127.0.0.3").start(old.port)
+    try:
+        yield old, new
+    finally:
+        await old.stop()
+        await new.stop()
+
+
+def discovering(members: list[Address | Service], health: HealthConfig = PROBE, **pool: float) -> Config:
+    config = make_config([Address("127.0.0.1", 1)], health=health)
+    settings = {"resolve_interval": 0.1, **pool}
+    pool = dataclasses.replace(config.pools[0], members=tuple(members), **settings)
+    return dataclasses.replace(config, pools=(pool,))

@@ -10,12 +10,17 @@ import asyncio
 import contextlib
 import io
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
+
+import trustme
 
 from l4proxy import Address, Config, HealthConfig, ListenerConfig, PoolConfig, Proxy
 from l4proxy.accesslog import AccessLog
+from l4proxy.config import ServerTLSConfig
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 ENGINES = ("transport", "splice")  # the relay engines data-path tests run on (make_config(relay=...))
@@ -224,6 +229,15 @@ async def roundtrip(port: int, payload: bytes, host: str = "127.0.0.1", timeout:
             await writer.wait_closed()
 
 
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    """Everything until EOF; a reset counts as the end too (an aborted session may send RST)."""
+    data = bytearray()
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(65536), timeout):
+            data += chunk
+    return bytes(data)
+
+
 async def open_session(
     proxy: Proxy, payload: bytes = b"open"
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
@@ -244,6 +258,38 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, interv
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def edge_config(members: list[Address], listen: Address | None = None, **settings: Any) -> Config:
+    """``make_config`` with the edge's settings placed: ``send_proxy`` on the pool, the rest on the listener."""
+    pool_settings = {k: settings.pop(k) for k in ("send_proxy",) if k in settings}
+    listener_keys = {"accept_proxy", "accept_proxy_from", "proxy_timeout", "allow", "deny"}
+    listener_keys |= {"max_connections_per_ip", "rate_per_ip", "tls"}
+    listener_settings = {k: settings.pop(k) for k in list(settings) if k in listener_keys}
+    config = make_config(members, listen, **settings)
+    listener = replace(config.listeners[0], **listener_settings)
+    return replace(config, listeners=(listener,), pools=(replace(config.pools[0], **pool_settings),))
+
+
+async def dial_from(
+    source: str, port: int, host: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connected from ``source`` (a loopback address of its own)."""
+    return await asyncio.open_connection(host, port, local_addr=(source, 0))
+
+
+async def exchange(port: int, data: bytes, source: str = "127.0.0.1", host: str = "127.0.0.1") -> tuple[bytes, int]:
+    """Send ``data``, half-close, read to the end; the reply and the client's own port."""
+    reader, writer = await dial_from(source, port, host)
+    own_port = writer.get_extra_info("sockname")[1]
+    try:
+        writer.write(data)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 5), own_port
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 def with_members(config: Config, members: Sequence[Address]) -> Config:
@@ -289,3 +335,144 @@ class SlowAccept:
         if self.server is not None:
             self.server.close()
         self.listener.close()
+
+
+# --- TLS: certificates from trustme, a TLS upstream, a ClientHello ----------------------------------
+
+
+@dataclass
+class PKI:
+    """Certificate files under one directory; ``ca``/``other_ca`` are kept for building contexts."""
+
+    dir: Path
+    ca: trustme.CA
+    other_ca: trustme.CA
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> str:
+        return self.paths[name]
+
+    def write(self, name: str, data: bytes) -> None:
+        path = self.dir / name
+        path.write_bytes(data)
+        self.paths[name] = str(path)
+
+    def server_tls(self, **overrides: object) -> ServerTLSConfig:
+        values: dict[str, object] = {"cert": self["server.pem"], "key": self["server.key"], **overrides}
+        return ServerTLSConfig(**values)  # type: ignore[arg-type]
+
+    def client_ctx(self, cert: str | None = None, ca: str = "ca.pem", alpn: list[str] | None = None) -> ssl.SSLContext:
+        """A client context trusting ``ca``, presenting ``cert`` (``NAME.pem``/``NAME.key``) if given."""
+        ctx = ssl.create_default_context(cafile=self[ca])
+        if cert is not None:
+            ctx.load_cert_chain(self[f"{cert}.pem"], self[f"{cert}.key"])
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        return ctx
+
+    def upstream_server_ctx(self, cert: str = "server", client_ca: str | None = None) -> ssl.SSLContext:
+        """A context for a TLS upstream serving ``cert``; with ``client_ca`` it requires client certs."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self[f"{cert}.pem"], self[f"{cert}.key"])
+        if client_ca is not None:
+            ctx.load_verify_locations(self[client_ca])
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+
+def make_pki(directory: Path) -> PKI:
+    """``ca`` signs ``server`` (localhost, 127.0.0.1, ::1), ``client`` (CN good-client) and ``db_only``
+    (only the name db.internal); ``other_ca`` signs ``other_server`` and ``other_client``."""
+    ca, other_ca = trustme.CA(), trustme.CA()
+    p = PKI(directory, ca, other_ca)
+    leaves = {
+        "server": ca.issue_cert("localhost", "127.0.0.1", "::1", common_name="localhost"),
+        "client": ca.issue_cert("good-client", common_name="good-client"),
+        "db_only": ca.issue_cert("db.internal", common_name="db.internal"),
+        "other_server": other_ca.issue_cert("localhost", "127.0.0.1", "::1"),
+        "other_client": other_ca.issue_cert("intruder", common_name="intruder"),
+    }
+    p.write("ca.pem", ca.cert_pem.bytes())
+    p.write("other_ca.pem", other_ca.cert_pem.bytes())
+    for name, leaf in leaves.items():
+        p.write(f"{name}.pem", b"".join(c.bytes() for c in leaf.cert_chain_pems))
+        p.write(f"{name}.key", leaf.private_key_pem.bytes())
+    return p
+
+
+class TLSUpstream(Upstream):
+    """A kit Upstream that speaks TLS; records what each handshake negotiated."""
+
+    def __init__(self, ctx: ssl.SSLContext, handler: Handler = echo, host: str = "127.0.0.1") -> None:
+        super().__init__(handler, host)
+        self.ctx = ctx
+        self.sni: list[str | None] = []
+        self.alpn: list[str | None] = []
+        self.peer_cn: list[str | None] = []
+        ctx.sni_callback = lambda _obj, name, _ctx: self.sni.append(name)  # type: ignore[assignment,func-returns-value]
+
+    async def start(self, port: int = 0) -> TLSUpstream:
+        self.server = await asyncio.start_server(self._record_then_serve, self.host, port, ssl=self.ctx)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _record_then_serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        self.alpn.append(ssl_object.selected_alpn_protocol())
+        subject = dict(rdn[0] for rdn in (ssl_object.getpeercert() or {}).get("subject", ()))
+        self.peer_cn.append(subject.get("commonName"))
+        await self._serve(reader, writer)
+
+
+@contextlib.asynccontextmanager
+async def tls_upstream(ctx: ssl.SSLContext, handler: Handler = echo, host: str = "127.0.0.1") -> AsyncIterator[
+    TLSUpstream
+]:
+    server = await TLSUpstream(ctx, handler, host).start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def open_tls(
+    port: int, ctx: ssl.SSLContext, host: str = "127.0.0.1", server_hostname: str = "localhost"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=ctx, server_hostname=server_hostname), 5.0
+    )
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 5.0)
+
+
+def client_hello() -> bytes:
+    """The bytes of a real ClientHello, produced by an in-memory SSLObject (no socket)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+async def until_refused(port: int, timeout: float = 10.0) -> None:
+    """Wait until the listener is gone: a connect is refused (each one accepted before is closed)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _reader, writer = await asyncio.wait_for(connect(port), 2)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        assert asyncio.get_running_loop().time() < deadline, "still accepting"
+        await asyncio.sleep(0.02)
+
+
+async def closed_at(reader: asyncio.StreamReader) -> float:
+    """When the proxy closes this client (an aborted session may end in a reset)."""
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 15) == b""
+    return asyncio.get_running_loop().time()
