@@ -837,7 +837,7 @@ async def serve(
             print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
             if handoff is not None:
                 handoff.abandon()
-            await proxy.drain()
+            await proxy.drain(delay=0)  # failing to start: nothing to stay ready for
             return 1
         if handoff is not None:
             handoff.ready()
