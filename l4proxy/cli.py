@@ -63,6 +63,7 @@ from .config import (
 from .configfile import ConfigFileError, Document
 from .discovery import needs_resolving
 from .errors import ConfigError
+from .notify import notify
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
 from .reload import Plan
@@ -309,6 +310,9 @@ OPTIONS: tuple[Option, ...] = (
            " 'off'.", "-", metavar="-|PATH|off"),
     Option("--drain-timeout", "drain_timeout", "process", "On SIGTERM/SIGINT, how long sessions may finish"
            " before they are closed.", "30s", _DURATION, "DURATION"),
+    Option("--shutdown-delay", "shutdown_delay", "process", "On SIGTERM/SIGINT, keep accepting for this long"
+           " while no longer ready (load balancers and Kubernetes endpoints catch up), then drain.", "0s",
+           _DURATION, "DURATION"),
     Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
            " one per CPU.", "1", _plain(parse_workers), "N|auto"),
     Option("--admin", "admin", "process", "Serve the admin API (/metrics, /healthz, /readyz, /status, member"
@@ -807,7 +811,11 @@ async def serve(
     def on_signal(name: str) -> None:
         received.append(name)
         if len(received) == 1:
-            log.info("%s received: draining for up to %.1fs (again to force)", name, proxy.config.drain_timeout)
+            delay = proxy.config.shutdown_delay
+            first = f"not ready, accepting for {delay:.1f}s more, then " if delay > 0 else ""
+            log.info("%s received: %sdraining for up to %.1fs (again to force)",
+                     name, first, proxy.config.drain_timeout)  # fmt: skip
+            notify("STOPPING=1")
             proxy.stop()
         else:
             proxy.abort_all("forced_shutdown")
@@ -818,7 +826,7 @@ async def serve(
                  pid, proxy.config.drain_timeout)  # fmt: skip
         if admin is not None:  # the new process answers on the endpoint's socket from now on
             closing.append(asyncio.ensure_future(admin.close()))
-        proxy.stop()
+        proxy.stop(delayed=False)
 
     def listening() -> takeover.Listening:
         """What a new process takes over: the listeners' sockets, and the admin endpoint's."""
@@ -856,7 +864,7 @@ async def serve(
             print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
             if handoff is not None:
                 handoff.abandon()
-            await proxy.drain()
+            await proxy.drain(delay=0)  # failing to start: nothing to stay ready for
             return 1
         if handoff is not None:
             handoff.ready()
@@ -870,6 +878,8 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
         if early_reload:
             reloads.on_sighup()
+        if not received:  # (a signal during start-up said STOPPING=1 already)
+            notify("READY=1")  # listening, and serving the admin endpoint (Type=notify)
         await proxy.serve_until_stopped()
         if server is not None:
             await server.stop()

@@ -454,6 +454,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     pools: tuple[PoolConfig, ...]
     drain_timeout: float = 30.0
+    shutdown_delay: float = 0.0  # on SIGTERM, not ready but still accepting for this long, then the drain
     access_log: str = "-"
     log_level: str = "info"
     workers: int = 1  # processes accepting on the listeners (SO_REUSEPORT), under one supervisor
@@ -470,6 +471,8 @@ class Config:
                 raise ConfigError(f"listeners[{index}].pool", listener.pool, f"no such pool; known: {', '.join(names)}")
             self._check_routes(index, listener)
         _positive("drain_timeout", self.drain_timeout)
+        if not 0 <= self.shutdown_delay < float("inf"):
+            raise ConfigError("shutdown_delay", self.shutdown_delay, "must be 0 or more")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", self.log_level, f"expected one of {', '.join(LOG_LEVELS)}")
         if type(self.workers) is not int or self.workers < 1:

@@ -488,7 +488,10 @@ def _drop(tree: dict[str, Any], path: str) -> bool:
 
 
 def duration_text(seconds: float) -> str | float:
-    """``"1h"``, ``"30s"``, ``"250ms"`` when that reads back as exactly ``seconds``; else the number."""
+    """``"1h"``, ``"30s"``, ``"250ms"`` (``"0s"`` for none) when that reads back as exactly ``seconds``;
+    else the number."""
+    if seconds == 0:
+        return "0s"
     for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
         count = seconds / size
         if count >= 1 and count.is_integer() and float(int(count)) * size == seconds:

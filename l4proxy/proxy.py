@@ -9,8 +9,9 @@ the pool has DNS-named members) per pool, a ``Frontend``
 per listener (``frontend.py``: its sockets, TLS context and how clients become sessions), one
 ``SessionTable`` (``sessions.py``: live sessions, the sweeper, drain, abort), the access log, the
 splice engine's pipes (``splice.Splicing``), the connect deadlines and the set of our own outgoing
-addresses that catches a member leading back here (``dialer.py``, Loops). ``drain`` stops accepting,
-waits for sessions up to ``drain_timeout``, then aborts the rest.
+addresses that catches a member leading back here (``dialer.py``, Loops). ``drain`` sets ``draining``
+(what readiness reads), keeps accepting for ``shutdown_delay``, stops accepting, waits for sessions up
+to ``drain_timeout``, then closes the rest, spread over the last second.
 
 ``shared`` is the seam for a worker of ``--workers N`` (``workers.py``): health is decided in the
 supervisor, so the proxy runs no probers and hands its pools to ``shared.join`` when it starts.
@@ -28,6 +29,7 @@ binding, by listen address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -106,6 +108,7 @@ class Proxy:
         self._stopped: asyncio.Event | None = None
         self.started_at = time.time()
         self.draining = False  # set when a drain starts: readiness (admin /readyz) turns 503 at once
+        self._delay_over = asyncio.Event()  # set by a second signal, or once the shutdown delay has run
         self._drain_timers: set[asyncio.TimerHandle] = set()
 
     def _prober(self, pool: Pool) -> Prober:
@@ -199,9 +202,13 @@ class Proxy:
         """The port listener ``index`` is bound to."""
         return self.frontends[index].listener.addresses[0][1]
 
-    def stop(self) -> None:
-        """Ask ``serve_until_stopped`` to return (signal handlers call this); the drain begins."""
+    def stop(self, delayed: bool = True) -> None:
+        """Ask ``serve_until_stopped`` to return (signal handlers call this); the drain begins, and
+        with it readiness ends. ``delayed=False`` skips the shutdown delay: after a takeover the new
+        process accepts on the same sockets, so there is nothing for endpoints to catch up with."""
         self.draining = True
+        if not delayed:
+            self._delay_over.set()
         if self._stopped is not None:
             self._stopped.set()
 
@@ -209,10 +216,18 @@ class Proxy:
         assert self._stopped is not None
         await self._stopped.wait()
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Stop accepting, let sessions finish for up to ``timeout``, then abort what is left."""
+    async def drain(self, timeout: float | None = None, delay: float | None = None) -> None:
+        """Turn not ready, keep accepting for ``delay`` (``shutdown_delay``: load balancers and Kubernetes
+        endpoints take seconds to stop sending clients here), then stop accepting, let sessions finish
+        for up to ``timeout``, and close what is left over the drain's last second."""
         timeout = self.config.drain_timeout if timeout is None else timeout
+        delay = self.config.shutdown_delay if delay is None else delay
         self.draining = True
+        if delay > 0 and not self._delay_over.is_set():  # once: a second drain does not wait again
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._delay_over.wait(), delay)
+            self._delay_over.set()
+            log.info("shutdown delay over: no longer accepting")
         self._close_listeners()
         await self.table.drain(timeout)
         self.splicing.close()  # the idle pipes; aborted sessions have returned theirs
@@ -221,7 +236,8 @@ class Proxy:
         self.access_log.close()
 
     def abort_all(self, cause: str) -> None:
-        """Close every session now (drain deadline reached, or a second signal)."""
+        """Close every session now, and end the shutdown delay if it is running (a second signal)."""
+        self._delay_over.set()
         self.table.abort_all(cause)
 
     def _close_listeners(self) -> None:

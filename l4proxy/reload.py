@@ -16,9 +16,9 @@ removed once no listener routes to it (its sessions drain).
 **TLS**: every certificate, key and CA of a listener or pool that stays is read again (a file may
 change under the same path); rebuilt listeners and added pools read theirs when they are built.
 
-**Process settings**: ``drain_timeout`` and ``log_level`` take effect at once; ``workers``,
-``access_log`` and ``admin`` (the endpoint's address) need a new process (see README, Upgrade), so the
-plan keeps their running values (``new``) and names them in ``restart``.
+**Process settings**: ``drain_timeout``, ``shutdown_delay`` and ``log_level`` take effect at once;
+``workers``, ``access_log`` and ``admin`` (the endpoint's address) need a new process (see README,
+Upgrade), so the plan keeps their running values (``new``) and names them in ``restart``.
 
 Pure: no sockets, no event loop.
 """

@@ -9,6 +9,9 @@ with what it saw last tick, and aborts those quiet for their ``idle_timeout``, o
 ``half_closed_timeout`` once one direction ended; the hot path does no timer work at all. The same
 tick runs the proxy's periodic chores (flushing the access log and the rate-limited warnings,
 re-reading the open-files limit).
+
+**The drain** waits for the live sessions up to its timeout; those left are closed over its last
+second (``spread.py``), not in one instant, so their clients do not reconnect in one storm.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from .drive import Drive
 from .relay import Session
+from .spread import WINDOW, close_schedule
 
 log = logging.getLogger("l4proxy")
 
@@ -43,16 +47,46 @@ class SessionTable:
         """Run the sweeper every ``tick`` seconds, with ``chores`` before each sweep."""
         self._sweeper = asyncio.create_task(self._sweep(tick, tuple(chores)), name="l4proxy sweeper")
 
-    async def drain(self, timeout: float) -> None:
-        """Close the opening clients, let live sessions finish for up to ``timeout``, abort the rest."""
+    async def drain(self, timeout: float, spread: float = WINDOW) -> None:
+        """Close the opening clients, let live sessions finish for up to ``timeout``, and close the rest
+        over its last ``spread`` seconds (all of it when shorter), so their clients do not all reconnect
+        in the same instant (``spread.py``)."""
         await self.cancel_opening()
         if self.live:
             count = len(self.live)
             log.info("draining %d session%s for up to %.1fs", count, "" if count == 1 else "s", timeout)
+            window = max(0.0, min(spread, timeout))
             self.idle.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.idle.wait(), timeout)
-        self.abort_all("shutdown")
+            if not await self._idle_within(timeout - window):
+                await self.close_spread("shutdown", window)
+
+    async def close_spread(self, cause: str, window: float) -> None:
+        """Close the live sessions in batches over ``window`` seconds, the last batch at its end; stops
+        early once none is left (they ended, or ``abort_all`` closed them)."""
+        sessions = list(self.live)
+        count = len(sessions)
+        over = f" over {window:.2f}s" if window > 0 else ""
+        log.info("closing %d session%s%s: %s", count, "" if count == 1 else "s", over, cause)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        closed = 0
+        for offset, upto in close_schedule(count, window):
+            if await self._idle_within(began + offset - loop.time()):
+                return
+            for session in sessions[closed:upto]:
+                if session in self.live:
+                    session.abort(cause)
+            closed = upto
+
+    async def _idle_within(self, seconds: float) -> bool:
+        """Whether the last live session ends within ``seconds`` (at once when none is left)."""
+        if not self.live:
+            return True
+        if seconds <= 0:
+            return False
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), seconds)
+        return not self.live
 
     async def cancel_opening(self) -> None:
         """Close clients whose transport is not made yet: they are not sessions yet, and must not become
@@ -68,7 +102,7 @@ class SessionTable:
             await asyncio.sleep(0)  # the cancelled handshakes close their transports on this iteration
 
     def abort_all(self, cause: str) -> None:
-        """Close every session now (drain deadline reached, or a second signal)."""
+        """Close every session now (a second signal)."""
         if self.live:
             count = len(self.live)
             log.info("closing %d session%s: %s", count, "" if count == 1 else "s", cause)

@@ -37,13 +37,15 @@ supervisor refused.
 
 **Signals.** The supervisor blocks SIGTERM, SIGINT, SIGHUP and SIGCHLD and takes them with
 ``sigtimedwait`` in its main thread (the health thread never sees them). SIGTERM/SIGINT is forwarded as
-SIGTERM to every worker, which drains; a second one is forwarded again and makes the workers close
-their sessions at once; the supervisor exits 0 once every worker has exited. SIGHUP is forwarded (each
-worker reloads its TLS files) and the supervisor reloads its probes' client contexts. SIGUSR1 makes the
-supervisor log every member's status (``snapshot.log_status``), for all workers. A child starts
-with those signals at their defaults (SIGHUP ignored until its loop handles it) and unblocked, in its
-own process group, so a terminal's Ctrl-C reaches it once, through the supervisor; it gets SIGTERM if
-the supervisor itself dies.
+SIGTERM to every worker, which drains (after its ``shutdown_delay``, while the supervisor already counts
+as draining for readiness, and has told systemd ``STOPPING=1``: ``notify.py``); a second one is
+forwarded again and makes the workers close their sessions at once; the supervisor exits 0 once every
+worker has exited. Without a config file, SIGHUP is forwarded (each worker reloads its TLS files) and
+the supervisor reloads its probes' client contexts. SIGUSR1 makes the supervisor log every member's
+status (``snapshot.log_status``), for all workers. A child starts with those signals at their
+defaults (SIGHUP ignored until its loop handles it) and unblocked, in its own process group, so a
+terminal's Ctrl-C reaches it once, through the supervisor; it gets SIGTERM if the supervisor itself
+dies.
 
 **Admin.** With ``--admin`` the supervisor binds the endpoint before the first fork and serves it on the
 health thread's loop, over every worker (``sharedstats.py``: each worker copies its counters to shared
@@ -87,6 +89,7 @@ from .discovery import unresolved
 from .errors import ConfigError
 from .health import Event
 from .listener import bind_sockets
+from .notify import notify
 from .pool import Pool
 from .prober import Prober
 from .reload import Plan, plan
@@ -528,13 +531,16 @@ class Supervisor:
             self.signals += 1
             name = signal.Signals(signo).name
             if self.signals == 1:
+                delay = self.config.shutdown_delay
                 log.info(
-                    "%s received: draining %d worker%s for up to %.1fs (again to force)",
+                    "%s received: %sdraining %d worker%s for up to %.1fs (again to force)",
                     name,
+                    f"not ready, accepting for {delay:.1f}s more, then " if delay > 0 else "",
                     self.count,
                     "" if self.count == 1 else "s",
                     self.config.drain_timeout,
                 )
+                notify("STOPPING=1")
                 for slot in self.slots:
                     slot.restart_at = None
             else:

@@ -472,3 +472,23 @@ def sni_client_hello(name: str | None, version: ssl.TLSVersion | None = None, al
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
+
+
+async def until_refused(port: int, timeout: float = 10.0) -> None:
+    """Wait until the listener is gone: a connect is refused (each one accepted before is closed)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            _reader, writer = await asyncio.wait_for(connect(port), 2)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        assert asyncio.get_running_loop().time() < deadline, "still accepting"
+        await asyncio.sleep(0.02)
+
+
+async def closed_at(reader: asyncio.StreamReader) -> float:
+    """When the proxy closes this client (an aborted session may end in a reset)."""
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 15) == b""
+    return asyncio.get_running_loop().time()

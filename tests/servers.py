@@ -358,3 +358,30 @@ def postgres_root() -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def systemd_socket(path: Path | None = None) -> Iterator[tuple[socket.socket, str]]:
+    """A bound datagram socket and the ``$NOTIFY_SOCKET`` that names it (abstract when ``path`` is None)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        if path is None:
+            sock.bind("\0l4proxy-test-" + os.urandom(6).hex())
+            yield sock, "@" + sock.getsockname()[1:].decode()
+        else:
+            sock.bind(str(path))
+            yield sock, str(path)
+
+
+def received(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    return sock.recv(4096)
+
+
+def pending(sock: socket.socket) -> list[bytes]:
+    """The datagrams queued on ``sock`` now."""
+    sock.setblocking(False)
+    out = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            out.append(sock.recv(4096))
+    return out

@@ -3,6 +3,7 @@ listening sockets to a new process (RELIABILITY cases 32, 35 and 36)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -216,21 +217,34 @@ def test_a_new_process_that_cannot_start_leaves_the_old_one_serving(tmp_path: Pa
         taken.close()
 
 
+@contextlib.contextmanager
+def taken_over(old_flags: tuple[str, ...], new_flags: tuple[str, ...], old_ready: str = "listening on",
+               ) -> Iterator[tuple[Command, Command]]:
+    """An old process (once it logged ``old_ready``) and a new one that took its sockets over; both are
+    stopped after, and neither may have logged a traceback."""
+    old = Command(*old_flags, listen=False)
+    new = None
+    try:
+        old.start()
+        old.wait_log(old_ready)
+        new = Command(*new_flags, listen=False).spawn()
+        new.wait_log("took over 1 listening sockets from pid")
+        yield old, new
+    finally:
+        old.kill()
+        if new is not None:
+            new.kill()
+    assert "Traceback" not in old.stderr + (new.stderr if new else "")
+
+
 def test_takeover_hands_the_admin_endpoint_over_too(tmp_path: Path, members: list[int]) -> None:
     """The new process answers on the same --admin address: it took the old one's socket, so binding it
     does not fail while the old process drains."""
     path = tmp_path / "l4proxy.toml"
     port, admin = free_port(), free_port()
     write_config(path, {"main": port}, members)
-    control = str(tmp_path / "l4proxy.sock")
-    flags = ("--config", str(path), "--takeover", control, "--admin", f"127.0.0.1:{admin}")
-    old = Command(*flags, listen=False)
-    new = None
-    try:
-        old.start()
-        old.wait_log("admin endpoint on http://127.0.0.1:")
-        new = Command(*flags, listen=False).spawn()
-        new.wait_log("took over 1 listening sockets from pid")
+    flags = ("--config", str(path), "--takeover", str(tmp_path / "l4proxy.sock"), "--admin", f"127.0.0.1:{admin}")
+    with taken_over(flags, flags, old_ready="admin endpoint on http://127.0.0.1:") as (old, new):
         new.wait_log("admin endpoint on http://127.0.0.1:")
         assert old.wait(20) == 0
         with socket.create_connection(("127.0.0.1", admin), timeout=10) as conn:
@@ -238,11 +252,21 @@ def test_takeover_hands_the_admin_endpoint_over_too(tmp_path: Path, members: lis
             assert conn.recv(12) == b"HTTP/1.1 200"
         assert echo_once(port, b"after") == b"after"
         assert new.stop() == 0
-    finally:
-        old.kill()
-        if new is not None:
-            new.kill()
-    assert "Traceback" not in old.stderr + (new.stderr if new else "")
+
+
+def test_a_process_taken_over_does_not_wait_its_shutdown_delay(tmp_path: Path, members: list[int]) -> None:
+    """The new process accepts on the very sockets at once, so there are no endpoints to wait for: the old
+    one, though started with a minute of --shutdown-delay, stops accepting and exits as soon as its
+    sessions are done."""
+    path = tmp_path / "l4proxy.toml"
+    port = free_port()
+    write_config(path, {"main": port}, members)
+    flags = ("--config", str(path), "--takeover", str(tmp_path / "l4proxy.sock"))
+    with taken_over((*flags, "--shutdown-delay", "60s"), flags) as (old, new):
+        assert old.wait(20) == 0
+        assert echo_once(port, b"after") == b"after"
+        assert new.stop() == 0
+    assert "shutdown delay over" not in old.stderr
 
 
 @pytest.mark.parametrize(("sig", "logged"), [

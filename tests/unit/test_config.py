@@ -429,6 +429,7 @@ def _tree(**overrides: Any) -> dict[str, Any]:
         ({"listeners.0.pool": "cache"}, "listeners[0].pool 'cache': no such pool; known: default"),
         ({"listeners": []}, "listeners: at least one listener is required"),
         ({"drain_timeout": 0.0}, "drain_timeout 0.0: must be greater than 0"),
+        ({"shutdown_delay": -1.0}, "shutdown_delay -1.0: must be 0 or more"),
         ({"workers": 0}, "workers 0: must be at least 1"),
         ({"log_level": "loud"}, "log_level 'loud': expected one of debug, info, warning, error"),
     ],

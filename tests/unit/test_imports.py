@@ -56,6 +56,7 @@ PURE_MODULES = {
     "sniroutes": {"sniroutes", "errors"},
     "ratelog": {"ratelog"},
     "reload": {"reload", "acl", "config", "checks", "errors", "sniroutes"},
+    "spread": {"spread"},
     "certrules": {"certrules"},
     "topview": {"topview"},
 }
@@ -143,11 +144,12 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"reload", "takeover", "workers", "admin", "snapshot", "top"},
+    | {"notify", "reload", "takeover", "workers", "admin", "snapshot", "top"},
     "top": {"config", "errors", "topview"},
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
-    | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
+    | {"notify", "pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats"}
+    | {"snapshot"},
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
     | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
@@ -155,7 +157,7 @@ ALLOWED: dict[str, set[str]] = {
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
     "awaiting": {"deadlines", "listener"},
     "sni": {"awaiting", "clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
-    "sessions": {"drive", "relay"},
+    "sessions": {"drive", "relay", "spread"},
     "dialer": {"balancer", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto", "ratelog"}
     | {"relay", "tls"},
     "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
@@ -173,6 +175,7 @@ ALLOWED: dict[str, set[str]] = {
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
     "drive": set(),
     "takeover": set(),
+    "notify": set(),
     "deadlines": set(),
     **{module: loads - {module} for module, loads in PURE_MODULES.items()},
 }

@@ -83,6 +83,8 @@ CASES: list[tuple[str, Edit, dict[str, Any]]] = [
       "tls_pools": ("db",)}),
     ("the drain timeout and the log level", lambda c: dataclasses.replace(c, drain_timeout=5.0, log_level="debug"),
      {"kept": KEEP_BOTH, "process": ("drain_timeout", "log_level")}),
+    ("the shutdown delay", lambda c: dataclasses.replace(c, shutdown_delay=5.0),
+     {"kept": KEEP_BOTH, "process": ("shutdown_delay",)}),
     ("workers and the access log", lambda c: dataclasses.replace(c, workers=4, access_log="/tmp/x.log"),
      {"kept": KEEP_BOTH, "restart": ("workers", "access_log")}),
 ]  # fmt: skip
