@@ -47,6 +47,7 @@ from .acl import parse_cidr, parse_rate
 from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
+    ACCESS_LOG_FORMATS,
     LOG_LEVELS,
     PROXY_VERSIONS,
     RELAY_ENGINES,
@@ -67,6 +68,7 @@ from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
 from .reload import Plan
 from .snapshot import ProxySource, log_status
+from .syslogsink import open_log
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -305,8 +307,11 @@ OPTIONS: tuple[Option, ...] = (
            "Do not verify upstream certificates (warns at start-up).", parse=_on, switch=True, needs=(TLS_OUT,)),
     Option("--log-level", "log_level", "logging", "Level of the diagnostic log on stderr.", "info",
            metavar="|".join(LOG_LEVELS)),
-    Option("--access-log", "access_log", "logging", "One line per session: '-' for stdout, a file path, or"
-           " 'off'.", "-", metavar="-|PATH|off"),
+    Option("--access-log", "access_log", "logging", "One line per session: '-' for stdout, a file path,"
+           " syslog:HOST:PORT (UDP) or syslog:/dev/log (a UNIX datagram socket), or 'off'.", "-",
+           metavar="-|PATH|syslog:...|off"),
+    Option("--access-log-format", "access_log_format", "logging", "Access-log lines as logfmt or as JSON"
+           " (docs/access-log.schema.json).", "logfmt", metavar="|".join(ACCESS_LOG_FORMATS)),
     Option("--drain-timeout", "drain_timeout", "process", "On SIGTERM/SIGINT, how long sessions may finish"
            " before they are closed.", "30s", _DURATION, "DURATION"),
     Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
@@ -582,7 +587,7 @@ def _start(**params: Any) -> None:
             " impersonate an upstream"
         )
     try:
-        access_log = AccessLog.from_target(config.access_log)
+        access_log = open_log(config.access_log, config.access_log_format)
     except OSError as exc:
         raise ConfigError("--access-log", config.access_log, exc.strerror or str(exc)) from None
     raise_nofile_limit()

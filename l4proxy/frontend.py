@@ -45,7 +45,7 @@ from .causes import LOOP
 from .config import ListenerConfig
 from .counters import ListenerCounters
 from .deadlines import Deadlines
-from .dialer import Dial, Outgoing, proxy_header
+from .dialer import Dial, Outgoing, TimedDial, proxy_header
 from .drive import Drive
 from .edge import Edge
 from .listener import AcceptedFD, Listener
@@ -173,12 +173,14 @@ class Frontend:
         return Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
 
     def _dial_maker(self) -> Callable[..., Dial]:
-        """What makes a session's dial: ``Dial`` itself, or one that gives it the PROXY header the pool
-        sends (``send_proxy``), built once per session and the same for every attempt. A listener on
-        one address (not a wildcard) is every direct client's destination: no ``getsockname`` each."""
+        """What makes a session's dial: ``Dial`` itself (``TimedDial`` for a JSON access log), or one that
+        gives it the PROXY header the pool sends (``send_proxy``), built once per session and the same
+        for every attempt. A listener on one address (not a wildcard) is every direct client's
+        destination: no ``getsockname`` each."""
         version = self.pool.config.send_proxy
+        kind = TimedDial if self.access_log.json else Dial  # JSON records a connect time and the attempts
         if version is None:
-            return Dial
+            return kind
         client_cert = self.config.tls is not None and self.config.tls.client_ca is not None
         listener = self.listener
         fixed: list[tuple[str, int] | None] = []  # looked up at the first client: bound only then
@@ -187,7 +189,7 @@ class Frontend:
             if not fixed:
                 bound = listener.addresses
                 fixed.append(bound[0] if len(bound) == 1 and bound[0][0] not in ("0.0.0.0", "::") else None)
-            dial = Dial(session, *rest)
+            dial = kind(session, *rest)
             dial.header = proxy_header(session, version, client_cert, fixed[0])
             return dial
 

@@ -51,6 +51,7 @@ from .reload import Plan, plan
 from .resolver import Resolver
 from .sessions import SessionTable
 from .splice import Splicing
+from .syslogsink import open_log
 from .tls import Warn, client_context, reload_server_context, warn_under
 
 log = logging.getLogger("l4proxy")
@@ -88,7 +89,7 @@ class Proxy:
     ) -> None:
         self.config = config
         self.shared = shared
-        self.access_log = access_log or AccessLog.from_target(config.access_log)
+        self.access_log = access_log or open_log(config.access_log, config.access_log_format)
         self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
         self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
         self._probers = {name: self._prober(pool) for name, pool in self.pools.items() if shared is None}

@@ -139,12 +139,13 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"reload", "takeover", "workers", "admin", "snapshot"},
+    | {"reload", "takeover", "workers", "admin", "snapshot", "syslogsink"},
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
-    | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
+    | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"}
+    | {"syslogsink"},
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
-    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
+    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "syslogsink", "tls"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls"},
     "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
@@ -164,6 +165,7 @@ ALLOWED: dict[str, set[str]] = {
     "listener": {"config", "errors"},
     "tls": {"certrules", "config", "errors"},
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
+    "syslogsink": {"accesslog", "config"},  # the access log's one sink with sockets
     "drive": set(),
     "takeover": set(),
     "deadlines": set(),
