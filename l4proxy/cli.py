@@ -806,6 +806,7 @@ async def serve(
 
     def on_signal(name: str) -> None:
         received.append(name)
+        proxy.access_log.flush()  # the lines of sessions that ended before the signal are out before its line
         if len(received) == 1:
             log.info("%s received: draining for up to %.1fs (again to force)", name, proxy.config.drain_timeout)
             proxy.stop()
@@ -814,6 +815,7 @@ async def serve(
 
     def handed(pid: int) -> None:
         received.append("takeover")
+        proxy.access_log.flush()
         log.info("takeover: pid %d accepts on our listening sockets now; draining for up to %.1fs and exiting",
                  pid, proxy.config.drain_timeout)  # fmt: skip
         if admin is not None:  # the new process answers on the endpoint's socket from now on
@@ -872,6 +874,7 @@ class _Reloads:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def on_sighup(self) -> None:
+        self.proxy.access_log.flush()  # every line of a session that ended before the reload is out first
         if self.loader is None:
             self._tls_only()
             return
@@ -879,6 +882,7 @@ class _Reloads:
 
     def apply(self, config: Config) -> None:
         """A worker: the configuration the supervisor checked and sent."""
+        self.proxy.access_log.flush()
         self._spawn(self._apply(config, quiet=True))
 
     def _spawn(self, work: Any) -> None:

@@ -199,8 +199,10 @@ class Proxy:
         return self.frontends[index].listener.addresses[0][1]
 
     def stop(self) -> None:
-        """Ask ``serve_until_stopped`` to return (signal handlers call this); the drain begins."""
+        """Ask ``serve_until_stopped`` to return (signal handlers call this); the drain begins, so the
+        access log's buffered lines are written now."""
         self.draining = True
+        self.access_log.flush()
         if self._stopped is not None:
             self._stopped.set()
 
@@ -212,6 +214,7 @@ class Proxy:
         """Stop accepting, let sessions finish for up to ``timeout``, then abort what is left."""
         timeout = self.config.drain_timeout if timeout is None else timeout
         self.draining = True
+        self.access_log.flush()
         self._close_listeners()
         await self.table.drain(timeout)
         self.splicing.close()  # the idle pipes; aborted sessions have returned theirs
