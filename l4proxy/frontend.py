@@ -121,9 +121,13 @@ class Frontend:
         self.edge.close()
 
     def describe(self) -> str:
-        """``127.0.0.1:6379 -> pool default: 10.0.0.1:6379, 10.0.0.2:6379``, for the start-up log."""
-        members = ", ".join(m.name for m in self.pool.members) or "no members"
-        return f"{format_peers(self.listener.addresses)} -> pool {self.pool.name}: {members}"
+        """``127.0.0.1:6379 (listener default, TLS, PROXY header) -> pool default``, for the start-up
+        log (the pool's own line names its members)."""
+        config = self.config
+        traits = [f"listener {config.name}"]
+        traits += ["TLS"] * (config.tls is not None) + ["PROXY header"] * config.accept_proxy
+        traits += ["allow/deny rules"] * bool(config.allow or config.deny)
+        return f"{format_peers(self.listener.addresses)} ({', '.join(traits)}) -> pool {self.pool.name}"
 
     def _refused(self, sock: socket.socket | AcceptedFD, _address: object) -> None:
         """The callback before ``start`` (never called: the listener accepts only once started)."""

@@ -182,6 +182,8 @@ class Proxy:
             self.shared.publish(self)
         for frontend in self.frontends:
             log.info("listening on %s", frontend.describe())
+        for pool in self.pools.values():
+            log.info("%s", describe_pool(pool))
 
     def _check_limits(self) -> None:
         for frontend in self.frontends:
@@ -391,6 +393,19 @@ class Proxy:
     def handover(self) -> list[tuple[str, list[socket.socket]]]:
         """Each listener's listen address (as configured) and its listening sockets, for a takeover."""
         return [(str(f.config.address), f.listener.sockets) for f in self.frontends]
+
+
+def describe_pool(pool: Pool) -> str:
+    """``pool default: 2 members: 10.0.0.1:6379, 10.0.0.2:6379; tcp checks every 2s``: the pool's
+    start-up line."""
+    config = pool.config
+    members = ", ".join(m.name for m in pool.members)
+    count = f"{len(pool.members)} member{'' if len(pool.members) == 1 else 's'}"
+    health = config.health
+    checks = f"{health.kind} checks every {health.interval:g}s" if health.enabled else "no health checks"
+    extras = [f"retries {config.retries}"] + ["TLS"] * (config.tls is not None)
+    extras += [f"PROXY {config.send_proxy}"] * (config.send_proxy is not None)
+    return f"pool {pool.name}: {count}{': ' if members else ''}{members}; {checks}; {', '.join(extras)}"
 
 
 def _of_listener(config: ListenerConfig) -> Callable[[Session], bool]:
