@@ -476,6 +476,7 @@ class Supervisor:
             self.table,
             self.shared,
             lambda: self.draining,
+            lambda: (sum(1 for slot in self.slots if slot.pid), self.reloads, self.reloads_failed),
         )
         if admin is not None:
             host, port = admin.getsockname()[:2]

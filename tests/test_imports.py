@@ -158,8 +158,8 @@ ALLOWED: dict[str, set[str]] = {
     # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
     "admin": {"counters", "metrics", "snapshot"},
     "metrics": {"counters", "snapshot"},
-    "snapshot": {"balancer", "checks", "config", "counters", "listener", "pool", "prober", "proxy"},
-    "sharedstats": {"balancer", "config", "counters", "pool", "prober", "proxy", "snapshot", "table"},
+    "snapshot": {"balancer", "checks", "config", "counters", "edge", "listener", "pool", "prober", "proxy"},
+    "sharedstats": {"balancer", "config", "counters", "edge", "pool", "prober", "proxy", "snapshot", "table"},
     "splice": {"causes", "config", "relay"},
     "relay": {"balancer", "causes", "config", "peer", "tls"},
     "listener": {"config", "errors"},
