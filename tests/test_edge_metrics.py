@@ -12,8 +12,11 @@ from l4proxy import Address, Proxy
 from l4proxy.counters import REFUSALS
 from l4proxy.edge import HEADER_ERRORS
 from l4proxy.proxyproto import encode_v1
+from l4proxy.sharedstats import Publisher, SharedCounters, SupervisorSource
+from l4proxy.snapshot import ListenerView, ProxySource
 
 from .kit import RecordingLog, eventually, make_config, upstreams
+from .servers import free_port
 from .test_admin import Samples, admin_of, promtool_accepts, scrape, value
 from .test_edge import _DST4, _SRC4, MALFORMED, closed_without_reply, dial_from, exchange
 
@@ -31,10 +34,13 @@ async def test_every_refusal_is_a_labelled_counter_per_listener() -> None:
     now = [100.0]  # the rate's clock, frozen: only the pattern below spends tokens
     async with upstreams(1) as [member]:
         base = make_config([member.address])
+        ports = iter(free_port() for _ in range(3))  # own addresses: the workers' rows are found by them
+        base = replace(base, listeners=tuple(replace(base.listeners[0], address=Address("127.0.0.1", next(ports)))
+                                             for _ in range(3)))  # fmt: skip
         gate = replace(base.listeners[0], name="gate", allow=("127.0.0.0/29",), deny=("127.0.0.4",),
                        max_connections_per_ip=1, rate_per_ip=2)  # fmt: skip
-        edge = replace(base.listeners[0], name="edge", accept_proxy=True, proxy_timeout=0.3)
-        plain = replace(base.listeners[0], name="plain")
+        edge = replace(base.listeners[1], name="edge", accept_proxy=True, proxy_timeout=0.3)
+        plain = replace(base.listeners[2], name="plain")
         proxy = Proxy(replace(base, listeners=(gate, edge, plain)), RecordingLog())
         proxy.frontends[0].edge.clock = lambda: now[0]
         await proxy.start()
@@ -44,6 +50,7 @@ async def test_every_refusal_is_a_labelled_counter_per_listener() -> None:
                 await refuse_bad_headers(proxy.port(1))
                 await eventually(lambda: sum(proxy.frontends[1].header_errors.values()) == 5)
                 text, samples = await scrape(admin)
+                assert workers_see(proxy) == ProxySource(proxy).snapshot().listeners
         finally:
             await proxy.drain()
     refused, headers = "l4proxy_listener_refused_total", "l4proxy_listener_proxy_header_errors_total"
@@ -89,6 +96,15 @@ async def refuse_bad_headers(port: int) -> None:
     _, leaving = await dial_from("127.0.0.1", port)
     leaving.write_eof()  # EOF before any header
     leaving.close()
+
+
+def workers_see(proxy: Proxy) -> tuple[ListenerView, ...]:
+    """The listeners as the supervisor of ``--workers N`` reads them: copied into a worker's row of
+    shared memory and summed back, every reason of every table in a cell of its own."""
+    shared = SharedCounters(proxy.config, workers=1, capacity=4)
+    Publisher(shared, 0, proxy).publish()
+    source = SupervisorSource(lambda: proxy.config, dict, list, None, shared, bool)  # type: ignore[arg-type]
+    return tuple(source._listener(config) for config in proxy.config.listeners)
 
 
 def test_listeners_without_the_features_cost_no_series() -> None:
