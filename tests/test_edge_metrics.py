@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
 from l4proxy import Address, Proxy
 from l4proxy.counters import REFUSALS
@@ -66,7 +67,17 @@ async def test_every_refusal_is_a_labelled_counter_per_listener() -> None:
     assert value(samples, "l4proxy_listener_accepted_total", listener="edge") == 6
     assert value(samples, "l4proxy_listener_sessions_total", listener="edge") == 1
     assert member.accepted == 4  # no refused client was dialed for
+    tls_only = {"l4proxy_listener_tls_handshakes_total", "l4proxy_listener_tls_failures_total"}  # no TLS here
+    assert {name for name, _labels in samples} | tls_only == documented_metrics()
     await promtool_accepts(text)
+
+
+def documented_metrics() -> set[str]:
+    """The metric names of README's table (a row may name several, comma-separated)."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ")[0][2:] for line in section.splitlines() if line.startswith("| `l4proxy_")]
+    return {name.strip("` ") for row in rows for name in row.split(",")}
 
 
 async def refuse_at_the_gate(proxy: Proxy, port: int) -> None:
