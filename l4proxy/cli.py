@@ -35,14 +35,13 @@ import resource
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import click
 
 from . import __version__, configfile, takeover
-from .accesslog import AccessLog
+from .accesslog import AccessLog, stamp
 from .acl import parse_cidr, parse_rate
 from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
@@ -995,7 +994,7 @@ class _Stamped(logging.Formatter):
     """Diagnostics stamped like the access log: ISO 8601 UTC with milliseconds and ``Z``."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        return stamp(record.created)  # the access log's own formatter, so the two cannot drift apart
 
 
 def _setup_logging(level: str) -> None:

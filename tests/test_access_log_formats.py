@@ -315,3 +315,46 @@ async def test_a_syslog_receiver_that_went_away_costs_lines_not_the_proxy(
 def test_an_unreachable_syslog_socket_is_an_error_at_start(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         open_log(f"syslog:{tmp_path}/nothing-here")
+
+
+# --- workers and diagnostics -----------------------------------------------------------------------
+
+
+def test_a_workers_json_lines_carry_it_as_a_key_and_its_logfmt_lines_at_the_end(tmp_path: Path) -> None:
+    from l4proxy.workers import WorkerAccessLog
+
+    path = tmp_path / "access.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for fmt in ("json", "logfmt"):
+            log = WorkerAccessLog(fd, 3, fmt)
+            log.record(fake())
+            log.close()
+    finally:
+        os.close(fd)
+    as_json, as_logfmt = path.read_text().splitlines()
+    assert valid(as_json)["worker"] == 3
+    assert as_logfmt.endswith(" end=eof worker=3")
+
+
+def test_a_workers_syslog_lines_name_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sock")
+    with receiver(socket.AF_UNIX, path) as sink:
+        access = open_log(f"syslog:{path}")
+        assert isinstance(access, SyslogAccessLog)
+        access.for_worker(2).record(fake())
+        datagram = sink.recv(65536)
+        access.close()
+    assert header_of(datagram)["msg"].endswith(" end=eof worker=2")
+
+
+def test_diagnostics_are_stamped_like_the_access_log() -> None:
+    import logging
+
+    from l4proxy.cli import _Stamped
+
+    record = logging.LogRecord("l4proxy", logging.INFO, __file__, 1, "listening", None, None)
+    record.created = fake().started
+    record.msecs = (record.created - int(record.created)) * 1000
+    line = _Stamped("%(asctime)s %(levelname)s %(name)s: %(message)s").format(record)
+    assert line == "2025-12-01T20:21:09.123Z INFO l4proxy: listening"
