@@ -88,12 +88,14 @@ class MemberCounters:
         "checks_failed",
         "checks_passed",
         "connect_failures",
+        "ejections",
         "last_check",
         "last_check_ok",
         "last_check_seconds",
         "last_check_time",
         "sessions",
         "since",
+        "state_changes",
         "why",
     )
 
@@ -108,6 +110,8 @@ class MemberCounters:
         self.last_check_time = 0.0
         self.since = since  # wall-clock time of the last change of state (health or admin)
         self.why = "started"
+        self.state_changes = 0  # changes of health or operator state
+        self.ejections = 0  # times taken out for eject_time by failed connects (no active checks)
 
     def connect_failed(self, cause: str) -> None:
         self.connect_failures[connect_kind(cause)] += 1
@@ -122,3 +126,4 @@ class MemberCounters:
 
     def changed(self, why: str, now: float) -> None:
         self.why, self.since = why, now
+        self.state_changes += 1

@@ -113,6 +113,8 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
     checks = _counter("l4proxy_member_checks", "Health probe results.", [*M, "result"])
     check_failures = _counter("l4proxy_member_check_failures", "Failed health probes, by kind.", [*M, "kind"])
     latency = _gauge("l4proxy_member_check_duration_seconds", "How long the last health probe took.", M)
+    changes = _counter("l4proxy_member_state_changes", "Changes of health or operator state.", M)
+    ejections = _counter("l4proxy_member_ejections", "Times failed connects took it out for eject_time.", M)
     for pool in snap.pools:
         for m in pool.members:
             labels = [pool.name, m.name]
@@ -128,7 +130,9 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
             for kind, count in m.check_failures.items():
                 check_failures.add_metric([*labels, kind], count)
             latency.add_metric(labels, m.last_check_seconds)
-    yield from (active, sessions, attempts, failures, state, checks, check_failures, latency)
+            changes.add_metric(labels, m.state_changes)
+            ejections.add_metric(labels, m.ejections)
+    yield from (active, sessions, attempts, failures, state, checks, check_failures, latency, changes, ejections)
 
 
 def registry(source: Source) -> CollectorRegistry:

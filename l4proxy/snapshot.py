@@ -67,6 +67,8 @@ class MemberView:
     last_check: str
     last_check_ok: bool
     last_check_seconds: float
+    state_changes: int = 0
+    ejections: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,8 @@ def member_view(
         last_check=stats.last_check,
         last_check_ok=stats.last_check_ok,
         last_check_seconds=stats.last_check_seconds,
+        state_changes=stats.state_changes,
+        ejections=stats.ejections,
     )
 
 
@@ -266,6 +270,8 @@ def member_json(member: MemberView) -> dict[str, Any]:
         "sessions": member.sessions,
         "connect_attempts": member.attempts,
         "connect_failures": member.connect_failures,
+        "state_changes": member.state_changes,
+        "ejections": member.ejections,
         "checks": {"passed": member.checks_passed, "failed": member.checks_failed, "failures": member.check_failures},
         "last_check": {
             "result": member.last_check or None,

@@ -115,6 +115,8 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
     assert value(samples, "l4proxy_member_sessions_total", **bad) == 0
     assert value(samples, "l4proxy_member_status", **bad, state="DOWN") == 1
     assert value(samples, "l4proxy_member_status", **bad, state="UP") == 0
+    assert value(samples, "l4proxy_member_state_changes_total", **bad) == 1  # UP to DOWN
+    assert value(samples, "l4proxy_member_ejections_total", **bad) == 1  # no checks: out for eject_time
     assert value(samples, "l4proxy_pool_retries_total", pool="default") == 3
     assert value(samples, "l4proxy_pool_no_upstream_total", pool="default") == 0
     for good in (u0, u1):
@@ -122,6 +124,7 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
         assert value(samples, "l4proxy_member_sessions_total", **labels) == 3
         assert value(samples, "l4proxy_member_sessions_active", **labels) == 0
         assert value(samples, "l4proxy_member_status", **labels, state="UP") == 1
+        assert value(samples, "l4proxy_member_state_changes_total", **labels) == 0
         for kind in ("refused", "timeout", "dns", "tls", "reset", "other"):
             assert value(samples, "l4proxy_member_connect_failures_total", **labels, kind=kind) == 0
     assert value(samples, "l4proxy_pool_members_eligible", pool="default") == 2
