@@ -180,10 +180,10 @@ class Proxy:
         self.table.start(max(0.02, min(1.0, shortest / 4)), chores)
         if self.shared is not None:
             self.shared.publish(self)
+        for pool in self.pools.values():  # before the listeners: "listening on" stays the last line
+            log.info("%s", describe_pool(pool))
         for frontend in self.frontends:
             log.info("listening on %s", frontend.describe())
-        for pool in self.pools.values():
-            log.info("%s", describe_pool(pool))
 
     def _check_limits(self) -> None:
         for frontend in self.frontends:
