@@ -138,6 +138,7 @@ async def test_sigterm_lets_a_session_in_flight_finish_and_exits_zero() -> None:
         )  # fmt: skip
         assert proc.stdout is not None and proc.stderr is not None
         try:
+            assert b"pool default: 1 member" in await asyncio.wait_for(proc.stderr.readline(), 10)
             assert b"listening on" in await asyncio.wait_for(proc.stderr.readline(), 10)
             reader, writer = await connect(port)
             writer.write(b"question")
