@@ -35,18 +35,18 @@ import resource
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import click
 
 from . import __version__, configfile, takeover
-from .accesslog import AccessLog
+from .accesslog import AccessLog, stamp
 from .acl import parse_cidr, parse_rate
 from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
+    ACCESS_LOG_FORMATS,
     LOG_LEVELS,
     PROXY_VERSIONS,
     RELAY_ENGINES,
@@ -68,6 +68,7 @@ from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
 from .reload import Plan
 from .snapshot import ProxySource, log_status
+from .syslogsink import open_log
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -306,8 +307,11 @@ OPTIONS: tuple[Option, ...] = (
            "Do not verify upstream certificates (warns at start-up).", parse=_on, switch=True, needs=(TLS_OUT,)),
     Option("--log-level", "log_level", "logging", "Level of the diagnostic log on stderr.", "info",
            metavar="|".join(LOG_LEVELS)),
-    Option("--access-log", "access_log", "logging", "One line per session: '-' for stdout, a file path, or"
-           " 'off'.", "-", metavar="-|PATH|off"),
+    Option("--access-log", "access_log", "logging", "One line per session: '-' for stdout, a file path,"
+           " syslog:HOST:PORT (UDP) or syslog:/dev/log (a UNIX datagram socket), or 'off'.", "-",
+           metavar="-|PATH|syslog:...|off"),
+    Option("--access-log-format", "access_log_format", "logging", "Access-log lines as logfmt or as JSON"
+           " (docs/access-log.schema.json).", "logfmt", metavar="|".join(ACCESS_LOG_FORMATS)),
     Option("--drain-timeout", "drain_timeout", "process", "On SIGTERM/SIGINT, how long sessions may finish"
            " before they are closed.", "30s", _DURATION, "DURATION"),
     Option("--shutdown-delay", "shutdown_delay", "process", "On SIGTERM/SIGINT, keep accepting for this long"
@@ -590,7 +594,7 @@ def _start(**params: Any) -> None:
             " impersonate an upstream"
         )
     try:
-        access_log = AccessLog.from_target(config.access_log)
+        access_log = open_log(config.access_log, config.access_log_format)
     except OSError as exc:
         raise ConfigError("--access-log", config.access_log, exc.strerror or str(exc)) from None
     raise_nofile_limit()
@@ -810,6 +814,7 @@ async def serve(
 
     def on_signal(name: str) -> None:
         received.append(name)
+        proxy.access_log.flush()  # the lines of sessions that ended before the signal are out before its line
         if len(received) == 1:
             delay = proxy.config.shutdown_delay
             first = f"not ready, accepting for {delay:.1f}s more, then " if delay > 0 else ""
@@ -822,6 +827,7 @@ async def serve(
 
     def handed(pid: int) -> None:
         received.append("takeover")
+        proxy.access_log.flush()
         log.info("takeover: pid %d accepts on our listening sockets now; draining for up to %.1fs and exiting",
                  pid, proxy.config.drain_timeout)  # fmt: skip
         if admin is not None:  # the new process answers on the endpoint's socket from now on
@@ -913,6 +919,7 @@ class _Reloads:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def on_sighup(self) -> None:
+        self.proxy.access_log.flush()  # every line of a session that ended before the reload is out first
         if self.loader is None:
             self._tls_only()
             return
@@ -920,6 +927,7 @@ class _Reloads:
 
     def apply(self, config: Config) -> None:
         """A worker: the configuration the supervisor checked and sent."""
+        self.proxy.access_log.flush()
         self._spawn(self._apply(config, quiet=True))
 
     def _spawn(self, work: Any) -> None:
@@ -1032,7 +1040,7 @@ class _Stamped(logging.Formatter):
     """Diagnostics stamped like the access log: ISO 8601 UTC with milliseconds and ``Z``."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        return stamp(record.created)  # the access log's own formatter, so the two cannot drift apart
 
 
 def _setup_logging(level: str) -> None:

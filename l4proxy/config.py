@@ -455,7 +455,8 @@ class Config:
     pools: tuple[PoolConfig, ...]
     drain_timeout: float = 30.0
     shutdown_delay: float = 0.0  # on SIGTERM, not ready but still accepting for this long, then the drain
-    access_log: str = "-"
+    access_log: str = "-"  # "-" (stdout), "off", a file path, syslog:HOST:PORT or syslog:/PATH
+    access_log_format: str = "logfmt"  # one of ACCESS_LOG_FORMATS
     log_level: str = "info"
     workers: int = 1  # processes accepting on the listeners (SO_REUSEPORT), under one supervisor
     admin: Address | None = None  # where the admin API and /metrics listen; None: off
@@ -475,6 +476,12 @@ class Config:
             raise ConfigError("shutdown_delay", self.shutdown_delay, "must be 0 or more")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", self.log_level, f"expected one of {', '.join(LOG_LEVELS)}")
+        if self.access_log_format not in ACCESS_LOG_FORMATS:
+            raise ConfigError(
+                "access_log_format", self.access_log_format, f"expected one of {', '.join(ACCESS_LOG_FORMATS)}"
+            )
+        if self.access_log.startswith(SYSLOG):
+            syslog_target(self.access_log, "access_log")
         if type(self.workers) is not int or self.workers < 1:
             raise ConfigError("workers", self.workers, "must be at least 1")
 
@@ -521,6 +528,23 @@ def _ranges(texts: tuple[str, ...], name: str) -> tuple[str, ...]:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("logfmt", "json")
+SYSLOG = "syslog:"  # the access_log prefix of a syslog target
+
+
+def syslog_target(text: str, path: str = "access_log") -> tuple[str, int] | str:
+    """``syslog:HOST:PORT`` -> ``(host, port)`` (UDP; ``[::1]`` for IPv6); ``syslog:/path`` -> the path
+    of an AF_UNIX datagram socket (``/dev/log``)."""
+    rest = text[len(SYSLOG) :]
+    if rest.startswith("/"):
+        return rest
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        expected = "expected syslog:HOST:PORT (UDP, port 1..65535) or syslog:/PATH (a UNIX datagram socket)"
+        raise ConfigError(path, text, expected)
+    return host, int(port)
+
 PROXY_VERSIONS = ("v1", "v2")
 RELAY_ENGINES = ("auto", "splice", "transport")
 TLS_VERSIONS = ("1.2", "1.3")

@@ -31,6 +31,7 @@ from typing import Any
 
 from .config import (
     SRV_PREFIX,
+    SYSLOG,
     Address,
     Config,
     ListenerConfig,
@@ -306,7 +307,7 @@ class _Converter:
             value = form(value, where)
         elif key.kind is str and isinstance(value, str):
             value = form(value, where) if form is not None else value
-            if key.path in PATHS and value not in ("-", "off"):
+            if key.path in PATHS and value not in ("-", "off") and not value.startswith(SYSLOG):
                 value = os.path.normpath(os.path.join(self.base, value))
         elif key.kind == "names" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = tuple(value)

@@ -1,9 +1,11 @@
 """The counters the proxy keeps for ``/metrics`` and ``/status``: plain ints bumped where things happen.
 
 The hot path only adds to ints in these objects; everything else (labels, text, JSON) is made at
-scrape time by ``snapshot.py`` and ``metrics.py``. Labels are bounded: failure causes are folded into
-a few kinds (``connect_kind``), TLS failure reasons are kept up to ``MAX_REASONS`` distinct ones (the
-rest count as ``other``), and no counter is keyed by a client's address.
+scrape time by ``snapshot.py`` and ``metrics.py``. Labels are bounded, from fixed tables: failure
+causes are folded into a few kinds (``connect_kind``), TLS handshake failures into ``TLS_REASONS``
+(``tls_reason``: the common OpenSSL reasons by name, the rest ``other``), the edge's refusals into
+``REFUSALS`` (``edge.HEADER_ERRORS`` for PROXY headers); no counter is keyed by a client's address.
+Fixed tables also let ``--workers N`` keep every reason in its shared-memory rows.
 
 Pure: no sockets, no event loop, no clock (times are given by the caller).
 """
@@ -11,7 +13,28 @@ Pure: no sockets, no event loop, no clock (times are given by the caller).
 from __future__ import annotations
 
 CONNECT_KINDS = ("refused", "timeout", "dns", "tls", "reset", "other")
-MAX_REASONS = 32  # distinct TLS failure reasons kept per listener; more count as "other"
+# Why client TLS handshakes failed: ours first, then OpenSSL's reasons (lower-case) that a client can
+# cause, the likely ones: plaintext or an old protocol on a TLS port, no common cipher or ALPN, an mTLS
+# client without a certificate or with one we refuse, or refusing ours.
+TLS_REASONS = (
+    "timeout",
+    "client_reset",
+    "client_closed",
+    "http_request",
+    "wrong_version_number",
+    "unsupported_protocol",
+    "tlsv1_alert_protocol_version",
+    "no_shared_cipher",
+    "no_application_protocol",
+    "peer_did_not_return_a_certificate",
+    "certificate_verify_failed",
+    "tlsv1_alert_unknown_ca",
+    "sslv3_alert_bad_certificate",
+    "sslv3_alert_certificate_unknown",
+    "unexpected_eof_while_reading",
+    "other",
+)
+REFUSALS = ("deny", "not_allowed", "max_connections_per_ip", "rate_per_ip")  # edge.Edge.refused's keys
 
 # A member's operator state (the admin API): "" is normal; HAProxy's "set server state" drain|maint.
 READY, DRAIN, DISABLED = "", "drain", "disable"
@@ -25,7 +48,7 @@ def connect_kind(cause: str) -> str:
 
 
 def tls_reason(cause: str) -> str:
-    """A TLS handshake failure's cause as a label value: short, lower-case, no spaces."""
+    """A TLS handshake failure's cause (``frontend._tls_failure``) as one of ``TLS_REASONS``."""
     if cause == "handshake timeout":
         return "timeout"
     if cause.startswith("the client reset"):
@@ -33,7 +56,10 @@ def tls_reason(cause: str) -> str:
     if cause.startswith("the client closed"):
         return "client_closed"
     words = "".join(c if c.isalnum() else "_" for c in cause.lower()).strip("_")
-    return words[:48] or "other"
+    return words if words in _TLS_NAMED else "other"
+
+
+_TLS_NAMED = frozenset(TLS_REASONS)
 
 
 class ListenerCounters:
@@ -51,10 +77,7 @@ class ListenerCounters:
 
     def tls_failed(self, cause: str) -> None:
         reason = tls_reason(cause)
-        failures = self.tls_failures
-        if reason not in failures and len(failures) >= MAX_REASONS:
-            reason = "other"
-        failures[reason] = failures.get(reason, 0) + 1
+        self.tls_failures[reason] = self.tls_failures.get(reason, 0) + 1
 
 
 class MemberCounters:
@@ -68,12 +91,14 @@ class MemberCounters:
         "checks_failed",
         "checks_passed",
         "connect_failures",
+        "ejections",
         "last_check",
         "last_check_ok",
         "last_check_seconds",
         "last_check_time",
         "sessions",
         "since",
+        "state_changes",
         "why",
     )
 
@@ -90,6 +115,8 @@ class MemberCounters:
         self.last_check_time = 0.0
         self.since = since  # wall-clock time of the last change of state (health or admin)
         self.why = "started"
+        self.state_changes = 0  # changes of health or operator state
+        self.ejections = 0  # times taken out for eject_time by failed connects (no active checks)
 
     def connect_failed(self, cause: str) -> None:
         self.connect_failures[connect_kind(cause)] += 1
@@ -104,3 +131,4 @@ class MemberCounters:
 
     def changed(self, why: str, now: float) -> None:
         self.why, self.since = why, now
+        self.state_changes += 1

@@ -36,6 +36,7 @@ import itertools
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Coroutine, Hashable
 from typing import Any
 
@@ -223,6 +224,24 @@ class Dial:
         if self.pump is not None:
             self.pump.abort()  # the connect may have completed before the cancellation
         self.pump = self.member = None
+
+
+class TimedDial(Dial):
+    """A Dial that leaves on its session what a JSON access-log record reads: the members tried (the
+    dial's own list, shared) and ``connect_time``, seconds from the dial's start to the connect that
+    succeeded. Only listeners that log JSON use it, so the logfmt path pays nothing for these."""
+
+    __slots__ = ("begun",)
+
+    def __init__(self, session: Session, *rest: Any) -> None:
+        super().__init__(session, *rest)
+        session.tried = self.tried
+        self.begun = time.monotonic()
+
+    def _done(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self.session.connect_time = time.monotonic() - self.begun
+        super()._done(exc)
 
 
 def _connect(

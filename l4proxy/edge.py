@@ -13,9 +13,10 @@ without these features runs no stage at all:
   ``rate_per_ip`` (``acl.SourceTable``, per process). A refused client is closed at once; nothing is
   dialed.
 
-Every refusal is counted by reason (``refused``: deny, allow, max_connections_per_ip, rate_per_ip;
-``header_errors``: each ``proxyproto.REASONS`` entry, timeout, eof, reset) and logged, rate-limited
-(``ratelog``), since any client can cause one.
+Every refusal is counted by reason (``refused``: ``counters.REFUSALS``, deny, not_allowed,
+max_connections_per_ip, rate_per_ip; ``header_errors``: ``HEADER_ERRORS``, each ``proxyproto.REASONS``
+entry, timeout, eof, reset) and logged, rate-limited (``ratelog``), since any client can cause one;
+``/metrics`` shows both tables per listener.
 
 **Reading exactly the header.** Each time the socket is readable, what has arrived is peeked
 (``MSG_PEEK``, 256 bytes at a time) and fed to the connection's parser. A complete header is then consumed exactly (a
@@ -45,7 +46,7 @@ from .config import ListenerConfig
 from .deadlines import Deadlines
 from .listener import AcceptedFD
 from .peer import Carried, format_peer
-from .proxyproto import Command, Parser, ProxyProtocolError
+from .proxyproto import REASONS, Command, Parser, ProxyProtocolError
 from .ratelog import Warnings
 
 log = logging.getLogger("l4proxy")
@@ -56,6 +57,7 @@ BAD_HEADERS = "clients closed for their PROXY header"
 Serve = Callable[[socket.socket | AcceptedFD, object], None]  # as frontend.Serve
 Stage = Callable[[Serve], Serve]
 
+HEADER_ERRORS = (*REASONS, "timeout", "eof", "reset")  # why clients were closed for their PROXY header
 _PEEK = 256  # a v1 line, or a v2 header with its addresses and some TLVs; a longer one takes more peeks
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
@@ -109,7 +111,7 @@ class Edge:
             host: str = address[0]  # type: ignore[index]
             if acl is not None and not acl.allows(host):
                 why = acl.refusal(host) or "refused"
-                self._refuse(sock, address, "deny" if why.startswith("denied") else "allow", why)
+                self._refuse(sock, address, "deny" if why.startswith("denied") else "not_allowed", why)
                 return
             if sources is not None:
                 over = sources.admit(host, clock())

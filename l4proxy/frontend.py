@@ -50,7 +50,7 @@ from .causes import LOOP
 from .config import ListenerConfig
 from .counters import ListenerCounters
 from .deadlines import Deadlines
-from .dialer import Dial, Outgoing, proxy_header
+from .dialer import Dial, Outgoing, TimedDial, proxy_header
 from .drive import Drive
 from .edge import Edge
 from .listener import AcceptedFD, Listener
@@ -133,11 +133,16 @@ class Frontend:
             self.sni.close()
 
     def describe(self) -> str:
-        """``127.0.0.1:6379 -> pool default: 10.0.0.1:6379, 10.0.0.2:6379``, for the start-up log."""
-        members = ", ".join(m.name for m in self.pool.members) or "no members"
-        routes = "".join(f"{pattern} -> pool {pool}, " for pattern, pool in self.config.sni)
-        default = "" if not self.config.sni else "the rest refused; " if self.config.sni_strict else "the rest -> "
-        return f"{format_peers(self.listener.addresses)} -> {routes}{default}pool {self.pool.name}: {members}"
+        """``127.0.0.1:6379 (listener default, TLS, PROXY header) -> pool default``, for the start-up
+        log (the pool's own line names its members); SNI routes are listed before the default pool."""
+        config = self.config
+        traits = [f"listener {config.name}"]
+        traits += ["TLS"] * (config.tls is not None) + ["PROXY header"] * config.accept_proxy
+        traits += ["allow/deny rules"] * bool(config.allow or config.deny)
+        routes = "".join(f"{pattern} -> pool {pool}, " for pattern, pool in config.sni)
+        default = "" if not config.sni else "the rest refused; " if config.sni_strict else "the rest -> "
+        addresses = format_peers(self.listener.addresses)
+        return f"{addresses} ({', '.join(traits)}) -> {routes}{default}pool {self.pool.name}"
 
     def _refused(self, sock: socket.socket | AcceptedFD, _address: object) -> None:
         """The callback before ``start`` (never called: the listener accepts only once started)."""
@@ -194,12 +199,14 @@ class Frontend:
         return Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
 
     def _dial_maker(self, pool: Pool) -> Callable[..., Dial]:
-        """What makes a session's dial: ``Dial`` itself, or one that gives it the PROXY header the pool
-        sends (``send_proxy``), built once per session and the same for every attempt. A listener on
-        one address (not a wildcard) is every direct client's destination: no ``getsockname`` each."""
+        """What makes a session's dial: ``Dial`` itself (``TimedDial`` for a JSON access log), or one that
+        gives it the PROXY header the pool sends (``send_proxy``), built once per session and the same
+        for every attempt. A listener on one address (not a wildcard) is every direct client's
+        destination: no ``getsockname`` each."""
         version = pool.config.send_proxy
+        kind = TimedDial if self.access_log.json else Dial  # JSON records a connect time and the attempts
         if version is None:
-            return Dial
+            return kind
         client_cert = self.config.tls is not None and self.config.tls.client_ca is not None
         listener = self.listener
         fixed: list[tuple[str, int] | None] = []  # looked up at the first client: bound only then
@@ -208,7 +215,7 @@ class Frontend:
             if not fixed:
                 bound = listener.addresses
                 fixed.append(bound[0] if len(bound) == 1 and bound[0][0] not in ("0.0.0.0", "::") else None)
-            dial = Dial(session, *rest)
+            dial = kind(session, *rest)
             dial.header = proxy_header(session, version, client_cert, fixed[0])
             return dial
 

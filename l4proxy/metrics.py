@@ -52,7 +52,15 @@ def _process(snap: Snapshot) -> Iterator[Metric]:
     yield GaugeMetricFamily("l4proxy_start_time_seconds", "When the proxy started (Unix time).", snap.started_at)
     yield GaugeMetricFamily("l4proxy_uptime_seconds", "Seconds since the proxy started.", snap.now - snap.started_at)
     yield GaugeMetricFamily("l4proxy_open_fds", "Descriptors this process has open.", open_descriptors())
-    yield GaugeMetricFamily("l4proxy_workers", "Worker processes serving clients.", snap.workers)
+    yield GaugeMetricFamily("l4proxy_workers", "Worker processes configured.", snap.workers)
+    yield GaugeMetricFamily("l4proxy_workers_alive", "Worker processes running now.", snap.workers_alive)
+    reloads = _counter("l4proxy_reloads", "Reloads (SIGHUP), by result.", ["result"])
+    reloads.add_metric(["ok"], snap.reloads)
+    reloads.add_metric(["failed"], snap.reloads_failed)
+    yield reloads
+    digest = InfoMetricFamily("l4proxy_config", "The digest of the configuration in force.")
+    digest.add_metric([], {"digest": snap.config_digest})
+    yield digest
     yield GaugeMetricFamily("l4proxy_draining", "1 once a drain has started.", int(snap.draining))
     yield GaugeMetricFamily("l4proxy_ready", "1 while /readyz answers 200.", int(snap.ready))
 
@@ -63,7 +71,12 @@ def _listeners(snap: Snapshot) -> Iterator[Metric]:
     active = _gauge("l4proxy_listener_sessions_active", "Sessions open now.", L)
     bytes_in = _counter("l4proxy_listener_bytes_in", "Bytes read from clients, counted as sessions end.", L)
     bytes_out = _counter("l4proxy_listener_bytes_out", "Bytes read from upstreams, counted as sessions end.", L)
+    handshakes = _counter("l4proxy_listener_tls_handshakes", "Client TLS handshakes completed.", L)
     tls = _counter("l4proxy_listener_tls_failures", "Client TLS handshakes that failed, by reason.", [*L, "reason"])
+    refused = _counter("l4proxy_listener_refused", "Clients closed at accept by the rules or limits.", [*L, "reason"])
+    headers = _counter(
+        "l4proxy_listener_proxy_header_errors", "Clients closed for their PROXY header, by reason.", [*L, "reason"]
+    )
     pauses = _counter("l4proxy_listener_accept_pauses", "Times accepting paused for want of descriptors.", L)
     for x in snap.listeners:
         accepted.add_metric([x.name], x.accepted)
@@ -72,9 +85,12 @@ def _listeners(snap: Snapshot) -> Iterator[Metric]:
         bytes_in.add_metric([x.name], x.bytes_in)
         bytes_out.add_metric([x.name], x.bytes_out)
         pauses.add_metric([x.name], x.accept_pauses)
-        for reason, count in sorted(x.tls_failures.items()):
-            tls.add_metric([x.name, reason], count)
-    yield from (accepted, sessions, active, bytes_in, bytes_out, tls, pauses)
+        if x.tls:
+            handshakes.add_metric([x.name], x.sessions)  # a TLS listener's session begins with its handshake
+        for family, table in ((tls, x.tls_failures), (refused, x.refused), (headers, x.header_errors)):
+            for reason, count in table.items():
+                family.add_metric([x.name, reason], count)
+    yield from (accepted, sessions, active, bytes_in, bytes_out, handshakes, tls, refused, headers, pauses)
 
 
 def _pools(snap: Snapshot) -> Iterator[Metric]:
@@ -99,6 +115,8 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
     checks = _counter("l4proxy_member_checks", "Health probe results.", [*M, "result"])
     check_failures = _counter("l4proxy_member_check_failures", "Failed health probes, by kind.", [*M, "kind"])
     latency = _gauge("l4proxy_member_check_duration_seconds", "How long the last health probe took.", M)
+    changes = _counter("l4proxy_member_state_changes", "Changes of health or operator state.", M)
+    ejections = _counter("l4proxy_member_ejections", "Times failed connects took it out for eject_time.", M)
     for pool in snap.pools:
         for m in pool.members:
             labels = [pool.name, m.name]
@@ -116,7 +134,10 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
             for kind, count in m.check_failures.items():
                 check_failures.add_metric([*labels, kind], count)
             latency.add_metric(labels, m.last_check_seconds)
+            changes.add_metric(labels, m.state_changes)
+            ejections.add_metric(labels, m.ejections)
     yield from (active, sessions, attempts, bytes_in, bytes_out, failures, state, checks, check_failures, latency)
+    yield from (changes, ejections)
 
 
 def registry(source: Source) -> CollectorRegistry:

@@ -145,6 +145,7 @@ class Pool:
         log.info("pool %s member %s %s by the operator", self.name, member.name, word)
 
     def _eject(self, member: Member) -> None:
+        member.stats.ejections += 1
         loop = asyncio.get_running_loop()
         self._ejections[member] = loop.call_later(self.config.health.eject_time, self._ejection_over, member)
 

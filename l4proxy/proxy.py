@@ -53,6 +53,7 @@ from .reload import Plan, plan
 from .resolver import Resolver
 from .sessions import SessionTable
 from .splice import Splicing
+from .syslogsink import open_log
 from .tls import Warn, client_context, reload_server_context, warn_under
 
 log = logging.getLogger("l4proxy")
@@ -90,7 +91,7 @@ class Proxy:
     ) -> None:
         self.config = config
         self.shared = shared
-        self.access_log = access_log or AccessLog.from_target(config.access_log)
+        self.access_log = access_log or open_log(config.access_log, config.access_log_format)
         self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
         self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
         self._probers = {name: self._prober(pool) for name, pool in self.pools.items() if shared is None}
@@ -184,6 +185,8 @@ class Proxy:
         self.table.start(max(0.02, min(1.0, shortest / 4)), chores)
         if self.shared is not None:
             self.shared.publish(self)
+        for pool in self.pools.values():  # before the listeners: "listening on" stays the last line
+            log.info("%s", describe_pool(pool))
         for frontend in self.frontends:
             log.info("listening on %s", frontend.describe())
 
@@ -207,6 +210,7 @@ class Proxy:
         with it readiness ends. ``delayed=False`` skips the shutdown delay: after a takeover the new
         process accepts on the same sockets, so there is nothing for endpoints to catch up with."""
         self.draining = True
+        self.access_log.flush()  # the drain begins: buffered lines are written now
         if not delayed:
             self._delay_over.set()
         if self._stopped is not None:
@@ -228,6 +232,7 @@ class Proxy:
                 await asyncio.wait_for(self._delay_over.wait(), delay)
             self._delay_over.set()
             log.info("shutdown delay over: no longer accepting")
+        self.access_log.flush()
         self._close_listeners()
         await self.table.drain(timeout)
         self.splicing.close()  # the idle pipes; aborted sessions have returned theirs
@@ -407,6 +412,19 @@ class Proxy:
     def handover(self) -> list[tuple[str, list[socket.socket]]]:
         """Each listener's listen address (as configured) and its listening sockets, for a takeover."""
         return [(str(f.config.address), f.listener.sockets) for f in self.frontends]
+
+
+def describe_pool(pool: Pool) -> str:
+    """``pool default: 2 members: 10.0.0.1:6379, 10.0.0.2:6379; tcp checks every 2s``: the pool's
+    start-up line."""
+    config = pool.config
+    members = ", ".join(m.name for m in pool.members)
+    count = f"{len(pool.members)} member{'' if len(pool.members) == 1 else 's'}"
+    health = config.health
+    checks = f"{health.kind} checks every {health.interval:g}s" if health.enabled else "no health checks"
+    extras = [f"retries {config.retries}"] + ["TLS"] * (config.tls is not None)
+    extras += [f"PROXY {config.send_proxy}"] * (config.send_proxy is not None)
+    return f"pool {pool.name}: {count}{': ' if members else ''}{members}; {checks}; {', '.join(extras)}"
 
 
 def _of_listener(config: ListenerConfig) -> Callable[[Session], bool]:

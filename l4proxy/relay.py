@@ -206,6 +206,7 @@ class Session:
         "buffer_size",
         "client",
         "client_address",
+        "connect_time",
         "dial",
         "end_cause",
         "ended",
@@ -218,9 +219,13 @@ class Session:
         "sockname",
         "started",
         "tls_info",
+        "tried",
         "upstream",
         "wiring",
     )
+    # set only by dialer.TimedDial (a JSON access log), so nothing reads them unset
+    tried: list[Member]  # the members tried, in order
+    connect_time: float  # seconds from the dial's start to the connect that succeeded
 
     def __init__(self, wiring: Wiring) -> None:
         self.wiring = wiring

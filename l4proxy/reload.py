@@ -17,8 +17,8 @@ removed once no listener routes to it (its sessions drain).
 change under the same path); rebuilt listeners and added pools read theirs when they are built.
 
 **Process settings**: ``drain_timeout``, ``shutdown_delay`` and ``log_level`` take effect at once;
-``workers``, ``access_log`` and ``admin`` (the endpoint's address) need a new process (see README,
-Upgrade), so the plan keeps their running values (``new``) and names them in ``restart``.
+``workers``, ``access_log``, ``access_log_format`` and ``admin`` (the endpoint's address) need a new
+process (see README, Upgrade), so the plan keeps their running values (``new``) and names them in ``restart``.
 
 Pure: no sockets, no event loop.
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields
 
 from .config import Config, ListenerConfig, PoolConfig
 
-RESTART = ("workers", "access_log", "admin")  # process settings a running process cannot change
+RESTART = ("workers", "access_log", "access_log_format", "admin")  # process settings a running process cannot change
 _PROCESS = tuple(f.name for f in fields(Config) if f.name not in ("listeners", "pools"))
 
 

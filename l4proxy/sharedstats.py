@@ -8,8 +8,9 @@ per listener ``LISTENER_FIELDS``, per pool ``POOL_FIELDS``, per member slot of t
 (``table.SharedTable``) ``SLOT_FIELDS``. The layout is the start-up configuration's: rows are found by
 listen address and pool name, so a reload that reorders or renames them reads the right cells; a
 listener or pool a reload adds has no cells until the next start (the admin endpoint shows it with
-zero counts, health and members are still exact). TLS failure reasons are folded into ``TLS_REASONS`` here, since
-a row cannot hold arbitrary names.
+zero counts, health and members are still exact). TLS failures, refusals and PROXY header errors have
+a cell per reason of their fixed tables (``counters.TLS_REASONS``, ``counters.REFUSALS``,
+``edge.HEADER_ERRORS``).
 
 Every cell has one writer (its worker), and aligned 8-byte stores are atomic, so there are no locks.
 When a worker dies, the supervisor adds its counters to a private total and zeroes its row before the
@@ -27,8 +28,19 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from .counters import ADMIN_STATES, CONNECT_KINDS
-from .snapshot import ListenerView, MemberView, PoolView, Snapshot, check_failures, find_member, member_view
+from .counters import ADMIN_STATES, CONNECT_KINDS, REFUSALS, TLS_REASONS
+from .edge import HEADER_ERRORS
+from .snapshot import (
+    ListenerView,
+    MemberView,
+    PoolView,
+    Snapshot,
+    check_failures,
+    config_digest,
+    edge_tables,
+    find_member,
+    member_view,
+)
 
 if TYPE_CHECKING:
     from .balancer import Member
@@ -39,8 +51,10 @@ if TYPE_CHECKING:
     from .table import SharedTable
 
 PUBLISH = 0.25  # seconds between a worker's copies of its counters
-TLS_REASONS = ("timeout", "client_reset", "client_closed", "other")
-LISTENER_FIELDS = ("accepted", "sessions", "active", "bytes_in", "bytes_out", "accept_pauses", *TLS_REASONS)
+_REFUSED = tuple(f"refused_{reason}" for reason in REFUSALS)
+_HEADERS = tuple(f"header_{reason}" for reason in HEADER_ERRORS)
+LISTENER_FIELDS: tuple[str, ...] = ("accepted", "sessions", "active", "bytes_in", "bytes_out", "accept_pauses")
+LISTENER_FIELDS += (*TLS_REASONS, *_REFUSED, *_HEADERS)
 POOL_FIELDS = ("retries", "no_upstream")
 SLOT_FIELDS = ("attempts", "sessions", "bytes_in", "bytes_out", *CONNECT_KINDS)
 _GAUGES = {LISTENER_FIELDS.index("active")}  # listener offsets of values that are not running totals
@@ -110,9 +124,7 @@ class Publisher:
             if index is None:  # added by a reload: no cells in this layout
                 continue
             counters, listener = frontend.counters, frontend.listener
-            tls = dict.fromkeys(TLS_REASONS, 0)
-            for reason, count in counters.tls_failures.items():
-                tls[reason if reason in tls else "other"] += count
+            tls, refused, headers = counters.tls_failures, frontend.refused, frontend.header_errors
             values = (
                 listener.accepted,
                 counters.sessions,
@@ -120,7 +132,9 @@ class Publisher:
                 counters.bytes_in,
                 counters.bytes_out,
                 listener.exhausted,
-                *tls.values(),
+                *(tls.get(reason, 0) for reason in TLS_REASONS),
+                *(refused.get(reason, 0) for reason in REFUSALS),
+                *(headers.get(reason, 0) for reason in HEADER_ERRORS),
             )
             _store(cells, base + shared.listener(index), values)
         for pool in proxy.pools.values():
@@ -159,6 +173,7 @@ class SupervisorSource:
         table: SharedTable,
         shared: SharedCounters,
         draining: Callable[[], bool],
+        facts: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
     ) -> None:
         self.config = config
         self.pools = pools
@@ -166,12 +181,25 @@ class SupervisorSource:
         self.table = table
         self.shared = shared
         self.draining = draining
+        self.facts = facts  # workers alive, reloads applied, reloads refused: the supervisor's
         self.started_at = time.time()
 
     def snapshot(self) -> Snapshot:
         listeners = tuple(self._listener(listener) for listener in self.config().listeners)  # as reloaded
         pools = tuple(self._pool(pool) for pool in self.pools().values())
-        return Snapshot(listeners, pools, self.started_at, time.time(), self.draining(), self.shared.workers)
+        alive, reloads, failed = self.facts()
+        return Snapshot(
+            listeners,
+            pools,
+            self.started_at,
+            time.time(),
+            self.draining(),
+            self.shared.workers,
+            workers_alive=alive,
+            reloads=reloads,
+            reloads_failed=failed,
+            config_digest=config_digest(self.config()),
+        )
 
     def _listener(self, config: ListenerConfig) -> ListenerView:
         index = self.shared.addresses.get(str(config.address))
@@ -187,8 +215,13 @@ class SupervisorSource:
             active=values["active"],
             bytes_in=values["bytes_in"],
             bytes_out=values["bytes_out"],
-            tls_failures={reason: values[reason] for reason in TLS_REASONS if values[reason]},
             accept_pauses=values["accept_pauses"],
+            **edge_tables(
+                config,
+                {reason: values[reason] for reason in TLS_REASONS},
+                {reason: values[f"refused_{reason}"] for reason in REFUSALS},
+                {reason: values[f"header_{reason}"] for reason in HEADER_ERRORS},
+            ),
         )
 
     def _pool(self, pool: Pool) -> PoolView:

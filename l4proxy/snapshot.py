@@ -10,6 +10,7 @@ in how the proxy keeps its objects (a frontend per listener, a session table) is
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -18,11 +19,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__
 from .checks import Failure
-from .counters import ADMIN_STATES, DISABLED, DRAIN, ListenerCounters
+from .counters import ADMIN_STATES, DISABLED, DRAIN, REFUSALS, TLS_REASONS, ListenerCounters
+from .edge import HEADER_ERRORS
 
 if TYPE_CHECKING:
     from .balancer import Member
-    from .config import ListenerConfig
+    from .config import Config, ListenerConfig
     from .listener import Listener
     from .pool import Pool
     from .prober import Prober
@@ -41,8 +43,11 @@ class ListenerView:
     active: int
     bytes_in: int
     bytes_out: int
-    tls_failures: dict[str, int]
+    tls_failures: dict[str, int]  # every reason of counters.TLS_REASONS on a TLS listener, else empty
     accept_pauses: int
+    tls: bool = False  # terminates TLS: its sessions are handshakes done
+    refused: dict[str, int] = field(default_factory=dict)  # by counters.REFUSALS, when it has rules or limits
+    header_errors: dict[str, int] = field(default_factory=dict)  # by edge.HEADER_ERRORS, with accept_proxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,8 @@ class MemberView:
     last_check_seconds: float
     bytes_in: int = 0  # from clients to the member, added as sessions end
     bytes_out: int = 0
+    state_changes: int = 0
+    ejections: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +96,21 @@ class Snapshot:
     workers: int = 1
     version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
+    workers_alive: int = 1  # worker processes running now (one process: itself)
+    reloads: int = 0  # configurations applied by a reload
+    reloads_failed: int = 0  # reloads refused (the file had problems, or a new address could not be bound)
+    config_digest: str = ""  # config_digest() of the configuration in force
 
     @property
     def ready(self) -> bool:
         """Serving new clients: not draining, and every pool has an eligible member."""
         return not self.draining and all(pool.eligible for pool in self.pools)
+
+
+def config_digest(config: Config) -> str:
+    """A short digest of a configuration: equal configurations (whatever file or flags they came from,
+    defaults filled in) have equal digests, so a fleet's odd one out shows."""
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:16]
 
 
 class NotFound(LookupError):
@@ -153,6 +170,8 @@ def member_view(
         last_check_seconds=stats.last_check_seconds,
         bytes_in=stats.bytes_in,
         bytes_out=stats.bytes_out,
+        state_changes=stats.state_changes,
+        ejections=stats.ejections,
     )
 
 
@@ -161,7 +180,27 @@ def pool_view(pool: Pool, started_at: float, probers: Sequence[Prober]) -> PoolV
     return PoolView(pool.name, members, pool.retries, pool.no_upstream)
 
 
-def listener_view(config: ListenerConfig, counters: ListenerCounters, listener: Listener) -> ListenerView:
+def edge_tables(
+    config: ListenerConfig, tls: Mapping[str, int], refused: Mapping[str, int], header_errors: Mapping[str, int]
+) -> dict[str, Any]:
+    """A listener's TLS failures, refusals and PROXY header errors, each with every reason of its fixed
+    table where the listener has the feature (so a rate can be taken before the first one), else empty."""
+    gated = bool(config.allow or config.deny) or (config.max_connections_per_ip, config.rate_per_ip) != (None, None)
+    return {
+        "tls": config.tls is not None,
+        "tls_failures": {r: tls.get(r, 0) for r in TLS_REASONS} if config.tls is not None else {},
+        "refused": {r: refused.get(r, 0) for r in REFUSALS} if gated else {},
+        "header_errors": {r: header_errors.get(r, 0) for r in HEADER_ERRORS} if config.accept_proxy else {},
+    }
+
+
+def listener_view(
+    config: ListenerConfig,
+    counters: ListenerCounters,
+    listener: Listener,
+    refused: Mapping[str, int],
+    header_errors: Mapping[str, int],
+) -> ListenerView:
     return ListenerView(
         name=config.name,
         address=str(config.address),
@@ -171,8 +210,8 @@ def listener_view(config: ListenerConfig, counters: ListenerCounters, listener: 
         active=counters.active,
         bytes_in=counters.bytes_in,
         bytes_out=counters.bytes_out,
-        tls_failures=dict(counters.tls_failures),
         accept_pauses=listener.exhausted,
+        **edge_tables(config, counters.tls_failures, refused, header_errors),
     )
 
 
@@ -195,9 +234,21 @@ class ProxySource:
 
     def snapshot(self) -> Snapshot:
         proxy = self.proxy
-        listeners = tuple(listener_view(f.config, f.counters, f.listener) for f in proxy.frontends)
+        listeners = tuple(
+            listener_view(f.config, f.counters, f.listener, f.refused, f.header_errors) for f in proxy.frontends
+        )
         pools = tuple(pool_view(pool, proxy.started_at, proxy.probers) for pool in proxy.pools.values())
-        return Snapshot(listeners, pools, proxy.started_at, time.time(), proxy.draining, proxy.config.workers)
+        return Snapshot(
+            listeners,
+            pools,
+            proxy.started_at,
+            time.time(),
+            proxy.draining,
+            proxy.config.workers,
+            reloads=proxy.reloads,
+            reloads_failed=proxy.reloads_failed,
+            config_digest=config_digest(proxy.config),
+        )
 
     def set_admin(self, pool: str, member: str, action: str) -> MemberView:
         found, target = find_member(self.proxy.pools, pool, member)
@@ -225,6 +276,8 @@ def member_json(member: MemberView) -> dict[str, Any]:
         "connect_failures": member.connect_failures,
         "bytes_in": member.bytes_in,
         "bytes_out": member.bytes_out,
+        "state_changes": member.state_changes,
+        "ejections": member.ejections,
         "checks": {"passed": member.checks_passed, "failed": member.checks_failed, "failures": member.check_failures},
         "last_check": {
             "result": member.last_check or None,
@@ -247,6 +300,8 @@ def status(snap: Snapshot) -> dict[str, Any]:
             "bytes_in": listener.bytes_in,
             "bytes_out": listener.bytes_out,
             "tls_failures": listener.tls_failures,
+            "refused": listener.refused,
+            "proxy_header_errors": listener.header_errors,
         }
         for listener in snap.listeners
     ]
@@ -273,6 +328,9 @@ def status(snap: Snapshot) -> dict[str, Any]:
         "started": _stamp(snap.started_at),
         "uptime_seconds": round(snap.now - snap.started_at, 3),
         "workers": snap.workers,
+        "workers_alive": snap.workers_alive,
+        "reloads": {"ok": snap.reloads, "failed": snap.reloads_failed},
+        "config_digest": snap.config_digest,
         "draining": snap.draining,
         "ready": snap.ready,
         "listeners": listeners,

@@ -96,6 +96,7 @@ from .reload import Plan, plan
 from .resolver import Resolver
 from .sharedstats import Publisher, SharedCounters, SupervisorSource
 from .snapshot import log_status
+from .syslogsink import SyslogAccessLog
 from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
@@ -130,16 +131,16 @@ def parse_workers(text: str, field_name: str = "--workers") -> int:
 class WorkerAccessLog(AccessLog):
     """Access-log lines of one worker, written in whole-line batches of at most PIPE_BUF bytes."""
 
-    def __init__(self, fd: int | None, worker: int) -> None:
-        super().__init__(None)
+    def __init__(self, fd: int | None, worker: int, fmt: str = "logfmt") -> None:
+        super().__init__(None, fmt=fmt, worker=worker)
         self.fd = fd
-        self.tail = f" worker={worker}\n"
+        self.tail = f" worker={worker}\n" if fmt == "logfmt" else "\n"  # JSON has it as a key
         self.pending: list[str] = []
 
     def record(self, session: Finished) -> None:
         self.records += 1
         if self.fd is not None:
-            self.pending.append(self.format(session, time.time()) + self.tail)
+            self.pending.append(self.line(session, time.time()) + self.tail)
             if len(self.pending) >= 256:
                 self.flush()
 
@@ -478,6 +479,7 @@ class Supervisor:
             self.table,
             self.shared,
             lambda: self.draining,
+            lambda: (sum(1 for slot in self.slots if slot.pid), self.reloads, self.reloads_failed),
         )
         if admin is not None:
             host, port = admin.getsockname()[:2]
@@ -642,8 +644,7 @@ class Supervisor:
             _tag_logs(worker)
             if self.admin_socket is not None:
                 self.admin_socket.close()  # the supervisor's endpoint answers for every worker
-            stream = self.access_log.stream
-            access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
+            access = self._access_log(worker)
             config = dataclasses.replace(self.config, admin=None)
             code = self.run_worker(config, access, WorkerShare(self.table, worker, configs, self.shared))
         except BaseException:
@@ -653,6 +654,14 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code)
+
+    def _access_log(self, worker: int) -> AccessLog:
+        """Worker ``worker``'s access log, in its process: the supervisor's socket for syslog, else
+        whole-line batches on the supervisor's stream."""
+        if isinstance(self.access_log, SyslogAccessLog):
+            return self.access_log.for_worker(worker)
+        stream = self.access_log.stream
+        return WorkerAccessLog(None if stream is None else stream.fileno(), worker, self.access_log.fmt)
 
     def _stop(self) -> None:
         """Leaving (normally after the drain; on an error, with workers still running)."""

@@ -173,8 +173,8 @@ def make_config(
 class RecordingLog(AccessLog):
     """An access log kept in memory, with the Session objects for exact assertions."""
 
-    def __init__(self) -> None:
-        super().__init__(io.StringIO())
+    def __init__(self, fmt: str = "logfmt") -> None:
+        super().__init__(io.StringIO(), fmt=fmt)
         self.sessions: list[Any] = []
         self.changed = asyncio.Event()
 
@@ -201,9 +201,9 @@ class RecordingLog(AccessLog):
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[tuple[Proxy, RecordingLog]]:
-    """A started Proxy with an in-memory access log; drained on exit."""
-    access = RecordingLog()
+async def running(config: Config, fmt: str = "logfmt") -> AsyncIterator[tuple[Proxy, RecordingLog]]:
+    """A started Proxy with an in-memory access log (``fmt`` lines); drained on exit."""
+    access = RecordingLog(fmt)
     proxy = Proxy(config, access)
     await proxy.start()
     try:

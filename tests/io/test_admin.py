@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from l4proxy import Address, HealthConfig, ServerTLSConfig
 from l4proxy.admin import MAX_CONNECTIONS, AdminApp, AdminServer
+from l4proxy.counters import TLS_REASONS
 from l4proxy.proxy import Proxy
 from l4proxy.sharedstats import LISTENER_FIELDS, SharedCounters
 from l4proxy.snapshot import NotFound, ProxySource, Snapshot
@@ -114,6 +115,8 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
     assert value(samples, "l4proxy_member_sessions_total", **bad) == 0
     assert value(samples, "l4proxy_member_status", **bad, state="DOWN") == 1
     assert value(samples, "l4proxy_member_status", **bad, state="UP") == 0
+    assert value(samples, "l4proxy_member_state_changes_total", **bad) == 1  # UP to DOWN
+    assert value(samples, "l4proxy_member_ejections_total", **bad) == 1  # no checks: out for eject_time
     assert value(samples, "l4proxy_pool_retries_total", pool="default") == 3
     assert value(samples, "l4proxy_pool_no_upstream_total", pool="default") == 0
     for good in (u0, u1):
@@ -121,6 +124,7 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
         assert value(samples, "l4proxy_member_sessions_total", **labels) == 3
         assert value(samples, "l4proxy_member_sessions_active", **labels) == 0
         assert value(samples, "l4proxy_member_status", **labels, state="UP") == 1
+        assert value(samples, "l4proxy_member_state_changes_total", **labels) == 0
         for kind in ("refused", "timeout", "dns", "tls", "reset", "other"):
             assert value(samples, "l4proxy_member_connect_failures_total", **labels, kind=kind) == 0
     for direction in ("in", "out"):  # each session's bytes go to the member that served it
@@ -131,7 +135,7 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
     assert value(samples, "l4proxy_ready") == 1
     assert value(samples, "l4proxy_open_fds") > 0
     label_names = {name for _sample, labels in samples for name, _value in labels}
-    assert label_names == {"listener", "pool", "member", "kind", "state", "result", "version"}  # no client labels
+    assert label_names == {"listener", "pool", "member", "kind", "state", "result", "version", "digest"}  # no client
     await promtool_accepts(text)
 
 
@@ -218,7 +222,8 @@ async def test_tls_handshake_failures_are_counted_by_reason(tls_files: ServerTLS
             _, samples = await scrape(admin)
     listener = "default"
     failures = {dict(labels)["reason"]: n for (name, labels), n in samples.items() if "tls_failures" in name}
-    assert failures == {"http_request": 2, "timeout": 1}
+    assert failures == {**dict.fromkeys(TLS_REASONS, 0), "http_request": 2, "timeout": 1}  # the fixed table
+    assert value(samples, "l4proxy_listener_tls_handshakes_total", listener=listener) == 0
     assert value(samples, "l4proxy_listener_accepted_total", listener=listener) == 3
     assert value(samples, "l4proxy_listener_sessions_total", listener=listener) == 0
 

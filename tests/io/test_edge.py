@@ -277,7 +277,7 @@ async def test_allow_and_deny_close_refused_clients_at_accept_without_dialing(ca
             assert await closed_without_reply(proxy.port(), source="127.0.0.9")  # in no allowed range
             assert await closed_without_reply(proxy.port(), source="127.0.0.9")
     assert member.accepted == 1
-    assert proxy.frontends[0].refused == {"deny": 1, "allow": 2}
+    assert proxy.frontends[0].refused == {"deny": 1, "not_allowed": 2}
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     assert any("127.0.0.4" in line and "denied by 127.0.0.4/32" in line for line in lines)
     assert any("127.0.0.9" in line and "in no allowed range" in line for line in lines)
@@ -300,7 +300,7 @@ async def test_the_rules_judge_the_address_a_header_carries() -> None:
         async with running(config) as (proxy, _):
             assert (await exchange(proxy.port(), encode_v1(_SRC4, _DST4) + b"a"))[0] == b"a"
             assert await closed_without_reply(proxy.port(), encode_v1(("192.0.2.1", 1), _DST4) + b"b")
-    assert proxy.frontends[0].refused == {"allow": 1}
+    assert proxy.frontends[0].refused == {"not_allowed": 1}
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])

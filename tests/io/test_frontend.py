@@ -46,11 +46,13 @@ async def test_uvloop_opens_a_plain_client_the_way_the_frontend_relies_on() -> N
         client.close()
 
 
-async def test_start_up_names_each_listener_with_its_pool_and_members(caplog: pytest.LogCaptureFixture) -> None:
+async def test_start_up_names_each_listener_and_each_pool_with_its_members(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "l4proxy")
     async with upstreams(2) as [a, b], running(make_config([a.address, b.address])) as (proxy, _):
-        line = f"listening on 127.0.0.1:{proxy.port()} -> pool default: {a.address}, {b.address}"
-        assert line in [r.getMessage() for r in caplog.records]
+        port = proxy.port()
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"listening on 127.0.0.1:{port} (listener default) -> pool default" in lines
+    assert f"pool default: 2 members: {a.address}, {b.address}; no health checks; retries 2" in lines
 
 
 @pytest.mark.parametrize("probes", [False, True])

@@ -11,8 +11,8 @@ from l4proxy.counters import (
     CONNECT_KINDS,
     DISABLED,
     DRAIN,
-    MAX_REASONS,
     READY,
+    TLS_REASONS,
     ListenerCounters,
     MemberCounters,
     connect_kind,
@@ -55,22 +55,23 @@ def test_the_kinds_match_what_the_dialer_reports(exc: BaseException, kind: str) 
         ("HTTP_REQUEST", "http_request"),
         ("tlsv1 alert unknown ca", "tlsv1_alert_unknown_ca"),
         ("", "other"),
-        ("x" * 100, "x" * 48),
+        ("x" * 100, "other"),
+        ("SOME_REASON_NOT_IN_THE_TABLE", "other"),
+        ("NO_SHARED_CIPHER", "no_shared_cipher"),
+        ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "peer_did_not_return_a_certificate"),
     ],
 )
 def test_tls_reasons_become_short_label_values(cause: str, reason: str) -> None:
     assert tls_reason(cause) == reason
 
 
-def test_tls_reasons_are_bounded_per_listener() -> None:
+def test_tls_reasons_come_from_the_fixed_table() -> None:
     counters = ListenerCounters()
-    for index in range(MAX_REASONS + 10):
+    for index in range(50):
         counters.tls_failed(f"REASON_{index}")
-    counters.tls_failed("REASON_0")
-    assert len(counters.tls_failures) == MAX_REASONS + 1  # the first ones, and "other" for the rest
-    assert counters.tls_failures["other"] == 10
-    assert counters.tls_failures["reason_0"] == 2
-    assert sum(counters.tls_failures.values()) == MAX_REASONS + 11
+    counters.tls_failed("HTTP_REQUEST")
+    assert counters.tls_failures == {"other": 50, "http_request": 1}
+    assert all(tls_reason(reason.upper()) == reason for reason in TLS_REASONS[3:])
 
 
 def test_member_counters_keep_every_kind_and_the_last_check() -> None:

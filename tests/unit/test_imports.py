@@ -144,14 +144,14 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"notify", "reload", "takeover", "workers", "admin", "snapshot", "top"},
+    | {"notify", "reload", "takeover", "workers", "admin", "snapshot", "top", "syslogsink"},
     "top": {"config", "errors", "topview"},
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
     | {"notify", "pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats"}
-    | {"snapshot"},
+    | {"snapshot", "syslogsink"},
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
-    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
+    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "syslogsink", "tls"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls"},
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
@@ -166,13 +166,14 @@ ALLOWED: dict[str, set[str]] = {
     # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
     "admin": {"counters", "metrics", "snapshot"},
     "metrics": {"counters", "snapshot"},
-    "snapshot": {"balancer", "checks", "config", "counters", "listener", "pool", "prober", "proxy"},
-    "sharedstats": {"balancer", "config", "counters", "pool", "prober", "proxy", "snapshot", "table"},
+    "snapshot": {"balancer", "checks", "config", "counters", "edge", "listener", "pool", "prober", "proxy"},
+    "sharedstats": {"balancer", "config", "counters", "edge", "pool", "prober", "proxy", "snapshot", "table"},
     "splice": {"causes", "config", "relay"},
     "relay": {"balancer", "causes", "config", "peer", "tls"},
     "listener": {"config", "errors"},
     "tls": {"certrules", "config", "errors"},
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
+    "syslogsink": {"accesslog", "config"},  # the access log's one sink with sockets
     "drive": set(),
     "takeover": set(),
     "notify": set(),
