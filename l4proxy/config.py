@@ -367,8 +367,26 @@ class PoolConfig:
     resolve_interval: float = 10.0
     resolve_empty_after: float = 30.0
     send_proxy: str | None = None  # 'v1' or 'v2': a PROXY protocol header before any byte to a member
+    drain_protocol: str | None = None  # how --drain-at safe reads sessions; None: as the health check's kind
+    split_brain: str = "fail-closed"  # with a *-primary check and several claimants: route to none, or the newest
+
+    @property
+    def watched_as(self) -> str | None:
+        """The protocol ``--drain-at safe`` reads this pool's sessions in: ``drain_protocol``, else the
+        health check's (``redis*``, ``postgres*``); None when there is none to read."""
+        if self.drain_protocol is not None:
+            return self.drain_protocol
+        kind = self.health.kind
+        return next((p for p in DRAIN_PROTOCOLS if kind.startswith(p)), None)
 
     def __post_init__(self) -> None:
+        if self.drain_protocol is not None and self.drain_protocol not in DRAIN_PROTOCOLS:
+            raise ConfigError("drain_protocol", self.drain_protocol, f"expected {' or '.join(DRAIN_PROTOCOLS)}")
+        if self.split_brain not in SPLIT_BRAIN:
+            raise ConfigError("split_brain", self.split_brain, f"expected {' or '.join(SPLIT_BRAIN)}")
+        if self.split_brain != "fail-closed" and self.health.kind not in checks.PRIMARY_KINDS:
+            problem = f"applies only to a pool with a *-primary health check, not {self.health.kind}"
+            raise ConfigError("split_brain", self.split_brain, problem)
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
             raise ConfigError("send_proxy", self.send_proxy, f"expected {' or '.join(PROXY_VERSIONS)}")
         if not self.members:
@@ -437,6 +455,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     pools: tuple[PoolConfig, ...]
     drain_timeout: float = 30.0
+    drain_at: str = "now"  # 'now': drained sessions close at drain_timeout; 'safe': at a protocol-safe moment first
     access_log: str = "-"
     log_level: str = "info"
     workers: int = 1  # processes accepting on the listeners (SO_REUSEPORT), under one supervisor
@@ -452,6 +471,8 @@ class Config:
             if listener.pool not in names:
                 raise ConfigError(f"listeners[{index}].pool", listener.pool, f"no such pool; known: {', '.join(names)}")
         _positive("drain_timeout", self.drain_timeout)
+        if self.drain_at not in DRAIN_AT:
+            raise ConfigError("drain_at", self.drain_at, f"expected {' or '.join(DRAIN_AT)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", self.log_level, f"expected one of {', '.join(LOG_LEVELS)}")
         if type(self.workers) is not int or self.workers < 1:
@@ -472,6 +493,9 @@ def _ranges(texts: tuple[str, ...], name: str) -> tuple[str, ...]:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROXY_VERSIONS = ("v1", "v2")
 RELAY_ENGINES = ("auto", "splice", "transport")
+DRAIN_AT = ("now", "safe")
+DRAIN_PROTOCOLS = ("redis", "postgres")
+SPLIT_BRAIN = ("fail-closed", "prefer-newest")
 TLS_VERSIONS = ("1.2", "1.3")
 
 

@@ -49,6 +49,7 @@ from .ratelog import Warnings
 from .relay import Session
 from .reload import Plan, plan
 from .resolver import Resolver
+from .safeclose import watch
 from .sessions import SessionTable
 from .splice import Splicing
 from .tls import Warn, client_context, reload_server_context, warn_under
@@ -89,7 +90,7 @@ class Proxy:
         self.config = config
         self.shared = shared
         self.access_log = access_log or AccessLog.from_target(config.access_log)
-        self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
+        self.pools = {p.name: self._pool(p) for p in config.pools}
         self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
         self._probers = {name: self._prober(pool) for name, pool in self.pools.items() if shared is None}
         self._resolvers = {  # a worker has none: the supervisor resolves
@@ -107,6 +108,11 @@ class Proxy:
         self.started_at = time.time()
         self.draining = False  # set when a drain starts: readiness (admin /readyz) turns 503 at once
         self._drain_timers: set[asyncio.TimerHandle] = set()
+
+    def _pool(self, config: PoolConfig) -> Pool:
+        pool = Pool(config, _client_tls(config.tls))
+        pool.leaving = self._members_leaving
+        return pool
 
     def _prober(self, pool: Pool) -> Prober:
         return Prober(pool, outgoing=self.outgoing.addresses, ports=self.outgoing.ports)
@@ -212,6 +218,11 @@ class Proxy:
         timeout = self.config.drain_timeout if timeout is None else timeout
         self.draining = True
         self._close_listeners()
+        for session in list(self.table.live):
+            pool = self.pools.get(session.limits.pool)
+            protocol = self._safe_protocol(pool) if pool is not None else None
+            if protocol is not None:
+                watch(session, protocol)
         await self.table.drain(timeout)
         self.splicing.close()  # the idle pipes; aborted sessions have returned theirs
         await self._stop_background()
@@ -326,7 +337,7 @@ class Proxy:
         self.reloads += 1
 
     async def _add_pool(self, config: PoolConfig) -> None:
-        pool = self.pools[config.name] = Pool(config, _client_tls(config.tls))
+        pool = self.pools[config.name] = self._pool(config)
         if self.shared is not None:
             self.shared.join([pool])
             return
@@ -352,7 +363,7 @@ class Proxy:
         elif resolver is not None:
             self._resolvers[name] = resolver
         _, removed = pool.retune(config)
-        if removed:
+        if removed and self._safe_protocol(pool) is None:  # else _members_leaving did it
             self._drain_later(_on_members(frozenset(removed)), self.config.drain_timeout)
         if name in steps.members_changed and Resolver.wanted(config):
             resolver = self._resolvers[name] = Resolver(pool)
@@ -371,6 +382,21 @@ class Proxy:
         if prober is not None:
             await prober.stop()
         pool.close()  # its sessions are those of listeners closed or rebuilt: they drain with them
+
+    def _safe_protocol(self, pool: Pool) -> str | None:
+        """The protocol drained sessions of ``pool`` are watched in (``--drain-at safe``), or None."""
+        return pool.config.watched_as if self.config.drain_at == "safe" else None
+
+    def _members_leaving(self, pool: Pool, members: list[Member]) -> None:
+        """Members removed (reload, discovery) or drained by the operator: with ``--drain-at safe``, their
+        sessions close at their first safe moment, or at the drain timeout."""
+        protocol = self._safe_protocol(pool)
+        if protocol is None:
+            return
+        leaving = _on_members(frozenset(members))
+        for session in [s for s in self.table.live if leaving(s)]:
+            watch(session, protocol)
+        self._drain_later(leaving, self.config.drain_timeout)
 
     def _drain_later(self, leaving: Callable[[Session], bool], timeout: float) -> None:
         """Close the sessions ``leaving`` picks that are still open ``timeout`` from now."""
