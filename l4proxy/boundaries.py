@@ -18,27 +18,37 @@ keeps a message body: it counts and skips, so its memory is a few bytes whatever
   answers with one ReadyForQuery; Parse, Bind, Describe, Execute, Close and Flush before their Sync
   leave an extended-protocol exchange open.
 * Safe: both sides framed and at a message boundary, no request unanswered, no exchange open, and the
-  last server message is ReadyForQuery ``I``. A session idle when the drain starts is therefore
-  closed after its next request's answer (nothing shows before that where it stands).
+  last server message is ReadyForQuery ``I``.
+
+A session idle when the drain starts shows nothing until it talks, so in either protocol it is closed
+after the answer to its second request (the first answer marks the start), or at the drain timeout.
 
 **Redis** (``RedisWatch``). A safe moment is when every command sent has been answered and no
 ``MULTI`` (or ``WATCH``) is open; a blocking command (BLPOP, WAIT, XREAD BLOCK...) is a command not
 answered yet, so counting covers it.
 
 * The rule for the start: the first client chunk that follows server bytes (the client's turn) and
-  starts with a RESP array (``*``) starts a command, and the server's next chunk starts its reply:
-  true of a client that waits for its replies before it sends more. From there, commands (RESP arrays
-  or inline lines) are counted against replies (RESP2 and RESP3; RESP3 pushes and attributes are not
-  replies).
+  starts as a command does (a RESP array ``*``, or a letter: an inline command) starts a command,
+  and the server's next chunk starts its reply: true of a client that waits for its replies before
+  it sends more. From there, commands are counted against replies (RESP2 and RESP3; RESP3 pushes and
+  attributes are not replies), and reply *n* answers command *n*, which is how MULTI, EXEC, DISCARD,
+  WATCH and UNWATCH take effect.
+* What began before the start shows in the replies: ``+QUEUED`` means a MULTI is open, and an array
+  that starts as a RESP2 subscription message (``message``, ``subscribe``, ``pong``...) means the
+  client is subscribed. A WATCH sent before the start does not show: a client closed between WATCH
+  and MULTI gets a closed connection instead of an EXEC, and nothing it sent was executed half-way.
 * Safe: both sides at a boundary, as many replies as commands, no ``MULTI``/``WATCH`` open.
-* Never safe once a session subscribes (SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE), runs MONITOR or turns its
-  replies off (CLIENT REPLY OFF|SKIP): the server then talks unprompted or not at all, so counting
-  says nothing. Such a session is closed at the drain timeout.
+* Never safe once a session subscribes (SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE), runs MONITOR or changes
+  its replies (CLIENT REPLY): the server then talks unprompted or not at all, so counting says
+  nothing. Such a session is closed at the drain timeout.
 
-**When the rule is wrong** (a client pipelining across the start, bytes that are not the protocol,
-the database's own TLS inside the session): whatever does not parse, or more answers than requests,
-puts the watch back to looking for a start, and a session that never shows a safe moment is closed at
-the drain timeout, as with ``--drain-at now``.
+**When the rule is wrong.** Bytes that are not the protocol (the database's own TLS inside the
+session, say), or more answers than requests, put the watch back to looking for a start; a session
+that never shows a safe moment is closed at the drain timeout, as with ``--drain-at now``. The case
+the rule cannot see is a client that keeps requests in flight *across* the start without ever
+waiting (a multiplexing client under steady load): answers to requests sent before the start then
+look like answers to later ones, and the session may be closed with answers still on their way. Use
+``--drain-at now`` (the timeout alone) for pools whose clients do that.
 
 Pure: no sockets, no event loop.
 """
@@ -46,6 +56,7 @@ Pure: no sockets, no event loop.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Protocol
 
 PROTOCOLS = ("redis", "postgres")
@@ -204,7 +215,10 @@ _LINE_TYPES = frozenset(b"+-:_#,(")
 _BULK_TYPES = frozenset(b"$!=")
 _AGGREGATE_TYPES = {ord("*"): 1, ord("~"): 1, ord(">"): 1, ord("%"): 2, ord("|"): 2}  # elements per count
 _NAME_LIMIT = 32  # longer arguments are never a name this watch looks for
+_STARTS = frozenset(b"*ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")  # an array or an inline command
 _STUCK = frozenset({b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE", b"MONITOR"})
+_PUBSUB = frozenset({b"message", b"pmessage", b"smessage", b"subscribe", b"psubscribe", b"ssubscribe", b"pong"})
+_TRANSACTION = frozenset({b"MULTI", b"EXEC", b"DISCARD", b"WATCH", b"UNWATCH"})
 
 
 class _Lines:
@@ -225,30 +239,42 @@ class _Lines:
 
 class Replies:
     """Counts complete RESP replies (RESP2 and RESP3) in a server stream, without keeping them.
-    Pushes (``>``) and attributes (``|``) are not replies."""
+    Pushes (``>``) and attributes (``|``) are not replies. Each reply gets a tag: ``queued`` for
+    ``+QUEUED`` (a MULTI is open), ``pubsub`` for an array that starts as a RESP2 subscription
+    message does, else empty."""
 
-    __slots__ = ("count", "lines", "stack")
+    __slots__ = ("count", "lines", "peek", "stack", "tag", "tags")
 
     def __init__(self) -> None:
         self.lines = _Lines()
-        self.stack: list[list[int]] = []  # open aggregates: [elements left, counts as a reply]
+        self.stack: list[list[int]] = []  # open aggregates: [elements left, type]
         self.count = 0
+        self.tag = ""  # of the reply being read
+        self.peek = False  # the next value is the first element of a reply that is an array
+        self.tags: list[str] = []  # of the replies the last feed completed
 
     @property
     def boundary(self) -> bool:
         return self.lines.boundary and not self.stack
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> list[str]:
+        """The tags of the replies ``data`` completes."""
+        self.tags = []
         lines = self.lines
         at, size = 0, len(data)
         while at < size:
             if lines.skip:
                 step = min(lines.skip, size - at)
+                if lines.keep is not None:
+                    lines.keep += data[at : at + step]
                 lines.skip -= step
                 at += step
                 if not lines.skip:
                     if data[at - 1 : at] != b"\n":
                         raise Desync("bulk string not ended by CRLF")
+                    kept, lines.keep = lines.keep, None
+                    if kept is not None and bytes(kept[:-2]) in _PUBSUB:
+                        self.tag = "pubsub"
                     self._value_done()
                 continue
             end = data.find(b"\n", at)
@@ -260,12 +286,16 @@ class Replies:
             line, lines.partial = lines.partial + data[at:end], b""
             at = end + 1
             self._line(line[:-1] if line.endswith(b"\r") else line)
+        return self.tags
 
     def _line(self, line: bytes) -> None:
         if not line:
             raise Desync("empty line")
         kind = line[0]
+        peek, self.peek = self.peek, False
         if kind in _LINE_TYPES:
+            if line == b"+QUEUED" and not self.stack:
+                self.tag = "queued"
             self._value_done()
         elif kind in _BULK_TYPES:
             size = _count(line)
@@ -273,8 +303,7 @@ class Replies:
                 self._value_done()
             else:
                 self.lines.skip = size + 2
-                if not self.lines.skip:
-                    self._value_done()
+                self.lines.keep = bytearray() if peek and size <= _NAME_LIMIT else None
         elif kind in _AGGREGATE_TYPES:
             size = _count(line)
             if size <= 0:
@@ -282,6 +311,7 @@ class Replies:
                     raise Desync("empty attribute")
                 self._value_done(reply=kind != ord(">"))
             else:
+                self.peek = kind == ord("*") and not self.stack
                 self.stack.append([size * _AGGREGATE_TYPES[kind], kind])
         else:
             raise Desync(f"reply type {line[:1]!r}")
@@ -299,6 +329,8 @@ class Replies:
             reply = kind != ord(">")
         if reply:
             self.count += 1
+            self.tags.append(self.tag)
+        self.tag = ""
 
 
 class Commands:
@@ -386,7 +418,7 @@ def _count(line: bytes) -> int:
 class RedisWatch:
     """Finds the moments when every command has its reply and no transaction is open (see the rules)."""
 
-    __slots__ = ("commands", "heard", "multi", "replies", "sent", "stuck", "watching")
+    __slots__ = ("commands", "effects", "heard", "multi", "replies", "sent", "stuck", "watching")
 
     def __init__(self) -> None:
         self.stuck = False  # subscribed, monitoring or replies off: never safe
@@ -397,6 +429,7 @@ class RedisWatch:
         self.replies: Replies | None = None
         self.heard = False  # server bytes came since the client's last chunk: its turn now
         self.sent = 0
+        self.effects: deque[tuple[int, bytes]] = deque()  # transaction commands by number, until answered
         self.multi = False
         self.watching = False
 
@@ -405,7 +438,7 @@ class RedisWatch:
             return
         try:
             if self.commands is None:
-                if not (self.heard and data[:1] == b"*"):
+                if not (self.heard and data and data[0] in _STARTS):
                     self.heard = False
                     return
                 self.commands = Commands()
@@ -419,14 +452,8 @@ class RedisWatch:
         name = command[0] if command else b""
         if name in _STUCK or (name == b"CLIENT" and command[1:] == (b"REPLY",)):
             self.stuck = True  # CLIENT REPLY ON|OFF|SKIP: the third word is not kept; any is unsafe
-        elif name == b"MULTI":
-            self.multi = True
-        elif name in (b"EXEC", b"DISCARD"):
-            self.multi = self.watching = False
-        elif name == b"WATCH":
-            self.watching = True
-        elif name == b"UNWATCH" and not self.multi:
-            self.watching = False
+        elif name in _TRANSACTION:
+            self.effects.append((self.sent, name))
 
     def server(self, data: bytes) -> bool:
         if self.stuck:
@@ -437,7 +464,9 @@ class RedisWatch:
         try:
             if self.replies is None:
                 self.replies = Replies()
-            self.replies.feed(data)
+            first = self.replies.count + 1
+            for number, tag in enumerate(self.replies.feed(data), first):
+                self._answered(number, tag)
             if self.replies.count > self.sent:
                 raise Desync("more replies than commands")
         except Desync:
@@ -445,9 +474,27 @@ class RedisWatch:
             self.heard = True
             return False
         return (
-            self.replies.count == self.sent
+            not self.stuck
+            and self.replies.count == self.sent
             and self.replies.boundary
             and self.commands.boundary
             and not self.multi
             and not self.watching
         )
+
+    def _answered(self, number: int, tag: str) -> None:
+        """Reply ``number`` came: what its command, or the reply itself, says of a transaction."""
+        while self.effects and self.effects[0][0] <= number:
+            _, name = self.effects.popleft()
+            if name == b"MULTI":
+                self.multi = True
+            elif name in (b"EXEC", b"DISCARD"):
+                self.multi = self.watching = False
+            elif name == b"WATCH":
+                self.watching = True
+            elif not self.multi:  # UNWATCH
+                self.watching = False
+        if tag == "queued":  # a MULTI opened before the watch started
+            self.multi = True
+        elif tag == "pubsub":  # subscribed before the watch started
+            self.stuck = True

@@ -294,4 +294,3 @@ async def _converse(
 
 
 _HEADERS = {"v1": V1_UNKNOWN, "v2": V2_LOCAL}  # a probe is the proxy's own connection
-
