@@ -113,9 +113,8 @@ async def _until(condition: collections.abc.Callable[[], bool], timeout: float =
 def run(argv: list[str] | None = None) -> None:
     """Parse the (flag-less) command line first, so ``--help`` explains the tour instead of starting it."""
     paragraphs = (__doc__ or "").replace("``", "").split("\n\n")
-    parser = argparse.ArgumentParser(
-        prog="python -m l4proxy.demo", description=paragraphs[0], epilog=" ".join(paragraphs[-1].split())
-    )
+    parser = argparse.ArgumentParser(prog="python -m l4proxy.demo", description=paragraphs[0],
+                                     epilog=" ".join(paragraphs[-1].split()))
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="  [log] %(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -261,7 +261,8 @@ class Frontend:
         self.warnings.warn(
             log,
             LOOPS,
-            "closed a connection from this proxy's own %s: pool %s has a member that leads back to this proxy (%s)",
+            "closed a connection from this proxy's own %s: pool %s has a member that leads back to this"
+            " proxy (%s)",
             session.client_addr,
             self.pool.name,
             format_peers(self.listener.addresses),

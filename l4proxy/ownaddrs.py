@@ -63,7 +63,9 @@ def unmapped(ip: IPAddress) -> IPAddress:
     return ip
 
 
-def is_own(member_ip: IPAddress, listen_host: str, listen_ips: Iterable[IPAddress], local: Iterable[IPNetwork]) -> bool:
+def is_own(
+    member_ip: IPAddress, listen_host: str, listen_ips: Iterable[IPAddress], local: Iterable[IPNetwork]
+) -> bool:
     """Whether connecting to ``member_ip`` (on the listen port) reaches a listener bound to ``listen_host``,
     whose addresses are ``listen_ips`` (a wildcard host listens on every address in ``local``)."""
     ip = unmapped(member_ip)

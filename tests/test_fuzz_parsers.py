@@ -152,7 +152,7 @@ def test_escapes_are_bytes_or_a_config_error(text: str) -> None:
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     """``data`` cut at the given points (sorted, deduplicated)."""
     points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)]) if b > a]
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if b > a]
 
 
 _WIRE = st.binary(max_size=300) | st.builds(
@@ -185,8 +185,9 @@ def test_watches_take_any_bytes_either_way_without_error_or_growth(
         assert frames is None or len(frames.head) < 5
 
 
-_COMMANDS = st.lists(st.sampled_from([b"*1\r\n$4\r\nPING\r\n", b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"PING\r\n",
-                                      b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"]), min_size=1, max_size=6)  # fmt: skip
+_SET = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+_GET = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+_COMMANDS = st.lists(st.sampled_from([b"*1\r\n$4\r\nPING\r\n", _GET, b"PING\r\n", _SET]), min_size=1, max_size=6)
 _REPLIES = st.sampled_from(
     [b"+PONG\r\n", b"$-1\r\n", b"$3\r\nabc\r\n", b"*2\r\n:1\r\n*1\r\n+x\r\n", b"%1\r\n+a\r\n_\r\n"]
 )
