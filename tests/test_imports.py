@@ -54,6 +54,7 @@ PURE_MODULES = {
     "ratelog": {"ratelog"},
     "reload": {"reload", "acl", "config", "checks", "errors"},
     "certrules": {"certrules"},
+    "boundaries": {"boundaries"},
 }
 
 _PROBE = """
@@ -144,7 +145,8 @@ ALLOWED: dict[str, set[str]] = {
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
     | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
-    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
+    | {"prober", "ratelog", "relay", "reload", "resolver", "safeclose", "sessions", "splice", "tls"},
+    "safeclose": {"boundaries", "relay"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls"},
     "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
