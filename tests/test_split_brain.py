@@ -103,7 +103,9 @@ async def test_prefer_newest_routes_to_the_member_promoted_last(two_masters: tup
         assert await served_by(proxy) == second.name
 
 
-async def test_a_primary_pool_routes_to_none_before_a_probe_passes(two_masters: tuple[RedisServer, RedisServer]) -> None:
+async def test_a_primary_pool_routes_to_none_before_a_probe_passes(
+    two_masters: tuple[RedisServer, RedisServer],
+) -> None:
     a, b = two_masters
     proxy = Proxy(primary_pool(a, b))
     [prober] = proxy.probers
