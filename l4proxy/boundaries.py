@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 PROTOCOLS = ("redis", "postgres")
@@ -236,6 +237,33 @@ class _Lines:
     def boundary(self) -> bool:
         return not self.partial and not self.skip
 
+    def feed(self, data: bytes, line: Callable[[bytes], None], bulk: Callable[[bytes | None], None]) -> None:
+        """Hand each complete line (without its CRLF) to ``line``, and each bulk body, once passed, to
+        ``bulk`` (its bytes when kept, else None). ``line`` sets ``skip`` (and ``keep``) for a bulk."""
+        at, size = 0, len(data)
+        while at < size:
+            if self.skip:
+                step = min(self.skip, size - at)
+                if self.keep is not None:
+                    self.keep += data[at : at + step]
+                self.skip -= step
+                at += step
+                if not self.skip:
+                    if data[at - 1 : at] != b"\n":
+                        raise Desync("bulk string not ended by CRLF")
+                    kept, self.keep = self.keep, None
+                    bulk(bytes(kept[:-2]) if kept is not None else None)
+                continue
+            end = data.find(b"\n", at)
+            if end < 0:
+                self.partial += data[at:]
+                if len(self.partial) > MAX_RESP_LINE:
+                    raise Desync("line too long")
+                return
+            whole, self.partial = self.partial + data[at:end], b""
+            at = end + 1
+            line(whole[:-1] if whole.endswith(b"\r") else whole)
+
 
 class Replies:
     """Counts complete RESP replies (RESP2 and RESP3) in a server stream, without keeping them.
@@ -260,33 +288,13 @@ class Replies:
     def feed(self, data: bytes) -> list[str]:
         """The tags of the replies ``data`` completes."""
         self.tags = []
-        lines = self.lines
-        at, size = 0, len(data)
-        while at < size:
-            if lines.skip:
-                step = min(lines.skip, size - at)
-                if lines.keep is not None:
-                    lines.keep += data[at : at + step]
-                lines.skip -= step
-                at += step
-                if not lines.skip:
-                    if data[at - 1 : at] != b"\n":
-                        raise Desync("bulk string not ended by CRLF")
-                    kept, lines.keep = lines.keep, None
-                    if kept is not None and bytes(kept[:-2]) in _PUBSUB:
-                        self.tag = "pubsub"
-                    self._value_done()
-                continue
-            end = data.find(b"\n", at)
-            if end < 0:
-                lines.partial += data[at:]
-                if len(lines.partial) > MAX_RESP_LINE:
-                    raise Desync("line too long")
-                break
-            line, lines.partial = lines.partial + data[at:end], b""
-            at = end + 1
-            self._line(line[:-1] if line.endswith(b"\r") else line)
+        self.lines.feed(data, self._line, self._bulk)
         return self.tags
+
+    def _bulk(self, kept: bytes | None) -> None:
+        if kept is not None and kept in _PUBSUB:
+            self.tag = "pubsub"
+        self._value_done()
 
     def _line(self, line: bytes) -> None:
         if not line:
@@ -352,30 +360,7 @@ class Commands:
     def feed(self, data: bytes) -> list[tuple[bytes, ...]]:
         """The commands completed by ``data`` (their first two arguments)."""
         self.commands = []
-        lines = self.lines
-        at, size = 0, len(data)
-        while at < size:
-            if lines.skip:
-                step = min(lines.skip, size - at)
-                if lines.keep is not None:
-                    lines.keep += data[at : at + step]
-                lines.skip -= step
-                at += step
-                if not lines.skip:
-                    if data[at - 1 : at] != b"\n":
-                        raise Desync("argument not ended by CRLF")
-                    kept, lines.keep = lines.keep, None
-                    self._argument(bytes(kept[:-2]).upper() if kept is not None else b"")
-                continue
-            end = data.find(b"\n", at)
-            if end < 0:
-                lines.partial += data[at:]
-                if len(lines.partial) > MAX_RESP_LINE:
-                    raise Desync("line too long")
-                break
-            line, lines.partial = lines.partial + data[at:end], b""
-            at = end + 1
-            self._line(line[:-1] if line.endswith(b"\r") else line)
+        self.lines.feed(data, self._line, self._argument)
         return self.commands
 
     def _line(self, line: bytes) -> None:
@@ -397,9 +382,9 @@ class Commands:
         if words:  # an inline command
             self.commands.append(tuple(w.upper() for w in words[:2]))
 
-    def _argument(self, value: bytes) -> None:
+    def _argument(self, value: bytes | None) -> None:
         if len(self.args) < 2:
-            self.args.append(value)
+            self.args.append(value.upper() if value is not None else b"")
         self.left -= 1
         if not self.left:
             self.commands.append(tuple(self.args))

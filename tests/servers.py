@@ -196,3 +196,17 @@ def postgres_root() -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_servers(tmp: Path, count: int) -> Iterator[list[RedisServer]]:
+    """``count`` independent redis-servers (each a master), each in its own directory under ``tmp``."""
+    servers: list[RedisServer] = []
+    try:
+        for index in range(count):
+            (tmp / f"redis-{index}").mkdir()
+            servers.append(RedisServer(tmp / f"redis-{index}").start())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

@@ -20,7 +20,7 @@ from l4proxy.proxy import Proxy
 from l4proxy.safeclose import DRAINED
 
 from .kit import eventually, make_config, running, with_members
-from .servers import PostgresCluster, RedisServer, postgres_root
+from .servers import PostgresCluster, RedisServer, postgres_root, redis_servers
 from .test_db_checks import PG_HBA
 
 
@@ -32,15 +32,8 @@ def drained_config(members: list[Address], drain_at: str, protocol: str, timeout
 
 @pytest.fixture
 def two_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    servers = []
-    try:
-        for name in ("a", "b"):
-            (tmp_path / name).mkdir()
-            servers.append(RedisServer(tmp_path / name).start())
-        yield servers[0], servers[1]
-    finally:
-        for server in servers:
-            server.stop()
+    with redis_servers(tmp_path, 2) as (a, b):
+        yield a, b
 
 
 async def redis_client(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

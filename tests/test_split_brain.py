@@ -17,21 +17,14 @@ from l4proxy import Address, Config
 from l4proxy.proxy import Proxy
 
 from .kit import eventually, make_config, running
-from .servers import RedisServer
+from .servers import RedisServer, redis_servers
 from .test_db_checks import changes, fast
 
 
 @pytest.fixture
 def two_masters(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    servers = []
-    try:
-        for name in ("a", "b"):
-            (tmp_path / name).mkdir()
-            servers.append(RedisServer(tmp_path / name).start())
-        yield servers[0], servers[1]
-    finally:
-        for server in servers:
-            server.stop()
+    with redis_servers(tmp_path, 2) as (a, b):
+        yield a, b
 
 
 def primary_pool(a: RedisServer, b: RedisServer, split_brain: str = "fail-closed") -> Config:
