@@ -21,7 +21,12 @@ from l4proxy.safeclose import DRAINED
 
 from .kit import eventually, make_config, running, with_members
 from .servers import PostgresCluster, RedisServer, postgres_root, redis_servers
-from .test_db_checks import PG_HBA
+
+PG_HBA = """\
+local all all trust
+host all postgres 127.0.0.1/32 trust
+host replication postgres 127.0.0.1/32 trust
+"""
 
 
 def drained_config(members: list[Address], drain_at: str, protocol: str, timeout: float) -> Config:

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy import Address, Config
+from l4proxy import Address, Config, HealthConfig
 from l4proxy.proxy import Proxy
 
 from .kit import eventually, make_config, running
 from .servers import RedisServer, redis_servers
-from .test_db_checks import changes, fast
+
+
+def fast(check: str) -> HealthConfig:
+    return HealthConfig(enabled=True, interval=0.05, timeout=1.0, rise=1, fall=1, check=check)
+
+
+def changes(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "l4proxy.health" and text in r.getMessage()]
 
 
 @pytest.fixture
@@ -41,8 +48,8 @@ async def served_by(proxy: Proxy) -> str | None:
         if not reply:
             return None
         assert reply == b"+PONG\r\n"
-        [session] = [s for s in proxy.sessions if s.member is not None]
-        return session.member.name
+        [member] = [s.member for s in proxy.sessions if s.member is not None]
+        return member.name
     finally:
         writer.close()
         await eventually(lambda: not proxy.sessions)
