@@ -38,6 +38,7 @@ from typing import Protocol
 from .accesslog import AccessLog
 from .balancer import Member
 from .config import Config, ListenerConfig, PoolConfig, UpstreamTLSConfig
+from .counters import DRAIN
 from .deadlines import Deadlines
 from .dialer import Outgoing
 from .errors import ConfigError
@@ -393,9 +394,14 @@ class Proxy:
         protocol = self._safe_protocol(pool)
         if protocol is None:
             return
-        leaving = _on_members(frozenset(members))
+        chosen = frozenset(members)
+
+        def leaving(session: Session) -> bool:  # not once the member is enabled or added back
+            member = session.member
+            return member in chosen and (member.draining or member.admin == DRAIN)
+
         for session in [s for s in self.table.live if leaving(s)]:
-            watch(session, protocol)
+            watch(session, protocol, leaving)
         self._drain_later(leaving, self.config.drain_timeout)
 
     def _drain_later(self, leaving: Callable[[Session], bool], timeout: float) -> None:

@@ -14,9 +14,16 @@ no upstream yet cannot be watched; it is closed at the drain timeout as before.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from .boundaries import Watch, watch_for
 from .relay import NEVER, Session
+
+Leaving = Callable[[Session], bool]  # whether the session is still to end (its member not taken back)
+
+
+def _always(session: Session) -> bool:
+    return True
 
 DRAINED = "drained"  # the end cause of a session closed at a safe moment
 
@@ -38,22 +45,25 @@ class _ClientTap:
 class _ServerTap:
     """The upstream pump's ``out``: server bytes, on to the client, then the watch may end the session."""
 
-    __slots__ = ("session", "transport", "watch")
+    __slots__ = ("leaving", "session", "transport", "watch")
 
-    def __init__(self, transport: asyncio.Transport, watch: Watch, session: Session) -> None:
+    def __init__(self, transport: asyncio.Transport, watch: Watch, session: Session, leaving: Leaving) -> None:
         self.transport = transport
         self.watch = watch
         self.session = session
+        self.leaving = leaving
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-        if self.watch.server(data) and not self.session.ended:
-            self.session.end(DRAINED)
+        session = self.session
+        if self.watch.server(data) and not session.ended and self.leaving(session):
+            session.end(DRAINED)
 
 
-def watch(session: Session, protocol: str) -> bool:
-    """Start watching ``session`` in ``protocol`` (``boundaries.PROTOCOLS``); False when it cannot be
-    watched (no upstream yet, ended, on the splice engine) or is watched already."""
+def watch(session: Session, protocol: str, leaving: Leaving = _always) -> bool:
+    """Start watching ``session`` in ``protocol`` (``config.DRAIN_PROTOCOLS``), to end it at a safe moment
+    while ``leaving`` says it is still to end; False when it cannot be watched (no upstream yet, ended,
+    on the splice engine) or is watched already."""
     upstream = session.upstream
     client = session.client
     if session.ended or upstream is None or client.out is None or upstream.out is None:
@@ -66,5 +76,5 @@ def watch(session: Session, protocol: str) -> bool:
         return False
     seen = watch_for(protocol)
     client.out = _ClientTap(client.out, seen)  # type: ignore[assignment]
-    upstream.out = _ServerTap(upstream.out, seen, session)  # type: ignore[assignment]
+    upstream.out = _ServerTap(upstream.out, seen, session, leaving)  # type: ignore[assignment]
     return True

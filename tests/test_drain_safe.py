@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from l4proxy import Address, Config
-from l4proxy.counters import DRAIN
+from l4proxy.counters import DRAIN, READY
 from l4proxy.proxy import Proxy
 from l4proxy.safeclose import DRAINED
 
@@ -126,6 +126,20 @@ async def test_an_operator_drain_closes_at_the_next_safe_moment(two_redis: tuple
         await access.wait_for(1)
         writer.close()
     assert access.sessions[0].end_cause == DRAINED
+
+
+async def test_a_member_enabled_again_keeps_its_sessions(two_redis: tuple[RedisServer, RedisServer]) -> None:
+    a, _ = two_redis
+    async with running(drained_config([Address("127.0.0.1", a.port)], "safe", "redis", timeout=10)) as (proxy, access):
+        reader, writer = await redis_client(proxy)
+        pool = proxy.pools["default"]
+        pool.set_admin(pool.members[0], DRAIN)
+        pool.set_admin(pool.members[0], READY)
+        for _ in range(3):  # safe moments, but the session is no longer to end
+            writer.write(b"PING\r\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"+PONG\r\n"
+        assert proxy.sessions and not access.sessions
+        writer.close()
 
 
 async def test_the_shutdown_drain_waits_for_exec_then_ends_at_once(two_redis: tuple[RedisServer, RedisServer]) -> None:

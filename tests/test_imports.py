@@ -144,7 +144,8 @@ ALLOWED: dict[str, set[str]] = {
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
     | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
-    "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
+    "proxy": {"accesslog", "balancer", "config", "counters", "deadlines", "dialer", "errors", "frontend", "listener"}
+    | {"pool"}
     | {"prober", "ratelog", "relay", "reload", "resolver", "safeclose", "sessions", "splice", "tls"},
     "safeclose": {"boundaries", "relay"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
