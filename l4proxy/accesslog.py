@@ -11,7 +11,7 @@ no system call per session. Records are written as sessions end, so they are not
 ``in`` counts bytes read from the client (sent upstream), ``out`` bytes read from the upstream (sent to
 the client). ``end`` says how the session ended: eof (both directions closed cleanly), client_closed,
 upstream_closed, client_reset, upstream_reset, idle_timeout, half_closed_timeout, shutdown,
-forced_shutdown, loop, or no_upstream (with the last connect error); ``causes.py`` says what each
+forced_shutdown, drained, loop, or no_upstream (with the last connect error); ``causes.py`` says what each
 means. TLS facts follow when a side speaks TLS.
 
 **json** (``--access-log-format json``): one JSON object a line with every key always present, as

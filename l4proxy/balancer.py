@@ -122,6 +122,7 @@ class Balancer:
         self.members: list[Member] = []
         self.draining: dict[str, Member] = {}  # removed members whose sessions are not all over yet
         self.view = view
+        self.allowed: frozenset[Member] | None = None  # see restrict
         self._next = 0
         self.update(addresses)
 
@@ -179,6 +180,26 @@ class Balancer:
         if best is not None:
             self._next = (best.index + 1) % count
         return best
+
+    def restrict(self, allowed: Collection[Member] | None) -> None:
+        """From now on pick only among ``allowed`` (a primary pool's one primary, or none in a split brain);
+        None lifts it. The restriction replaces ``pick`` on this balancer alone, so a pool without one
+        pays nothing for it."""
+        self.allowed = None if allowed is None else frozenset(allowed)
+        if self.allowed is None:
+            self.__dict__.pop("pick", None)
+            return
+        chosen = self.allowed
+        unrestricted = Balancer.pick
+
+        def pick(tried: Collection[Member] = ()) -> Member | None:
+            return unrestricted(self, [*tried, *(m for m in self.members if m not in chosen)])
+
+        self.pick = pick  # type: ignore[method-assign]
+
+    def allows(self, member: Member) -> bool:
+        """Whether the restriction (``restrict``), if any, leaves ``member`` to the pick."""
+        return self.allowed is None or member in self.allowed
 
     def acquire(self, member: Member) -> None:
         """Count a session against ``member`` from the moment its dial starts."""

@@ -8,6 +8,7 @@ A label says who ended the session and how:
 * ``client_reset`` / ``upstream_reset``: that side's connection was lost with an error;
 * ``idle_timeout`` / ``half_closed_timeout``: the proxy's sweeper closed a quiet session;
 * ``shutdown`` / ``forced_shutdown``: the drain deadline passed, or a second signal;
+* ``drained``: closed cleanly at a protocol-safe moment of a drain (``--drain-at safe``, ``safeclose.py``);
 * ``no_upstream (<last connect error>)``: no member could be reached;
 * ``loop``: the client is one of the proxy's own outgoing connections (a member that is the proxy).
 

@@ -47,9 +47,12 @@ from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     ACCESS_LOG_FORMATS,
+    DRAIN_AT,
+    DRAIN_PROTOCOLS,
     LOG_LEVELS,
     PROXY_VERSIONS,
     RELAY_ENGINES,
+    SPLIT_BRAIN,
     TLS_VERSIONS,
     Address,
     Config,
@@ -254,6 +257,9 @@ OPTIONS: tuple[Option, ...] = (
            " 200-299,304 [default: 2xx].", metavar="LIST", needs=(PROBES,)),
     Option("--health-auth", f"{_POOL}.health.auth", "health", "redis, postgres: a file holding the credentials"
            " ('password' or 'user password'; 'user database [password]').", metavar="FILE", needs=(PROBES,)),
+    Option("--split-brain", f"{_POOL}.split_brain", "health", "With a *-primary check, when several members"
+           " claim the primary role: route to none, or to the one that turned primary last.", "fail-closed",
+           metavar="|".join(SPLIT_BRAIN)),
     Option("--no-health-checks", f"{_POOL}.health.enabled", "health",
            "Turn active probes off (failed client connects still take members DOWN).", parse=_off, switch=True),
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
@@ -317,6 +323,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--shutdown-delay", "shutdown_delay", "process", "On SIGTERM/SIGINT, keep accepting for this long"
            " while no longer ready (load balancers and Kubernetes endpoints catch up), then drain.", "0s",
            _DURATION, "DURATION"),
+    Option("--drain-at", "drain_at", "process", "When a drained session (member drained or removed, shutdown)"
+           " is closed: at the drain timeout ('now'), or first at a moment its Redis or PostgreSQL client loses"
+           " nothing ('safe').", "now", metavar="|".join(DRAIN_AT)),
+    Option("--drain-protocol", f"{_POOL}.drain_protocol", "upstreams", "The protocol --drain-at safe reads the"
+           " sessions in [default: the --health-check kind's, redis* or postgres*].",
+           metavar="|".join(DRAIN_PROTOCOLS)),
     Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
            " one per CPU.", "1", _plain(parse_workers), "N|auto"),
     Option("--admin", "admin", "process", "Serve the admin API (/metrics, /healthz, /readyz, /status, member"

@@ -368,8 +368,26 @@ class PoolConfig:
     resolve_interval: float = 10.0
     resolve_empty_after: float = 30.0
     send_proxy: str | None = None  # 'v1' or 'v2': a PROXY protocol header before any byte to a member
+    drain_protocol: str | None = None  # how --drain-at safe reads sessions; None: as the health check's kind
+    split_brain: str = "fail-closed"  # with a *-primary check and several claimants: route to none, or the newest
+
+    @property
+    def watched_as(self) -> str | None:
+        """The protocol ``--drain-at safe`` reads this pool's sessions in: ``drain_protocol``, else the
+        health check's (``redis*``, ``postgres*``); None when there is none to read."""
+        if self.drain_protocol is not None:
+            return self.drain_protocol
+        kind = self.health.kind
+        return next((p for p in DRAIN_PROTOCOLS if kind.startswith(p)), None)
 
     def __post_init__(self) -> None:
+        if self.drain_protocol is not None and self.drain_protocol not in DRAIN_PROTOCOLS:
+            raise ConfigError("drain_protocol", self.drain_protocol, f"expected {' or '.join(DRAIN_PROTOCOLS)}")
+        if self.split_brain not in SPLIT_BRAIN:
+            raise ConfigError("split_brain", self.split_brain, f"expected {' or '.join(SPLIT_BRAIN)}")
+        if self.split_brain != "fail-closed" and self.health.kind not in checks.PRIMARY_KINDS:
+            problem = f"applies only to a pool with a *-primary health check, not {self.health.kind}"
+            raise ConfigError("split_brain", self.split_brain, problem)
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
             raise ConfigError("send_proxy", self.send_proxy, f"expected {' or '.join(PROXY_VERSIONS)}")
         if not self.members:
@@ -457,6 +475,7 @@ class Config:
     shutdown_delay: float = 0.0  # on SIGTERM, not ready but still accepting for this long, then the drain
     access_log: str = "-"  # "-" (stdout), "off", a file path, syslog:HOST:PORT or syslog:/PATH
     access_log_format: str = "logfmt"  # one of ACCESS_LOG_FORMATS
+    drain_at: str = "now"  # 'now': drained sessions close at drain_timeout; 'safe': at a protocol-safe moment first
     log_level: str = "info"
     workers: int = 1  # processes accepting on the listeners (SO_REUSEPORT), under one supervisor
     admin: Address | None = None  # where the admin API and /metrics listen; None: off
@@ -474,6 +493,8 @@ class Config:
         _positive("drain_timeout", self.drain_timeout)
         if not 0 <= self.shutdown_delay < float("inf"):
             raise ConfigError("shutdown_delay", self.shutdown_delay, "must be 0 or more")
+        if self.drain_at not in DRAIN_AT:
+            raise ConfigError("drain_at", self.drain_at, f"expected {' or '.join(DRAIN_AT)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", self.log_level, f"expected one of {', '.join(LOG_LEVELS)}")
         if self.access_log_format not in ACCESS_LOG_FORMATS:
@@ -547,6 +568,9 @@ def syslog_target(text: str, path: str = "access_log") -> tuple[str, int] | str:
 
 PROXY_VERSIONS = ("v1", "v2")
 RELAY_ENGINES = ("auto", "splice", "transport")
+DRAIN_AT = ("now", "safe")
+DRAIN_PROTOCOLS = ("redis", "postgres")
+SPLIT_BRAIN = ("fail-closed", "prefer-newest")
 TLS_VERSIONS = ("1.2", "1.3")
 
 

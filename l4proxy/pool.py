@@ -57,6 +57,7 @@ class Pool:
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
         self.probes: Probes | None = None  # set by a running prober
+        self.leaving: Callable[[Pool, list[Member]], None] | None = None  # told of members removed or drained
 
     @property
     def members(self) -> list[Member]:
@@ -99,6 +100,8 @@ class Pool:
                 self._eject(member)
         if self.probes is not None:
             self.probes.sync()
+        if removed and self.leaving is not None:
+            self.leaving(self, removed)
         if (added or removed) and self.forward is None:  # a worker's pool follows the supervisor's, which logs
             log.info(
                 "pool %s updated: added %s; removed %s; %d in all",
@@ -143,6 +146,12 @@ class Pool:
         word = {READY: "enabled", DRAIN: "draining", DISABLED: "disabled"}[state]
         member.stats.changed(f"{word} by the operator", time.time())
         log.info("pool %s member %s %s by the operator", self.name, member.name, word)
+        if state == DRAIN and self.leaving is not None:
+            self.leaving(self, [member])
+
+    def restrict(self, allowed: Collection[Member] | None) -> None:
+        """New sessions go only to ``allowed`` (None: to any eligible member); see ``Balancer.restrict``."""
+        self.balancer.restrict(allowed)
 
     def _eject(self, member: Member) -> None:
         member.stats.ejections += 1

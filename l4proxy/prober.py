@@ -8,8 +8,11 @@ each failure is counted by member and kind in ``Prober.failures``. Every result 
 debug level (``--log-level debug``), with the probe's duration. Probes use streams: they are off the
 data path and run once per interval.
 
-In a pool with a ``*-primary`` check, the members UP whose last probe passed claim the primary role;
-more than one at once is a split brain, logged once per episode (``checks.SplitBrain``) and counted.
+In a pool with a ``*-primary`` check, the members UP that passed it (and have not said another role
+since) claim the primary role, and new sessions go only to a lone claimant (``Pool.restrict``): none
+before the first probe passes. More than one at once is a split brain, logged once per episode
+(``checks.SplitBrain``) and counted; it routes to none of them (fail closed), or with ``split_brain =
+"prefer-newest"`` to the one that turned primary last (the latest first pass among the claimants).
 
 With ``send_proxy`` a probe starts with the header of a connection of the proxy's own (``LOCAL`` in
 v2, ``PROXY UNKNOWN`` in v1), before TLS when the pool speaks it, as HAProxy's ``check-send-proxy``;
@@ -78,7 +81,8 @@ class Prober:
         self._keys: dict[tuple[bytes, int], bytes] = {}  # SCRAM salted passwords, derived once
         primary = pool.config.health.kind in PRIMARY_KINDS
         self.split_brain: SplitBrain | None = SplitBrain() if primary else None
-        self._passing: set[Member] = set()  # members whose last primary check passed
+        self._passing: dict[Member, float] = {}  # members claiming the primary role: since when (monotonic)
+        self._allowed: tuple[Member, ...] | None = None  # where a primary pool routes now
 
     def start(self) -> None:
         """Start probing; a credentials file that cannot be used raises ConfigError (``auth``)."""
@@ -87,6 +91,8 @@ class Prober:
             return
         if health.auth is not None:
             self.credentials = load_credentials(health.auth, health.kind)
+        self._allowed = () if self.split_brain is not None else None  # a primary pool: none until one claims it
+        self.pool.restrict(self._allowed)
         self.pool.probes = self
         self.sync()
 
@@ -95,7 +101,7 @@ class Prober:
         current = set(self.pool.members)
         for member in [m for m in self.tasks if m not in current]:
             task = self.tasks.pop(member)
-            self._passing.discard(member)
+            self._passing.pop(member, None)
             task.cancel()
             self._hold(member, None)
             self._leaving.add(task)
@@ -174,7 +180,7 @@ class Prober:
                     self.failures[member.key, verdict.failure] += 1
                 self.pool.report(member, Event.PROBE_OK if verdict.ok else Event.PROBE_FAIL, verdict.reason)
                 if self.split_brain is not None:
-                    self._watch_primaries(member, verdict.ok)
+                    self._watch_primaries(member, verdict)
             await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
         self._hold(member, None)
 
@@ -187,26 +193,42 @@ class Prober:
             self.outgoing.add(sockname)
             self._held[member] = sockname
 
-    def _watch_primaries(self, member: Member, passed: bool) -> None:
-        """Log the start and the end of each split-brain episode, once each. A member claims the primary
-        role while it is UP and its last probe passed (members start UP before any probe)."""
+    def _watch_primaries(self, member: Member, verdict: Verdict) -> None:
+        """Route a primary pool to its one primary, and log the start and the end of each split-brain
+        episode, once each. A member claims the primary role from its first passing probe until one
+        says it has another role, while it is UP (other failures take it DOWN by the fall rule)."""
         assert self.split_brain is not None
-        if passed:
-            self._passing.add(member)
-        else:
-            self._passing.discard(member)
-        claimants = [m.name for m in self.pool.members if m.health.up and m in self._passing]
-        episode = self.split_brain.observe(claimants)
+        if verdict.ok:
+            self._passing.setdefault(member, time.monotonic())
+        elif verdict.failure is Failure.WRONG_ROLE:
+            self._passing.pop(member, None)
+        claimants = [m for m in self.pool.members if m.health.up and m in self._passing]
+        self._route(claimants)
+        episode = self.split_brain.observe([m.name for m in claimants])
         if episode is None:
             return
         if episode.began:
+            routed = (f"new sessions go to {self._allowed[0].name}, the last to turn primary" if self._allowed
+                      else "no member gets new sessions until one alone claims it")  # fmt: skip
             log.error(
-                "pool %s split brain: %d members claim the primary role: %s",
-                self.pool.name, len(episode.claimants), ", ".join(episode.claimants),
+                "pool %s split brain: %d members claim the primary role: %s; %s",
+                self.pool.name, len(episode.claimants), ", ".join(episode.claimants), routed,
             )  # fmt: skip
         else:
             now = f"{episode.claimants[0]} claims" if episode.claimants else "no member claims"
             log.warning("pool %s split brain over: %s the primary role", self.pool.name, now)
+
+    def _route(self, claimants: list[Member]) -> None:
+        """New sessions go to the one claimant; with several, to none (``split_brain = "fail-closed"``)
+        or to the one that turned primary last (``"prefer-newest"``)."""
+        allowed: tuple[Member, ...] = ()
+        if len(claimants) == 1:
+            allowed = (claimants[0],)
+        elif claimants and self.pool.config.split_brain == "prefer-newest":
+            allowed = (max(claimants, key=self._passing.__getitem__),)
+        if allowed != self._allowed:
+            self._allowed = allowed
+            self.pool.restrict(allowed)
 
 
 async def probe(
@@ -272,4 +294,3 @@ async def _converse(
 
 
 _HEADERS = {"v1": V1_UNKNOWN, "v2": V2_LOCAL}  # a probe is the proxy's own connection
-

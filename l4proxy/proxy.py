@@ -40,6 +40,7 @@ from typing import Protocol
 from .accesslog import AccessLog
 from .balancer import Member
 from .config import Config, ListenerConfig, PoolConfig, UpstreamTLSConfig
+from .counters import DRAIN
 from .deadlines import Deadlines
 from .dialer import Outgoing
 from .errors import ConfigError
@@ -51,6 +52,7 @@ from .ratelog import Warnings
 from .relay import Session
 from .reload import Plan, plan
 from .resolver import Resolver
+from .safeclose import watch
 from .sessions import SessionTable
 from .splice import Splicing
 from .syslogsink import open_log
@@ -92,7 +94,7 @@ class Proxy:
         self.config = config
         self.shared = shared
         self.access_log = access_log or open_log(config.access_log, config.access_log_format)
-        self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
+        self.pools = {p.name: self._pool(p) for p in config.pools}
         self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
         self._probers = {name: self._prober(pool) for name, pool in self.pools.items() if shared is None}
         self._resolvers = {  # a worker has none: the supervisor resolves
@@ -111,6 +113,11 @@ class Proxy:
         self.draining = False  # set when a drain starts: readiness (admin /readyz) turns 503 at once
         self._delay_over = asyncio.Event()  # set by a second signal, or once the shutdown delay has run
         self._drain_timers: set[asyncio.TimerHandle] = set()
+
+    def _pool(self, config: PoolConfig) -> Pool:
+        pool = Pool(config, _client_tls(config.tls))
+        pool.leaving = self._members_leaving
+        return pool
 
     def _prober(self, pool: Pool) -> Prober:
         return Prober(pool, outgoing=self.outgoing.addresses, ports=self.outgoing.ports)
@@ -234,6 +241,11 @@ class Proxy:
             log.info("shutdown delay over: no longer accepting")
         self.access_log.flush()
         self._close_listeners()
+        for session in list(self.table.live):
+            pool = self.pools.get(session.limits.pool)
+            protocol = self._safe_protocol(pool) if pool is not None else None
+            if protocol is not None:
+                watch(session, protocol)
         await self.table.drain(timeout)
         self.splicing.close()  # the idle pipes; aborted sessions have returned theirs
         await self._stop_background()
@@ -351,7 +363,7 @@ class Proxy:
         self.reloads += 1
 
     async def _add_pool(self, config: PoolConfig) -> None:
-        pool = self.pools[config.name] = Pool(config, _client_tls(config.tls))
+        pool = self.pools[config.name] = self._pool(config)
         if self.shared is not None:
             self.shared.join([pool])
             return
@@ -377,7 +389,7 @@ class Proxy:
         elif resolver is not None:
             self._resolvers[name] = resolver
         _, removed = pool.retune(config)
-        if removed:
+        if removed and self._safe_protocol(pool) is None:  # else _members_leaving did it
             self._drain_later(_on_members(frozenset(removed)), self.config.drain_timeout)
         if name in steps.members_changed and Resolver.wanted(config):
             resolver = self._resolvers[name] = Resolver(pool)
@@ -396,6 +408,26 @@ class Proxy:
         if prober is not None:
             await prober.stop()
         pool.close()  # its sessions are those of listeners closed or rebuilt: they drain with them
+
+    def _safe_protocol(self, pool: Pool) -> str | None:
+        """The protocol drained sessions of ``pool`` are watched in (``--drain-at safe``), or None."""
+        return pool.config.watched_as if self.config.drain_at == "safe" else None
+
+    def _members_leaving(self, pool: Pool, members: list[Member]) -> None:
+        """Members removed (reload, discovery) or drained by the operator: with ``--drain-at safe``, their
+        sessions close at their first safe moment, or at the drain timeout."""
+        protocol = self._safe_protocol(pool)
+        if protocol is None:
+            return
+        chosen = frozenset(members)
+
+        def leaving(session: Session) -> bool:  # not once the member is enabled or added back
+            member = session.member
+            return member in chosen and (member.draining or member.admin == DRAIN)
+
+        for session in [s for s in self.table.live if leaving(s)]:
+            watch(session, protocol, leaving)
+        self._drain_later(leaving, self.config.drain_timeout)
 
     def _drain_later(self, leaving: Callable[[Session], bool], timeout: float) -> None:
         """Close the sessions ``leaving`` picks that are still open ``timeout`` from now."""

@@ -192,19 +192,28 @@ class _HealthPool(Pool):
         added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
-            self._up[member.slot] = 1 if member.eligible else 0
+            self._publish(member)
         return added, removed
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
         if not member.draining:  # its slot may belong to another member soon
-            self._up[member.slot] = 1 if member.eligible else 0
+            self._publish(member)
 
     def set_admin(self, member: Member, state: str) -> None:
         """The operator's state, decided here for every worker: a held member reads as not UP to their picks."""
         super().set_admin(member, state)
         if not member.draining:
-            self._up[member.slot] = 1 if member.eligible else 0
+            self._publish(member)
+
+    def restrict(self, allowed: Collection[Member] | None) -> None:
+        """A primary pool's routing, decided here: a member left out reads as not UP to the workers' picks."""
+        super().restrict(allowed)
+        for member in self.members:
+            self._publish(member)
+
+    def _publish(self, member: Member) -> None:
+        self._up[member.slot] = 1 if member.eligible and self.balancer.allows(member) else 0
 
 
 class HealthThread(threading.Thread):

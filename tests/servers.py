@@ -385,3 +385,17 @@ def pending(sock: socket.socket) -> list[bytes]:
         while True:
             out.append(sock.recv(4096))
     return out
+
+
+@contextlib.contextmanager
+def redis_servers(tmp: Path, count: int) -> Iterator[list[RedisServer]]:
+    """``count`` independent redis-servers (each a master), each in its own directory under ``tmp``."""
+    servers: list[RedisServer] = []
+    try:
+        for index in range(count):
+            (tmp / f"redis-{index}").mkdir()
+            servers.append(RedisServer(tmp / f"redis-{index}").start())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

@@ -46,6 +46,10 @@ NOT_RUN: dict[str, str] = {
         "illustrative (marked): the user's Redis hosts and credentials file",
     "l4proxy --listen :5432 --upstream pg-a,pg-b --health-check postgres-primary":
         "illustrative (marked): the user's PostgreSQL hosts and credentials file",
+    "l4proxy --listen :6393 --upstream redis-a,redis-b --health-check redis-primary --split-brain":
+        "illustrative (marked): the user's Redis hosts",
+    "l4proxy --listen :5433 --upstream pg-a,pg-b --health-check postgres-primary":
+        "illustrative (marked): the user's PostgreSQL hosts, credentials file and admin address",
     "l4proxy --listen :5432 --upstream pg-a,pg-b --health-check http":
         "illustrative (marked): the user's Patroni hosts",
     "l4proxy --listen 127.0.0.1:6390 --upstream redis-headless.cache.svc.cluster.local:6379":

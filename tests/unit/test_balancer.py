@@ -330,3 +330,17 @@ def test_resolved_members_take_their_srv_weight_and_follow_its_changes() -> None
     kept = balancer.members[0]
     balancer.update([Resolved("10.0.0.1", 1, name="a", weight=5), light])
     assert balancer.members[0] is kept and kept.weight == 5
+
+
+def test_a_restriction_leaves_the_pick_only_the_allowed_members_and_lifts_cleanly() -> None:
+    balancer = make_balancer(3)
+    a, b, c = balancer.members
+    balancer.restrict([b])
+    assert [balancer.pick() for _ in range(3)] == [b, b, b]
+    assert balancer.pick([b]) is None
+    assert (balancer.allows(a), balancer.allows(b)) == (False, True)
+    balancer.restrict(())  # a split brain: none
+    assert balancer.pick() is None
+    balancer.restrict(None)
+    assert "pick" not in vars(balancer)  # the class's own pick again: nothing left on the hot path
+    assert {balancer.pick() for _ in range(3)} == {a, b, c}

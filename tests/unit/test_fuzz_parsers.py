@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from l4proxy.boundaries import MAX_RESP_LINE, PostgresWatch, RedisWatch, watch_for
 from l4proxy.cli import _size
 from l4proxy.clienthello import MAX_LENGTH, ClientHelloError, Hello, Parser
 from l4proxy.clienthello import REASONS as CLIENT_HELLO_REASONS
@@ -25,8 +26,12 @@ FAST = settings(max_examples=100, deadline=200)
 
 # Text that looks like what people type, plus anything at all.
 _ALPHABET = st.sampled_from(list("0123456789abcdefhkmsx.:,[]-_ \\\t²٣ﬀ")) | st.characters()
-_HUGE = st.builds(lambda n, d, unit: d * n + unit, st.integers(300, 5000), st.sampled_from("19٣"),
-                  st.sampled_from(["", "k", "s", "h"]))  # overflows float and int()'s digit limit
+_HUGE = st.builds(
+    lambda n, d, unit: d * n + unit,
+    st.integers(300, 5000),
+    st.sampled_from("19٣"),
+    st.sampled_from(["", "k", "s", "h"]),
+)  # overflows float and int()'s digit limit
 typed = st.text(_ALPHABET, max_size=40) | st.text(max_size=40) | _HUGE
 
 
@@ -127,9 +132,7 @@ def test_member_lists_are_members_or_a_config_error(texts: list[str]) -> None:
 
 def escape(data: bytes) -> str:
     r"""The text form parse_escapes reads: printable ASCII as is (a backslash doubled), the rest as \xNN."""
-    return "".join(
-        "\\\\" if b == 0x5C else chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in data
-    )
+    return "".join("\\\\" if b == 0x5C else chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in data)
 
 
 @FAST
@@ -201,3 +204,81 @@ def test_real_hellos_give_their_name_however_they_are_cut(flight: bytes, cuts: l
         at += cut
     expected = Parser().feed(flight)
     assert hello_outcome([c for c in chunks if c]) == expected
+
+
+# --- the safe-moment watches of --drain-at safe (boundaries.py): bytes from the wire, not typed ------
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the given points (sorted, deduplicated)."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if b > a]
+
+
+_WIRE = st.binary(max_size=300) | st.builds(
+    lambda parts: b"".join(parts),
+    st.lists(st.sampled_from([b"*1\r\n", b"$4\r\nPING\r\n", b"+OK\r\n", b"Z\0\0\0\x05I", b"Q\0\0\0\x05x",
+                              b"$-1\r\n", b">1\r\n", b"|1\r\n", b"%2\r\n", b"\r\n", b"\0\0\0\x04", b"*99999\r\n"]),
+             max_size=30),
+)  # fmt: skip
+
+
+@FAST
+@given(st.lists(st.tuples(st.booleans(), _WIRE), max_size=12), st.sampled_from(["redis", "postgres"]))
+def test_watches_take_any_bytes_either_way_without_error_or_growth(
+    steps: list[tuple[bool, bytes]], protocol: str
+) -> None:
+    """Whatever comes, a watch answers True or False, keeps only a bounded partial line or header, and is quick."""
+    watch = watch_for(protocol)
+    started = time.perf_counter()
+    for from_server, data in steps:
+        if from_server:
+            assert watch.server(data) in (True, False)
+        else:
+            watch.client(data)
+    assert time.perf_counter() - started < 0.1
+    for part in ("commands", "replies"):
+        lines = getattr(getattr(watch, part, None), "lines", None)
+        assert lines is None or len(lines.partial) <= MAX_RESP_LINE
+    for part in ("client_frames", "server_frames"):
+        frames = getattr(watch, part, None)
+        assert frames is None or len(frames.head) < 5
+
+
+_SET = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+_GET = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+_COMMANDS = st.lists(st.sampled_from([b"*1\r\n$4\r\nPING\r\n", _GET, b"PING\r\n", _SET]), min_size=1, max_size=6)
+_REPLIES = st.sampled_from(
+    [b"+PONG\r\n", b"$-1\r\n", b"$3\r\nabc\r\n", b"*2\r\n:1\r\n*1\r\n+x\r\n", b"%1\r\n+a\r\n_\r\n"]
+)
+
+
+@FAST
+@given(_COMMANDS, st.data())
+def test_redis_watch_is_safe_exactly_when_the_last_reply_of_a_batch_is_in(commands: list[bytes], data: Any) -> None:
+    """A pipelined batch split anywhere, each way: never safe before its last reply is whole, safe then."""
+    commands = [b"*1\r\n$4\r\nPING\r\n", *commands]  # a start is an array at the client's turn
+    replies = b"".join(data.draw(_REPLIES) for _ in commands)
+    watch = RedisWatch()
+    watch.server(b"+OK\r\n")  # the client's turn
+    for chunk in chunked(b"".join(commands), data.draw(st.lists(st.integers(0, 500), max_size=5))):
+        watch.client(chunk)
+    pieces = chunked(replies, data.draw(st.lists(st.integers(0, 500), max_size=5)))
+    verdicts = [watch.server(piece) for piece in pieces]
+    assert verdicts == [False] * (len(pieces) - 1) + [True]
+
+
+@FAST
+@given(st.lists(st.sampled_from([b"I", b"T", b"E"]), min_size=1, max_size=5), st.data())
+def test_postgres_watch_is_safe_only_after_an_idle_ready_for_query_that_answers_the_last_request(
+    statuses: list[bytes], data: Any
+) -> None:
+    watch = PostgresWatch()
+    watch.server(b"Z\0\0\0\x05I")  # the server waits: the start
+    for status in statuses:
+        for chunk in chunked(b"Q\0\0\0\x0dSELECT 1\0", data.draw(st.lists(st.integers(0, 20), max_size=3))):
+            watch.client(chunk)
+        answer = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05" + status
+        pieces = chunked(answer, data.draw(st.lists(st.integers(0, 20), max_size=3)))
+        verdicts = [watch.server(piece) for piece in pieces]
+        assert verdicts == [False] * (len(pieces) - 1) + [status == b"I"]

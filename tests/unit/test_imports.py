@@ -59,6 +59,7 @@ PURE_MODULES = {
     "spread": {"spread"},
     "certrules": {"certrules"},
     "topview": {"topview"},
+    "boundaries": {"boundaries"},
 }
 
 _PROBE = """
@@ -150,8 +151,10 @@ ALLOWED: dict[str, set[str]] = {
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
     | {"notify", "pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats"}
     | {"snapshot", "syslogsink"},
-    "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
-    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "syslogsink", "tls"},
+    "proxy": {"accesslog", "balancer", "config", "counters", "deadlines", "dialer", "errors", "frontend", "listener"}
+    | {"pool", "prober", "ratelog", "relay", "reload", "resolver", "safeclose", "sessions", "splice", "syslogsink"}
+    | {"tls"},
+    "safeclose": {"boundaries", "relay"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls"},
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
