@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
@@ -49,6 +50,7 @@ from .pool import Pool
 from .proxyproto import SSLInfo, Tlv, alpn_tlv, authority_tlv, encode_v1, encode_v2, ssl_tlv
 from .ratelog import Warnings
 from .relay import Pump, Session
+from .tlsengine import TLSEngine
 
 log = logging.getLogger("l4proxy.dialer")
 
@@ -230,21 +232,46 @@ def _connect(
 ) -> Coroutine[Any, Any, tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
     """The loop's connect coroutine for one attempt, not yet started (over ``sock``, connected, if given)."""
     address = member.address
-    tls = pool.ssl_context
-    factory = itertools.repeat(pump).__next__  # returns the pump; a C callable, so no Python frame runs
     where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": address.host, "port": address.port}
-    if tls is None:
+    if pool.ssl_context is None:
+        factory = itertools.repeat(pump).__next__  # returns the pump; a C callable, so no Python frame runs
         return loop.create_connection(factory, **where)
+    return _connect_tls(loop, pool, member, pump, where)
+
+
+async def _connect_tls(
+    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump, where: dict[str, Any]
+) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """Connect, then complete the TLS handshake (``tlsengine.py``, its late-verdict wait included) before
+    the attempt counts as connected; a cancelled attempt drops the connection."""
     from .tls import server_hostname
 
-    assert pool.config.tls is not None
-    return loop.create_connection(
-        factory,
-        **where,
-        ssl=tls,
-        server_hostname=server_hostname(pool.config.tls, address.hostname),
-        ssl_handshake_timeout=pool.config.connect_timeout,
+    assert pool.ssl_context is not None and pool.config.tls is not None
+    handshake: asyncio.Future[None] = loop.create_future()
+    engine = TLSEngine(
+        pool.ssl_context,
+        pump,
+        functools.partial(_settle, handshake),
+        server_side=False,
+        server_hostname=server_hostname(pool.config.tls, member.address.hostname),
+        confirm=True,
     )
+    transport, _ = await loop.create_connection(itertools.repeat(engine).__next__, **where)
+    try:
+        await handshake
+    except BaseException:
+        engine.abort()
+        raise
+    return transport, pump
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():  # cancelled with its dial
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
 
 
 async def _connect_after(

@@ -146,11 +146,11 @@ ALLOWED: dict[str, set[str]] = {
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
     | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
-    | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls"},
+    | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls", "tlsengine"},
     "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
-    "sessions": {"drive", "relay"},
+    "sessions": {"drive", "relay", "tlsengine"},
     "dialer": {"balancer", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto", "ratelog"}
-    | {"relay", "tls"},
+    | {"relay", "tls", "tlsengine"},
     "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
     | {"proxyproto", "resp", "tls"},
     "pool": {"balancer", "config", "discovery", "health", "counters"},
@@ -165,6 +165,7 @@ ALLOWED: dict[str, set[str]] = {
     "tls": {"certrules", "config", "errors"},
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
     "drive": set(),
+    "tlsengine": set(),
     "takeover": set(),
     "deadlines": set(),
     **{module: loads - {module} for module, loads in PURE_MODULES.items()},
