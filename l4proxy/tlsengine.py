@@ -241,38 +241,36 @@ class TLSEngine(asyncio.Protocol):
     # --- records -----------------------------------------------------------------------------------
 
     def _read(self) -> None:
-        """Decrypt every complete record held, hand the plaintext over in one call, note the peer's end."""
+        """Decrypt every complete record held, hand the plaintext over in one call, note the peer's end.
+        The peer's close_notify comes as ``b""``, or as SSLZeroReturnError once ours is sent."""
         sslobj, incoming = self.sslobj, self.incoming
+        chunks = []
+        ended = False
+        error = None
         try:
-            data = sslobj.read(_RECORD)
-            if data and (incoming.pending or sslobj.pending()):
-                chunks = [data]
-                while incoming.pending or sslobj.pending():
-                    try:
-                        chunk = sslobj.read(_RECORD)
-                    except ssl.SSLWantReadError:
-                        break
-                    if not chunk:
-                        self.app.data_received(b"".join(chunks))
-                        self._peer_ended()
-                        return
-                    chunks.append(chunk)
-                data = b"".join(chunks)
+            while True:
+                chunk = sslobj.read(_RECORD)
+                if not chunk:
+                    ended = True
+                    break
+                chunks.append(chunk)
+                if not (incoming.pending or sslobj.pending()):
+                    break
         except ssl.SSLWantReadError:
-            if self.outgoing.pending:  # tickets, a KeyUpdate reply
-                self.tcp.write(self.outgoing.read())  # type: ignore[union-attr]
-            return
+            pass
         except ssl.SSLZeroReturnError:
-            self._peer_ended()
-            return
+            ended = True
         except ssl.SSLError as exc:
-            self._broken(exc)
-            return
-        if self.outgoing.pending:
+            error = exc
+        if self.outgoing.pending:  # tickets, a KeyUpdate reply, an alert
             self.tcp.write(self.outgoing.read())  # type: ignore[union-attr]
-        if data:
-            self.app.data_received(data)
-        else:
+        if chunks:
+            self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if self.state != _OPEN:
+            return
+        if error is not None:
+            self._broken(error)
+        elif ended:
             self._peer_ended()
 
     def _peer_ended(self) -> None:
