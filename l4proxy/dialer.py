@@ -20,6 +20,12 @@ accepted at the other end; a member given by name is noted once connected, which
 It costs one set lookup per session and a port lookup per connect; a member on another port costs
 nothing more.
 
+**TLS members** are dialed plain and the handshake runs in ``tlsengine.TLSEngine`` (half-close); the
+attempt is connected once the handshake is done and, on TLS 1.3, once the member's first record after
+it has come or a bounded wait has passed: a member that rejects our certificate (or its absence) says
+so only then, and that is a failed attempt like any handshake failure, retried elsewhere, not a served
+session. Nothing of the client's has been sent to it, so the retry is as safe as any other.
+
 **PROXY protocol** (``send_proxy``): a dial with a ``header`` (``proxy_header``, built once per
 session by the frontend) writes it before any byte of the client's: to a plain member first thing on
 the new transport, ahead of the early bytes the client pump holds; to a TLS member in the clear on the

@@ -7,14 +7,16 @@ chain of callbacks too. The sessions of a listener share one ``relay.Wiring``, b
 hooks that start the dial, end the session, and move bulky sessions to the splice engine when this
 listener's sessions may switch.
 
-**Opening a client** depends on the loop. On uvloop a plain client does not need the Drive: the
+**Opening a client** depends on the loop. On uvloop a client does not need the Drive: the
 opener starts ``connect_accepted_socket`` by hand. Its first step calls the protocol factory once, makes
 the transport from the descriptor (an ``AcceptedFD`` is enough) and schedules ``connection_made``, then
 waits for that and nothing else; our pump sees ``connection_made`` anyway, so nothing waits on the
 coroutine, and ``Session._unlink`` finishes it when the session is freed. Its only other outcome, the
-handshake, does not exist without TLS. This is the one place that relies on how uvloop runs that
-coroutine, and ``tests/test_frontend.py`` pins the behaviour. TLS clients, and every client on
-asyncio's own loop (kept for debugging, not speed), go through the Drive.
+loop's own TLS handshake, is never asked for: a TLS client's transport is plain and its protocol is a
+``tlsengine.TLSEngine`` (so it can half-close), which reports the handshake to ``_handshaken`` and then
+makes the pump's connection; until then drain closes the engine. This is the one place that relies
+on how uvloop runs that coroutine, and ``tests/test_frontend.py`` pins the behaviour. Every client on
+asyncio's own loop (kept for debugging, not speed) goes through the Drive.
 
 **Stages.** ``Frontend.stages`` are per-listener steps between accept and session (an ACL, a PROXY
 protocol header): each wraps the accept callback once, at ``start``, so a listener without stages
