@@ -252,7 +252,7 @@ class Frontend:
                 opening.pop(session, None)
                 if exc is not None:
                     self._open_failed(sock, session, exc)
-                elif engine is not None and session.client.transport is None:
+                elif engine is not None and engine.handshaking:
                     opening[session] = engine  # in its handshake: drain closes it
 
             client: socket.socket = sock  # type: ignore[assignment]  # uvloop takes an AcceptedFD as it is

@@ -115,7 +115,8 @@ class TLSEngine(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tcp = transport  # type: ignore[assignment]
-        self.started = time.monotonic()
+        if self.confirm:
+            self.started = time.monotonic()
         if self.timeout is not None:
             self._timer = asyncio.get_running_loop().call_later(self.timeout, self._timed_out)
         self._handshake()
@@ -158,6 +159,11 @@ class TLSEngine(asyncio.Protocol):
             self.app.resume_writing()
 
     # --- handshake ---------------------------------------------------------------------------------
+
+    @property
+    def handshaking(self) -> bool:
+        """The handshake (or the wait for a late verdict) is still under way."""
+        return self.state in (_HANDSHAKE, _CONFIRM)
 
     def _handshake(self) -> None:
         try:
@@ -301,9 +307,13 @@ class TLSEngine(asyncio.Protocol):
     # --- the app's transport -----------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._eof_out or self.state != _OPEN:
+        if self._eof_out or self.state != _OPEN or not data:
             return
-        self.sslobj.write(data)
+        try:
+            self.sslobj.write(data)
+        except ssl.SSLError as exc:  # none is expected once open (no renegotiation): lose the connection
+            self._broken(exc)
+            return
         self.tcp.write(self.outgoing.read())  # type: ignore[union-attr]
 
     def writelines(self, chunks: Any) -> None:

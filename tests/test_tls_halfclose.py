@@ -30,7 +30,7 @@ from l4proxy import Address
 from l4proxy.config import UpstreamTLSConfig
 from l4proxy.tlsengine import confirm_wait
 
-from .kit import make_config, running
+from .kit import eventually, make_config, running
 from .test_tls_proxy import PKI, pki  # noqa: F401  # the module's certificates fixture
 
 TIMEOUT = 10.0
@@ -43,7 +43,7 @@ class End:
     """One end of a connection, plain or TLS, blocking with a timeout."""
 
     def __init__(self, sock: socket.socket, tls: ssl.SSLSocket | None = None) -> None:
-        self.sock = sock
+        self.sock: socket.socket = tls or sock  # wrap_socket detaches the plain socket: this one owns the fd
         self.tls = tls
 
     def send(self, data: bytes) -> None:
@@ -100,12 +100,15 @@ class ThreadServer:
             except TimeoutError:
                 continue
             sock.settimeout(TIMEOUT)
+            end = End(sock)
             try:
-                tls = None if self.ctx is None else self.ctx.wrap_socket(sock, server_side=True)
-                self.results.append(self.script(End(sock, tls)))
+                if self.ctx is not None:
+                    end = End(sock, self.ctx.wrap_socket(sock, server_side=True))
+                self.results.append(self.script(end))
             except (OSError, ssl.SSLError) as exc:
                 self.results.append(exc)
             finally:
+                end.close()
                 sock.close()
 
     def __enter__(self) -> ThreadServer:
@@ -334,3 +337,48 @@ async def test_tls13_members_that_send_no_session_tickets_still_serve(pki: PKI, 
 )
 def test_the_wait_for_a_late_verdict_is_twice_the_handshake_within_bounds(elapsed: float, wait: float) -> None:
     assert confirm_wait(elapsed) == pytest.approx(wait)
+
+
+# --- backpressure through a TLS side ----------------------------------------------------------------
+
+BLOB = os.urandom(8 * 1024 * 1024)
+
+
+def send_blob_then_half_close(end: End) -> bytes:
+    end.send(BLOB)
+    end.half_close()
+    return end.read_to_eof()
+
+
+def read_blob_then_answer(end: End) -> bytes:
+    """Read to the end first: Python's ``unwrap`` also tries to read the peer's close_notify, and data
+    already waiting then is an error, so neither end here half-closes with the other's data in flight."""
+    blob = end.read_to_eof()
+    ask(end, b"thanks")
+    end.close()
+    return blob
+
+
+@pytest.mark.parametrize("tls_side", ["upstream", "client"])
+async def test_a_slow_reader_pauses_the_tls_sender_and_gets_every_byte(pki: PKI, tls_side: str) -> None:
+    """Case 8 with a TLS side: while the client reads nothing, the proxy stops reading the upstream
+    with at most a buffer and a read held for the client; then every byte arrives, and the half-close
+    after it."""
+    server_ctx = pki.upstream_server_ctx() if tls_side == "upstream" else None
+    client_ctx = pki.client_ctx() if tls_side == "client" else None
+    settings: dict[str, Any] = (
+        {"upstream_tls": UpstreamTLSConfig(ca=pki["ca.pem"])} if tls_side == "upstream" else {"tls": pki.server_tls()}
+    )
+    with ThreadServer(send_blob_then_half_close, server_ctx) as server:
+        async with running(make_config([server.address], **settings)) as (proxy, log):
+            end = await asyncio.to_thread(client_end, proxy.port(), client_ctx)
+            await eventually(lambda: any(s.upstream is not None for s in proxy.sessions))
+            [session] = proxy.sessions
+            await eventually(lambda: not session.upstream.transport.is_reading(), timeout=TIMEOUT)
+            held = session.client.transport.get_write_buffer_size()
+            assert held <= session.buffer_size + 300_000
+            got = await asyncio.to_thread(read_blob_then_answer, end)
+            await log.wait_for(1, timeout=TIMEOUT)
+    assert got == BLOB
+    assert server.results == [b"thanks"]
+    assert (log.sessions[0].end_cause, log.sessions[0].bytes_out) == ("eof", len(BLOB))
