@@ -75,6 +75,7 @@ class TLSEngine(asyncio.Protocol):
         "done",
         "incoming",
         "outgoing",
+        "records",
         "sslobj",
         "started",
         "state",
@@ -97,6 +98,9 @@ class TLSEngine(asyncio.Protocol):
         self.sslobj = context.wrap_bio(
             self.incoming, self.outgoing, server_side=server_side, server_hostname=server_hostname
         )
+        # The records go through the C object under ssl.SSLObject: same calls, minus a Python frame
+        # each (three per request/response through a TLS side). SSLObject itself stays the public face.
+        self.records: Any = getattr(self.sslobj, "_sslobj", self.sslobj)
         self.app = app
         self.done: Done | None = done
         self.tcp: asyncio.Transport | None = None
@@ -167,7 +171,7 @@ class TLSEngine(asyncio.Protocol):
 
     def _handshake(self) -> None:
         try:
-            self.sslobj.do_handshake()
+            self.records.do_handshake()
         except ssl.SSLWantReadError:
             self._flush()
             return
@@ -249,7 +253,7 @@ class TLSEngine(asyncio.Protocol):
     def _read(self) -> None:
         """Decrypt every complete record held, hand the plaintext over in one call, note the peer's end.
         The peer's close_notify comes as ``b""``, or as SSLZeroReturnError once ours is sent."""
-        sslobj, incoming = self.sslobj, self.incoming
+        sslobj, incoming = self.records, self.incoming
         chunks = []
         ended = False
         error = None
@@ -310,7 +314,7 @@ class TLSEngine(asyncio.Protocol):
         if self._eof_out or self.state != _OPEN or not data:
             return
         try:
-            self.sslobj.write(data)
+            self.records.write(data)
         except ssl.SSLError as exc:  # none is expected once open (no renegotiation): lose the connection
             self._broken(exc)
             return

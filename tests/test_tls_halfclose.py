@@ -374,8 +374,10 @@ async def test_a_slow_reader_pauses_the_tls_sender_and_gets_every_byte(pki: PKI,
             end = await asyncio.to_thread(client_end, proxy.port(), client_ctx)
             await eventually(lambda: any(s.upstream is not None for s in proxy.sessions))
             [session] = proxy.sessions
-            await eventually(lambda: not session.upstream.transport.is_reading(), timeout=TIMEOUT)
-            held = session.client.transport.get_write_buffer_size()
+            upstream, client = session.upstream.transport, session.client.transport  # type: ignore[union-attr]
+            assert upstream is not None and client is not None
+            await eventually(lambda: not upstream.is_reading(), timeout=TIMEOUT)
+            held = client.get_write_buffer_size()
             assert held <= session.buffer_size + 300_000
             got = await asyncio.to_thread(read_blob_then_answer, end)
             await log.wait_for(1, timeout=TIMEOUT)
