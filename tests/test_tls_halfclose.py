@@ -235,30 +235,32 @@ def requiring(pki: PKI) -> ssl.SSLContext:
     return ctx
 
 
-async def served_by(port: int, count: int) -> None:
-    for i in range(count):
-        end = await asyncio.to_thread(client_end, port, None)
-        message = b"hello %d" % i
-        assert await asyncio.to_thread(ask, end, message) == message
-        end.close()
+async def served_until_rejected(pki: PKI, bad: Address, good: ThreadServer, rejections: int) -> tuple[Any, Any]:
+    """Clients, one at a time, through a pool of ``bad`` (first) and ``good`` until ``bad`` has failed
+    ``rejections`` attempts (the balancer spreads, so it is tried soon): every client must be answered.
+    Returns the bad member and the access log."""
+    config = make_config([bad, good.address], upstream_tls=UpstreamTLSConfig(ca=pki["ca.pem"]), retries=2)
+    async with running(config) as (proxy, log):
+        bad_member = next(m for m in proxy.pools["default"].members if m.address == bad)
+        for i in range(20):
+            end = await asyncio.to_thread(client_end, proxy.port(), None)
+            message = b"hello %d" % i
+            assert await asyncio.to_thread(ask, end, message) == message
+            end.close()
+            if bad_member.stats.connect_failures["tls"] >= rejections:
+                break
+        await log.wait_for(len(good.results), timeout=TIMEOUT)
+    return bad_member, log
 
 
 async def test_a_member_that_rejects_us_after_the_tls13_handshake_is_a_failed_attempt(pki: PKI) -> None:
-    """Clients keep coming until the rejecting member has been tried (it is first, and the balancer
-    spreads): each of its attempts is a ``tls`` connect failure, and every client is served by the good
-    member, none of them a session of the rejecting one."""
+    """Each attempt at the rejecting member is a ``tls`` connect failure, and every client is served by
+    the good member, none of them a session of the rejecting one."""
     with (
         ThreadServer(refuse_without_certificate, requiring(pki)) as bad,
         ThreadServer(echo_to_eof, pki.upstream_server_ctx()) as good,
     ):
-        config = make_config([bad.address, good.address], upstream_tls=UpstreamTLSConfig(ca=pki["ca.pem"]), retries=2)
-        async with running(config) as (proxy, log):
-            bad_member = next(m for m in proxy.pools["default"].members if m.address == bad.address)
-            for _ in range(20):
-                await served_by(proxy.port(), 1)
-                if bad_member.stats.connect_failures["tls"] >= 2:
-                    break
-            await log.wait_for(len(good.results), timeout=TIMEOUT)
+        bad_member, log = await served_until_rejected(pki, bad.address, good, 2)
     assert bad_member.stats.connect_failures["tls"] >= 2
     assert bad_member.stats.sessions == 0
     assert [s.member.address for s in log.sessions] == [good.address] * len(log.sessions)
@@ -294,14 +296,7 @@ def openssl_verify_server(pki: PKI) -> Iterator[Address]:
 
 async def test_openssl_s_server_verify_rejects_us_and_the_next_member_serves(pki: PKI) -> None:
     with openssl_verify_server(pki) as bad, ThreadServer(echo_to_eof, pki.upstream_server_ctx()) as good:
-        config = make_config([bad, good.address], upstream_tls=UpstreamTLSConfig(ca=pki["ca.pem"]), retries=2)
-        async with running(config) as (proxy, log):
-            bad_member = next(m for m in proxy.pools["default"].members if m.address == bad)
-            for _ in range(20):
-                await served_by(proxy.port(), 1)
-                if bad_member.stats.connect_failures["tls"] >= 1:
-                    break
-            await log.wait_for(len(good.results), timeout=TIMEOUT)
+        bad_member, log = await served_until_rejected(pki, bad, good, 1)
     assert bad_member.stats.connect_failures["tls"] >= 1
     assert bad_member.stats.sessions == 0
     assert {s.member.address for s in log.sessions} == {good.address}
