@@ -294,6 +294,10 @@ class TLSEngine(asyncio.Protocol):
         if self._eof_out or not keep:
             self.close()
 
+    def _late_eof(self) -> None:
+        if self.state == _OPEN:
+            self._peer_ended()
+
     def _broken(self, exc: BaseException) -> None:
         """A record failed (bad MAC, a fatal alert): the connection is lost with that error."""
         self._flush()
@@ -332,11 +336,14 @@ class TLSEngine(asyncio.Protocol):
             return
         self._eof_out = True
         try:
-            self.sslobj.unwrap()
+            self.sslobj.unwrap()  # OpenSSL then looks for the peer's close_notify among what it holds
         except ssl.SSLWantReadError:  # sent; the peer's close_notify has not come yet
             pass
         except ssl.SSLError:
             pass
+        else:  # it held the peer's close_notify too (the reads leave none behind, but if): its EOF
+            if not self._eof_in:
+                asyncio.get_running_loop().call_soon(self._late_eof)
         self._flush()
         if self._eof_in and self.tcp is not None:
             self.tcp.close()

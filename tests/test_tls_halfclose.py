@@ -379,3 +379,48 @@ async def test_a_slow_reader_pauses_the_tls_sender_and_gets_every_byte(pki: PKI,
     assert got == BLOB
     assert server.results == [b"thanks"]
     assert (log.sessions[0].end_cause, log.sessions[0].bytes_out) == ("eof", len(BLOB))
+
+
+async def test_key_updates_from_an_openssl_client_are_answered_and_data_flows_on(pki: PKI) -> None:
+    """TLS 1.3 KeyUpdate (``openssl s_client``'s ``K`` command asks us to update our keys too, ``k``
+    does not): OpenSSL answers inside the engine's reads, and the echo goes on under the new keys."""
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is not installed"
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(line)
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running(make_config([Address("127.0.0.1", port)], tls=pki.server_tls())) as (proxy, log):
+            proc = await asyncio.create_subprocess_exec(
+                openssl, "s_client", "-connect", f"127.0.0.1:{proxy.port()}", "-tls1_3", "-CAfile", pki["ca.pem"],
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            assert proc.stdin is not None and proc.stdout is not None
+            seen: list[bytes] = []
+
+            async def until(line: bytes) -> None:
+                while (got := await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)) != line:  # type: ignore[union-attr]
+                    assert got, f"s_client ended before {line!r}: {b''.join(seen)!r}"
+                    seen.append(got)
+
+            try:
+                for command, message in ((b"", b"before\n"), (b"K\n", b"after K\n"), (b"k\n", b"after k\n")):
+                    if command:  # s_client reads a command as a whole read: the message goes after it
+                        proc.stdin.write(command)
+                        await until(b"KEYUPDATE\n")
+                    proc.stdin.write(message)
+                    await until(message)
+            finally:
+                proc.stdin.close()
+                await asyncio.wait_for(proc.wait(), TIMEOUT)
+            await log.wait_for(1, timeout=TIMEOUT)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert log.sessions[0].tls_info["tls_version"] == "TLSv1.3"
+    assert log.sessions[0].bytes_in == len(b"before\nafter K\nafter k\n")
