@@ -392,7 +392,7 @@ class Soak:
 
     async def framed(self, session: Session, sizes: list[int], pipelined: bool, tls: bool = False) -> None:
         """Send one frame per size and check each echo, whole and in order; end with a half-close (plain)
-        or a close (TLS has no half-close) and expect the end from the other side."""
+        or a close (asyncio's TLS streams cannot half-close) and expect the end from the other side."""
         reader, writer, session.client_port = await self.open(session.proxy, tls)
         try:
             if pipelined:

@@ -2,9 +2,9 @@
 
 A label says who ended the session and how:
 
-* ``eof``: both directions ended cleanly (each side sent its FIN; plain TCP on both sides);
-* ``client_closed`` / ``upstream_closed``: that side closed (or half-closed where the other side is
-  TLS, which cannot half-close: the EOF ends the session) and the proxy closed the other;
+* ``eof``: both directions ended cleanly (each side sent its FIN, or close_notify on a TLS side);
+* ``client_closed`` / ``upstream_closed``: that side closed (or half-closed towards a side that
+  cannot half-close: the EOF ends the session) and the proxy closed the other;
 * ``client_reset`` / ``upstream_reset``: that side's connection was lost with an error;
 * ``idle_timeout`` / ``half_closed_timeout``: the proxy's sweeper closed a quiet session;
 * ``shutdown`` / ``forced_shutdown``: the drain deadline passed, or a second signal;

@@ -20,6 +20,12 @@ accepted at the other end; a member given by name is noted once connected, which
 It costs one set lookup per session and a port lookup per connect; a member on another port costs
 nothing more.
 
+**TLS members** are dialed plain and the handshake runs in ``tlsengine.TLSEngine`` (half-close); the
+attempt is connected once the handshake is done and, on TLS 1.3, once the member's first record after
+it has come or a bounded wait has passed: a member that rejects our certificate (or its absence) says
+so only then, and that is a failed attempt like any handshake failure, retried elsewhere, not a served
+session. Nothing of the client's has been sent to it, so the retry is as safe as any other.
+
 **PROXY protocol** (``send_proxy``): a dial with a ``header`` (``proxy_header``, built once per
 session by the frontend) writes it before any byte of the client's: to a plain member first thing on
 the new transport, ahead of the early bytes the client pump holds; to a TLS member in the clear on the
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
@@ -50,6 +57,7 @@ from .pool import Pool
 from .proxyproto import SSLInfo, Tlv, alpn_tlv, authority_tlv, encode_v1, encode_v2, ssl_tlv
 from .ratelog import Warnings
 from .relay import Pump, Session
+from .tlsengine import TLSEngine
 
 log = logging.getLogger("l4proxy.dialer")
 
@@ -249,23 +257,48 @@ def _connect(
 ) -> Coroutine[Any, Any, tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]:
     """The loop's connect coroutine for one attempt, not yet started (over ``sock``, connected, if given)."""
     address = member.address
-    tls = pool.ssl_context
-    factory = itertools.repeat(pump).__next__  # returns the pump; a C callable, so no Python frame runs
-    if tls is None:  # the common case: host and port positional, no keyword dict built and unpacked
+    if pool.ssl_context is None:  # the common case: host and port positional, no keyword dict built and unpacked
+        factory = itertools.repeat(pump).__next__  # returns the pump; a C callable, so no Python frame runs
         if sock is None:
             return loop.create_connection(factory, address.host, address.port)
         return loop.create_connection(factory, sock=sock)
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": address.host, "port": address.port}
+    return _connect_tls(loop, pool, member, pump, where)
+
+
+async def _connect_tls(
+    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump, where: dict[str, Any]
+) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """Connect, then complete the TLS handshake (``tlsengine.py``, its late-verdict wait included) before
+    the attempt counts as connected; a cancelled attempt drops the connection."""
     from .tls import server_hostname
 
-    assert pool.config.tls is not None
-    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": address.host, "port": address.port}
-    return loop.create_connection(
-        factory,
-        **where,
-        ssl=tls,
-        server_hostname=server_hostname(pool.config.tls, address.hostname),
-        ssl_handshake_timeout=pool.config.connect_timeout,
+    assert pool.ssl_context is not None and pool.config.tls is not None
+    handshake: asyncio.Future[None] = loop.create_future()
+    engine = TLSEngine(
+        pool.ssl_context,
+        pump,
+        functools.partial(_settle, handshake),
+        server_side=False,
+        server_hostname=server_hostname(pool.config.tls, member.address.hostname),
+        confirm=True,
     )
+    transport, _ = await loop.create_connection(itertools.repeat(engine).__next__, **where)
+    try:
+        await handshake
+    except BaseException:
+        engine.abort()
+        raise
+    return transport, pump
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():  # cancelled with its dial
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
 
 
 async def _connect_after(

@@ -7,14 +7,16 @@ chain of callbacks too. The sessions of a listener share one ``relay.Wiring``, b
 hooks that start the dial, end the session, and move bulky sessions to the splice engine when this
 listener's sessions may switch.
 
-**Opening a client** depends on the loop. On uvloop a plain client does not need the Drive: the
+**Opening a client** depends on the loop. On uvloop a client does not need the Drive: the
 opener starts ``connect_accepted_socket`` by hand. Its first step calls the protocol factory once, makes
 the transport from the descriptor (an ``AcceptedFD`` is enough) and schedules ``connection_made``, then
 waits for that and nothing else; our pump sees ``connection_made`` anyway, so nothing waits on the
 coroutine, and ``Session._unlink`` finishes it when the session is freed. Its only other outcome, the
-handshake, does not exist without TLS. This is the one place that relies on how uvloop runs that
-coroutine, and ``tests/io/test_frontend.py`` pins the behaviour. TLS clients, and every client on
-asyncio's own loop (kept for debugging, not speed), go through the Drive.
+loop's own TLS handshake, is never asked for: a TLS client's transport is plain and its protocol is a
+``tlsengine.TLSEngine`` (so it can half-close), which reports the handshake to ``_handshaken`` and then
+makes the pump's connection; until then drain closes the engine. This is the one place that relies
+on how uvloop runs that coroutine, and ``tests/io/test_frontend.py`` pins the behaviour. Every client on
+asyncio's own loop (kept for debugging, not speed) goes through the Drive.
 
 **Stages.** ``Frontend.stages`` are per-listener steps between accept and session (an ACL, a PROXY
 protocol header): each wraps the accept callback once, at ``start``, so a listener without stages
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -62,6 +65,7 @@ from .sessions import SessionTable
 from .sni import SniRouter
 from .splice import DESCRIPTORS, Splicing, usable
 from .tls import server_context
+from .tlsengine import Dropped, TLSEngine
 
 log = logging.getLogger("l4proxy")
 
@@ -253,15 +257,23 @@ class Frontend:
         opening = self.table.opening
         warnings = self.warnings
         tls = self.config.tls
-        bare = type(loop).__module__.startswith("uvloop") and tls is None
+        bare = type(loop).__module__.startswith("uvloop")
+        handshaken = self._handshaken
 
         def serve(sock: socket.socket | AcceptedFD, address: object) -> None:
             session = Session(wiring)
             session.client_address = address
-            factory = itertools.repeat(session.client).__next__  # a C callable: no Python frame runs
+            protocol: asyncio.Protocol = session.client
+            engine = None
+            if tls is not None:  # the engine is the client transport's protocol and the pump's transport
+                assert self.tls_context is not None
+                done = functools.partial(handshaken, session)
+                engine = TLSEngine(self.tls_context, protocol, done, server_side=True, timeout=tls.handshake_timeout)
+                protocol = engine
+            factory = itertools.repeat(protocol).__next__  # a C callable: no Python frame runs
             if bare and isinstance(sock, AcceptedFD):
-                # uvloop, plain: the one place that relies on how uvloop runs the coroutine (see the
-                # module's docstring; tests/io/test_frontend.py pins it). Inline: it runs per client.
+                # uvloop: the one place that relies on how uvloop runs the coroutine (see the module's
+                # docstring; tests/io/test_frontend.py pins it). Inline: it runs per client.
                 opener = loop.connect_accepted_socket(factory, sock)  # type: ignore[arg-type]
                 try:
                     opener.send(None)  # the transport exists once this returns
@@ -273,22 +285,19 @@ class Frontend:
                         self.leave(address)
                     return
                 session.opener = opener
-                opening[session] = opener
+                if session.client.transport is None:  # until connection_made; drain closes what is left
+                    opening[session] = opener if engine is None else engine
                 return
 
             def opened(exc: BaseException | None) -> None:
                 opening.pop(session, None)
                 if exc is not None:
                     self._open_failed(sock, session, exc)
+                elif engine is not None and engine.handshaking:
+                    opening[session] = engine  # in its handshake: drain closes it
 
             client: socket.socket = sock  # type: ignore[assignment]  # uvloop takes an AcceptedFD as it is
-            if tls is not None:
-                coro = loop.connect_accepted_socket(
-                    factory, client, ssl=self.tls_context, ssl_handshake_timeout=tls.handshake_timeout
-                )
-            else:
-                coro = loop.connect_accepted_socket(factory, client)
-            drive = Drive(coro, opened)
+            drive = Drive(loop.connect_accepted_socket(factory, client), opened)
             if drive.coro is not None:
                 if session.client.transport is None:
                     opening[session] = drive  # until connection_made; drain closes what is left
@@ -296,6 +305,19 @@ class Frontend:
                 _close_unowned(sock)
 
         return serve
+
+    def _handshaken(self, session: Session, exc: BaseException | None) -> None:
+        """A client's TLS handshake is over: on success its pump's ``connection_made`` comes next and
+        starts the session; a failure is counted and logged, a drop (drain) just forgotten."""
+        if exc is None:
+            return
+        self.table.opening.pop(session, None)
+        if self.leave is not None:
+            self.leave(session.client_address)
+        session.discard()
+        if isinstance(exc, Dropped):
+            return
+        self._tls_failed(session, exc)
 
     def _loop_back(self, session: Session) -> None:
         """Close a client that is one of our own connections instead of dialing on (``dialer.py``)."""
@@ -315,13 +337,13 @@ class Frontend:
         if self.leave is not None:
             self.leave(session.client_address)
         session.discard()
-        if self.config.tls is not None:
-            self.tls_failures += 1
-            cause = _tls_failure(exc)
-            self.counters.tls_failed(cause)
-            self.warnings.warn(log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, cause)
-        else:
-            self.warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
+        self.warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
+
+    def _tls_failed(self, session: Session, exc: BaseException) -> None:
+        self.tls_failures += 1
+        cause = _tls_failure(exc)
+        self.counters.tls_failed(cause)
+        self.warnings.warn(log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, cause)
 
 
 def _close_unowned(fd: AcceptedFD) -> None:

@@ -11,12 +11,9 @@ task, one Python call per chunk. The rules it keeps:
   read even after ``pause_reading`` in ``connection_made``), so the client pump holds those bytes, up
   to ``buffer_size`` before it pauses reading, and the upstream receives them first.
 * **Half-close**: EOF from one side becomes ``write_eof()`` on the other once its buffer drains; the
-  session ends when both directions have ended. A TLS side cannot half-close here: TLS ends a
-  direction with close_notify, and asyncio's TLS transports cannot keep reading after sending it. So
-  EOF towards a TLS side flushes and closes it, which ends the session. The cost: a plain client that
-  half-closes towards a TLS upstream and then waits for the reply does not get it. Keeping the TLS
-  upstream open instead would leave every fully-closed client's upstream connection lingering until
-  the half-closed timeout, which is the worse trade for the request/response protocols this serves.
+  session ends when both directions have ended. A TLS side does the same with close_notify: its
+  transport is ``tlsengine.TLSEngine``, whose ``write_eof`` sends close_notify and reads on, and
+  whose peer's close_notify (or FIN) is an ``eof_received`` like any other.
 * **Resets**: when one side is lost with an error, the other side gets what was already read, then is
   closed; the sweeper's half-closed timeout reaps it if that peer never reads.
 * **Idle**: the proxy's sweeper (one timer for every session) compares each session's byte counters
@@ -287,14 +284,14 @@ class Session:
     # events from the pumps
 
     def side_eof(self, pump: Pump) -> bool:
-        """Half-close: forward the EOF; end the session once both directions are done. Where either side
-        is TLS there is no half-close (see the module's rules): the EOF ends the session, and the label
-        names the side that sent it."""
+        """Half-close: forward the EOF; end the session once both directions are done. A side that cannot
+        half-close (every transport here can; the rule stays for any that cannot) ends the session, and
+        the label names the side that sent the EOF."""
         peer = pump.peer
         transport = pump.transport
         if peer is None:  # EOF before the other side exists: attach_upstream forwards it
-            # A TLS side closes after EOF whatever we return (and warns if we return True): side_lost
-            # then keeps what it sent for the upstream.
+            # Kept open for writing (a TLS side too: its engine can): side_lost keeps what it sent for
+            # the upstream if it goes away.
             return transport is not None and transport.can_write_eof()
         if peer.eof or peer.closed:
             # Both directions are done. Closing the peer sends its FIN once its buffer is flushed, as

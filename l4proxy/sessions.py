@@ -26,6 +26,7 @@ from typing import Any
 from .drive import Drive
 from .relay import Session
 from .spread import WINDOW, close_schedule
+from .tlsengine import TLSEngine
 
 log = logging.getLogger("l4proxy")
 
@@ -35,7 +36,7 @@ class SessionTable:
 
     def __init__(self) -> None:
         self.live: set[Session] = set()
-        self.opening: dict[Session, Drive | Coroutine[Any, Any, Any]] = {}
+        self.opening: dict[Session, Drive | Coroutine[Any, Any, Any] | TLSEngine] = {}
         self.served = 0  # sessions ended so far
         self.idle = asyncio.Event()  # set when the last live session ends
         self._sweeper: asyncio.Task[None] | None = None
@@ -96,7 +97,7 @@ class SessionTable:
         for drive in opening:
             if isinstance(drive, Drive):
                 drive.cancel()
-            else:  # a plain client's connect_accepted_socket on uvloop: closing it closes the transport
+            else:  # a client's connect_accepted_socket on uvloop, or its TLS engine: closing closes the transport
                 drive.close()
         if opening:
             await asyncio.sleep(0)  # the cancelled handshakes close their transports on this iteration

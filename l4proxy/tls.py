@@ -28,18 +28,18 @@ Decisions:
   loads with a warning.
 * **mTLS**: with ``client_ca`` a listener requires a client certificate that chains to that bundle
   *only*; the system trust store is never used to accept clients.
-* **No half-close on TLS**: TLS has ``close_notify`` (which ends the whole connection), not a TCP
-  FIN per direction, so a TLS side cannot stay readable after its peer stops writing. When either
-  direction of a session with a TLS side ends, the relay flushes what is buffered and closes that side.
+* **Half-close on TLS**: close_notify ends the sender's direction only (RFC 8446 6.1; OpenSSL lets
+  TLS 1.2 do the same), so a TLS side half-closes as a plain one does: ``tlsengine.py`` runs these
+  contexts on an ``SSLObject`` under the relay and sends close_notify where a plain side sends FIN.
 * **User mistakes are ConfigErrors**: every certificate, key or CA file is checked before OpenSSL sees
   it, and any ``OSError``/``ssl.SSLError`` from loading is turned into a one-line ``ConfigError`` naming
   the field of the TLS config (``cert``, ``key``, ``client_ca``, ``ca``, ``alpn``, ``ciphers``; with
   several certificates ``cert[1]``; the caller places it under its listener or pool), the path and
   what is wrong. Warnings take the same shape and go to the ``warn`` callback the caller passes.
 
-The module opens files but no sockets and knows nothing of the event loop: the listener and dialer pass
-these contexts to ``loop.create_server``/``create_connection`` (or ``start_tls``) and call
-:func:`describe` on ``transport.get_extra_info("ssl_object")`` for the access log.
+The module opens files but no sockets and knows nothing of the event loop: the frontend and dialer run
+these contexts in ``tlsengine.TLSEngine`` (the health probes pass them to ``create_connection``) and
+call :func:`describe` on ``transport.get_extra_info("ssl_object")`` for the access log.
 """
 
 from __future__ import annotations

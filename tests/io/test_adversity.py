@@ -256,6 +256,6 @@ async def test_sighup_under_live_tls_traffic_loses_no_connection_and_no_byte(tmp
                 assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
                 writer.close()
                 done += 1
-        assert await proxy.stopped(15) == 0
+        assert await proxy.stopped(15) == 0  # the loop runs on: the last session ends when the upstream answers
     assert done == 50
     assert "TLS certificates and keys reloaded" in proxy.stderr and "Traceback" not in proxy.stderr

@@ -425,7 +425,7 @@ async def test_a_tls_member_gets_the_header_in_the_clear_before_the_handshake(
     try:
         async with running(config) as (proxy, _):
             port = proxy.port()
-            reader, writer = await dial_from("127.0.0.5", port)  # no half-close: TLS towards the member
+            reader, writer = await dial_from("127.0.0.5", port)  # a close after the reply: the member closes at EOF
             client_port = writer.get_extra_info("sockname")[1]
             writer.write(b"over tls")
             reply = await asyncio.wait_for(reader.readexactly(8), 5)

@@ -2,8 +2,8 @@
 retries past upstreams that fail verification, handshake timeouts and garbage handshakes, and
 byte-exact integrity of a large transfer through each kind of TLS side.
 
-RELIABILITY.md cases 3 (a TLS side has no half-close: close_notify/EOF ends the session after
-flushing), 24, 25, 26 and 27, plus 5 and 11 with a TLS side. Certificates come from trustme.
+RELIABILITY.md cases 3 (close_notify is a TLS side's EOF; every combination of half-closed sides is in
+``test_tls_halfclose.py``), 24, 25, 26 and 27, plus 5 and 11 with a TLS side. Certificates come from trustme.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ TIMEOUT = 5.0
 
 
 async def tls_exchange(port: int, ctx: ssl.SSLContext, payload: bytes, host: str = "127.0.0.1") -> bytes:
-    """Send ``payload`` over TLS and read back as many bytes (TLS has no half-close to wait on)."""
+    """Send ``payload`` over TLS and read back as many bytes (asyncio's TLS streams cannot half-close)."""
     reader, writer = await open_tls(port, ctx, host)
     try:
         writer.write(payload)
@@ -54,8 +54,8 @@ async def tls_exchange(port: int, ctx: ssl.SSLContext, payload: bytes, host: str
 
 
 async def plain_exchange(port: int, payload: bytes) -> bytes:
-    """Like ``tls_exchange`` for a plain client: no half-close, since EOF towards a TLS upstream ends
-    the session (case 3)."""
+    """Like ``tls_exchange`` for a plain client: no half-close, since asyncio's TLS servers close at
+    close_notify."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(payload)
@@ -145,9 +145,9 @@ async def test_openssl_s_client_through_termination(pki: PKI) -> None:
     assert proxy.tls_failures == 0
 
 
-async def test_tls_client_close_notify_ends_the_session_after_flushing(pki: PKI) -> None:
-    """Case 3: a TLS client's close_notify is its EOF. The upstream gets every byte and then a FIN; the
-    session ends there (a TLS side is never held half-open waiting for a reply)."""
+async def test_tls_client_close_notify_reaches_the_upstream_as_a_fin(pki: PKI) -> None:
+    """Case 3: a TLS client's close_notify is its EOF. The upstream gets every byte and then a FIN, and
+    its close ends the session cleanly."""
     got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     async def collect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -164,7 +164,7 @@ async def test_tls_client_close_notify_ends_the_session_after_flushing(pki: PKI)
         assert await asyncio.wait_for(got, TIMEOUT) == payload
         await log.wait_for(1)
     assert log.sessions[0].bytes_in == len(payload)
-    assert log.sessions[0].end_cause in ("client_closed", "eof")
+    assert log.sessions[0].end_cause == "eof"
 
 
 async def test_upstream_that_writes_then_closes_reaches_the_tls_client_whole(pki: PKI) -> None:
@@ -293,9 +293,10 @@ async def test_origination_presents_a_client_certificate(pki: PKI) -> None:
     assert server.peer_cn == ["good-client"]
 
 
-async def test_plain_client_eof_towards_a_tls_upstream_ends_the_session(pki: PKI) -> None:
-    """Case 3, origination side: the client's FIN becomes a flush and close_notify towards the upstream,
-    which sees every byte then EOF; the client is closed too instead of being held half-open."""
+async def test_plain_client_eof_towards_a_tls_upstream_is_close_notify(pki: PKI) -> None:
+    """Case 3, origination side: the client's FIN becomes close_notify towards the upstream, which sees
+    every byte then EOF. This upstream (asyncio's TLS server) closes at close_notify, and the client's
+    session ends with it; one that replies first is in ``test_tls_halfclose.py``."""
     got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     async def collect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -313,7 +314,7 @@ async def test_plain_client_eof_towards_a_tls_upstream_ends_the_session(pki: PKI
         writer.close()
         await log.wait_for(1)
     assert log.sessions[0].bytes_in == len(payload)
-    assert log.sessions[0].end_cause in ("client_closed", "upstream_closed", "eof")
+    assert log.sessions[0].end_cause == "eof"
 
 
 @pytest.mark.parametrize(

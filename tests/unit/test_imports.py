@@ -156,13 +156,13 @@ ALLOWED: dict[str, set[str]] = {
     | {"tls"},
     "safeclose": {"boundaries", "relay"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
-    | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls"},
+    | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls", "tlsengine"},
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
     "awaiting": {"deadlines", "listener"},
     "sni": {"awaiting", "clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
-    "sessions": {"drive", "relay", "spread"},
+    "sessions": {"drive", "relay", "spread", "tlsengine"},
     "dialer": {"balancer", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto", "ratelog"}
-    | {"relay", "tls"},
+    | {"relay", "tls", "tlsengine"},
     "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
     | {"proxyproto", "resp", "tls"},
     "pool": {"balancer", "config", "discovery", "health", "counters"},
@@ -178,6 +178,7 @@ ALLOWED: dict[str, set[str]] = {
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
     "syslogsink": {"accesslog", "config"},  # the access log's one sink with sockets
     "drive": set(),
+    "tlsengine": set(),
     "takeover": set(),
     "notify": set(),
     "deadlines": set(),
