@@ -4,6 +4,12 @@ Both the dialer (passive results) and the prober (active results) report through
 each change of a member's status is logged exactly once, with the reason that caused it. The dialer's
 successful connects go through ``Pool.connect_ok``, which skips the report when it would change nothing.
 
+**Slow start** (``PoolConfig.slow_start``): a member that comes back UP (probes, or the end of an
+ejection) ramps from 10% of its weight and max_conns to all of them over that time (``slowstart.py``):
+a timer raises its effective weight and cap in steps (a twentieth of the ramp, 50 ms to 1 s apart), so
+the pick never reads a clock. The start and the end of each ramp are logged once. Members present at
+start-up, or added by ``update``, get their full share at once.
+
 ``Pool.update`` changes the members in place, matched by key (``balancer.member_keys``): members that
 stay keep their health state; added ones start UP and get probes; removed ones get no new sessions,
 lose their probes and ejection timers, and keep their sessions until those end.
@@ -22,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .balancer import Balancer, Member
-from .config import Address, PoolConfig
+from .config import Address, MemberConfig, PoolConfig, as_member
 from .health import Event, Status
 
 log = logging.getLogger("l4proxy.health")
@@ -44,10 +50,11 @@ class Pool:
     def __init__(self, config: PoolConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.balancer = Balancer(config.members, config.health)
+        self.balancer = Balancer(config.members, config.health, slow_start=config.slow_start)
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
+        self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
         self.probes: Probes | None = None  # set by a running prober
 
@@ -55,15 +62,16 @@ class Pool:
     def members(self) -> list[Member]:
         return self.balancer.members
 
-    def update(self, members: Sequence[Address]) -> tuple[list[Member], list[Member]]:
-        """Change the members to ``members``; returns the (added, removed) ones. Raises ConfigError (and
-        changes nothing) when the list is not a valid pool."""
-        self.config = dataclasses.replace(self.config, members=tuple(members))
-        added, removed = self.balancer.update(members)
+    def update(self, members: Sequence[MemberConfig | Address]) -> tuple[list[Member], list[Member]]:
+        """Change the members to ``members`` (an Address is a member with the defaults); returns the
+        (added, removed) ones. Raises ConfigError (and changes nothing) when the list is not a valid pool."""
+        self.config = dataclasses.replace(self.config, members=tuple(as_member(m) for m in members))
+        added, removed = self.balancer.update(self.config.members)
         for member in removed:
-            timer = self._ejections.pop(member, None)
-            if timer is not None:
-                timer.cancel()
+            for timers in (self._ejections, self._ramps):
+                timer = timers.pop(member, None)
+                if timer is not None:
+                    timer.cancel()
         for member in added:  # a DOWN member added back while it drained: its ejection starts again
             if not member.health.up and self.forward is None and not self.config.health.enabled:
                 self._eject(member)
@@ -98,10 +106,50 @@ class Pool:
             return
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
+            self._stop_ramp(member)
             if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
                 self._eject(member)
         else:
             log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)
+            if self.config.slow_start:
+                self._start_ramp(member)
+
+    # slow start
+
+    def _start_ramp(self, member: Member) -> None:
+        loop = asyncio.get_running_loop()
+        member.slow.restart(loop.time())
+        self._ramp(member)
+        cap = f", max_conns {member.limit} of {member.config.max_conns}" if member.config.max_conns else ""
+        log.info(
+            "pool %s member %s slow start: weight %d of %d%s, full in %gs",
+            self.name, member.name, member.weight, member.config.weight, cap, self.config.slow_start,
+        )  # fmt: skip
+
+    def _ramp(self, member: Member) -> None:
+        """One step of ``member``'s ramp: its share now, and the timer of the next step."""
+        self._ramps.pop(member, None)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        member.scale(member.slow.fraction(now))
+        self.scaled(member)
+        end = member.slow.ends()
+        if end is None:
+            cap = f", max_conns {member.limit}" if member.config.max_conns else ""
+            log.info("pool %s member %s slow start over: full weight %d%s", self.name, member.name, member.weight, cap)
+            return
+        step = min(1.0, max(0.05, self.config.slow_start / 20))
+        self._ramps[member] = loop.call_at(min(now + step, end), self._ramp, member)
+
+    def _stop_ramp(self, member: Member) -> None:
+        timer = self._ramps.pop(member, None)
+        if timer is not None:
+            timer.cancel()
+            member.scale(1.0)  # a ramp starts afresh when it is back
+            self.scaled(member)
+
+    def scaled(self, member: Member) -> None:
+        """``member``'s effective share changed (the supervisor's pool publishes it to the workers)."""
 
     def _eject(self, member: Member) -> None:
         loop = asyncio.get_running_loop()
@@ -112,7 +160,8 @@ class Pool:
         self.report(member, Event.EJECTION_OVER, f"ejection time ({self.config.health.eject_time:g}s) over")
 
     def close(self) -> None:
-        """Cancel pending ejection timers (the proxy is stopping)."""
-        for timer in self._ejections.values():
-            timer.cancel()
-        self._ejections.clear()
+        """Cancel pending ejection and ramp timers (the proxy is stopping)."""
+        for timers in (self._ejections, self._ramps):
+            for timer in timers.values():
+                timer.cancel()
+            timers.clear()

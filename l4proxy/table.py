@@ -2,7 +2,7 @@
 
 Created by the supervisor before the first fork, so every worker, restarted ones too, maps the same
 pages. Every field has exactly one writer, and aligned 8-byte loads and stores are atomic on the
-machines we run on, so there are no locks.
+machines we run on, so the counters need no locks (caps aside, below).
 
 **Slots.** Each member of each pool has a slot, allocated by (pool, member key) with headroom
 (``capacity``), so a pool can change without re-forking: the supervisor's ``publish`` gives added
@@ -15,6 +15,15 @@ entries (pool, key, host, port, position), never by their place in a list. Per s
 * ``up[slot]``: 1 while the member is UP; written by the supervisor's health thread only.
 * ``fails/oks[worker][slot]``: running counts of each worker's failed and successful connects to the
   member, with the last failure's cause in ``reason[worker][slot]``; written by that worker only.
+* ``share[slot]``: the member's slow-start share (0.1..1.0) of its weight and max_conns, written by
+  the supervisor's ramp only; workers copy it into their members every 50 ms (``workers.Follower``).
+
+**Caps.** ``max_conns`` is global, so a check of the summed count followed by an increment would
+overshoot when two workers take the last free place at once. ``reserve`` makes the pair atomic under
+one ``multiprocessing.Lock`` (a POSIX semaphore in shared memory: taking a free one is an atomic
+instruction in user space, no system call), held for the sum of one column and one store. Only capped
+members go through it; every other member is counted without a lock, as before. The lock's holder is
+written beside it, so when a worker dies holding it, ``clear_worker`` releases it for the others.
 
 **Generation.** ``publish`` makes the generation odd while it writes entries and even when done (a
 sequence lock), so a worker's ``snapshot`` retries until it reads one whole generation. A worker that
@@ -28,16 +37,17 @@ Pure: no sockets, no event loop.
 from __future__ import annotations
 
 import mmap
+import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .balancer import Member, member_keys
-from .config import Address, Config
+from .config import Address, Config, MemberConfig, as_member
 from .errors import ConfigError
 from .health import Event
 
 REASON = 96  # bytes kept of a passive failure's cause
-ENTRY = 1024  # bytes of one slot's identity: pool, key, host, port, position
+ENTRY = 1024  # bytes of one slot's identity and settings: pool, key, host, port, position, weight, cap, role
 FREE, LIVE, RETIRED = 0, 1, 2
 
 
@@ -46,8 +56,12 @@ class Entry:
     """One live slot as a worker reads it."""
 
     key: str
-    address: Address
+    member: MemberConfig
     slot: int
+
+    @property
+    def address(self) -> Address:
+        return self.member.address
 
 
 class SharedTable:
@@ -62,7 +76,7 @@ class SharedTable:
         self.capacity = capacity or members + max(members, 64)
         slots, cells = self.capacity, workers * self.capacity
         words = 8 * cells
-        sizes = (8 * (1 + workers), words, words, words, slots, slots, slots * ENTRY, cells * REASON)
+        sizes = (8 * (2 + workers), words, words, words, 8 * slots, slots, slots, slots * ENTRY, cells * REASON)
         self._map = mmap.mmap(-1, sum(sizes))  # MAP_SHARED | MAP_ANONYMOUS
         view = memoryview(self._map)
         parts = []
@@ -70,11 +84,15 @@ class SharedTable:
         for size in sizes:
             parts.append(view[start : start + size])
             start += size
-        header, active, fails, oks, self.up, self.state, self.entries, self.reasons = parts
-        self.header = header.cast("Q")  # [0]: generation, [1 + w]: the generation worker w has seen
+        header, active, fails, oks, share, self.up, self.state, self.entries, self.reasons = parts
+        # [0]: generation, [1 + w]: what worker w has seen, [1 + workers]: 1 + the worker holding ``lock``
+        self.header = header.cast("Q")
+        self.holder = 1 + workers
         self.active = active.cast("q")
         self.fails = fails.cast("Q")
         self.oks = oks.cast("Q")
+        self.share = share.cast("d")
+        self.lock = multiprocessing.Lock()  # for reserve (caps); made before the fork, like the mapping
         # the supervisor's own bookkeeping (workers get a copy at fork and never use it)
         self._slots: dict[tuple[str, str], int] = {}  # live and retired slots by (pool, key)
         self._retired: dict[int, int] = {}  # slot -> the generation that retired it
@@ -99,10 +117,11 @@ class SharedTable:
 
     # the supervisor's side
 
-    def publish(self, pool: str, members: Sequence[Address]) -> dict[str, int]:
-        """Make ``members`` the pool's members (by key); returns each key's slot. Raises ConfigError,
-        changing nothing, when the free slots do not suffice."""
-        keys = member_keys(members)
+    def publish(self, pool: str, members: Sequence[MemberConfig | Address]) -> dict[str, int]:
+        """Make ``members`` the pool's members (by key), with their settings; returns each key's slot.
+        Raises ConfigError, changing nothing, when the free slots do not suffice."""
+        configs = [as_member(m) for m in members]
+        keys = member_keys([m.address for m in configs])
         wanted = set(keys)
         new = [key for key in keys if (pool, key) not in self._slots]
         free = [slot for slot in range(self.capacity) if self.state[slot] == FREE]
@@ -110,8 +129,8 @@ class SharedTable:
             problem = f"{len(new)} new members, but {len(free)} of the shared table's {self.capacity} slots are free"
             raise ConfigError("upstream", None, problem)
         entries = [
-            _encode(pool, key, address, position)
-            for position, (key, address) in enumerate(zip(keys, members, strict=True))
+            _encode(pool, key, member, position)
+            for position, (key, member) in enumerate(zip(keys, configs, strict=True))
         ]
         if any(len(entry) > ENTRY for entry in entries):
             raise ConfigError("upstream", keys[0], f"a member's name is longer than the table's {ENTRY} bytes")
@@ -142,6 +161,7 @@ class SharedTable:
             self._seen_fails[cell] = self._seen_oks[cell] = 0
             self.set_reason(cell, "")
         self.up[slot] = 1
+        self.share[slot] = 1.0
 
     def slots(self, pool: str) -> dict[str, int]:
         """The live slots of ``pool`` by member key."""
@@ -187,6 +207,9 @@ class SharedTable:
         for slot in range(self.capacity):
             self.active[self.cell(worker, slot)] = 0
         self.header[1 + worker] = 0
+        if self.header[self.holder] == 1 + worker:  # it died inside reserve: free the lock for the others
+            self.header[self.holder] = 0
+            self.lock.release()
 
     # a worker's side
 
@@ -199,8 +222,8 @@ class SharedTable:
             found: dict[str, list[tuple[int, Entry]]] = {}
             for slot in range(self.capacity):
                 if self.state[slot] == LIVE:
-                    pool, key, host, port, position = _decode(self.entries[slot * ENTRY : (slot + 1) * ENTRY])
-                    found.setdefault(pool, []).append((position, Entry(key, Address(host, port), slot)))
+                    pool, key, member, position = _decode(self.entries[slot * ENTRY : (slot + 1) * ENTRY])
+                    found.setdefault(pool, []).append((position, Entry(key, member, slot)))
             if self.header[0] == generation:
                 return generation, {pool: [e for _, e in sorted(items, key=_first)] for pool, items in found.items()}
 
@@ -221,25 +244,32 @@ def _first(pair: tuple[int, Entry]) -> int:
     return pair[0]
 
 
-def _encode(pool: str, key: str, address: Address, position: int) -> bytes:
-    return "\0".join((pool, key, address.host, str(address.port), str(position))).encode()
+def _encode(pool: str, key: str, member: MemberConfig, position: int) -> bytes:
+    address = member.address
+    fields = (address.host, address.port, position, member.weight, member.max_conns or 0, int(member.backup))
+    return "\0".join((pool, key, *map(str, fields))).encode()
 
 
-def _decode(raw: memoryview) -> tuple[str, str, str, int, int]:
-    pool, key, host, port, position = raw.tobytes().rstrip(b"\0").decode().split("\0")
-    return pool, key, host, int(port), int(position)
+def _decode(raw: memoryview) -> tuple[str, str, MemberConfig, int]:
+    pool, key, host, port, position, weight, cap, backup = raw.tobytes().rstrip(b"\0").decode().split("\0")
+    member = MemberConfig(Address(host, int(port)), int(weight), int(cap) or None, backup == "1")
+    return pool, key, member, int(position)
 
 
 class WorkerView:
     """The ``balancer.LoadView`` of one worker: global counts and status, writes to its own cells."""
 
-    __slots__ = ("_active", "_columns", "_own", "_up")
+    __slots__ = ("_active", "_columns", "_header", "_holder", "_lock", "_me", "_own", "_up")
 
     def __init__(self, table: SharedTable, worker: int) -> None:
         self._active = table.active
         self._up = table.up
         self._columns = [table.column(slot) for slot in range(table.capacity)]
         self._own = [table.cell(worker, slot) for slot in range(table.capacity)]
+        self._lock = table.lock
+        self._header = table.header
+        self._holder = table.holder
+        self._me = 1 + worker
 
     def active(self, slot: int) -> int:
         counts = self._active
@@ -253,6 +283,25 @@ class WorkerView:
 
     def publish(self, slot: int, active: int) -> None:
         self._active[self._own[slot]] = active
+
+    def reserve(self, slot: int, limit: int, active: int) -> bool:
+        """Count a session on a capped member unless every worker's sessions on it already reach
+        ``limit``. Increments of capped members happen only here, under the lock; a decrement elsewhere
+        only lowers the sum read, so the cap is never exceeded."""
+        counts = self._active
+        self._lock.acquire()
+        self._header[self._holder] = self._me
+        try:
+            total = 0
+            for cell in self._columns[slot]:
+                total += counts[cell]
+            if total >= limit:
+                return False
+            counts[self._own[slot]] = active
+            return True
+        finally:
+            self._header[self._holder] = 0
+            self._lock.release()
 
 
 def forwarder(table: SharedTable, worker: int) -> Callable[[Member, Event, str], None]:
