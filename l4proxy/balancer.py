@@ -267,6 +267,10 @@ class Balancer:
         if self.view is not None:
             self.view.publish(member.slot, member.active)
 
+    def shortage(self) -> str:
+        """Why a first pick found no member: none is UP, or those UP are all at their max_conns."""
+        return "every healthy upstream is at its max_conns" if self.any_up else "no healthy upstream"
+
     @property
     def any_up(self) -> bool:
         if self.view is not None:

@@ -72,6 +72,8 @@ class Dial:
         if not give_up and len(tried) <= pool.config.retries:
             member = balancer.take(tried)  # counted on the member from here on
         if member is None:
+            if not tried:  # say whether the members are down or full
+                cause = balancer.shortage()
             self.session.dial = None
             pool.no_upstream += 1
             self.warnings.warn(
