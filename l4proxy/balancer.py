@@ -241,9 +241,26 @@ class Balancer:
 
         The member is the best one not in ``tried``, or, once every eligible member has been tried for
         this client, the best of them again (a one-member pool retries its member). With workers, a
-        capped member is reserved atomically; one that another worker filled meanwhile is passed over."""
+        capped member is reserved atomically; one that another worker filled meanwhile is passed over.
+        The common case (a primary without a cap across workers) is one scan and the count: this runs
+        per dial."""
+        member = self._scan(self._primaries, tried)
+        if member is None:
+            return self._take(tried, [])
         view = self.view
-        full: list[Member] = []
+        if view is not None and member.limit < UNLIMITED:
+            if not view.reserve(member.slot, member.limit, member.active + 1):
+                return self._take(tried, [member])  # another worker took the last place meanwhile
+        elif view is not None:
+            view.publish(member.slot, member.active + 1)
+        member.active += 1  # acquire, inlined
+        member.total += 1
+        return member
+
+    def _take(self, tried: Sequence[Member], full: list[Member]) -> Member | None:
+        """``take`` beyond the common case: backups, members tried again, and capped members that other
+        workers filled (``full``) passed over."""
+        view = self.view
         while True:
             member = self.pick([*tried, *full] if full else tried)
             if member is None and tried:

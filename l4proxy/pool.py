@@ -11,8 +11,9 @@ the pick never reads a clock. The start and the end of each ramp are logged once
 start-up, or added by ``update``, get their full share at once.
 
 ``Pool.update`` changes the members in place, matched by key (``balancer.member_keys``): members that
-stay keep their health state; added ones start UP and get probes; removed ones get no new sessions,
-lose their probes and ejection timers, and keep their sessions until those end.
+stay keep their health state (and take their new weight, cap and role); added ones start UP and get
+probes; removed ones get no new sessions, lose their probes, ejection timers and ramps, and keep their
+sessions until those end.
 
 In a worker process (``--workers N``), ``forward`` is set: results go to the supervisor through shared
 memory instead, and only the supervisor's pools decide and log status (see ``workers.py``).

@@ -259,14 +259,15 @@ def _decode(raw: memoryview) -> tuple[str, str, MemberConfig, int]:
 class WorkerView:
     """The ``balancer.LoadView`` of one worker: global counts and status, writes to its own cells."""
 
-    __slots__ = ("_active", "_columns", "_header", "_holder", "_lock", "_me", "_own", "_up")
+    __slots__ = ("_acquire", "_active", "_columns", "_header", "_holder", "_me", "_own", "_release", "_up")
 
     def __init__(self, table: SharedTable, worker: int) -> None:
         self._active = table.active
         self._up = table.up
         self._columns = [table.column(slot) for slot in range(table.capacity)]
         self._own = [table.cell(worker, slot) for slot in range(table.capacity)]
-        self._lock = table.lock
+        self._acquire = table.lock.acquire  # the semaphore's own C methods: no Python frame per call
+        self._release = table.lock.release
         self._header = table.header
         self._holder = table.holder
         self._me = 1 + worker
@@ -289,19 +290,20 @@ class WorkerView:
         ``limit``. Increments of capped members happen only here, under the lock; a decrement elsewhere
         only lowers the sum read, so the cap is never exceeded."""
         counts = self._active
-        self._lock.acquire()
-        self._header[self._holder] = self._me
+        header, holder = self._header, self._holder
+        self._acquire()
         try:
+            header[holder] = self._me
             total = 0
             for cell in self._columns[slot]:
                 total += counts[cell]
-            if total >= limit:
-                return False
-            counts[self._own[slot]] = active
-            return True
+            room = total < limit
+            if room:
+                counts[self._own[slot]] = active
+            header[holder] = 0
         finally:
-            self._header[self._holder] = 0
-            self._lock.release()
+            self._release()
+        return room
 
 
 def forwarder(table: SharedTable, worker: int) -> Callable[[Member, Event, str], None]:
