@@ -37,7 +37,6 @@ Pure: no sockets, no event loop.
 from __future__ import annotations
 
 import mmap
-import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -92,7 +91,11 @@ class SharedTable:
         self.fails = fails.cast("Q")
         self.oks = oks.cast("Q")
         self.share = share.cast("d")
-        self.lock = multiprocessing.Lock()  # for reserve (caps); made before the fork, like the mapping
+        # for reserve (caps); made before the fork, like the mapping. Imported here: multiprocessing
+        # loads socket and selectors, which this module must not pull in just by being imported.
+        import multiprocessing
+
+        self.lock = multiprocessing.Lock()
         # the supervisor's own bookkeeping (workers get a copy at fork and never use it)
         self._slots: dict[tuple[str, str], int] = {}  # live and retired slots by (pool, key)
         self._retired: dict[int, int] = {}  # slot -> the generation that retired it
