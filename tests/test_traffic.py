@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -230,15 +231,20 @@ def test_reservations_in_four_processes_never_pass_the_cap() -> None:
     workers, cap = 4, 5
     table = SharedTable(make_config([Address("127.0.0.1", 1)]), workers)
     slot = next(iter(table.slots("default").values()))
+    start, go = os.pipe()  # the children begin together, when the parent closes ``go``
     pids = []
     for worker in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             with contextlib.suppress(BaseException):
+                os.close(go)
+                os.read(start, 1)
                 code = _reserve_and_release(table, worker, slot, cap)
             os._exit(code)
         pids.append(pid)
+    os.close(start)
+    os.close(go)
     codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
     assert 2 not in codes and 3 not in codes, codes  # 2: the cap was exceeded; 3: never a place
     assert 0 in codes, codes  # some process was refused: the cap was contended (4: never refused)
@@ -248,7 +254,8 @@ def test_reservations_in_four_processes_never_pass_the_cap() -> None:
 def _reserve_and_release(table: SharedTable, worker: int, slot: int, cap: int) -> int:
     view = WorkerView(table, worker)
     mine = successes = refusals = 0
-    for _ in range(10_000):
+    deadline = time.monotonic() + 0.5  # by time, not count, so the processes overlap even under load
+    while time.monotonic() < deadline:
         if view.reserve(slot, cap, mine + 1):
             mine += 1
             successes += 1
