@@ -50,6 +50,7 @@ from .config import (
     TLS_VERSIONS,
     Address,
     Config,
+    MemberConfig,
     Service,
     from_tree,
     parse_address,
@@ -111,8 +112,8 @@ def _port(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
     return port
 
 
-def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[Address | Service, ...]:
-    """Members; a missing port is the listen port."""
+def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[MemberConfig, ...]:
+    """Members with their options; a missing port is the listen port."""
     return parse_members(texts, path, default_port=earlier[LISTEN_PATH].port)
 
 
@@ -198,8 +199,12 @@ OPTIONS: tuple[Option, ...] = (
            " plain-TCP session, 'transport' never (TLS sessions always use transports).", "auto",
            metavar="|".join(RELAY_ENGINES)),
     Option("--upstream", f"{_POOL}.members", "upstreams", "Pool members, comma-separated and/or repeated; the port"
-           " defaults to the listen port; srv:NAME takes members and ports from DNS SRV records.", parse=_members,
-           metavar="HOST[:PORT],...", multiple=True, required=True),
+           " defaults to the listen port; srv:NAME takes members and ports from DNS SRV records. Options follow a"
+           " member after semicolons: weight=N (1..256), max_conns=N, backup, as in"
+           " 'a:6379;weight=3;max_conns=200,b;backup'.", parse=_members,
+           metavar="HOST[:PORT][;OPTION...],...", multiple=True, required=True),
+    Option("--slow-start", f"{_POOL}.slow_start", "upstreams", "A member that comes back UP ramps from 10% of its"
+           " weight and max_conns to all of them over this time; 0 is off.", "0", _DURATION, "DURATION"),
     Option("--connect-timeout", f"{_POOL}.connect_timeout", "upstreams",
            "Give up on one connect attempt after this long and try another member.", "5s", _DURATION, "DURATION"),
     Option("--retries", f"{_POOL}.retries", "upstreams",
@@ -371,7 +376,7 @@ def _refuse_ineffective(params: Mapping[str, Any], given: frozenset[str]) -> Non
 
 def _refuse_discovery_unused(config: Config, params: Mapping[str, Any], given: frozenset[str]) -> None:
     """The discovery flags do nothing when every member is an IP address: refuse them then."""
-    if any(needs_resolving(member) for pool in config.pools for member in pool.members):
+    if any(needs_resolving(member.address) for pool in config.pools for member in pool.members):
         return
     for flag in ("--resolve-interval", "--resolve-empty-after"):
         if flag in given:
@@ -401,10 +406,14 @@ def without_repeats(config: Config) -> tuple[Config, list[str]]:
     warnings: list[str] = []
     pools = []
     for pool in config.pools:
-        members = tuple(dict.fromkeys(pool.members))
+        first: dict[Address | Service, MemberConfig] = {}
+        for member in pool.members:
+            first.setdefault(member.address, member)
+        members = tuple(first.values())
         for member in members:
-            if pool.members.count(member) > 1:
-                warnings.append(f"{member} is listed {pool.members.count(member)} times; it is used once")
+            count = sum(1 for other in pool.members if other.address == member.address)
+            if count > 1:
+                warnings.append(f"{member} is listed {count} times; it is used once, with its first options")
         pools.append(dataclasses.replace(pool, members=members) if len(members) < len(pool.members) else pool)
     return dataclasses.replace(config, pools=tuple(pools)), warnings
 
@@ -424,7 +433,7 @@ def self_loops(config: Config) -> list[ConfigError]:
         pool = config.pool(listener.pool)
         listen = listener.address
         listen_ips = set() if listen.host in WILDCARDS else _resolve(listen.host, listen.port)
-        for index, member in enumerate(pool.members):
+        for index, member in enumerate(m.address for m in pool.members):
             if isinstance(member, Service) or member.port != listen.port:  # SRV ports are known once resolved
                 continue
             for ip in sorted(_resolve(member.host, member.port), key=str):

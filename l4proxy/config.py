@@ -132,21 +132,14 @@ def member_texts(texts: list[str] | tuple[str, ...], field_name: str) -> list[st
 SRV_PREFIX = "srv:"
 
 
-def parse_member(text: str, field_name: str, default_port: int) -> Address | Service:
-    """One member: ``HOST[:PORT]``, or ``srv:NAME`` (a DNS SRV name; its records give the ports)."""
+def parse_target(text: str, field_name: str, default_port: int) -> Address | Service:
+    """Where a member is: ``HOST[:PORT]``, or ``srv:NAME`` (a DNS SRV name; its records give the ports)."""
     if not text.lower().startswith(SRV_PREFIX):
         return parse_address(text, field_name, default_port)
     name = text[len(SRV_PREFIX) :]
     if not name or _canonical_host(name) is None or is_ip(name):
         raise ConfigError(field_name, text, "expected srv:NAME with a DNS name, such as srv:_redis._tcp.example.com")
     return Service(name)
-
-
-def parse_members(
-    texts: list[str] | tuple[str, ...], field_name: str, default_port: int
-) -> tuple[Address | Service, ...]:
-    """Members from repeated and/or comma-separated ``HOST[:PORT]`` or ``srv:NAME`` values."""
-    return tuple(parse_member(part, field_name, default_port) for part in member_texts(texts, field_name))
 
 
 def is_ip(host: str) -> bool:
@@ -156,6 +149,51 @@ def is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def parse_members(
+    texts: list[str] | tuple[str, ...], field_name: str, default_port: int
+) -> tuple[MemberConfig, ...]:
+    """Members from repeated and/or comma-separated ``HOST[:PORT][;OPTION...]`` or ``srv:NAME[;OPTION...]``."""
+    return tuple(parse_member(part, field_name, default_port) for part in member_texts(texts, field_name))
+
+
+MEMBER_OPTIONS = "weight=N, max_conns=N, backup"
+
+
+def parse_member(text: str, field_name: str, default_port: int) -> MemberConfig:
+    """One member spec: ``HOST[:PORT]`` or ``srv:NAME``, then options after semicolons
+    (``redis-a:6379;weight=3;backup``).
+
+    Every error echoes the whole spec as typed, so it names the member, then the option and its problem."""
+    address_text, *option_texts = text.split(";")
+    try:
+        address = parse_target(address_text, field_name, default_port)
+    except ConfigError as exc:
+        raise ConfigError(field_name, text, exc.problem) from None
+    options: dict[str, Any] = {}
+    for typed in (option.strip() for option in option_texts):
+        name, sep, value = typed.partition("=")
+        name, value = name.strip(), value.strip()
+        if not typed:
+            raise ConfigError(field_name, text, "empty member option between semicolons")
+        if name in options:
+            raise ConfigError(field_name, text, f"{typed}: {name} is given twice")
+        if name == "backup" and not sep:
+            options[name] = True
+        elif name == "backup":
+            raise ConfigError(field_name, text, f"{typed}: backup takes no value")
+        elif name in ("weight", "max_conns") and value.isascii() and value.isdigit():
+            options[name] = int(value)
+        elif name in ("weight", "max_conns"):
+            expected = WEIGHTS if name == "weight" else "1 or more"
+            raise ConfigError(field_name, text, f"{typed}: must be a whole number {expected}")
+        else:
+            raise ConfigError(field_name, text, f"{typed}: unknown member option; known: {MEMBER_OPTIONS}")
+    try:
+        return MemberConfig(address, **options)
+    except ConfigError as exc:
+        raise ConfigError(field_name, text, f"{exc.path}={exc.value}: {exc.problem}") from None
 
 
 # A lone ``x`` alternative catches a short \x; scanning pairs left to right keeps ``\\x41`` literal.
@@ -235,6 +273,45 @@ class Service:
 
     def __str__(self) -> str:
         return f"{SRV_PREFIX}{self.name}"
+
+
+WEIGHT_MAX = 256
+WEIGHTS = f"1..{WEIGHT_MAX}"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberConfig:
+    """One pool member: where it is (its key is ``host:port``) and how much traffic it may take.
+
+    ``weight`` scales its share under least-connections (1..256); ``max_conns`` caps its sessions across
+    all workers (None: no cap); a ``backup`` member gets sessions only while no other member can take one.
+    A member given as a DNS name (a host name, or a ``Service``) stands for every address it resolves to,
+    and its settings apply to each of them: each address has the weight, its own max_conns and the role;
+    an SRV record's weight multiplies the configured one (``Resolved.weight``).
+    """
+
+    address: Address | Service
+    weight: int = 1
+    max_conns: int | None = None
+    backup: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, Address | Service):
+            raise ConfigError("address", self.address, "expected HOST:PORT or srv:NAME")
+        if type(self.weight) is not int or not 1 <= self.weight <= WEIGHT_MAX:
+            raise ConfigError("weight", self.weight, f"must be a whole number {WEIGHTS}")
+        if self.max_conns is not None and (type(self.max_conns) is not int or self.max_conns < 1):
+            raise ConfigError("max_conns", self.max_conns, "must be a whole number 1 or more")
+        if type(self.backup) is not bool:
+            raise ConfigError("backup", self.backup, "must be true or false")
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
+def as_member(member: MemberConfig | Address | Service) -> MemberConfig:
+    """``member`` as a MemberConfig: a bare address or name is a member with the default weight, no cap."""
+    return member if isinstance(member, MemberConfig) else MemberConfig(member)
 
 
 def _positive(name: str, value: float) -> None:
@@ -329,7 +406,7 @@ class PoolConfig:
     ``resolve_empty_after`` was empty (``discovery.py``).
     """
 
-    members: tuple[Address | Service, ...]
+    members: tuple[MemberConfig, ...]  # an Address or Service given here is a member with the defaults
     name: str = "default"
     retries: int = 2
     connect_timeout: float = 5.0
@@ -337,22 +414,26 @@ class PoolConfig:
     tls: UpstreamTLSConfig | None = None
     resolve_interval: float = 10.0
     resolve_empty_after: float = 30.0
+    slow_start: float = 0.0  # seconds a member back UP takes to ramp from 10% to its full share; 0: off
 
     def __post_init__(self) -> None:
         if not self.members:
             raise ConfigError("members", None, "at least one upstream is required")
         _positive("resolve_interval", self.resolve_interval)
         _positive("resolve_empty_after", self.resolve_empty_after)
+        object.__setattr__(self, "members", tuple(as_member(m) for m in self.members))
         for index, member in enumerate(self.members):
-            if isinstance(member, Service):
+            if isinstance(member.address, Service):
                 continue
-            if not member.host:
+            if not member.address.host:
                 raise ConfigError(f"members[{index}]", str(member), "an upstream needs a host")
-            if not member.port:
+            if not member.address.port:
                 raise ConfigError(f"members[{index}]", str(member), "an upstream needs a port")
         if self.retries < 0:
             raise ConfigError("retries", self.retries, "must be 0 or more")
         _positive("connect_timeout", self.connect_timeout)
+        if not self.slow_start >= 0:
+            raise ConfigError("slow_start", self.slow_start, "must be 0 (off) or more")
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,9 +504,10 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (ListenerConfig, "tls"): ServerTLSConfig,
     (PoolConfig, "health"): HealthConfig,
     (PoolConfig, "tls"): UpstreamTLSConfig,
+    (MemberConfig, "address"): Address,
 }
-_LISTS: dict[tuple[type, str], type] = {(PoolConfig, "members"): Address}
-_ALSO: dict[type, tuple[type, ...]] = {Address: (Service,)}  # objects a list of these may hold as they are
+_LISTS: dict[tuple[type, str], type] = {(PoolConfig, "members"): MemberConfig}
+_ALSO: dict[type, tuple[type, ...]] = {Address: (Service,)}  # objects a section of these may be as they are
 
 _T = TypeVar("_T")
 
@@ -455,6 +537,8 @@ def _item(table: str, key: int | str) -> str:
 def _build(kind: type[_T], data: object, path: str) -> _T:
     if isinstance(data, (kind, *_ALSO.get(kind, ()))):
         return data  # type: ignore[return-value]
+    if kind is MemberConfig and isinstance(data, Address | Service):  # bare: a member with the defaults
+        return MemberConfig(data)  # type: ignore[return-value]
     if not isinstance(data, Mapping):
         raise ConfigError(path, data, f"expected a table of {kind.__name__} settings")
     known = {f.name: f for f in fields(kind)}  # type: ignore[arg-type]

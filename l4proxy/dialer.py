@@ -108,8 +108,10 @@ class Dial:
         tried = self.tried
         member = None
         if not give_up and len(tried) <= pool.config.retries:
-            member = balancer.pick(tried) or (balancer.pick() if tried else None)
+            member = balancer.take(tried)  # counted on the member from here on
         if member is None:
+            if not tried:  # say whether the members are down or full
+                cause = balancer.shortage()
             self.session.dial = None
             pool.no_upstream += 1
             self.warnings.warn(
@@ -118,7 +120,6 @@ class Dial:
             self.session.fail(f"no_upstream ({cause})")
             return
         tried.append(member)
-        balancer.acquire(member)
         self.member = member
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
         self.deadline = self.deadlines.add(self, pool.config.connect_timeout)

@@ -4,12 +4,19 @@ Both the dialer (passive results) and the prober (active results) report through
 each change of a member's status is logged exactly once, with the reason that caused it. The dialer's
 successful connects go through ``Pool.connect_ok``, which skips the report when it would change nothing.
 
+**Slow start** (``PoolConfig.slow_start``): a member that comes back UP (probes, or the end of an
+ejection) ramps from 10% of its weight and max_conns to all of them over that time (``slowstart.py``):
+a timer raises its effective weight and cap in steps (a twentieth of the ramp, 50 ms to 1 s apart), so
+the pick never reads a clock. The start and the end of each ramp are logged once. Members present at
+start-up, or added by ``update``, get their full share at once.
+
 ``Pool.update`` changes the members in place, matched by key (``balancer.member_keys``): members that
-stay keep their health state; added ones start UP and get probes; removed ones get no new sessions,
-lose their probes and ejection timers, and keep their sessions until those end. Host names in the list
-stay as they are until the pool's next resolution (``resolver.py``) expands them into their addresses;
-the resolver applies its answers through ``set_members``, whose ``check_first`` members (new addresses
-of a name) are DOWN until their first probe passes, when health checks are on.
+stay keep their health state (and take their new weight, cap and role); added ones start UP and get
+probes; removed ones get no new sessions, lose their probes, ejection timers and ramps, and keep their
+sessions until those end. Host names in the list stay as they are until the pool's next resolution
+(``resolver.py``) expands them into their addresses, each with its name's settings; the resolver applies
+its answers through ``set_members``, whose ``check_first`` members (new addresses of a name) are DOWN
+until their first probe passes, when health checks are on.
 
 In a worker process (``--workers N``), ``forward`` is set: results go to the supervisor through shared
 memory instead, and only the supervisor's pools decide and log status (see ``workers.py``).
@@ -25,8 +32,8 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from .balancer import Balancer, Member
-from .config import Address, PoolConfig
-from .discovery import Target, unresolved
+from .config import Address, MemberConfig, PoolConfig
+from .discovery import Target, unresolved_members
 from .health import Event, Status
 
 log = logging.getLogger("l4proxy.health")
@@ -48,10 +55,11 @@ class Pool:
     def __init__(self, config: PoolConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.balancer = Balancer(unresolved(config.members), config.health)
+        self.balancer = Balancer(unresolved_members(config.members), config.health, slow_start=config.slow_start)
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
+        self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
         self.probes: Probes | None = None  # set by a running prober
 
@@ -59,16 +67,17 @@ class Pool:
     def members(self) -> list[Member]:
         return self.balancer.members
 
-    def update(self, members: Sequence[Target]) -> tuple[list[Member], list[Member]]:
-        """Change the configured members to ``members``; returns the (added, removed) ones. Raises
-        ConfigError (and changes nothing) when the list is not a valid pool."""
-        config = dataclasses.replace(self.config, members=tuple(members))
-        changes = self.set_members(unresolved(members))
+    def update(self, members: Sequence[MemberConfig | Target]) -> tuple[list[Member], list[Member]]:
+        """Change the configured members to ``members`` (a bare address or name is a member with the
+        defaults); returns the (added, removed) ones. Raises ConfigError (and changes nothing) when the
+        list is not a valid pool."""
+        config = dataclasses.replace(self.config, members=tuple(members))  # type: ignore[arg-type]
+        changes = self.set_members(unresolved_members(config.members))
         self.config = config
         return changes
 
     def set_members(
-        self, members: Sequence[Address], check_first: Collection[str] = ()
+        self, members: Sequence[MemberConfig | Address], check_first: Collection[str] = ()
     ) -> tuple[list[Member], list[Member]]:
         """Make ``members`` the live members (the configured ones stay as they are); added members whose
         key is in ``check_first`` get no sessions until a probe passes. Returns the (added, removed)."""
@@ -78,9 +87,10 @@ class Pool:
                 if member.key in check_first:
                     member.health.await_probe("a new address, not probed yet")
         for member in removed:
-            timer = self._ejections.pop(member, None)
-            if timer is not None:
-                timer.cancel()
+            for timers in (self._ejections, self._ramps):
+                timer = timers.pop(member, None)
+                if timer is not None:
+                    timer.cancel()
         for member in added:  # a DOWN member added back while it drained: its ejection starts again
             if not member.health.up and self.forward is None and not self.config.health.enabled:
                 self._eject(member)
@@ -115,10 +125,50 @@ class Pool:
             return
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
+            self._stop_ramp(member)
             if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
                 self._eject(member)
         else:
             log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)
+            if self.config.slow_start:
+                self._start_ramp(member)
+
+    # slow start
+
+    def _start_ramp(self, member: Member) -> None:
+        loop = asyncio.get_running_loop()
+        member.slow.restart(loop.time())
+        self._ramp(member)
+        cap = f", max_conns {member.limit} of {member.config.max_conns}" if member.config.max_conns else ""
+        log.info(
+            "pool %s member %s slow start: weight %d of %d%s, full in %gs",
+            self.name, member.name, member.weight, member.config.weight, cap, self.config.slow_start,
+        )  # fmt: skip
+
+    def _ramp(self, member: Member) -> None:
+        """One step of ``member``'s ramp: its share now, and the timer of the next step."""
+        self._ramps.pop(member, None)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        member.scale(member.slow.fraction(now))
+        self.scaled(member)
+        end = member.slow.ends()
+        if end is None:
+            cap = f", max_conns {member.limit}" if member.config.max_conns else ""
+            log.info("pool %s member %s slow start over: full weight %d%s", self.name, member.name, member.weight, cap)
+            return
+        step = min(1.0, max(0.05, self.config.slow_start / 20))
+        self._ramps[member] = loop.call_at(min(now + step, end), self._ramp, member)
+
+    def _stop_ramp(self, member: Member) -> None:
+        timer = self._ramps.pop(member, None)
+        if timer is not None:
+            timer.cancel()
+            member.scale(1.0)  # a ramp starts afresh when it is back
+            self.scaled(member)
+
+    def scaled(self, member: Member) -> None:
+        """``member``'s effective share changed (the supervisor's pool publishes it to the workers)."""
 
     def _eject(self, member: Member) -> None:
         loop = asyncio.get_running_loop()
@@ -129,7 +179,8 @@ class Pool:
         self.report(member, Event.EJECTION_OVER, f"ejection time ({self.config.health.eject_time:g}s) over")
 
     def close(self) -> None:
-        """Cancel pending ejection timers (the proxy is stopping)."""
-        for timer in self._ejections.values():
-            timer.cancel()
-        self._ejections.clear()
+        """Cancel pending ejection and ramp timers (the proxy is stopping)."""
+        for timers in (self._ejections, self._ramps):
+            for timer in timers.values():
+                timer.cancel()
+            timers.clear()

@@ -4,8 +4,9 @@ restarts those that die, forwards signals and runs the health checks once for al
 
 **Shared memory.** One ``table.SharedTable``, created before the first fork: each worker's sessions
 per member (a worker's pick sums every worker's count, so least-connections is global), each member's
-status (written by the supervisor only) and each worker's passive results, in slots allocated by member
-key. The supervisor zeroes a dead worker's counts before it starts the replacement.
+status and slow-start share (written by the supervisor only) and each worker's passive results, in
+slots allocated by member key; a capped member's sessions are reserved under the table's lock, so
+``max_conns`` holds across workers. The supervisor zeroes a dead worker's counts before it starts the replacement.
 
 **Pools that change.** ``HealthThread.update`` changes a pool in the supervisor: its ``Pool.update``
 (probes start and stop, health state stays for members that stay) and the table's ``publish`` (new
@@ -63,7 +64,7 @@ from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog, Finished
 from .balancer import Member
-from .config import Address, Config, PoolConfig
+from .config import Address, Config, MemberConfig, PoolConfig
 from .errors import ConfigError
 from .health import Event
 from .listener import bind_sockets
@@ -157,14 +158,19 @@ class _HealthPool(Pool):
         for member in self.members:
             member.slot = slots[member.key]
 
-    def set_members(self, members: Sequence[Address], check_first: Collection[str] = ()) -> Changes:
+    def set_members(self, members: Sequence[MemberConfig | Address], check_first: Collection[str] = ()) -> Changes:
         # members waiting for a probe are published DOWN, so no worker picks them in between
         slots = self._table.publish(self.name, members, down=check_first if self.config.health.enabled else ())
         added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
             self._up[member.slot] = 1 if member.health.up else 0
+            self.scaled(member)
         return added, removed
+
+    def scaled(self, member: Member) -> None:
+        if not member.draining:
+            self._table.share[member.slot] = member.share
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
@@ -258,7 +264,7 @@ class Follower:
         generation, entries = self.table.snapshot()
         for pool in self.pools:
             found = entries.get(pool.name, [])  # none: discovery found no address
-            pool.set_members([entry.address for entry in found])
+            pool.set_members([entry.member for entry in found])
             slots = {entry.key: entry.slot for entry in found}
             for member in pool.members:
                 member.slot = slots[member.key]
@@ -269,7 +275,17 @@ class Follower:
         """Look at the generation now and every ``_POLL`` seconds after, on ``loop``."""
         if self.table.generation != self.seen:
             self.apply()
+        self.follow_ramps()
         loop.call_later(_POLL, self.poll, loop)
+
+    def follow_ramps(self) -> None:
+        """Give members the slow-start share the supervisor's ramp published for them."""
+        share = self.table.share
+        for pool in self.pools:
+            if pool.config.slow_start:
+                for member in pool.members:
+                    if share[member.slot] != member.share:
+                        member.scale(share[member.slot])
 
 
 class WorkerShare:

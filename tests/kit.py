@@ -48,6 +48,7 @@ class Upstream:
         self.name = name
         self.accepted = 0
         self.active = 0
+        self.peak = 0  # the most connections open at once
         self.server: asyncio.Server | None = None
         self.port = 0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -65,6 +66,7 @@ class Upstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self.active += 1
+        self.peak = max(self.peak, self.active)
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)

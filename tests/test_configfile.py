@@ -99,7 +99,7 @@ PROBLEMS = [
         "f.toml:9: pools.p.members[2]: listed twice (also members[0]) (got '127.0.0.1:7001')",
         "f.toml:10: pools.p.members[3]: an address has no spaces in it (got 'a b')",
         "f.toml:11: pools.p.members[4]: a port is required, as HOST:PORT or :PORT (got 'redis-a')",
-        "f.toml:12: pools.p.members[5]: expected \"HOST:PORT\" text (got 7)"]),
+        "f.toml:12: pools.p.members[5]: expected \"HOST:PORT\" text or a table with an address (got 7)"]),
     (BASE.replace('["127.0.0.1:7001"]', "[]"), ["f.toml:6: pools.p.members: at least one upstream is required"]),
     (BASE.replace('["127.0.0.1:7001"]', '"127.0.0.1:7001"'), [
         "f.toml:6: pools.p.members: expected a list of members, as [\"HOST:PORT\", ...] (got '127.0.0.1:7001')"]),

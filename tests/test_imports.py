@@ -38,7 +38,7 @@ PURE_MODULES = {
     "httpcheck": {"httpcheck", "checks", "errors"},
     "configfile": {"configfile", "config", "checks", "errors"},
     "health": {"health"},
-    "balancer": {"balancer", "checks", "config", "errors", "health"},
+    "balancer": {"balancer", "checks", "config", "errors", "health", "slowstart"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
     "peer": {"peer"},
     "causes": {"causes"},
@@ -46,7 +46,7 @@ PURE_MODULES = {
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
-    "table": {"table", "balancer", "checks", "config", "discovery", "errors", "health"},
+    "table": {"table", "balancer", "checks", "config", "discovery", "errors", "health", "slowstart"},
     "discovery": {"discovery", "checks", "config", "errors"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
