@@ -224,8 +224,9 @@ class Document:
         """The Config the file describes. Relative file paths are taken from ``base`` (the file's folder);
         ConfigFileError lists every problem found."""
         problems: list[ConfigError] = []
-        tree = _Converter(forms, base, problems).table(self.data, "", "")
-        _cross_check(tree, problems, exists)
+        converter = _Converter(forms, base, problems)
+        tree = converter.table(self.data, "", "")
+        _cross_check(tree, problems, exists, converter.positions)
         config = _build(tree, problems)
         if problems or config is None:
             raise ConfigFileError(sorted(map(self.problem, problems), key=lambda p: p.line))
@@ -248,6 +249,7 @@ class _Converter:
         self.forms = forms
         self.base = base
         self.problems = problems
+        self.positions: dict[str, list[int]] = {}  # a members list's path -> each kept member's index
 
     def table(self, data: Mapping[str, Any], schema: str, path: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -280,9 +282,11 @@ class _Converter:
             if not isinstance(value, list):
                 raise ConfigError(where, value, 'expected a list of members, as ["HOST:PORT", ...]')
             members = []
+            positions = self.positions[where] = []
             for index, item in enumerate(value):
                 try:
                     members.append(self._member(item, f"{where}[{index}]"))
+                    positions.append(index)
                 except ConfigError as exc:  # the others are still checked (a member listed twice)
                     self.problems.append(exc)
             return members
@@ -365,7 +369,9 @@ PATHS = frozenset(
 _MUST_EXIST = PATHS - {"access_log"}
 
 
-def _cross_check(tree: dict[str, Any], problems: list[ConfigError], exists: Exists) -> None:
+def _cross_check(
+    tree: dict[str, Any], problems: list[ConfigError], exists: Exists, positions: Mapping[str, list[int]]
+) -> None:
     """What no single key shows: a listener's pool that does not exist, one listen address given twice,
     a member listed twice, a certificate file that is not there. A listener naming no pool is dropped."""
     pools = list(tree.get("pools", {}))
@@ -392,7 +398,9 @@ def _cross_check(tree: dict[str, Any], problems: list[ConfigError], exists: Exis
             bound.append((address, name))
     for name, pool in tree.get("pools", {}).items():
         first: dict[Address | Service, int] = {}
-        for index, member in enumerate(m.address for m in pool.get("members", [])):
+        members = pool.get("members", [])
+        indices = positions.get(f"pools.{name}.members", range(len(members)))
+        for index, member in zip(indices, (m.address for m in members), strict=True):
             if member in first:
                 problems.append(
                     ConfigError(
