@@ -192,6 +192,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--half-closed-timeout", f"{_LISTENER}.half_closed_timeout", "listener",
            "Idle timeout once one direction has ended (HAProxy's 'timeout client-fin').", "30s", _DURATION,
            "DURATION"),
+    Option("--max-connections", f"{_LISTENER}.max_connections", "listener", "Sessions at once; at the limit the"
+           " listener stops accepting and new clients wait in the kernel's backlog. Default: what the open-files"
+           " limit leaves room for.", parse=_whole, metavar="N"),
+    Option("--tcp-keepalive", f"{_LISTENER}.tcp_keepalive", "listener", "TCP keepalive on both sides of each"
+           " session: probes after this long idle, so a peer gone without a FIN is found; 0 is off.", "60s",
+           _DURATION, "DURATION"),
     Option("--buffer-size", f"{_LISTENER}.buffer_size", "listener",
            "Per-direction buffer high-water mark; a slower peer pauses the faster one.", "64k", _size, "SIZE"),
     Option("--relay", f"{_LISTENER}.relay", "listener",

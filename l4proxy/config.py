@@ -450,6 +450,8 @@ class ListenerConfig:
     reuse_port: bool = False  # SO_REUSEPORT, so several worker processes can each bind the address
     relay: str = "auto"  # engine: 'auto' (bulky plain-TCP sessions switch to splice), 'splice', 'transport'
     name: str = "default"  # its table key in a config file
+    max_connections: int | None = None  # sessions at once; None: as many as the open-files limit allows
+    tcp_keepalive: float = 60.0  # idle seconds before TCP keepalive probes, on both sides; 0: off
 
     def __post_init__(self) -> None:
         _positive("idle_timeout", self.idle_timeout)
@@ -458,6 +460,10 @@ class ListenerConfig:
             raise ConfigError("buffer_size", self.buffer_size, "must be at least 1024 bytes")
         if self.relay not in RELAY_ENGINES:
             raise ConfigError("relay", self.relay, f"expected one of {', '.join(RELAY_ENGINES)}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError("max_connections", self.max_connections, "must be 1 or more")
+        if not 0 <= self.tcp_keepalive <= 32767:  # the kernel's bound for TCP_KEEPIDLE
+            raise ConfigError("tcp_keepalive", self.tcp_keepalive, "must be 0 (off) to 32767s")
 
 
 @dataclass(frozen=True, slots=True)

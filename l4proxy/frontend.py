@@ -39,7 +39,7 @@ from .config import ListenerConfig
 from .deadlines import Deadlines
 from .dialer import Dial, Outgoing
 from .drive import Drive
-from .listener import AcceptedFD, Listener
+from .listener import AcceptedFD, Listener, keepalive_options
 from .peer import format_peers
 from .pool import Pool
 from .ratelog import Warnings
@@ -118,6 +118,7 @@ class Frontend:
         pool, table, warnings, outgoing = self.pool, self.table, self.warnings, self.outgoing
         live, opening, record = table.live, table.opening, self.access_log.record
         idle = table.idle
+        gone = self.listener.done
 
         own = outgoing.addresses
 
@@ -132,6 +133,7 @@ class Frontend:
 
         def ended(session: Session) -> None:
             live.discard(session)
+            gone()
             table.served += 1
             if session.member is not None:
                 pool.balancer.release(session.member)
@@ -145,6 +147,24 @@ class Frontend:
         attached: SessionHook | None = None
         if self.config.relay == "splice":
             attached = bulky
+        options = keepalive_options(self.config.tcp_keepalive)
+        if options:  # the upstream side; the client side has them from the listening socket
+            then = attached
+
+            def attached(session: Session) -> None:
+                upstream = session.upstream
+                sock = (
+                    None
+                    if upstream is None or upstream.transport is None
+                    else upstream.transport.get_extra_info("socket")
+                )
+                if sock is not None:
+                    with contextlib.suppress(OSError):  # a connection reset meanwhile: nothing to keep alive
+                        for option in options:
+                            sock.setsockopt(*option)
+                if then is not None:
+                    then(session)
+
         return Wiring(self.config, client_ready, ended, bulky, attached)
 
     def _opener(self, deadlines: Deadlines) -> Serve:
@@ -169,6 +189,7 @@ class Frontend:
                 except Exception as exc:
                     opener.close()
                     _close_unowned(sock)
+                    self.listener.done()
                     warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
                     return
                 session.opener = opener
@@ -211,6 +232,8 @@ class Frontend:
 
     def _open_failed(self, sock: socket.socket | AcceptedFD, session: Session, exc: BaseException) -> None:
         sock.close()  # a no-op once a transport has taken the socket (or the descriptor)
+        if session.client.transport is None:  # else it became a session, and its end says it is done
+            self.listener.done()
         session.discard()
         if self.config.tls is not None:
             self.tls_failures += 1

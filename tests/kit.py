@@ -152,7 +152,8 @@ def make_config(
 ) -> Config:
     """A one-listener Config; ``settings`` go to the ListenerConfig, PoolConfig or Config by name."""
     listen = listen or Address("127.0.0.1", 0)
-    listener_keys = {"idle_timeout", "half_closed_timeout", "buffer_size", "tls", "relay"}
+    listener_keys = {"idle_timeout", "half_closed_timeout", "buffer_size", "tls", "relay", "max_connections",
+                     "tcp_keepalive"}
     pool_keys = {"retries", "connect_timeout", "upstream_tls"}
     listener = ListenerConfig(listen, **{k: v for k, v in settings.items() if k in listener_keys})
     pool_settings = {k: v for k, v in settings.items() if k in pool_keys}
