@@ -215,6 +215,9 @@ OPTIONS: tuple[Option, ...] = (
            "Give up on one connect attempt after this long and try another member.", "5s", _DURATION, "DURATION"),
     Option("--retries", f"{_POOL}.retries", "upstreams",
            "Extra connect attempts after the first, each to a member not yet tried.", "2", _whole, "N"),
+    Option("--retry-budget", f"{_POOL}.retry_budget", "upstreams", "Retries in flight may be at most this"
+           " percent of the connects in flight (3 at least), so an outage cannot multiply connect attempts.",
+           "20", _whole, "PERCENT"),
     Option("--resolve-interval", f"{_POOL}.resolve_interval", "upstreams", "Resolve members given as DNS names"
            " (HOST or srv:NAME) again this often; each address they resolve to is a member.", "10s", _DURATION,
            "DURATION"),

@@ -415,6 +415,7 @@ class PoolConfig:
     resolve_interval: float = 10.0
     resolve_empty_after: float = 30.0
     slow_start: float = 0.0  # seconds a member back UP takes to ramp from 10% to its full share; 0: off
+    retry_budget: int = 20  # retries in flight may be this percent of the dials in flight (3 at least)
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -434,6 +435,8 @@ class PoolConfig:
         _positive("connect_timeout", self.connect_timeout)
         if not self.slow_start >= 0:
             raise ConfigError("slow_start", self.slow_start, "must be 0 (off) or more")
+        if type(self.retry_budget) is not int or not 0 <= self.retry_budget <= 100:
+            raise ConfigError("retry_budget", self.retry_budget, "must be a percent, 0..100")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,12 +28,14 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import random
 import socket
 import ssl
 from collections.abc import Coroutine, Hashable
 from typing import Any
 
 from .balancer import Member
+from .budget import retry_delay
 from .deadlines import Deadlines
 from .drive import Drive
 from .errors import failure_kind, out_of_descriptors
@@ -67,6 +69,7 @@ class Dial:
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
     __slots__ = (
+        "counted",
         "deadline",
         "deadlines",
         "drive",
@@ -77,6 +80,7 @@ class Dial:
         "pump",
         "session",
         "tried",
+        "wait",
         "warnings",
     )
 
@@ -100,6 +104,8 @@ class Dial:
         self.pump: Pump | None = None
         self.drive: Drive | None = None
         self.deadline: set[Hashable] | None = None  # the deadline bucket this attempt is in
+        self.counted = 0  # the attempt in flight in the pool's retry budget: 1 a first one, 2 a retry
+        self.wait: asyncio.TimerHandle | None = None  # the back-off before a retry to the same member
 
     def start(self, cause: str = "no healthy upstream", give_up: bool = False) -> None:
         """Begin the next attempt, or fail the client when none is left (or ``give_up``)."""
@@ -112,15 +118,43 @@ class Dial:
         if member is None:
             if not tried:  # say whether the members are down or full
                 cause = balancer.shortage()
-            self.session.dial = None
-            pool.no_upstream += 1
-            self.warnings.warn(
-                log, NO_UPSTREAM, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause
-            )
-            self.session.fail(f"no_upstream ({cause})")
+            self._no_upstream(cause)
             return
+        budget = pool.budget
+        if not tried:
+            budget.dials += 1  # RetryBudget.dial_started, inlined: this runs per session
+            self.counted = 1
+        elif budget.try_retry():
+            self.counted = 2
+        else:
+            balancer.release(member)
+            pool.retry_refused += 1
+            spent = f"the retry budget ({budget.percent}% of the dials in flight) is spent"
+            self._no_upstream(f"{cause}; no retry: {spent}")
+            return
+        again = member in tried
         tried.append(member)
         self.member = member
+        if again:  # the same member once more (a one-member pool): back off first, with jitter
+            delay = retry_delay(tried.count(member) - 1, random.random())
+            self.wait = self.loop.call_later(delay, self._attempt)
+            return
+        self._attempt()
+
+    def _no_upstream(self, cause: str) -> None:
+        pool = self.pool
+        self.session.dial = None
+        pool.no_upstream += 1
+        self.warnings.warn(
+            log, NO_UPSTREAM, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause
+        )
+        self.session.fail(f"no_upstream ({cause})")
+
+    def _attempt(self) -> None:
+        """Connect to ``self.member`` (taken and counted) under its deadline."""
+        self.wait = None
+        pool, member = self.pool, self.member
+        assert member is not None
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
         self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
         try:
@@ -151,7 +185,13 @@ class Dial:
         self.deadline.discard(self)
         self.deadline = None
         session, member, pump = self.session, self.member, self.pump
-        self.pool.connect_ok(member)
+        pool = self.pool
+        if self.counted == 1:
+            pool.budget.dials -= 1  # RetryBudget.dial_ended, inlined
+        else:
+            pool.budget.dial_ended(True)
+        self.counted = 0
+        pool.connect_ok(member)
         session.dial = None
         self.pump = self.member = None
         if session.ended:  # the client left as the connect completed
@@ -188,7 +228,13 @@ class Dial:
         self.start(cause, give_up=exhausted)
 
     def _stop(self) -> None:
-        """Undo the attempt in flight: deadline, connect, member count, upstream socket."""
+        """Undo the attempt in flight: back-off, deadline, connect, member count, upstream socket, budget."""
+        if self.wait is not None:
+            self.wait.cancel()
+            self.wait = None
+        if self.counted:
+            self.pool.budget.dial_ended(self.counted == 2)
+            self.counted = 0
         if self.deadline is not None:
             self.deadline.discard(self)
             self.deadline = None

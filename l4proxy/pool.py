@@ -32,6 +32,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from .balancer import Balancer, Member
+from .budget import BudgetPolicy, RetryBudget
 from .config import Address, MemberConfig, PoolConfig
 from .discovery import Target, unresolved_members
 from .health import Event, Status
@@ -58,6 +59,8 @@ class Pool:
         self.balancer = Balancer(unresolved_members(config.members), config.health, slow_start=config.slow_start)
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
+        self.budget = RetryBudget(BudgetPolicy(config.retry_budget))  # retries in flight, per process
+        self.retry_refused = 0  # clients closed because the retry budget refused their retry
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
         self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere

@@ -145,9 +145,9 @@ ALLOWED: dict[str, set[str]] = {
     "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
     | {"ratelog", "relay", "sessions", "splice", "tls"},
     "sessions": {"drive", "relay"},
-    "dialer": {"balancer", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
+    "dialer": {"balancer", "budget", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
     "prober": {"balancer", "checks", "errors", "health", "httpcheck", "pgwire", "pool", "resp", "tls"},
-    "pool": {"balancer", "config", "discovery", "health"},
+    "pool": {"balancer", "budget", "config", "discovery", "health"},
     "splice": {"causes", "config", "relay"},
     "relay": {"balancer", "causes", "config", "peer", "tls"},
     "listener": {"config", "errors"},
