@@ -11,7 +11,10 @@ the load among themselves by the same weighted least-connections, with their own
 whose client has tried every other member therefore goes to a backup before it reuses a member.
 
 When no member is eligible the pick returns None and the client is closed at once, as HAProxy does
-with all servers down (no "panic mode" routing to unhealthy members).
+with all servers down. **Panic mode** is off by default: with ``panic_threshold`` P, while fewer than
+P percent of the members are UP, ``take`` ignores health (Envoy's panic threshold), on the bet that
+the checks are wrong rather than most members down. Off by default because l4proxy fronts databases:
+sending writes to a member believed down (a demoted primary) is worse than refusing them.
 
 A member is identified by its key (``member_keys``: its configured ``host:port``), not by its place in
 the list, so ``update`` can change the members in place: members that stay keep their object, and with
@@ -161,12 +164,15 @@ class Balancer:
         health: HealthConfig,
         view: LoadView | None = None,
         slow_start: float = 0.0,
+        panic_threshold: int = 0,
     ) -> None:
         self.health = health
         self.slow_start = slow_start
         self.members: list[Member] = []
         self.draining: dict[str, Member] = {}  # removed members whose sessions are not all over yet
         self.view = view
+        self.panic_threshold = panic_threshold  # percent; 0: off
+        self.panics = 0  # members taken while panicking, health ignored
         self._primaries = self._backups = _Group([])
         self.update(members)
 
@@ -215,7 +221,7 @@ class Balancer:
             best = self._scan(self._backups, tried)
         return best
 
-    def _scan(self, group: _Group, tried: Collection[Member]) -> Member | None:
+    def _scan(self, group: _Group, tried: Collection[Member], healthy: bool = True) -> Member | None:
         members = group.members
         view = self.view
         count = len(members)
@@ -227,11 +233,11 @@ class Balancer:
             if member in tried:
                 continue
             if view is None:  # one process: this process's counts and health are the truth
-                if member.health.status is not UP:
+                if member.health.status is not UP and healthy:
                     continue
                 active = member.active
             else:  # several workers: every worker's count, status from the supervisor
-                if not view.up(member.slot):
+                if healthy and not view.up(member.slot):
                     continue
                 active = view.active(member.slot)
             if active >= member.limit:
@@ -251,6 +257,8 @@ class Balancer:
         capped member is reserved atomically; one that another worker filled meanwhile is passed over.
         The common case (a primary without a cap across workers) is one scan and the count: this runs
         per dial."""
+        if self.panic_threshold and self.panicking():
+            return self._take_in_panic(tried)
         member = self._scan(self._primaries, tried)
         if member is None:
             return self._take(tried, [])
@@ -278,6 +286,35 @@ class Balancer:
                 self.acquire(member)
                 return member
             full.append(member)
+
+    def panicking(self) -> bool:
+        """Whether fewer than ``panic_threshold`` percent of the members are UP (Envoy's panic mode)."""
+        members = self.members
+        if self.view is None:
+            up = sum(1 for m in members if m.health.status is UP)
+        else:
+            view = self.view
+            up = sum(1 for m in members if view.up(m.slot))
+        return up * 100 < self.panic_threshold * len(members)
+
+    def _take_in_panic(self, tried: Sequence[Member]) -> Member | None:
+        """``take`` with health ignored: every member below its cap is eligible, primaries first."""
+        for avoid in (tried, ()):
+            for group in (self._primaries, self._backups):
+                member = self._scan(group, avoid, healthy=False)
+                if member is None:
+                    continue
+                view = self.view
+                if view is not None and member.limit < UNLIMITED:
+                    if not view.reserve(member.slot, member.limit, member.active + 1):
+                        continue  # another worker took its last place
+                    member.active += 1
+                    member.total += 1
+                else:
+                    self.acquire(member)
+                self.panics += 1
+                return member
+        return None
 
     def acquire(self, member: Member) -> None:
         """Count a session against ``member`` from the moment its dial starts."""

@@ -218,6 +218,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--retry-budget", f"{_POOL}.retry_budget", "upstreams", "Retries in flight may be at most this"
            " percent of the connects in flight (3 at least), so an outage cannot multiply connect attempts.",
            "20", _whole, "PERCENT"),
+    Option("--panic-threshold", f"{_POOL}.panic_threshold", "upstreams", "While fewer than this percent of the"
+           " members are UP, ignore health and balance over all of them; 0 (off) suits databases.", "0", _whole,
+           "PERCENT"),
     Option("--resolve-interval", f"{_POOL}.resolve_interval", "upstreams", "Resolve members given as DNS names"
            " (HOST or srv:NAME) again this often; each address they resolve to is a member.", "10s", _DURATION,
            "DURATION"),

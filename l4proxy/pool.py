@@ -56,7 +56,12 @@ class Pool:
     def __init__(self, config: PoolConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.balancer = Balancer(unresolved_members(config.members), config.health, slow_start=config.slow_start)
+        self.balancer = Balancer(
+            unresolved_members(config.members),
+            config.health,
+            slow_start=config.slow_start,
+            panic_threshold=config.panic_threshold,
+        )
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
         self.budget = RetryBudget(BudgetPolicy(config.retry_budget))  # retries in flight, per process

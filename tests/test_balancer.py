@@ -563,3 +563,37 @@ def test_a_ramping_member_takes_its_share_of_held_sessions() -> None:
     ramping.scale(0.1)  # weight 1 against 10
     hold(balancer, 110)
     assert (ramping.active, steady.active) == (10, 100)
+
+
+# --- panic mode: (members, how many DOWN, threshold) -> the members four takes go to, and whether it panicked
+PANIC_CASES = {
+    "off: only the UP member serves": (4, 3, 0, ["10.0.0.4"] * 4, False),
+    "1 of 4 UP is below 50%: every member serves": (4, 3, 50, ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], True),
+    "2 of 4 UP is not below 50%: health holds": (4, 2, 50, ["10.0.0.3", "10.0.0.4"] * 2, False),
+    "none UP at 100%: every member serves": (2, 2, 100, ["10.0.0.1", "10.0.0.2"] * 2, True),
+    "none UP, off: nothing": (2, 2, 0, [], False),
+}
+
+
+@pytest.mark.parametrize(("count", "down", "threshold", "hosts", "panicked"), PANIC_CASES.values(), ids=PANIC_CASES)
+def test_panic_mode_ignores_health_below_its_threshold(
+    count: int, down: int, threshold: int, hosts: list[str], panicked: bool
+) -> None:
+    balancer = Balancer([Address(f"10.0.0.{i + 1}", 6379) for i in range(count)], HEALTH, panic_threshold=threshold)
+    for member in balancer.members[:down]:
+        take_down(balancer, member)
+    taken = [balancer.take() for _ in range(4)]
+    assert sorted(m.address.host for m in taken if m is not None) == sorted(hosts)
+    assert balancer.panicking() is panicked and balancer.panics == (4 if panicked else 0)
+
+
+def test_panic_mode_still_keeps_caps_and_tries_other_members_first() -> None:
+    members = [MemberConfig(Address("10.0.0.1", 1), max_conns=1), MemberConfig(Address("10.0.0.2", 1))]
+    balancer = Balancer(members, HEALTH, panic_threshold=100)
+    for member in balancer.members:
+        take_down(balancer, member)
+    first = balancer.take()
+    assert first is not None and first.address.host == "10.0.0.1"
+    again = balancer.take([first])
+    assert again is not None and again.address.host == "10.0.0.2"  # not tried yet, and the first is full
+    assert balancer.take([first, again]) is again  # every one tried: reuse one below its cap
