@@ -9,7 +9,8 @@ A label says who ended the session and how:
 * ``idle_timeout`` / ``half_closed_timeout``: the proxy's sweeper closed a quiet session;
 * ``shutdown`` / ``forced_shutdown``: the drain deadline passed, or a second signal;
 * ``no_upstream (<last connect error>)``: no member could be reached;
-* ``loop``: the client is one of the proxy's own outgoing connections (a member that is the proxy).
+* ``loop``: the client is one of the proxy's own outgoing connections (a member that is the proxy);
+* ``member_down``: its member was marked DOWN and ``--on-member-down close`` ended it.
 
 Several of these can happen to one session (a client resets while its session is being torn down for
 a timeout), so a session goes through ``settle`` each time one is offered. The rule, by how the cause
@@ -32,6 +33,7 @@ UPSTREAM_CLOSED = "upstream_closed"
 CLIENT_RESET = "client_reset"
 UPSTREAM_RESET = "upstream_reset"
 LOOP = "loop"
+MEMBER_DOWN = "member_down"  # --on-member-down close ended it
 
 How = Literal["end", "abort", "fail"]
 

@@ -221,6 +221,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--panic-threshold", f"{_POOL}.panic_threshold", "upstreams", "While fewer than this percent of the"
            " members are UP, ignore health and balance over all of them; 0 (off) suits databases.", "0", _whole,
            "PERCENT"),
+    Option("--on-member-down", f"{_POOL}.on_member_down", "upstreams", "A member marked DOWN: 'keep' its"
+           " sessions, or 'close' them, spread over a second (a demoted primary's clients reconnect).", "keep",
+           metavar="keep|close"),
     Option("--resolve-interval", f"{_POOL}.resolve_interval", "upstreams", "Resolve members given as DNS names"
            " (HOST or srv:NAME) again this often; each address they resolve to is a member.", "10s", _DURATION,
            "DURATION"),

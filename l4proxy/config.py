@@ -276,6 +276,7 @@ class Service:
 
 
 WEIGHT_MAX = 256
+ON_MEMBER_DOWN = ("keep", "close")
 WEIGHTS = f"1..{WEIGHT_MAX}"
 
 
@@ -417,6 +418,7 @@ class PoolConfig:
     slow_start: float = 0.0  # seconds a member back UP takes to ramp from 10% to its full share; 0: off
     retry_budget: int = 20  # retries in flight may be this percent of the dials in flight (3 at least)
     panic_threshold: int = 0  # percent of members UP below which health is ignored; 0: off
+    on_member_down: str = "keep"  # a member marked DOWN: 'keep' its sessions, or 'close' them over a second
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -438,6 +440,8 @@ class PoolConfig:
             raise ConfigError("slow_start", self.slow_start, "must be 0 (off) or more")
         if type(self.retry_budget) is not int or not 0 <= self.retry_budget <= 100:
             raise ConfigError("retry_budget", self.retry_budget, "must be a percent, 0..100")
+        if self.on_member_down not in ON_MEMBER_DOWN:
+            raise ConfigError("on_member_down", self.on_member_down, f"expected {' or '.join(ON_MEMBER_DOWN)}")
         if type(self.panic_threshold) is not int or not 0 <= self.panic_threshold <= 100:
             raise ConfigError("panic_threshold", self.panic_threshold, "must be a percent, 0..100 (0: off)")
 

@@ -70,6 +70,7 @@ class Pool:
         self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
         self.probes: Probes | None = None  # set by a running prober
+        self.on_down: Callable[[Pool, Member], None] | None = None  # closes a DOWN member's sessions
 
     @property
     def members(self) -> list[Member]:
@@ -134,6 +135,8 @@ class Pool:
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
             self._stop_ramp(member)
+            if self.on_down is not None and self.config.on_member_down == "close":
+                self.on_down(self, member)
             if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
                 self._eject(member)
         else:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from .accesslog import AccessLog
+from .balancer import Member
 from .config import Config, UpstreamTLSConfig
 from .deadlines import Deadlines
 from .dialer import Outgoing
@@ -69,6 +70,9 @@ class Proxy:
             Resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)
         ]
         self.table = SessionTable()
+        for pool in self.pools.values():
+            if pool.config.on_member_down == "close":
+                pool.on_down = self._close_member
         self.warnings = Warnings(time.monotonic)  # lines any client can trigger, rate-limited per kind
         self.splicing = Splicing()
         self.frontends = [
@@ -76,6 +80,9 @@ class Proxy:
             for i, c in enumerate(config.listeners)
         ]
         self._stopped: asyncio.Event | None = None
+
+    def _close_member(self, pool: Pool, member: Member) -> None:
+        self.table.close_member(pool.name, member, member.name)
 
     @property
     def sessions(self) -> set[Session]:

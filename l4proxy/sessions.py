@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from .causes import MEMBER_DOWN
 from .drive import Drive
 from .relay import Session
 
@@ -34,6 +35,8 @@ class SessionTable:
         self.opening: dict[Session, Drive | Coroutine[Any, Any, Any]] = {}
         self.served = 0  # sessions ended so far
         self.idle = asyncio.Event()  # set when the last live session ends
+        self.closed_member_down = 0  # sessions closed because their member went DOWN (--on-member-down)
+        self._closing: set[asyncio.TimerHandle] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -42,6 +45,28 @@ class SessionTable:
     def start(self, tick: float, chores: Sequence[Callable[[], None]]) -> None:
         """Run the sweeper every ``tick`` seconds, with ``chores`` before each sweep."""
         self._sweeper = asyncio.create_task(self._sweep(tick, tuple(chores)), name="l4proxy sweeper")
+
+    def close_member(self, pool: str, member: object, name: str, spread: float = 1.0) -> None:
+        """End the sessions on ``member`` (of pool ``pool``, named ``name``) one by one over ``spread``
+        seconds, so its clients reconnect to the other members without arriving all at once; a session
+        that is over by its turn is passed."""
+        sessions = [s for s in self.live if s.member is member]
+        if not sessions:
+            return
+        log.warning(
+            "pool %s member %s is DOWN: closing its %d sessions over %gs (--on-member-down close)",
+            pool, name, len(sessions), spread,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._closing = {h for h in self._closing if h.when() > now and not h.cancelled()}  # those to come
+        for index, session in enumerate(sessions):
+            self._closing.add(loop.call_later(spread * index / len(sessions), self._close_one, session))
+
+    def _close_one(self, session: Session) -> None:
+        if not session.ended:
+            self.closed_member_down += 1
+            session.end(MEMBER_DOWN)
 
     async def drain(self, timeout: float) -> None:
         """Close the opening clients, let live sessions finish for up to ``timeout``, abort the rest."""
@@ -72,6 +97,9 @@ class SessionTable:
         if self.live:
             count = len(self.live)
             log.info("closing %d session%s: %s", count, "" if count == 1 else "s", cause)
+        for handle in self._closing:
+            handle.cancel()
+        self._closing.clear()
         for session in list(self.live):
             session.abort(cause)
 

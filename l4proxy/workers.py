@@ -259,6 +259,7 @@ class Follower:
         self.worker = worker
         self.pools = pools
         self.seen = -1
+        self.was_up: dict[tuple[str, str], bool] = {}  # (pool, member key): UP at the last look
 
     def apply(self) -> None:
         generation, entries = self.table.snapshot()
@@ -276,7 +277,21 @@ class Follower:
         if self.table.generation != self.seen:
             self.apply()
         self.follow_ramps()
+        self.follow_downs()
         loop.call_later(_POLL, self.poll, loop)
+
+    def follow_downs(self) -> None:
+        """``--on-member-down close`` in a worker: the supervisor decides DOWN, each worker closes its own
+        sessions on the member once it sees the status fall."""
+        up = self.table.up
+        for pool in self.pools:
+            if pool.on_down is None:
+                continue
+            for member in pool.members:
+                now, key = bool(up[member.slot]), (pool.name, member.key)
+                if self.was_up.get(key, True) and not now:
+                    pool.on_down(pool, member)
+                self.was_up[key] = now
 
     def follow_ramps(self) -> None:
         """Give members the slow-start share the supervisor's ramp published for them."""

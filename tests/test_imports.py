@@ -140,11 +140,12 @@ ALLOWED: dict[str, set[str]] = {
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
     | {"resolver", "table", "tls"},
-    "proxy": {"accesslog", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool", "prober"}
+    "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
+    | {"prober"}
     | {"ratelog", "relay", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
     | {"ratelog", "relay", "sessions", "splice", "tls"},
-    "sessions": {"drive", "relay"},
+    "sessions": {"causes", "drive", "relay"},
     "dialer": {"balancer", "budget", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
     "prober": {"balancer", "checks", "errors", "health", "httpcheck", "pgwire", "pool", "resp", "tls"},
     "pool": {"balancer", "budget", "config", "discovery", "health"},

@@ -1,5 +1,6 @@
-"""Listener limits and socket options on real sockets: ``--max-connections`` (RELIABILITY.md case 30),
-TCP keepalive and TCP_NODELAY on both sides of a session."""
+"""Listener limits, socket options and closing on member down, on real sockets: ``--max-connections``
+(RELIABILITY.md case 30), TCP keepalive and TCP_NODELAY on both sides of a session, and
+``--on-member-down close`` ending exactly the sessions of the member marked DOWN."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 
 import pytest
 
+from l4proxy import HealthConfig
+from l4proxy.health import Event
 from l4proxy.listener import default_max_connections
 
 from .kit import connect, eventually, make_config, running, upstreams
+from .test_retries import CLOCK_SLACK
 
 
 async def echoed(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -95,4 +100,46 @@ async def test_keepalive_and_nodelay_are_set_on_both_sockets(
             sock = pump.transport.get_extra_info("socket")
             got = _options(sock)  # type: ignore[arg-type]  # a socket-like object with getsockopt
             assert got[: len(expected)] == expected
+        writer.close()
+
+
+async def test_on_member_down_close_ends_exactly_that_members_sessions_spread_over_a_second() -> None:
+    quiet = HealthConfig(enabled=False, fall=1)
+    async with upstreams(2) as servers, running(
+        make_config([s.address for s in servers], health=quiet, on_member_down="close")
+    ) as (proxy, log):
+        clients = [await echoed(proxy.port()) for _ in range(8)]
+        by_member = {session.client_address: session.member for session in proxy.sessions}
+        pool = proxy.pools["default"]
+        down = pool.members[0]
+        doomed = [c for c in clients if by_member[c[1].get_extra_info("sockname")] is down]
+        kept = [c for c in clients if c not in doomed]
+        assert len(doomed) == len(kept) == 4
+        started = time.monotonic()
+        pool.report(down, Event.TRAFFIC_FAIL, "connect failed: refused")  # what a failed dial reports
+        closed_at = []
+        for reader, _ in doomed:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            closed_at.append(time.monotonic() - started)
+        for reader, writer in kept:  # the other member's sessions carry on
+            writer.write(b"y")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"y"
+        await log.wait_for(4)
+        assert [s.end_cause for s in log.sessions] == ["member_down"] * 4
+        assert proxy.table.closed_member_down == 4
+        assert max(closed_at) >= 0.75 - CLOCK_SLACK and max(closed_at) < 2  # spread: 0, 1/4, 1/2, 3/4 s
+        for _, writer in clients:
+            writer.close()
+
+
+async def test_on_member_down_keep_leaves_the_sessions_alone() -> None:
+    quiet = HealthConfig(enabled=False, fall=1)
+    async with upstreams(1) as [server], running(make_config([server.address], health=quiet)) as (proxy, _):
+        reader, writer = await echoed(proxy.port())
+        pool = proxy.pools["default"]
+        pool.report(pool.members[0], Event.TRAFFIC_FAIL, "connect failed: refused")
+        assert not pool.members[0].up
+        writer.write(b"y")
+        assert await asyncio.wait_for(reader.readexactly(1), 5) == b"y"
+        assert proxy.table.closed_member_down == 0
         writer.close()
