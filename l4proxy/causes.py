@@ -10,7 +10,9 @@ A label says who ended the session and how:
 * ``shutdown`` / ``forced_shutdown``: the drain deadline passed, or a second signal;
 * ``no_upstream (<last connect error>)``: no member could be reached;
 * ``loop``: the client is one of the proxy's own outgoing connections (a member that is the proxy);
-* ``member_down``: its member was marked DOWN and ``--on-member-down close`` ended it.
+* ``member_down``: its member was marked DOWN and ``--on-member-down close`` ended it;
+* ``max_session_duration``: it was older than ``--max-session-duration`` (at a quiet moment, or at the
+  latest at that plus its jitter).
 
 Several of these can happen to one session (a client resets while its session is being torn down for
 a timeout), so a session goes through ``settle`` each time one is offered. The rule, by how the cause
@@ -34,6 +36,7 @@ CLIENT_RESET = "client_reset"
 UPSTREAM_RESET = "upstream_reset"
 LOOP = "loop"
 MEMBER_DOWN = "member_down"  # --on-member-down close ended it
+MAX_DURATION = "max_session_duration"  # older than --max-session-duration
 
 How = Literal["end", "abort", "fail"]
 

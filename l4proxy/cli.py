@@ -198,6 +198,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--tcp-keepalive", f"{_LISTENER}.tcp_keepalive", "listener", "TCP keepalive on both sides of each"
            " session: probes after this long idle, so a peer gone without a FIN is found; 0 is off.", "60s",
            _DURATION, "DURATION"),
+    Option("--max-session-duration", f"{_LISTENER}.max_session_duration", "listener", "Close a session older"
+           " than this at its next quiet moment, or at this plus up to 10% at the latest, so long-lived"
+           " sessions rebalance; 0 is off.", "0", _DURATION, "DURATION"),
     Option("--buffer-size", f"{_LISTENER}.buffer_size", "listener",
            "Per-direction buffer high-water mark; a slower peer pauses the faster one.", "64k", _size, "SIZE"),
     Option("--relay", f"{_LISTENER}.relay", "listener",

@@ -462,6 +462,7 @@ class ListenerConfig:
     name: str = "default"  # its table key in a config file
     max_connections: int | None = None  # sessions at once; None: as many as the open-files limit allows
     tcp_keepalive: float = 60.0  # idle seconds before TCP keepalive probes, on both sides; 0: off
+    max_session_duration: float = 0.0  # sessions older are closed when quiet, or at 110% at most; 0: off
 
     def __post_init__(self) -> None:
         _positive("idle_timeout", self.idle_timeout)
@@ -472,6 +473,8 @@ class ListenerConfig:
             raise ConfigError("relay", self.relay, f"expected one of {', '.join(RELAY_ENGINES)}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigError("max_connections", self.max_connections, "must be 1 or more")
+        if not self.max_session_duration >= 0:
+            raise ConfigError("max_session_duration", self.max_session_duration, "must be 0 (off) or more")
         if not 0 <= self.tcp_keepalive <= 32767:  # the kernel's bound for TCP_KEEPIDLE
             raise ConfigError("tcp_keepalive", self.tcp_keepalive, "must be 0 (off) to 32767s")
 

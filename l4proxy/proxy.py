@@ -128,6 +128,10 @@ class Proxy:
         for resolver in self.resolvers:
             resolver.start()
         shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
+        durations = [c.max_session_duration for c in self.config.listeners if c.max_session_duration]
+        if durations:  # a quiet moment is one tick without bytes: tick at a twentieth of the duration
+            self.table.durations = True
+            shortest = min(shortest, min(durations) / 5)
         chores = [self.access_log.flush, self.warnings.flush, *(f.listener.check_limit for f in self.frontends)]
         self.table.start(max(0.02, min(1.0, shortest / 4)), chores)
         for frontend in self.frontends:

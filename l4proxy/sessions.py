@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from .causes import MEMBER_DOWN
+from .causes import MAX_DURATION, MEMBER_DOWN
 from .drive import Drive
 from .relay import Session
 
@@ -36,6 +36,8 @@ class SessionTable:
         self.served = 0  # sessions ended so far
         self.idle = asyncio.Event()  # set when the last live session ends
         self.closed_member_down = 0  # sessions closed because their member went DOWN (--on-member-down)
+        self.durations = False  # some listener has a --max-session-duration: sweep for it
+        self.closed_old = 0  # sessions closed for their age (--max-session-duration)
         self._closing: set[asyncio.TimerHandle] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -67,6 +69,22 @@ class SessionTable:
         if not session.ended:
             self.closed_member_down += 1
             session.end(MEMBER_DOWN)
+
+    def _expire(self, wall: float) -> None:
+        """``--max-session-duration``: end the sessions older than it that were quiet for the last tick
+        (no byte moved since the sweeper's last look), and any older than it plus their jitter (0..10%,
+        fixed per session, so sessions opened together do not all end in the same tick)."""
+        for session in list(self.live):
+            limit = session.limits.max_session_duration
+            if not limit or session.ended:
+                continue
+            age = wall - session.started
+            if age < limit:
+                continue
+            quiet = session.moved() == session.seen
+            if quiet or age >= limit * (1.0 + jitter(session)):
+                self.closed_old += 1
+                session.end(MAX_DURATION)
 
     async def drain(self, timeout: float) -> None:
         """Close the opening clients, let live sessions finish for up to ``timeout``, abort the rest."""
@@ -120,6 +138,8 @@ class SessionTable:
 
     def sweep(self, now: float) -> None:
         """Abort the sessions that have been quiet past their timeout as of ``now``."""
+        if self.durations:
+            self._expire(time.time())
         for session in list(self.live):
             moved = session.moved()
             if moved != session.seen:
@@ -130,3 +150,9 @@ class SessionTable:
             half = session.half_closed
             if now - session.last_active >= (limits.half_closed_timeout if half else limits.idle_timeout):
                 session.abort("half_closed_timeout" if half else "idle_timeout")
+
+
+def jitter(session: object) -> float:
+    """A session's share (0..0.1) of extra time past ``--max-session-duration``: fixed for the session
+    (from its identity), spread evenly over sessions."""
+    return (id(session) >> 4) % 1000 / 10000

@@ -143,3 +143,37 @@ async def test_on_member_down_keep_leaves_the_sessions_alone() -> None:
         assert await asyncio.wait_for(reader.readexactly(1), 5) == b"y"
         assert proxy.table.closed_member_down == 0
         writer.close()
+
+
+async def test_sessions_older_than_the_max_duration_close_when_quiet_or_at_its_jitter_at_the_latest() -> None:
+    duration = 0.4
+    async with upstreams(1) as [server], running(
+        make_config([server.address], max_session_duration=duration)
+    ) as (proxy, log):
+        started = time.monotonic()
+        quiet_reader, quiet = await echoed(proxy.port())
+        busy_reader, busy = await echoed(proxy.port())
+
+        async def chatter() -> float:  # never quiet for a tick: a byte every 5 ms until closed
+            while True:
+                busy.write(b"z")
+                try:
+                    got = await asyncio.wait_for(busy_reader.read(1), 5)
+                except ConnectionError:
+                    got = b""
+                if not got:
+                    return time.monotonic() - started
+                await asyncio.sleep(0.005)
+
+        talker = asyncio.create_task(chatter())
+        assert await asyncio.wait_for(quiet_reader.read(), 5) == b""
+        quiet_at = time.monotonic() - started
+        busy_at = await asyncio.wait_for(talker, 5)
+        await log.wait_for(2)
+        quiet.close()
+        busy.close()
+    assert [s.end_cause for s in log.sessions] == ["max_session_duration"] * 2
+    assert proxy.table.closed_old == 2
+    tick = duration / 20
+    assert duration - CLOCK_SLACK <= quiet_at < duration + 3 * tick + 0.2
+    assert duration - CLOCK_SLACK <= busy_at < duration * 1.1 + 3 * tick + 0.2
