@@ -55,7 +55,7 @@ LINGER_RST = struct.pack("ii", 1, 0)
 STEP_TIMEOUT = 15.0  # the longest any one read, write or connect may take before the session fails
 PROXY_FLAGS = ["--connect-timeout", "1s", "--retries", "2", "--health-interval", "300ms", "--health-timeout",
                "1s", "--rise", "2", "--fall", "2", "--idle-timeout", "8s", "--half-closed-timeout", "3s",
-               "--drain-timeout", "3s", "--tls-handshake-timeout", "2s", "--log-level", "warning"]
+               "--drain-timeout", "3s", "--log-level", "warning"]
 FD_SLACK = 40  # per process: up to 16 idle splice pipes (32 descriptors), and probes in flight
 CALM = 2.0  # seconds a pool's members must all have been in service before the chaos takes one out
 MAX_ROUNDS = 1_000_000  # every loop also stops after this many rounds, whatever the clock says
@@ -343,6 +343,7 @@ class Soak:
             redis.start()
         ports = {name: [e.port for e in servers] for name, servers in self.echo.items()}
         tls_flags = ["--tls-cert", str(self.workdir / "server.pem"), "--tls-key", str(self.workdir / "server.key"),
+                     "--tls-handshake-timeout", "2s",
                      "--upstream-tls", "--upstream-ca", str(self.workdir / "ca.pem")]
         self.proxies = {
             "plain": Proxy("plain", self.workdir, ports["plain"], []),

@@ -44,6 +44,7 @@ from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from .config import Address, HealthConfig, MemberConfig, Resolved, Service, as_member
+from .counters import READY, MemberCounters
 from .errors import ConfigError
 from .health import HealthState, Status
 from .slowstart import SlowStart, scaled
@@ -72,11 +73,13 @@ class Member:
     ones during a slow-start ramp). ``index`` is its place in the pool's list, ``turn`` its place among
     the primaries or the backups (the pick's rotation), ``slot`` its place in the workers' shared table
     (-1 in one process); ``draining`` is set while it is out of the pool with sessions left.
+    ``admin`` is the operator's state (``counters.DRAIN``/``DISABLED``, or READY ""): any but READY keeps
+    new sessions away whatever the health. ``stats`` holds the counters metrics read.
     """
 
     __slots__ = (
-        "active", "address", "backup", "config", "draining", "full", "health", "index", "key", "limit", "name", "share",
-        "slot", "slow", "total", "turn", "weight",
+        "active", "address", "admin", "backup", "config", "draining", "full", "health", "index", "key", "limit",
+        "name", "share", "slot", "slow", "stats", "total", "turn", "weight",
     )  # fmt: skip
 
     def __init__(self, config: MemberConfig, key: str, health: HealthConfig, slow_start: float = 0.0) -> None:
@@ -88,6 +91,8 @@ class Member:
         self.total = 0
         self.draining = False
         self.health = HealthState(health.rise, health.fall)
+        self.admin = READY
+        self.stats = MemberCounters()
         self.slow = SlowStart(slow_start)
         self.share = 1.0
         self.configure(config)
@@ -117,6 +122,11 @@ class Member:
     @property
     def up(self) -> bool:
         return self.health.up
+
+    @property
+    def eligible(self) -> bool:
+        """UP and not held by the operator: the pick may choose it."""
+        return self.health.up and not self.admin
 
     def __repr__(self) -> str:
         return f"<Member {self.name} active={self.active} {self.health.status.value}>"
@@ -233,11 +243,11 @@ class Balancer:
             if member in tried:
                 continue
             if view is None:  # one process: this process's counts and health are the truth
-                if member.health.status is not UP and healthy:
+                if (member.health.status is not UP and healthy) or member.admin:  # panic: health, not the operator
                     continue
                 active = member.active
             else:  # several workers: every worker's count, status from the supervisor
-                if healthy and not view.up(member.slot):
+                if healthy and not view.up(member.slot):  # the supervisor writes 0 for an operator's hold too
                     continue
                 active = view.active(member.slot)
             if active >= member.limit:
@@ -336,4 +346,4 @@ class Balancer:
     def any_up(self) -> bool:
         if self.view is not None:
             return any(self.view.up(m.slot) for m in self.members)
-        return any(m.health.up for m in self.members)
+        return any(m.eligible for m in self.members)

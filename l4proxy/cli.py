@@ -37,12 +37,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import click
 
-from . import __version__, configfile
+from . import __version__, configfile, takeover
 from .accesslog import AccessLog
+from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     LOG_LEVELS,
@@ -63,6 +64,8 @@ from .discovery import needs_resolving
 from .errors import ConfigError
 from .ownaddrs import WILDCARDS, IPAddress, is_own, local_networks
 from .proxy import Proxy, Shared
+from .reload import Plan
+from .snapshot import ProxySource, log_status
 from .workers import parse_workers, supervise
 
 log = logging.getLogger("l4proxy")
@@ -264,9 +267,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
            " taken DOWN by failed connects stays out.", "10s", _DURATION, "DURATION", needs=(NO_PROBES,)),
     Option("--tls-cert", f"{_LISTENER}.tls.cert", "tls-in",
-           "Terminate TLS from clients with this certificate chain.", metavar="PEM", pair="--tls-key"),
-    Option("--tls-key", f"{_LISTENER}.tls.key", "tls-in", "The private key of --tls-cert.", metavar="PEM",
-           pair="--tls-cert"),
+           "Terminate TLS from clients with this certificate chain. Repeat for more certificates, chosen by the"
+           " SNI name clients ask for (their DNS names); the first is the default.", metavar="PEM",
+           multiple=True, pair="--tls-key"),
+    Option("--tls-key", f"{_LISTENER}.tls.key", "tls-in", "The private key of --tls-cert; one per --tls-cert,"
+           " in the same order.", metavar="PEM", multiple=True, pair="--tls-cert"),
     Option("--tls-client-ca", f"{_LISTENER}.tls.client_ca", "tls-in",
            "Require client certificates signed by this CA (mTLS).", metavar="PEM", needs=(TLS_IN,)),
     Option("--tls-alpn", f"{_LISTENER}.tls.alpn", "tls-in", "ALPN protocols offered to clients, e.g."
@@ -275,6 +280,9 @@ OPTIONS: tuple[Option, ...] = (
            "Close clients that do not finish the handshake.", "10s", _DURATION, "DURATION", needs=(TLS_IN,)),
     Option("--tls-min-version", f"{_LISTENER}.tls.min_version", "tls-in", "Oldest TLS version accepted from"
            " clients.", "1.2", metavar="|".join(TLS_VERSIONS), needs=(TLS_IN,)),
+    Option("--tls-ciphers", f"{_LISTENER}.tls.ciphers", "tls-in", "TLS 1.2 cipher list in OpenSSL syntax"
+           " [default: Mozilla intermediate: ECDHE with AES-GCM or ChaCha20-Poly1305]; TLS 1.3 suites are fixed.",
+           metavar="LIST", needs=(TLS_IN,)),
     Option("--upstream-tls", f"{_POOL}.tls", "tls-out", "Speak TLS to the upstreams (verified by default).",
            parse=_section, switch=True),
     Option("--upstream-ca", f"{_POOL}.tls.ca", "tls-out", "CA bundle that upstream certificates must chain to"
@@ -297,6 +305,9 @@ OPTIONS: tuple[Option, ...] = (
            " before they are closed.", "30s", _DURATION, "DURATION"),
     Option("--workers", "workers", "process", "Processes accepting on the address (SO_REUSEPORT); 'auto' ="
            " one per CPU.", "1", _plain(parse_workers), "N|auto"),
+    Option("--admin", "admin", "process", "Serve the admin API (/metrics, /healthz, /readyz, /status, member"
+           " drain/enable/disable) on this address; off unless given.", parse=_plain(parse_address),
+           metavar="HOST:PORT"),
 )  # fmt: skip
 
 # Sections that exist only when one of their flags is given; their defaults apply only then.
@@ -457,11 +468,13 @@ def self_loops(config: Config) -> list[ConfigError]:
             for ip in sorted(_resolve(member.host, member.port), key=str):
                 if is_own(ip, listen.host, listen_ips, local):
                     named = "is" if str(ip) == member.host else f"resolves to {ip}, which is"
-                    problems.append(ConfigError(
-                        f"pools.{pool.name}.members[{index}]",
-                        str(member),
-                        f"{named} this proxy's own listen address {listen}: it would connect to itself",
-                    ))
+                    problems.append(
+                        ConfigError(
+                            f"pools.{pool.name}.members[{index}]",
+                            str(member),
+                            f"{named} this proxy's own listen address {listen}: it would connect to itself",
+                        )
+                    )
                     break
     return problems
 
@@ -495,7 +508,7 @@ class _GroupedCommand(click.Command):
     """Shows the options in their groups, then the value syntax and the exit codes."""
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        group_of = {option.name: option.group for option in OPTIONS} | {"config": "process"}
+        group_of = {option.name: option.group for option in OPTIONS} | {"config": "process", "takeover": "process"}
         sections: dict[str, list[tuple[str, str]]] = {title: [] for title in GROUPS.values()}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
@@ -530,9 +543,24 @@ def _print_version(ctx: click.Context, _param: click.Parameter, wanted: bool) ->
 
 def _start(**params: Any) -> None:
     path = params.pop("config")
+    handover = params.pop("takeover")
+    loader = None
     if path is not None:
-        config = with_process_flags(load_file(path), params)
+        heard: list[str] = []
+        config = with_process_flags(load_file(path, heard), params)
         _setup_logging(config.log_level)
+        for warning in heard:
+            log.warning("%s", warning)
+
+        def loader() -> Config:
+            """The file again, as at start-up (the process flags still win), for SIGHUP."""
+            again: list[str] = []
+            reloaded = with_process_flags(load_file(path, again), params)
+            check_credentials_files(reloaded)
+            for warning in again:
+                log.warning("SIGHUP: %s", warning)
+            return reloaded
+
     else:
         config, repeated = without_repeats(build_config(params))
         _setup_logging(config.log_level)
@@ -543,6 +571,8 @@ def _start(**params: Any) -> None:
             refuse_self_loops(config)
         except ConfigError as exc:
             raise flagged(exc) from None
+    if handover is not None and config.workers > 1:
+        raise ConfigError("--takeover", handover, "works with one process only, not with --workers/workers above 1")
     check_credentials_files(config)
     if any(p.tls is not None and p.tls.insecure for p in config.pools):
         log.warning(
@@ -555,15 +585,22 @@ def _start(**params: Any) -> None:
         raise ConfigError("--access-log", config.access_log, exc.strerror or str(exc)) from None
     raise_nofile_limit()
     if config.workers > 1:
-        sys.exit(supervise(config, config.workers, access_log, run))
-    sys.exit(run(config, access_log))
+        sys.exit(supervise(config, config.workers, access_log, run, loader, report_refused))
+    sys.exit(run(config, access_log, loader=loader, handover=handover))
 
 
 def _check(config: str) -> None:
     """``l4proxy check``: the effective configuration on stdout, or every problem on stderr."""
-    click.echo(configfile.dump(load_file(config)), nl=False)
+    heard: list[str] = []
+    click.echo(configfile.dump(load_file(config, heard)), nl=False)
+    for warning in heard:
+        click.echo(f"warning: {warning}", err=True)
 
 
+_TAKEOVER_HELP = (
+    "Serve this UNIX socket so a newer l4proxy started with the same flag can take the listening sockets"
+    " over (hitless upgrade); if a running l4proxy serves it already, take its sockets first."
+)
 _CONFIG_HELP = (
     "Read listeners, pools and settings from this TOML file; with it only the process-level flags (logging,"
     " process) may be given, and they win over the file. 'l4proxy check --config FILE' checks a file."
@@ -575,6 +612,7 @@ command = _GroupedCommand(
     params=[
         *map(_click_option, OPTIONS),
         click.Option(["--config"], metavar="FILE", help=_CONFIG_HELP),
+        click.Option(["--takeover"], metavar="SOCKET", help=_TAKEOVER_HELP),
         click.Option(
             ["--version"],
             is_flag=True,
@@ -600,35 +638,46 @@ check_command = click.Command(
 
 
 def check_tls_files(config: Config) -> None:
-    """Load every certificate, key and CA once before binding, so a bad file is a start-up error."""
-    for problem in tls_problems(config):
+    """Load every certificate, key and CA once before binding, so a bad file (or an expired certificate)
+    is a start-up error; log the warnings (a certificate that expires soon)."""
+    for problem in tls_problems(config, warn=_warn_tls):
         raise flagged(problem)
 
 
-def tls_problems(config: Config, named: bool = False) -> list[ConfigError]:
+def _warn_tls(warning: ConfigError, when: str = "") -> None:
+    log.warning("%s%s", when, flagged(warning))
+
+
+def tls_problems(
+    config: Config, named: bool = False, warn: Callable[[ConfigError], None] | None = None
+) -> list[ConfigError]:
     """What is wrong with each certificate, key and CA the Config names; listeners are placed by index
-    (as flags know them) or, ``named``, by name (as a config file does)."""
-    from .tls import client_context, server_context
+    (as flags know them) or, ``named``, by name (as a config file does). ``warn`` hears what is worth
+    saying but loads (a certificate that expires soon), placed the same way."""
+    from .tls import client_context, server_context, warn_under
 
     problems = []
     for index, listener in enumerate(config.listeners):
         if listener.tls is not None:
+            where = f"listeners.{listener.name}.tls" if named else f"listeners[{index}].tls"
             try:
-                server_context(listener.tls)
+                server_context(listener.tls, warn_under(warn, where))
             except ConfigError as exc:
-                problems.append(exc.under(f"listeners.{listener.name}.tls" if named else f"listeners[{index}].tls"))
+                problems.append(exc.under(where))
     for pool in config.pools:
         if pool.tls is not None:
+            where = f"pools.{pool.name}.tls"
             try:
-                client_context(pool.tls)
+                client_context(pool.tls, warn_under(warn, where))
             except ConfigError as exc:
-                problems.append(exc.under(f"pools.{pool.name}.tls"))
+                problems.append(exc.under(where))
     return problems
 
 
-def load_file(path: str) -> Config:
+def load_file(path: str, warnings: list[str] | None = None) -> Config:
     """The Config in the file at ``path``, checked as far as can be without binding: ConfigFileError
-    with every problem, each on its line."""
+    with every problem, each on its line. ``warnings`` gets a ``FILE:LINE: ...`` line for each thing worth
+    saying that does not stop it (a certificate that expires soon)."""
     try:
         source = open(path, "rb").read()  # noqa: SIM115 - closed when the read returns
     except OSError as exc:
@@ -638,7 +687,10 @@ def load_file(path: str) -> Config:
         config = document.build(FILE_FORMS, os.path.dirname(os.path.abspath(path)), os.path.exists)
     except ConfigFileError as exc:
         raise ConfigFileError(exc.problems, path) from None
-    problems = [*tls_problems(config, named=True), *self_loops(config)]
+    heard: list[ConfigError] = []
+    problems = [*tls_problems(config, named=True, warn=heard.append), *self_loops(config)]
+    if warnings is not None:
+        warnings.extend(document.problem(warning).render(path) for warning in heard)
     if problems:
         raise ConfigFileError(sorted(map(document.problem, problems), key=lambda p: p.line), path)
     return config
@@ -675,58 +727,229 @@ def check_credentials_files(config: Config) -> None:
                 raise flagged(exc.under(f"pools.{pool.name}.health")) from None
 
 
-def run(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
+Loader = Callable[[], Config]  # the config file read and checked again (SIGHUP)
+
+
+def run(
+    config: Config,
+    access_log: AccessLog | None = None,
+    shared: Shared | None = None,
+    *,
+    loader: Loader | None = None,
+    handover: str | None = None,
+) -> int:
     """Run the proxy on uvloop until SIGTERM/SIGINT; the exit status. ``shared`` is a worker
-    process's seam to the supervisor's table (``Proxy(shared=...)``)."""
+    process's seam to the supervisor's table (``Proxy(shared=...)``); ``loader`` reads the config
+    file again on SIGHUP; ``handover`` is the ``--takeover`` socket's path."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config, access_log, shared))
+        return runner.run(serve(config, access_log, shared, loader=loader, handover=handover))
 
 
-async def serve(config: Config, access_log: AccessLog | None = None, shared: Shared | None = None) -> int:
-    """Start, wait for a signal, drain; a second signal closes the remaining sessions at once."""
-    proxy = Proxy(config, access_log, shared=shared)
+async def serve(
+    config: Config,
+    access_log: AccessLog | None = None,
+    shared: Shared | None = None,
+    *,
+    loader: Loader | None = None,
+    handover: str | None = None,
+) -> int:
+    """Start (taking the listening sockets over from a running l4proxy at ``handover``, if one serves
+    there), wait for a signal, drain; a second signal closes the remaining sessions at once. SIGHUP
+    reloads the file through ``loader`` (or, without one, the TLS files); a worker gets its
+    configurations from the supervisor instead."""
+    handoff = None if handover is None else await asyncio.to_thread(_ask_for_sockets, handover)
+    admin_sockets = None if handoff is None else handoff.sockets.pop(_admin_key(config), None)
+    proxy = Proxy(config, access_log, shared=shared, inherited=None if handoff is None else handoff.sockets)
     try:
         await proxy.start()
     except OSError as exc:
-        failed = config.listeners[len(proxy.listeners)].address  # the listeners before it did start
+        failed = config.listeners[0].address if proxy.binding is None else proxy.binding.address
         print(f"l4proxy: error: cannot listen on {failed}: {exc.strerror or exc}", file=sys.stderr)
         proxy.access_log.close()
+        for sock in admin_sockets or ():
+            sock.close()
+        if handoff is not None:
+            handoff.abandon()
         return 1
+    try:
+        admin = await _start_admin(proxy, admin_sockets)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # the loop's message repeats the address
+        print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {why}", file=sys.stderr)
+        if handoff is not None:
+            handoff.abandon()
+        await proxy.drain()
+        return 1
+    if handoff is not None:
+        handoff.ready()
+        log.info("took over %d listening sockets from pid %d, which drains and exits", handoff.count, handoff.pid)
     tune_gc()
     loop = asyncio.get_running_loop()
     received: list[str] = []
+    reloads = _Reloads(proxy, loader)
 
     def on_signal(name: str) -> None:
         received.append(name)
         if len(received) == 1:
-            log.info("%s received: draining for up to %.1fs (again to force)", name, config.drain_timeout)
+            log.info("%s received: draining for up to %.1fs (again to force)", name, proxy.config.drain_timeout)
             proxy.stop()
         else:
             proxy.abort_all("forced_shutdown")
 
-    def on_reload() -> None:
+    def handed(pid: int) -> None:
+        received.append("takeover")
+        log.info("takeover: pid %d accepts on our listening sockets now; draining for up to %.1fs and exiting",
+                 pid, proxy.config.drain_timeout)  # fmt: skip
+        if admin is not None:  # the new process answers on the endpoint's socket from now on
+            closing.append(asyncio.ensure_future(admin.close()))
+        proxy.stop()
+
+    def listening() -> takeover.Listening:
+        """What a new process takes over: the listeners' sockets, and the admin endpoint's."""
+        handed_over = proxy.handover()
+        if admin is not None and admin.server is not None:
+            sockets = cast(list[socket.socket], list(admin.server.sockets))  # only their fileno() is sent
+            handed_over.append((_admin_key(proxy.config), sockets))
+        return handed_over
+
+    closing: list[asyncio.Future[None]] = []
+    server = None if handover is None else takeover.Server(handover, listening, handed)
+    if server is not None:
+        server.start()
+    if shared is not None:
+        shared.follow(reloads.apply)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, reloads.on_sighup)
+    loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy))
+    try:
+        await proxy.serve_until_stopped()
+        if server is not None:
+            await server.stop()
+        await reloads.finish()
+        await proxy.drain()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+        if admin is not None:
+            await admin.close()
+    log.info("stopped after %d sessions", proxy.served)
+    return 0
+
+
+def _ask_for_sockets(path: str) -> takeover.Handoff | None:
+    try:
+        return takeover.request(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--takeover", path, f"the process serving it did not hand its sockets over: {exc}") from None
+
+
+class _Reloads:
+    """SIGHUP in one process: the file read again (off the loop: it resolves names) and applied, one
+    reload at a time; a broken file keeps the running configuration and is counted
+    (``Proxy.reloads_failed``). Without a file, the TLS files are re-read, as always."""
+
+    def __init__(self, proxy: Proxy, loader: Loader | None) -> None:
+        self.proxy = proxy
+        self.loader = loader
+        self.lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def on_sighup(self) -> None:
+        if self.loader is None:
+            self._tls_only()
+            return
+        self._spawn(self._from_file(self.loader))
+
+    def apply(self, config: Config) -> None:
+        """A worker: the configuration the supervisor checked and sent."""
+        self._spawn(self._apply(config, quiet=True))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def finish(self) -> None:
+        """Let a reload under way end before the drain."""
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _tls_only(self) -> None:
+        proxy = self.proxy
         if not proxy.uses_tls:
             log.info("SIGHUP: no TLS configured, nothing to reload")
             return
-        problems = proxy.reload_tls()
+        problems = proxy.reload_tls(warn=_sighup_warning)
         for problem in problems:
             log.error("SIGHUP: kept the previous TLS files: %s", flagged(problem))
         if not problems:
             log.info("SIGHUP: TLS certificates and keys reloaded")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
-    try:
-        await proxy.serve_until_stopped()
-        await proxy.drain()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-    log.info("stopped after %d sessions", proxy.served)
-    return 0
+    async def _from_file(self, loader: Loader) -> None:
+        async with self.lock:
+            try:
+                config = await asyncio.to_thread(loader)
+            except (ConfigFileError, ConfigError) as exc:
+                self.proxy.reloads_failed += 1
+                report_refused(exc)
+                return
+            await self._apply(config, quiet=False)
+
+    async def _apply(self, config: Config, quiet: bool) -> None:
+        try:
+            steps, problems = await self.proxy.reconfigure(config, warn=_sighup_warning)
+        except OSError as exc:
+            self.proxy.reloads_failed += 1
+            log.error("SIGHUP: kept the running configuration: cannot listen on a new address: %s", exc.strerror or exc)
+            return
+        for problem in problems:
+            log.error("SIGHUP: kept the previous TLS files: %s", problem)
+        if not quiet:
+            report_applied(steps)
+
+
+def _sighup_warning(warning: ConfigError) -> None:
+    _warn_tls(warning, "SIGHUP: ")
+
+
+def report_refused(exc: ConfigFileError | ConfigError) -> None:
+    """A reload refused: every problem, in the ``check`` format, then what happens."""
+    lines = exc.lines() if isinstance(exc, ConfigFileError) else [str(flagged(exc))]
+    for line in lines:
+        log.error("SIGHUP: %s", line)
+    log.error("SIGHUP: kept the running configuration (%d problem%s in the file)", len(lines), "" if len(lines) == 1
+              else "s")  # fmt: skip
+
+
+def report_applied(steps: Plan) -> None:
+    for name in steps.restart:
+        log.warning("SIGHUP: %s changed in the file; it takes effect when l4proxy is restarted", name)
+    log.info("SIGHUP: configuration reloaded: %s", steps.summary())
+
+
+def _admin_key(config: Config) -> str:
+    """The admin endpoint's entry in a takeover (not a listen address, so no listener takes it)."""
+    return f"admin {config.admin}"
+
+
+async def _start_admin(proxy: Proxy, inherited: list[socket.socket] | None = None) -> AdminServer | None:
+    """The admin endpoint when ``--admin`` is given (on the socket a takeover handed over, if any);
+    raises OSError when it cannot listen."""
+    address = proxy.config.admin
+    if address is None:
+        for unused in inherited or ():
+            unused.close()
+        return None
+    sock: socket.socket | None = None
+    if inherited:
+        sock, *extra = inherited
+        for unused in extra:
+            unused.close()
+    admin = AdminServer(ProxySource(proxy), address.host, address.port, sock=sock)
+    await admin.start()
+    return admin
 
 
 def tune_gc() -> None:

@@ -366,19 +366,47 @@ class HealthConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServerTLSConfig:
-    """TLS termination on a listener: our certificate, and optionally client certificates to require."""
+    """TLS termination on a listener: our certificates, and optionally client certificates to require.
 
-    cert: str
-    key: str
+    ``cert`` and ``key`` are pairs in order (HAProxy's crt-list): the first certificate is the default,
+    the others are chosen by the SNI name a client asks for. A single path may be given as a string; it
+    is kept as a one-element tuple. ``ciphers`` replaces the TLS 1.2 cipher list (OpenSSL syntax; the
+    TLS 1.3 suites are OpenSSL's, which Python's ssl cannot change); ``None`` keeps the default list.
+    """
+
+    cert: tuple[str, ...] | str
+    key: tuple[str, ...] | str
     client_ca: str | None = None
     alpn: tuple[str, ...] = ()
     handshake_timeout: float = 10.0
     min_version: str = "1.2"
+    ciphers: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("cert", "key"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not isinstance(value, tuple) or not value or not all(isinstance(v, str) for v in value):
+                raise ConfigError(name, value, "expected a file path, or a list of them")
+        if len(self.cert) != len(self.key):
+            certs, keys = len(self.cert), len(self.key)
+            given = f"{certs} certificate{'s' * (certs != 1)} and {keys} key{'s' * (keys != 1)}"
+            raise ConfigError("key", None, f"expected one key per certificate, in the same order; got {given}")
         _positive("handshake_timeout", self.handshake_timeout)
         if self.min_version not in TLS_VERSIONS:
             raise ConfigError("min_version", self.min_version, f"expected {' or '.join(TLS_VERSIONS)}")
+        if self.ciphers is not None:
+            if not self.ciphers.strip():
+                raise ConfigError("ciphers", self.ciphers, "expected an OpenSSL cipher list, such as ECDHE+AESGCM")
+            if self.min_version == "1.3":
+                problem = "sets TLS 1.2 ciphers, which a minimum version of 1.3 never uses"
+                raise ConfigError("ciphers", self.ciphers, problem)
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """(certificate, key) paths in order; the first is the default."""
+        return tuple(zip(self.cert, self.key, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +517,7 @@ class Config:
     access_log: str = "-"
     log_level: str = "info"
     workers: int = 1  # processes accepting on the listeners (SO_REUSEPORT), under one supervisor
+    admin: Address | None = None  # where the admin API and /metrics listen; None: off
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -524,6 +553,7 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (PoolConfig, "health"): HealthConfig,
     (PoolConfig, "tls"): UpstreamTLSConfig,
     (MemberConfig, "address"): Address,
+    (Config, "admin"): Address,
 }
 _LISTS: dict[tuple[type, str], type] = {(PoolConfig, "members"): MemberConfig}
 _ALSO: dict[type, tuple[type, ...]] = {Address: (Service,)}  # objects a section of these may be as they are

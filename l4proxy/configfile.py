@@ -62,7 +62,8 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 @dataclass(frozen=True, slots=True)
 class Key:
     """One key of the file. ``path`` has ``*`` for a listener's or pool's name; ``kind`` is the value's
-    type (``float`` is a duration), ``"address"``, ``"members"``, ``"names"`` (a list of text),
+    type (``float`` is a duration), ``"address"``, ``"members"``, ``"names"`` (a list of text), ``"paths"``
+    (a file path, or a list of them),
     ``"section"`` (a table) or ``"named"`` (a table of sections by name)."""
 
     path: str
@@ -84,6 +85,8 @@ def _without_none(hint: Any) -> Any:
 def _kind(hint: Any) -> type | str:
     if hint is Address:
         return "address"
+    if hint == tuple[str, ...] | str:
+        return "paths"
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
         return "members" if item is MemberConfig else "names"
@@ -337,6 +340,9 @@ class _Converter:
                 value = os.path.normpath(os.path.join(self.base, value))
         elif key.kind == "names" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = tuple(value)
+        elif key.kind == "paths" and _paths(value):
+            texts = [value] if isinstance(value, str) else value
+            value = tuple(os.path.normpath(os.path.join(self.base, text)) for text in texts)
         elif key.kind == "address" and isinstance(value, str):
             value = parse_address(value, where)
         elif key.kind is float and isinstance(value, int | float) and not isinstance(value, bool):
@@ -352,6 +358,13 @@ class _Converter:
         return value
 
 
+def _paths(value: Any) -> bool:
+    """Whether ``value`` is a file path or a non-empty list of them."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
 _EXPECTED: dict[type | str, str] = {
     float: 'a duration, as 30 (seconds) or "250ms", "5s", "1m", "1h"',
     int: "a whole number",
@@ -359,6 +372,7 @@ _EXPECTED: dict[type | str, str] = {
     str: "text",
     bytes: r'text with escapes, as "PING\r\n"',
     "names": 'a list of names, as ["h2", "http/1.1"]',
+    "paths": 'a file path, or a list of them, as "server.pem" or ["a.pem", "b.pem"]',
     "address": 'an address, as "HOST:PORT"',
 }
 # Keys whose text is a file path: a relative one is taken from the config file's folder.
@@ -423,6 +437,10 @@ def _check_files(node: Mapping[str, Any], path: str, problems: list[ConfigError]
             _check_files(value, where, problems, exists)
         elif generic(where) in _MUST_EXIST and isinstance(value, str) and not exists(value):
             problems.append(ConfigError(where, value, "no such file"))
+        elif generic(where) in _MUST_EXIST and isinstance(value, tuple):
+            for index, item in enumerate(value):
+                if not exists(item):
+                    problems.append(ConfigError(f"{where}[{index}]" if len(value) > 1 else where, item, "no such file"))
 
 
 def _build(tree: dict[str, Any], problems: list[ConfigError]) -> Config | None:
@@ -530,6 +548,8 @@ def file_value(key: Key, value: Any) -> Any:
         return str(value)
     if key.kind == "members":
         return [_member_value(member) for member in value]
+    if key.kind == "paths":
+        return value[0] if len(value) == 1 else list(value)
     return value
 
 

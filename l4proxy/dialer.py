@@ -126,6 +126,7 @@ class Dial:
             self.counted = 1
         elif budget.try_retry():
             self.counted = 2
+            pool.retries += 1
         else:
             balancer.release(member)
             pool.retry_refused += 1
@@ -204,6 +205,7 @@ class Dial:
             assert pump.transport is not None
             session.sockname = sockname = pump.transport.get_extra_info("sockname")
             outgoing.addresses.add(sockname)
+        member.stats.sessions += 1
         session.attach_upstream(pump, member)
 
     def expired(self) -> None:
@@ -221,6 +223,7 @@ class Dial:
             self.warnings.warn(
                 log, CONNECT_FAILED, "connect to %s for %s failed: %s", member.name, self.session.client_addr, cause
             )
+            member.stats.connect_failed(cause)
             self.pool.report(member, Event.TRAFFIC_FAIL, f"connect failed: {cause}")
         if self.session.ended:
             self.session.dial = None

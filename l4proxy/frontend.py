@@ -36,6 +36,7 @@ from collections.abc import Callable, Hashable
 from .accesslog import AccessLog
 from .causes import LOOP
 from .config import ListenerConfig
+from .counters import ListenerCounters
 from .deadlines import Deadlines
 from .dialer import Dial, Outgoing
 from .drive import Drive
@@ -83,6 +84,7 @@ class Frontend:
         self.tls_context: ssl.SSLContext | None = None if config.tls is None else server_context(config.tls)
         self.stages: list[Stage] = []
         self.tls_failures = 0  # client TLS handshakes that failed or timed out
+        self.counters = ListenerCounters()  # for the admin endpoint: read at scrape time
         self.spliced = usable(config, pool.config.tls is not None)
         self.listener = Listener(config, self._refused, per_session=self.descriptors_per_session())
 
@@ -91,13 +93,13 @@ class Frontend:
         session moves there at once (``--relay splice``, plain TCP on both sides)."""
         return 2 + (DESCRIPTORS if self.spliced and self.config.relay == "splice" else 0)
 
-    def start(self, deadlines: Deadlines) -> None:
-        """Bind and accept: the stages wrap the opener once, here."""
+    def start(self, deadlines: Deadlines, sockets: list[socket.socket] | None = None) -> None:
+        """Bind (or take ``sockets``, already listening) and accept: the stages wrap the opener once, here."""
         serve = self._opener(deadlines)
         for stage in reversed(self.stages):
             serve = stage(serve)
         self.listener.serve = serve
-        self.listener.start()
+        self.listener.start(sockets)
 
     def close(self) -> None:
         """Stop accepting; sessions are not touched."""
@@ -121,10 +123,13 @@ class Frontend:
         gone = self.listener.done
 
         own = outgoing.addresses
+        counters = self.counters
 
         def client_ready(session: Session) -> None:
             opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
             live.add(session)
+            counters.sessions += 1
+            counters.active += 1
             if session.client_address in own:  # one of our own connections: a member leads back here
                 self._loop_back(session)
                 return
@@ -135,6 +140,11 @@ class Frontend:
             live.discard(session)
             gone()
             table.served += 1
+            counters.active -= 1
+            counters.bytes_in += session.client.nbytes
+            upstream = session.upstream
+            if upstream is not None:
+                counters.bytes_out += upstream.nbytes
             if session.member is not None:
                 pool.balancer.release(session.member)
             if session.sockname is not None:
@@ -237,9 +247,9 @@ class Frontend:
         session.discard()
         if self.config.tls is not None:
             self.tls_failures += 1
-            self.warnings.warn(
-                log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, _tls_failure(exc)
-            )
+            cause = _tls_failure(exc)
+            self.counters.tls_failed(cause)
+            self.warnings.warn(log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, cause)
         else:
             self.warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
 
@@ -258,11 +268,12 @@ def expire_dial(dial: Hashable) -> None:
 
 def _tls_failure(exc: BaseException) -> str:
     """Why a client's handshake failed, in words: the loops report a client that leaves mid-handshake
-    as a bare ``ConnectionResetError`` (no message), whether it reset or just closed."""
+    as a bare ``ConnectionResetError`` (no message), whether it reset or just closed, and their own
+    handshake timeout as ``ConnectionAbortedError``."""
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "handshake timeout"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionAbortedError):
+        return "handshake timeout"  # both loops abort a handshake past its timeout with ConnectionAbortedError
     if isinstance(exc, ConnectionError):
         if exc.errno == errno.ECONNRESET:
             return "the client reset the connection during the handshake"

@@ -102,10 +102,7 @@ def bind_sockets(config: ListenerConfig) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            # accepted sockets inherit these from the listening one (Linux): no system call per client
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for option in keepalive_options(config.tcp_keepalive):
-                sock.setsockopt(*option)
+            client_options(sock, config.tcp_keepalive)
             sock.bind(sockaddr)
             sock.listen(config.backlog)
             sock.setblocking(False)
@@ -147,13 +144,22 @@ class Listener:
         self.full = False  # at the limit: not accepting until a session ends
         self.full_episodes = 0  # times the limit stopped accepting
 
-    def start(self) -> None:
+    def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Accept on ``sockets`` (already listening: kept across a reload, or handed over by another
+        process) or, without them, on sockets bound now."""
         self._loop = asyncio.get_running_loop()
         self._bare = type(self._loop).__module__.startswith("uvloop")  # descriptors need no socket object
         self._fd_limit = _soft_limit()
         if not self.config.max_connections:
             self.limit = default_max_connections(self._fd_limit, self.per_session)
-        self.sockets = bind_sockets(self.config)
+        if sockets is None:
+            sockets = bind_sockets(self.config)
+        else:
+            for sock in sockets:
+                sock.setblocking(False)
+                sock.listen(self.config.backlog)  # a changed backlog applies to a kept socket too
+                client_options(sock, self.config.tcp_keepalive)  # and a changed --tcp-keepalive
+        self.sockets = sockets
         self._count()
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
@@ -172,6 +178,20 @@ class Listener:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self.sockets = []
+
+    def release(self) -> list[socket.socket]:
+        """Stop accepting and hand the sockets over, still listening: clients that connect meanwhile
+        wait in the kernel's queue for the sockets' next owner."""
+        assert self._loop is not None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for sock in self.sockets:
+            if sock not in self._paused:
+                self._loop.remove_reader(sock.fileno())
+        self._paused.clear()
+        sockets, self.sockets = self.sockets, []
+        return sockets
 
     def _accept(self, sock: socket.socket) -> None:
         accepted_type = (_ACCEPTED_FD if self._bare else _ACCEPTED)[sock.family]
@@ -323,6 +343,15 @@ def _open_descriptors() -> int:
         return 1 << 62
     os.close(probe)
     return probe
+
+
+def client_options(sock: socket.socket, keepalive: float) -> None:
+    """TCP_NODELAY and keepalive (``keepalive_options``) on a listening socket: the clients accepted
+    there inherit them (Linux), so they cost no system call per client."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    options = keepalive_options(keepalive) or [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
+    for option in options:
+        sock.setsockopt(*option)
 
 
 KEEPALIVE_PROBES = 6  # unanswered probes, a third of the idle time apart, before the kernel gives up

@@ -28,12 +28,14 @@ import asyncio
 import dataclasses
 import logging
 import ssl
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from .balancer import Balancer, Member
 from .budget import BudgetPolicy, RetryBudget
 from .config import Address, MemberConfig, PoolConfig
+from .counters import DISABLED, DRAIN, READY
 from .discovery import Target, unresolved_members
 from .health import Event, Status
 
@@ -66,6 +68,7 @@ class Pool:
         self.no_upstream = 0  # clients closed because no member could be reached
         self.budget = RetryBudget(BudgetPolicy(config.retry_budget))  # retries in flight, per process
         self.retry_refused = 0  # clients closed because the retry budget refused their retry
+        self.retries = 0  # connect attempts after a client's first
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
         self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
@@ -84,6 +87,18 @@ class Pool:
         changes = self.set_members(unresolved_members(config.members))
         self.config = config
         return changes
+
+    def retune(self, config: PoolConfig, members: bool = True) -> tuple[list[Member], list[Member]]:
+        """Take ``config``'s settings (a reload): the members' rise and fall follow its health settings,
+        and, with ``members``, its member list goes through ``update`` (a worker's members come from the
+        supervisor instead). Returns the (added, removed) members."""
+        self.balancer.health = config.health
+        self.balancer.slow_start, self.balancer.panic_threshold = config.slow_start, config.panic_threshold
+        self.budget.percent = config.retry_budget
+        for member in [*self.members, *self.balancer.draining.values()]:
+            member.health.rise, member.health.fall = config.health.rise, config.health.fall
+        self.config = dataclasses.replace(config, members=self.config.members)
+        return self.update(config.members) if members else ([], [])
 
     def set_members(
         self, members: Sequence[MemberConfig | Address], check_first: Collection[str] = ()
@@ -132,6 +147,7 @@ class Pool:
         change = member.health.observe(event, reason)
         if change is None:
             return
+        member.stats.changed(change.reason, time.time())
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
             self._stop_ramp(member)
@@ -180,6 +196,16 @@ class Pool:
 
     def scaled(self, member: Member) -> None:
         """``member``'s effective share changed (the supervisor's pool publishes it to the workers)."""
+
+    def set_admin(self, member: Member, state: str) -> None:
+        """The operator's state for ``member`` (admin API): DRAIN takes no new sessions and keeps its
+        checks; DISABLED takes none and is not probed either; READY is back to what health says."""
+        if member.admin == state:
+            return
+        member.admin = state
+        word = {READY: "enabled", DRAIN: "draining", DISABLED: "disabled"}[state]
+        member.stats.changed(f"{word} by the operator", time.time())
+        log.info("pool %s member %s %s by the operator", self.name, member.name, word)
 
     def _eject(self, member: Member) -> None:
         loop = asyncio.get_running_loop()

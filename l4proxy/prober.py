@@ -25,7 +25,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .balancer import Member
 from .checks import (
@@ -40,6 +40,7 @@ from .checks import (
     from_exception,
     load_credentials,
 )
+from .counters import DISABLED
 from .errors import out_of_descriptors
 from .health import Event
 from .pool import Pool
@@ -51,10 +52,17 @@ class Prober:
     """Runs the probes of one pool until ``stop``: one task per member, kept in step with the pool's
     members by ``sync`` (which ``Pool.update`` calls once the prober has started)."""
 
-    def __init__(self, pool: Pool, rng: random.Random | None = None, outgoing: set[object] | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        rng: random.Random | None = None,
+        outgoing: set[object] | None = None,
+        ports: Collection[int] = (),
+    ) -> None:
         self.pool = pool
         self.rng = rng or random.Random()
         self.outgoing = outgoing if outgoing is not None else set()
+        self.ports = ports  # the ports we listen on: only a member on one of them can lead back here
         self._held: dict[Member, object] = {}  # each member's latest probe address in outgoing
         self.tasks: dict[Member, asyncio.Task[None]] = {}
         self._leaving: set[asyncio.Task[None]] = set()  # probes of removed members, cancelled
@@ -142,6 +150,9 @@ class Prober:
         if member.health.up:  # spread members' probes apart; one waiting for its first probe gets it now
             await asyncio.sleep(self.rng.uniform(0, interval))
         while not self._stopping and self.tasks.get(member) is me:  # until stopped or the member is removed
+            if member.admin == DISABLED:  # held by the operator: no checks until enabled
+                await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
+                continue
             started = time.monotonic()
             try:
                 verdict = await probe(
@@ -152,6 +163,7 @@ class Prober:
             else:
                 took = (time.monotonic() - started) * 1000
                 log.debug("probe of %s in pool %s: %s (%.1f ms)", member.name, self.pool.name, verdict.reason, took)
+                member.stats.checked(verdict.ok, verdict.reason, took / 1000, time.time())
                 if verdict.failure is not None:
                     self.failures[member.key, verdict.failure] += 1
                 self.pool.report(member, Event.PROBE_OK if verdict.ok else Event.PROBE_FAIL, verdict.reason)
@@ -163,7 +175,9 @@ class Prober:
     def _hold(self, member: Member, sockname: object) -> None:
         """Keep ``sockname`` in ``outgoing`` as the member's latest probe address (None: forget it)."""
         self.outgoing.discard(self._held.pop(member, None))
-        if sockname is not None:
+        # A member on another port is not us, and recording its probe's address would take a client
+        # that the kernel later gives the same local port for a loop.
+        if sockname is not None and member.address.port in self.ports:
             self.outgoing.add(sockname)
             self._held[member] = sockname
 

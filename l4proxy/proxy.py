@@ -14,33 +14,44 @@ waits for sessions up to ``drain_timeout``, then aborts the rest.
 
 ``shared`` is the seam for a worker of ``--workers N`` (``workers.py``): health is decided in the
 supervisor, so the proxy runs no probers and hands its pools to ``shared.join`` when it starts.
+
+**Reload.** ``reconfigure(new)`` computes ``reload.plan(self.config, new)`` and ``apply`` carries it
+out, with nothing awaited between taking a socket from one Frontend and giving it to the next, so no
+client is refused: pools are added or changed in place first (``Pool.retune``: members that stay keep
+their health and sessions), then new listeners are bound (a failure there changes nothing), kept ones
+keep their Frontend or get a new one around the same socket, removed ones stop accepting, and removed
+pools stop probing. Sessions of removed listeners and removed members carry on and are closed at
+``drain_timeout`` if still open. ``inherited`` sockets (a takeover, ``takeover.py``) are used instead of
+binding, by listen address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from .accesslog import AccessLog
 from .balancer import Member
-from .config import Config, UpstreamTLSConfig
+from .config import Config, ListenerConfig, PoolConfig, UpstreamTLSConfig
 from .deadlines import Deadlines
 from .dialer import Outgoing
 from .errors import ConfigError
 from .frontend import Frontend, expire_dial
-from .listener import Listener
+from .listener import Listener, bind_sockets
 from .pool import Pool
 from .prober import Prober
 from .ratelog import Warnings
 from .relay import Session
+from .reload import Plan, plan
 from .resolver import Resolver
 from .sessions import SessionTable
 from .splice import Splicing
-from .tls import client_context, server_context
+from .tls import Warn, client_context, reload_server_context, warn_under
 
 log = logging.getLogger("l4proxy")
 
@@ -49,7 +60,16 @@ class Shared(Protocol):
     """Health and member lists kept by another process (the supervisor of ``--workers N``)."""
 
     def join(self, pools: Sequence[Pool]) -> None:
-        """Plug ``pools`` in (called by ``Proxy.start`` on the running loop, before accepting)."""
+        """Plug ``pools`` in (called by ``Proxy.start`` on the running loop, before accepting, and by
+        ``apply`` for pools a reload adds)."""
+        ...
+
+    def follow(self, apply: Callable[[Config], None]) -> None:
+        """Call ``apply`` with each configuration the supervisor sends (it checked it, once for all)."""
+        ...
+
+    def publish(self, proxy: Proxy) -> None:
+        """Start handing the proxy's counters to the other process (called by ``Proxy.start`` once accepting)."""
         ...
 
 
@@ -58,28 +78,54 @@ class Proxy:
 
     deadlines: Deadlines  # connect deadlines of the dials in flight; made by start(), on the running loop
 
-    def __init__(self, config: Config, access_log: AccessLog | None = None, *, shared: Shared | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        access_log: AccessLog | None = None,
+        *,
+        shared: Shared | None = None,
+        inherited: Mapping[str, list[socket.socket]] | None = None,
+    ) -> None:
         self.config = config
         self.shared = shared
         self.access_log = access_log or AccessLog.from_target(config.access_log)
         self.pools = {p.name: Pool(p, _client_tls(p.tls)) for p in config.pools}
         self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
-        addresses = self.outgoing.addresses
-        self.probers = [] if shared is not None else [Prober(p, outgoing=addresses) for p in self.pools.values()]
-        self.resolvers = [] if shared is not None else [  # a worker: the supervisor resolves
-            Resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)
-        ]
+        self._probers = {name: self._prober(pool) for name, pool in self.pools.items() if shared is None}
+        self._resolvers = {  # a worker has none: the supervisor resolves
+            name: Resolver(pool) for name, pool in self.pools.items() if shared is None and Resolver.wanted(pool.config)
+        }
         self.table = SessionTable()
         for pool in self.pools.values():
-            if pool.config.on_member_down == "close":
-                pool.on_down = self._close_member
+            pool.on_down = self._close_member  # acts only with --on-member-down close
         self.warnings = Warnings(time.monotonic)  # lines any client can trigger, rate-limited per kind
         self.splicing = Splicing()
-        self.frontends = [
-            Frontend(i, c, self.pools[c.pool], self.table, self.access_log, self.warnings, self.splicing, self.outgoing)
-            for i, c in enumerate(config.listeners)
-        ]
+        self.frontends = [self._frontend(i, c) for i, c in enumerate(config.listeners)]
+        self.inherited = dict(inherited or {})  # listening sockets handed over, by listen address
+        self.reloads = 0  # configurations applied by reconfigure
+        self.reloads_failed = 0  # reloads refused (a broken file: the CLI counts them here)
+        self.binding: ListenerConfig | None = None  # the listener start() binds (or bound last)
         self._stopped: asyncio.Event | None = None
+        self.started_at = time.time()
+        self.draining = False  # set when a drain starts: readiness (admin /readyz) turns 503 at once
+        self._drain_timers: set[asyncio.TimerHandle] = set()
+
+    def _prober(self, pool: Pool) -> Prober:
+        return Prober(pool, outgoing=self.outgoing.addresses, ports=self.outgoing.ports)
+
+    def _frontend(self, index: int, config: ListenerConfig) -> Frontend:
+        pool = self.pools[config.pool]
+        return Frontend(index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing)
+
+    @property
+    def probers(self) -> list[Prober]:
+        """The probers of the pools (none in a worker: the supervisor probes)."""
+        return list(self._probers.values())
+
+    @property
+    def resolvers(self) -> list[Resolver]:
+        """The resolvers of the pools with DNS-named members (none in a worker)."""
+        return list(self._resolvers.values())
 
     def _close_member(self, pool: Pool, member: Member) -> None:
         self.table.close_member(pool.name, member, member.name)
@@ -113,29 +159,41 @@ class Proxy:
     async def start(self) -> None:
         self._stopped = asyncio.Event()
         self.deadlines = Deadlines(asyncio.get_running_loop(), expire_dial)
-        await asyncio.gather(*(resolver.resolve() for resolver in self.resolvers))  # DNS names: addresses first
+        await asyncio.gather(*(r.resolve() for r in self._resolvers.values()))  # DNS names: addresses first
         if self.shared is not None:
             self.shared.join(list(self.pools.values()))
         try:
             for frontend in self.frontends:
-                frontend.start(self.deadlines)
+                self.binding = frontend.config
+                frontend.start(self.deadlines, self.inherited.pop(str(frontend.config.address), None))
                 self.outgoing.ports.update(port for _, port in frontend.listener.addresses)
         except BaseException:
             self._close_listeners()
             raise
-        for prober in self.probers:
+        finally:
+            for sockets in self.inherited.values():  # handed over, but no listener of ours is there
+                for sock in sockets:
+                    sock.close()
+            self.inherited.clear()
+        for prober in self._probers.values():
             prober.start()
-        for resolver in self.resolvers:
+        for resolver in self._resolvers.values():
             resolver.start()
         shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
         durations = [c.max_session_duration for c in self.config.listeners if c.max_session_duration]
+        self.table.durations = bool(durations)
         if durations:  # a quiet moment is one tick without bytes: tick at a twentieth of the duration
-            self.table.durations = True
             shortest = min(shortest, min(durations) / 5)
-        chores = [self.access_log.flush, self.warnings.flush, *(f.listener.check_limit for f in self.frontends)]
+        chores = [self.access_log.flush, self.warnings.flush, self._check_limits]
         self.table.start(max(0.02, min(1.0, shortest / 4)), chores)
+        if self.shared is not None:
+            self.shared.publish(self)
         for frontend in self.frontends:
             log.info("listening on %s", frontend.describe())
+
+    def _check_limits(self) -> None:
+        for frontend in self.frontends:
+            frontend.listener.check_limit()
 
     async def __aenter__(self) -> Proxy:
         await self.start()
@@ -149,7 +207,8 @@ class Proxy:
         return self.frontends[index].listener.addresses[0][1]
 
     def stop(self) -> None:
-        """Ask ``serve_until_stopped`` to return (signal handlers call this)."""
+        """Ask ``serve_until_stopped`` to return (signal handlers call this); the drain begins."""
+        self.draining = True
         if self._stopped is not None:
             self._stopped.set()
 
@@ -160,6 +219,7 @@ class Proxy:
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting, let sessions finish for up to ``timeout``, then abort what is left."""
         timeout = self.config.drain_timeout if timeout is None else timeout
+        self.draining = True
         self._close_listeners()
         await self.table.drain(timeout)
         self.splicing.close()  # the idle pipes; aborted sessions have returned theirs
@@ -176,9 +236,12 @@ class Proxy:
             frontend.close()
 
     async def _stop_background(self) -> None:
-        for resolver in self.resolvers:
+        for timer in self._drain_timers:
+            timer.cancel()
+        self._drain_timers.clear()
+        for resolver in self._resolvers.values():
             await resolver.stop()
-        for prober in self.probers:
+        for prober in self._probers.values():
             await prober.stop()
         for pool in self.pools.values():
             pool.close()
@@ -191,23 +254,160 @@ class Proxy:
         """Whether any listener or pool has TLS files that ``reload_tls`` would re-read."""
         return bool(self.server_tls) or any(pool.config.tls is not None for pool in self.pools.values())
 
-    def reload_tls(self) -> list[ConfigError]:
-        """Re-read certificates, keys and CAs (SIGHUP). A broken file keeps the old context; returns
-        the problems, one line each. Established sessions are not touched."""
+    def reload_tls(
+        self, listeners: Sequence[int] | None = None, pools: Sequence[str] | None = None, warn: Warn | None = None
+    ) -> list[ConfigError]:
+        """Re-read certificates, keys and CAs (SIGHUP): of every listener and pool, or of those given
+        (listener indexes, pool names). A broken file keeps the old context (per certificate, on a
+        listener with several); returns the problems, one line each, and passes warnings (a certificate
+        about to expire) to ``warn``. Established sessions are not touched."""
         problems: list[ConfigError] = []
         for frontend in self.frontends:
-            if frontend.config.tls is not None:
-                try:
-                    frontend.tls_context = server_context(frontend.config.tls)
-                except ConfigError as exc:
-                    problems.append(exc.under(f"listeners[{frontend.index}].tls"))
+            if listeners is not None and frontend.index not in listeners:
+                continue
+            if frontend.config.tls is not None and frontend.tls_context is not None:
+                where = f"listeners[{frontend.index}].tls"
+                frontend.tls_context, failed = reload_server_context(
+                    frontend.config.tls, frontend.tls_context, warn_under(warn, where)
+                )
+                problems.extend(exc.under(where) for exc in failed)
         for pool in self.pools.values():
-            if pool.config.tls is not None:
+            if pool.config.tls is not None and (pools is None or pool.name in pools):
+                where = f"pools.{pool.config.name}.tls"
                 try:
-                    pool.ssl_context = client_context(pool.config.tls)
+                    pool.ssl_context = client_context(pool.config.tls, warn_under(warn, where))
                 except ConfigError as exc:
-                    problems.append(exc.under(f"pools.{pool.config.name}.tls"))
+                    problems.append(exc.under(where))
         return problems
+
+    # reload
+
+    async def reconfigure(self, config: Config, warn: Warn | None = None) -> tuple[Plan, list[ConfigError]]:
+        """Run ``config`` from now on (a reload): the plan applied, and the TLS files of the listeners and
+        pools that stay read again (their problems returned; the old context stays for those; warnings,
+        such as a certificate about to expire, go to ``warn``)."""
+        steps = plan(self.config, config)
+        await self.apply(steps)
+        return steps, self.reload_tls(steps.tls_listeners, steps.tls_pools, warn)
+
+    async def apply(self, steps: Plan) -> None:
+        """Carry out ``steps`` (``reload.plan``); an OSError binding a new listener changes nothing."""
+        new = steps.new
+        fresh: dict[int, list[socket.socket]] = {}
+        try:  # before anything changes
+            for index in steps.opened:
+                fresh[index] = bind_sockets(new.listeners[index])
+        except OSError:
+            for sockets in fresh.values():
+                for sock in sockets:
+                    sock.close()
+            raise
+        for name in steps.pools_added:
+            await self._add_pool(new.pool(name))
+        for name in steps.pools_updated:
+            await self._update_pool(name, new.pool(name), steps)
+        frontends: list[Frontend] = [None] * len(new.listeners)  # type: ignore[list-item]
+        for kept in steps.kept:
+            frontend = self.frontends[kept.old]
+            if kept.rebuilt:
+                replacement = self._frontend(kept.new, new.listeners[kept.new])
+                replacement.start(self.deadlines, frontend.listener.release())  # no await in between
+                self._drain_later(_of_listener(frontend.config), new.drain_timeout)
+                frontend = replacement
+            frontend.index = kept.new
+            frontends[kept.new] = frontend
+        for index, sockets in fresh.items():
+            frontends[index] = self._frontend(index, new.listeners[index])
+            frontends[index].start(self.deadlines, sockets)
+            self.outgoing.ports.update(port for _, port in frontends[index].listener.addresses)
+            log.info("listening on %s", frontends[index].describe())
+        for index in steps.closed:
+            gone = self.frontends[index]
+            gone.close()
+            log.info("stopped listening on %s (no longer in the configuration)", gone.config.address)
+            self._drain_later(_of_listener(gone.config), new.drain_timeout)
+        self.frontends = frontends
+        for name in steps.pools_removed:
+            await self._remove_pool(name)
+        if "log_level" in steps.process:
+            logging.getLogger().setLevel(new.log_level.upper())
+        self.config = new
+        self.table.durations = any(c.max_session_duration for c in new.listeners)
+        self.reloads += 1
+
+    async def _add_pool(self, config: PoolConfig) -> None:
+        pool = self.pools[config.name] = Pool(config, _client_tls(config.tls))
+        pool.on_down = self._close_member
+        if self.shared is not None:
+            self.shared.join([pool])
+            return
+        if Resolver.wanted(config):
+            resolver = self._resolvers[config.name] = Resolver(pool)
+            await resolver.resolve()
+            resolver.start()
+        prober = self._probers[config.name] = self._prober(pool)
+        prober.start()
+
+    async def _update_pool(self, name: str, config: PoolConfig, steps: Plan) -> None:
+        pool = self.pools[name]
+        if config.tls != pool.config.tls:
+            pool.ssl_context = _client_tls(config.tls)
+        if self.shared is not None:  # members come from the supervisor's table
+            pool.retune(config, members=False)
+            return
+        if name in steps.health_changed:
+            await self._probers[name].stop()
+        resolver = self._resolvers.pop(name, None)
+        if resolver is not None and name in steps.members_changed:
+            await resolver.stop()
+        elif resolver is not None:
+            self._resolvers[name] = resolver
+        _, removed = pool.retune(config)
+        if removed:
+            self._drain_later(_on_members(frozenset(removed)), self.config.drain_timeout)
+        if name in steps.members_changed and Resolver.wanted(config):
+            resolver = self._resolvers[name] = Resolver(pool)
+            await resolver.resolve()
+            resolver.start()
+        if name in steps.health_changed:
+            prober = self._probers[name] = self._prober(pool)
+            prober.start()
+
+    async def _remove_pool(self, name: str) -> None:
+        pool = self.pools.pop(name)
+        resolver = self._resolvers.pop(name, None)
+        if resolver is not None:
+            await resolver.stop()
+        prober = self._probers.pop(name, None)
+        if prober is not None:
+            await prober.stop()
+        pool.close()  # its sessions are those of listeners closed or rebuilt: they drain with them
+
+    def _drain_later(self, leaving: Callable[[Session], bool], timeout: float) -> None:
+        """Close the sessions ``leaving`` picks that are still open ``timeout`` from now."""
+        loop = asyncio.get_running_loop()
+
+        def close() -> None:
+            self._drain_timers.discard(timer)
+            for session in [s for s in self.table.live if leaving(s)]:
+                session.abort("shutdown")
+
+        timer = loop.call_later(timeout, close)
+        self._drain_timers.add(timer)
+
+    def handover(self) -> list[tuple[str, list[socket.socket]]]:
+        """Each listener's listen address (as configured) and its listening sockets, for a takeover."""
+        return [(str(f.config.address), f.listener.sockets) for f in self.frontends]
+
+
+def _of_listener(config: ListenerConfig) -> Callable[[Session], bool]:
+    """Picks the sessions a Frontend built from ``config`` accepted (their limits are its config)."""
+    return lambda session: session.limits is config
+
+
+def _on_members(members: frozenset[Member]) -> Callable[[Session], bool]:
+    """Picks the sessions on ``members``."""
+    return lambda session: session.member in members
 
 
 def _client_tls(tls_config: UpstreamTLSConfig | None) -> ssl.SSLContext | None:

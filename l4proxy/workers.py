@@ -27,14 +27,28 @@ one that fails only some is not taken DOWN by a mixed interval). Its ``Pool.repo
 that logs a change, so each change is logged once, by the supervisor. With ``--no-health-checks`` its
 ejection timers bring members back, as in one process.
 
+**Reload.** With ``--config``, SIGHUP makes the supervisor read and check the file once (``loader``);
+a broken file keeps the running configuration everywhere, with every problem logged and counted
+(``Supervisor.reloads_failed``). A good one is planned (``reload.plan``), new listen addresses are
+checked free, the health thread changes its pools (``HealthThread.apply``: added pools get slots in
+the table, removed ones give theirs back), and then every worker gets the same Config, pickled, on its
+own pipe; it applies it with ``Proxy.reconfigure`` (its members still come from the table). A worker
+started later is forked with the configuration in force. No worker runs a configuration the
+supervisor refused.
+
 **Signals.** The supervisor blocks SIGTERM, SIGINT, SIGHUP and SIGCHLD and takes them with
 ``sigtimedwait`` in its main thread (the health thread never sees them). SIGTERM/SIGINT is forwarded as
 SIGTERM to every worker, which drains; a second one is forwarded again and makes the workers close
 their sessions at once; the supervisor exits 0 once every worker has exited. SIGHUP is forwarded (each
-worker reloads its TLS files) and the supervisor reloads its probes' client contexts. A child starts
+worker reloads its TLS files) and the supervisor reloads its probes' client contexts. SIGUSR1 makes the
+supervisor log every member's status (``snapshot.log_status``), for all workers. A child starts
 with those signals at their defaults (SIGHUP ignored until its loop handles it) and unblocked, in its
 own process group, so a terminal's Ctrl-C reaches it once, through the supervisor; it gets SIGTERM if
 the supervisor itself dies.
+
+**Admin.** With ``--admin`` the supervisor binds the endpoint before the first fork and serves it on the
+health thread's loop, over every worker (``sharedstats.py``: each worker copies its counters to shared
+memory every 0.25 s); workers run none of their own.
 
 **Forks** happen in the supervisor's main thread, which never runs an event loop. The first workers are
 forked before the health thread starts; a replacement is forked while it runs, and only builds fresh
@@ -55,7 +69,10 @@ import ctypes
 import dataclasses
 import logging
 import os
+import pickle
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -63,23 +80,29 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog, Finished
+from .admin import AdminServer, bind
 from .balancer import Member
-from .config import Address, Config, MemberConfig, PoolConfig
+from .config import Address, Config, ListenerConfig, MemberConfig, PoolConfig
+from .configfile import ConfigFileError
+from .discovery import unresolved_members
 from .errors import ConfigError
 from .health import Event
 from .listener import bind_sockets
 from .pool import Pool
 from .prober import Prober
+from .reload import Plan, plan
 from .resolver import Resolver
+from .sharedstats import Publisher, SharedCounters, SupervisorSource
+from .snapshot import log_status
 from .table import SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
-    from .proxy import Shared
+    from .proxy import Proxy, Shared
 
 log = logging.getLogger("l4proxy.workers")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 MAX_WORKERS = 256
 _POLL = 0.05  # how often the supervisor looks at passive results, and a worker at the generation
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
@@ -88,6 +111,8 @@ _PIPE_BUF = 4096
 
 Changes = tuple[list[Member], list[Member]]  # Pool.update's (added, removed)
 RunWorker = Callable[[Config, AccessLog, "Shared"], int]  # runs a Proxy(config, log, shared=...) to the end
+Loader = Callable[[], Config]  # the config file read and checked again (SIGHUP)
+Refused = Callable[[ConfigFileError | ConfigError], None]  # logs a refused reload
 
 
 def parse_workers(text: str, field_name: str = "--workers") -> int:
@@ -164,7 +189,7 @@ class _HealthPool(Pool):
         added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
-            self._up[member.slot] = 1 if member.health.up else 0
+            self._up[member.slot] = 1 if member.eligible else 0
             self.scaled(member)
         return added, removed
 
@@ -175,7 +200,13 @@ class _HealthPool(Pool):
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
         if not member.draining:  # its slot may belong to another member soon
-            self._up[member.slot] = 1 if member.health.up else 0
+            self._up[member.slot] = 1 if member.eligible else 0
+
+    def set_admin(self, member: Member, state: str) -> None:
+        """The operator's state, decided here for every worker: a held member reads as not UP to their picks."""
+        super().set_admin(member, state)
+        if not member.draining:
+            self._up[member.slot] = 1 if member.eligible else 0
 
 
 class HealthThread(threading.Thread):
@@ -189,8 +220,11 @@ class HealthThread(threading.Thread):
         self.stopping = threading.Event()
         self.reload = threading.Event()
         self.pools: dict[str, _HealthPool] = {}
+        self.probers: dict[str, Prober] = {}
+        self.resolvers: dict[str, Resolver] = {}
         self.ready = threading.Event()  # set once the pools exist and probes run
         self.make_resolver: Callable[[Pool], Resolver] = Resolver  # tests point it at a DNS server of theirs
+        self.admin: AdminServer | None = None  # served on this thread's loop, over every worker
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self) -> None:
@@ -202,6 +236,11 @@ class HealthThread(threading.Thread):
         except Exception:
             log.exception("health checks stopped")
 
+    def call(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on this thread's loop (where the pools live), from another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(callback)
+
     def update(self, pool: str, members: Sequence[Address]) -> concurrent.futures.Future[Changes]:
         """Change the members of ``pool`` from another thread; the future has ``Pool.update``'s result
         or its ConfigError. Workers follow within 50 ms."""
@@ -212,16 +251,57 @@ class HealthThread(threading.Thread):
 
         return asyncio.run_coroutine_threadsafe(apply(), self._loop)
 
+    def apply(self, steps: Plan) -> concurrent.futures.Future[None]:
+        """Change the pools as ``steps`` says, from another thread (a reload); the future has a
+        ConfigError when the shared table has no room for the new members."""
+        assert self._loop is not None, "the health thread is not running"
+        return asyncio.run_coroutine_threadsafe(self._apply(steps), self._loop)
+
+    async def _apply(self, steps: Plan) -> None:
+        new = steps.new
+        for name in steps.pools_added:
+            config = new.pool(name)
+            self.table.publish(name, unresolved_members(config.members))
+            await self._watch(_HealthPool(config, self.table))
+        for name in steps.pools_updated:
+            pool = self.pools[name]
+            if name in steps.health_changed or name in steps.members_changed:
+                await self._unwatch(name)
+            pool.retune(new.pool(name))
+            if pool.config.tls is not None:
+                pool.ssl_context = client_context(pool.config.tls)
+            if name not in self.probers:
+                await self._watch(pool)
+        for name in steps.pools_removed:
+            await self._unwatch(name)
+            self.pools.pop(name).close()
+            self.table.publish(name, [])  # its slots are reclaimed once no worker uses them
+        self.config = new
+
+    async def _watch(self, pool: _HealthPool) -> None:
+        """Resolve and probe ``pool`` from now on."""
+        self.pools[pool.name] = pool
+        if Resolver.wanted(pool.config):
+            resolver = self.resolvers[pool.name] = self.make_resolver(pool)
+            await resolver.resolve()
+            resolver.start()
+        prober = self.probers[pool.name] = Prober(pool)
+        prober.start()
+
+    async def _unwatch(self, name: str) -> None:
+        resolver = self.resolvers.pop(name, None)
+        if resolver is not None:
+            await resolver.stop()
+        prober = self.probers.pop(name, None)
+        if prober is not None:
+            await prober.stop()
+
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.pools = {pool.name: _HealthPool(pool, self.table) for pool in self.config.pools}
-        resolvers = [self.make_resolver(pool) for pool in self.pools.values() if Resolver.wanted(pool.config)]
-        await asyncio.gather(*(resolver.resolve() for resolver in resolvers))
-        probers = [Prober(pool) for pool in self.pools.values()]
-        for prober in probers:
-            prober.start()
-        for resolver in resolvers:
-            resolver.start()
+        for config in self.config.pools:
+            await self._watch(_HealthPool(config, self.table))
+        if self.admin is not None:
+            await self.admin.start()
         self.ready.set()
         try:
             while not self.stopping.is_set():
@@ -233,10 +313,10 @@ class HealthThread(threading.Thread):
                     self.reload.clear()
                     _reload_probe_tls(list(self.pools.values()))
         finally:
-            for resolver in resolvers:
-                await resolver.stop()
-            for prober in probers:
-                await prober.stop()
+            if self.admin is not None:
+                await self.admin.close()
+            for name in list(self.pools):
+                await self._unwatch(name)
             for pool in self.pools.values():
                 pool.close()
 
@@ -257,13 +337,13 @@ class Follower:
     def __init__(self, table: SharedTable, worker: int, pools: Sequence[Pool]) -> None:
         self.table = table
         self.worker = worker
-        self.pools = pools
+        self.pools = {pool.name: pool for pool in pools}
         self.seen = -1
         self.was_up: dict[tuple[str, str], bool] = {}  # (pool, member key): UP at the last look
 
     def apply(self) -> None:
         generation, entries = self.table.snapshot()
-        for pool in self.pools:
+        for pool in self.pools.values():
             found = entries.get(pool.name, [])  # none: discovery found no address
             pool.set_members([entry.member for entry in found])
             slots = {entry.key: entry.slot for entry in found}
@@ -284,8 +364,8 @@ class Follower:
         """``--on-member-down close`` in a worker: the supervisor decides DOWN, each worker closes its own
         sessions on the member once it sees the status fall."""
         up = self.table.up
-        for pool in self.pools:
-            if pool.on_down is None:
+        for pool in self.pools.values():
+            if pool.on_down is None or pool.config.on_member_down != "close":
                 continue
             for member in pool.members:
                 now, key = bool(up[member.slot]), (pool.name, member.key)
@@ -296,7 +376,7 @@ class Follower:
     def follow_ramps(self) -> None:
         """Give members the slow-start share the supervisor's ramp published for them."""
         share = self.table.share
-        for pool in self.pools:
+        for pool in self.pools.values():
             if pool.config.slow_start:
                 for member in pool.members:
                     if share[member.slot] != member.share:
@@ -305,18 +385,74 @@ class Follower:
 
 class WorkerShare:
     """A worker's ``Proxy.shared``: its pools count sessions in the shared table, read the status the
-    supervisor decides, forward their passive results to it, and follow its member lists."""
+    supervisor decides, forward their passive results to it, and follow its member lists; the
+    configurations the supervisor sends arrive on ``configs`` (a pipe)."""
 
-    def __init__(self, table: SharedTable, worker: int) -> None:
+    def __init__(
+        self, table: SharedTable, worker: int, configs: int | None = None, counters: SharedCounters | None = None
+    ) -> None:
         self.table = table
         self.worker = worker
+        self.configs = configs
+        self.counters = counters
+        self.follower: Follower | None = None
+        self._pending = b""
 
     def join(self, pools: Sequence[Pool]) -> None:
         view, forward = WorkerView(self.table, self.worker), forwarder(self.table, self.worker)
         for pool in pools:
             pool.balancer.view = view
             pool.forward = forward
-        Follower(self.table, self.worker, pools).poll(asyncio.get_running_loop())
+        if self.follower is None:
+            self.follower = Follower(self.table, self.worker, pools)
+            self.follower.poll(asyncio.get_running_loop())
+            return
+        self.follower.pools.update({pool.name: pool for pool in pools})  # a reload added them
+        self.follower.apply()
+
+    def follow(self, apply: Callable[[Config], None]) -> None:
+        if self.configs is None:
+            return
+        os.set_blocking(self.configs, False)
+        asyncio.get_running_loop().add_reader(self.configs, self._readable, apply)
+
+    def _readable(self, apply: Callable[[Config], None]) -> None:
+        assert self.configs is not None
+        try:
+            data = os.read(self.configs, 1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:  # the supervisor is gone; PR_SET_PDEATHSIG stops us
+            asyncio.get_running_loop().remove_reader(self.configs)
+            return
+        self._pending += data
+        for config in _messages(self):
+            apply(config)
+
+    def publish(self, proxy: Proxy) -> None:
+        if self.counters is not None:  # for the supervisor's --admin and SIGUSR1
+            Publisher(self.counters, self.worker, proxy).poll(asyncio.get_running_loop())
+
+
+def _messages(share: WorkerShare) -> list[Config]:
+    """The whole configurations in ``share``'s buffer (length-prefixed pickles), taken out of it."""
+    found = []
+    while len(share._pending) >= 8:
+        (size,) = struct.unpack("!Q", share._pending[:8])
+        if len(share._pending) < 8 + size:
+            break
+        found.append(pickle.loads(share._pending[8 : 8 + size]))
+        share._pending = share._pending[8 + size :]
+    return found
+
+
+def _send(fd: int, config: Config) -> None:
+    """Write ``config`` to a worker's pipe, whole (blocking: it is a few kilobytes)."""
+    data = pickle.dumps(config)
+    message = memoryview(struct.pack("!Q", len(data)) + data)
+    os.set_blocking(fd, True)
+    while message:
+        message = message[os.write(fd, message) :]
 
 
 def _reload_probe_tls(pools: list[_HealthPool]) -> None:
@@ -335,18 +471,45 @@ class _Slot:
     started: float = 0.0
     backoff: float = _BACKOFF_MIN
     restart_at: float | None = None
+    pipe: int = -1  # the write end of the worker's configuration pipe
 
 
 class Supervisor:
     """Starts ``count`` workers, replaces dead ones, forwards signals, and runs the health thread."""
 
-    def __init__(self, config: Config, count: int, access_log: AccessLog, run_worker: RunWorker) -> None:
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        access_log: AccessLog,
+        run_worker: RunWorker,
+        loader: Loader | None = None,
+        refused: Refused | None = None,
+        admin: socket.socket | None = None,
+    ) -> None:
         self.config = config
+        self.loader = loader
+        self.refused = refused or _log_refused
+        self.reloads = 0
+        self.reloads_failed = 0
         self.count = count
         self.access_log = access_log
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
-        self.health = HealthThread(config, self.table)
+        self.shared = SharedCounters(config, count, self.table.capacity)  # workers' counters: --admin, SIGUSR1
+        self.health = health = HealthThread(config, self.table)
+        self.admin_socket = admin
+        self.source = SupervisorSource(
+            lambda: self.config,
+            lambda: health.pools,
+            lambda: list(health.probers.values()),
+            self.table,
+            self.shared,
+            lambda: self.draining,
+        )
+        if admin is not None:
+            host, port = admin.getsockname()[:2]
+            health.admin = AdminServer(self.source, host, port, sock=admin)
         self.slots = [_Slot() for _ in range(count)]
         self.signals = 0
         self.pid = os.getpid()
@@ -381,7 +544,11 @@ class Supervisor:
                 self._spawn(worker)
 
     def _on_signal(self, signo: int) -> None:
-        if signo == signal.SIGHUP:
+        if signo == signal.SIGUSR1:
+            self.health.call(lambda: log_status(self.source))
+        elif signo == signal.SIGHUP and self.loader is not None:
+            self._reload(self.loader)
+        elif signo == signal.SIGHUP:
             if _uses_tls(self.config):
                 log.info("SIGHUP received: reloading TLS files in every worker")
                 self.health.reload.set()
@@ -405,6 +572,37 @@ class Supervisor:
                 log.info("%s received again: workers close their sessions now", name)
             self._forward(signal.SIGTERM)
 
+    def _reload(self, loader: Loader) -> None:
+        """SIGHUP with a config file: check it once here, change the health thread's pools, then hand
+        the same Config to every worker; anything wrong keeps the running configuration everywhere."""
+        try:
+            config = loader()
+            config = dataclasses.replace(config, listeners=tuple(
+                dataclasses.replace(listener, reuse_port=True) for listener in config.listeners
+            ))  # fmt: skip
+            steps = plan(self.config, config)
+            for index in steps.opened:
+                _claim(steps.new.listeners[index])
+            self.health.apply(steps).result(timeout=30)
+        except (ConfigFileError, ConfigError) as exc:
+            self.reloads_failed += 1
+            self.refused(exc)
+            return
+        except OSError as exc:
+            self.reloads_failed += 1
+            log.error("SIGHUP: kept the running configuration: cannot listen on a new address: %s", exc.strerror or exc)
+            return
+        self.config = steps.new
+        self.reloads += 1
+        for slot in self.slots:
+            if slot.pid and slot.pipe >= 0:
+                with contextlib.suppress(OSError):
+                    _send(slot.pipe, dataclasses.replace(steps.new, admin=None))  # as at spawn
+        self.health.reload.set()  # the probes' TLS files, read again
+        for name in steps.restart:
+            log.warning("SIGHUP: %s changed in the file; it takes effect when l4proxy is restarted", name)
+        log.info("SIGHUP: configuration reloaded in %d workers: %s", self.count, steps.summary())
+
     def _forward(self, signo: int) -> None:
         for slot in self.slots:
             if slot.pid:
@@ -426,6 +624,7 @@ class Supervisor:
     def _died(self, worker: int, status: int) -> None:
         slot = self.slots[worker]
         self.table.clear_worker(worker)
+        self.shared.retire(worker)
         how = _describe(status)
         if self.draining:
             level = logging.INFO if os.waitstatus_to_exitcode(status) == 0 else logging.WARNING
@@ -442,16 +641,23 @@ class Supervisor:
     def _spawn(self, worker: int) -> None:
         slot = self.slots[worker]
         slot.restart_at = None
+        if slot.pipe >= 0:
+            os.close(slot.pipe)
+        configs, slot.pipe = os.pipe()
         pid = os.fork()
         if pid == 0:
-            self._child(worker)  # never returns
+            self._child(worker, configs)  # never returns
+        os.close(configs)
         slot.pid = pid
         slot.started = time.monotonic()
         log.info("worker %d started (pid %d)", worker, pid)
 
-    def _child(self, worker: int) -> None:
+    def _child(self, worker: int, configs: int) -> None:
         code = 1
         try:
+            for slot in self.slots:  # the write ends are the supervisor's
+                if slot.pipe >= 0:
+                    os.close(slot.pipe)
             os.setpgid(0, 0)
             _die_with(self.pid)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -459,9 +665,12 @@ class Supervisor:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the worker's loop handles it once running
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             _tag_logs(worker)
+            if self.admin_socket is not None:
+                self.admin_socket.close()  # the supervisor's endpoint answers for every worker
             stream = self.access_log.stream
             access = WorkerAccessLog(None if stream is None else stream.fileno(), worker)
-            code = self.run_worker(self.config, access, WorkerShare(self.table, worker))
+            config = dataclasses.replace(self.config, admin=None)
+            code = self.run_worker(config, access, WorkerShare(self.table, worker, configs, self.shared))
         except BaseException:
             log.exception("worker %d failed", worker)
         finally:
@@ -482,29 +691,54 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
-def supervise(config: Config, count: int, access_log: AccessLog, run_worker: RunWorker) -> int:
-    """Run ``count`` workers until they have drained; the exit status (1 when the address is taken)."""
+def supervise(
+    config: Config,
+    count: int,
+    access_log: AccessLog,
+    run_worker: RunWorker,
+    loader: Loader | None = None,
+    refused: Refused | None = None,
+) -> int:
+    """Run ``count`` workers until they have drained; the exit status (1 when the address is taken).
+    ``loader`` reads the config file again on SIGHUP; ``refused`` logs a file it refused."""
     try:
         config = _claim_addresses(config)
     except OSError as exc:
         print(f"l4proxy: error: cannot listen on {config.listeners[0].address}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    return Supervisor(config, count, access_log, run_worker).run()
+    admin = None
+    if config.admin is not None:
+        try:
+            admin = bind(config.admin.host, config.admin.port)
+        except OSError as exc:
+            print(f"l4proxy: error: --admin: cannot listen on {config.admin}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    return Supervisor(config, count, access_log, run_worker, loader, refused, admin).run()
 
 
 def _claim_addresses(config: Config) -> Config:
-    """Check every address is free (binding without SO_REUSEPORT fails if anyone listens there, even a
-    stale l4proxy with SO_REUSEPORT), fix OS-chosen ports so every worker binds the same one, and turn
+    """Check every address is free, fix OS-chosen ports so every worker binds the same one, and turn
     SO_REUSEPORT on."""
-    listeners = []
-    for listener in config.listeners:
-        sockets = bind_sockets(listener)
-        port = sockets[0].getsockname()[1]
-        for sock in sockets:
-            sock.close()
-        address = listener.address if listener.address.port else Address(listener.address.host, port)
-        listeners.append(dataclasses.replace(listener, address=address, reuse_port=True))
-    return dataclasses.replace(config, listeners=tuple(listeners))
+    return dataclasses.replace(config, listeners=tuple(_claim(listener) for listener in config.listeners))
+
+
+def _claim(listener: ListenerConfig) -> ListenerConfig:
+    """``listener`` with SO_REUSEPORT and a fixed port, once its address is found free (binding without
+    SO_REUSEPORT fails if anyone listens there, even a stale l4proxy with SO_REUSEPORT)."""
+    sockets = bind_sockets(dataclasses.replace(listener, reuse_port=False))
+    port = sockets[0].getsockname()[1]
+    for sock in sockets:
+        sock.close()
+    address = listener.address if listener.address.port else Address(listener.address.host, port)
+    return dataclasses.replace(listener, address=address, reuse_port=True)
+
+
+def _log_refused(exc: ConfigFileError | ConfigError) -> None:
+    lines = exc.lines() if isinstance(exc, ConfigFileError) else [str(exc)]
+    for line in lines:
+        log.error("SIGHUP: %s", line)
+    log.error("SIGHUP: kept the running configuration (%d problem%s in the file)", len(lines),
+              "" if len(lines) == 1 else "s")  # fmt: skip
 
 
 def _uses_tls(config: Config) -> bool:

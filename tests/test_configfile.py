@@ -121,6 +121,14 @@ PROBLEMS = [
         "f.toml:4: listeners.a.tls.cert: no such file (got '/abs/missing.pem')",
         "f.toml:4: listeners.a.tls.min_version: expected 1.2 or 1.3 (got '1.1')"]),
     (BASE.replace('"p"\n', '"p"\ntls = {key = "k.pem"}\n'), ["f.toml:4: listeners.a.tls.cert: is required"]),
+    (BASE.replace('"p"\n', '"p"\ntls = {cert = ["a.pem", "certs/missing.pem"], key = ["a.key", "b.key"]}\n'), [
+        "f.toml:4: listeners.a.tls.cert[1]: no such file (got '/cfg/certs/missing.pem')"]),
+    (BASE.replace('"p"\n', '"p"\ntls = {cert = ["a.pem", "b.pem"], key = "a.key"}\n'), [
+        "f.toml:4: listeners.a.tls.key: expected one key per certificate, in the same order; got 2 certificates"
+        " and 1 key"]),
+    (BASE.replace('"p"\n', '"p"\ntls = {cert = [], key = "a.key"}\n'), [
+        "f.toml:4: listeners.a.tls.cert: expected a file path, or a list of them, as \"server.pem\" or"
+        " [\"a.pem\", \"b.pem\"] (got [])"]),
     (BASE + '[listeners."a b"]\naddress = ":1"\n', ["f.toml:7: listeners.a b: a name is letters, digits, '-' and '_'"]),
     ('[[listeners]]\naddress = ":1"\n', [
         "f.toml:1: listeners: expected a table, as [listeners.NAME] (got [{'address': ':1'}])"]),
@@ -184,13 +192,25 @@ def test_members_are_text_or_tables_with_their_options_and_print_back_so() -> No
     assert load(printed) == config
 
 
+def test_several_certificates_are_a_list_of_paths_and_read_back() -> None:
+    text = BASE.replace('"p"\n', '"p"\n[listeners.a.tls]\ncert = ["a.pem", "/abs/b.pem"]\nkey = ["a.key", "b.key"]\n')
+    config = load(text)
+    tls = config.listeners[0].tls
+    assert tls is not None and tls.pairs == (("/cfg/a.pem", "/cfg/a.key"), ("/abs/b.pem", "/cfg/b.key"))
+    printed = dump(config)
+    assert '\ncert = ["/cfg/a.pem", "/abs/b.pem"]\n' in printed
+    assert load(printed) == config
+    single = dump(load(BASE.replace('"p"\n', '"p"\ntls = {cert = "a.pem", key = "a.key"}\n')))
+    assert '\ncert = "/cfg/a.pem"\n' in single  # one certificate reads as it was written
+
+
 def test_the_example_loads_as_written() -> None:
     config = load(EXAMPLE.read_bytes(), str(EXAMPLE.parent))
     assert [(x.name, x.pool, x.tls is not None) for x in config.listeners] == [
         ("cache", "cache", False), ("cache-tls", "cache", True), ("vault", "vault", False)]  # fmt: skip
     pools = [(p.name, len(p.members), p.tls is not None) for p in config.pools]
     assert pools == [("cache", 2, False), ("vault", 1, True)]
-    assert config.listeners[1].tls is not None and config.listeners[1].tls.cert == str(ROOT / "certs/out/server.pem")
+    assert config.listeners[1].tls is not None and config.listeners[1].tls.cert == (str(ROOT / "certs/out/server.pem"),)
 
 
 def test_the_effective_configuration_reads_back_as_the_same_config() -> None:

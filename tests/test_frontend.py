@@ -84,3 +84,27 @@ async def test_a_member_that_is_the_proxy_itself_is_closed_not_multiplied(
     assert warned and len(warned) <= 5  # rate-limited, never one per connection
     assert f"pool default has a member that leads back to this proxy (127.0.0.1:{port})" in warned[0]
 
+
+
+
+async def test_probes_of_a_member_on_another_port_leave_no_address_that_could_be_taken_for_a_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The kernel may later give a client the local port a finished probe used; a member on another
+    port than ours cannot be us, so its probes' addresses are not kept (kept, that client would be
+    closed as a loop: a soak saw it happen)."""
+    caplog.set_level(logging.DEBUG, "l4proxy")
+
+    async def member(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(member, "127.0.0.1", 0)
+    try:
+        member_port = server.sockets[0].getsockname()[1]
+        health = HealthConfig(interval=3.0, timeout=1.0)  # the first probe within 3 s, the next 2.7 s later
+        async with running(make_config([Address("127.0.0.1", member_port)], health=health)) as (proxy, _):
+            await eventually(lambda: any("probe of" in r.getMessage() for r in caplog.records), timeout=6)
+            assert (proxy.outgoing.addresses, proxy.probers[0]._held) == (set(), {})
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -38,7 +38,8 @@ PURE_MODULES = {
     "httpcheck": {"httpcheck", "checks", "errors"},
     "configfile": {"configfile", "config", "checks", "errors"},
     "health": {"health"},
-    "balancer": {"balancer", "checks", "config", "errors", "health", "slowstart"},
+    "balancer": {"balancer", "checks", "config", "counters", "errors", "health", "slowstart"},
+    "counters": {"counters"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
     "peer": {"peer"},
     "causes": {"causes"},
@@ -46,11 +47,13 @@ PURE_MODULES = {
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
-    "table": {"table", "balancer", "checks", "config", "discovery", "errors", "health", "slowstart"},
+    "table": {"table", "balancer", "checks", "config", "counters", "discovery", "errors", "health", "slowstart"},
     "discovery": {"discovery", "checks", "config", "errors"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
+    "reload": {"reload", "config", "checks", "errors"},
+    "certrules": {"certrules"},
 }
 
 _PROBE = """
@@ -136,25 +139,30 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
     "cli": {"accesslog", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
-    | {"workers"},
+    | {"reload", "takeover", "workers", "admin", "snapshot"},
     "demo": {"config", "proxy"},
-    "workers": {"accesslog", "balancer", "config", "errors", "health", "listener", "pool", "prober", "proxy"}
-    | {"resolver", "table", "tls"},
+    "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
+    | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
-    | {"prober"}
-    | {"ratelog", "relay", "resolver", "sessions", "splice", "tls"},
+    | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
     "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
-    | {"ratelog", "relay", "sessions", "splice", "tls"},
+    | {"ratelog", "relay", "sessions", "splice", "tls", "counters"},
     "sessions": {"causes", "drive", "relay"},
     "dialer": {"balancer", "budget", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
-    "prober": {"balancer", "checks", "errors", "health", "httpcheck", "pgwire", "pool", "resp", "tls"},
-    "pool": {"balancer", "budget", "config", "discovery", "health"},
+    "prober": {"balancer", "checks", "errors", "health", "httpcheck", "pgwire", "pool", "resp", "tls", "counters"},
+    "pool": {"balancer", "budget", "config", "discovery", "health", "counters"},
+    # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
+    "admin": {"counters", "metrics", "snapshot"},
+    "metrics": {"counters", "snapshot"},
+    "snapshot": {"balancer", "checks", "config", "counters", "listener", "pool", "prober", "proxy"},
+    "sharedstats": {"balancer", "config", "counters", "pool", "prober", "proxy", "snapshot", "table"},
     "splice": {"causes", "config", "relay"},
     "relay": {"balancer", "causes", "config", "peer", "tls"},
     "listener": {"config", "errors"},
-    "tls": {"config", "errors"},
+    "tls": {"certrules", "config", "errors"},
     "resolver": {"balancer", "config", "discovery", "errors", "pool"},
     "drive": set(),
+    "takeover": set(),
     "deadlines": set(),
     **{module: loads - {module} for module, loads in PURE_MODULES.items()},
 }

@@ -38,6 +38,8 @@ ACCESS_LOG = ROOT / "l4proxy-access.log"  # the Redis example's --access-log, re
 
 NOT_RUN: dict[str, str] = {
     "bash scripts/dev test": "it is the suite that runs this test",
+    ".venv/bin/python benchmarks/soak.py --duration 600": "runs for ten minutes; .ci/run runs the same script "
+                                                          "for 20 s after the suite",
     "l4proxy --listen :6379 --upstream redis-a,redis-b": "illustrative (marked): redis-a, redis-b are the user's hosts",
     "l4proxy --listen 127.0.0.1:6379 --upstream redis.example.internal:6380":
         "illustrative (marked): a TLS service of the user's, and its CA",

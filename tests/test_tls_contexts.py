@@ -227,7 +227,7 @@ def test_server_context_bad_files(pki: PKI, attr: str, file: str, problem: str) 
     with pytest.raises(ConfigError) as info:
         tls.server_context(cfg)
     field_name = SERVER_FIELDS[attr]
-    assert str(info.value) == f"{field_name} {pki[file]!r}: {problem.format(cert=repr(cfg.cert))}"
+    assert str(info.value) == f"{field_name} {pki[file]!r}: {problem.format(cert=repr(cfg.pairs[0][0]))}"
     assert info.value.path == field_name
 
 

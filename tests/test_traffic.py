@@ -150,7 +150,9 @@ async def test_a_backup_takes_sessions_only_while_the_primaries_are_full() -> No
 
 async def test_a_backup_serves_while_every_primary_is_out() -> None:
     async with upstreams(3) as servers, running(
-        with_pool(pooled(servers, {}, {}, {"backup": True}, retries=2))
+        # every retry allowed: ten clients at once retrying past two refusing primaries is the case the
+        # retry budget exists to refuse (tests/test_retry_budget.py); here it is about the backup
+        with_pool(pooled(servers, {}, {}, {"backup": True}, retries=2, retry_budget=100))
     ) as (proxy, _log):
         a, b, backup = servers
         writers, _ = await held(proxy.port(), 10)

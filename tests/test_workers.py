@@ -539,8 +539,7 @@ async def test_workers_follow_a_name_that_moves_and_get_the_new_address_only_onc
             supervisor.health.start()
             try:
                 assert await asyncio.to_thread(supervisor.health.ready.wait, 5)
-                proxy = Proxy(config, RecordingLog())
-                supervisor._prepare(proxy, 0)
+                proxy = Proxy(config, RecordingLog(), shared=WorkerShare(supervisor.table, 0))
                 await proxy.start()
                 try:
                     pool = proxy.pools["default"]

@@ -1,0 +1,134 @@
+"""``GET /metrics``: the Prometheus text format, made by ``prometheus_client`` from a ``Snapshot``.
+
+A custom collector reads the counters at scrape time (``snapshot.Source``), so the data path only
+bumps plain ints and pays nothing for metrics between scrapes. The registry is our own, not the
+library's global one, so nothing else ends up in the output. Labels: ``listener`` and ``pool`` (names:
+"default" from flags, table keys in a config file), ``member`` (its configured host:port) and a few
+bounded ones (``kind``, ``reason``, ``state``, ``result``); never a client's address. README's
+"Monitoring" section lists every family.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+
+from .counters import CONNECT_KINDS
+from .snapshot import STATES, Snapshot, Source
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+L, P, M = ["listener"], ["pool"], ["pool", "member"]
+
+
+class ProxyCollector:
+    """A prometheus_client collector over a ``Source``: every scrape reads a fresh Snapshot."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.source.snapshot()
+        yield from _process(snap)
+        yield from _listeners(snap)
+        yield from _pools(snap)
+        yield from _members(snap)
+
+
+def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def _process(snap: Snapshot) -> Iterator[Metric]:
+    info = InfoMetricFamily("l4proxy_build", "The running version.")
+    info.add_metric([], {"version": snap.version})
+    yield info
+    yield GaugeMetricFamily("l4proxy_start_time_seconds", "When the proxy started (Unix time).", snap.started_at)
+    yield GaugeMetricFamily("l4proxy_uptime_seconds", "Seconds since the proxy started.", snap.now - snap.started_at)
+    yield GaugeMetricFamily("l4proxy_open_fds", "Descriptors this process has open.", open_descriptors())
+    yield GaugeMetricFamily("l4proxy_workers", "Worker processes serving clients.", snap.workers)
+    yield GaugeMetricFamily("l4proxy_draining", "1 once a drain has started.", int(snap.draining))
+    yield GaugeMetricFamily("l4proxy_ready", "1 while /readyz answers 200.", int(snap.ready))
+
+
+def _listeners(snap: Snapshot) -> Iterator[Metric]:
+    accepted = _counter("l4proxy_listener_accepted", "Client connections accepted.", L)
+    sessions = _counter("l4proxy_listener_sessions", "Sessions begun (TLS: handshake done).", L)
+    active = _gauge("l4proxy_listener_sessions_active", "Sessions open now.", L)
+    bytes_in = _counter("l4proxy_listener_bytes_in", "Bytes read from clients, counted as sessions end.", L)
+    bytes_out = _counter("l4proxy_listener_bytes_out", "Bytes read from upstreams, counted as sessions end.", L)
+    tls = _counter("l4proxy_listener_tls_failures", "Client TLS handshakes that failed, by reason.", [*L, "reason"])
+    pauses = _counter("l4proxy_listener_accept_pauses", "Times accepting paused for want of descriptors.", L)
+    for x in snap.listeners:
+        accepted.add_metric([x.name], x.accepted)
+        sessions.add_metric([x.name], x.sessions)
+        active.add_metric([x.name], x.active)
+        bytes_in.add_metric([x.name], x.bytes_in)
+        bytes_out.add_metric([x.name], x.bytes_out)
+        pauses.add_metric([x.name], x.accept_pauses)
+        for reason, count in sorted(x.tls_failures.items()):
+            tls.add_metric([x.name, reason], count)
+    yield from (accepted, sessions, active, bytes_in, bytes_out, tls, pauses)
+
+
+def _pools(snap: Snapshot) -> Iterator[Metric]:
+    retries = _counter("l4proxy_pool_retries", "Connect attempts after a client's first.", P)
+    none = _counter("l4proxy_pool_no_upstream", "Clients closed because no member could be reached.", P)
+    eligible = _gauge("l4proxy_pool_members_eligible", "Members that can take new sessions.", P)
+    for pool in snap.pools:
+        retries.add_metric([pool.name], pool.retries)
+        none.add_metric([pool.name], pool.no_upstream)
+        eligible.add_metric([pool.name], pool.eligible)
+    yield from (retries, none, eligible)
+
+
+def _members(snap: Snapshot) -> Iterator[Metric]:
+    active = _gauge("l4proxy_member_sessions_active", "Sessions on the member now (dials included).", M)
+    sessions = _counter("l4proxy_member_sessions", "Sessions whose upstream connect to the member succeeded.", M)
+    attempts = _counter("l4proxy_member_connect_attempts", "Upstream connect attempts.", M)
+    failures = _counter("l4proxy_member_connect_failures", "Failed upstream connects, by kind.", [*M, "kind"])
+    state = _gauge("l4proxy_member_status", "1 for the member's current state (UP, DOWN, DRAIN, MAINT).", [*M, "state"])
+    checks = _counter("l4proxy_member_checks", "Health probe results.", [*M, "result"])
+    check_failures = _counter("l4proxy_member_check_failures", "Failed health probes, by kind.", [*M, "kind"])
+    latency = _gauge("l4proxy_member_check_duration_seconds", "How long the last health probe took.", M)
+    for pool in snap.pools:
+        for m in pool.members:
+            labels = [pool.name, m.name]
+            active.add_metric(labels, m.active)
+            sessions.add_metric(labels, m.sessions)
+            attempts.add_metric(labels, m.attempts)
+            for kind in CONNECT_KINDS:
+                failures.add_metric([*labels, kind], m.connect_failures.get(kind, 0))
+            for name in STATES:
+                state.add_metric([*labels, name], int(m.state == name))
+            checks.add_metric([*labels, "passed"], m.checks_passed)
+            checks.add_metric([*labels, "failed"], m.checks_failed)
+            for kind, count in m.check_failures.items():
+                check_failures.add_metric([*labels, kind], count)
+            latency.add_metric(labels, m.last_check_seconds)
+    yield from (active, sessions, attempts, failures, state, checks, check_failures, latency)
+
+
+def registry(source: Source) -> CollectorRegistry:
+    """A registry holding only the proxy's collector."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ProxyCollector(source))
+    return reg
+
+
+def render(reg: CollectorRegistry) -> bytes:
+    return generate_latest(reg)
+
+
+def open_descriptors() -> int:
+    """Entries of ``/proc/self/fd``, less the one the listing uses; -1 where there is no ``/proc``."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1
+    except OSError:
+        return -1

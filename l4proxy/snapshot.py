@@ -1,0 +1,295 @@
+"""The one place that reads the proxy's run-time objects for ``/metrics``, ``/status``, ``/readyz``,
+SIGUSR1 and the member actions of the admin API.
+
+``ProxySource`` turns a running ``Proxy`` into a ``Snapshot`` of plain values (listeners, pools,
+members, process facts) at the moment it is asked, and applies an operator's state to a member. The
+renderers (``metrics.py``, ``status`` and ``status_lines`` below) see only the Snapshot, so a change
+in how the proxy keeps its objects (a frontend per listener, a session table) is confined to
+``ProxySource``, and another source (the supervisor of ``--workers N``) can stand in for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import __version__
+from .checks import Failure
+from .counters import ADMIN_STATES, DISABLED, DRAIN, ListenerCounters
+
+if TYPE_CHECKING:
+    from .balancer import Member
+    from .config import ListenerConfig
+    from .listener import Listener
+    from .pool import Pool
+    from .prober import Prober
+    from .proxy import Proxy
+
+STATES = ("UP", "DOWN", "DRAIN", "MAINT")  # as HAProxy's haproxy_server_status states
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerView:
+    name: str  # "default" from flags, its table key in a config file
+    address: str  # as configured, e.g. 127.0.0.1:7000
+    pool: str
+    accepted: int
+    sessions: int
+    active: int
+    bytes_in: int
+    bytes_out: int
+    tls_failures: dict[str, int]
+    accept_pauses: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    name: str  # the member's key: its configured host:port
+    state: str  # one of STATES
+    health: str  # "up" or "down", whatever the operator did
+    why: str
+    since: float  # wall-clock seconds
+    active: int
+    attempts: int
+    sessions: int
+    connect_failures: dict[str, int]
+    checks_passed: int
+    checks_failed: int
+    check_failures: dict[str, int]  # by kind (checks.Failure, lower-case names)
+    last_check: str
+    last_check_ok: bool
+    last_check_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    name: str
+    members: tuple[MemberView, ...]
+    retries: int
+    no_upstream: int
+
+    @property
+    def eligible(self) -> int:
+        """Members that can take a new session."""
+        return sum(1 for m in self.members if m.state == "UP")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    listeners: tuple[ListenerView, ...]
+    pools: tuple[PoolView, ...]
+    started_at: float
+    now: float
+    draining: bool
+    workers: int = 1
+    version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        """Serving new clients: not draining, and every pool has an eligible member."""
+        return not self.draining and all(pool.eligible for pool in self.pools)
+
+
+class NotFound(LookupError):
+    """An unknown pool or member; the message names it."""
+
+
+class Source(Protocol):
+    """What the admin endpoint reads and changes."""
+
+    def snapshot(self) -> Snapshot: ...
+
+    def set_admin(self, pool: str, member: str, action: str) -> MemberView:
+        """Apply ``action`` (a key of ``counters.ADMIN_STATES``) to a member; raises NotFound."""
+        ...
+
+
+def state_of(member: Member, up: bool | None = None) -> str:
+    """The member's state as one word: the operator's hold wins over health."""
+    if member.admin == DISABLED:
+        return "MAINT"
+    if member.admin == DRAIN:
+        return "DRAIN"
+    return "UP" if (member.health.up if up is None else up) else "DOWN"
+
+
+def check_failures(probers: Sequence[Prober], pool: Pool, member: Member) -> dict[str, int]:
+    """The member's failed checks by kind, every kind present, from its pool's prober (if it has one)."""
+    prober = next((p for p in probers if p.pool is pool), None)
+    found = prober.failures if prober is not None else {}
+    return {kind.name.lower(): found.get((member.key, kind), 0) for kind in Failure}
+
+
+def member_view(
+    member: Member,
+    started_at: float,
+    check_failures: dict[str, int],
+    active: int | None = None,
+    up: bool | None = None,
+) -> MemberView:
+    """A member's facts; ``active`` and ``up`` override this process's (the workers' table knows better)."""
+    stats = member.stats
+    return MemberView(
+        name=member.key,
+        state=state_of(member, up),
+        health="up" if (member.health.up if up is None else up) else "down",
+        why=stats.why,
+        since=stats.since or started_at,
+        active=member.active if active is None else active,
+        attempts=member.total,
+        sessions=stats.sessions,
+        connect_failures=dict(stats.connect_failures),
+        checks_passed=stats.checks_passed,
+        checks_failed=stats.checks_failed,
+        check_failures=check_failures,
+        last_check=stats.last_check,
+        last_check_ok=stats.last_check_ok,
+        last_check_seconds=stats.last_check_seconds,
+    )
+
+
+def pool_view(pool: Pool, started_at: float, probers: Sequence[Prober]) -> PoolView:
+    members = tuple(member_view(m, started_at, check_failures(probers, pool, m)) for m in pool.members)
+    return PoolView(pool.name, members, pool.retries, pool.no_upstream)
+
+
+def listener_view(config: ListenerConfig, counters: ListenerCounters, listener: Listener) -> ListenerView:
+    return ListenerView(
+        name=config.name,
+        address=str(config.address),
+        pool=config.pool,
+        accepted=listener.accepted,
+        sessions=counters.sessions,
+        active=counters.active,
+        bytes_in=counters.bytes_in,
+        bytes_out=counters.bytes_out,
+        tls_failures=dict(counters.tls_failures),
+        accept_pauses=listener.exhausted,
+    )
+
+
+def find_member(pools: Mapping[str, Pool], pool: str, member: str) -> tuple[Pool, Member]:
+    """The pool called ``pool`` and its member whose key (or address) is ``member``."""
+    found = pools.get(pool)
+    if found is None:
+        raise NotFound(f"no pool {pool!r}; known: {', '.join(sorted(pools))}")
+    for candidate in found.members:
+        if member in (candidate.key, candidate.name):
+            return found, candidate
+    raise NotFound(f"no member {member!r} in pool {pool!r}; known: {', '.join(m.key for m in found.members)}")
+
+
+class ProxySource:
+    """A ``Source`` over one process's ``Proxy``."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def snapshot(self) -> Snapshot:
+        proxy = self.proxy
+        listeners = tuple(listener_view(f.config, f.counters, f.listener) for f in proxy.frontends)
+        pools = tuple(pool_view(pool, proxy.started_at, proxy.probers) for pool in proxy.pools.values())
+        return Snapshot(listeners, pools, proxy.started_at, time.time(), proxy.draining, proxy.config.workers)
+
+    def set_admin(self, pool: str, member: str, action: str) -> MemberView:
+        found, target = find_member(self.proxy.pools, pool, member)
+        found.set_admin(target, ADMIN_STATES[action])
+        return member_view(target, self.proxy.started_at, check_failures(self.proxy.probers, found, target))
+
+
+# --- renderings ------------------------------------------------------------------------------------
+
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def member_json(member: MemberView) -> dict[str, Any]:
+    return {
+        "name": member.name,
+        "state": member.state,
+        "health": member.health,
+        "why": member.why,
+        "since": _stamp(member.since),
+        "active_sessions": member.active,
+        "sessions": member.sessions,
+        "connect_attempts": member.attempts,
+        "connect_failures": member.connect_failures,
+        "checks": {"passed": member.checks_passed, "failed": member.checks_failed, "failures": member.check_failures},
+        "last_check": {
+            "result": member.last_check or None,
+            "ok": member.last_check_ok if member.last_check else None,
+            "latency_ms": round(member.last_check_seconds * 1000, 3) if member.last_check else None,
+        },
+    }
+
+
+def status(snap: Snapshot) -> dict[str, Any]:
+    """``GET /status``: everything an operator looks at, as JSON-ready data."""
+    listeners = [
+        {
+            "name": listener.name,
+            "address": listener.address,
+            "pool": listener.pool,
+            "accepted": listener.accepted,
+            "sessions": listener.sessions,
+            "active_sessions": listener.active,
+            "bytes_in": listener.bytes_in,
+            "bytes_out": listener.bytes_out,
+            "tls_failures": listener.tls_failures,
+        }
+        for listener in snap.listeners
+    ]
+    pools = [
+        {
+            "name": pool.name,
+            "eligible_members": pool.eligible,
+            "retries": pool.retries,
+            "no_upstream": pool.no_upstream,
+            "members": [member_json(m) for m in pool.members],
+        }
+        for pool in snap.pools
+    ]
+    totals = {
+        "sessions": sum(x.sessions for x in snap.listeners),
+        "active_sessions": sum(x.active for x in snap.listeners),
+        "bytes_in": sum(x.bytes_in for x in snap.listeners),
+        "bytes_out": sum(x.bytes_out for x in snap.listeners),
+        "members": sum(len(p.members) for p in snap.pools),
+        "members_up": sum(p.eligible for p in snap.pools),
+    }
+    return {
+        "version": snap.version,
+        "started": _stamp(snap.started_at),
+        "uptime_seconds": round(snap.now - snap.started_at, 3),
+        "workers": snap.workers,
+        "draining": snap.draining,
+        "ready": snap.ready,
+        "listeners": listeners,
+        "pools": pools,
+        "totals": totals,
+        **snap.extra,
+    }
+
+
+def status_lines(snap: Snapshot) -> list[str]:
+    """SIGUSR1: one line per member, for hosts without the admin port."""
+    lines = []
+    for pool in snap.pools:
+        for m in pool.members:
+            check = f"{m.last_check} ({m.last_check_seconds * 1000:.1f} ms)" if m.last_check else "none"
+            lines.append(
+                f"status: pool {pool.name} member {m.name} {m.state} since {_stamp(m.since)} ({m.why});"
+                f" active {m.active}, sessions {m.sessions}, last check {check}"
+            )
+    return lines
+
+
+def log_status(source: Source) -> None:
+    """SIGUSR1: the status of every member, one line each, to the log."""
+    for line in status_lines(source.snapshot()):
+        logging.getLogger("l4proxy").info("%s", line)

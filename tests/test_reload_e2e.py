@@ -1,0 +1,277 @@
+"""The ``l4proxy`` command reloading its file on SIGHUP, in one process and with workers, and handing its
+listening sockets to a new process (RELIABILITY cases 32, 35 and 36)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .servers import free_port, wait_listening, wait_until
+
+
+def echo_server() -> tuple[socket.socket, threading.Thread]:
+    """A threaded echo server on loopback (every connection echoed until EOF)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+class Command:
+    """``l4proxy --config FILE ...`` as a subprocess, its stderr in a file."""
+
+    def __init__(self, tmp: Path, *args: str, name: str = "l4proxy") -> None:
+        self.err = tmp / f"{name}.err"
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "l4proxy", *args], stderr=err,
+                                         stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 15.0) -> None:
+        wait_until(lambda: self.stderr.count(text) >= count or self.proc.poll() is not None, timeout)
+        assert self.stderr.count(text) >= count, f"{text!r} not logged; stderr:\n{self.stderr}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def write_config(path: Path, listeners: dict[str, int], members: list[int], *, workers: int = 1,
+                 extra: str = "") -> None:
+    lines = ['access_log = "off"', 'drain_timeout = "5s"', f"workers = {workers}", extra]
+    for name, port in listeners.items():
+        lines += [f"[listeners.{name}]", f'address = "127.0.0.1:{port}"', 'pool = "main"']
+    lines += ["[pools.main]", "members = [" + ", ".join(f'"127.0.0.1:{p}"' for p in members) + "]",
+              "[pools.main.health]", "enabled = false"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def echo_once(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := conn.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+class ClientLoop:
+    """Clients connecting without pause in a thread: every refused connect or short echo is kept."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.done = 0
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            payload = os.urandom(1 + self.done % 30_000)
+            try:
+                back = echo_once(self.port, payload)
+            except OSError as exc:
+                self.failures.append(repr(exc))
+                continue
+            if back != payload:
+                self.failures.append(f"{len(back)} of {len(payload)} bytes back")
+            self.done += 1
+
+    def at_least(self, count: int) -> None:
+        start = self.done
+        wait_until(lambda: self.done >= start + count, 20)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(20)
+
+
+@pytest.fixture
+def members() -> Iterator[list[int]]:
+    servers = [echo_server() for _ in range(2)]
+    yield [listener.getsockname()[1] for listener, _ in servers]
+    for listener, _ in servers:
+        listener.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_file_reloads_under_live_traffic_refuse_nothing_and_a_broken_file_keeps_the_config(
+    tmp_path: Path, members: list[int], workers: int
+) -> None:
+    """Case 35 and 32 through the command: a client loop runs through reloads that add a member and a
+    listener, a broken file (kept out, every problem logged with its line), then one that removes the
+    listener again; no connect is refused, no byte lost."""
+    path = tmp_path / "l4proxy.toml"
+    main, extra = free_port(), free_port()
+    write_config(path, {"main": main}, members[:1], workers=workers)
+    proxy = Command(tmp_path, "--config", str(path))
+    try:
+        wait_listening(main)
+        loop = ClientLoop(main)
+        loop.at_least(20)
+        write_config(path, {"main": main, "extra": extra}, members, workers=workers)
+        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.wait_log("SIGHUP: configuration reloaded")
+        wait_listening(extra)
+        assert echo_once(extra, b"extra") == b"extra"
+        loop.at_least(20)
+        path.write_text(path.read_text().replace('pool = "main"', 'pool = "mian"', 1) + "bogus = 1\n")
+        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.wait_log("SIGHUP: kept the running configuration (2 problems in the file)")
+        assert f"SIGHUP: {path}:7: listeners.main.pool: no such pool; did you mean 'main'? (got 'mian')" \
+            in proxy.stderr
+        assert f"SIGHUP: {path}:15: pools.main.health.bogus: no such setting" in proxy.stderr
+        assert echo_once(extra, b"still") == b"still"  # the old configuration runs on
+        loop.at_least(20)
+        write_config(path, {"main": main}, members[1:], workers=workers)
+        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.wait_log("SIGHUP: configuration reloaded", count=2)
+        wait_until(lambda: _refused(extra), 10)
+        loop.at_least(20)
+        loop.stop()
+        assert loop.failures == []
+        assert proxy.stop() == 0
+    finally:
+        proxy.kill()
+    assert "Traceback" not in proxy.stderr
+    summary = "listeners: 1 kept, 0 rebuilt, 1 opened, 0 closed; pools: 0 unchanged, 1 updated, 0 added, 0 removed"
+    assert summary in proxy.stderr
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_takeover_refuses_no_connection_and_the_old_sessions_run_to_their_end(
+    tmp_path: Path, members: list[int]
+) -> None:
+    """Case 36: a client loop across the takeover never sees a refused connect; a session open on the old
+    process keeps working after the new one took over, and the old one exits 0 once it ends."""
+    path = tmp_path / "l4proxy.toml"
+    port = free_port()
+    write_config(path, {"main": port}, members)
+    control = str(tmp_path / "l4proxy.sock")
+    old = Command(tmp_path, "--config", str(path), "--takeover", control, name="old")
+    new = None
+    try:
+        wait_listening(port)
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"before")
+        assert held.recv(6) == b"before"
+        loop = ClientLoop(port)
+        loop.at_least(20)
+        new = Command(tmp_path, "--config", str(path), "--takeover", control, name="new")
+        new.wait_log("took over 1 listening sockets from pid")
+        old.wait_log("takeover: pid")
+        loop.at_least(50)
+        held.sendall(b"after")  # the old process still relays its session
+        assert held.recv(5) == b"after"
+        assert old.proc.poll() is None
+        held.close()
+        assert old.proc.wait(20) == 0  # its last session ended: it exits without waiting the deadline
+        loop.at_least(20)
+        loop.stop()
+        assert loop.failures == []
+        assert os.path.exists(control)  # the new process serves it now, for the next upgrade
+        assert new.stop() == 0
+    finally:
+        old.kill()
+        if new is not None:
+            new.kill()
+    assert "Traceback" not in old.stderr + (new.stderr if new else "")
+
+
+def test_takeover_with_workers_is_refused(tmp_path: Path, members: list[int]) -> None:
+    path = tmp_path / "l4proxy.toml"
+    write_config(path, {"main": free_port()}, members, workers=2)
+    proc = subprocess.run([sys.executable, "-m", "l4proxy", "--config", str(path), "--takeover",
+                           str(tmp_path / "s")], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"l4proxy: error: --takeover '{tmp_path / 's'}': works with one process only, not with"
+                           " --workers/workers above 1\n")
+
+
+def test_a_new_process_that_cannot_start_leaves_the_old_one_serving(tmp_path: Path, members: list[int]) -> None:
+    path = tmp_path / "l4proxy.toml"
+    port, taken = free_port(), socket.create_server(("127.0.0.1", 0))
+    write_config(path, {"main": port}, members)
+    control = str(tmp_path / "l4proxy.sock")
+    old = Command(tmp_path, "--config", str(path), "--takeover", control, name="old")
+    try:
+        wait_listening(port)
+        write_config(tmp_path / "new.toml", {"main": port, "clash": taken.getsockname()[1]}, members)
+        new = subprocess.run([sys.executable, "-m", "l4proxy", "--config", str(tmp_path / "new.toml"), "--takeover",
+                              control], capture_output=True, text=True, timeout=30, check=False)
+        assert new.returncode == 1 and "cannot listen on 127.0.0.1:" in new.stderr
+        old.wait_log("takeover: the new process did not start; still serving")
+        assert echo_once(port, b"still") == b"still"
+        assert old.stop() == 0
+    finally:
+        old.kill()
+        taken.close()
+
+
+def test_takeover_hands_the_admin_endpoint_over_too(tmp_path: Path, members: list[int]) -> None:
+    """The new process answers on the same --admin address: it took the old one's socket, so binding it
+    does not fail while the old process drains."""
+    path = tmp_path / "l4proxy.toml"
+    port, admin = free_port(), free_port()
+    write_config(path, {"main": port}, members)
+    control = str(tmp_path / "l4proxy.sock")
+    flags = ("--config", str(path), "--takeover", control, "--admin", f"127.0.0.1:{admin}")
+    old = Command(tmp_path, *flags, name="old")
+    new = None
+    try:
+        wait_listening(port)
+        wait_listening(admin)
+        new = Command(tmp_path, *flags, name="new")
+        new.wait_log("took over 1 listening sockets from pid")
+        new.wait_log("admin endpoint on http://127.0.0.1:")
+        assert old.proc.wait(20) == 0
+        with socket.create_connection(("127.0.0.1", admin), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(12) == b"HTTP/1.1 200"
+        assert echo_once(port, b"after") == b"after"
+        assert new.stop() == 0
+    finally:
+        old.kill()
+        if new is not None:
+            new.kill()
+    assert "Traceback" not in old.stderr + (new.stderr if new else "")
