@@ -163,15 +163,22 @@ class Frontend:
 
             def attached(session: Session) -> None:
                 upstream = session.upstream
-                sock = (
+                found = (
                     None
                     if upstream is None or upstream.transport is None
                     else upstream.transport.get_extra_info("socket")
                 )
-                if sock is not None:
-                    with contextlib.suppress(OSError):  # a connection reset meanwhile: nothing to keep alive
+                if found is not None:
+                    # one socket object over the descriptor for the four calls: uvloop's stand-in for
+                    # the socket makes a new one for each setsockopt
+                    sock = socket.socket(found.family, socket.SOCK_STREAM, 0, found.fileno())
+                    try:
                         for option in options:
                             sock.setsockopt(*option)
+                    except OSError:  # a connection reset meanwhile: nothing to keep alive
+                        pass
+                    finally:
+                        sock.detach()
                 if then is not None:
                     then(session)
 
