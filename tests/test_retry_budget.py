@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import pytest
 
@@ -13,7 +12,7 @@ from l4proxy import HealthConfig
 from l4proxy.budget import RetryBudget
 
 from .kit import blackhole, connect, eventually, make_config, refused_address, running
-from .test_retries import CLOCK_SLACK, closed_by_proxy
+from .test_retries import CLOCK_SLACK, closed_after, closed_by_proxy
 
 
 class Watched(RetryBudget):
@@ -72,12 +71,7 @@ async def test_retries_to_the_same_member_back_off(monkeypatch: pytest.MonkeyPat
     """One member, three retries, the jitter at its top: 25, 50 and 100 ms between the attempts."""
     monkeypatch.setattr("l4proxy.dialer.random.random", lambda: 0.999)
     async with running(make_config([refused_address()], retries=3, health=QUIET)) as (proxy, log):
-        started = time.monotonic()
-        reader, writer = await connect(proxy.port())
-        assert await closed_by_proxy(reader) == b""
-        elapsed = time.monotonic() - started
-        await log.wait_for(1)
-        writer.close()
+        elapsed = await closed_after(proxy.port(), log)
     assert proxy.pools["default"].members[0].total == 4
     assert elapsed >= 0.999 * (0.025 + 0.05 + 0.1) - 3 * CLOCK_SLACK
 
