@@ -121,6 +121,7 @@ class Ctx:
     certs: Tls | None
     procs: int
     log: list[str] = field(default_factory=list)
+    edge: bool = False  # --edge
 
 
 def loadgen_cmd(s: Scenario, run: Running, ctx: Ctx) -> list[str]:
@@ -235,12 +236,12 @@ def upstreams(s: Scenario, ctx: Ctx, sessions: int) -> Any:
             procs.append(proc)
         else:
             mode = "bulk" if s.kind == "bulk" else "echo"
-            proc, plain = start_upstream(mode, ctx.tmp)
+            proc, plain = start_upstream(mode, ctx.tmp, strip_proxy=ctx.edge)
             procs.append(proc)
             if s.tls:
-                proc, tls = start_upstream(mode, ctx.tmp, ctx.certs)
+                proc, tls = start_upstream(mode, ctx.tmp, ctx.certs, strip_proxy=ctx.edge)
                 procs.append(proc)
-        yield Env(s.name, s.tls, plain, tls, ctx.certs, ctx.tmp, sessions)
+        yield Env(s.name, s.tls, plain, tls, ctx.certs, ctx.tmp, sessions, ctx.edge)
     finally:
         for p in procs:
             p.stop()
@@ -372,6 +373,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "out",
                    help="output folder (default benchmarks/out/, git-ignored; commit a run on purpose with "
                         "--out benchmarks/results/NAME)")
+    p.add_argument("--edge", action="store_true",
+                   help="l4proxy and HAProxy send PROXY v2 headers upstream and check a source ACL (l4proxy: "
+                        "--send-proxy v2 --allow 127.0.0.0/8); the upstreams drop the headers")
     p.add_argument("--no-charts", action="store_true")
     p.add_argument("--plan", action="store_true",
                    help="print the scenarios, targets (and which are missing here) and budgets, then exit")
@@ -429,12 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="l4bench-") as tmpdir:
         tmp = Path(tmpdir)
         certs = make_certs(tmp) if any(known[n].tls for n in names) else None
-        ctx = Ctx(tmp, certs, args.procs)
+        ctx = Ctx(tmp, certs, args.procs, edge=args.edge)
         results = {n: run_scenario(known[n], tnames, repeats, ctx, prof["sessions"]) for n in names}
     doc = {
         "machine": machine,
         "run": {"profile": args.profile, "repeats": repeats, "targets": tnames, "scenarios": names,
-                "procs": args.procs, "nofile": nofile, "seconds": round(time.monotonic() - t0, 1),
+                "procs": args.procs, "edge": args.edge, "nofile": nofile, "seconds": round(time.monotonic() - t0, 1),
                 "started": started, "budgets": prof},
         "scenarios": results,
     }

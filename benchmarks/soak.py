@@ -60,6 +60,11 @@ FD_SLACK = 40  # per process: up to 16 idle splice pipes (32 descriptors), and p
 CALM = 2.0  # seconds a pool's members must all have been in service before the chaos takes one out
 MAX_ROUNDS = 1_000_000  # every loop also stops after this many rounds, whatever the clock says
 RSS_GROWTH = 1.5  # the end RSS may exceed the first half's peak by this factor (plus 16 MiB) at most
+# Levelling off: the last quarter's peak may exceed the second quarter's by 10% or 6 MiB, whichever is
+# more. Peaks, not single samples: a worker being replaced makes the sum dip, never rise. Growth that
+# goes on (each failed TLS handshake once left its session and 256 KiB buffer to the cyclic GC: 43 MiB
+# at the second quarter, 54 at the end of 150 s) fails it; a heap warming up in the first quarter does not.
+RSS_LATE_GROWTH, RSS_LATE_SLACK = 1.10, 6.0
 
 
 # --- upstreams ---------------------------------------------------------------------------------------
@@ -343,8 +348,7 @@ class Soak:
             redis.start()
         ports = {name: [e.port for e in servers] for name, servers in self.echo.items()}
         tls_flags = ["--tls-cert", str(self.workdir / "server.pem"), "--tls-key", str(self.workdir / "server.key"),
-                     "--tls-handshake-timeout", "2s",
-                     "--upstream-tls", "--upstream-ca", str(self.workdir / "ca.pem")]
+                     "--tls-handshake-timeout", "2s", "--upstream-tls", "--upstream-ca", str(self.workdir / "ca.pem")]
         self.proxies = {
             "plain": Proxy("plain", self.workdir, ports["plain"], []),
             "workers": Proxy("workers", self.workdir, ports["workers"], ["--workers", "2"]),
@@ -726,6 +730,10 @@ class Soak:
                          f"  {statuses[name]}    RSS at 1/4, 1/2, 3/4: {quarters} MiB")
             if end > first_half_peak * RSS_GROWTH + 16:
                 problems.append(f"{name}: RSS grew from {first_half_peak:.1f} MiB (first half's peak) to {end:.1f}")
+            second, last = quarter_peak(rss, 1) / 1024, quarter_peak(rss, 3) / 1024
+            if last > max(second * RSS_LATE_GROWTH, second + RSS_LATE_SLACK):
+                problems.append(f"{name}: RSS did not level off: peak {second:.1f} MiB in the second quarter,"
+                                f" {last:.1f} in the last")
             if fds_end[name] > proxy.fds_start + FD_SLACK:
                 problems.append(f"{name}: {fds_end[name]} descriptors at the end, {proxy.fds_start} at the start")
             if not alive[name]:
@@ -747,6 +755,13 @@ class Soak:
         lines += ["", "result: " + ("PASS" if not problems else "FAIL"), *(f"  - {p}" for p in problems)]
         print("\n".join(lines), flush=True)
         return 1 if problems else 0
+
+
+def quarter_peak(samples: list[int], quarter: int) -> int:
+    """The largest sample in quarter ``quarter`` (0..3) of the run; the nearest sample for short runs."""
+    n = len(samples)
+    part = samples[n * quarter // 4: max(n * (quarter + 1) // 4, n * quarter // 4 + 1)]
+    return max(part or samples[-1:] or [0])
 
 
 async def both(*steps: Any) -> None:

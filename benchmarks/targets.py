@@ -58,6 +58,7 @@ class Env:
     certs: Tls | None
     tmp: Path
     sessions: int = 1000
+    edge: bool = False  # both proxies send PROXY v2 to the upstream and check a source ACL (run.py --edge)
 
     @property
     def proxy_upstream(self) -> tuple[str, int]:
@@ -182,9 +183,11 @@ def rss_kib(pid: int) -> int:
 # --- upstreams -----------------------------------------------------------------------------------------
 
 
-def start_upstream(mode: str, tmp: Path, certs: Tls | None = None) -> tuple[Proc, tuple[str, int]]:
+def start_upstream(
+    mode: str, tmp: Path, certs: Tls | None = None, strip_proxy: bool = False
+) -> tuple[Proc, tuple[str, int]]:
     """Start benchmarks/upstream.py on port 0 and read the port it prints."""
-    cmd = [sys.executable, str(HERE / "upstream.py"), "--mode", mode]
+    cmd = [sys.executable, str(HERE / "upstream.py"), "--mode", mode] + (["--strip-proxy"] if strip_proxy else [])
     if certs is not None:
         cmd += ["--tls-cert", certs.cert, "--tls-key", certs.key]
     name = f"upstream-{mode}{'-tls' if certs else ''}"
@@ -263,6 +266,8 @@ class L4proxy(Target):
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
         cmd += shlex.split(os.environ.get("L4PROXY_ARGS", ""))  # extra flags to compare, e.g. --relay transport
+        if env.edge:
+            cmd += EDGE_FLAGS
         if env.tls == "term":
             assert env.certs is not None
             cmd += ["--tls-cert", env.certs.cert, "--tls-key", env.certs.key]
@@ -319,6 +324,9 @@ class Haproxy(Target):
         return ready(Running(("127.0.0.1", port), env.tls == "term", proc))
 
 
+EDGE_FLAGS = ["--send-proxy", "v2", "--allow", "127.0.0.0/8"]  # run.py --edge; HAProxy's twin: haproxy_config
+
+
 def haproxy_maxconn(sessions: int) -> int:
     """Enough for the idle sessions, but within our open-files limit (HAProxy needs ~2 fds per conn)."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -329,6 +337,8 @@ def haproxy_config(port: int, uh: str, up: int, env: Env) -> str:
     """One frontend, one backend, one server; the access log goes to stdout, which we send to a file."""
     bind_tls = f" ssl crt {env.certs.combined}" if env.tls == "term" and env.certs else ""
     srv_tls = f" ssl verify required ca-file {env.certs.ca}" if env.tls == "orig" and env.certs else ""
+    srv_tls += " send-proxy-v2" if env.edge else ""
+    acl = "\n    tcp-request connection reject if !{ src 127.0.0.0/8 }" if env.edge else ""
     return f"""global
     nbthread 1
     maxconn {haproxy_maxconn(env.sessions)}
@@ -341,7 +351,7 @@ defaults
     timeout client 1h
     timeout server 1h
 frontend fe
-    bind 127.0.0.1:{port}{bind_tls}
+    bind 127.0.0.1:{port}{bind_tls}{acl}
     default_backend be
 backend be
     balance leastconn

@@ -10,6 +10,9 @@ and the proxy under test is what the numbers measure:
   relying on half-close (which not every proxy passes on).
 
 With ``--port 0`` it prints the chosen port on stdout (one line) once it accepts connections.
+``--strip-proxy`` drops a PROXY protocol header (v1 or v2) that starts a connection, for the ``--edge``
+runs in which the proxies under test send one: a benchmark tool's leniency (the header must come whole in
+the first read, and a connection without one is served as it is), not a parser.
 """
 
 from __future__ import annotations
@@ -102,6 +105,33 @@ class Bulk(asyncio.Protocol):
 
 
 PROTOCOLS: dict[str, type[asyncio.Protocol]] = {"echo": Echo, "bulk": Bulk}
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def header_length(data: bytes) -> int:
+    """The length of the PROXY header that starts ``data`` (whole in it), 0 when none does."""
+    if data.startswith(V2_SIGNATURE) and len(data) >= 16:
+        return 16 + int.from_bytes(data[14:16], "big")
+    if data.startswith(b"PROXY "):
+        return data.find(b"\r\n") + 2
+    return 0
+
+
+def stripping(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """``protocol`` with the PROXY header of each connection's first read taken off."""
+
+    class Stripping(protocol):  # type: ignore[valid-type,misc]
+        first = True
+
+        def data_received(self, data: bytes) -> None:
+            if self.first:
+                self.first = False
+                data = data[header_length(data) :]
+                if not data:
+                    return
+            super().data_received(data)
+
+    return Stripping
 
 
 def raise_nofile_limit() -> int:
@@ -124,7 +154,8 @@ async def serve(args: argparse.Namespace) -> None:
     """Listen until SIGTERM/SIGINT; announce the port on stdout so a parent can use port 0."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        PROTOCOLS[args.mode], args.host, args.port, backlog=4096,
+        stripping(PROTOCOLS[args.mode]) if args.strip_proxy else PROTOCOLS[args.mode], args.host, args.port,
+        backlog=4096,
         ssl=server_ssl(args.tls_cert, args.tls_key), reuse_address=True,
     )
     port = server.sockets[0].getsockname()[1]
@@ -143,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", help="private key for --tls-cert (PEM)")
+    parser.add_argument("--strip-proxy", action="store_true", help="drop a PROXY header starting a connection")
     args = parser.parse_args(argv)
     raise_nofile_limit()
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:

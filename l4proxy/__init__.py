@@ -11,10 +11,13 @@ client should not have to:
 * health checks: active probes (TCP connect, or send/expect such as Redis ``PING``/``+PONG``) with
   rise/fall hysteresis, and passive marking from failed client connects;
 * half-close passed through both ways, bounded buffers with backpressure, idle timeouts;
+* the PROXY protocol (v1 and v2) both ways: the real client's address sent to members, and read from
+  a load balancer in front; CIDR allow/deny rules and per-address connection and rate limits;
 * one access-log line per session; graceful drain on SIGTERM.
 
-What it does not do: it never parses or rewrites the byte stream, never retries after relaying, and
-does not route by content (every client of a listener goes to that listener's pool).
+What it does not do: it never parses or rewrites the byte stream (a PROXY header it reads is taken off
+before the stream, one it sends is put before it), never retries after relaying, and does not route by
+content (every client of a listener goes to that listener's pool).
 
 Embedding::
 

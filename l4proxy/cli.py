@@ -43,10 +43,12 @@ import click
 
 from . import __version__, configfile, takeover
 from .accesslog import AccessLog
+from .acl import parse_cidr, parse_rate
 from .admin import AdminServer
 from .checks import KINDS, MATCHES, load_credentials
 from .config import (
     LOG_LEVELS,
+    PROXY_VERSIONS,
     RELAY_ENGINES,
     TLS_VERSIONS,
     Address,
@@ -120,6 +122,12 @@ def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> t
     return parse_members(texts, path, default_port=earlier[LISTEN_PATH].port)
 
 
+def _cidrs(texts: tuple[str, ...], path: str, _earlier: Mapping[str, Any]) -> tuple[str, ...]:
+    """CIDR ranges from repeated and/or comma-separated values, as canonical text."""
+    parts = [part.strip() for text in texts for part in text.split(",")]
+    return tuple(str(parse_cidr(part, path)) for part in parts)
+
+
 def _off(given: bool, path: str, _earlier: Mapping[str, Any]) -> bool:
     return not given
 
@@ -145,6 +153,7 @@ TLS_IN = Need("needs --tls-cert and --tls-key", lambda given: bool({"--tls-cert"
 TLS_OUT = Need("needs --upstream-tls", lambda given: "--upstream-tls" in given)
 PROBES = Need("has no effect with --no-health-checks", lambda given: "--no-health-checks" not in given)
 NO_PROBES = Need("applies only with --no-health-checks", lambda given: "--no-health-checks" in given)
+PROXY_IN = Need("needs --accept-proxy", lambda given: "--accept-proxy" in given)
 VERIFIED = Need(
     "has no effect with --upstream-insecure (nothing is verified)", lambda given: "--upstream-insecure" not in given
 )
@@ -181,6 +190,7 @@ GROUPS = {
     "listener": "Listener",
     "upstreams": "Upstreams",
     "health": "Health checks",
+    "access": "Who may connect",
     "tls-in": "TLS from clients",
     "tls-out": "TLS to upstreams",
     "logging": "Logging",
@@ -235,6 +245,9 @@ OPTIONS: tuple[Option, ...] = (
            "DURATION"),
     Option("--resolve-empty-after", f"{_POOL}.resolve_empty_after", "upstreams", "An empty DNS answer replaces"
            " the last good one only once every answer for this long was empty.", "30s", _DURATION, "DURATION"),
+    Option("--send-proxy", f"{_POOL}.send_proxy", "upstreams", "Send each member a PROXY protocol header with"
+           " the client's address before any byte; probes send LOCAL (v2) or UNKNOWN (v1).",
+           metavar="|".join(PROXY_VERSIONS)),
     Option("--health-interval", f"{_POOL}.health.interval", "health",
            "Time between active health probes of each member.", "2s", _DURATION, "DURATION", needs=(PROBES,)),
     Option("--health-timeout", f"{_POOL}.health.timeout", "health", "A probe that takes longer fails.", "1s",
@@ -266,6 +279,22 @@ OPTIONS: tuple[Option, ...] = (
            "Turn active probes off (failed client connects still take members DOWN).", parse=_off, switch=True),
     Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
            " taken DOWN by failed connects stays out.", "10s", _DURATION, "DURATION", needs=(NO_PROBES,)),
+    Option("--accept-proxy", f"{_LISTENER}.accept_proxy", "access", "Clients start with a PROXY protocol header"
+           " (v1 or v2, from a load balancer in front); the address it carries is the client's.", parse=_on,
+           switch=True),
+    Option("--accept-proxy-from", f"{_LISTENER}.accept_proxy_from", "access", "Only peers in these CIDR ranges"
+           " must send the header; others are served as direct clients (repeatable).", parse=_cidrs,
+           metavar="CIDR", multiple=True, needs=(PROXY_IN,)),
+    Option("--proxy-timeout", f"{_LISTENER}.proxy_timeout", "access", "Close a client whose PROXY header has not"
+           " arrived within this long.", "5s", _DURATION, "DURATION", needs=(PROXY_IN,)),
+    Option("--allow", f"{_LISTENER}.allow", "access", "Accept clients only from these CIDR ranges (repeatable,"
+           " comma-separated).", parse=_cidrs, metavar="CIDR", multiple=True),
+    Option("--deny", f"{_LISTENER}.deny", "access", "Refuse clients from these CIDR ranges; wins over --allow.",
+           parse=_cidrs, metavar="CIDR", multiple=True),
+    Option("--max-connections-per-ip", f"{_LISTENER}.max_connections_per_ip", "access", "Refuse a client"
+           " address's connections past this many at once (per worker process).", parse=_whole, metavar="N"),
+    Option("--rate-per-ip", f"{_LISTENER}.rate_per_ip", "access", "New connections a second from one client"
+           " address, with a burst of as many (per worker process).", parse=_plain(parse_rate), metavar="N/s"),
     Option("--tls-cert", f"{_LISTENER}.tls.cert", "tls-in",
            "Terminate TLS from clients with this certificate chain. Repeat for more certificates, chosen by the"
            " SNI name clients ask for (their DNS names); the first is the default.", metavar="PEM",
@@ -395,7 +424,7 @@ def _refuse_ineffective(params: Mapping[str, Any], given: frozenset[str]) -> Non
     for option in OPTIONS:
         if option.flag not in given:
             continue
-        shown = None if option.switch else params[option.name]
+        shown = _shown(option, params)
         for need in option.needs:
             if not need.met(given):
                 raise ConfigError(option.flag, shown, need.problem)
@@ -702,14 +731,21 @@ def with_process_flags(config: Config, params: Mapping[str, Any]) -> Config:
     given = _given(params)
     for option in OPTIONS:
         if option.flag in given and option not in PROCESS_OPTIONS:
-            shown = None if option.switch else ",".join(params[option.name]) if option.multiple else params[option.name]
             problem = f"cannot be combined with --config; set {_file_key(option)} in the file"
-            raise ConfigError(option.flag, shown, problem)
+            raise ConfigError(option.flag, _shown(option, params), problem)
     try:
         overrides = {o.path: o.parse(params[o.name], o.path, {}) for o in PROCESS_OPTIONS if o.flag in given}
         return dataclasses.replace(config, **overrides)
     except ConfigError as exc:
         raise flagged(exc, {o.flag: params[o.name] for o in PROCESS_OPTIONS if o.flag in given}) from None
+
+
+def _shown(option: Option, params: Mapping[str, Any]) -> str | None:
+    """What the user typed for ``option``, as an error echoes it (repeated values comma-joined)."""
+    if option.switch:
+        return None
+    value = params[option.name]
+    return ",".join(value) if option.multiple else value
 
 
 def _file_key(option: Option) -> str:

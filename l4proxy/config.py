@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
 from . import checks
+from .acl import parse_cidr
 from .errors import ConfigError
 
 # --- textual forms ---------------------------------------------------------------------------------
@@ -443,12 +444,15 @@ class PoolConfig:
     tls: UpstreamTLSConfig | None = None
     resolve_interval: float = 10.0
     resolve_empty_after: float = 30.0
+    send_proxy: str | None = None  # 'v1' or 'v2': a PROXY protocol header before any byte to a member
     slow_start: float = 0.0  # seconds a member back UP takes to ramp from 10% to its full share; 0: off
     retry_budget: int = 20  # retries in flight may be this percent of the dials in flight (3 at least)
     panic_threshold: int = 0  # percent of members UP below which health is ignored; 0: off
     on_member_down: str = "keep"  # a member marked DOWN: 'keep' its sessions, or 'close' them over a second
 
     def __post_init__(self) -> None:
+        if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
+            raise ConfigError("send_proxy", self.send_proxy, f"expected {' or '.join(PROXY_VERSIONS)}")
         if not self.members:
             raise ConfigError("members", None, "at least one upstream is required")
         _positive("resolve_interval", self.resolve_interval)
@@ -476,7 +480,10 @@ class PoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
-    """Where clients connect, which pool serves them, and the per-session timeouts and buffer."""
+    """Where clients connect, which pool serves them, the per-session timeouts and buffer, and who may
+    connect (``edge.py``): a PROXY header to read first (``accept_proxy``, from every peer or only
+    from those in ``accept_proxy_from``), CIDR ``allow``/``deny`` rules and per-source limits.
+    Ranges are kept as canonical text (``10.0.0.0/8``), checked here."""
 
     address: Address
     pool: str = "default"
@@ -488,11 +495,27 @@ class ListenerConfig:
     reuse_port: bool = False  # SO_REUSEPORT, so several worker processes can each bind the address
     relay: str = "auto"  # engine: 'auto' (bulky plain-TCP sessions switch to splice), 'splice', 'transport'
     name: str = "default"  # its table key in a config file
+    accept_proxy: bool = False
+    accept_proxy_from: tuple[str, ...] = ()  # empty: every peer must send a header
+    proxy_timeout: float = 5.0
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    max_connections_per_ip: int | None = None
+    rate_per_ip: int | None = None  # connections a second, with a burst of as many
     max_connections: int | None = None  # sessions at once; None: as many as the open-files limit allows
     tcp_keepalive: float = 60.0  # idle seconds before TCP keepalive probes, on both sides; 0: off
     max_session_duration: float = 0.0  # sessions older are closed when quiet, or at 110% at most; 0: off
 
     def __post_init__(self) -> None:
+        for name in ("accept_proxy_from", "allow", "deny"):
+            object.__setattr__(self, name, _ranges(getattr(self, name), name))
+        if self.accept_proxy_from and not self.accept_proxy:
+            raise ConfigError("accept_proxy_from", list(self.accept_proxy_from), "needs accept_proxy")
+        _positive("proxy_timeout", self.proxy_timeout)
+        for name in ("max_connections_per_ip", "rate_per_ip"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ConfigError(name, value, "must be at least 1")
         _positive("idle_timeout", self.idle_timeout)
         _positive("half_closed_timeout", self.half_closed_timeout)
         if self.buffer_size < 1024:
@@ -539,7 +562,15 @@ class Config:
         return next(p for p in self.pools if p.name == name)
 
 
+def _ranges(texts: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """CIDR ranges as canonical text; a ConfigError names the one that is wrong (``allow[1]``)."""
+    if isinstance(texts, str):
+        raise ConfigError(name, texts, "expected a list of CIDR ranges")
+    return tuple(str(parse_cidr(text, f"{name}[{index}]")) for index, text in enumerate(texts))
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PROXY_VERSIONS = ("v1", "v2")
 RELAY_ENGINES = ("auto", "splice", "transport")
 TLS_VERSIONS = ("1.2", "1.3")
 

@@ -19,6 +19,12 @@ and connected here (``_connect_noted``), so its address is known before the conn
 accepted at the other end; a member given by name is noted once connected, which may be a hop late.
 It costs one set lookup per session and a port lookup per connect; a member on another port costs
 nothing more.
+
+**PROXY protocol** (``send_proxy``): a dial with a ``header`` (``proxy_header``, built once per
+session by the frontend) writes it before any byte of the client's: to a plain member first thing on
+the new transport, ahead of the early bytes the client pump holds; to a TLS member in the clear on the
+connected socket before the handshake, as HAProxy's ``send-proxy`` with ``ssl`` does. A dial without
+one does nothing more.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from .deadlines import Deadlines
 from .drive import Drive
 from .errors import failure_kind, out_of_descriptors
 from .health import Event
+from .peer import Carried
 from .pool import Pool
+from .proxyproto import SSLInfo, Tlv, alpn_tlv, authority_tlv, encode_v1, encode_v2, ssl_tlv
 from .ratelog import Warnings
 from .relay import Pump, Session
 
@@ -73,6 +81,7 @@ class Dial:
         "deadline",
         "deadlines",
         "drive",
+        "header",
         "loop",
         "member",
         "outgoing",
@@ -106,6 +115,7 @@ class Dial:
         self.deadline: set[Hashable] | None = None  # the deadline bucket this attempt is in
         self.counted = 0  # the attempt in flight in the pool's retry budget: 1 a first one, 2 a retry
         self.wait: asyncio.TimerHandle | None = None  # the back-off before a retry to the same member
+        self.header = b""  # the PROXY header to send first (send_proxy), the same for every attempt
 
     def start(self, cause: str = "no healthy upstream", give_up: bool = False) -> None:
         """Begin the next attempt, or fail the client when none is left (or ``give_up``)."""
@@ -159,8 +169,11 @@ class Dial:
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
         self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
         try:
+            before_tls = self.header if pool.ssl_context is not None else b""
             if member.address.port in self.outgoing.ports and _is_ip(member.address.host):
-                coro = _connect_noted(self.loop, pool, member, pump, self.outgoing)
+                coro = _connect_noted(self.loop, pool, member, pump, self.outgoing, before_tls)
+            elif before_tls:
+                coro = _connect_after(self.loop, pool, member, pump, before_tls)
             else:
                 coro = _connect(self.loop, pool, member, pump)
         except (OSError, ssl.SSLError) as exc:
@@ -206,6 +219,13 @@ class Dial:
             session.sockname = sockname = pump.transport.get_extra_info("sockname")
             outgoing.addresses.add(sockname)
         member.stats.sessions += 1
+        if self.header and self.pool.ssl_context is None:
+            early = session.client.pending
+            if early:  # one write with the early bytes attach_upstream hands over
+                early.insert(0, self.header)
+            else:
+                assert pump.transport is not None
+                pump.transport.write(self.header)
         session.attach_upstream(pump, member)
 
     def expired(self) -> None:
@@ -273,11 +293,38 @@ def _connect(
     )
 
 
+async def _connect_after(
+    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump, header: bytes
+) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """Connect, send ``header`` in the clear, then start TLS on the same socket (send_proxy with TLS)."""
+    sock = await connected_after(loop, member.address.host, member.address.port, header)
+    try:
+        return await _connect(loop, pool, member, pump, sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def connected_after(loop: asyncio.AbstractEventLoop, host: str, port: int, header: bytes) -> socket.socket:
+    """A socket connected to ``host:port`` that has sent ``header`` (and nothing else yet)."""
+    family, _, _, _, where = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]  # an IP: at once
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, where)
+        await loop.sock_sendall(sock, header)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def _connect_noted(
-    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump, outgoing: Outgoing
+    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump, outgoing: Outgoing, header: bytes = b""
 ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
     """Connect to a member that may be this proxy, with the socket's local address in ``outgoing`` from
-    the ``connect()`` call on (see Loops), so the far end can tell it is us as soon as it accepts."""
+    the ``connect()`` call on (see Loops), so the far end can tell it is us as soon as it accepts;
+    ``header`` goes first, before TLS starts."""
     host, port = member.address.host, member.address.port
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sockname: object = None
@@ -288,6 +335,8 @@ async def _connect_noted(
         sockname = sock.getsockname()
         outgoing.addresses.add(sockname)
         await loop.sock_connect(sock, (host, port))
+        if header:
+            await loop.sock_sendall(sock, header)
         connected = await _connect(loop, pool, member, pump, sock)
     except BaseException:
         outgoing.addresses.discard(sockname)
@@ -295,6 +344,42 @@ async def _connect_noted(
         raise
     pump.session.sockname = sockname
     return connected
+
+
+def proxy_header(
+    session: Session, version: str, client_cert: bool = False, listening: tuple[str, int] | None = None
+) -> bytes:
+    """The PROXY header for ``session``'s client (``version`` 'v1' or 'v2'): the address it came from
+    and the one it reached, as a header carried them, else ``listening`` (the listener's one address)
+    or what its socket says. With v2 over a
+    TLS-terminated client, the TLVs HAProxy sends: ALPN, AUTHORITY (the SNI), SSL with the version,
+    the cipher and, when a client certificate was verified (``client_cert``), its CN."""
+    address = session.client_address
+    source = address[0], address[1]  # type: ignore[index]
+    if isinstance(address, Carried):
+        destination = address.destination
+    elif listening is not None:
+        destination = listening
+    else:
+        transport = session.client.transport
+        assert transport is not None
+        destination = transport.get_extra_info("sockname")
+    if version == "v1":
+        return encode_v1(source, destination)
+    tls = session.tls_info
+    return encode_v2(source, destination, _tls_tlvs(tls, client_cert) if tls else ())
+
+
+def _tls_tlvs(tls: dict[str, str], client_cert: bool) -> list[Tlv]:
+    tlvs = []
+    if "tls_alpn" in tls:
+        tlvs.append(alpn_tlv(tls["tls_alpn"]))
+    if "tls_sni" in tls:
+        tlvs.append(authority_tlv(tls["tls_sni"]))
+    cn = tls.get("tls_peer_cn")
+    info = SSLInfo.from_tls(tls.get("tls_version", ""), cipher=tls.get("tls_cipher"), cn=cn, client_cert=client_cert)
+    tlvs.append(ssl_tlv(info))
+    return tlvs
 
 
 def _is_ip(host: str) -> bool:

@@ -18,7 +18,13 @@ asyncio's own loop (kept for debugging, not speed), go through the Drive.
 
 **Stages.** ``Frontend.stages`` are per-listener steps between accept and session (an ACL, a PROXY
 protocol header): each wraps the accept callback once, at ``start``, so a listener without stages
-calls the opener directly and pays nothing for them.
+calls the opener directly and pays nothing for them. This listener's own are the ``Edge``'s
+(``edge.py``: the PROXY header, the allow/deny rules and the per-source limits), whose counters
+``refused`` and ``header_errors`` are exposed here; ``leave`` (set only with per-source limits) hears
+of every admitted client that is gone, served or not.
+
+**PROXY headers to members** (the pool's ``send_proxy``): the dial of each session gets its header
+(``dialer.proxy_header``) from a dial maker of its own, so a pool without it pays nothing.
 """
 
 from __future__ import annotations
@@ -32,14 +38,16 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Hashable
+from typing import Any
 
 from .accesslog import AccessLog
 from .causes import LOOP
 from .config import ListenerConfig
 from .counters import ListenerCounters
 from .deadlines import Deadlines
-from .dialer import Dial, Outgoing
+from .dialer import Dial, Outgoing, proxy_header
 from .drive import Drive
+from .edge import Edge
 from .listener import AcceptedFD, Listener, keepalive_options
 from .peer import format_peers
 from .pool import Pool
@@ -82,7 +90,11 @@ class Frontend:
         self.splicing = splicing
         self.outgoing = outgoing
         self.tls_context: ssl.SSLContext | None = None if config.tls is None else server_context(config.tls)
-        self.stages: list[Stage] = []
+        self.edge = Edge(config, warnings)
+        self.stages: list[Stage] = self.edge.stages()
+        self.refused = self.edge.refused  # clients the rules or limits closed, by reason
+        self.header_errors = self.edge.header_errors  # clients closed for their PROXY header, by reason
+        self.leave: Callable[[object], None] | None = None if self.edge.sources is None else self.edge.leave
         self.tls_failures = 0  # client TLS handshakes that failed or timed out
         self.counters = ListenerCounters()  # for the admin endpoint: read at scrape time
         self.spliced = usable(config, pool.config.tls is not None)
@@ -102,9 +114,11 @@ class Frontend:
         self.listener.start(sockets)
 
     def close(self) -> None:
-        """Stop accepting; sessions are not touched."""
+        """Stop accepting and close the clients whose PROXY header is still awaited; sessions are not
+        touched."""
         if self.listener.sockets:
             self.listener.close()
+        self.edge.close()
 
     def describe(self) -> str:
         """``127.0.0.1:6379 -> pool default: 10.0.0.1:6379, 10.0.0.2:6379``, for the start-up log."""
@@ -124,6 +138,7 @@ class Frontend:
 
         own = outgoing.addresses
         counters = self.counters
+        make_dial = self._dial_maker()
 
         def client_ready(session: Session) -> None:
             opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
@@ -133,7 +148,7 @@ class Frontend:
             if session.client_address in own:  # one of our own connections: a member leads back here
                 self._loop_back(session)
                 return
-            dial = session.dial = Dial(session, pool, loop, deadlines, warnings, outgoing)
+            dial = session.dial = make_dial(session, pool, loop, deadlines, warnings, outgoing)
             dial.start()
 
         def ended(session: Session) -> None:
@@ -182,7 +197,40 @@ class Frontend:
                 if then is not None:
                     then(session)
 
-        return Wiring(self.config, client_ready, ended, bulky, attached)
+        return Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
+
+    def _dial_maker(self) -> Callable[..., Dial]:
+        """What makes a session's dial: ``Dial`` itself, or one that gives it the PROXY header the pool
+        sends (``send_proxy``), built once per session and the same for every attempt. A listener on
+        one address (not a wildcard) is every direct client's destination: no ``getsockname`` each."""
+        version = self.pool.config.send_proxy
+        if version is None:
+            return Dial
+        client_cert = self.config.tls is not None and self.config.tls.client_ca is not None
+        listener = self.listener
+        fixed: list[tuple[str, int] | None] = []  # looked up at the first client: bound only then
+
+        def dial_with_header(session: Session, *rest: Any) -> Dial:
+            if not fixed:
+                bound = listener.addresses
+                fixed.append(bound[0] if len(bound) == 1 and bound[0][0] not in ("0.0.0.0", "::") else None)
+            dial = Dial(session, *rest)
+            dial.header = proxy_header(session, version, client_cert, fixed[0])
+            return dial
+
+        return dial_with_header
+
+    def _with_leave(self, ended: SessionHook) -> SessionHook:
+        """``ended`` that tells ``leave`` too, when it is set."""
+        leave = self.leave
+        if leave is None:
+            return ended
+
+        def ended_and_left(session: Session) -> None:
+            ended(session)
+            leave(session.client_address)
+
+        return ended_and_left
 
     def _opener(self, deadlines: Deadlines) -> Serve:
         """The per-client callback: a session for the accepted client, and its transport under way."""
@@ -208,6 +256,8 @@ class Frontend:
                     _close_unowned(sock)
                     self.listener.done()
                     warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
+                    if self.leave is not None:
+                        self.leave(address)
                     return
                 session.opener = opener
                 opening[session] = opener
@@ -251,6 +301,8 @@ class Frontend:
         sock.close()  # a no-op once a transport has taken the socket (or the descriptor)
         if session.client.transport is None:  # else it became a session, and its end says it is done
             self.listener.done()
+        if self.leave is not None:
+            self.leave(session.client_address)
         session.discard()
         if self.config.tls is not None:
             self.tls_failures += 1

@@ -11,6 +11,10 @@ data path and run once per interval.
 In a pool with a ``*-primary`` check, the members UP whose last probe passed claim the primary role;
 more than one at once is a split brain, logged once per episode (``checks.SplitBrain``) and counted.
 
+With ``send_proxy`` a probe starts with the header of a connection of the proxy's own (``LOCAL`` in
+v2, ``PROXY UNKNOWN`` in v1), before TLS when the pool speaks it, as HAProxy's ``check-send-proxy``;
+and like HAProxy's, not to a side port (an http check's ``port``), which serves something else.
+
 The local address of each member's latest probe connection stays in ``outgoing`` (the proxy's set)
 until the next probe of that member replaces it, so a member that leads back to the proxy is caught
 however fast the probe itself is done (``dialer.py``, Loops).
@@ -41,9 +45,11 @@ from .checks import (
     load_credentials,
 )
 from .counters import DISABLED
+from .dialer import connected_after
 from .errors import out_of_descriptors
 from .health import Event
 from .pool import Pool
+from .proxyproto import V1_UNKNOWN, V2_LOCAL
 
 log = logging.getLogger("l4proxy.health")
 
@@ -203,7 +209,6 @@ class Prober:
             log.warning("pool %s split brain over: %s the primary role", self.pool.name, now)
 
 
-
 async def probe(
     pool: Pool, member: Member, conversation: Conversation, connected: Callable[[object], None] | None = None
 ) -> Verdict:
@@ -231,7 +236,14 @@ async def _converse(
 
         kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.hostname)}
     port = health.port if health.port is not None else address.port
-    reader, writer = await asyncio.open_connection(address.host, port, **kwargs)  # type: ignore[arg-type]
+    header = _HEADERS.get(pool.config.send_proxy or "") if health.port is None else None
+    if header is not None and kwargs:  # the header goes in the clear, before the TLS handshake
+        kwargs["sock"] = await connected_after(asyncio.get_running_loop(), address.host, port, header)
+        reader, writer = await asyncio.open_connection(**kwargs)  # type: ignore[arg-type]
+    else:
+        reader, writer = await asyncio.open_connection(address.host, port, **kwargs)  # type: ignore[arg-type]
+        if header is not None:
+            writer.write(header)
     if connected is not None:
         connected(writer.get_extra_info("sockname"))
     try:
@@ -257,3 +269,7 @@ async def _converse(
         writer.close()
         with contextlib.suppress(OSError, asyncio.TimeoutError):
             await writer.wait_closed()
+
+
+_HEADERS = {"v1": V1_UNKNOWN, "v2": V2_LOCAL}  # a probe is the proxy's own connection
+

@@ -492,9 +492,9 @@ def _decode_v1(buf: bytes, end: int) -> Header:
 
 def _v1_address(token: bytes, v6: bool) -> str:
     try:
-        text = token.decode("ascii")
         if not v6:
-            return str(ipaddress.IPv4Address(text))  # rejects leading zeros, as the spec asks
+            return _v1_ipv4(token)
+        text = token.decode("ascii")
         if "%" in text:
             raise ValueError("scope id")
         return _v6_text(ipaddress.IPv6Address(text).packed)
@@ -503,6 +503,18 @@ def _v1_address(token: bytes, v6: bool) -> str:
         raise ProxyProtocolError(
             "v1_bad_address", f"PROXY v1 line: {token[:48]!r} is not an {family} address"
         ) from None
+
+
+def _v1_ipv4(token: bytes) -> str:
+    """Dotted-quad text as the spec writes it: four decimal octets 0..255, no leading zeros (what
+    ``ipaddress.IPv4Address`` accepts, at a tenth of its cost on the per-connection path)."""
+    octets = token.split(b".")
+    if len(octets) != 4:
+        raise ValueError("not four octets")
+    for octet in octets:
+        if not (octet.isdigit() and len(octet) <= 3 and (octet[0] != 0x30 or len(octet) == 1) and int(octet) <= 255):
+            raise ValueError("not an octet")
+    return token.decode("ascii")
 
 
 def _v1_port(token: bytes) -> int:

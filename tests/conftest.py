@@ -96,8 +96,8 @@ def _settle(before: dict[str, str], runner: asyncio.Runner | None, idle: int, ti
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a test that ran a Proxy: no live or opening session, no sweeper, connect-deadline timer
-    or prober left, no task left on its loop, and no descriptor left open but the splice pool's idle
-    pipes (which are counted in the message)."""
+    or prober left, no client awaited for a PROXY header, no task left on its loop, and no descriptor
+    left open."""
     runner: asyncio.Runner | None = None
     if "_function_scoped_runner" in request.fixturenames:
         runner = request.getfixturevalue("_function_scoped_runner")
@@ -111,6 +111,8 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     problems = [f"{len(p.sessions)} sessions still live" for p in proxies if p.sessions]
     problems += [f"{len(p.table.opening)} clients still opening" for p in proxies if p.table.opening]
     problems += ["the sweeper timer still runs" for p in proxies if p.table._sweeper is not None]
+    problems += [f"{len(f.edge.reading)} clients still awaited for a PROXY header" for p in proxies
+                 for f in p.frontends if f.edge.reading]
     problems += [f"{len(p.deadlines)} connect deadlines still armed" for p in proxies
                  if hasattr(p, "deadlines") and (len(p.deadlines) or p.deadlines._timer is not None)]
     problems += ["a health prober still runs" for p in proxies for prober in p.probers if prober.tasks]

@@ -161,6 +161,21 @@ BAD_INPUTS = [
      "--upstream 'redis-a;colour=red': colour=red: unknown member option; known: weight=N, max_conns=N, backup"),
     (["--listen", ":6379", "--upstream", "a", "--slow-start", "soon"],
      "--slow-start 'soon': expected a duration such as 250ms, 5s, 1m, 1h or 2.5"),
+    (["--listen", ":6379", "--upstream", "a", "--send-proxy", "v3"], "--send-proxy 'v3': expected v1 or v2"),
+    (["--listen", ":6379", "--upstream", "a", "--proxy-timeout", "1s"], "--proxy-timeout '1s': needs --accept-proxy"),
+    (["--listen", ":6379", "--upstream", "a", "--accept-proxy-from", "10.0.0.0/8"],
+     "--accept-proxy-from '10.0.0.0/8': needs --accept-proxy"),
+    (["--listen", ":6379", "--upstream", "a", "--accept-proxy", "--proxy-timeout", "0"],
+     "--proxy-timeout '0': must be greater than 0"),
+    (["--listen", ":6379", "--upstream", "a", "--allow", "10.0.0.1/8"],
+     "--allow '10.0.0.1/8': has host bits set: the range is 10.0.0.0/8"),
+    (["--listen", ":6379", "--upstream", "a", "--deny", "10.0.0.0/8,bad"],
+     "--deny 'bad': 'bad' is not an IPv4 or IPv6 address"),
+    (["--listen", ":6379", "--upstream", "a", "--allow", "::1/129"], "--allow '::1/129': prefix length must be 0..128"),
+    (["--listen", ":6379", "--upstream", "a", "--max-connections-per-ip", "0"],
+     "--max-connections-per-ip '0': must be at least 1"),
+    (["--listen", ":6379", "--upstream", "a", "--rate-per-ip", "fast"],
+     "--rate-per-ip 'fast': expected a rate such as 100/s"),
 ]
 
 
@@ -488,6 +503,10 @@ def test_a_member_listed_twice_keeps_its_first_options() -> None:
         ("drain_timeout", "--drain-timeout"),
         ("workers", "--workers"),
         ("pools.default.resolve_interval", "--resolve-interval"),
+        ("pools.default.send_proxy", "--send-proxy"),
+        ("listeners[0].allow[2]", "--allow"),
+        ("listeners[0].accept_proxy_from", "--accept-proxy-from"),
+        ("listeners[0].accept_proxy", "--accept-proxy"),
         ("listeners[0].pool", None),  # no flag sets it: the error keeps its path
         ("pools.defaults.tls", None),
     ],

@@ -31,14 +31,14 @@ FORBIDDEN = ("asyncio", "socket", "ssl", "selectors", "uvloop", "subprocess")
 PURE_MODULES = {
     # module: the l4proxy modules it may load (itself included)
     "errors": {"errors"},
-    "config": {"config", "checks", "errors"},
+    "config": {"config", "acl", "checks", "errors"},
     "checks": {"checks", "errors"},
     "resp": {"resp", "checks", "errors"},
     "pgwire": {"pgwire", "checks", "errors"},
     "httpcheck": {"httpcheck", "checks", "errors"},
-    "configfile": {"configfile", "config", "checks", "errors"},
+    "configfile": {"configfile", "acl", "config", "checks", "errors"},
     "health": {"health"},
-    "balancer": {"balancer", "checks", "config", "counters", "errors", "health", "slowstart"},
+    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health", "slowstart"},
     "counters": {"counters"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
     "peer": {"peer"},
@@ -47,12 +47,13 @@ PURE_MODULES = {
     "budget": {"budget", "errors"},
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
-    "table": {"table", "balancer", "checks", "config", "counters", "discovery", "errors", "health", "slowstart"},
-    "discovery": {"discovery", "checks", "config", "errors"},
+    "table": {"table", "acl", "balancer", "checks", "config", "counters", "discovery", "errors", "health"}
+    | {"slowstart"},
+    "discovery": {"discovery", "acl", "checks", "config", "errors"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "ratelog": {"ratelog"},
-    "reload": {"reload", "config", "checks", "errors"},
+    "reload": {"reload", "acl", "config", "checks", "errors"},
     "certrules": {"certrules"},
 }
 
@@ -138,18 +139,21 @@ def test_the_package_itself_loads_the_io_modules_only_when_proxy_is_used() -> No
 ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": {"config", "errors", "proxy"},
-    "cli": {"accesslog", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
+    "cli": {"accesslog", "acl", "checks", "config", "configfile", "discovery", "errors", "ownaddrs", "proxy", "tls"}
     | {"reload", "takeover", "workers", "admin", "snapshot"},
     "demo": {"config", "proxy"},
     "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
     | {"pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats", "snapshot"},
     "proxy": {"accesslog", "balancer", "config", "deadlines", "dialer", "errors", "frontend", "listener", "pool"}
     | {"prober", "ratelog", "relay", "reload", "resolver", "sessions", "splice", "tls"},
-    "frontend": {"accesslog", "causes", "config", "deadlines", "dialer", "drive", "listener", "peer", "pool"}
-    | {"ratelog", "relay", "sessions", "splice", "tls", "counters"},
+    "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
+    | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls"},
+    "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
     "sessions": {"causes", "drive", "relay"},
-    "dialer": {"balancer", "budget", "deadlines", "drive", "errors", "health", "pool", "ratelog", "relay", "tls"},
-    "prober": {"balancer", "checks", "errors", "health", "httpcheck", "pgwire", "pool", "resp", "tls", "counters"},
+    "dialer": {"balancer", "budget", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto"}
+    | {"ratelog", "relay", "tls"},
+    "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
+    | {"proxyproto", "resp", "tls"},
     "pool": {"balancer", "budget", "config", "discovery", "health", "counters"},
     # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
     "admin": {"counters", "metrics", "snapshot"},

@@ -54,6 +54,8 @@ NOT_RUN: dict[str, str] = {
         "illustrative (marked): a Kubernetes headless Service of the user's",
     "l4proxy --listen 127.0.0.1:6391 --upstream srv:_redis._tcp.redis.cache.svc.cluster.local":
         "illustrative (marked): an SRV name of the user's",
+    "l4proxy --listen :6392 --upstream redis-a,redis-b --accept-proxy":
+        "illustrative (marked): the user's Redis hosts behind a load balancer of theirs",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
 }
