@@ -48,7 +48,7 @@ from .deadlines import Deadlines
 from .dialer import Dial, Outgoing, proxy_header
 from .drive import Drive
 from .edge import Edge
-from .listener import AcceptedFD, Listener, keepalive_options
+from .listener import AcceptedFD, Listener
 from .peer import format_peers
 from .pool import Pool
 from .ratelog import Warnings
@@ -172,31 +172,6 @@ class Frontend:
         attached: SessionHook | None = None
         if self.config.relay == "splice":
             attached = bulky
-        options = keepalive_options(self.config.tcp_keepalive)
-        if options:  # the upstream side; the client side has them from the listening socket
-            then = attached
-
-            def attached(session: Session) -> None:
-                upstream = session.upstream
-                found = (
-                    None
-                    if upstream is None or upstream.transport is None
-                    else upstream.transport.get_extra_info("socket")
-                )
-                if found is not None:
-                    # one socket object over the descriptor for the four calls: uvloop's stand-in for
-                    # the socket makes a new one for each setsockopt
-                    sock = socket.socket(found.family, socket.SOCK_STREAM, 0, found.fileno())
-                    try:
-                        for option in options:
-                            sock.setsockopt(*option)
-                    except OSError:  # a connection reset meanwhile: nothing to keep alive
-                        pass
-                    finally:
-                        sock.detach()
-                if then is not None:
-                    then(session)
-
         return Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
 
     def _dial_maker(self) -> Callable[..., Dial]:

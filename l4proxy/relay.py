@@ -218,6 +218,7 @@ class Session:
         "sockname",
         "started",
         "tls_info",
+        "unprobed",
         "upstream",
         "wiring",
     )
@@ -240,6 +241,7 @@ class Session:
         self.ended = False
         self.tls_info: dict[str, str] | None = None
         self.engine: Engine | None = None  # set once another engine takes over (or NEVER: none will)
+        self.unprobed = True  # the upstream socket has no keepalive yet (the sweeper sets it: sessions.py)
 
     # wiring
 

@@ -149,7 +149,7 @@ ALLOWED: dict[str, set[str]] = {
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "splice", "tls"},
     "edge": {"acl", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
-    "sessions": {"causes", "drive", "relay"},
+    "sessions": {"causes", "drive", "listener", "relay"},
     "dialer": {"balancer", "budget", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto"}
     | {"ratelog", "relay", "tls"},
     "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}

@@ -95,6 +95,7 @@ async def test_keepalive_and_nodelay_are_set_on_both_sockets(
     async with upstreams(1) as [server], running(make_config([server.address], **settings)) as (proxy, _):
         _reader, writer = await echoed(proxy.port())
         [session] = proxy.sessions
+        await eventually(lambda: not session.unprobed)
         for pump in (session.client, session.upstream):
             assert pump is not None and pump.transport is not None
             sock = pump.transport.get_extra_info("socket")
