@@ -65,6 +65,9 @@ def member_keys(addresses: Sequence[Address | Service]) -> list[str]:
     return keys
 
 
+AT_CAP = "every healthy upstream is at its max_conns"  # shortage(): why a first pick found no member
+NO_HEALTHY = "no healthy upstream"
+
 class Member:
     """A pool member's live state: address, active session count, effective weight and cap, and health.
 
@@ -339,8 +342,9 @@ class Balancer:
             self.view.publish(member.slot, member.active)
 
     def shortage(self) -> str:
-        """Why a first pick found no member: none is UP, or those UP are all at their max_conns."""
-        return "every healthy upstream is at its max_conns" if self.any_up else "no healthy upstream"
+        """Why a first pick found no member: none is UP (``NO_HEALTHY``), or those UP are all at their
+        max_conns (``AT_CAP``: the client may wait in the pool's queue)."""
+        return AT_CAP if self.any_up else NO_HEALTHY
 
     @property
     def any_up(self) -> bool:

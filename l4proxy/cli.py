@@ -240,6 +240,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("--on-member-down", f"{_POOL}.on_member_down", "upstreams", "A member marked DOWN: 'keep' its"
            " sessions, or 'close' them, spread over a second (a demoted primary's clients reconnect).", "keep",
            metavar="keep|close"),
+    Option("--queue-timeout", f"{_POOL}.queue_timeout", "upstreams", "A client that finds every eligible member"
+           " at its max_conns waits this long for a place at most (default: the connect timeout).",
+           parse=_DURATION, metavar="DURATION"),
+    Option("--max-queue", f"{_POOL}.max_queue", "upstreams", "Clients that may wait for a place at once (per"
+           " worker process); past it a client is refused; 0: none wait.", "1024", _whole, "N"),
     Option("--resolve-interval", f"{_POOL}.resolve_interval", "upstreams", "Resolve members given as DNS names"
            " (HOST or srv:NAME) again this often; each address they resolve to is a member.", "10s", _DURATION,
            "DURATION"),

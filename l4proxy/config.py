@@ -449,6 +449,8 @@ class PoolConfig:
     retry_budget: int = 20  # retries in flight may be this percent of the dials in flight (3 at least)
     panic_threshold: int = 0  # percent of members UP below which health is ignored; 0: off
     on_member_down: str = "keep"  # a member marked DOWN: 'keep' its sessions, or 'close' them over a second
+    queue_timeout: float | None = None  # longest wait for a member below its max_conns; None: connect_timeout
+    max_queue: int = 1024  # clients that may wait at once (per process); 0: none wait, all are refused
 
     def __post_init__(self) -> None:
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
@@ -476,6 +478,10 @@ class PoolConfig:
             raise ConfigError("on_member_down", self.on_member_down, f"expected {' or '.join(ON_MEMBER_DOWN)}")
         if type(self.panic_threshold) is not int or not 0 <= self.panic_threshold <= 100:
             raise ConfigError("panic_threshold", self.panic_threshold, "must be a percent, 0..100 (0: off)")
+        if self.queue_timeout is not None:
+            _positive("queue_timeout", self.queue_timeout)
+        if type(self.max_queue) is not int or self.max_queue < 0:
+            raise ConfigError("max_queue", self.max_queue, "must be 0 (no queue) or more")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ import ssl
 from collections.abc import Coroutine, Hashable
 from typing import Any
 
-from .balancer import Member
+from .balancer import AT_CAP, Member
 from .budget import retry_delay
 from .deadlines import Deadlines
 from .drive import Drive
@@ -55,6 +55,8 @@ from .relay import Pump, Session
 log = logging.getLogger("l4proxy.dialer")
 
 NO_UPSTREAM = "clients with no upstream"  # rate-limited kinds of warnings (ratelog.py)
+QUEUE_FULL = "clients refused by a full queue"
+QUEUE_TIMEOUT = "clients timed out in the queue"
 CONNECT_FAILED = "failed upstream connects"
 
 
@@ -87,6 +89,7 @@ class Dial:
         "outgoing",
         "pool",
         "pump",
+        "queued_at",
         "session",
         "tried",
         "wait",
@@ -116,18 +119,22 @@ class Dial:
         self.counted = 0  # the attempt in flight in the pool's retry budget: 1 a first one, 2 a retry
         self.wait: asyncio.TimerHandle | None = None  # the back-off before a retry to the same member
         self.header = b""  # the PROXY header to send first (send_proxy), the same for every attempt
+        self.queued_at = 0.0  # loop time it joined the pool's queue (every member full); 0: not waiting
 
-    def start(self, cause: str = "no healthy upstream", give_up: bool = False) -> None:
-        """Begin the next attempt, or fail the client when none is left (or ``give_up``)."""
+    def start(self, cause: str = "no healthy upstream", give_up: bool = False, member: Member | None = None) -> None:
+        """Begin the next attempt, or fail the client when none is left (or ``give_up``); ``member`` is
+        one the queue took for it."""
         pool = self.pool
         balancer = pool.balancer
         tried = self.tried
-        member = None
-        if not give_up and len(tried) <= pool.config.retries:
+        if member is None and not give_up and len(tried) <= pool.config.retries:
             member = balancer.take(tried)  # counted on the member from here on
         if member is None:
             if not tried:  # say whether the members are down or full
                 cause = balancer.shortage()
+                if cause is AT_CAP and pool.config.max_queue:
+                    self._queue()
+                    return
             self._no_upstream(cause)
             return
         budget = pool.budget
@@ -152,13 +159,41 @@ class Dial:
             return
         self._attempt()
 
-    def _no_upstream(self, cause: str) -> None:
+    # the queue: every eligible member is at its max_conns
+
+    def _queue(self) -> None:
+        """Wait in the pool's queue for a place, at most ``queue_timeout``; refused when it is full.
+        The client's early bytes are held meanwhile as during a connect (``Pump.pending``, bounded)."""
+        pool = self.pool
+        queue = pool.queue
+        if queue.length >= pool.config.max_queue:
+            queue.full += 1
+            self._no_upstream(f"{AT_CAP}; the queue is full ({pool.config.max_queue} clients)", QUEUE_FULL)
+            return
+        self.queued_at = self.loop.time()
+        self.wait = self.loop.call_later(queue_timeout(pool), self._queue_expired)
+        queue.join(self)
+
+    def resume(self, member: Member) -> None:
+        """A place on ``member`` (taken and counted for this client): the wait is over."""
+        if self.wait is not None:
+            self.wait.cancel()
+            self.wait = None
+        self.start(AT_CAP, member=member)
+
+    def _queue_expired(self) -> None:
+        self.wait = None
+        queue = self.pool.queue
+        queue.leave(self)
+        queue.timeouts += 1
+        waited = f"{AT_CAP}; waited {queue_timeout(self.pool):g}s in the queue (queue_timeout)"
+        self._no_upstream(waited, QUEUE_TIMEOUT)
+
+    def _no_upstream(self, cause: str, kind: str = NO_UPSTREAM) -> None:
         pool = self.pool
         self.session.dial = None
         pool.no_upstream += 1
-        self.warnings.warn(
-            log, NO_UPSTREAM, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause
-        )
+        self.warnings.warn(log, kind, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause)
         self.session.fail(f"no_upstream ({cause})")
 
     def _attempt(self) -> None:
@@ -255,6 +290,8 @@ class Dial:
         if self.wait is not None:
             self.wait.cancel()
             self.wait = None
+        if self.queued_at:
+            self.pool.queue.leave(self)
         if self.counted:
             self.pool.budget.dial_ended(self.counted == 2)
             self.counted = 0
@@ -269,6 +306,12 @@ class Dial:
         if self.pump is not None:
             self.pump.abort()  # the connect may have completed before the cancellation
         self.pump = self.member = None
+
+
+def queue_timeout(pool: Pool) -> float:
+    """How long a client may wait in ``pool``'s queue: ``queue_timeout``, by default the connect timeout."""
+    config = pool.config
+    return config.connect_timeout if config.queue_timeout is None else config.queue_timeout
 
 
 def _connect(

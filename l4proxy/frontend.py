@@ -132,6 +132,7 @@ class Frontend:
     def _wiring(self, deadlines: Deadlines) -> Wiring:
         loop = asyncio.get_running_loop()
         pool, table, warnings, outgoing = self.pool, self.table, self.warnings, self.outgoing
+        queue = pool.queue  # clients waiting for a place (every member at its max_conns)
         live, opening, record = table.live, table.opening, self.access_log.record
         idle = table.idle
         gone = self.listener.done
@@ -162,6 +163,8 @@ class Frontend:
                 counters.bytes_out += upstream.nbytes
             if session.member is not None:
                 pool.balancer.release(session.member)
+                if queue.length:  # a place for the oldest client waiting
+                    queue.serve()
             if session.sockname is not None:
                 outgoing.addresses.discard(session.sockname)
             record(session)

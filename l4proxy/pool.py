@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
@@ -52,6 +53,88 @@ class Probes(Protocol):
         ...
 
 
+class Waiting(Protocol):
+    """A client's dial waiting in the pool's queue (``dialer.Dial``)."""
+
+    queued_at: float  # loop time it joined the queue; 0 once it left (served, timed out, or gone)
+
+    def resume(self, member: Member) -> None:
+        """Dial ``member`` (taken and counted for it): the client's turn has come."""
+        ...
+
+
+QUEUE_POLL = 0.05  # seconds between looks for a free place while clients wait (freed in other workers)
+
+
+class WaitQueue:
+    """The clients of one pool that found every eligible member at its max_conns, oldest first.
+
+    A place freed in this process (a session's end) serves the oldest at once; while any wait, a look
+    every ``QUEUE_POLL`` seconds finds the places that appear otherwise: sessions ended in other
+    workers (the caps are global), a member back UP or added, a cap raised by a reload, a slow-start
+    ramp's next step. A client that leaves while waiting is only marked (``queued_at`` 0) and passed
+    over when its turn comes. Counters for metrics: ``full``, ``timeouts``, ``served``, ``waited``."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.waiting: deque[Waiting] = deque()
+        self.length = 0  # clients waiting now (``waiting`` may hold some that left)
+        self.full = 0  # clients refused because the queue was full (--max-queue)
+        self.timeouts = 0  # clients closed after --queue-timeout in the queue
+        self.served = 0  # clients that got a member after waiting
+        self.waited = 0.0  # seconds those served spent in the queue, in all
+        self._poll: asyncio.TimerHandle | None = None
+
+    def __bool__(self) -> bool:
+        return self.length > 0
+
+    def join(self, dial: Waiting) -> None:
+        """``dial`` waits; the caller set its ``queued_at`` and its timeout."""
+        self.waiting.append(dial)
+        self.length += 1
+        self._schedule()
+
+    def leave(self, dial: Waiting) -> None:
+        """``dial`` stops waiting without a member (its client left, or its time is up)."""
+        if dial.queued_at:
+            dial.queued_at = 0.0
+            self.length -= 1
+
+    def serve(self) -> None:
+        """Give the free places to the waiting clients, oldest first."""
+        waiting, balancer = self.waiting, self.pool.balancer
+        while waiting:
+            dial = waiting[0]
+            if not dial.queued_at:  # gone meanwhile
+                waiting.popleft()
+                continue
+            member = balancer.take(())
+            if member is None:
+                break
+            waiting.popleft()
+            self.length -= 1
+            self.served += 1
+            self.waited += asyncio.get_running_loop().time() - dial.queued_at
+            dial.queued_at = 0.0
+            dial.resume(member)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.length and self._poll is None:
+            self._poll = asyncio.get_running_loop().call_later(QUEUE_POLL, self._look)
+        elif not self.length:
+            self.waiting.clear()
+
+    def _look(self) -> None:
+        self._poll = None
+        self.serve()
+
+    def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+
+
 class Pool:
     """Run-time state of one ``PoolConfig``."""
 
@@ -69,6 +152,7 @@ class Pool:
         self.budget = RetryBudget(BudgetPolicy(config.retry_budget))  # retries in flight, per process
         self.retry_refused = 0  # clients closed because the retry budget refused their retry
         self.retries = 0  # connect attempts after a client's first
+        self.queue = WaitQueue(self)  # clients waiting for a member below its max_conns (per process)
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
         self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
@@ -217,6 +301,7 @@ class Pool:
 
     def close(self) -> None:
         """Cancel pending ejection and ramp timers (the proxy is stopping)."""
+        self.queue.close()
         for timers in (self._ejections, self._ramps):
             for timer in timers.values():
                 timer.cancel()

@@ -28,7 +28,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .counters import ADMIN_STATES, CONNECT_KINDS
-from .snapshot import ListenerView, MemberView, PoolView, Snapshot, check_failures, find_member, member_view
+from .snapshot import (
+    ListenerView,
+    MemberView,
+    PoolView,
+    QueueView,
+    Snapshot,
+    check_failures,
+    find_member,
+    member_view,
+    queue_view,
+)
 
 if TYPE_CHECKING:
     from .balancer import Member
@@ -41,7 +51,8 @@ if TYPE_CHECKING:
 PUBLISH = 0.25  # seconds between a worker's copies of its counters
 TLS_REASONS = ("timeout", "client_reset", "client_closed", "other")
 LISTENER_FIELDS = ("accepted", "sessions", "active", "bytes_in", "bytes_out", "accept_pauses", *TLS_REASONS)
-POOL_FIELDS = ("retries", "no_upstream")
+QUEUE_FIELDS = ("queue_waiting", "queue_full", "queue_timeouts", "queue_served", "queue_waited_ms")  # QueueView's
+POOL_FIELDS = ("retries", "no_upstream", *QUEUE_FIELDS)
 SLOT_FIELDS = ("attempts", "sessions", *CONNECT_KINDS)
 _GAUGES = {LISTENER_FIELDS.index("active")}  # listener offsets of values that are not running totals
 
@@ -126,7 +137,9 @@ class Publisher:
         for pool in proxy.pools.values():
             if pool.name not in shared.pools:
                 continue
-            _store(cells, base + shared.pool(pool.name), (pool.retries, pool.no_upstream))
+            queue = queue_view(pool)
+            values = (pool.retries, pool.no_upstream, queue.waiting, queue.full, queue.timeouts, queue.served)
+            _store(cells, base + shared.pool(pool.name), (*values, queue.waited_ms))
             for member in pool.members:
                 if member.slot >= 0:
                     stats = member.stats
@@ -192,9 +205,10 @@ class SupervisorSource:
 
     def _pool(self, pool: Pool) -> PoolView:
         known = pool.name in self.shared.pools
-        retries, no_upstream = self.shared.total(self.shared.pool(pool.name), len(POOL_FIELDS)) if known else (0, 0)
+        totals = self.shared.total(self.shared.pool(pool.name), len(POOL_FIELDS)) if known else [0] * len(POOL_FIELDS)
+        retries, no_upstream, *queue = totals
         members = tuple(self._member(m, pool) for m in pool.members)
-        return PoolView(pool.name, members, retries, no_upstream)
+        return PoolView(pool.name, members, retries, no_upstream, QueueView(*queue))
 
     def _member(self, member: Member, pool: Pool) -> MemberView:
         active = sum(self.table.active[cell] for cell in self.table.column(member.slot))

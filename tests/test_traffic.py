@@ -59,7 +59,9 @@ def close_all(writers: list[asyncio.StreamWriter]) -> None:
 
 
 def pooled(servers: list[Upstream], *specs: dict[str, Any], **settings: Any) -> PoolConfig:
-    """A pool of ``servers`` with member options ``specs`` (one each), probes off."""
+    """A pool of ``servers`` with member options ``specs`` (one each), probes off, and no queue unless
+    ``max_queue`` is given (a client beyond the caps is refused at once: the cap itself is tested)."""
+    settings.setdefault("max_queue", 0)
     members = tuple(MemberConfig(s.address, **spec) for s, spec in zip(servers, specs, strict=True))
     return PoolConfig(members=members, health=HealthConfig(enabled=False), **settings)
 
@@ -108,7 +110,7 @@ async def test_max_conns_is_never_exceeded_under_concurrent_connects() -> None:
 async def test_max_conns_holds_across_two_workers(tmp_path: Path) -> None:
     async with serving(2) as servers:
         specs = [f"{servers[0].address};max_conns=6", f"{servers[1].address};max_conns=4;weight=3"]
-        async with supervised(tmp_path, specs, "--no-health-checks") as proxy:  # specs: str() as typed
+        async with supervised(tmp_path, specs, "--no-health-checks", "--max-queue", "0") as proxy:  # as typed
             writers, refused = await held(proxy.port, 80, batch=80)
             peaks = [s.peak for s in servers]
             close_all(writers)
