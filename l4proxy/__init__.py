@@ -4,7 +4,8 @@ It accepts TCP clients and relays their bytes, unchanged, to one member of a poo
 works with any protocol (Redis, PostgreSQL, MySQL, line protocols). Around the relay it does the work a
 client should not have to:
 
-* least-connections balancing over healthy members, idle members sharing ties evenly;
+* weighted least-connections over healthy members, idle members sharing ties evenly, with per-member
+  caps (``max_conns``), backup members and slow start;
 * connection-level retries: a refused, unreachable or timed-out connect moves on to another member,
   invisible to the client. Nothing is retried once a byte has gone upstream;
 * health checks: active probes (TCP connect, or send/expect such as Redis ``PING``/``+PONG``) with
@@ -20,10 +21,10 @@ content (every client of a listener goes to that listener's pool).
 
 Embedding::
 
-    from l4proxy import Proxy, Config, ListenerConfig, PoolConfig, Address
+    from l4proxy import Proxy, Config, ListenerConfig, MemberConfig, PoolConfig, Address
 
     config = Config(listeners=(ListenerConfig(Address("127.0.0.1", 0)),),
-                    pools=(PoolConfig(members=(Address("127.0.0.1", 6379),)),))
+                    pools=(PoolConfig(members=(MemberConfig(Address("127.0.0.1", 6379), weight=2),)),))
     async with Proxy(config) as proxy:
         print(proxy.port())
 """
@@ -33,6 +34,7 @@ from .config import (
     Config,
     HealthConfig,
     ListenerConfig,
+    MemberConfig,
     PoolConfig,
     ServerTLSConfig,
     UpstreamTLSConfig,
@@ -61,6 +63,7 @@ __all__ = [
     "HealthConfig",
     "L4ProxyError",
     "ListenerConfig",
+    "MemberConfig",
     "PoolConfig",
     "Proxy",
     "ServerTLSConfig",

@@ -1,23 +1,38 @@
-"""Least-connections choice among a pool's healthy members.
+"""Weighted least-connections among a pool's eligible members, with caps and backups.
 
-A member's load is its active sessions (counted from the start of the dial until the session closes)
-divided by its weight. The pick takes the lowest load among members that are UP and not yet tried for
-this client. Ties rotate: the scan starts one place after the previous pick, so idle members share new
-sessions evenly instead of the first member taking every tie.
+The pick takes the member with the lowest ``(active + 1) / weight`` (HAProxy's weighted leastconn: the
+load the member would have with this session, per unit of weight), compared by integer
+cross-multiplication, never floats. Eligible means UP, not yet tried for this client, and below its
+``max_conns``. Ties rotate: the scan starts one place after the previous pick, so idle members share
+new sessions evenly instead of the first member taking every tie.
 
-When no member is UP the pick returns None and the client is closed at once, as HAProxy does with all
-servers down (no "panic mode" routing to unhealthy members).
+Backups (``MemberConfig.backup``) are picked only while no other member is eligible, and then share
+the load among themselves by the same weighted least-connections, with their own rotation. A retry
+whose client has tried every other member therefore goes to a backup before it reuses a member.
+
+When no member is eligible the pick returns None and the client is closed at once, as HAProxy does
+with all servers down. **Panic mode** is off by default: with ``panic_threshold`` P, while fewer than
+P percent of the members are UP, ``take`` ignores health (Envoy's panic threshold), on the bet that
+the checks are wrong rather than most members down. Off by default because l4proxy fronts databases:
+sending writes to a member believed down (a demoted primary) is worse than refusing them.
 
 A member is identified by its key (``member_keys``: its configured ``host:port``), not by its place in
 the list, so ``update`` can change the members in place: members that stay keep their object, and with
-it their health and session counts; removed ones leave the pick at once and are kept in ``draining``
-while their sessions finish (a member added back before then is the same object again).
+it their health and session counts (and take their new weight, cap and role); removed ones leave the
+pick at once and are kept in ``draining`` while their sessions finish (a member added back before then
+is the same object again).
+
+**Slow start.** ``Member.weight`` and ``Member.limit`` are the *effective* weight and cap the pick reads:
+the configured ones, or during a ramp (``slowstart.py``) a share of them that the pool raises in steps
+through ``scale``. The pick itself never reads a clock, so slow start costs nothing when it is off.
 
 With ``--workers N`` the counts and statuses that matter are global: ``workers.py`` gives the balancer
 a ``LoadView`` over shared memory, and the pick reads each member's load and status through it (sum of
 every worker's count) at the member's ``slot``. ``acquire``/``release`` still keep ``Member.active``
-(this process's sessions) and publish it to the view. Without a view (one process) the pick reads
-``Member`` directly, as fast as before.
+(this process's sessions) and publish it to the view. A capped member is taken through
+``LoadView.reserve``, which checks the global count and counts the session in one atomic step, so
+concurrent connects in several workers never push a member past its cap. Without a view (one process)
+the pick reads ``Member`` directly, as fast as before.
 
 Pure: no sockets, no clock.
 """
@@ -28,14 +43,17 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from .config import Address, HealthConfig, Resolved
+from .config import Address, HealthConfig, MemberConfig, Resolved, Service, as_member
 from .counters import READY, MemberCounters
+from .errors import ConfigError
 from .health import HealthState, Status
+from .slowstart import SlowStart, scaled
 
 UP = Status.UP
+UNLIMITED = 1 << 62  # the effective cap of a member without max_conns: no count reaches it
 
 
-def member_keys(addresses: Sequence[Address]) -> list[str]:
+def member_keys(addresses: Sequence[Address | Service]) -> list[str]:
     """Each member's identity: its configured ``host:port`` (``name@ip:port`` for an address discovery
     found); a repeated address gets ``#2``, ``#3``..."""
     seen: Counter[str] = Counter()
@@ -47,43 +65,63 @@ def member_keys(addresses: Sequence[Address]) -> list[str]:
     return keys
 
 
-class Member:
-    """A pool member's live state: address, active session count, weight and health.
+AT_CAP = "every healthy upstream is at its max_conns"  # shortage(): why a first pick found no member
+NO_HEALTHY = "no healthy upstream"
+NO_PRIMARY = "no member alone claims the primary role"  # a primary pool in a split brain, or before a primary
 
-    ``index`` is its place in the pool's list (the pick's rotation), ``slot`` its place in the workers'
-    shared table (-1 in one process); ``draining`` is set while it is out of the pool with sessions left.
+class Member:
+    """A pool member's live state: address, active session count, effective weight and cap, and health.
+
+    ``config`` holds its configured weight, max_conns and role, ``full`` its whole weight (the configured
+    one times an SRV record's); ``weight`` and ``limit`` are what the pick uses now (``share`` of the full
+    ones during a slow-start ramp). ``index`` is its place in the pool's list, ``turn`` its place among
+    the primaries or the backups (the pick's rotation), ``slot`` its place in the workers' shared table
+    (-1 in one process); ``draining`` is set while it is out of the pool with sessions left.
     ``admin`` is the operator's state (``counters.DRAIN``/``DISABLED``, or READY ""): any but READY keeps
     new sessions away whatever the health. ``stats`` holds the counters metrics read.
     """
 
     __slots__ = (
-        "active",
-        "address",
-        "admin",
-        "draining",
-        "health",
-        "index",
-        "key",
-        "name",
-        "slot",
-        "stats",
-        "total",
-        "weight",
-    )
+        "active", "address", "admin", "backup", "config", "draining", "full", "health", "index", "key", "limit",
+        "name", "share", "slot", "slow", "stats", "total", "turn", "weight",
+    )  # fmt: skip
 
-    def __init__(self, address: Address, key: str, health: HealthConfig, weight: int = 1) -> None:
-        self.address = address
+    def __init__(self, config: MemberConfig, key: str, health: HealthConfig, slow_start: float = 0.0) -> None:
         self.key = key
-        self.name = str(address)
-        self.index = 0
+        self.name = str(config.address)
+        self.index = self.turn = 0
         self.slot = -1
-        self.weight = weight
         self.active = 0
         self.total = 0
         self.draining = False
         self.health = HealthState(health.rise, health.fall)
         self.admin = READY
         self.stats = MemberCounters()
+        self.slow = SlowStart(slow_start)
+        self.share = 1.0
+        self.configure(config)
+
+    def configure(self, config: MemberConfig) -> None:
+        """Take ``config``'s weight, cap and role (at the current ``share``); an address found by discovery
+        multiplies in its SRV record's weight (1 for an A/AAAA answer)."""
+        address = config.address
+        if not isinstance(address, Address):
+            raise ConfigError("address", str(address), "an SRV name has no member until it is resolved")
+        self.config = config
+        self.address = address
+        self.backup = config.backup
+        self.full = config.weight * address.weight if isinstance(address, Resolved) else config.weight
+        self.scale(self.share)
+
+    def scale(self, share: float) -> None:
+        """Make the effective weight and cap ``share`` (0.1..1.0) of the configured ones."""
+        self.share = share
+        config = self.config
+        self.weight = self.full if share >= 1.0 else scaled(self.full, share)
+        if config.max_conns is None:
+            self.limit = UNLIMITED
+        else:
+            self.limit = config.max_conns if share >= 1.0 else scaled(config.max_conns, share)
 
     @property
     def up(self) -> bool:
@@ -113,72 +151,117 @@ class LoadView(Protocol):
         """This process now has ``active`` sessions on the member in ``slot``."""
         ...
 
+    def reserve(self, slot: int, limit: int, active: int) -> bool:
+        """Atomically across processes: when fewer than ``limit`` sessions are on the member in ``slot``,
+        publish ``active`` (this process's count with the new session) and return True."""
+        ...
+
+
+class _Group:
+    """The primaries or the backups of a pool, in order, and where the next scan starts."""
+
+    __slots__ = ("members", "next")
+
+    def __init__(self, members: list[Member]) -> None:
+        self.members = members
+        for turn, member in enumerate(members):
+            member.turn = turn
+        self.next = 0
+
 
 class Balancer:
-    """The members of one pool and the least-connections pick."""
+    """The members of one pool and the weighted least-connections pick."""
 
-    def __init__(self, addresses: Sequence[Address], health: HealthConfig, view: LoadView | None = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[MemberConfig | Address],
+        health: HealthConfig,
+        view: LoadView | None = None,
+        slow_start: float = 0.0,
+        panic_threshold: int = 0,
+    ) -> None:
         self.health = health
+        self.slow_start = slow_start
         self.members: list[Member] = []
         self.draining: dict[str, Member] = {}  # removed members whose sessions are not all over yet
         self.view = view
         self.allowed: frozenset[Member] | None = None  # see restrict
-        self._next = 0
-        self.update(addresses)
+        self.panic_threshold = panic_threshold  # percent; 0: off
+        self.panics = 0  # members taken while panicking, health ignored
+        self._primaries = self._backups = _Group([])
+        self.update(members)
 
-    def update(self, addresses: Sequence[Address]) -> tuple[list[Member], list[Member]]:
-        """Make the members ``addresses``, matched by key; returns the (added, removed) members.
+    def update(self, members: Sequence[MemberConfig | Address]) -> tuple[list[Member], list[Member]]:
+        """Make the members ``members``, matched by key; returns the (added, removed) members.
 
-        A member that stays keeps its object (health, counts); a removed one leaves the pick and waits in
-        ``draining`` until its sessions are over; a draining member added back is revived as it is."""
+        A member that stays keeps its object (health, counts) and takes its new settings; a removed one
+        leaves the pick and waits in ``draining`` until its sessions are over; a draining member added
+        back is revived as it is."""
+        configs = [as_member(m) for m in members]
         for key in [k for k, m in self.draining.items() if m.active == 0]:
             del self.draining[key]
         current = {m.key: m for m in self.members}
-        members: list[Member] = []
+        new: list[Member] = []
         added: list[Member] = []
-        for key, address in zip(member_keys(addresses), addresses, strict=True):
-            member = current.pop(key, None)
+        for key, config in zip(member_keys([c.address for c in configs]), configs, strict=True):
+            member = current.pop(key, None) or self.draining.pop(key, None)
             if member is None:
-                member = self.draining.pop(key, None) or Member(address, key, self.health)
+                member = Member(config, key, self.health, self.slow_start)
+                added.append(member)
+            elif member.draining:
                 member.draining = False
                 added.append(member)
-            if isinstance(address, Resolved):  # an SRV record's weight, which may change
-                member.weight = address.weight
-            member.index = len(members)
-            members.append(member)
+            if member.config != config:  # new settings, or a new SRV weight
+                member.configure(config)
+            member.index = len(new)
+            new.append(member)
         removed = list(current.values())
         for member in removed:
             member.draining = True
             if member.active:
                 self.draining[member.key] = member
-        self.members = members
-        self._next %= len(members) or 1
+        self.members = new
+        primaries, backups = self._primaries, self._backups
+        self._primaries = _Group([m for m in new if not m.backup])
+        self._backups = _Group([m for m in new if m.backup])
+        self._primaries.next = primaries.next % (len(self._primaries.members) or 1)
+        self._backups.next = backups.next % (len(self._backups.members) or 1)
         return added, removed
 
     def pick(self, tried: Collection[Member] = ()) -> Member | None:
-        """The least-loaded UP member not in ``tried``; None when there is none."""
-        members = self.members
+        """The eligible member with the lowest ``(active + 1) / weight``, a backup only when no primary
+        is eligible; None when there is none."""
+        best = self._scan(self._primaries, tried)
+        if best is None and self._backups.members:
+            best = self._scan(self._backups, tried)
+        return best
+
+    def _scan(self, group: _Group, tried: Collection[Member], healthy: bool = True) -> Member | None:
+        members = group.members
         view = self.view
         count = len(members)
         best: Member | None = None
-        best_load = 0.0
-        start = self._next
+        best_load = best_weight = 0
+        start = group.next
         for offset in range(count):
             member = members[(start + offset) % count]
             if member in tried:
                 continue
             if view is None:  # one process: this process's counts and health are the truth
-                if member.health.status is not UP or member.admin:
+                if (member.health.status is not UP and healthy) or member.admin:  # panic: health, not the operator
                     continue
-                load = member.active / member.weight
+                active = member.active
             else:  # several workers: every worker's count, status from the supervisor
-                if not view.up(member.slot):  # the supervisor writes 0 for a member held by the operator too
+                if healthy and not view.up(member.slot):  # the supervisor writes 0 for an operator's hold too
                     continue
-                load = view.active(member.slot) / member.weight
-            if best is None or load < best_load:
-                best, best_load = member, load
+                active = view.active(member.slot)
+            if active >= member.limit:
+                continue
+            # (active + 1) / weight < best_load / best_weight, without division (weights are >= 1)
+            if best is None or (active + 1) * best_weight < best_load * member.weight:
+                best, best_load, best_weight = member, active + 1, member.weight
         if best is not None:
-            self._next = (best.index + 1) % count
+            group.next = (best.turn + 1) % count
         return best
 
     def restrict(self, allowed: Collection[Member] | None) -> None:
@@ -201,6 +284,75 @@ class Balancer:
         """Whether the restriction (``restrict``), if any, leaves ``member`` to the pick."""
         return self.allowed is None or member in self.allowed
 
+    def take(self, tried: Sequence[Member] = ()) -> Member | None:
+        """Pick a member for a new attempt and count the session on it; None when there is none.
+
+        The member is the best one not in ``tried``, or, once every eligible member has been tried for
+        this client, the best of them again (a one-member pool retries its member). With workers, a
+        capped member is reserved atomically; one that another worker filled meanwhile is passed over.
+        The common case (a primary without a cap across workers) is one scan and the count: this runs
+        per dial."""
+        if self.allowed is not None:  # a primary pool: its one primary, or none (restrict)
+            return self._take(tried, [])
+        if self.panic_threshold and self.panicking():
+            return self._take_in_panic(tried)
+        member = self._scan(self._primaries, tried)
+        if member is None:
+            return self._take(tried, [])
+        view = self.view
+        if view is not None and member.limit < UNLIMITED:
+            if not view.reserve(member.slot, member.limit, member.active + 1):
+                return self._take(tried, [member])  # another worker took the last place meanwhile
+        elif view is not None:
+            view.publish(member.slot, member.active + 1)
+        member.active += 1  # acquire, inlined
+        member.total += 1
+        return member
+
+    def _take(self, tried: Sequence[Member], full: list[Member]) -> Member | None:
+        """``take`` beyond the common case: backups, members tried again, and capped members that other
+        workers filled (``full``) passed over."""
+        view = self.view
+        while True:
+            member = self.pick([*tried, *full] if full else tried)
+            if member is None and tried:
+                member = self.pick(full)
+            if member is None:
+                return None
+            if view is None or member.limit >= UNLIMITED or view.reserve(member.slot, member.limit, member.active + 1):
+                self.acquire(member)
+                return member
+            full.append(member)
+
+    def panicking(self) -> bool:
+        """Whether fewer than ``panic_threshold`` percent of the members are UP (Envoy's panic mode)."""
+        members = self.members
+        if self.view is None:
+            up = sum(1 for m in members if m.health.status is UP)
+        else:
+            view = self.view
+            up = sum(1 for m in members if view.up(m.slot))
+        return up * 100 < self.panic_threshold * len(members)
+
+    def _take_in_panic(self, tried: Sequence[Member]) -> Member | None:
+        """``take`` with health ignored: every member below its cap is eligible, primaries first."""
+        for avoid in (tried, ()):
+            for group in (self._primaries, self._backups):
+                member = self._scan(group, avoid, healthy=False)
+                if member is None:
+                    continue
+                view = self.view
+                if view is not None and member.limit < UNLIMITED:
+                    if not view.reserve(member.slot, member.limit, member.active + 1):
+                        continue  # another worker took its last place
+                    member.active += 1
+                    member.total += 1
+                else:
+                    self.acquire(member)
+                self.panics += 1
+                return member
+        return None
+
     def acquire(self, member: Member) -> None:
         """Count a session against ``member`` from the moment its dial starts."""
         member.active += 1
@@ -212,6 +364,14 @@ class Balancer:
         member.active -= 1
         if self.view is not None:
             self.view.publish(member.slot, member.active)
+
+    def shortage(self) -> str:
+        """Why a first pick found no member: none is UP (``NO_HEALTHY``), or those UP are all at their
+        max_conns (``AT_CAP``: the client may wait in the pool's queue), or a primary pool has no member
+        it may route to (``NO_PRIMARY``: fail closed at once, never queued)."""
+        if self.allowed is not None and not self.allowed:
+            return NO_PRIMARY
+        return AT_CAP if self.any_up else NO_HEALTHY
 
     @property
     def any_up(self) -> bool:

@@ -10,7 +10,10 @@ A label says who ended the session and how:
 * ``shutdown`` / ``forced_shutdown``: the drain deadline passed, or a second signal;
 * ``drained``: closed cleanly at a protocol-safe moment of a drain (``--drain-at safe``, ``safeclose.py``);
 * ``no_upstream (<last connect error>)``: no member could be reached;
-* ``loop``: the client is one of the proxy's own outgoing connections (a member that is the proxy).
+* ``loop``: the client is one of the proxy's own outgoing connections (a member that is the proxy);
+* ``member_down``: its member was marked DOWN and ``--on-member-down close`` ended it;
+* ``max_session_duration``: it was older than ``--max-session-duration`` (at a quiet moment, or at the
+  latest at that plus its jitter).
 
 Several of these can happen to one session (a client resets while its session is being torn down for
 a timeout), so a session goes through ``settle`` each time one is offered. The rule, by how the cause
@@ -33,6 +36,8 @@ UPSTREAM_CLOSED = "upstream_closed"
 CLIENT_RESET = "client_reset"
 UPSTREAM_RESET = "upstream_reset"
 LOOP = "loop"
+MEMBER_DOWN = "member_down"  # --on-member-down close ended it
+MAX_DURATION = "max_session_duration"  # older than --max-session-duration
 
 How = Literal["end", "abort", "fail"]
 

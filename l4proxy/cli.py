@@ -56,6 +56,7 @@ from .config import (
     TLS_VERSIONS,
     Address,
     Config,
+    MemberConfig,
     Service,
     from_tree,
     parse_address,
@@ -121,8 +122,8 @@ def _port(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
     return port
 
 
-def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[Address | Service, ...]:
-    """Members; a missing port is the listen port."""
+def _members(texts: tuple[str, ...], path: str, earlier: Mapping[str, Any]) -> tuple[MemberConfig, ...]:
+    """Members with their options; a missing port is the listen port."""
     return parse_members(texts, path, default_port=earlier[LISTEN_PATH].port)
 
 
@@ -209,6 +210,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("--half-closed-timeout", f"{_LISTENER}.half_closed_timeout", "listener",
            "Idle timeout once one direction has ended (HAProxy's 'timeout client-fin').", "30s", _DURATION,
            "DURATION"),
+    Option("--max-connections", f"{_LISTENER}.max_connections", "listener", "Sessions at once; at the limit the"
+           " listener stops accepting and new clients wait in the kernel's backlog. Default: what the open-files"
+           " limit leaves room for.", parse=_whole, metavar="N"),
+    Option("--tcp-keepalive", f"{_LISTENER}.tcp_keepalive", "listener", "TCP keepalive on both sides of each"
+           " session: probes after this long idle, so a peer gone without a FIN is found; 0 is off.", "60s",
+           _DURATION, "DURATION"),
+    Option("--max-session-duration", f"{_LISTENER}.max_session_duration", "listener", "Close a session older"
+           " than this at its next quiet moment, or at this plus up to 10% at the latest, so long-lived"
+           " sessions rebalance; 0 is off.", "0", _DURATION, "DURATION"),
     Option("--buffer-size", f"{_LISTENER}.buffer_size", "listener",
            "Per-direction buffer high-water mark; a slower peer pauses the faster one.", "64k", _size, "SIZE"),
     Option("--relay", f"{_LISTENER}.relay", "listener",
@@ -216,12 +226,30 @@ OPTIONS: tuple[Option, ...] = (
            " plain-TCP session, 'transport' never (TLS sessions always use transports).", "auto",
            metavar="|".join(RELAY_ENGINES)),
     Option("--upstream", f"{_POOL}.members", "upstreams", "Pool members, comma-separated and/or repeated; the port"
-           " defaults to the listen port; srv:NAME takes members and ports from DNS SRV records.", parse=_members,
-           metavar="HOST[:PORT],...", multiple=True, required=True),
+           " defaults to the listen port; srv:NAME takes members and ports from DNS SRV records. Options follow a"
+           " member after semicolons: weight=N (1..256), max_conns=N, backup, as in"
+           " 'a:6379;weight=3;max_conns=200,b;backup'.", parse=_members,
+           metavar="HOST[:PORT][;OPTION...],...", multiple=True, required=True),
+    Option("--slow-start", f"{_POOL}.slow_start", "upstreams", "A member that comes back UP ramps from 10% of its"
+           " weight and max_conns to all of them over this time; 0 is off.", "0", _DURATION, "DURATION"),
     Option("--connect-timeout", f"{_POOL}.connect_timeout", "upstreams",
            "Give up on one connect attempt after this long and try another member.", "5s", _DURATION, "DURATION"),
     Option("--retries", f"{_POOL}.retries", "upstreams",
            "Extra connect attempts after the first, each to a member not yet tried.", "2", _whole, "N"),
+    Option("--retry-budget", f"{_POOL}.retry_budget", "upstreams", "Retries in flight may be at most this"
+           " percent of the connects in flight (3 at least), so an outage cannot multiply connect attempts.",
+           "20", _whole, "PERCENT"),
+    Option("--panic-threshold", f"{_POOL}.panic_threshold", "upstreams", "While fewer than this percent of the"
+           " members are UP, ignore health and balance over all of them; 0 (off) suits databases.", "0", _whole,
+           "PERCENT"),
+    Option("--on-member-down", f"{_POOL}.on_member_down", "upstreams", "A member marked DOWN: 'keep' its"
+           " sessions, or 'close' them, spread over a second (a demoted primary's clients reconnect).", "keep",
+           metavar="keep|close"),
+    Option("--queue-timeout", f"{_POOL}.queue_timeout", "upstreams", "A client that finds every eligible member"
+           " at its max_conns waits this long for a place at most (default: the connect timeout).",
+           parse=_DURATION, metavar="DURATION"),
+    Option("--max-queue", f"{_POOL}.max_queue", "upstreams", "Clients that may wait for a place at once (per"
+           " worker process); past it a client is refused; 0: none wait.", "1024", _whole, "N"),
     Option("--resolve-interval", f"{_POOL}.resolve_interval", "upstreams", "Resolve members given as DNS names"
            " (HOST or srv:NAME) again this often; each address they resolve to is a member.", "10s", _DURATION,
            "DURATION"),
@@ -432,7 +460,7 @@ def _refuse_ineffective(params: Mapping[str, Any], given: frozenset[str]) -> Non
 
 def _refuse_discovery_unused(config: Config, params: Mapping[str, Any], given: frozenset[str]) -> None:
     """The discovery flags do nothing when every member is an IP address: refuse them then."""
-    if any(needs_resolving(member) for pool in config.pools for member in pool.members):
+    if any(needs_resolving(member.address) for pool in config.pools for member in pool.members):
         return
     for flag in ("--resolve-interval", "--resolve-empty-after"):
         if flag in given:
@@ -462,10 +490,14 @@ def without_repeats(config: Config) -> tuple[Config, list[str]]:
     warnings: list[str] = []
     pools = []
     for pool in config.pools:
-        members = tuple(dict.fromkeys(pool.members))
+        first: dict[Address | Service, MemberConfig] = {}
+        for member in pool.members:
+            first.setdefault(member.address, member)
+        members = tuple(first.values())
         for member in members:
-            if pool.members.count(member) > 1:
-                warnings.append(f"{member} is listed {pool.members.count(member)} times; it is used once")
+            count = sum(1 for other in pool.members if other.address == member.address)
+            if count > 1:
+                warnings.append(f"{member} is listed {count} times; it is used once, with its first options")
         pools.append(dataclasses.replace(pool, members=members) if len(members) < len(pool.members) else pool)
     return dataclasses.replace(config, pools=tuple(pools)), warnings
 
@@ -485,7 +517,7 @@ def self_loops(config: Config) -> list[ConfigError]:
         pool = config.pool(listener.pool)
         listen = listener.address
         listen_ips = set() if listen.host in WILDCARDS else _resolve(listen.host, listen.port)
-        for index, member in enumerate(pool.members):
+        for index, member in enumerate(m.address for m in pool.members):
             if isinstance(member, Service) or member.port != listen.port:  # SRV ports are known once resolved
                 continue
             for ip in sorted(_resolve(member.host, member.port), key=str):

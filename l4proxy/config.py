@@ -134,21 +134,14 @@ def member_texts(texts: list[str] | tuple[str, ...], field_name: str) -> list[st
 SRV_PREFIX = "srv:"
 
 
-def parse_member(text: str, field_name: str, default_port: int) -> Address | Service:
-    """One member: ``HOST[:PORT]``, or ``srv:NAME`` (a DNS SRV name; its records give the ports)."""
+def parse_target(text: str, field_name: str, default_port: int) -> Address | Service:
+    """Where a member is: ``HOST[:PORT]``, or ``srv:NAME`` (a DNS SRV name; its records give the ports)."""
     if not text.lower().startswith(SRV_PREFIX):
         return parse_address(text, field_name, default_port)
     name = text[len(SRV_PREFIX) :]
     if not name or _canonical_host(name) is None or is_ip(name):
         raise ConfigError(field_name, text, "expected srv:NAME with a DNS name, such as srv:_redis._tcp.example.com")
     return Service(name)
-
-
-def parse_members(
-    texts: list[str] | tuple[str, ...], field_name: str, default_port: int
-) -> tuple[Address | Service, ...]:
-    """Members from repeated and/or comma-separated ``HOST[:PORT]`` or ``srv:NAME`` values."""
-    return tuple(parse_member(part, field_name, default_port) for part in member_texts(texts, field_name))
 
 
 def is_ip(host: str) -> bool:
@@ -158,6 +151,51 @@ def is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def parse_members(
+    texts: list[str] | tuple[str, ...], field_name: str, default_port: int
+) -> tuple[MemberConfig, ...]:
+    """Members from repeated and/or comma-separated ``HOST[:PORT][;OPTION...]`` or ``srv:NAME[;OPTION...]``."""
+    return tuple(parse_member(part, field_name, default_port) for part in member_texts(texts, field_name))
+
+
+MEMBER_OPTIONS = "weight=N, max_conns=N, backup"
+
+
+def parse_member(text: str, field_name: str, default_port: int) -> MemberConfig:
+    """One member spec: ``HOST[:PORT]`` or ``srv:NAME``, then options after semicolons
+    (``redis-a:6379;weight=3;backup``).
+
+    Every error echoes the whole spec as typed, so it names the member, then the option and its problem."""
+    address_text, *option_texts = text.split(";")
+    try:
+        address = parse_target(address_text, field_name, default_port)
+    except ConfigError as exc:
+        raise ConfigError(field_name, text, exc.problem) from None
+    options: dict[str, Any] = {}
+    for typed in (option.strip() for option in option_texts):
+        name, sep, value = typed.partition("=")
+        name, value = name.strip(), value.strip()
+        if not typed:
+            raise ConfigError(field_name, text, "empty member option between semicolons")
+        if name in options:
+            raise ConfigError(field_name, text, f"{typed}: {name} is given twice")
+        if name == "backup" and not sep:
+            options[name] = True
+        elif name == "backup":
+            raise ConfigError(field_name, text, f"{typed}: backup takes no value")
+        elif name in ("weight", "max_conns") and value.isascii() and value.isdigit():
+            options[name] = int(value)
+        elif name in ("weight", "max_conns"):
+            expected = WEIGHTS if name == "weight" else "1 or more"
+            raise ConfigError(field_name, text, f"{typed}: must be a whole number {expected}")
+        else:
+            raise ConfigError(field_name, text, f"{typed}: unknown member option; known: {MEMBER_OPTIONS}")
+    try:
+        return MemberConfig(address, **options)
+    except ConfigError as exc:
+        raise ConfigError(field_name, text, f"{exc.path}={exc.value}: {exc.problem}") from None
 
 
 # A lone ``x`` alternative catches a short \x; scanning pairs left to right keeps ``\\x41`` literal.
@@ -237,6 +275,46 @@ class Service:
 
     def __str__(self) -> str:
         return f"{SRV_PREFIX}{self.name}"
+
+
+WEIGHT_MAX = 256
+ON_MEMBER_DOWN = ("keep", "close")
+WEIGHTS = f"1..{WEIGHT_MAX}"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberConfig:
+    """One pool member: where it is (its key is ``host:port``) and how much traffic it may take.
+
+    ``weight`` scales its share under least-connections (1..256); ``max_conns`` caps its sessions across
+    all workers (None: no cap); a ``backup`` member gets sessions only while no other member can take one.
+    A member given as a DNS name (a host name, or a ``Service``) stands for every address it resolves to,
+    and its settings apply to each of them: each address has the weight, its own max_conns and the role;
+    an SRV record's weight multiplies the configured one (``Resolved.weight``).
+    """
+
+    address: Address | Service
+    weight: int = 1
+    max_conns: int | None = None
+    backup: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, Address | Service):
+            raise ConfigError("address", self.address, "expected HOST:PORT or srv:NAME")
+        if type(self.weight) is not int or not 1 <= self.weight <= WEIGHT_MAX:
+            raise ConfigError("weight", self.weight, f"must be a whole number {WEIGHTS}")
+        if self.max_conns is not None and (type(self.max_conns) is not int or self.max_conns < 1):
+            raise ConfigError("max_conns", self.max_conns, "must be a whole number 1 or more")
+        if type(self.backup) is not bool:
+            raise ConfigError("backup", self.backup, "must be true or false")
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
+def as_member(member: MemberConfig | Address | Service) -> MemberConfig:
+    """``member`` as a MemberConfig: a bare address or name is a member with the default weight, no cap."""
+    return member if isinstance(member, MemberConfig) else MemberConfig(member)
 
 
 def _positive(name: str, value: float) -> None:
@@ -359,7 +437,7 @@ class PoolConfig:
     ``resolve_empty_after`` was empty (``discovery.py``).
     """
 
-    members: tuple[Address | Service, ...]
+    members: tuple[MemberConfig, ...]  # an Address or Service given here is a member with the defaults
     name: str = "default"
     retries: int = 2
     connect_timeout: float = 5.0
@@ -370,6 +448,12 @@ class PoolConfig:
     send_proxy: str | None = None  # 'v1' or 'v2': a PROXY protocol header before any byte to a member
     drain_protocol: str | None = None  # how --drain-at safe reads sessions; None: as the health check's kind
     split_brain: str = "fail-closed"  # with a *-primary check and several claimants: route to none, or the newest
+    slow_start: float = 0.0  # seconds a member back UP takes to ramp from 10% to its full share; 0: off
+    retry_budget: int = 20  # retries in flight may be this percent of the dials in flight (3 at least)
+    panic_threshold: int = 0  # percent of members UP below which health is ignored; 0: off
+    on_member_down: str = "keep"  # a member marked DOWN: 'keep' its sessions, or 'close' them over a second
+    queue_timeout: float | None = None  # longest wait for a member below its max_conns; None: connect_timeout
+    max_queue: int = 1024  # clients that may wait at once (per process); 0: none wait, all are refused
 
     @property
     def watched_as(self) -> str | None:
@@ -394,16 +478,29 @@ class PoolConfig:
             raise ConfigError("members", None, "at least one upstream is required")
         _positive("resolve_interval", self.resolve_interval)
         _positive("resolve_empty_after", self.resolve_empty_after)
+        object.__setattr__(self, "members", tuple(as_member(m) for m in self.members))
         for index, member in enumerate(self.members):
-            if isinstance(member, Service):
+            if isinstance(member.address, Service):
                 continue
-            if not member.host:
+            if not member.address.host:
                 raise ConfigError(f"members[{index}]", str(member), "an upstream needs a host")
-            if not member.port:
+            if not member.address.port:
                 raise ConfigError(f"members[{index}]", str(member), "an upstream needs a port")
         if self.retries < 0:
             raise ConfigError("retries", self.retries, "must be 0 or more")
         _positive("connect_timeout", self.connect_timeout)
+        if not self.slow_start >= 0:
+            raise ConfigError("slow_start", self.slow_start, "must be 0 (off) or more")
+        if type(self.retry_budget) is not int or not 0 <= self.retry_budget <= 100:
+            raise ConfigError("retry_budget", self.retry_budget, "must be a percent, 0..100")
+        if self.on_member_down not in ON_MEMBER_DOWN:
+            raise ConfigError("on_member_down", self.on_member_down, f"expected {' or '.join(ON_MEMBER_DOWN)}")
+        if type(self.panic_threshold) is not int or not 0 <= self.panic_threshold <= 100:
+            raise ConfigError("panic_threshold", self.panic_threshold, "must be a percent, 0..100 (0: off)")
+        if self.queue_timeout is not None:
+            _positive("queue_timeout", self.queue_timeout)
+        if type(self.max_queue) is not int or self.max_queue < 0:
+            raise ConfigError("max_queue", self.max_queue, "must be 0 (no queue) or more")
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +535,9 @@ class ListenerConfig:
     sni: tuple[tuple[str, str], ...] = ()
     sni_strict: bool = False
     sni_timeout: float = 10.0
+    max_connections: int | None = None  # sessions at once; None: as many as the open-files limit allows
+    tcp_keepalive: float = 60.0  # idle seconds before TCP keepalive probes, on both sides; 0: off
+    max_session_duration: float = 0.0  # sessions older are closed when quiet, or at 110% at most; 0: off
 
     def __post_init__(self) -> None:
         for name in ("accept_proxy_from", "allow", "deny"):
@@ -463,6 +563,12 @@ class ListenerConfig:
             raise ConfigError("buffer_size", self.buffer_size, "must be at least 1024 bytes")
         if self.relay not in RELAY_ENGINES:
             raise ConfigError("relay", self.relay, f"expected one of {', '.join(RELAY_ENGINES)}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError("max_connections", self.max_connections, "must be 1 or more")
+        if not self.max_session_duration >= 0:
+            raise ConfigError("max_session_duration", self.max_session_duration, "must be 0 (off) or more")
+        if not 0 <= self.tcp_keepalive <= 32767:  # the kernel's bound for TCP_KEEPIDLE
+            raise ConfigError("tcp_keepalive", self.tcp_keepalive, "must be 0 (off) to 32767s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,10 +688,11 @@ _SECTIONS: dict[tuple[type, str], type] = {
     (ListenerConfig, "tls"): ServerTLSConfig,
     (PoolConfig, "health"): HealthConfig,
     (PoolConfig, "tls"): UpstreamTLSConfig,
+    (MemberConfig, "address"): Address,
     (Config, "admin"): Address,
 }
-_LISTS: dict[tuple[type, str], type] = {(PoolConfig, "members"): Address}
-_ALSO: dict[type, tuple[type, ...]] = {Address: (Service,)}  # objects a list of these may hold as they are
+_LISTS: dict[tuple[type, str], type] = {(PoolConfig, "members"): MemberConfig}
+_ALSO: dict[type, tuple[type, ...]] = {Address: (Service,)}  # objects a section of these may be as they are
 
 _T = TypeVar("_T")
 
@@ -615,6 +722,8 @@ def _item(table: str, key: int | str) -> str:
 def _build(kind: type[_T], data: object, path: str) -> _T:
     if isinstance(data, (kind, *_ALSO.get(kind, ()))):
         return data  # type: ignore[return-value]
+    if kind is MemberConfig and isinstance(data, Address | Service):  # bare: a member with the defaults
+        return MemberConfig(data)  # type: ignore[return-value]
     if not isinstance(data, Mapping):
         raise ConfigError(path, data, f"expected a table of {kind.__name__} settings")
     known = {f.name: f for f in fields(kind)}  # type: ignore[arg-type]

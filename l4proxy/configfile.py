@@ -35,11 +35,12 @@ from .config import (
     Address,
     Config,
     ListenerConfig,
+    MemberConfig,
     PoolConfig,
     Service,
     from_tree,
     parse_address,
-    parse_member,
+    parse_target,
 )
 from .errors import ConfigError, L4ProxyError
 
@@ -91,7 +92,7 @@ def _kind(hint: Any) -> type | str:
         return "routes"
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
-        return "members" if item is Address or Address in typing.get_args(item) else "names"
+        return "members" if item is MemberConfig else "names"
     if dataclasses.is_dataclass(hint):
         return "section"
     return typing.cast(type, hint)
@@ -126,6 +127,7 @@ def _children(paths: Iterator[str]) -> dict[str, list[str]]:
 
 
 SCHEMA: dict[str, Key] = {key.path: key for key in _walk(Config, "")}
+_MEMBER_KEYS = tuple(f.name for f in fields(MemberConfig))  # a member table's keys
 _CHILDREN = _children(iter(SCHEMA))
 
 
@@ -228,8 +230,9 @@ class Document:
         """The Config the file describes. Relative file paths are taken from ``base`` (the file's folder);
         ConfigFileError lists every problem found."""
         problems: list[ConfigError] = []
-        tree = _Converter(forms, base, problems).table(self.data, "", "")
-        _cross_check(tree, problems, exists)
+        converter = _Converter(forms, base, problems)
+        tree = converter.table(self.data, "", "")
+        _cross_check(tree, problems, exists, converter.positions)
         config = _build(tree, problems)
         if problems or config is None:
             raise ConfigFileError(sorted(map(self.problem, problems), key=lambda p: p.line))
@@ -252,6 +255,7 @@ class _Converter:
         self.forms = forms
         self.base = base
         self.problems = problems
+        self.positions: dict[str, list[int]] = {}  # a members list's path -> each kept member's index
 
     def table(self, data: Mapping[str, Any], schema: str, path: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -284,22 +288,50 @@ class _Converter:
             if not isinstance(value, list):
                 raise ConfigError(where, value, 'expected a list of members, as ["HOST:PORT", ...]')
             members = []
+            positions = self.positions[where] = []
             for index, item in enumerate(value):
                 try:
                     members.append(self._member(item, f"{where}[{index}]"))
+                    positions.append(index)
                 except ConfigError as exc:  # the others are still checked (a member listed twice)
                     self.problems.append(exc)
             return members
         return self._leaf(key, value, where)
 
-    def _member(self, item: Any, where: str) -> Address | Service:
-        """A member: ``"HOST:PORT"`` or ``"srv:NAME"``; a table with ``address`` and its options is the
-        planned other form."""
-        if not isinstance(item, str):
-            raise ConfigError(where, item, 'expected "HOST:PORT" text')
-        if item.lower().startswith(SRV_PREFIX):
-            return parse_member(item, where, default_port=0)  # the SRV records give the ports
-        return parse_address(item, where)
+    def _member(self, item: Any, where: str) -> MemberConfig:
+        """A member: ``"HOST:PORT"`` or ``"srv:NAME"``, or a table of ``address`` (that text) and the
+        member's options (``{address = "HOST:PORT", weight = 3, max_conns = 10, backup = true}``)."""
+        if isinstance(item, str):
+            return MemberConfig(self._target(item, where))
+        if not isinstance(item, dict):
+            raise ConfigError(where, item, 'expected "HOST:PORT" text or a table with an address')
+        options: dict[str, Any] = {}
+        for name, value in item.items():
+            at = f"{where}.{name}"
+            if name == "address":
+                if not isinstance(value, str):
+                    raise ConfigError(at, value, 'expected "HOST:PORT" or "srv:NAME" text')
+                options[name] = self._target(value, at)
+            elif name in ("weight", "max_conns") and type(value) is not int:
+                raise ConfigError(at, value, "expected a whole number")
+            elif name == "backup" and type(value) is not bool:
+                raise ConfigError(at, value, "expected true or false")
+            elif name in _MEMBER_KEYS:
+                options[name] = value
+            else:
+                raise ConfigError(at, None, "no such member setting" + _suggest(name, list(_MEMBER_KEYS)))
+        if "address" not in options:
+            raise ConfigError(f"{where}.address", None, 'required: "HOST:PORT" or "srv:NAME"')
+        try:
+            return MemberConfig(**options)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{exc.path}", exc.value, exc.problem) from None
+
+    @staticmethod
+    def _target(text: str, where: str) -> Address | Service:
+        if text.lower().startswith(SRV_PREFIX):
+            return parse_target(text, where, default_port=0)  # the SRV records give the ports
+        return parse_address(text, where)
 
     def _leaf(self, key: Key, value: Any, where: str) -> Any:
         form = self.forms.get(key.path)
@@ -357,7 +389,9 @@ PATHS = frozenset(
 _MUST_EXIST = PATHS - {"access_log"}
 
 
-def _cross_check(tree: dict[str, Any], problems: list[ConfigError], exists: Exists) -> None:
+def _cross_check(
+    tree: dict[str, Any], problems: list[ConfigError], exists: Exists, positions: Mapping[str, list[int]]
+) -> None:
     """What no single key shows: a listener's pool that does not exist, one listen address given twice,
     a member listed twice, a certificate file that is not there. A listener naming no pool is dropped."""
     pools = list(tree.get("pools", {}))
@@ -384,8 +418,10 @@ def _cross_check(tree: dict[str, Any], problems: list[ConfigError], exists: Exis
                     break
             bound.append((address, name))
     for name, pool in tree.get("pools", {}).items():
-        first: dict[Address, int] = {}
-        for index, member in enumerate(pool.get("members", [])):
+        first: dict[Address | Service, int] = {}
+        members = pool.get("members", [])
+        indices = positions.get(f"pools.{name}.members", range(len(members)))
+        for index, member in zip(indices, (m.address for m in members), strict=True):
             if member in first:
                 problems.append(
                     ConfigError(
@@ -540,12 +576,22 @@ def file_value(key: Key, value: Any) -> Any:
     if key.kind == "address":
         return str(value)
     if key.kind == "members":
-        return [str(member) for member in value]
+        return [_member_value(member) for member in value]
     if key.kind == "paths":
         return value[0] if len(value) == 1 else list(value)
     if key.kind == "routes":
         return dict(value)
     return value
+
+
+def _member_value(member: MemberConfig) -> str | dict[str, Any]:
+    """A member as the file writes it: its address as text, or a table when it has options."""
+    options = {
+        f.name: getattr(member, f.name)
+        for f in dataclasses.fields(member)
+        if f.name != "address" and getattr(member, f.name) != f.default
+    }
+    return {"address": str(member.address), **options} if options else str(member.address)
 
 
 def dump(config: Config) -> str:

@@ -18,7 +18,7 @@ import sys
 
 import uvloop
 
-from .config import Address, Config, HealthConfig, ListenerConfig, PoolConfig
+from .config import Address, Config, HealthConfig, ListenerConfig, MemberConfig, PoolConfig
 from .proxy import Proxy
 
 
@@ -71,7 +71,7 @@ async def main() -> None:
     alpha, beta = LineServer("alpha"), LineServer("beta")
     await alpha.start()
     await beta.start()
-    members = (Address("127.0.0.1", alpha.port), Address("127.0.0.1", beta.port))
+    members = (MemberConfig(Address("127.0.0.1", alpha.port)), MemberConfig(Address("127.0.0.1", beta.port)))
     config = Config(
         listeners=(ListenerConfig(Address("127.0.0.1", 0)),),
         pools=(PoolConfig(members=members, health=HealthConfig(interval=0.5, timeout=0.5, rise=2, fall=2)),),

@@ -41,13 +41,15 @@ import functools
 import ipaddress
 import itertools
 import logging
+import random
 import socket
 import ssl
 import time
 from collections.abc import Coroutine, Hashable
 from typing import Any
 
-from .balancer import Member
+from .balancer import AT_CAP, Member
+from .budget import retry_delay
 from .deadlines import Deadlines
 from .drive import Drive
 from .errors import failure_kind, out_of_descriptors
@@ -62,6 +64,8 @@ from .tlsengine import TLSEngine
 log = logging.getLogger("l4proxy.dialer")
 
 NO_UPSTREAM = "clients with no upstream"  # rate-limited kinds of warnings (ratelog.py)
+QUEUE_FULL = "clients refused by a full queue"
+QUEUE_TIMEOUT = "clients timed out in the queue"
 CONNECT_FAILED = "failed upstream connects"
 
 
@@ -84,6 +88,7 @@ class Dial:
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
     __slots__ = (
+        "counted",
         "deadline",
         "deadlines",
         "drive",
@@ -93,8 +98,10 @@ class Dial:
         "outgoing",
         "pool",
         "pump",
+        "queued_at",
         "session",
         "tried",
+        "wait",
         "warnings",
     )
 
@@ -118,29 +125,91 @@ class Dial:
         self.pump: Pump | None = None
         self.drive: Drive | None = None
         self.deadline: set[Hashable] | None = None  # the deadline bucket this attempt is in
+        self.counted = 0  # the attempt in flight in the pool's retry budget: 1 a first one, 2 a retry
+        self.wait: asyncio.TimerHandle | None = None  # the back-off before a retry to the same member
         self.header = b""  # the PROXY header to send first (send_proxy), the same for every attempt
+        self.queued_at = 0.0  # loop time it joined the pool's queue (every member full); 0: not waiting
 
-    def start(self, cause: str = "no healthy upstream", give_up: bool = False) -> None:
-        """Begin the next attempt, or fail the client when none is left (or ``give_up``)."""
+    def start(self, cause: str = "no healthy upstream", give_up: bool = False, member: Member | None = None) -> None:
+        """Begin the next attempt, or fail the client when none is left (or ``give_up``); ``member`` is
+        one the queue took for it."""
         pool = self.pool
         balancer = pool.balancer
         tried = self.tried
-        member = None
-        if not give_up and len(tried) <= pool.config.retries:
-            member = balancer.pick(tried) or (balancer.pick() if tried else None)
+        if member is None and not give_up and len(tried) <= pool.config.retries:
+            member = balancer.take(tried)  # counted on the member from here on
         if member is None:
-            self.session.dial = None
-            pool.no_upstream += 1
-            self.warnings.warn(
-                log, NO_UPSTREAM, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause
-            )
-            self.session.fail(f"no_upstream ({cause})")
+            if not tried:  # say whether the members are down or full
+                cause = balancer.shortage()
+                if cause is AT_CAP and pool.config.max_queue:
+                    self._queue()
+                    return
+            self._no_upstream(cause)
             return
-        if tried:
+        budget = pool.budget
+        if not tried:
+            budget.dials += 1  # RetryBudget.dial_started, inlined: this runs per session
+            self.counted = 1
+        elif budget.try_retry():
+            self.counted = 2
             pool.retries += 1
+        else:
+            balancer.release(member)
+            pool.retry_refused += 1
+            spent = f"the retry budget ({budget.percent}% of the dials in flight) is spent"
+            self._no_upstream(f"{cause}; no retry: {spent}")
+            return
+        again = member in tried
         tried.append(member)
-        balancer.acquire(member)
         self.member = member
+        if again:  # the same member once more (a one-member pool): back off first, with jitter
+            delay = retry_delay(tried.count(member) - 1, random.random())
+            self.wait = self.loop.call_later(delay, self._attempt)
+            return
+        self._attempt()
+
+    # the queue: every eligible member is at its max_conns
+
+    def _queue(self) -> None:
+        """Wait in the pool's queue for a place, at most ``queue_timeout``; refused when it is full.
+        The client's early bytes are held meanwhile as during a connect (``Pump.pending``, bounded)."""
+        pool = self.pool
+        queue = pool.queue
+        if queue.length >= pool.config.max_queue:
+            queue.full += 1
+            self._no_upstream(f"{AT_CAP}; the queue is full ({pool.config.max_queue} clients)", QUEUE_FULL)
+            return
+        self.queued_at = self.loop.time()
+        self.wait = self.loop.call_later(queue_timeout(pool), self._queue_expired)
+        queue.join(self)
+
+    def resume(self, member: Member) -> None:
+        """A place on ``member`` (taken and counted for this client): the wait is over."""
+        if self.wait is not None:
+            self.wait.cancel()
+            self.wait = None
+        self.start(AT_CAP, member=member)
+
+    def _queue_expired(self) -> None:
+        self.wait = None
+        queue = self.pool.queue
+        queue.leave(self)
+        queue.timeouts += 1
+        waited = f"{AT_CAP}; waited {queue_timeout(self.pool):g}s in the queue (queue_timeout)"
+        self._no_upstream(waited, QUEUE_TIMEOUT)
+
+    def _no_upstream(self, cause: str, kind: str = NO_UPSTREAM) -> None:
+        pool = self.pool
+        self.session.dial = None
+        pool.no_upstream += 1
+        self.warnings.warn(log, kind, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause)
+        self.session.fail(f"no_upstream ({cause})")
+
+    def _attempt(self) -> None:
+        """Connect to ``self.member`` (taken and counted) under its deadline."""
+        self.wait = None
+        pool, member = self.pool, self.member
+        assert member is not None
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
         self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
         try:
@@ -174,7 +243,13 @@ class Dial:
         self.deadline.discard(self)
         self.deadline = None
         session, member, pump = self.session, self.member, self.pump
-        self.pool.connect_ok(member)
+        pool = self.pool
+        if self.counted == 1:
+            pool.budget.dials -= 1  # RetryBudget.dial_ended, inlined
+        else:
+            pool.budget.dial_ended(True)
+        self.counted = 0
+        pool.connect_ok(member)
         session.dial = None
         self.pump = self.member = None
         if session.ended:  # the client left as the connect completed
@@ -220,7 +295,15 @@ class Dial:
         self.start(cause, give_up=exhausted)
 
     def _stop(self) -> None:
-        """Undo the attempt in flight: deadline, connect, member count, upstream socket."""
+        """Undo the attempt in flight: back-off, deadline, connect, member count, upstream socket, budget."""
+        if self.wait is not None:
+            self.wait.cancel()
+            self.wait = None
+        if self.queued_at:
+            self.pool.queue.leave(self)
+        if self.counted:
+            self.pool.budget.dial_ended(self.counted == 2)
+            self.counted = 0
         if self.deadline is not None:
             self.deadline.discard(self)
             self.deadline = None
@@ -250,6 +333,12 @@ class TimedDial(Dial):
         if exc is None:
             self.session.connect_time = time.monotonic() - self.begun
         super()._done(exc)
+
+
+def queue_timeout(pool: Pool) -> float:
+    """How long a client may wait in ``pool``'s queue: ``queue_timeout``, by default the connect timeout."""
+    config = pool.config
+    return config.connect_timeout if config.queue_timeout is None else config.queue_timeout
 
 
 def _connect(

@@ -32,9 +32,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .config import Address, Resolved, Service, is_ip
+from .config import Address, MemberConfig, Resolved, Service, is_ip
 
 Target = Address | Service
 
@@ -181,6 +181,26 @@ def expand(
         elif isinstance(target, Address):
             members.append(target)
     return members
+
+
+def unresolved_members(members: Iterable[MemberConfig]) -> list[MemberConfig]:
+    """``unresolved`` for configured members, keeping each one's settings."""
+    return [member for member in members if isinstance(member.address, Address)]
+
+
+def expand_members(
+    members: Iterable[MemberConfig],
+    known: Mapping[Target, tuple[Resolved, ...] | None],
+    linger: Mapping[Target, tuple[Resolved, ...]] | None = None,
+) -> list[MemberConfig]:
+    """``expand`` for configured members: every address a member stands for has that member's weight,
+    max_conns and role (a ``Resolved`` address also carries its SRV weight, which the balancer multiplies
+    in)."""
+    return [
+        member if address is member.address else replace(member, address=address)
+        for member in members
+        for address in expand((member.address,), known, linger)
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,8 +155,10 @@ class Frontend:
     def _wiring(self, deadlines: Deadlines, pool: Pool) -> Wiring:
         loop = asyncio.get_running_loop()
         table, warnings, outgoing = self.table, self.warnings, self.outgoing
+        queue = pool.queue  # clients waiting for a place (every member at its max_conns)
         live, opening, record = table.live, table.opening, self.access_log.record
         idle = table.idle
+        gone = self.listener.done
 
         own = outgoing.addresses
         counters = self.counters
@@ -177,6 +179,7 @@ class Frontend:
 
         def ended(session: Session) -> None:
             live.discard(session)
+            gone()
             table.served += 1
             counters.active -= 1
             sent = session.client.nbytes
@@ -190,6 +193,8 @@ class Frontend:
                     stats = member.stats
                     stats.bytes_in += sent
                     stats.bytes_out += upstream.nbytes
+                if queue.length:  # a place for the oldest client waiting
+                    queue.serve()
             if session.sockname is not None:
                 outgoing.addresses.discard(session.sockname)
             record(session)
@@ -280,6 +285,7 @@ class Frontend:
                 except Exception as exc:
                     opener.close()
                     _close_unowned(sock)
+                    self.listener.done()
                     warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
                     if self.leave is not None:
                         self.leave(address)
@@ -334,6 +340,8 @@ class Frontend:
 
     def _open_failed(self, sock: socket.socket | AcceptedFD, session: Session, exc: BaseException) -> None:
         sock.close()  # a no-op once a transport has taken the socket (or the descriptor)
+        if session.client.transport is None:  # else it became a session, and its end says it is done
+            self.listener.done()
         if self.leave is not None:
             self.leave(session.client_address)
         session.discard()

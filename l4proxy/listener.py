@@ -102,6 +102,7 @@ def bind_sockets(config: ListenerConfig) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            client_options(sock, config.tcp_keepalive)
             sock.bind(sockaddr)
             sock.listen(config.backlog)
             sock.setblocking(False)
@@ -138,6 +139,10 @@ class Listener:
         self._budget = 0  # descriptors free for new sessions, as of the last count, less those since
         self._counted = -1.0  # loop time of the last count
         self._short = False  # a pause was logged and accepting has not caught up since
+        self.sessions = 0  # clients accepted and not yet done (``done``)
+        self.limit = config.max_connections or 0  # set at start when derived
+        self.full = False  # at the limit: not accepting until a session ends
+        self.full_episodes = 0  # times the limit stopped accepting
 
     def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Accept on ``sockets`` (already listening: kept across a reload, or handed over by another
@@ -145,12 +150,15 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._bare = type(self._loop).__module__.startswith("uvloop")  # descriptors need no socket object
         self._fd_limit = _soft_limit()
+        if not self.config.max_connections:
+            self.limit = default_max_connections(self._fd_limit, self.per_session)
         if sockets is None:
             sockets = bind_sockets(self.config)
         else:
             for sock in sockets:
                 sock.setblocking(False)
                 sock.listen(self.config.backlog)  # a changed backlog applies to a kept socket too
+                client_options(sock, self.config.tcp_keepalive)  # and a changed --tcp-keepalive
         self.sockets = sockets
         self._count()
         for sock in self.sockets:
@@ -166,7 +174,7 @@ class Listener:
         if self._retry is not None:
             self._retry.cancel()
         for sock in self.sockets:
-            if sock not in self._paused:
+            if sock not in self._paused and not self.full:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self.sockets = []
@@ -209,10 +217,47 @@ class Listener:
             if not crowded:
                 self._backoff = _BACKOFF_MIN
             self.accepted += 1
+            self.sessions += 1
             self.serve(conn, addr)
             if crowded:
                 self._pause(sock, f"fewer than {_RESERVE} of {self._fd_limit} open files left")
+            if self.sessions >= self.limit:
+                self._hold()
+            if crowded or self.full:
                 return
+
+    def done(self) -> None:
+        """A client accepted here is gone (its session ended, or it never became one): below the limit
+        again, accepting resumes."""
+        self.sessions -= 1
+        if self.full and self.sessions < self.limit:
+            self.full = False
+            log.debug("listener %s accepting again: %d sessions", self.config.address, self.sessions)
+            for sock in self.sockets:
+                if sock in self._paused:  # short of descriptors as well: its retry timer resumes it
+                    continue
+                if self._budget >= self.per_session or self._recount(force=True):
+                    assert self._loop is not None
+                    self._loop.add_reader(sock.fileno(), self._accept, sock)
+                else:
+                    self._pause(sock, f"fewer than {_RESERVE} of {self._fd_limit} open files left")
+
+    def _hold(self) -> None:
+        """At ``max_connections``: stop watching every socket, so clients wait in the kernel's backlog."""
+        assert self._loop is not None
+        if self.full:
+            return
+        self.full = True
+        self.full_episodes += 1
+        log.warning(
+            "listener %s is full: %d sessions (--max-connections %d); new clients wait in the backlog",
+            self.config.address,
+            self.sessions,
+            self.limit,
+        )
+        for sock in self.sockets:
+            if sock not in self._paused:
+                self._loop.remove_reader(sock.fileno())
 
     def check_limit(self) -> None:
         """Re-read the open-files limit (the proxy's sweeper calls this once a tick: one system call).
@@ -222,6 +267,8 @@ class Listener:
         if limit != self._fd_limit:
             log.warning("open-files limit is now %d (was %d)", limit, self._fd_limit)
             self._fd_limit = limit
+            if not self.config.max_connections:  # a derived --max-connections follows it
+                self.limit = default_max_connections(limit, self.per_session)
             self._count()
 
     def _recount(self, force: bool = False) -> bool:
@@ -264,9 +311,15 @@ class Listener:
             self._pause(sock, "")  # still short of descriptors: wait longer, without a new line
             return
         self._paused.discard(sock)
-        if sock.fileno() >= 0:
+        if sock.fileno() >= 0 and not self.full:  # when full, ``done`` resumes it
             self._loop.add_reader(sock.fileno(), self._accept, sock)
             self._accept(sock)
+
+
+def default_max_connections(fd_limit: int, per_session: int) -> int:
+    """``--max-connections`` when not given: the sessions the open-files limit has descriptors for, after
+    the reserve kept for probes and log files (``(limit - 16) // per_session``), at least 1."""
+    return max(1, (fd_limit - _RESERVE) // per_session)
 
 
 def _soft_limit() -> int:
@@ -290,3 +343,30 @@ def _open_descriptors() -> int:
         return 1 << 62
     os.close(probe)
     return probe
+
+
+def client_options(sock: socket.socket, keepalive: float) -> None:
+    """TCP_NODELAY and keepalive (``keepalive_options``) on a listening socket: the clients accepted
+    there inherit them (Linux), so they cost no system call per client."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    options = keepalive_options(keepalive) or [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
+    for option in options:
+        sock.setsockopt(*option)
+
+
+KEEPALIVE_PROBES = 6  # unanswered probes, a third of the idle time apart, before the kernel gives up
+
+
+def keepalive_options(idle: float) -> list[tuple[int, int, int]]:
+    """``setsockopt`` arguments for TCP keepalive after ``idle`` seconds without traffic: probes every
+    ``idle / 3`` (at least 1 s), the connection reset after ``KEEPALIVE_PROBES`` unanswered ones, so a
+    peer that vanished is found within ``3 * idle``. Empty when ``idle`` is 0 (off)."""
+    if not idle:
+        return []
+    seconds = max(1, round(idle))
+    return [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, seconds // 3)),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
+    ]

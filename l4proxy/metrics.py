@@ -97,11 +97,21 @@ def _pools(snap: Snapshot) -> Iterator[Metric]:
     retries = _counter("l4proxy_pool_retries", "Connect attempts after a client's first.", P)
     none = _counter("l4proxy_pool_no_upstream", "Clients closed because no member could be reached.", P)
     eligible = _gauge("l4proxy_pool_members_eligible", "Members that can take new sessions.", P)
+    waiting = _gauge("l4proxy_pool_queue_waiting", "Clients waiting for a member below its max_conns.", P)
+    refused = _counter("l4proxy_pool_queue_refused", "Clients closed by the queue, by kind.", [*P, "kind"])
+    served = _counter("l4proxy_pool_queue_served", "Clients that got a member after waiting in the queue.", P)
+    waited = _counter("l4proxy_pool_queue_wait_seconds", "Time the served clients waited in the queue.", P)
     for pool in snap.pools:
         retries.add_metric([pool.name], pool.retries)
         none.add_metric([pool.name], pool.no_upstream)
         eligible.add_metric([pool.name], pool.eligible)
-    yield from (retries, none, eligible)
+        queue = pool.queue
+        waiting.add_metric([pool.name], queue.waiting)
+        refused.add_metric([pool.name, "full"], queue.full)
+        refused.add_metric([pool.name, "timeout"], queue.timeouts)
+        served.add_metric([pool.name], queue.served)
+        waited.add_metric([pool.name], queue.waited_ms / 1000)
+    yield from (retries, none, eligible, waiting, refused, served, waited)
 
 
 def _members(snap: Snapshot) -> Iterator[Metric]:

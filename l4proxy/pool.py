@@ -4,12 +4,19 @@ Both the dialer (passive results) and the prober (active results) report through
 each change of a member's status is logged exactly once, with the reason that caused it. The dialer's
 successful connects go through ``Pool.connect_ok``, which skips the report when it would change nothing.
 
+**Slow start** (``PoolConfig.slow_start``): a member that comes back UP (probes, or the end of an
+ejection) ramps from 10% of its weight and max_conns to all of them over that time (``slowstart.py``):
+a timer raises its effective weight and cap in steps (a twentieth of the ramp, 50 ms to 1 s apart), so
+the pick never reads a clock. The start and the end of each ramp are logged once. Members present at
+start-up, or added by ``update``, get their full share at once.
+
 ``Pool.update`` changes the members in place, matched by key (``balancer.member_keys``): members that
-stay keep their health state; added ones start UP and get probes; removed ones get no new sessions,
-lose their probes and ejection timers, and keep their sessions until those end. Host names in the list
-stay as they are until the pool's next resolution (``resolver.py``) expands them into their addresses;
-the resolver applies its answers through ``set_members``, whose ``check_first`` members (new addresses
-of a name) are DOWN until their first probe passes, when health checks are on.
+stay keep their health state (and take their new weight, cap and role); added ones start UP and get
+probes; removed ones get no new sessions, lose their probes, ejection timers and ramps, and keep their
+sessions until those end. Host names in the list stay as they are until the pool's next resolution
+(``resolver.py``) expands them into their addresses, each with its name's settings; the resolver applies
+its answers through ``set_members``, whose ``check_first`` members (new addresses of a name) are DOWN
+until their first probe passes, when health checks are on.
 
 In a worker process (``--workers N``), ``forward`` is set: results go to the supervisor through shared
 memory instead, and only the supervisor's pools decide and log status (see ``workers.py``).
@@ -22,13 +29,15 @@ import dataclasses
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from .balancer import Balancer, Member
-from .config import Address, PoolConfig
+from .budget import BudgetPolicy, RetryBudget
+from .config import Address, MemberConfig, PoolConfig
 from .counters import DISABLED, DRAIN, READY
-from .discovery import Target, unresolved
+from .discovery import Target, unresolved_members
 from .health import Event, Status
 
 log = logging.getLogger("l4proxy.health")
@@ -44,30 +53,123 @@ class Probes(Protocol):
         ...
 
 
+class Waiting(Protocol):
+    """A client's dial waiting in the pool's queue (``dialer.Dial``)."""
+
+    queued_at: float  # loop time it joined the queue; 0 once it left (served, timed out, or gone)
+
+    def resume(self, member: Member) -> None:
+        """Dial ``member`` (taken and counted for it): the client's turn has come."""
+        ...
+
+
+QUEUE_POLL = 0.05  # seconds between looks for a free place while clients wait (freed in other workers)
+
+
+class WaitQueue:
+    """The clients of one pool that found every eligible member at its max_conns, oldest first.
+
+    A place freed in this process (a session's end) serves the oldest at once; while any wait, a look
+    every ``QUEUE_POLL`` seconds finds the places that appear otherwise: sessions ended in other
+    workers (the caps are global), a member back UP or added, a cap raised by a reload, a slow-start
+    ramp's next step. A client that leaves while waiting is only marked (``queued_at`` 0) and passed
+    over when its turn comes. Counters for metrics: ``full``, ``timeouts``, ``served``, ``waited``."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.waiting: deque[Waiting] = deque()
+        self.length = 0  # clients waiting now (``waiting`` may hold some that left)
+        self.full = 0  # clients refused because the queue was full (--max-queue)
+        self.timeouts = 0  # clients closed after --queue-timeout in the queue
+        self.served = 0  # clients that got a member after waiting
+        self.waited = 0.0  # seconds those served spent in the queue, in all
+        self._poll: asyncio.TimerHandle | None = None
+
+    def __bool__(self) -> bool:
+        return self.length > 0
+
+    def join(self, dial: Waiting) -> None:
+        """``dial`` waits; the caller set its ``queued_at`` and its timeout."""
+        self.waiting.append(dial)
+        self.length += 1
+        self._schedule()
+
+    def leave(self, dial: Waiting) -> None:
+        """``dial`` stops waiting without a member (its client left, or its time is up)."""
+        if dial.queued_at:
+            dial.queued_at = 0.0
+            self.length -= 1
+
+    def serve(self) -> None:
+        """Give the free places to the waiting clients, oldest first."""
+        waiting, balancer = self.waiting, self.pool.balancer
+        while waiting:
+            dial = waiting[0]
+            if not dial.queued_at:  # gone meanwhile
+                waiting.popleft()
+                continue
+            member = balancer.take(())
+            if member is None:
+                break
+            waiting.popleft()
+            self.length -= 1
+            self.served += 1
+            self.waited += asyncio.get_running_loop().time() - dial.queued_at
+            dial.queued_at = 0.0
+            dial.resume(member)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.length and self._poll is None:
+            self._poll = asyncio.get_running_loop().call_later(QUEUE_POLL, self._look)
+        elif not self.length:
+            self.waiting.clear()
+
+    def _look(self) -> None:
+        self._poll = None
+        self.serve()
+
+    def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+
+
 class Pool:
     """Run-time state of one ``PoolConfig``."""
 
     def __init__(self, config: PoolConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.balancer = Balancer(unresolved(config.members), config.health)
+        self.balancer = Balancer(
+            unresolved_members(config.members),
+            config.health,
+            slow_start=config.slow_start,
+            panic_threshold=config.panic_threshold,
+        )
         self.ssl_context = ssl_context
         self.no_upstream = 0  # clients closed because no member could be reached
+        self.budget = RetryBudget(BudgetPolicy(config.retry_budget))  # retries in flight, per process
+        self.retry_refused = 0  # clients closed because the retry budget refused their retry
         self.retries = 0  # connect attempts after a client's first
+        self.queue = WaitQueue(self)  # clients waiting for a member below its max_conns (per process)
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
+        self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
         self.probes: Probes | None = None  # set by a running prober
         self.leaving: Callable[[Pool, list[Member]], None] | None = None  # told of members removed or drained
+        self.on_down: Callable[[Pool, Member], None] | None = None  # closes a DOWN member's sessions
 
     @property
     def members(self) -> list[Member]:
         return self.balancer.members
 
-    def update(self, members: Sequence[Target]) -> tuple[list[Member], list[Member]]:
-        """Change the configured members to ``members``; returns the (added, removed) ones. Raises
-        ConfigError (and changes nothing) when the list is not a valid pool."""
-        config = dataclasses.replace(self.config, members=tuple(members))
-        changes = self.set_members(unresolved(members))
+    def update(self, members: Sequence[MemberConfig | Target]) -> tuple[list[Member], list[Member]]:
+        """Change the configured members to ``members`` (a bare address or name is a member with the
+        defaults); returns the (added, removed) ones. Raises ConfigError (and changes nothing) when the
+        list is not a valid pool."""
+        config = dataclasses.replace(self.config, members=tuple(members))  # type: ignore[arg-type]
+        changes = self.set_members(unresolved_members(config.members))
         self.config = config
         return changes
 
@@ -76,13 +178,15 @@ class Pool:
         and, with ``members``, its member list goes through ``update`` (a worker's members come from the
         supervisor instead). Returns the (added, removed) members."""
         self.balancer.health = config.health
+        self.balancer.slow_start, self.balancer.panic_threshold = config.slow_start, config.panic_threshold
+        self.budget.percent = config.retry_budget
         for member in [*self.members, *self.balancer.draining.values()]:
             member.health.rise, member.health.fall = config.health.rise, config.health.fall
         self.config = dataclasses.replace(config, members=self.config.members)
         return self.update(config.members) if members else ([], [])
 
     def set_members(
-        self, members: Sequence[Address], check_first: Collection[str] = ()
+        self, members: Sequence[MemberConfig | Address], check_first: Collection[str] = ()
     ) -> tuple[list[Member], list[Member]]:
         """Make ``members`` the live members (the configured ones stay as they are); added members whose
         key is in ``check_first`` get no sessions until a probe passes. Returns the (added, removed)."""
@@ -92,9 +196,10 @@ class Pool:
                 if member.key in check_first:
                     member.health.await_probe("a new address, not probed yet")
         for member in removed:
-            timer = self._ejections.pop(member, None)
-            if timer is not None:
-                timer.cancel()
+            for timers in (self._ejections, self._ramps):
+                timer = timers.pop(member, None)
+                if timer is not None:
+                    timer.cancel()
         for member in added:  # a DOWN member added back while it drained: its ejection starts again
             if not member.health.up and self.forward is None and not self.config.health.enabled:
                 self._eject(member)
@@ -132,10 +237,52 @@ class Pool:
         member.stats.changed(change.reason, time.time())
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
+            self._stop_ramp(member)
+            if self.on_down is not None and self.config.on_member_down == "close":
+                self.on_down(self, member)
             if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
                 self._eject(member)
         else:
             log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)
+            if self.config.slow_start:
+                self._start_ramp(member)
+
+    # slow start
+
+    def _start_ramp(self, member: Member) -> None:
+        loop = asyncio.get_running_loop()
+        member.slow.restart(loop.time())
+        self._ramp(member)
+        cap = f", max_conns {member.limit} of {member.config.max_conns}" if member.config.max_conns else ""
+        log.info(
+            "pool %s member %s slow start: weight %d of %d%s, full in %gs",
+            self.name, member.name, member.weight, member.config.weight, cap, self.config.slow_start,
+        )  # fmt: skip
+
+    def _ramp(self, member: Member) -> None:
+        """One step of ``member``'s ramp: its share now, and the timer of the next step."""
+        self._ramps.pop(member, None)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        member.scale(member.slow.fraction(now))
+        self.scaled(member)
+        end = member.slow.ends()
+        if end is None:
+            cap = f", max_conns {member.limit}" if member.config.max_conns else ""
+            log.info("pool %s member %s slow start over: full weight %d%s", self.name, member.name, member.weight, cap)
+            return
+        step = min(1.0, max(0.05, self.config.slow_start / 20))
+        self._ramps[member] = loop.call_at(min(now + step, end), self._ramp, member)
+
+    def _stop_ramp(self, member: Member) -> None:
+        timer = self._ramps.pop(member, None)
+        if timer is not None:
+            timer.cancel()
+            member.scale(1.0)  # a ramp starts afresh when it is back
+            self.scaled(member)
+
+    def scaled(self, member: Member) -> None:
+        """``member``'s effective share changed (the supervisor's pool publishes it to the workers)."""
 
     def set_admin(self, member: Member, state: str) -> None:
         """The operator's state for ``member`` (admin API): DRAIN takes no new sessions and keeps its
@@ -163,7 +310,9 @@ class Pool:
         self.report(member, Event.EJECTION_OVER, f"ejection time ({self.config.health.eject_time:g}s) over")
 
     def close(self) -> None:
-        """Cancel pending ejection timers (the proxy is stopping)."""
-        for timer in self._ejections.values():
-            timer.cancel()
-        self._ejections.clear()
+        """Cancel pending ejection and ramp timers (the proxy is stopping)."""
+        self.queue.close()
+        for timers in (self._ejections, self._ramps):
+            for timer in timers.values():
+                timer.cancel()
+            timers.clear()

@@ -117,6 +117,7 @@ class Proxy:
     def _pool(self, config: PoolConfig) -> Pool:
         pool = Pool(config, _client_tls(config.tls))
         pool.leaving = self._members_leaving
+        pool.on_down = self._close_member  # acts only with --on-member-down close
         return pool
 
     def _prober(self, pool: Pool) -> Prober:
@@ -137,6 +138,9 @@ class Proxy:
     def resolvers(self) -> list[Resolver]:
         """The resolvers of the pools with DNS-named members (none in a worker)."""
         return list(self._resolvers.values())
+
+    def _close_member(self, pool: Pool, member: Member) -> None:
+        self.table.close_member(pool.name, member, member.name)
 
     @property
     def sessions(self) -> set[Session]:
@@ -188,6 +192,10 @@ class Proxy:
         for resolver in self._resolvers.values():
             resolver.start()
         shortest = min(min(c.idle_timeout, c.half_closed_timeout) for c in self.config.listeners)
+        durations = [c.max_session_duration for c in self.config.listeners if c.max_session_duration]
+        self.table.durations = bool(durations)
+        if durations:  # a quiet moment is one tick without bytes: tick at a twentieth of the duration
+            shortest = min(shortest, min(durations) / 5)
         chores = [self.access_log.flush, self.warnings.flush, self._check_limits]
         self.table.start(max(0.02, min(1.0, shortest / 4)), chores)
         if self.shared is not None:
@@ -360,6 +368,7 @@ class Proxy:
         if "log_level" in steps.process:
             logging.getLogger().setLevel(new.log_level.upper())
         self.config = new
+        self.table.durations = any(c.max_session_duration for c in new.listeners)
         self.reloads += 1
 
     async def _add_pool(self, config: PoolConfig) -> None:

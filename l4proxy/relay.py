@@ -217,6 +217,7 @@ class Session:
         "started",
         "tls_info",
         "tried",
+        "unprobed",
         "upstream",
         "wiring",
     )
@@ -242,6 +243,7 @@ class Session:
         self.ended = False
         self.tls_info: dict[str, str] | None = None
         self.engine: Engine | None = None  # set once another engine takes over (or NEVER: none will)
+        self.unprobed = True  # the upstream socket has no keepalive yet (the sweeper sets it: sessions.py)
 
     # wiring
 

@@ -36,7 +36,7 @@ from .discovery import (
     Tracker,
     Verdict,
     address_answer,
-    expand,
+    expand_members,
     lingering,
     needs_resolving,
     plan,
@@ -72,7 +72,7 @@ class Resolver:
     @staticmethod
     def wanted(config: PoolConfig) -> bool:
         """Whether ``config`` has any member to look up (a pool of IP addresses needs no resolver)."""
-        return any(needs_resolving(member) for member in config.members)
+        return any(needs_resolving(member.address) for member in config.members)
 
     def start(self) -> None:
         """Resolve every ``resolve_interval`` from now on (after a first ``resolve``)."""
@@ -99,7 +99,7 @@ class Resolver:
     async def resolve(self) -> None:
         """One round: look every named member up, then apply what the answers mean."""
         config = self.pool.config
-        targets = [t for t in dict.fromkeys(config.members) if needs_resolving(t)]
+        targets = [t for t in dict.fromkeys(m.address for m in config.members) if needs_resolving(t)]
         answers = await asyncio.gather(*(self._lookup(target) for target in targets))
         self.rounds += 1
         now = self.clock()
@@ -129,8 +129,8 @@ class Resolver:
             linger = {t: lingering(tracker, up) for t, tracker in self.trackers.items()}
             linger = {t: tuple(a for a in kept if str(a) in current) for t, kept in linger.items()}
         known = {t: tracker.addresses for t, tracker in self.trackers.items()}
-        members = expand(pool.config.members, known, linger)
-        change = plan(current, member_keys(members), first)
+        members = expand_members(pool.config.members, known, linger)
+        change = plan(current, member_keys([m.address for m in members]), first)
         if change.changed:
             try:
                 pool.set_members(members, change.check_first)

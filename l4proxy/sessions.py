@@ -12,6 +12,13 @@ re-reading the open-files limit).
 
 **The drain** waits for the live sessions up to its timeout; those left are closed over its last
 second (``spread.py``), not in one instant, so their clients do not reconnect in one storm.
+
+**Upstream keepalive**: the client side has ``--tcp-keepalive`` from the listening socket (accepted
+sockets inherit it), but a connected socket inherits nothing, and four ``setsockopt`` calls per
+connect cost about a seventh of a short session's work. Keepalive only matters on a connection that
+stays quiet, so the sweeper sets it at a session's first quiet tick, once: a session over before that
+never needed it, and one that goes quiet has it within a tick, its vanished peer found within
+``tick + 3 * idle`` as on the client side.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from .causes import MAX_DURATION, MEMBER_DOWN
 from .drive import Drive
+from .listener import keepalive_options
 from .relay import Session
 from .spread import WINDOW, close_schedule
 from .tlsengine import TLSEngine
@@ -39,6 +49,10 @@ class SessionTable:
         self.opening: dict[Session, Drive | Coroutine[Any, Any, Any] | TLSEngine] = {}
         self.served = 0  # sessions ended so far
         self.idle = asyncio.Event()  # set when the last live session ends
+        self.closed_member_down = 0  # sessions closed because their member went DOWN (--on-member-down)
+        self.durations = False  # some listener has a --max-session-duration: sweep for it
+        self.closed_old = 0  # sessions closed for their age (--max-session-duration)
+        self._closing: set[asyncio.TimerHandle] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -47,6 +61,44 @@ class SessionTable:
     def start(self, tick: float, chores: Sequence[Callable[[], None]]) -> None:
         """Run the sweeper every ``tick`` seconds, with ``chores`` before each sweep."""
         self._sweeper = asyncio.create_task(self._sweep(tick, tuple(chores)), name="l4proxy sweeper")
+
+    def close_member(self, pool: str, member: object, name: str, spread: float = 1.0) -> None:
+        """End the sessions on ``member`` (of pool ``pool``, named ``name``) one by one over ``spread``
+        seconds, so its clients reconnect to the other members without arriving all at once; a session
+        that is over by its turn is passed."""
+        sessions = [s for s in self.live if s.member is member]
+        if not sessions:
+            return
+        log.warning(
+            "pool %s member %s is DOWN: closing its %d sessions over %gs (--on-member-down close)",
+            pool, name, len(sessions), spread,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._closing = {h for h in self._closing if h.when() > now and not h.cancelled()}  # those to come
+        for index, session in enumerate(sessions):
+            self._closing.add(loop.call_later(spread * index / len(sessions), self._close_one, session))
+
+    def _close_one(self, session: Session) -> None:
+        if not session.ended:
+            self.closed_member_down += 1
+            session.end(MEMBER_DOWN)
+
+    def _expire(self, wall: float) -> None:
+        """``--max-session-duration``: end the sessions older than it that were quiet for the last tick
+        (no byte moved since the sweeper's last look), and any older than it plus their jitter (0..10%,
+        fixed per session, so sessions opened together do not all end in the same tick)."""
+        for session in list(self.live):
+            limit = session.limits.max_session_duration
+            if not limit or session.ended:
+                continue
+            age = wall - session.started
+            if age < limit:
+                continue
+            quiet = session.moved() == session.seen
+            if quiet or age >= limit * (1.0 + jitter(session)):
+                self.closed_old += 1
+                session.end(MAX_DURATION)
 
     async def drain(self, timeout: float, spread: float = WINDOW) -> None:
         """Close the opening clients, let live sessions finish for up to ``timeout``, and close the rest
@@ -107,6 +159,9 @@ class SessionTable:
         if self.live:
             count = len(self.live)
             log.info("closing %d session%s: %s", count, "" if count == 1 else "s", cause)
+        for handle in self._closing:
+            handle.cancel()
+        self._closing.clear()
         for session in list(self.live):
             session.abort(cause)
 
@@ -127,6 +182,8 @@ class SessionTable:
 
     def sweep(self, now: float) -> None:
         """Abort the sessions that have been quiet past their timeout as of ``now``."""
+        if self.durations:
+            self._expire(time.time())
         for session in list(self.live):
             moved = session.moved()
             if moved != session.seen:
@@ -134,6 +191,37 @@ class SessionTable:
                 session.last_active = now
                 continue
             limits = session.limits
+            if session.unprobed and session.upstream is not None:
+                session.unprobed = False
+                keep_alive(session, limits.tcp_keepalive)
             half = session.half_closed
             if now - session.last_active >= (limits.half_closed_timeout if half else limits.idle_timeout):
                 session.abort("half_closed_timeout" if half else "idle_timeout")
+
+
+def keep_alive(session: Session, idle: float) -> None:
+    """TCP keepalive after ``idle`` seconds (``keepalive_options``) on the session's upstream socket,
+    through one socket object over its descriptor (uvloop's stand-in makes a new one per call)."""
+    options = keepalive_options(idle)
+    upstream = session.upstream
+    transport = None if upstream is None else upstream.transport
+    found = None if not options or transport is None else transport.get_extra_info("socket")
+    if found is None:
+        return
+    try:
+        sock = socket.socket(found.family, socket.SOCK_STREAM, 0, found.fileno())
+    except (OSError, ValueError):  # closed meanwhile: nothing to keep alive
+        return
+    try:
+        for option in options:
+            sock.setsockopt(*option)
+    except OSError:  # reset meanwhile
+        pass
+    finally:
+        sock.detach()
+
+
+def jitter(session: object) -> float:
+    """A session's share (0..0.1) of extra time past ``--max-session-duration``: fixed for the session
+    (from its identity), spread evenly over sessions."""
+    return (id(session) >> 4) % 1000 / 10000

@@ -34,12 +34,14 @@ from .snapshot import (
     ListenerView,
     MemberView,
     PoolView,
+    QueueView,
     Snapshot,
     check_failures,
     config_digest,
     edge_tables,
     find_member,
     member_view,
+    queue_view,
 )
 
 if TYPE_CHECKING:
@@ -55,7 +57,8 @@ _REFUSED = tuple(f"refused_{reason}" for reason in REFUSALS)
 _HEADERS = tuple(f"header_{reason}" for reason in HEADER_ERRORS)
 LISTENER_FIELDS: tuple[str, ...] = ("accepted", "sessions", "active", "bytes_in", "bytes_out", "accept_pauses")
 LISTENER_FIELDS += (*TLS_REASONS, *_REFUSED, *_HEADERS)
-POOL_FIELDS = ("retries", "no_upstream")
+QUEUE_FIELDS = ("queue_waiting", "queue_full", "queue_timeouts", "queue_served", "queue_waited_ms")  # QueueView's
+POOL_FIELDS = ("retries", "no_upstream", *QUEUE_FIELDS)
 SLOT_FIELDS = ("attempts", "sessions", "bytes_in", "bytes_out", *CONNECT_KINDS)
 _GAUGES = {LISTENER_FIELDS.index("active")}  # listener offsets of values that are not running totals
 
@@ -140,7 +143,9 @@ class Publisher:
         for pool in proxy.pools.values():
             if pool.name not in shared.pools:
                 continue
-            _store(cells, base + shared.pool(pool.name), (pool.retries, pool.no_upstream))
+            queue = queue_view(pool)
+            values = (pool.retries, pool.no_upstream, queue.waiting, queue.full, queue.timeouts, queue.served)
+            _store(cells, base + shared.pool(pool.name), (*values, queue.waited_ms))
             for member in pool.members:
                 if member.slot >= 0:
                     stats = member.stats
@@ -226,9 +231,10 @@ class SupervisorSource:
 
     def _pool(self, pool: Pool) -> PoolView:
         known = pool.name in self.shared.pools
-        retries, no_upstream = self.shared.total(self.shared.pool(pool.name), len(POOL_FIELDS)) if known else (0, 0)
+        totals = self.shared.total(self.shared.pool(pool.name), len(POOL_FIELDS)) if known else [0] * len(POOL_FIELDS)
+        retries, no_upstream, *queue = totals
         members = tuple(self._member(m, pool) for m in pool.members)
-        return PoolView(pool.name, members, retries, no_upstream)
+        return PoolView(pool.name, members, retries, no_upstream, QueueView(*queue))
 
     def _member(self, member: Member, pool: Pool) -> MemberView:
         active = sum(self.table.active[cell] for cell in self.table.column(member.slot))

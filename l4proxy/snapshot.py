@@ -74,11 +74,28 @@ class MemberView:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueView:
+    """A pool's queue (``pool.WaitQueue``): clients waiting now, and what became of those that waited."""
+
+    waiting: int = 0
+    full: int = 0  # refused: the queue was full
+    timeouts: int = 0  # closed after queue_timeout
+    served: int = 0  # got a member after waiting
+    waited_ms: int = 0  # milliseconds the served ones waited, in all
+
+
+def queue_view(pool: Pool) -> QueueView:
+    queue = pool.queue
+    return QueueView(queue.length, queue.full, queue.timeouts, queue.served, round(queue.waited * 1000))
+
+
+@dataclass(frozen=True, slots=True)
 class PoolView:
     name: str
     members: tuple[MemberView, ...]
     retries: int
     no_upstream: int
+    queue: QueueView = field(default_factory=lambda: QueueView())
 
     @property
     def eligible(self) -> int:
@@ -177,7 +194,7 @@ def member_view(
 
 def pool_view(pool: Pool, started_at: float, probers: Sequence[Prober]) -> PoolView:
     members = tuple(member_view(m, started_at, check_failures(probers, pool, m)) for m in pool.members)
-    return PoolView(pool.name, members, pool.retries, pool.no_upstream)
+    return PoolView(pool.name, members, pool.retries, pool.no_upstream, queue_view(pool))
 
 
 def edge_tables(
@@ -311,6 +328,13 @@ def status(snap: Snapshot) -> dict[str, Any]:
             "eligible_members": pool.eligible,
             "retries": pool.retries,
             "no_upstream": pool.no_upstream,
+            "queue": {
+                "waiting": pool.queue.waiting,
+                "refused_full": pool.queue.full,
+                "timed_out": pool.queue.timeouts,
+                "served": pool.queue.served,
+                "waited_seconds": pool.queue.waited_ms / 1000,
+            },
             "members": [member_json(m) for m in pool.members],
         }
         for pool in snap.pools

@@ -2,7 +2,7 @@
 
 Created by the supervisor before the first fork, so every worker, restarted ones too, maps the same
 pages. Every field has exactly one writer, and aligned 8-byte loads and stores are atomic on the
-machines we run on, so there are no locks.
+machines we run on, so the counters need no locks (caps aside, below).
 
 **Slots.** Each member of each pool has a slot, allocated by (pool, member key) with headroom
 (``capacity``), so a pool can change without re-forking: the supervisor's ``publish`` gives added
@@ -16,6 +16,15 @@ never by their place in a list. Per slot:
 * ``up[slot]``: 1 while the member is UP; written by the supervisor's health thread only.
 * ``fails/oks[worker][slot]``: running counts of each worker's failed and successful connects to the
   member, with the last failure's cause in ``reason[worker][slot]``; written by that worker only.
+* ``share[slot]``: the member's slow-start share (0.1..1.0) of its weight and max_conns, written by
+  the supervisor's ramp only; workers copy it into their members every 50 ms (``workers.Follower``).
+
+**Caps.** ``max_conns`` is global, so a check of the summed count followed by an increment would
+overshoot when two workers take the last free place at once. ``reserve`` makes the pair atomic under
+one ``multiprocessing.Lock`` (a POSIX semaphore in shared memory: taking a free one is an atomic
+instruction in user space, no system call), held for the sum of one column and one store. Only capped
+members go through it; every other member is counted without a lock, as before. The lock's holder is
+written beside it, so when a worker dies holding it, ``clear_worker`` releases it for the others.
 
 **Generation.** ``publish`` makes the generation odd while it writes entries and even when done (a
 sequence lock), so a worker's ``snapshot`` retries until it reads one whole generation. A worker that
@@ -33,13 +42,14 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from .balancer import Member, member_keys
-from .config import Address, Config, Resolved
-from .discovery import needs_resolving, unresolved
+from .config import Address, Config, MemberConfig, Resolved, Service, as_member
+from .discovery import needs_resolving, unresolved_members
 from .errors import ConfigError
 from .health import Event
 
 REASON = 96  # bytes kept of a passive failure's cause
-ENTRY = 1024  # bytes of one slot's identity: pool, key, host, port, position, name, weight
+ENTRY = 1024  # bytes of one slot's identity and settings: pool, key, host, port, position, name, SRV weight,
+# weight, cap, role
 FREE, LIVE, RETIRED = 0, 1, 2
 DISCOVERED = 256  # more slots for each member given as a DNS name: the addresses it may resolve to
 
@@ -49,8 +59,12 @@ class Entry:
     """One live slot as a worker reads it."""
 
     key: str
-    address: Address
+    member: MemberConfig
     slot: int
+
+    @property
+    def address(self) -> Address | Service:
+        return self.member.address
 
 
 class SharedTable:
@@ -61,12 +75,12 @@ class SharedTable:
 
     def __init__(self, config: Config, workers: int, capacity: int | None = None) -> None:
         members = sum(len(pool.members) for pool in config.pools)
-        named = sum(needs_resolving(member) for pool in config.pools for member in pool.members)
+        named = sum(needs_resolving(member.address) for pool in config.pools for member in pool.members)
         self.workers = workers
         self.capacity = capacity or members + max(members, 64) + DISCOVERED * named
         slots, cells = self.capacity, workers * self.capacity
         words = 8 * cells
-        sizes = (8 * (1 + workers), words, words, words, slots, slots, slots * ENTRY, cells * REASON)
+        sizes = (8 * (2 + workers), words, words, words, 8 * slots, slots, slots, slots * ENTRY, cells * REASON)
         self._map = mmap.mmap(-1, sum(sizes))  # MAP_SHARED | MAP_ANONYMOUS
         view = memoryview(self._map)
         parts = []
@@ -74,11 +88,19 @@ class SharedTable:
         for size in sizes:
             parts.append(view[start : start + size])
             start += size
-        header, active, fails, oks, self.up, self.state, self.entries, self.reasons = parts
-        self.header = header.cast("Q")  # [0]: generation, [1 + w]: the generation worker w has seen
+        header, active, fails, oks, share, self.up, self.state, self.entries, self.reasons = parts
+        # [0]: generation, [1 + w]: what worker w has seen, [1 + workers]: 1 + the worker holding ``lock``
+        self.header = header.cast("Q")
+        self.holder = 1 + workers
         self.active = active.cast("q")
         self.fails = fails.cast("Q")
         self.oks = oks.cast("Q")
+        self.share = share.cast("d")
+        # for reserve (caps); made before the fork, like the mapping. Imported here: multiprocessing
+        # loads socket and selectors, which this module must not pull in just by being imported.
+        import multiprocessing
+
+        self.lock = multiprocessing.Lock()
         # the supervisor's own bookkeeping (workers get a copy at fork and never use it)
         self._slots: dict[tuple[str, str], int] = {}  # live and retired slots by (pool, key)
         self._retired: dict[int, int] = {}  # slot -> the generation that retired it
@@ -86,7 +108,7 @@ class SharedTable:
         self._seen_fails = [0] * cells
         self._seen_oks = [0] * cells
         for pool in config.pools:
-            self.publish(pool.name, unresolved(pool.members))
+            self.publish(pool.name, unresolved_members(pool.members))
 
     # layout
 
@@ -103,11 +125,14 @@ class SharedTable:
 
     # the supervisor's side
 
-    def publish(self, pool: str, members: Sequence[Address], down: Collection[str] = ()) -> dict[str, int]:
-        """Make ``members`` the pool's members (by key); returns each key's slot. New members start UP;
-        those whose key is in ``down`` are DOWN (the health thread's pool decides from then on). Raises
-        ConfigError, changing nothing, when the free slots do not suffice."""
-        keys = member_keys(members)
+    def publish(
+        self, pool: str, members: Sequence[MemberConfig | Address], down: Collection[str] = ()
+    ) -> dict[str, int]:
+        """Make ``members`` the pool's members (by key), with their settings; returns each key's slot. New
+        members start UP; those whose key is in ``down`` are DOWN (the health thread's pool decides from
+        then on). Raises ConfigError, changing nothing, when the free slots do not suffice."""
+        configs = [as_member(m) for m in members]
+        keys = member_keys([m.address for m in configs])
         wanted = set(keys)
         new = [key for key in keys if (pool, key) not in self._slots]
         free = [slot for slot in range(self.capacity) if self.state[slot] == FREE]
@@ -115,8 +140,8 @@ class SharedTable:
             problem = f"{len(new)} new members, but {len(free)} of the shared table's {self.capacity} slots are free"
             raise ConfigError("upstream", None, problem)
         entries = [
-            _encode(pool, key, address, position)
-            for position, (key, address) in enumerate(zip(keys, members, strict=True))
+            _encode(pool, key, member, position)
+            for position, (key, member) in enumerate(zip(keys, configs, strict=True))
         ]
         if any(len(entry) > ENTRY for entry in entries):
             raise ConfigError("upstream", keys[0], f"a member's name is longer than the table's {ENTRY} bytes")
@@ -149,6 +174,7 @@ class SharedTable:
             self._seen_fails[cell] = self._seen_oks[cell] = 0
             self.set_reason(cell, "")
         self.up[slot] = 1
+        self.share[slot] = 1.0
 
     def slots(self, pool: str) -> dict[str, int]:
         """The live slots of ``pool`` by member key."""
@@ -194,6 +220,9 @@ class SharedTable:
         for slot in range(self.capacity):
             self.active[self.cell(worker, slot)] = 0
         self.header[1 + worker] = 0
+        if self.header[self.holder] == 1 + worker:  # it died inside reserve: free the lock for the others
+            self.header[self.holder] = 0
+            self.lock.release()
 
     # a worker's side
 
@@ -206,8 +235,8 @@ class SharedTable:
             found: dict[str, list[tuple[int, Entry]]] = {}
             for slot in range(self.capacity):
                 if self.state[slot] == LIVE:
-                    pool, key, address, position = _decode(self.entries[slot * ENTRY : (slot + 1) * ENTRY])
-                    found.setdefault(pool, []).append((position, Entry(key, address, slot)))
+                    pool, key, member, position = _decode(self.entries[slot * ENTRY : (slot + 1) * ENTRY])
+                    found.setdefault(pool, []).append((position, Entry(key, member, slot)))
             if self.header[0] == generation:
                 return generation, {pool: [e for _, e in sorted(items, key=_first)] for pool, items in found.items()}
 
@@ -228,27 +257,39 @@ def _first(pair: tuple[int, Entry]) -> int:
     return pair[0]
 
 
-def _encode(pool: str, key: str, address: Address, position: int) -> bytes:
-    name, weight = (address.name, address.weight) if isinstance(address, Resolved) else ("", 1)
-    return "\0".join((pool, key, address.host, str(address.port), str(position), name, str(weight))).encode()
+def _encode(pool: str, key: str, member: MemberConfig, position: int) -> bytes:
+    address = member.address
+    if not isinstance(address, Address):
+        raise ConfigError("upstream", str(address), "an SRV name has no slot until it is resolved")
+    name, srv_weight = (address.name, address.weight) if isinstance(address, Resolved) else ("", 1)
+    fields = (address.host, address.port, position, name, srv_weight, member.weight, member.max_conns or 0)
+    return "\0".join((pool, key, *map(str, fields), str(int(member.backup)))).encode()
 
 
-def _decode(raw: memoryview) -> tuple[str, str, Address, int]:
-    pool, key, host, port, position, name, weight = raw.tobytes().rstrip(b"\0").decode().split("\0")
-    address = Resolved(host, int(port), name=name, weight=int(weight)) if name else Address(host, int(port))
-    return pool, key, address, int(position)
+def _decode(raw: memoryview) -> tuple[str, str, MemberConfig, int]:
+    pool, key, host, port, position, name, srv_weight, weight, cap, backup = (
+        raw.tobytes().rstrip(b"\0").decode().split("\0")
+    )
+    address = Resolved(host, int(port), name=name, weight=int(srv_weight)) if name else Address(host, int(port))
+    member = MemberConfig(address, int(weight), int(cap) or None, backup == "1")
+    return pool, key, member, int(position)
 
 
 class WorkerView:
     """The ``balancer.LoadView`` of one worker: global counts and status, writes to its own cells."""
 
-    __slots__ = ("_active", "_columns", "_own", "_up")
+    __slots__ = ("_acquire", "_active", "_columns", "_header", "_holder", "_me", "_own", "_release", "_up")
 
     def __init__(self, table: SharedTable, worker: int) -> None:
         self._active = table.active
         self._up = table.up
         self._columns = [table.column(slot) for slot in range(table.capacity)]
         self._own = [table.cell(worker, slot) for slot in range(table.capacity)]
+        self._acquire = table.lock.acquire  # the semaphore's own C methods: no Python frame per call
+        self._release = table.lock.release
+        self._header = table.header
+        self._holder = table.holder
+        self._me = 1 + worker
 
     def active(self, slot: int) -> int:
         counts = self._active
@@ -262,6 +303,26 @@ class WorkerView:
 
     def publish(self, slot: int, active: int) -> None:
         self._active[self._own[slot]] = active
+
+    def reserve(self, slot: int, limit: int, active: int) -> bool:
+        """Count a session on a capped member unless every worker's sessions on it already reach
+        ``limit``. Increments of capped members happen only here, under the lock; a decrement elsewhere
+        only lowers the sum read, so the cap is never exceeded."""
+        counts = self._active
+        header, holder = self._header, self._holder
+        self._acquire()
+        try:
+            header[holder] = self._me
+            total = 0
+            for cell in self._columns[slot]:
+                total += counts[cell]
+            room = total < limit
+            if room:
+                counts[self._own[slot]] = active
+            header[holder] = 0
+        finally:
+            self._release()
+        return room
 
 
 def forwarder(table: SharedTable, worker: int) -> Callable[[Member, Event, str], None]:

@@ -4,8 +4,9 @@ restarts those that die, forwards signals and runs the health checks once for al
 
 **Shared memory.** One ``table.SharedTable``, created before the first fork: each worker's sessions
 per member (a worker's pick sums every worker's count, so least-connections is global), each member's
-status (written by the supervisor only) and each worker's passive results, in slots allocated by member
-key. The supervisor zeroes a dead worker's counts before it starts the replacement.
+status and slow-start share (written by the supervisor only) and each worker's passive results, in
+slots allocated by member key; a capped member's sessions are reserved under the table's lock, so
+``max_conns`` holds across workers. The supervisor zeroes a dead worker's counts before it starts the replacement.
 
 **Pools that change.** ``HealthThread.update`` changes a pool in the supervisor: its ``Pool.update``
 (probes start and stop, health state stays for members that stay) and the table's ``publish`` (new
@@ -83,9 +84,9 @@ from typing import TYPE_CHECKING
 from .accesslog import AccessLog, Finished
 from .admin import AdminServer, bind
 from .balancer import Member
-from .config import Address, Config, ListenerConfig, PoolConfig
+from .config import Address, Config, ListenerConfig, MemberConfig, PoolConfig
 from .configfile import ConfigFileError
-from .discovery import unresolved
+from .discovery import unresolved_members
 from .errors import ConfigError
 from .health import Event
 from .listener import bind_sockets
@@ -186,14 +187,19 @@ class _HealthPool(Pool):
         for member in self.members:
             member.slot = slots[member.key]
 
-    def set_members(self, members: Sequence[Address], check_first: Collection[str] = ()) -> Changes:
+    def set_members(self, members: Sequence[MemberConfig | Address], check_first: Collection[str] = ()) -> Changes:
         # members waiting for a probe are published DOWN, so no worker picks them in between
         slots = self._table.publish(self.name, members, down=check_first if self.config.health.enabled else ())
         added, removed = super().set_members(members, check_first)
         for member in added:
             member.slot = slots[member.key]
             self._publish(member)
+            self.scaled(member)
         return added, removed
+
+    def scaled(self, member: Member) -> None:
+        if not member.draining:
+            self._table.share[member.slot] = member.share
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
@@ -268,7 +274,7 @@ class HealthThread(threading.Thread):
         new = steps.new
         for name in steps.pools_added:
             config = new.pool(name)
-            self.table.publish(name, unresolved(config.members))
+            self.table.publish(name, unresolved_members(config.members))
             await self._watch(_HealthPool(config, self.table))
         for name in steps.pools_updated:
             pool = self.pools[name]
@@ -346,12 +352,13 @@ class Follower:
         self.worker = worker
         self.pools = {pool.name: pool for pool in pools}
         self.seen = -1
+        self.was_up: dict[tuple[str, str], bool] = {}  # (pool, member key): UP at the last look
 
     def apply(self) -> None:
         generation, entries = self.table.snapshot()
         for pool in self.pools.values():
             found = entries.get(pool.name, [])  # none: discovery found no address
-            pool.set_members([entry.address for entry in found])
+            pool.set_members([entry.member for entry in found])
             slots = {entry.key: entry.slot for entry in found}
             for member in pool.members:
                 member.slot = slots[member.key]
@@ -362,7 +369,31 @@ class Follower:
         """Look at the generation now and every ``_POLL`` seconds after, on ``loop``."""
         if self.table.generation != self.seen:
             self.apply()
+        self.follow_ramps()
+        self.follow_downs()
         loop.call_later(_POLL, self.poll, loop)
+
+    def follow_downs(self) -> None:
+        """``--on-member-down close`` in a worker: the supervisor decides DOWN, each worker closes its own
+        sessions on the member once it sees the status fall."""
+        up = self.table.up
+        for pool in self.pools.values():
+            if pool.on_down is None or pool.config.on_member_down != "close":
+                continue
+            for member in pool.members:
+                now, key = bool(up[member.slot]), (pool.name, member.key)
+                if self.was_up.get(key, True) and not now:
+                    pool.on_down(pool, member)
+                self.was_up[key] = now
+
+    def follow_ramps(self) -> None:
+        """Give members the slow-start share the supervisor's ramp published for them."""
+        share = self.table.share
+        for pool in self.pools.values():
+            if pool.config.slow_start:
+                for member in pool.members:
+                    if share[member.slot] != member.share:
+                        member.scale(share[member.slot])
 
 
 class WorkerShare:

@@ -53,6 +53,7 @@ class Upstream:
         self.name = name
         self.accepted = 0
         self.active = 0
+        self.peak = 0  # the most connections open at once
         self.server: asyncio.Server | None = None
         self.port = 0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -70,6 +71,7 @@ class Upstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self.active += 1
+        self.peak = max(self.peak, self.active)
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
@@ -155,8 +157,9 @@ def make_config(
 ) -> Config:
     """A one-listener Config; ``settings`` go to the ListenerConfig, PoolConfig or Config by name."""
     listen = listen or Address("127.0.0.1", 0)
-    listener_keys = {"idle_timeout", "half_closed_timeout", "buffer_size", "tls", "relay"}
-    pool_keys = {"retries", "connect_timeout", "upstream_tls"}
+    listener_keys = {"idle_timeout", "half_closed_timeout", "buffer_size", "tls", "relay", "max_connections",
+                     "tcp_keepalive", "max_session_duration"}
+    pool_keys = {"retries", "connect_timeout", "upstream_tls", "on_member_down", "retry_budget", "panic_threshold"}
     listener = ListenerConfig(listen, **{k: v for k, v in settings.items() if k in listener_keys})
     pool_settings = {k: v for k, v in settings.items() if k in pool_keys}
     if "upstream_tls" in pool_settings:

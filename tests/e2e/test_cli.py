@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy import Address, Config, ListenerConfig, PoolConfig, __version__
-from l4proxy.cli import GROUPS, OPTIONS, build_config, command, flagged, option_for
+from l4proxy import Address, Config, ListenerConfig, MemberConfig, PoolConfig, __version__
+from l4proxy.cli import GROUPS, OPTIONS, build_config, command, flagged, option_for, without_repeats
 from l4proxy.config import Service
 from l4proxy.errors import ConfigError
 
@@ -140,6 +140,15 @@ BAD_INPUTS = [
      "--resolve-interval '0': must be greater than 0"),
     (["--listen", ":6379", "--upstream", "srv:_redis._tcp.x:6379"],
      "--upstream 'srv:_redis._tcp.x:6379': expected srv:NAME with a DNS name, such as srv:_redis._tcp.example.com"),
+    # member options (the spec as typed names the member; the problem names the option)
+    (["--listen", ":6379", "--upstream", "redis-a:6379;weight=0,redis-b"],
+     "--upstream 'redis-a:6379;weight=0': weight=0: must be a whole number 1..256"),
+    (["--listen", ":6379", "--upstream", "redis-a", "--upstream", "redis-b;max_conns=x"],
+     "--upstream 'redis-b;max_conns=x': max_conns=x: must be a whole number 1 or more"),
+    (["--listen", ":6379", "--upstream", "redis-a;colour=red"],
+     "--upstream 'redis-a;colour=red': colour=red: unknown member option; known: weight=N, max_conns=N, backup"),
+    (["--listen", ":6379", "--upstream", "a", "--slow-start", "soon"],
+     "--slow-start 'soon': expected a duration such as 250ms, 5s, 1m, 1h or 2.5"),
     (["--listen", ":6379", "--upstream", "a", "--send-proxy", "v3"], "--send-proxy 'v3': expected v1 or v2"),
     (["--listen", ":6379", "--upstream", "a", "--proxy-timeout", "1s"], "--proxy-timeout '1s': needs --accept-proxy"),
     (["--listen", ":6379", "--upstream", "a", "--accept-proxy-from", "10.0.0.0/8"],
@@ -400,7 +409,7 @@ def test_discovery_flags_set_the_pool() -> None:
             "--resolve-empty-after", "1m"]  # fmt: skip
     pool = build_config(command.make_context("l4proxy", args).params).pools[0]
     assert (pool.members, pool.resolve_interval, pool.resolve_empty_after) == (
-        (Address("redis.svc", 6379), Service("_redis._tcp.cache")),
+        (MemberConfig(Address("redis.svc", 6379)), MemberConfig(Service("_redis._tcp.cache"))),
         2.0,
         60.0,
     )
@@ -413,6 +422,20 @@ def test_defaults_in_the_table_are_the_config_defaults() -> None:
     assert build_config(params) == Config(
         listeners=(ListenerConfig(Address("127.0.0.1", 6379)),), pools=(PoolConfig(members=(Address("a", 6379),)),)
     )
+
+
+def test_member_options_and_slow_start_reach_the_config() -> None:
+    args = ["--listen", ":6379", "--upstream", "a:1;weight=3;max_conns=200,b;backup", "--slow-start", "30s"]
+    pool = build_config(command.make_context("l4proxy", args).params).pool("default")
+    assert pool.members == (MemberConfig(Address("a", 1), 3, 200), MemberConfig(Address("b", 6379), backup=True))
+    assert pool.slow_start == 30.0
+
+
+def test_a_member_listed_twice_keeps_its_first_options() -> None:
+    args = ["--listen", ":6379", "--upstream", "a;weight=2,b,a;weight=5"]
+    config, warnings = without_repeats(build_config(command.make_context("l4proxy", args).params))
+    assert config.pool("default").members == (MemberConfig(Address("a", 6379), 2), MemberConfig(Address("b", 6379)))
+    assert warnings == ["a:6379 is listed 2 times; it is used once, with its first options"]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -513,3 +514,39 @@ async def test_workers_follow_a_name_that_moves_and_get_the_new_address_only_onc
                 await asyncio.to_thread(supervisor.health.join, 5)
     finally:
         dns.stop()
+
+
+async def test_a_worker_closes_its_sessions_on_a_member_the_supervisor_marks_down() -> None:
+    """``--on-member-down close`` with workers: the supervisor decides DOWN (its ``up`` cell falls), each
+    worker sees it within a poll and closes its own sessions on that member, and only those."""
+    async with serving(2) as [a, b]:
+        config = make_config([a.address, b.address], on_member_down="close")
+        supervisor = Supervisor(config, 1, AccessLog(None), lambda *_: 0)
+        log = RecordingLog()
+        proxy = Proxy(config, log, shared=WorkerShare(supervisor.table, 0))
+        await proxy.start()
+        try:
+            first = await open_session(proxy)
+            second = await open_session_beside(proxy)
+            down, other = first[2], second[2]
+            assert down is not other
+            supervisor.table.up[down.slot] = 0  # what the health thread writes when it marks it DOWN
+            assert await asyncio.wait_for(first[0].read(), 5) == b""
+            await log.wait_for(1)
+            assert [s.end_cause for s in log.sessions] == ["member_down"]
+            second[1].write(b"y")
+            assert await asyncio.wait_for(second[0].readexactly(1), 5) == b"y"
+            second[1].close()
+            first[1].close()
+        finally:
+            await proxy.drain()
+
+
+async def open_session_beside(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
+    """A second client of an echo member, with its session established; returns its member."""
+    before = set(proxy.sessions)
+    reader, writer = await connect(proxy.port())
+    writer.write(b"open")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"open"
+    [session] = set(proxy.sessions) - before
+    return reader, writer, session.member

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from l4proxy import HealthConfig
+from l4proxy import HealthConfig, MemberConfig
 from l4proxy.errors import ConfigError
 from l4proxy.health import Event, Status
 
@@ -127,7 +127,7 @@ async def test_an_empty_update_is_refused_and_changes_nothing() -> None:
         before = list(pool.members)
         with pytest.raises(ConfigError, match="at least one upstream is required"):
             pool.update([])
-        assert pool.members == before and pool.config.members == (a.address,)
+        assert pool.members == before and pool.config.members == (MemberConfig(a.address),)
         assert await roundtrip(proxy.port(), b"ok") == b"ok"
 
 

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from l4proxy import Address, Config, ListenerConfig
+from l4proxy import Address, Config, ListenerConfig, MemberConfig
 
 from ..kit import connect, eventually, make_config, open_session, running, upstreams, with_members
 
@@ -120,3 +120,34 @@ async def _echo_once(port: int) -> bytes:
     writer.close()
     await writer.wait_closed()
     return data
+
+
+async def test_changed_member_options_and_pool_settings_apply_in_place() -> None:
+    """A reload that changes a member's weight, cap and backup flag, and the pool's traffic settings,
+    keeps the member (and its open session) and applies the new values to it and the pool at once."""
+    async with upstreams(2) as [u0, u1], running(make_config([u0.address, u1.address])) as (proxy, _access):
+        pool = proxy.pools["default"]
+        reader, writer, member = await open_session(proxy)
+        other = next(m for m in pool.members if m is not member)
+        config = proxy.config
+        options = {member.address: MemberConfig(member.address, weight=3, max_conns=7)}
+        options[other.address] = MemberConfig(other.address, backup=True)
+        changed = dataclasses.replace(
+            config.pools[0],
+            members=tuple(options[m.address] for m in pool.members),
+            slow_start=5.0,
+            retry_budget=40,
+            panic_threshold=30,
+            on_member_down="close",
+        )
+        steps, problems = await proxy.reconfigure(dataclasses.replace(config, pools=(changed,)))
+        assert problems == [] and steps.pools_updated == ("default",)
+        assert pool.members == [member, other] or pool.members == [other, member]
+        assert (member.weight, member.limit, member.backup, member.active) == (3, 7, False, 1)
+        assert (other.weight, other.backup) == (1, True)
+        assert (pool.balancer.slow_start, pool.balancer.panic_threshold, pool.budget.percent) == (5.0, 30, 40)
+        assert pool.config.on_member_down == "close"
+        writer.write(b"kept")  # the member's session was not touched
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"kept"
+        assert pool.balancer.pick() is member  # the backup waits while the primary has room
+        writer.close()

@@ -14,7 +14,17 @@ import pytest
 
 from l4proxy import Address, HealthConfig
 
-from ..kit import blackhole, connect, eventually, make_config, refused_address, roundtrip, running, upstreams
+from ..kit import (
+    RecordingLog,
+    blackhole,
+    connect,
+    eventually,
+    make_config,
+    refused_address,
+    roundtrip,
+    running,
+    upstreams,
+)
 
 CONNECT_TIMEOUT = 0.3
 # libuv (uvloop) keeps loop time in whole milliseconds, so a timer may fire up to 1 ms before the
@@ -28,6 +38,17 @@ async def closed_by_proxy(reader: asyncio.StreamReader, timeout: float = 5.0) ->
         return await asyncio.wait_for(reader.read(), timeout)
     except ConnectionResetError:
         return b""
+
+
+async def closed_after(port: int, log: RecordingLog) -> float:
+    """Seconds from a client's connect until the proxy closes it with no bytes; its session is logged."""
+    started = time.monotonic()
+    reader, writer = await connect(port)
+    assert await closed_by_proxy(reader) == b""
+    elapsed = time.monotonic() - started
+    await log.wait_for(1)
+    writer.close()
+    return elapsed
 
 
 def failed_attempts(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -186,12 +207,7 @@ async def test_all_members_unhealthy_closes_the_client_at_once(caplog: pytest.Lo
         async with running(make_config(silent, retries=2, connect_timeout=3.0, health=probes)) as (proxy, log):
             pool = proxy.pools["default"]
             await eventually(lambda: not pool.balancer.any_up)
-            started = time.monotonic()
-            reader, writer = await connect(proxy.port())
-            assert await closed_by_proxy(reader) == b""
-            elapsed = time.monotonic() - started
-            await log.wait_for(1)
-            writer.close()
+            elapsed = await closed_after(proxy.port(), log)
     assert elapsed < 0.5  # a dial would have waited 3 s
     assert pool.no_upstream == 1
     assert all(m.total == 0 for m in pool.members)  # no attempt was made

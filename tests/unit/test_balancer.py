@@ -1,8 +1,9 @@
 """The least-connections pick, on its own: no sockets, no loop.
 
 RELIABILITY.md cases 14 (each attempt goes to a member not yet tried, the budget is bounded), 15 (all
-members down: no pick, at once) and 17 (idle members share evenly; new sessions avoid the busy member),
-the pure side of each; the socket side lives with the dialer and proxy tests.
+members down: no pick, at once), 17 (idle members share evenly; new sessions avoid the busy member) and
+18 (max_conns together with least-connections and weights; backups), the pure side of each; the socket
+side lives with the dialer, proxy and traffic tests.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from l4proxy.balancer import Balancer, Member, member_keys
-from l4proxy.config import Address, HealthConfig, Resolved
+from l4proxy.balancer import UNLIMITED, Balancer, Member, member_keys
+from l4proxy.config import Address, HealthConfig, MemberConfig, Resolved
 from l4proxy.health import Change, Event, Status
 
 HEALTH = HealthConfig(rise=2, fall=3)
@@ -344,3 +345,278 @@ def test_a_restriction_leaves_the_pick_only_the_allowed_members_and_lifts_cleanl
     balancer.restrict(None)
     assert "pick" not in vars(balancer)  # the class's own pick again: nothing left on the hot path
     assert {balancer.pick() for _ in range(3)} == {a, b, c}
+
+
+def test_take_honours_a_restriction_past_its_fast_scan() -> None:
+    balancer = make_balancer(3)
+    c = balancer.members[2]
+    balancer.restrict([c])
+    assert [balancer.take() for _ in range(3)] == [c, c, c]  # though a and b have fewer sessions
+    balancer.restrict(())
+    assert balancer.take() is None
+
+
+def test_a_configured_weight_multiplies_the_srv_weight_and_applies_to_each_address() -> None:
+    srv = MemberConfig(Resolved("10.0.0.1", 1, name="a", weight=3), weight=2, max_conns=4)
+    named = MemberConfig(Resolved("10.0.0.2", 1, name="b"), weight=5, max_conns=4)
+    balancer = Balancer([srv, named], HealthConfig())
+    assert [(m.weight, m.limit) for m in balancer.members] == [(6, 4), (5, 4)]
+
+# --- weights, caps and backups (case 18, the pure side) --------------------------------------------
+
+
+def weighted(*specs: str) -> Balancer:
+    """A balancer from member specs as the command line takes them: ``"w=3"``, ``"cap=2"``, ``"backup"``."""
+    members = []
+    for index, spec in enumerate(specs):
+        options = dict(part.partition("=")[::2] for part in spec.split(";") if part)
+        members.append(
+            MemberConfig(
+                Address(f"10.0.0.{index + 1}", 6379),
+                weight=int(options.get("w", 1)),
+                max_conns=int(options["cap"]) if "cap" in options else None,
+                backup="backup" in options,
+            )
+        )
+    return Balancer(members, HEALTH)
+
+
+@pytest.mark.parametrize(
+    ("specs", "active", "expected"),
+    [
+        # lowest (active + 1) / weight wins
+        (("w=1", "w=1"), (0, 0), 0),
+        (("w=1", "w=1"), (1, 0), 1),
+        (("w=3", "w=1"), (2, 0), 0),  # 3/3 = 1 vs 1/1 = 1: a tie, the scan order decides
+        (("w=3", "w=1"), (3, 0), 1),  # 4/3 > 1/1
+        (("w=1", "w=2"), (1, 1), 1),  # 2/1 > 2/2
+        (("w=256", "w=1"), (255, 0), 0),  # 256/256 = 1/1: a tie, the first in the scan
+        (("w=256", "w=1"), (256, 0), 1),
+        (("w=2", "w=3"), (3, 5), 0),  # 4/2 = 2 vs 6/3 = 2: tie; cross-multiplied, never a float rounding
+        (("w=7", "w=3"), (6, 2), 0),  # 7/7 = 1 vs 3/3 = 1: tie
+        # a member at its cap is not eligible, whatever its load
+        (("cap=2", "w=1"), (2, 9), 1),
+        (("cap=2", "cap=3"), (2, 3), None),
+        (("cap=2;w=10", "w=1"), (1, 5), 0),
+        # backups only while no primary is eligible; then least-connections among them
+        (("w=1", "backup"), (50, 0), 0),
+        (("cap=1", "backup", "backup"), (1, 3, 2), 2),
+        (("cap=1", "backup;w=4", "backup"), (1, 3, 0), 1),  # 4/4 = 1/1: a tie among the backups
+        (("cap=1", "backup;w=4", "backup"), (1, 4, 0), 2),  # 5/4 > 1/1
+        (("cap=1", "backup;w=4", "backup"), (1, 4, 1), 1),  # 5/4 < 2/1
+        (("cap=1", "backup;cap=3"), (1, 3), None),
+    ],
+)  # fmt: skip
+def test_pick_with_weights_caps_and_backups(
+    specs: tuple[str, ...], active: tuple[int, ...], expected: int | None
+) -> None:
+    balancer = weighted(*specs)
+    for member, count in zip(balancer.members, active, strict=True):
+        member.active = count
+    picked = balancer.pick()
+    assert (None if picked is None else picked.index) == expected
+
+
+@pytest.mark.parametrize(
+    ("weights", "sessions", "expected"),
+    [
+        ((3, 1), 1000, (750, 250)),
+        ((1, 1, 2), 1000, (250, 250, 500)),
+        ((5, 3, 2), 1000, (500, 300, 200)),
+        ((256, 1), 257, (256, 1)),
+    ],
+)
+def test_held_sessions_settle_in_proportion_to_the_weights(
+    weights: tuple[int, ...], sessions: int, expected: tuple[int, ...]
+) -> None:
+    balancer = weighted(*(f"w={w}" for w in weights))
+    hold(balancer, sessions)
+    assert tuple(m.active for m in balancer.members) == expected
+
+
+def test_equal_weights_tie_and_rotate_as_without_weights() -> None:
+    balancer = weighted("w=4", "w=4", "w=4")
+    assert [m.index for m in hold(balancer, 6)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_cap_holds_and_the_rest_go_elsewhere() -> None:
+    balancer = weighted("cap=3;w=10", "w=1")
+    capped, other = balancer.members
+    hold(balancer, 20)
+    assert (capped.active, other.active) == (3, 17)
+    balancer.release(capped)
+    assert balancer.take() is capped and capped.active == 3
+
+
+def test_every_member_at_its_cap_picks_none() -> None:
+    balancer = weighted("cap=1", "cap=2")
+    hold(balancer, 3)
+    assert balancer.pick() is None and balancer.take() is None
+    assert [m.active for m in balancer.members] == [1, 2]  # a refused take counts nothing
+
+
+@pytest.mark.parametrize("ineligible", ["down", "capped", "tried"])
+def test_backups_only_while_no_primary_is_eligible(ineligible: str) -> None:
+    balancer = weighted("cap=1", "cap=1", "backup", "backup")
+    a, b, x, y = balancer.members
+    tried: list[Member] = []
+    for primary in (a, b):
+        if ineligible == "down":
+            take_down(balancer, primary)
+        elif ineligible == "capped":
+            balancer.acquire(primary)
+        else:
+            tried.append(primary)
+    picks = [balancer.pick(tried) for _ in range(4)]
+    assert picks == [x, y, x, y]  # backups share by least-connections: idle ones rotate
+
+
+def test_backups_share_held_sessions_by_weight() -> None:
+    balancer = weighted("cap=2", "backup;w=3", "backup;w=1")
+    hold(balancer, 2 + 40)
+    assert [m.active for m in balancer.members] == [2, 30, 10]
+
+
+def test_new_sessions_return_to_a_primary_as_soon_as_it_is_eligible() -> None:
+    balancer = weighted("w=1", "backup")
+    primary, backup = balancer.members
+    take_down(balancer, primary)
+    assert hold(balancer, 2) == [backup, backup]
+    primary.health.observe(Event.PROBE_OK)
+    primary.health.observe(Event.PROBE_OK)
+    assert hold(balancer, 3) == [primary] * 3  # the backup's two sessions stay where they are
+    assert backup.active == 2
+
+
+def test_a_retry_tries_the_backup_before_reusing_a_primary() -> None:
+    balancer = weighted("w=1", "backup")
+    primary, backup = balancer.members
+    first = balancer.take()
+    assert first is primary
+    balancer.release(primary)  # the attempt failed
+    assert balancer.take([primary]) is backup
+    balancer.release(backup)
+    assert balancer.take([primary, backup]) is primary  # every member tried: the best one again
+
+
+def test_a_member_that_stays_takes_its_new_settings() -> None:
+    balancer = weighted("w=1", "w=1")
+    a, b = balancer.members
+    balancer.acquire(a)
+    balancer.update([MemberConfig(a.address, weight=5, max_conns=9), MemberConfig(b.address, backup=True)])
+    assert balancer.members == [a, b] and a.active == 1
+    assert (a.weight, a.limit, a.backup, b.backup) == (5, 9, False, True)
+    assert hold(balancer, 8) == [a] * 8  # b is a backup now, and a has room up to its cap of 9
+    assert balancer.pick() is b
+
+
+class FullView:
+    """A LoadView whose reservations of ``full`` slots fail, as when another worker took the last place."""
+
+    def __init__(self, full: set[int]) -> None:
+        self.full = full
+        self.counts: dict[int, int] = {}
+        self.reserved: list[int] = []
+
+    def active(self, slot: int) -> int:
+        return self.counts.get(slot, 0)
+
+    def up(self, slot: int) -> bool:
+        return True
+
+    def publish(self, slot: int, active: int) -> None:
+        self.counts[slot] = active
+
+    def reserve(self, slot: int, limit: int, active: int) -> bool:
+        self.reserved.append(slot)
+        if slot in self.full:
+            return False
+        self.counts[slot] = active
+        return True
+
+
+def test_take_passes_over_a_member_another_worker_filled() -> None:
+    view = FullView(full={0})
+    balancer = Balancer([MemberConfig(Address("10.0.0.1", 1), max_conns=5), Address("10.0.0.2", 1)], HEALTH, view)
+    for slot, member in enumerate(balancer.members):
+        member.slot = slot
+    first, second = balancer.members
+    assert balancer.take() is second
+    assert view.reserved == [0]  # the capped member was tried through the view; the uncapped one needs no lock
+    assert (first.active, second.active, view.counts) == (0, 1, {1: 1})
+
+
+def test_take_with_every_capped_member_full_elsewhere_is_none() -> None:
+    view = FullView(full={0, 1})
+    balancer = Balancer([MemberConfig(Address("10.0.0.1", p), max_conns=5) for p in (1, 2)], HEALTH, view)
+    for slot, member in enumerate(balancer.members):
+        member.slot = slot
+    assert balancer.take() is None and balancer.take([balancer.members[0]]) is None
+    assert all(m.active == 0 for m in balancer.members)
+
+
+# --- slow start: the effective weight and cap (the ramp itself is tested in test_slowstart) --------
+
+
+@pytest.mark.parametrize(
+    ("weight", "max_conns", "share", "effective"),
+    [
+        (10, 200, 1.0, (10, 200)),
+        (10, 200, 0.1, (1, 20)),
+        (10, 200, 0.55, (6, 110)),  # 5.5 rounds half up
+        (30, 3, 0.1, (3, 1)),  # 0.1 * 30 is 3.0000000000000004: nearest, not ceiling; never below 1
+        (1, None, 0.1, (1, UNLIMITED)),
+        (256, 1, 0.5, (128, 1)),
+    ],
+)
+def test_a_member_scaled_by_its_ramp(
+    weight: int, max_conns: int | None, share: float, effective: tuple[int, int]
+) -> None:
+    balancer = Balancer([MemberConfig(Address("10.0.0.1", 1), weight=weight, max_conns=max_conns)], HEALTH)
+    member = balancer.members[0]
+    member.scale(share)
+    assert (member.weight, member.limit) == effective
+    member.scale(1.0)
+    assert (member.weight, member.limit) == (weight, max_conns or UNLIMITED)
+
+
+def test_a_ramping_member_takes_its_share_of_held_sessions() -> None:
+    balancer = weighted("w=10", "w=10")
+    ramping, steady = balancer.members
+    ramping.scale(0.1)  # weight 1 against 10
+    hold(balancer, 110)
+    assert (ramping.active, steady.active) == (10, 100)
+
+
+# --- panic mode: (members, how many DOWN, threshold) -> the members four takes go to, and whether it panicked
+PANIC_CASES = {
+    "off: only the UP member serves": (4, 3, 0, ["10.0.0.4"] * 4, False),
+    "1 of 4 UP is below 50%: every member serves": (4, 3, 50, ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], True),
+    "2 of 4 UP is not below 50%: health holds": (4, 2, 50, ["10.0.0.3", "10.0.0.4"] * 2, False),
+    "none UP at 100%: every member serves": (2, 2, 100, ["10.0.0.1", "10.0.0.2"] * 2, True),
+    "none UP, off: nothing": (2, 2, 0, [], False),
+}
+
+
+@pytest.mark.parametrize(("count", "down", "threshold", "hosts", "panicked"), PANIC_CASES.values(), ids=PANIC_CASES)
+def test_panic_mode_ignores_health_below_its_threshold(
+    count: int, down: int, threshold: int, hosts: list[str], panicked: bool
+) -> None:
+    balancer = Balancer([Address(f"10.0.0.{i + 1}", 6379) for i in range(count)], HEALTH, panic_threshold=threshold)
+    for member in balancer.members[:down]:
+        take_down(balancer, member)
+    taken = [balancer.take() for _ in range(4)]
+    assert sorted(m.address.host for m in taken if m is not None) == sorted(hosts)
+    assert balancer.panicking() is panicked and balancer.panics == (4 if panicked else 0)
+
+
+def test_panic_mode_still_keeps_caps_and_tries_other_members_first() -> None:
+    members = [MemberConfig(Address("10.0.0.1", 1), max_conns=1), MemberConfig(Address("10.0.0.2", 1))]
+    balancer = Balancer(members, HEALTH, panic_threshold=100)
+    for member in balancer.members:
+        take_down(balancer, member)
+    first = balancer.take()
+    assert first is not None and first.address.host == "10.0.0.1"
+    again = balancer.take([first])
+    assert again is not None and again.address.host == "10.0.0.2"  # not tried yet, and the first is full
+    assert balancer.take([first, again]) is again  # every one tried: reuse one below its cap

@@ -16,6 +16,7 @@ from l4proxy.config import (
     Config,
     HealthConfig,
     ListenerConfig,
+    MemberConfig,
     PoolConfig,
     Resolved,
     ServerTLSConfig,
@@ -25,6 +26,7 @@ from l4proxy.config import (
     parse_address,
     parse_duration,
     parse_escapes,
+    parse_member,
     parse_members,
 )
 from l4proxy.errors import ConfigError
@@ -164,13 +166,14 @@ def test_address_prints_in_the_form_it_is_parsed_from(address: Address, text: st
     ],
 )
 def test_parse_members(texts: list[str], expected: list[tuple[str, int]]) -> None:
-    assert parse_members(texts, "--upstream", default_port=6379) == tuple(Address(h, p) for h, p in expected)
+    members = tuple(MemberConfig(Address(h, p)) for h, p in expected)
+    assert parse_members(texts, "--upstream", default_port=6379) == members
 
 
 def test_parse_members_takes_srv_names() -> None:
     members = parse_members(["10.0.0.1,srv:_redis._tcp.cache.svc.cluster.local", "SRV:_db._tcp.x."], "m", 6379)
     srv = (Service("_redis._tcp.cache.svc.cluster.local"), Service("_db._tcp.x."))
-    assert members == (Address("10.0.0.1", 6379), *srv)
+    assert members == tuple(map(MemberConfig, (Address("10.0.0.1", 6379), *srv)))
     assert [str(m) for m in members[1:]] == ["srv:_redis._tcp.cache.svc.cluster.local", "srv:_db._tcp.x."]
 
 
@@ -366,7 +369,7 @@ def test_a_resolved_address_is_keyed_and_verified_by_its_name() -> None:
 def test_a_pool_takes_srv_members_from_the_tree() -> None:
     pools = {"default": {"members": [Service("_r._tcp.x")]}}
     tree = {"listeners": [{"address": {"host": "", "port": 1}}], "pools": pools}
-    assert from_tree(tree).pools[0].members == (Service("_r._tcp.x"),)
+    assert from_tree(tree).pools[0].members == (MemberConfig(Service("_r._tcp.x")),)
 
 
 def test_config_is_frozen() -> None:
@@ -381,7 +384,7 @@ def _tree(**overrides: Any) -> dict[str, Any]:
     """A small valid tree, as flags or a config file give it, with ``overrides`` by dotted key."""
     tree: dict[str, Any] = {
         "listeners": [{"address": {"host": "127.0.0.1", "port": 6379}}],
-        "pools": {"default": {"members": [{"host": "redis-a", "port": 6379}], "health": {}}},
+        "pools": {"default": {"members": [{"address": {"host": "redis-a", "port": 6379}}], "health": {}}},
     }
     for dotted, value in overrides.items():
         node = tree
@@ -400,13 +403,28 @@ def _tree(**overrides: Any) -> dict[str, Any]:
         ({"pools.default.retries": -1}, "pools.default.retries -1: must be 0 or more"),
         ({"pools.default.members": []}, "pools.default.members: at least one upstream is required"),
         (
-            {"pools.default.members": [{"host": "a", "port": 1}, {"host": "b", "port": 70000}]},
-            "pools.default.members[1].port 70000: must be a number 0..65535",
+            {"pools.default.members": [{"address": {"host": "a", "port": 1}},
+                                       {"address": {"host": "b", "port": 70000}}]},
+            "pools.default.members[1].address.port 70000: must be a number 0..65535",
         ),
         (
-            {"pools.default.members": [{"host": "a b", "port": 1}]},
-            "pools.default.members[0].host 'a b': is not a valid host name or IP address",
+            {"pools.default.members": [{"address": {"host": "a b", "port": 1}}]},
+            "pools.default.members[0].address.host 'a b': is not a valid host name or IP address",
         ),
+        (
+            {"pools.default.members": [{"address": {"host": "a", "port": 1}, "weight": 0}]},
+            "pools.default.members[0].weight 0: must be a whole number 1..256",
+        ),
+        (
+            {"pools.default.members": [{"address": {"host": "a", "port": 1}, "max_conns": 0}]},
+            "pools.default.members[0].max_conns 0: must be a whole number 1 or more",
+        ),
+        (
+            {"pools.default.members": [{"address": {"host": "a", "port": 1}, "colour": "red"}]},
+            "pools.default.members[0].colour: no such setting",
+        ),
+        ({"pools.default.members": [{"weight": 2}]}, "pools.default.members[0].address: is required"),
+        ({"pools.default.slow_start": -1.0}, "pools.default.slow_start -1.0: must be 0 (off) or more"),
         ({"pools.default.tls": {"cert": "c.pem"}}, f"pools.default.tls.key: {_HALF_A_CLIENT_CERT}"),
         ({"pools.default.tls": {"verify": False}}, "pools.default.tls.verify: no such setting"),
         ({"pools.default.colour": "red"}, "pools.default.colour: no such setting"),
@@ -445,7 +463,80 @@ def test_a_pool_is_named_by_its_key_and_lists_become_tuples() -> None:
         _tree(**{"pools.default.tls": {"alpn": ["h2"]}, "listeners.0.tls": {"cert": "c", "key": "k", "alpn": ["x"]}})
     )
     pool = config.pool("default")
-    assert pool.members == (Address("redis-a", 6379),)
+    assert pool.members == (MemberConfig(Address("redis-a", 6379)),)
     assert pool.tls == UpstreamTLSConfig(alpn=("h2",))
     assert config.listeners[0].tls == ServerTLSConfig("c", "k", alpn=("x",))
     assert config.listeners[0].address == Address("127.0.0.1", 6379)
+
+
+# --- members and their options ---------------------------------------------------------------------
+
+
+def test_a_member_from_the_tree_takes_its_options() -> None:
+    member = {"address": {"host": "redis-a", "port": 6379}, "weight": 3, "max_conns": 200, "backup": True}
+    pool = from_tree(_tree(**{"pools.default.members": [member]})).pool("default")
+    assert pool.members == (MemberConfig(Address("redis-a", 6379), weight=3, max_conns=200, backup=True),)
+
+
+def test_a_bare_address_is_a_member_with_the_defaults() -> None:
+    assert PoolConfig(members=(Address("a", 1),)).members == (MemberConfig(Address("a", 1), 1, None, False),)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("redis-a", MemberConfig(Address("redis-a", 6379))),
+        ("redis-a:7000;weight=3", MemberConfig(Address("redis-a", 7000), weight=3)),
+        ("redis-a;weight=3;max_conns=200", MemberConfig(Address("redis-a", 6379), 3, 200)),
+        ("redis-b;backup", MemberConfig(Address("redis-b", 6379), backup=True)),
+        ("[::1]:5;max_conns=1;backup;weight=256", MemberConfig(Address("::1", 5), 256, 1, True)),
+        ("::1;weight=2", MemberConfig(Address("::1", 6379), weight=2)),
+        ("a; weight = 2 ", MemberConfig(Address("a", 6379), weight=2)),
+    ],
+)
+def test_parse_member(text: str, expected: MemberConfig) -> None:
+    assert parse_member(text, "--upstream", default_port=6379) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("redis-a:6379;weight=0", "weight=0: must be a whole number 1..256"),
+        ("redis-a;weight=257", "weight=257: must be a whole number 1..256"),
+        ("redis-a;weight=-1", "weight=-1: must be a whole number 1..256"),
+        ("redis-a;weight=1.5", "weight=1.5: must be a whole number 1..256"),
+        ("redis-a;weight", "weight: must be a whole number 1..256"),
+        ("redis-a;max_conns=x", "max_conns=x: must be a whole number 1 or more"),
+        ("redis-a;max_conns=0", "max_conns=0: must be a whole number 1 or more"),
+        ("redis-a;colour=red", "colour=red: unknown member option; known: weight=N, max_conns=N, backup"),
+        ("redis-a;backup=yes", "backup=yes: backup takes no value"),
+        ("redis-a;weight=2;weight=3", "weight=3: weight is given twice"),
+        ("redis-a;;weight=2", "empty member option between semicolons"),
+        ("redis-a;", "empty member option between semicolons"),
+    ],
+)
+def test_parse_member_rejects(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_member(text, "--upstream", default_port=6379)
+    assert str(caught.value) == f"--upstream {text!r}: {problem}"
+
+
+def test_a_bad_address_before_the_options_echoes_the_whole_spec() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_members(["redis-a:70000;weight=2"], "--upstream", default_port=6379)
+    assert str(caught.value) == "--upstream 'redis-a:70000;weight=2': port must be 1..65535"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"weight": 0}, "weight 0: must be a whole number 1..256"),
+        ({"weight": True}, "weight True: must be a whole number 1..256"),
+        ({"max_conns": -5}, "max_conns -5: must be a whole number 1 or more"),
+        ({"backup": "yes"}, "backup 'yes': must be true or false"),
+    ],
+)
+def test_member_config_validates(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        MemberConfig(Address("a", 1), **settings)
+    assert str(caught.value) == message

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from l4proxy import Address, configfile
 from l4proxy.cli import FILE_FORMS, OPTIONS
-from l4proxy.config import parse_duration, parse_escapes
+from l4proxy.config import MemberConfig, Service, parse_duration, parse_escapes
 from l4proxy.configfile import SCHEMA, ConfigFileError, dump, locate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,8 +99,18 @@ PROBLEMS = [
         "f.toml:9: pools.p.members[2]: listed twice (also members[0]) (got '127.0.0.1:7001')",
         "f.toml:10: pools.p.members[3]: an address has no spaces in it (got 'a b')",
         "f.toml:11: pools.p.members[4]: a port is required, as HOST:PORT or :PORT (got 'redis-a')",
-        "f.toml:12: pools.p.members[5]: expected \"HOST:PORT\" text (got 7)"]),
+        "f.toml:12: pools.p.members[5]: expected \"HOST:PORT\" text or a table with an address (got 7)"]),
     (BASE.replace('["127.0.0.1:7001"]', "[]"), ["f.toml:6: pools.p.members: at least one upstream is required"]),
+    (BASE.replace('["127.0.0.1:7001"]', '[\n  {address = "127.0.0.1:7001", weight = 0},\n  {weight = 2},\n'
+                  '  {address = "127.0.0.1:7003", colour = "red"},\n  {address = "127.0.0.1:7004", backup = 1},\n'
+                  '  {address = "127.0.0.1:7005", max_conns = "x"},\n'
+                  '  {address = "127.0.0.1:7006"},\n  "127.0.0.1:7006",\n]'), [
+        "f.toml:7: pools.p.members[0].weight: must be a whole number 1..256 (got 0)",
+        "f.toml:8: pools.p.members[1].address: required: \"HOST:PORT\" or \"srv:NAME\"",
+        "f.toml:9: pools.p.members[2].colour: no such member setting",
+        "f.toml:10: pools.p.members[3].backup: expected true or false (got 1)",
+        "f.toml:11: pools.p.members[4].max_conns: expected a whole number (got 'x')",
+        "f.toml:13: pools.p.members[6]: listed twice (also members[5]) (got '127.0.0.1:7006')"]),
     (BASE.replace('["127.0.0.1:7001"]', '"127.0.0.1:7001"'), [
         "f.toml:6: pools.p.members: expected a list of members, as [\"HOST:PORT\", ...] (got '127.0.0.1:7001')"]),
     (BASE.replace("members", "# no members"), ["f.toml:5: pools.p.members: is required"]),
@@ -179,6 +189,23 @@ def test_values_take_the_flags_text_forms_or_plain_toml() -> None:
     assert (pool.health.send, pool.health.expect) == (b"PING\r\n", b"+PONG")
     assert pool.tls is not None and (pool.tls.alpn, pool.tls.ca) == (("h2", "http/1.1"), "/cfg/ca.pem")
     assert config.access_log == "/cfg/logs/a.log" and config.workers >= 1
+
+
+def test_members_are_text_or_tables_with_their_options_and_print_back_so() -> None:
+    members = (
+        '["127.0.0.1:7001", {address = "127.0.0.1:7002", weight = 3, max_conns = 10, backup = true},'
+        ' {address = "srv:_r._tcp.x", weight = 2}]'
+    )
+    config = load(BASE.replace('["127.0.0.1:7001"]', members))
+    assert config.pools[0].members == (
+        MemberConfig(Address("127.0.0.1", 7001)),
+        MemberConfig(Address("127.0.0.1", 7002), weight=3, max_conns=10, backup=True),
+        MemberConfig(Service("_r._tcp.x"), weight=2),
+    )
+    printed = dump(config)
+    table = '{address = "127.0.0.1:7002", weight = 3, max_conns = 10, backup = true}'
+    assert f'members = ["127.0.0.1:7001", {table}, {{address = "srv:_r._tcp.x", weight = 2}}]' in printed
+    assert load(printed) == config
 
 
 def test_several_certificates_are_a_list_of_paths_and_read_back() -> None:

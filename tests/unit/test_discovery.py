@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from l4proxy.config import Address, Resolved, Service
+from l4proxy.config import Address, MemberConfig, Resolved, Service
 from l4proxy.discovery import (
     Answer,
     SRVRecord,
@@ -12,12 +12,14 @@ from l4proxy.discovery import (
     Verdict,
     address_answer,
     expand,
+    expand_members,
     lingering,
     needs_resolving,
     plan,
     srv_answer,
     srv_choice,
     unresolved,
+    unresolved_members,
 )
 
 A = Resolved("10.0.0.1", 6379, name="redis")
@@ -167,6 +169,19 @@ def test_expand(targets: list, known: dict, members: list) -> None:
 def test_what_is_resolved() -> None:
     assert [needs_resolving(t) for t in (NAME, SRV, IP, Address("::1", 1))] == [True, True, False, False]
     assert unresolved([NAME, SRV, IP]) == [NAME, IP]
+    members = [MemberConfig(NAME, weight=2), MemberConfig(SRV, backup=True), MemberConfig(IP, max_conns=3)]
+    assert unresolved_members(members) == [members[0], members[2]]
+
+
+def test_every_address_of_a_name_has_its_members_settings() -> None:
+    heavy = Resolved("10.0.0.9", 7000, name="t", weight=5)
+    members = [MemberConfig(NAME, weight=3, max_conns=10), MemberConfig(SRV, backup=True), MemberConfig(IP)]
+    assert expand_members(members, {NAME: (A, B), SRV: (heavy,)}) == [
+        MemberConfig(A, weight=3, max_conns=10),
+        MemberConfig(B, weight=3, max_conns=10),
+        MemberConfig(heavy, backup=True),
+        MemberConfig(IP),
+    ]
 
 
 PLAN_CASES = {

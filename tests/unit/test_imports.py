@@ -38,7 +38,7 @@ PURE_MODULES = {
     "httpcheck": {"httpcheck", "checks", "errors"},
     "configfile": {"configfile", "acl", "config", "checks", "errors", "sniroutes"},
     "health": {"health"},
-    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health", "sniroutes"},
+    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health", "slowstart", "sniroutes"},
     "counters": {"counters"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
     "peer": {"peer"},
@@ -48,7 +48,7 @@ PURE_MODULES = {
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
     "table": {"table", "acl", "balancer", "checks", "config", "counters", "discovery", "errors", "health"}
-    | {"sniroutes"},
+    | {"slowstart", "sniroutes"},
     "discovery": {"discovery", "acl", "checks", "config", "errors", "sniroutes"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
@@ -160,12 +160,12 @@ ALLOWED: dict[str, set[str]] = {
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
     "awaiting": {"deadlines", "listener"},
     "sni": {"awaiting", "clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
-    "sessions": {"drive", "relay", "spread", "tlsengine"},
-    "dialer": {"balancer", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto", "ratelog"}
-    | {"relay", "tls", "tlsengine"},
+    "sessions": {"causes", "drive", "listener", "relay", "spread", "tlsengine"},
+    "dialer": {"balancer", "budget", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto"}
+    | {"ratelog", "relay", "tls", "tlsengine"},
     "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
     | {"proxyproto", "resp", "tls"},
-    "pool": {"balancer", "config", "discovery", "health", "counters"},
+    "pool": {"balancer", "budget", "config", "discovery", "health", "counters"},
     # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
     "admin": {"counters", "metrics", "snapshot"},
     "metrics": {"counters", "snapshot"},
