@@ -37,7 +37,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from .accesslog import AccessLog
@@ -99,6 +99,7 @@ class Frontend:
         self.counters = ListenerCounters()  # for the admin endpoint: read at scrape time
         self.spliced = usable(config, pool.config.tls is not None)
         self.listener = Listener(config, self._refused, per_session=self.descriptors_per_session())
+        self.wiring: Wiring | None = None  # its sessions' hooks, once started
 
     def descriptors_per_session(self) -> int:
         """What one session holds: its two sockets, and the splice engine's descriptors when every
@@ -170,7 +171,8 @@ class Frontend:
         attached: SessionHook | None = None
         if self.config.relay == "splice":
             attached = bulky
-        return Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
+        self.wiring = Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
+        return self.wiring
 
     def _dial_maker(self) -> Callable[..., Dial]:
         """What makes a session's dial: ``Dial`` itself, or one that gives it the PROXY header the pool
@@ -281,6 +283,24 @@ class Frontend:
             self.warnings.warn(log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, cause)
         else:
             self.warnings.warn(log, ACCEPT_FAILED, "accepting %s failed: %s", session.client_addr, exc)
+
+
+def owed(frontends: Iterable[Frontend], opening: Iterable[Session], dials: Iterable[Hashable]) -> int:
+    """The descriptors that clients accepted on any of ``frontends`` will still open: one waiting for
+    its PROXY header, its transport (``opening``) or its upstream connect (``dials``) holds its own
+    socket and will hold the rest of its listener's ``descriptors_per_session``. (A dialing client may
+    have its upstream socket already: counted again, which errs on the side of a client waiting in the
+    backlog.) The descriptor limit is the process's, so every listener's count takes off what all of
+    them owe. Walked only when a listener counts its descriptors (its budget is spent), never per client."""
+    frontends = list(frontends)
+    rest = {f.wiring: f.listener.per_session - 1 for f in frontends}
+    total = sum(rest[f.wiring] * len(f.edge.reading) for f in frontends)
+    for session in opening:
+        total += rest.get(session.wiring, 1)  # a listener a reload replaced: its upstream socket at least
+    for dial in dials:
+        assert isinstance(dial, Dial)
+        total += rest.get(dial.session.wiring, 1)
+    return total
 
 
 def _close_unowned(fd: AcceptedFD) -> None:

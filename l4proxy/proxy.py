@@ -41,7 +41,7 @@ from .config import Config, ListenerConfig, PoolConfig, UpstreamTLSConfig
 from .deadlines import Deadlines
 from .dialer import Outgoing
 from .errors import ConfigError
-from .frontend import Frontend, expire_dial
+from .frontend import Frontend, expire_dial, owed
 from .listener import Listener, bind_sockets
 from .pool import Pool
 from .prober import Prober
@@ -113,7 +113,15 @@ class Proxy:
 
     def _frontend(self, index: int, config: ListenerConfig) -> Frontend:
         pool = self.pools[config.pool]
-        return Frontend(index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing)
+        frontend = Frontend(
+            index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing
+        )
+        frontend.listener.owed = self._owed
+        return frontend
+
+    def _owed(self) -> int:
+        """What the clients accepted on every listener will still open (``frontend.owed``)."""
+        return owed(self.frontends, self.table.opening, self.deadlines)
 
     @property
     def probers(self) -> list[Prober]:
