@@ -99,12 +99,16 @@ class Frontend:
         self.counters = ListenerCounters()  # for the admin endpoint: read at scrape time
         self.spliced = usable(config, pool.config.tls is not None)
         self.listener = Listener(config, self._refused, per_session=self.descriptors_per_session())
-        self.wiring: Wiring | None = None  # its sessions' hooks, once started
+        self.wirings: list[Wiring] = []  # its sessions' hooks, once started
 
     def descriptors_per_session(self) -> int:
         """What one session holds: its two sockets, and the splice engine's descriptors when every
         session moves there at once (``--relay splice``, plain TCP on both sides)."""
         return 2 + (DESCRIPTORS if self.spliced and self.config.relay == "splice" else 0)
+
+    def staged(self) -> int:
+        """Clients accepted here that a stage still holds (their PROXY header awaited): no session yet."""
+        return len(self.edge.reading)
 
     def start(self, deadlines: Deadlines, sockets: list[socket.socket] | None = None) -> None:
         """Bind (or take ``sockets``, already listening) and accept: the stages wrap the opener once, here."""
@@ -171,8 +175,9 @@ class Frontend:
         attached: SessionHook | None = None
         if self.config.relay == "splice":
             attached = bulky
-        self.wiring = Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
-        return self.wiring
+        wiring = Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
+        self.wirings.append(wiring)
+        return wiring
 
     def _dial_maker(self) -> Callable[..., Dial]:
         """What makes a session's dial: ``Dial`` itself, or one that gives it the PROXY header the pool
@@ -293,8 +298,8 @@ def owed(frontends: Iterable[Frontend], opening: Iterable[Session], dials: Itera
     backlog.) The descriptor limit is the process's, so every listener's count takes off what all of
     them owe. Walked only when a listener counts its descriptors (its budget is spent), never per client."""
     frontends = list(frontends)
-    rest = {f.wiring: f.listener.per_session - 1 for f in frontends}
-    total = sum(rest[f.wiring] * len(f.edge.reading) for f in frontends)
+    rest = {wiring: f.listener.per_session - 1 for f in frontends for wiring in f.wirings}
+    total = sum((f.listener.per_session - 1) * f.staged() for f in frontends)
     for session in opening:
         total += rest.get(session.wiring, 1)  # a listener a reload replaced: its upstream socket at least
     for dial in dials:
