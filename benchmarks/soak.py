@@ -275,6 +275,17 @@ def client_ports_held_by(pid: int, listen_port: int) -> set[int]:
     return ports
 
 
+async def writable(sock: socket.socket) -> None:
+    """Wait until ``sock`` (connecting, non-blocking) is writable: its connect completed or failed."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_writer(sock.fileno(), lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
 def gone_at(pidfd: int, timeout: float = 10.0) -> float:
     """When the process of ``pidfd`` is gone (its pidfd readable; after ``timeout``, the time then)."""
     select.select([pidfd], [], [], timeout)
@@ -433,20 +444,29 @@ class Soak:
     def running(self) -> bool:
         return time.monotonic() < self.deadline
 
-    async def open(self, proxy: Proxy, tls: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    async def open(self, session: Session, tls: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the session's proxy, with ``session.client_port`` known from the ``connect()`` call on,
+        so even a client reset before its connect completes can be looked up in the access log."""
+        sock = socket.socket()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", proxy.port, ssl=self.client_tls if tls else None,
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", session.proxy.port))
+            session.client_port = sock.getsockname()[1]
+            await asyncio.wait_for(writable(sock), STEP_TIMEOUT)
+            if error := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                raise OSError(error, os.strerror(error))
+            return await asyncio.wait_for(
+                asyncio.open_connection(sock=sock, ssl=self.client_tls if tls else None,
                                         server_hostname="localhost" if tls else None), STEP_TIMEOUT)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
+            sock.close()
             raise Failed(f"connect: {type(exc).__name__}") from exc
-        sockname = writer.get_extra_info("sockname")  # None once a reset has closed the transport
-        return reader, writer, sockname[1] if sockname else 0
 
     async def framed(self, session: Session, sizes: list[int], pipelined: bool, tls: bool = False) -> None:
         """Send one frame per size and check each echo, whole and in order; end with a half-close (plain)
         or a close (TLS has no half-close) and expect the end from the other side."""
-        reader, writer, session.client_port = await self.open(session.proxy, tls)
+        reader, writer = await self.open(session, tls)
         try:
             if pipelined:
                 await both(self._send(session, writer, sizes), self._receive(session, reader, sizes))
@@ -484,7 +504,7 @@ class Soak:
             session.received += HEADER.size + length
 
     async def redis_session(self, session: Session, commands: int) -> None:
-        reader, writer, session.client_port = await self.open(session.proxy)
+        reader, writer = await self.open(session)
         try:
             writer.write(resp(b"CONFIG", b"GET", b"port"))
             reply = await asyncio.wait_for(read_resp(reader), STEP_TIMEOUT)
