@@ -18,7 +18,15 @@ handshakes, garbage, idle (half-open) clients, readers that never read, and clie
 Every message carries its session id, sequence number, length and CRC32, and the echo must return it
 whole and in order. A client-visible failure is *expected* when the chaos cut that session (its echo
 server or redis-server was killed while it was held, or the worker holding the client was killed) and
-*unexpected* otherwise. The report gives sessions and bytes per traffic kind, losses and corruptions,
+*unexpected* otherwise. A killed worker also takes the clients queued on its SO_REUSEPORT listener:
+the kernel gives each connection to a listener when its SYN arrives and resets the queue of one that
+closes (unless ``net.ipv4.tcp_migrate_req`` is 1; README, "Several processes"). Such a client fails
+with no access-log line, and the listener is closed only once the process is gone, which takes some
+milliseconds after the SIGKILL: each kill's gone time is taken from a pidfd, and a failure that no
+access-log line explains counts as that kill's when its session started before the worker was gone
+and failed after the kill. The report gives the gone and the supervisor's notice times per kill.
+
+The report gives sessions and bytes per traffic kind, losses and corruptions,
 failures split expected/unexpected, each proxy's RSS (start, peak, end) and descriptors (start, end),
 and the exit status is 1 when any check fails. Everything is bounded in count and time, listens on
 loopback only, and every process is started, and stopped, by this script, by PID.
@@ -32,6 +40,7 @@ import contextlib
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -176,6 +185,7 @@ class Proxy:
         self.fds_start = 0
         self.kill_times: list[float] = []  # when one of its upstreams or workers was killed
         self.killed_clients: list[tuple[float, set[int]]] = []  # worker kills: the client ports it held
+        self.worker_kills: list[WorkerKill] = []
 
     def start(self) -> None:
         with open(self.stderr_path, "wb") as err:
@@ -207,6 +217,16 @@ class Proxy:
                 self.proc.wait(10)
                 return None
         return self.proc.returncode
+
+
+@dataclass
+class WorkerKill:
+    """One SIGKILL of a worker: when it was sent, and when the process was gone (its listener closed)."""
+
+    pid: int
+    killed: float  # monotonic
+    killed_wall: float
+    gone: float  # monotonic: the pidfd became readable (the process exited, its descriptors closed)
 
 
 def calm(members: list[Any]) -> bool:
@@ -255,6 +275,38 @@ def client_ports_held_by(pid: int, listen_port: int) -> set[int]:
     return ports
 
 
+async def writable(sock: socket.socket) -> None:
+    """Wait until ``sock`` (connecting, non-blocking) is writable: its connect completed or failed."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_writer(sock.fileno(), lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+def gone_at(pidfd: int, timeout: float = 10.0) -> float:
+    """When the process of ``pidfd`` is gone (its pidfd readable; after ``timeout``, the time then)."""
+    select.select([pidfd], [], [], timeout)
+    return time.monotonic()
+
+
+def noticed_after(kills: list[WorkerKill], stderr: Path) -> list[float]:
+    """Seconds from each SIGKILL to the supervisor's line about that worker (its time stamp)."""
+    killed = r"(\S+) \S+ l4proxy\.workers: worker \d+ \(pid (\d+)\) was killed by SIGKILL"
+    logged = {int(match.group(2)): stamp for stamp, match in stamped(stderr, killed)}
+    return [logged[k.pid] - k.killed_wall for k in kills if k.pid in logged]
+
+
+def spread(values: list[float]) -> str:
+    """``median X, max Y ms`` of values in seconds."""
+    if not values:
+        return "none"
+    ordered = sorted(values)
+    return f"median {ordered[len(ordered) // 2] * 1000:.1f}, max {ordered[-1] * 1000:.1f} ms"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -295,11 +347,23 @@ class Failed(Exception):
 
 
 @dataclass
+class Unexplained:
+    """A failure nothing explained when it happened; ``Soak.settle_queued`` looks again at the end."""
+
+    session: Session
+    tally: Tally
+    message: str
+    failed: float  # monotonic
+    failed_wall: float
+
+
+@dataclass
 class Session:
     id: int
     proxy: Proxy
     kind: str
     started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
     client_port: int = 0
     member: int = 0  # redis: the member's port, asked through the proxy
     sent: int = 0
@@ -322,7 +386,7 @@ class Soak:
         self.echo: dict[str, list[EchoServer]] = {}
         self.redis: list[Redis] = []
         self.client_tls: ssl.SSLContext | None = None
-        self.unexplained: list[tuple[Session, float]] = []  # unexpected failures, with their wall time
+        self.unexplained: list[Unexplained] = []  # unexpected failures, until the access logs are read
 
     # set-up
 
@@ -380,20 +444,30 @@ class Soak:
     def running(self) -> bool:
         return time.monotonic() < self.deadline
 
-    async def open(self, proxy: Proxy, tls: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    async def open(self, session: Session, tls: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the session's proxy, with ``session.client_port`` known from the ``connect()`` call on,
+        so even a client reset before its connect completes can be looked up in the access log."""
+        sock = socket.socket()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", proxy.port, ssl=self.client_tls if tls else None,
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", session.proxy.port))
+            session.client_port = sock.getsockname()[1]
+            await asyncio.wait_for(writable(sock), STEP_TIMEOUT)
+            if error := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                raise OSError(error, os.strerror(error))
+            return await asyncio.wait_for(
+                asyncio.open_connection(sock=sock, ssl=self.client_tls if tls else None,
                                         server_hostname="localhost" if tls else None), STEP_TIMEOUT)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
+            sock.close()
             raise Failed(f"connect: {type(exc).__name__}") from exc
-        sockname = writer.get_extra_info("sockname")  # None once a reset has closed the transport
-        return reader, writer, sockname[1] if sockname else 0
 
     async def framed(self, session: Session, sizes: list[int], pipelined: bool, tls: bool = False) -> None:
         """Send one frame per size and check each echo, whole and in order; end with a half-close (plain)
-        or a close (asyncio's TLS streams cannot half-close) and expect the end from the other side."""
-        reader, writer, session.client_port = await self.open(session.proxy, tls)
+        or a close (TLS sides half-close too, but a TLS client here closes) and expect the end from the
+        other side."""
+        reader, writer = await self.open(session, tls)
         try:
             if pipelined:
                 await both(self._send(session, writer, sizes), self._receive(session, reader, sizes))
@@ -431,7 +505,7 @@ class Soak:
             session.received += HEADER.size + length
 
     async def redis_session(self, session: Session, commands: int) -> None:
-        reader, writer, session.client_port = await self.open(session.proxy)
+        reader, writer = await self.open(session)
         try:
             writer.write(resp(b"CONFIG", b"GET", b"port"))
             reply = await asyncio.wait_for(read_resp(reader), STEP_TIMEOUT)
@@ -496,8 +570,30 @@ class Soak:
         if cause:
             tally.expected[cause] += 1
         else:
-            tally.unexpected.append(f"session {session.id} on {session.proxy.name} ({session.kind}): {failure}")
-            self.unexplained.append((session, time.time()))
+            message = f"session {session.id} on {session.proxy.name} ({session.kind}): {failure}"
+            tally.unexpected.append(message)
+            self.unexplained.append(Unexplained(session, tally, message, time.monotonic(), time.time()))
+
+    def settle_queued(self) -> None:
+        """Move to *expected* the unexpected failures a worker kill explains through its listener's queue:
+        no access-log line for the client's port from the session's start to its failure (no live
+        worker saw it), started before a killed worker was gone, failed after that kill. Run once the
+        proxies have stopped, so every surviving worker has written its lines."""
+        logs = {name: access_ends(p.access_path) for name, p in self.proxies.items() if p.worker_kills}
+        left = []
+        for item in self.unexplained:
+            session = item.session
+            kills = session.proxy.worker_kills
+            lines = logs.get(session.proxy.name, {}).get(session.client_port, [])
+            logged = any(session.started_wall - 1 <= stamp <= item.failed_wall + 2 for stamp, _ in lines)
+            if session.client_port and not logged and any(
+                session.started <= k.gone and item.failed >= k.killed for k in kills
+            ):
+                item.tally.unexpected.remove(item.message)
+                item.tally.expected["worker killed (queued on its listener)"] += 1
+            else:
+                left.append(item)
+        self.unexplained = left
 
     def expected_cause(self, session: Session) -> str:
         """Why the chaos, not the proxy, ended this session; '' when nothing explains it."""
@@ -575,10 +671,19 @@ class Soak:
             return  # the supervisor is still replacing the last one
         victim = self.rng.choice(workers)
         held = client_ports_held_by(victim, proxy.port)
-        killed = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        proxy.killed_clients.append((killed, held))
-        proxy.kill_times.append(killed)
+        try:
+            pidfd = os.pidfd_open(victim)
+        except OSError:
+            return  # it is gone already
+        try:
+            killed, killed_wall = time.monotonic(), time.time()
+            os.kill(victim, signal.SIGKILL)
+            proxy.killed_clients.append((killed, held))
+            proxy.kill_times.append(killed)
+            gone = await asyncio.to_thread(gone_at, pidfd)
+        finally:
+            os.close(pidfd)
+        proxy.worker_kills.append(WorkerKill(victim, killed, killed_wall, gone))
         self.chaos["worker SIGKILLed"] += 1
 
     # abusive clients
@@ -670,6 +775,7 @@ class Soak:
         tracebacks = {name: p.stderr_path.read_text().count("Traceback") for name, p in self.proxies.items()}
         alive = {name: p.alive() for name, p in self.proxies.items()}
         statuses = await self.stop()
+        self.settle_queued()
         return self.report(fds_end, tracebacks, alive, statuses, crashed)
 
     async def settled_fds(self, timeout: float = 10.0) -> dict[str, int]:
@@ -687,12 +793,25 @@ class Soak:
         """Unexpected failures counted by the end cause of the nearest access-log line for the client's port."""
         logs = {name: access_ends(p.access_path) for name, p in self.proxies.items()}
         causes: Counter[str] = Counter()
-        for session, failed_at in self.unexplained[:10000]:
+        for item in self.unexplained[:10000]:
+            session, failed_at = item.session, item.failed_wall
             candidates = logs[session.proxy.name].get(session.client_port, [])
             nearest = min(candidates, key=lambda c: abs(c[0] - failed_at), default=None)
             cause = nearest[1] if nearest and abs(nearest[0] - failed_at) < 5 else "no access-log line for the port"
             causes[f"{session.proxy.name} {session.kind}: {cause}"] += 1
         return [f"{count:>6}  {cause}" for cause, count in causes.most_common()]
+
+    def kill_lines(self) -> list[str]:
+        """How long each killed worker took to be gone (its listener closed) and the supervisor to log it."""
+        lines = []
+        for name, proxy in self.proxies.items():
+            if proxy.worker_kills:
+                kills = proxy.worker_kills
+                gone = spread([k.gone - k.killed for k in kills])
+                noticed = spread(noticed_after(kills, proxy.stderr_path))
+                lines.append(f"worker kills ({name}): {len(kills)}; SIGKILL to gone: {gone};"
+                             f" to the supervisor's line: {noticed}")
+        return lines
 
     def report(self, fds_end: dict[str, int], tracebacks: dict[str, int], alive: dict[str, bool],
                statuses: dict[str, int | None], crashed: list[BaseException]) -> int:
@@ -718,7 +837,8 @@ class Soak:
                      f"{len(total.unexpected):>11}")
         lines += ["", "expected failures: " + (", ".join(f"{c} {n}" for c, n in total.expected.items()) or "none"),
                   "chaos: " + ", ".join(f"{c} {n}" for c, n in sorted(self.chaos.items())),
-                  "abusive clients: " + ", ".join(f"{c} {n}" for c, n in sorted(self.abuse.items())), "",
+                  "abusive clients: " + ", ".join(f"{c} {n}" for c, n in sorted(self.abuse.items())),
+                  *self.kill_lines(), "",
                   f"{'proxy':<9}{'RSS start':>10}{'peak':>8}{'end':>8} MiB{'fds start':>11}{'end':>6}  exit"
                   f"   (fds: the whole process tree; up to {FD_SLACK} more per process allowed for idle splice pipes)"]
         for name, proxy in self.proxies.items():
@@ -781,14 +901,22 @@ async def both(*steps: Any) -> None:
 def access_ends(path: Path) -> dict[int, list[tuple[float, str]]]:
     """Client port -> [(wall time, end cause)] from an access log."""
     ends: dict[int, list[tuple[float, str]]] = defaultdict(list)
+    for stamp, match in stamped(path, r'(\S+) client=\S+:(\d+) .*end=("[^"]*"|\S+)'):
+        ends[int(match.group(2))].append((stamp, match.group(3)))
+    return ends
+
+
+def stamped(path: Path, pattern: str) -> list[tuple[float, re.Match[str]]]:
+    """The lines of a log file that match ``pattern``, whose first group is the line's ISO time stamp,
+    with that time as a POSIX timestamp."""
+    found = []
     with contextlib.suppress(OSError):
         for line in path.read_text(errors="replace").splitlines():
-            match = re.match(r'(\S+) client=\S+:(\d+) .*end=("[^"]*"|\S+)', line)
+            match = re.match(pattern, line)
             if match:
                 with contextlib.suppress(ValueError):
-                    stamp = datetime.fromisoformat(match.group(1).replace("Z", "+00:00")).timestamp()
-                    ends[int(match.group(2))].append((stamp, match.group(3)))
-    return ends
+                    found.append((datetime.fromisoformat(match.group(1).replace("Z", "+00:00")).timestamp(), match))
+    return found
 
 
 def resp(*parts: bytes) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 
 class Deadlines:
@@ -51,6 +51,11 @@ class Deadlines:
 
     def __len__(self) -> int:
         return sum(map(len, self.buckets.values()))
+
+    def __iter__(self) -> Iterator[Hashable]:
+        """Every thing with a deadline, in no order (a snapshot: expiring while iterating is safe)."""
+        for bucket in list(self.buckets.values()):
+            yield from list(bucket)
 
     def _arm(self, tick: int) -> None:
         if self._timer is not None:

@@ -45,7 +45,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from .accesslog import AccessLog
@@ -113,11 +113,17 @@ class Frontend:
         self.counters = ListenerCounters()  # for the admin endpoint: read at scrape time
         self.spliced = usable(config, pool.config.tls is not None)
         self.listener = Listener(config, self._refused, per_session=self.descriptors_per_session())
+        self.wirings: list[Wiring] = []  # its sessions' hooks, once started
 
     def descriptors_per_session(self) -> int:
         """What one session holds: its two sockets, and the splice engine's descriptors when every
         session moves there at once (``--relay splice``, plain TCP on both sides)."""
         return 2 + (DESCRIPTORS if self.spliced and self.config.relay == "splice" else 0)
+
+    def staged(self) -> int:
+        """Clients accepted here that a stage still holds (their PROXY header or ClientHello awaited): no
+        session yet."""
+        return len(self.edge.reading) + (0 if self.sni is None else len(self.sni.peeking))
 
     def start(self, deadlines: Deadlines, sockets: list[socket.socket] | None = None) -> None:
         """Bind (or take ``sockets``, already listening) and accept: the stages wrap the opener once, here."""
@@ -205,7 +211,9 @@ class Frontend:
         attached: SessionHook | None = None
         if self.config.relay == "splice":
             attached = bulky
-        return Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
+        wiring = Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
+        self.wirings.append(wiring)
+        return wiring
 
     def _dial_maker(self, pool: Pool) -> Callable[..., Dial]:
         """What makes a session's dial: ``Dial`` itself (``TimedDial`` for a JSON access log), or one that
@@ -352,6 +360,24 @@ class Frontend:
         cause = _tls_failure(exc)
         self.counters.tls_failed(cause)
         self.warnings.warn(log, TLS_FAILED, "TLS handshake with %s failed: %s", session.client_addr, cause)
+
+
+def owed(frontends: Iterable[Frontend], opening: Iterable[Session], dials: Iterable[Hashable]) -> int:
+    """The descriptors that clients accepted on any of ``frontends`` will still open: one waiting for
+    its PROXY header, its transport (``opening``) or its upstream connect (``dials``) holds its own
+    socket and will hold the rest of its listener's ``descriptors_per_session``. (A dialing client may
+    have its upstream socket already: counted again, which errs on the side of a client waiting in the
+    backlog.) The descriptor limit is the process's, so every listener's count takes off what all of
+    them owe. Walked only when a listener counts its descriptors (its budget is spent), never per client."""
+    frontends = list(frontends)
+    rest = {wiring: f.listener.per_session - 1 for f in frontends for wiring in f.wirings}
+    total = sum((f.listener.per_session - 1) * f.staged() for f in frontends)
+    for session in opening:
+        total += rest.get(session.wiring, 1)  # a listener a reload replaced: its upstream socket at least
+    for dial in dials:
+        assert isinstance(dial, Dial)
+        total += rest.get(dial.session.wiring, 1)
+    return total
 
 
 def _close_unowned(fd: AcceptedFD) -> None:

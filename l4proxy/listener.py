@@ -13,10 +13,15 @@ better off in the kernel's backlog. So the listener keeps a budget: the descript
 open-files limit, less a reserve (``_RESERVE``: probes, log files, a splice switch), as counted the
 last time it looked (the entries of ``/proc/self/fd``), less what each client accepted since will hold.
 When the budget runs out it counts again, which also sees the descriptors ended sessions gave back,
-and pauses only if it is really short. The limit itself is re-read then, on every pause, and by the
-proxy's sweeper once a tick (``check_limit``), so a limit lowered at run time (``prlimit --pid``)
-pauses accepting instead of letting clients in that cannot be served. Counting costs a directory
-listing, so it happens only when the budget is spent, at most once per back-off interval.
+and pauses only if it is really short. A count sees only the descriptors open now, so it also takes
+off what the clients already accepted still owe (``owed``, set by the proxy: those still opening or
+dialing hold only their own socket so far); without that, a count taken while a burst of clients
+dials found their upstream sockets and pipes still unopened, let as many clients in again, and the
+dials then failed with EMFILE, closing clients that had been accepted. The limit itself is re-read
+then, on every pause, and by the proxy's sweeper once a tick (``check_limit``), so a limit lowered at
+run time (``prlimit --pid``) pauses accepting instead of letting clients in that cannot be served.
+Counting costs a directory listing, so it happens only when the budget is spent, at most once per
+back-off interval.
 """
 
 from __future__ import annotations
@@ -127,6 +132,7 @@ class Listener:
         self.config = config
         self.serve = serve
         self.per_session = per_session  # descriptors a client holds once it is a session
+        self.owed: Callable[[], int] = _nothing  # descriptors accepted clients will still open (see above)
         self.sockets: list[socket.socket] = []
         self.accepted = 0
         self.exhausted = 0  # times accepting paused for lack of descriptors
@@ -285,7 +291,7 @@ class Listener:
         """Set the budget from the descriptors open right now."""
         if self._loop is not None:
             self._counted = self._loop.time()
-        self._budget = self._fd_limit - _open_descriptors() - _RESERVE
+        self._budget = self._fd_limit - _open_descriptors() - _RESERVE - self.owed()
 
     def _pause(self, sock: socket.socket, reason: str) -> None:
         """Out of descriptors: stop watching this socket for a while instead of spinning."""
@@ -320,6 +326,10 @@ def default_max_connections(fd_limit: int, per_session: int) -> int:
     """``--max-connections`` when not given: the sessions the open-files limit has descriptors for, after
     the reserve kept for probes and log files (``(limit - 16) // per_session``), at least 1."""
     return max(1, (fd_limit - _RESERVE) // per_session)
+
+
+def _nothing() -> int:
+    return 0
 
 
 def _soft_limit() -> int:

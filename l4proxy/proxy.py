@@ -44,7 +44,7 @@ from .counters import DRAIN
 from .deadlines import Deadlines
 from .dialer import Outgoing
 from .errors import ConfigError
-from .frontend import Frontend, expire_dial
+from .frontend import Frontend, expire_dial, owed
 from .listener import Listener, bind_sockets
 from .pool import Pool
 from .prober import Prober
@@ -125,9 +125,15 @@ class Proxy:
 
     def _frontend(self, index: int, config: ListenerConfig) -> Frontend:
         pool = self.pools[config.pool]
-        return Frontend(
+        frontend = Frontend(
             index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing, self.pools
         )
+        frontend.listener.owed = self._owed
+        return frontend
+
+    def _owed(self) -> int:
+        """What the clients accepted on every listener will still open (``frontend.owed``)."""
+        return owed(self.frontends, self.table.opening, self.deadlines)
 
     @property
     def probers(self) -> list[Prober]:

@@ -53,6 +53,7 @@ from ..kit import (
     roundtrip,
     upstreams,
 )
+from ..reuseport import in_netns
 from ..servers import Command, run_command
 
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -550,3 +551,21 @@ async def open_session_beside(proxy: Proxy) -> tuple[asyncio.StreamReader, async
     assert await asyncio.wait_for(reader.readexactly(4), 5) == b"open"
     [session] = set(proxy.sessions) - before
     return reader, writer, session.member
+
+
+def test_a_killed_workers_queued_clients_are_reset_unless_the_kernel_migrates_them() -> None:
+    """A worker stopped (SIGSTOP) while clients connect keeps the ones the kernel gives it in its
+    SO_REUSEPORT queue; SIGKILLed, it takes the queue with it: every one of those clients is reset and
+    none is ever seen by the proxy (the soak counts such failures as the kill's when they started before
+    the worker was gone). With ``net.ipv4.tcp_migrate_req=1`` (in a network namespace of the test's
+    own) the same clients move to the other worker and are served, and none is reset. Also measured:
+    how long a killed worker takes to be gone and the supervisor to log it. docs/reliability.md case 41."""
+    without, with_migration = in_netns("worker", 0), in_netns("worker", 1)
+    if without is None or with_migration is None:
+        pytest.skip("no network namespace of our own here (unshare is not permitted)")
+    for result in (without, with_migration):
+        assert result["queued"] > 0 and result["before"] + result["queued"] == 40, result
+        assert result["unanswered"] == 0 and result["exit"] == 0, result
+        assert result["gone_ms"] <= result["noticed_ms"] < 5000, result
+    assert without["reset"] == without["queued"] and without["after"] == 0, without
+    assert with_migration["reset"] == 0 and with_migration["after"] == with_migration["queued"], with_migration
