@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -201,7 +200,9 @@ class SessionTable:
 
 def keep_alive(session: Session, idle: float) -> None:
     """TCP keepalive after ``idle`` seconds (``keepalive_options``) on the session's upstream socket,
-    through one socket object over its descriptor (uvloop's stand-in makes a new one per call)."""
+    through the transport's own socket object: a second socket object over the same descriptor kept the
+    connection open after the transport closed it (no FIN: the peer hung), and this runs only once per
+    session that goes quiet."""
     options = keepalive_options(idle)
     upstream = session.upstream
     transport = None if upstream is None else upstream.transport
@@ -209,16 +210,10 @@ def keep_alive(session: Session, idle: float) -> None:
     if found is None:
         return
     try:
-        sock = socket.socket(found.family, socket.SOCK_STREAM, 0, found.fileno())
-    except (OSError, ValueError):  # closed meanwhile: nothing to keep alive
-        return
-    try:
         for option in options:
-            sock.setsockopt(*option)
-    except OSError:  # reset meanwhile
+            found.setsockopt(*option)
+    except (OSError, ValueError):  # reset or closed meanwhile: nothing to keep alive
         pass
-    finally:
-        sock.detach()
 
 
 def jitter(session: object) -> float:
