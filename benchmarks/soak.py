@@ -1030,8 +1030,8 @@ class Soak:
                                          f"config changes {counted(self.config_changes)}",
                                          f"broken files {counted(self.broken_files)}"]),
                   f"reloads from a file: {self.refusals_logged} of {self.broken_files.total()} broken files"
-                  f" refused and logged as FILE:LINE; sessions open on a removed member {len(self.on_removed)}"
-                  f" ({', '.join(f'{n} {c}' for c, n in sorted(self.removed_ends.items())) or 'none ended'})",
+                  f" refused and logged as FILE:LINE; sessions open on a removed member"
+                  f" {counted(self.removed_ends)}",
                   "abusive clients: " + ", ".join(f"{c} {n}" for c, n in sorted(self.abuse.items())),
                   *self.kill_lines(), "",
                   f"{'proxy':<9}{'RSS start':>10}{'peak':>8}{'end':>8} MiB{'fds start':>11}{'end':>6}  exit"
