@@ -242,7 +242,6 @@ class FileConfig:
         staged.replace(self.path)
 
 
-
 class Proxy:
     """One ``l4proxy`` command; its process tree's RSS and descriptors are sampled from /proc. With
     ``workers`` (1 or more) it runs from a TOML file the soak writes, and rewrites before some SIGHUPs;
@@ -792,7 +791,7 @@ class Soak:
             self.broken_files[mistake] += 1
             return None, None
         listener = pool = False
-        removed = None
+        removed: int | None = None
         if draw < 0.7:
             servers = self.echo[name]
             absent = [e.port for e in servers if e.port not in config.members]
@@ -843,7 +842,7 @@ class Soak:
                 self.reload_problems.append(f"{proxy.name}: no reload outcome logged {RELOAD_WAIT:.0f}s after SIGHUP")
                 return False
             await asyncio.sleep(0.05)
-        proxy.log_offset += len(text[: match.end()].encode())
+        proxy.log_offset += match.end()
         where = re.compile(rf"SIGHUP: {re.escape(str(proxy.config.path))}:\d+: ")
         if summary is None and match.group(2) and where.search(text[: match.start()]):
             self.refusals_logged += 1
