@@ -722,7 +722,8 @@ class Soak:
     # chaos
 
     async def chaos_loop(self) -> None:
-        actions = [self.kill_echo, self.flap_echo, self.kill_redis, self.sighup, self.kill_worker]
+        # SIGHUP twice as often as the rest: most of them also carry a config change or a broken file
+        actions = [self.kill_echo, self.flap_echo, self.kill_redis, self.sighup, self.sighup, self.kill_worker]
         for _ in range(MAX_ROUNDS):
             if not self.running():
                 break
@@ -817,7 +818,7 @@ class Soak:
             else:
                 key = self.rng.choice(list(TIMEOUTS))
                 config.timeouts[key] = self.rng.choice([v for v in TIMEOUTS[key] if v != config.timeouts[key]])
-                kind = f"timeout ({key[1]})"
+                kind = f"timeout ({'health.' * (key[0] == 'health')}{key[1]})"
                 listener = key[0] == "listener"
             pool = not listener
             self.config_changes[kind] += 1
