@@ -6,7 +6,7 @@ no byte is lost or changed and that only the sessions the chaos itself cut see a
 Four proxies run at once, each a real ``l4proxy`` process on 127.0.0.1:
 
 * ``plain``: one process in front of three echo servers (request/response, bulk both ways, churn);
-* ``workers``: ``--workers 2`` in front of two echo servers (the same traffic);
+* ``workers``: two workers in front of two echo servers (the same traffic);
 * ``redis``: one process in front of two real redis-servers (SET/GET with checked values);
 * ``tls``: terminates TLS from clients and originates TLS to two TLS echo servers (trustme certificates).
 
@@ -14,6 +14,15 @@ Meanwhile the chaos loop kills and restarts echo servers and redis-servers (thei
 flaps echo servers' listeners (their health goes DOWN and back, their sessions stay), sends SIGHUP to
 every proxy, SIGKILLs a worker of the ``workers`` proxy, and opens abusive clients: slowloris TLS
 handshakes, garbage, idle (half-open) clients, readers that never read, and clients that reset.
+
+``plain`` and ``workers`` run from a TOML file (``--config``) that ``l4proxy check`` must pass at the
+start; ``redis`` and ``tls`` from flags, so SIGHUP's TLS-only reload runs too. Before some SIGHUPs the
+soak rewrites a file with a real change (it adds a member, from one more echo server it started for that,
+removes one, changes a member's weight or max_conns, or a timeout), or with a mistake (a syntax error, an
+unknown key, a bad duration, a missing pool, a member listed twice). After each SIGHUP it waits for the
+proxy's outcome line: a change must be reloaded with the summary it implies (a listener rebuilt, or the
+pool updated), a broken file refused with its ``FILE:LINE:`` line, the running configuration kept (the
+next summary is taken against it). The sessions a removed member held must run to their end, unharmed.
 
 Every message carries its session id, sequence number, length and CRC32, and the echo must return it
 whole and in order. A client-visible failure is *expected* when the chaos cut that session (its echo
@@ -168,18 +177,92 @@ class Redis:
 
 # --- proxies -----------------------------------------------------------------------------------------
 
+# A file-run proxy's settings: those of PROXY_FLAGS, but for the drain timeout, which here also bounds
+# how long the sessions of a removed member may go on: longer than any soak session, so none is cut.
+# The log level is info, so that every reload's outcome line ("configuration reloaded: ...", or "kept the
+# running configuration") can be checked against what the file says.
+FILE_DRAIN_TIMEOUT = "10s"
+TIMEOUTS = {  # the timeouts a config change may set, by (table, key): the first value is the start's
+    ("listener", "idle_timeout"): ("8s", "6s", "12s"),
+    ("listener", "half_closed_timeout"): ("3s", "5s"),
+    ("pool", "connect_timeout"): ("1s", "2s"),
+    ("health", "timeout"): ("1s", "800ms"),
+}
+MAX_CONNS = (8, 16, 32)  # never so low that the rest of the pool cannot take the load
+MISTAKES = ("syntax error", "unknown key", "bad duration", "no such pool", "member listed twice")
+RELOAD_WAIT = 10.0  # seconds a file-run proxy has to log the outcome of a SIGHUP
+OUTCOME = re.compile(r"\S+ \S+ \S+: SIGHUP: (?:configuration reloaded(?: in \d+ workers)?: (.*)"
+                     r"|kept the running configuration \((\d+) problems? in the file\))$", re.M)
+
+
+@dataclass
+class MemberOptions:
+    weight: int = 1
+    max_conns: int | None = None
+
+
+@dataclass
+class FileConfig:
+    """What a file-run proxy's TOML file says: one listener, one pool. Rewritten whole (and renamed into
+    place, so the proxy never reads half a file) before some SIGHUPs; it is the soak's record of the
+    configuration the proxy runs, since a broken file is never written here."""
+
+    path: Path
+    port: int
+    access_log: Path
+    workers: int
+    members: dict[int, MemberOptions]  # port -> options, in the file's order
+    timeouts: dict[tuple[str, str], str] = field(default_factory=lambda: {k: v[0] for k, v in TIMEOUTS.items()})
+
+    def render(self, mistake: str = "") -> str:
+        """The file; with ``mistake`` (one of MISTAKES), the same file with that one thing wrong."""
+        listener = {key: value for (table, key), value in self.timeouts.items() if table == "listener"}
+        members = [f'  {{address = "127.0.0.1:{port}", weight = {m.weight}'
+                   + (f", max_conns = {m.max_conns}" if m.max_conns else "") + "},"
+                   for port, m in self.members.items()]
+        if mistake == "member listed twice":
+            members.append(members[0])
+        lines = ["# written by benchmarks/soak.py", 'log_level = "info"', f'access_log = "{self.access_log}"',
+                 f'drain_timeout = "{FILE_DRAIN_TIMEOUT}"', f"workers = {self.workers}", "",
+                 "[listeners.echo]", f'address = "127.0.0.1:{self.port}"',
+                 'pool = "ehco"' if mistake == "no such pool" else 'pool = "echo"',
+                 *(f'{key} = "{value}"' for key, value in listener.items()),
+                 *(['idle_timeut = "8s"'] if mistake == "unknown key" else []), "",
+                 "[pools.echo]", "members = [", *members, "]", "retries = 2",
+                 'connect_timeout = "1sec"' if mistake == "bad duration"
+                 else f'connect_timeout = "{self.timeouts["pool", "connect_timeout"]}"',
+                 *(["max_queue 64"] if mistake == "syntax error" else []), "",
+                 "[pools.echo.health]", 'interval = "300ms"', f'timeout = "{self.timeouts["health", "timeout"]}"',
+                 "rise = 2", "fall = 2"]
+        return "\n".join(lines) + "\n"
+
+    def write(self, mistake: str = "") -> None:
+        staged = self.path.with_suffix(".new")
+        staged.write_text(self.render(mistake))
+        staged.replace(self.path)
+
 
 class Proxy:
-    """One ``l4proxy`` command; its process tree's RSS and descriptors are sampled from /proc."""
+    """One ``l4proxy`` command; its process tree's RSS and descriptors are sampled from /proc. With
+    ``workers`` (1 or more) it runs from a TOML file the soak writes, and rewrites before some SIGHUPs;
+    without, from flags."""
 
-    def __init__(self, name: str, workdir: Path, upstreams: list[int], extra: list[str]) -> None:
+    def __init__(self, name: str, workdir: Path, upstreams: list[int], extra: list[str], workers: int = 0) -> None:
         self.name = name
         self.port = free_port()
-        self.args = [sys.executable, "-m", "l4proxy", "--listen", f"127.0.0.1:{self.port}",
-                     "--upstream", ",".join(f"127.0.0.1:{p}" for p in upstreams), *PROXY_FLAGS, *extra]
         self.stderr_path = workdir / f"{name}.stderr"
-        self.access_path = workdir / f"{name}.access"
-        self.args += ["--access-log", str(self.access_path)]  # read to explain unexpected failures
+        self.access_path = workdir / f"{name}.access"  # read to explain unexpected failures
+        self.config: FileConfig | None = None
+        self.log_offset = 0  # how far its stderr has been read for reload outcomes
+        if workers:
+            self.config = FileConfig(workdir / f"{name}.toml", self.port, self.access_path, workers,
+                                     {port: MemberOptions() for port in upstreams})
+            self.config.write()
+            self.args = [sys.executable, "-m", "l4proxy", "--config", str(self.config.path), *extra]
+        else:
+            self.args = [sys.executable, "-m", "l4proxy", "--listen", f"127.0.0.1:{self.port}",
+                         "--upstream", ",".join(f"127.0.0.1:{p}" for p in upstreams), *PROXY_FLAGS, *extra,
+                         "--access-log", str(self.access_path)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.rss: list[int] = []
         self.fds_start = 0
@@ -188,6 +271,12 @@ class Proxy:
         self.worker_kills: list[WorkerKill] = []
 
     def start(self) -> None:
+        if self.config is not None:
+            check = subprocess.run([sys.executable, "-m", "l4proxy", "check", "--config", str(self.config.path)],
+                                   capture_output=True, text=True, timeout=60)
+            if check.returncode != 0:
+                raise SystemExit(f"soak: l4proxy check --config {self.config.path} exited {check.returncode}:\n"
+                                 f"{check.stderr.strip()}")
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=err)
         wait_listening(self.port)
@@ -387,6 +476,12 @@ class Soak:
         self.redis: list[Redis] = []
         self.client_tls: ssl.SSLContext | None = None
         self.unexplained: list[Unexplained] = []  # unexpected failures, until the access logs are read
+        self.config_changes: Counter[str] = Counter()  # file rewrites with a real change, by kind
+        self.broken_files: Counter[str] = Counter()  # file rewrites with a mistake, by mistake
+        self.reload_problems: list[str] = []  # a reload outcome that is not what the file asked for
+        self.on_removed: set[int] = set()  # sessions a member held when a reload removed it
+        self.removed_ends: Counter[str] = Counter()  # how those sessions ended
+        self.refusals_logged = 0  # broken files refused, each with its FILE:LINE line
 
     # set-up
 
@@ -402,9 +497,10 @@ class Soak:
         cert.configure_cert(server_tls)
         self.client_tls = ssl.create_default_context(cafile=str(self.workdir / "ca.pem"))
 
+        # plain and workers each have one echo server more than their file starts with: config changes add it
         self.echo = {
-            "plain": [await EchoServer(f"plain-e{i}", self.cut).start() for i in range(3)],
-            "workers": [await EchoServer(f"workers-e{i}", self.cut).start() for i in range(2)],
+            "plain": [await EchoServer(f"plain-e{i}", self.cut).start() for i in range(4)],
+            "workers": [await EchoServer(f"workers-e{i}", self.cut).start() for i in range(3)],
             "tls": [await EchoServer(f"tls-e{i}", self.cut, server_tls).start() for i in range(2)],
         }
         self.redis = [Redis(self.workdir, free_port()) for _ in range(2)]
@@ -414,8 +510,8 @@ class Soak:
         tls_flags = ["--tls-cert", str(self.workdir / "server.pem"), "--tls-key", str(self.workdir / "server.key"),
                      "--tls-handshake-timeout", "2s", "--upstream-tls", "--upstream-ca", str(self.workdir / "ca.pem")]
         self.proxies = {
-            "plain": Proxy("plain", self.workdir, ports["plain"], []),
-            "workers": Proxy("workers", self.workdir, ports["workers"], ["--workers", "2"]),
+            "plain": Proxy("plain", self.workdir, ports["plain"][:3], [], workers=1),
+            "workers": Proxy("workers", self.workdir, ports["workers"][:2], [], workers=2),
             "redis": Proxy("redis", self.workdir, [r.port for r in self.redis],
                            ["--health-send", r"PING\r\n", "--health-expect", "+PONG"]),
             "tls": Proxy("tls", self.workdir, ports["tls"], tls_flags),
@@ -555,6 +651,8 @@ class Soak:
             self.account(tally, session, failure)
 
     def account(self, tally: Tally, session: Session, failure: str) -> None:
+        if session.id in self.on_removed:
+            self.removed_ends["failed" if failure else "ended normally"] += 1
         tally.sessions += 1
         tally.sent += session.sent
         tally.received += session.received
@@ -608,6 +706,14 @@ class Soak:
             redis = next((r for r in self.redis if r.port == session.member), None)
             if redis and any(session.started <= k <= now for k in redis.kills):
                 return "upstream killed"
+        if session.id in self.on_removed:
+            # Its member left the file while it ran. A removal is not chaos that may cut a session: the
+            # member keeps serving and its sessions must run to their end (the file's drain_timeout is
+            # longer than any soak session), so a removal adds nothing to kill_times, and a failure here is
+            # unexpected unless the member was also killed (the session is in self.cut, above) or the
+            # worker holding it was (killed_clients, above). The next rule does not apply either: its
+            # bytes reached the member, which is how the removed member came to hold it.
+            return ""
         if overlapping and session.received == 0:
             # killed before its first byte reached the upstream (or in a worker's accept queue)
             return "upstream or worker killed before the first reply"
@@ -616,7 +722,8 @@ class Soak:
     # chaos
 
     async def chaos_loop(self) -> None:
-        actions = [self.kill_echo, self.flap_echo, self.kill_redis, self.sighup, self.kill_worker]
+        # SIGHUP twice as often as the rest: most of them also carry a config change or a broken file
+        actions = [self.kill_echo, self.flap_echo, self.kill_redis, self.sighup, self.sighup, self.kill_worker]
         for _ in range(MAX_ROUNDS):
             if not self.running():
                 break
@@ -659,10 +766,93 @@ class Soak:
         await asyncio.to_thread(redis.start)
 
     async def sighup(self) -> None:
+        """SIGHUP to every proxy. Before it, a file-run proxy's file may get a real change (``rewrite``)
+        or a mistake; after it, each file-run proxy's outcome line is waited for and checked."""
+        expected: dict[str, tuple[str | None, int | None]] = {}
+        for name, proxy in self.proxies.items():
+            if proxy.config is not None and proxy.alive():
+                expected[name] = self.rewrite(name, proxy.config)
         for proxy in self.proxies.values():
             if proxy.alive():
                 proxy.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
         self.chaos["SIGHUP to every proxy"] += 1
+        for name, (summary, removed) in expected.items():
+            if await self.reload_outcome(self.proxies[name], summary) and removed is not None:
+                server = next(e for e in self.echo[name] if e.port == removed)
+                self.on_removed.update(sid for sid in server.held.values() if sid is not None)
+
+    def rewrite(self, name: str, config: FileConfig) -> tuple[str | None, int | None]:
+        """Maybe rewrite ``config``'s file: a real change (a member added or removed, a weight, max_conns
+        or a timeout changed), a mistake, or nothing. Returns the reload summary the proxy must log (None:
+        it must refuse the file) and the port of a member removed."""
+        draw = self.rng.random()
+        if draw < 0.15:
+            mistake = self.rng.choice(MISTAKES)
+            config.write(mistake)
+            self.broken_files[mistake] += 1
+            return None, None
+        listener = pool = False
+        removed: int | None = None
+        if draw < 0.7:
+            servers = self.echo[name]
+            absent = [e.port for e in servers if e.port not in config.members]
+            kinds = ["weight", "max_conns", "timeout"]
+            kinds += ["member added"] * bool(absent)
+            kinds += ["member removed"] * (len(config.members) > 2 and calm(servers))  # a kill leaves one
+            kind = self.rng.choice(kinds)
+            ports = list(config.members)
+            if kind == "member added":
+                config.members[self.rng.choice(absent)] = MemberOptions()
+            elif kind == "member removed":
+                removed = self.rng.choice(ports)
+                del config.members[removed]
+            elif kind == "weight":
+                member = config.members[self.rng.choice(ports)]
+                member.weight = self.rng.choice([w for w in (1, 2, 3, 4) if w != member.weight])
+            elif kind == "max_conns":  # at most one member capped: the others can always take its load
+                port = self.rng.choice(ports)
+                cap = None if config.members[port].max_conns else self.rng.choice(MAX_CONNS)
+                for other in ports:
+                    config.members[other].max_conns = None
+                config.members[port].max_conns = cap
+            else:
+                key = self.rng.choice(list(TIMEOUTS))
+                config.timeouts[key] = self.rng.choice([v for v in TIMEOUTS[key] if v != config.timeouts[key]])
+                kind = f"timeout ({'health.' * (key[0] == 'health')}{key[1]})"
+                listener = key[0] == "listener"
+            pool = not listener
+            self.config_changes[kind] += 1
+        config.write()
+        return (f"listeners: {1 - listener} kept, {int(listener)} rebuilt, 0 opened, 0 closed;"
+                f" pools: {1 - pool} unchanged, {int(pool)} updated, 0 added, 0 removed"), removed
+
+    async def reload_outcome(self, proxy: Proxy, summary: str | None) -> bool:
+        """Wait for the proxy's log line on the SIGHUP just sent: the summary that ``summary`` says, or
+        (None) a refusal, after at least one ``SIGHUP: FILE:LINE: ...`` line. False, and a problem, when
+        it is not that."""
+        assert proxy.config is not None
+        deadline = time.monotonic() + RELOAD_WAIT
+        while True:
+            with open(proxy.stderr_path, "rb") as err:
+                err.seek(proxy.log_offset)
+                text = err.read().decode("latin-1")  # one character a byte: the offset stays exact
+            match = OUTCOME.search(text)
+            if match:
+                break
+            if time.monotonic() > deadline or not proxy.alive():
+                self.reload_problems.append(f"{proxy.name}: no reload outcome logged {RELOAD_WAIT:.0f}s after SIGHUP")
+                return False
+            await asyncio.sleep(0.05)
+        proxy.log_offset += match.end()
+        where = re.compile(rf"SIGHUP: {re.escape(str(proxy.config.path))}:\d+: ")
+        if summary is None and match.group(2) and where.search(text[: match.start()]):
+            self.refusals_logged += 1
+            return True
+        if summary is not None and match.group(1) == summary:
+            return True
+        wanted = "a refusal with FILE:LINE lines" if summary is None else f"'{summary}'"
+        self.reload_problems.append(f"{proxy.name}: SIGHUP after a rewrite: wanted {wanted}, got '{match.group(0)}'")
+        return False
 
     async def kill_worker(self) -> None:
         proxy = self.proxies["workers"]
@@ -836,7 +1026,12 @@ class Soak:
                      f"{total.lost:>8}{total.corrupted:>8}{total.mismatched:>9}{sum(total.expected.values()):>9}"
                      f"{len(total.unexpected):>11}")
         lines += ["", "expected failures: " + (", ".join(f"{c} {n}" for c, n in total.expected.items()) or "none"),
-                  "chaos: " + ", ".join(f"{c} {n}" for c, n in sorted(self.chaos.items())),
+                  "chaos: " + ", ".join([*(f"{c} {n}" for c, n in sorted(self.chaos.items())),
+                                         f"config changes {counted(self.config_changes)}",
+                                         f"broken files {counted(self.broken_files)}"]),
+                  f"reloads from a file: {self.refusals_logged} of {self.broken_files.total()} broken files"
+                  f" refused and logged as FILE:LINE; sessions open on a removed member"
+                  f" {counted(self.removed_ends)}",
                   "abusive clients: " + ", ".join(f"{c} {n}" for c, n in sorted(self.abuse.items())),
                   *self.kill_lines(), "",
                   f"{'proxy':<9}{'RSS start':>10}{'peak':>8}{'end':>8} MiB{'fds start':>11}{'end':>6}  exit"
@@ -869,12 +1064,18 @@ class Soak:
             problems.append(f"{len(total.unexpected)} unexpected failures: " + "; ".join(total.unexpected[:10]))
         if total.sessions == 0:
             problems.append("no session ran")
+        problems += self.reload_problems
         if self.unexplained:
             lines += ["", "unexpected failures, as the proxy's access log ended them:",
                       *(f"  {line}" for line in self.explain())]
         lines += ["", "result: " + ("PASS" if not problems else "FAIL"), *(f"  - {p}" for p in problems)]
         print("\n".join(lines), flush=True)
         return 1 if problems else 0
+
+
+def counted(kinds: Counter[str]) -> str:
+    """``5 (member added 2, weight 3)``: the total, then each kind."""
+    return f"{kinds.total()}" + (f" ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})" if kinds else "")
 
 
 def quarter_peak(samples: list[int], quarter: int) -> int:

@@ -480,8 +480,9 @@ def _of_listener(config: ListenerConfig) -> Callable[[Session], bool]:
 
 
 def _on_members(members: frozenset[Member]) -> Callable[[Session], bool]:
-    """Picks the sessions on ``members``."""
-    return lambda session: session.member in members
+    """Picks the sessions on ``members`` that are still removed: a member added back before the drain
+    timeout (revived with its sessions, ``Balancer.update``) is a member again, and so are they."""
+    return lambda session: session.member in members and session.member.draining
 
 
 def _client_tls(tls_config: UpstreamTLSConfig | None) -> ssl.SSLContext | None:

@@ -77,6 +77,24 @@ async def test_a_removed_member_keeps_its_open_session_until_the_drain_timeout()
         writer.close()
 
 
+async def test_a_member_added_back_before_the_drain_timeout_keeps_its_sessions() -> None:
+    """Removed with a session open, the member waits out the drain; added back before the drain timeout,
+    it is a member again, and its session is not closed when the removal's drain timeout comes."""
+    async with upstreams(2) as [u0, u1], running(make_config([u0.address], drain_timeout=0.3)) as (proxy, access):
+        reader, writer, member = await open_session(proxy)
+        await proxy.reconfigure(with_members(proxy.config, [u1.address]))
+        await proxy.reconfigure(with_members(proxy.config, [u0.address, u1.address]))
+        assert proxy.pools["default"].members[0] is member  # revived as it was
+        await eventually(lambda: not proxy._drain_timers)  # the removal's drain timeout has passed
+        writer.write(b"still here")
+        assert await asyncio.wait_for(reader.readexactly(10), 5) == b"still here"
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await access.wait_for(1, timeout=5)
+        assert [s.end_cause for s in access.sessions] == ["eof"]
+
+
 async def test_a_member_that_stays_keeps_its_object_and_health() -> None:
     async with upstreams(2) as [u0, u1], running(make_config([u0.address])) as (proxy, _access):
         [before] = proxy.pools["default"].members
