@@ -101,6 +101,7 @@ async def test_a_full_queue_refuses_at_once_and_places_go_oldest_first() -> None
         await log.wait_for(1)
         assert log.sessions[0].end_cause == f"no_upstream ({AT_CAP}; the queue is full (2 clients))"
         assert (pool.queue.full, pool.queue.length) == (1, 2)
+        await asyncio.sleep(0.02)  # the waiting is the behaviour measured: each waiter waits 20 ms more
         first_writer.close()  # its place goes to the oldest waiter, which gets its byte back
         for reader, writer, tag in waiters:
             assert await asyncio.wait_for(reader.readexactly(1), 5) == tag
@@ -108,7 +109,7 @@ async def test_a_full_queue_refuses_at_once_and_places_go_oldest_first() -> None
             writer.close()  # and its place to the next
         await log.wait_for(4)
     assert server.peak == 1 and server.accepted == 3
-    assert pool.queue.length == 0 and pool.queue.waited > 0
+    assert pool.queue.length == 0 and pool.queue.waited >= 0.04  # the loop's clock counts in ms on uvloop
 
 
 async def test_bytes_sent_while_queued_are_held_bounded_and_delivered_in_order() -> None:
