@@ -352,21 +352,24 @@ def _connect(
             return loop.create_connection(factory, address.host, address.port)
         return loop.create_connection(factory, sock=sock)
     where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": address.host, "port": address.port}
-    return _connect_tls(loop, pool, member, pump, where)
+    return connect_tls(loop, pool, member, pump, where)
 
 
-async def _connect_tls(
-    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, pump: Pump, where: dict[str, Any]
-) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
-    """Connect, then complete the TLS handshake (``tlsengine.py``, its late-verdict wait included) before
-    the attempt counts as connected; a cancelled attempt drops the connection."""
+async def connect_tls(
+    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, app: asyncio.Protocol, where: dict[str, Any]
+) -> tuple[asyncio.BaseTransport, TLSEngine]:
+    """Connect (``where``: host and port, or a connected ``sock``), then complete the TLS handshake
+    (``tlsengine.py``, its late-verdict wait included) before the attempt counts as connected; a
+    cancelled attempt drops the connection. Returns the TCP transport and the engine over it, which is
+    ``app``'s transport. The sessions' dials and the health probes both connect through here, so a
+    member that rejects us after a TLS 1.3 handshake fails both alike."""
     from .tls import server_hostname
 
     assert pool.ssl_context is not None and pool.config.tls is not None
     handshake: asyncio.Future[None] = loop.create_future()
     engine = TLSEngine(
         pool.ssl_context,
-        pump,
+        app,
         functools.partial(_settle, handshake),
         server_side=False,
         server_hostname=server_hostname(pool.config.tls, member.address.hostname),
@@ -378,7 +381,7 @@ async def _connect_tls(
     except BaseException:
         engine.abort()
         raise
-    return transport, pump
+    return transport, engine
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -2,11 +2,16 @@
 
 A probe connects (with a TLS handshake when the pool originates TLS) and then holds the conversation
 of the pool's check kind (``checks``: tcp, send-expect, and the ``httpcheck``, ``resp`` and ``pgwire``
-kinds), which are pure; this module only moves their bytes. Results go to ``Pool.report`` with a reason
-naming the failure kind (refused, timeout, wrong role, auth failed, bad reply, server error, tls), and
-each failure is counted by member and kind in ``Prober.failures``. Every result is also logged at
-debug level (``--log-level debug``), with the probe's duration. Probes use streams: they are off the
-data path and run once per interval.
+kinds), which are pure; this module only moves their bytes. The TLS handshake is the sessions' own
+(``dialer.connect_tls`` on ``tlsengine.TLSEngine``), late verdict included: a TLS 1.3 member that
+rejects our client certificate (or its absence) says so in an alert just after the handshake, and
+that fails the probe as ``tls`` as it fails a session's connect, where the loop's TLS transport would
+have taken the connection for a pass. A probe of a plain pool opens a plain stream.
+
+Results go to ``Pool.report`` with a reason naming the failure kind (refused, timeout, wrong role,
+auth failed, bad reply, server error, tls), and each failure is counted by member and kind in
+``Prober.failures``. Every result is also logged at debug level (``--log-level debug``), with the
+probe's duration. Probes use streams: they are off the data path and run once per interval.
 
 In a pool with a ``*-primary`` check, the members UP that passed it (and have not said another role
 since) claim the primary role, and new sessions go only to a lone claimant (``Pool.restrict``): none
@@ -48,7 +53,7 @@ from .checks import (
     load_credentials,
 )
 from .counters import DISABLED
-from .dialer import connected_after
+from .dialer import connect_tls, connected_after
 from .errors import out_of_descriptors
 from .health import Event
 from .pool import Pool
@@ -252,18 +257,12 @@ async def _converse(
 ) -> Verdict:
     health = pool.config.health
     address = member.address
-    kwargs: dict[str, object] = {}
-    if pool.ssl_context is not None and pool.config.tls is not None:
-        from .tls import server_hostname
-
-        kwargs = {"ssl": pool.ssl_context, "server_hostname": server_hostname(pool.config.tls, address.hostname)}
     port = health.port if health.port is not None else address.port
     header = _HEADERS.get(pool.config.send_proxy or "") if health.port is None else None
-    if header is not None and kwargs:  # the header goes in the clear, before the TLS handshake
-        kwargs["sock"] = await connected_after(asyncio.get_running_loop(), address.host, port, header)
-        reader, writer = await asyncio.open_connection(**kwargs)  # type: ignore[arg-type]
+    if pool.ssl_context is not None:
+        reader, writer = await _open_tls(pool, member, port, header)
     else:
-        reader, writer = await asyncio.open_connection(address.host, port, **kwargs)  # type: ignore[arg-type]
+        reader, writer = await asyncio.open_connection(address.host, port)
         if header is not None:
             writer.write(header)
     if connected is not None:
@@ -293,4 +292,26 @@ async def _converse(
             await writer.wait_closed()
 
 
+async def _open_tls(
+    pool: Pool, member: Member, port: int, header: bytes | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over the sessions' own TLS dial (``dialer.connect_tls``): the same engine, so the same
+    late verdict of a TLS 1.3 member that rejects our certificate (or its absence) after the handshake,
+    which the loop's TLS transport would take for a connection. ``header`` goes first, in the clear."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_LIMIT, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    if header is None:
+        _, engine = await connect_tls(loop, pool, member, protocol, {"host": member.address.host, "port": port})
+    else:
+        sock = await connected_after(loop, member.address.host, port, header)
+        try:
+            _, engine = await connect_tls(loop, pool, member, protocol, {"sock": sock})
+        except BaseException:
+            sock.close()
+            raise
+    return reader, asyncio.StreamWriter(engine, protocol, reader, loop)  # type: ignore[arg-type]
+
+
 _HEADERS = {"v1": V1_UNKNOWN, "v2": V2_LOCAL}  # a probe is the proxy's own connection
+_LIMIT = 2**16  # asyncio.open_connection's default buffer limit

@@ -38,7 +38,7 @@ Decisions:
   what is wrong. Warnings take the same shape and go to the ``warn`` callback the caller passes.
 
 The module opens files but no sockets and knows nothing of the event loop: the frontend and dialer run
-these contexts in ``tlsengine.TLSEngine`` (the health probes pass them to ``create_connection``) and
+these contexts in ``tlsengine.TLSEngine`` (the health probes through the dialer's ``connect_tls``) and
 call :func:`describe` on ``transport.get_extra_info("ssl_object")`` for the access log.
 """
 
