@@ -224,18 +224,23 @@ def tls_table(doc: dict[str, Any]) -> list[str]:
             *rows, ""]
 
 
-VARIANT_METRICS = ("rate", "cpu_us_per_req")
+# by scenario kind: the headline figure and the proxy's CPU for it
+VARIANT_METRICS = {"rr": ("rate", "cpu_us_per_req"), "connect": ("rate", "cpu_us_per_req"),
+                   "redis": ("rate", "cpu_us_per_req"), "bulk": ("gbps", "cpu_us_per_gb"),
+                   "memory": ("kib_per_session",)}
 
 
 def variant_ratios(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Per variant, scenario and metric: the median, its ratio to HAProxy, and that ratio divided by
-    plain l4proxy's, which is the figure the feature bars name (within 3% or 5% of plain)."""
+    plain l4proxy's, which is the figure the feature bars name (within 3% or 5% of plain). Only the
+    scenarios a variant (or an older tree, ``--baseline``) took part in, not plain l4proxy alone."""
     rows = []
-    for target, info in doc["run"].get("variants", {}).items():
+    variants = doc["run"].get("variants", {})
+    for target, info in variants.items():
         for name, scn in doc["scenarios"].items():
-            if target not in scn["targets"]:
+            if target not in scn["targets"] or not any(t in scn["targets"] for t in variants if t != "l4proxy"):
                 continue
-            for key in VARIANT_METRICS:
+            for key in VARIANT_METRICS[scn["kind"]]:
                 mine = value(scn, target, key)
                 to_haproxy = ratio(mine, value(scn, "haproxy", key))
                 plain = ratio(value(scn, "l4proxy", key), value(scn, "haproxy", key))
@@ -262,7 +267,7 @@ def variants_table(doc: dict[str, Any]) -> list[str]:
              for t, info in doc["run"]["variants"].items()]
     return ["### Variants (l4proxy with features on, same run)", "",
             "`/ plain` is the variant's ratio to HAProxy divided by plain l4proxy's: for rates above 1 is "
-            "better, for CPU below 1.", "",
+            "better, for CPU and memory below 1.", "",
             "| scenario | metric | variant | value | / haproxy | / plain |", "|---|---|---|---|---|---|",
             *lines, "", *flags, ""]
 
