@@ -5,7 +5,8 @@ the summary. Ratios are l4proxy / HAProxy, / nginx and / direct of those medians
 interesting figure is the latency a proxy *adds* over the direct connection, so that is reported too.
 Small tables follow the main one: l4proxy with 2 workers against 1 (and HAProxy), bulk through TLS
 termination against a plain l4proxy session of the same run, and, with ``run.py --variant``, l4proxy with
-features on against HAProxy and against plain l4proxy of the same run.
+features on against HAProxy and against plain l4proxy of the same run (``--baseline``: an older tree's
+l4proxy, in the same table).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ TARGET_ORDER = ("direct", "l4proxy", "l4proxy-w2", "l4proxy-plain", "haproxy", "
 COLORS = {"direct": "#888888", "l4proxy": "#22aa77", "l4proxy-w2": "#116644", "l4proxy-plain": "#88ddbb",
           "haproxy": "#2277cc", "nginx": "#7744bb", "pproxy": "#cc7722"}
 VARIANT_COLOR = "#55bb99"  # every l4proxy+NAME target (run.py --variant)
+BASELINE_COLOR = "#99aa33"  # every l4proxy@SHORT target (run.py --baseline)
+
+
+def color(target: str) -> str:
+    return COLORS.get(target) or (BASELINE_COLOR if target.startswith("l4proxy@") else VARIANT_COLOR)
 
 
 def ordered(names: list[str]) -> list[str]:
@@ -224,18 +230,23 @@ def tls_table(doc: dict[str, Any]) -> list[str]:
             *rows, ""]
 
 
-VARIANT_METRICS = ("rate", "cpu_us_per_req")
+# by scenario kind: the headline figure and the proxy's CPU for it
+VARIANT_METRICS = {"rr": ("rate", "cpu_us_per_req"), "connect": ("rate", "cpu_us_per_req"),
+                   "redis": ("rate", "cpu_us_per_req"), "bulk": ("gbps", "cpu_us_per_gb"),
+                   "memory": ("kib_per_session",)}
 
 
 def variant_ratios(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Per variant, scenario and metric: the median, its ratio to HAProxy, and that ratio divided by
-    plain l4proxy's, which is the figure the feature bars name (within 3% or 5% of plain)."""
+    plain l4proxy's, which is the figure the feature bars name (within 3% or 5% of plain). Only the
+    scenarios a variant (or an older tree, ``--baseline``) took part in, not plain l4proxy alone."""
     rows = []
-    for target, info in doc["run"].get("variants", {}).items():
+    variants = doc["run"].get("variants", {})
+    for target, info in variants.items():
         for name, scn in doc["scenarios"].items():
-            if target not in scn["targets"]:
+            if target not in scn["targets"] or not any(t in scn["targets"] for t in variants if t != "l4proxy"):
                 continue
-            for key in VARIANT_METRICS:
+            for key in VARIANT_METRICS[scn["kind"]]:
                 mine = value(scn, target, key)
                 to_haproxy = ratio(mine, value(scn, "haproxy", key))
                 plain = ratio(value(scn, "l4proxy", key), value(scn, "haproxy", key))
@@ -258,11 +269,11 @@ def variants_table(doc: dict[str, Any]) -> list[str]:
         cell = status_cell(scns[r["scenario"]], r["target"]) or fmt(r["median"])
         lines.append(f"| {r['scenario']} | {label or labels[r['metric']]} | {r['variant']} | {cell} | "
                      f"{fmt(r['to_haproxy'])} | {fmt(r['to_plain'])} |")
-    flags = [f"- `{info['variant']}` ({t}): `{info['flags']}`: {info['about']}"
+    flags = [f"- `{info['variant']}`{'' if t == info['variant'] else f' ({t})'}: `{info['flags']}`: {info['about']}"
              for t, info in doc["run"]["variants"].items()]
-    return ["### Variants (l4proxy with features on, same run)", "",
+    return ["### Variants (l4proxy with features on, or an older tree, same run)", "",
             "`/ plain` is the variant's ratio to HAProxy divided by plain l4proxy's: for rates above 1 is "
-            "better, for CPU below 1.", "",
+            "better, for CPU and memory below 1.", "",
             "| scenario | metric | variant | value | / haproxy | / plain |", "|---|---|---|---|---|---|",
             *lines, "", *flags, ""]
 
@@ -335,7 +346,7 @@ def throughput_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str])
         meds.append(med)
         lo.append(med - min(vals))
         hi.append(max(vals) - med)
-    ax.bar(targets, meds, yerr=[lo, hi], capsize=3, color=[COLORS.get(t, VARIANT_COLOR) for t in targets])
+    ax.bar(targets, meds, yerr=[lo, hi], capsize=3, color=[color(t) for t in targets])
     ax.set_title(name, fontsize=9)
     ax.set_ylabel("Gbit/s" if key == "gbps" else "per second", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -346,7 +357,7 @@ def latency_axis(ax: Any, name: str, scn: dict[str, Any], targets: list[str]) ->
         med = scn["targets"].get(t, {}).get("median", {})
         ys = [med.get(p) for p in PCTS]
         if all(y is not None for y in ys):
-            ax.plot(PCTS, ys, marker="o", label=t, color=COLORS.get(t, VARIANT_COLOR))
+            ax.plot(PCTS, ys, marker="o", label=t, color=color(t))
     ax.set_yscale("log")
     ax.set_title(name, fontsize=9)
     ax.set_ylabel("latency, us", fontsize=8)

@@ -9,6 +9,7 @@ the memory scenario reads VmRSS with N idle sessions open. Results go to ``--out
     .venv/bin/python benchmarks/run.py --quick
     .venv/bin/python benchmarks/run.py --scenarios rr,bulk --targets direct,l4proxy,haproxy
     .venv/bin/python benchmarks/run.py --quick --variant weights,edge,admin    # rr and connect, features on
+    .venv/bin/python benchmarks/run.py --quick --baseline ce7993a              # and an older tree, same run
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import csv
 import json
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import baseline
 import report
 import sysinfo
 from targets import (
@@ -266,9 +269,10 @@ def start_target(name: str, env: Env) -> tuple[Running | None, dict[str, Any]]:
     if why:
         return None, {"status": "skipped", "reason": why, "samples": []}
     try:
-        return target.start(env), {"status": "ok", "samples": []}
+        run = target.start(env)
     except Unsupported as e:
         return None, {"status": "unsupported", "reason": str(e), "samples": []}
+    return run, {"status": "ok", "samples": []} | ({"source": run.source} if run.source else {})
 
 
 def progress(s: Scenario, name: str, rep: int, res: dict[str, Any]) -> None:
@@ -280,7 +284,7 @@ def progress(s: Scenario, name: str, rep: int, res: dict[str, Any]) -> None:
         main = f"{res['rate']:.0f}/s p99={res.get('latency_us', {}).get('p99', 0):.0f}us"
     cpu = res.get("cpu_us_per_req") or res.get("cpu_us_per_gb")
     cpu_txt = f" cpu={cpu:.1f}us/{'GB' if 'gbps' in res else 'req'}" if cpu else ""
-    print(f"[{s.name} #{rep + 1}] {name:13s} {main}{cpu_txt}", file=sys.stderr, flush=True)
+    print(f"[{s.name} #{rep + 1}] {name:15s} {main}{cpu_txt}", file=sys.stderr, flush=True)
 
 
 def take(s: Scenario, name: str, rep: int, run: Running, ctx: Ctx, out: dict[str, Any]) -> None:
@@ -291,7 +295,7 @@ def take(s: Scenario, name: str, rep: int, run: Running, ctx: Ctx, out: dict[str
         return
     except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError) as e:
         out.setdefault("errors", []).append(str(e)[-500:])
-        print(f"[{s.name} #{rep + 1}] {name:13s} FAILED: {str(e)[-200:]}", file=sys.stderr, flush=True)
+        print(f"[{s.name} #{rep + 1}] {name:15s} FAILED: {str(e)[-200:]}", file=sys.stderr, flush=True)
         return
     out["samples"].append(res)
     progress(s, name, rep, res)
@@ -394,6 +398,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="l4proxy with features on, beside plain l4proxy and HAProxy in the same run, from "
                         + ",".join(VARIANTS) + "; repeatable. Default scenarios then: rr,connect; default "
                         "targets: l4proxy,haproxy and the variants")
+    p.add_argument("--baseline", action="append", default=[], metavar="REF[,REF...]",
+                   help="l4proxy from an older commit (a git ref) as the target l4proxy@SHORT, beside plain "
+                        "l4proxy and HAProxy in the same run, from a temporary git worktree; repeatable. "
+                        "Default scenarios and targets as with --variant")
     p.add_argument("--no-charts", action="store_true")
     p.add_argument("--plan", action="store_true",
                    help="print the scenarios, targets (and which are missing here) and budgets, then exit")
@@ -405,14 +413,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--variant {','.join(bad)!r}: unknown; expected some of {','.join(VARIANTS)}")
     if args.variants and args.edge:
         p.error("--edge: gives every proxy the edge features; with --variant use the edge variant instead")
+    try:
+        refs = [baseline.resolve(r) for given in args.baseline for r in given.split(",") if r]
+    except baseline.BadRef as e:
+        p.error(str(e))
+    args.baselines = list({r.commit: r for r in refs}.values())
+    for ref in args.baselines:
+        TARGETS[ref.target] = baseline.L4proxyBaseline(ref)
     return args
 
 
 def variant_targets(args: argparse.Namespace) -> list[str]:
-    """The targets a run with ``--variant`` adds: plain l4proxy (the reference) and each variant's."""
-    if not args.variants:
+    """The targets ``--variant`` and ``--baseline`` add: plain l4proxy (the reference), each variant's and
+    each older tree's."""
+    if not args.variants and not args.baselines:
         return []
-    return list(dict.fromkeys(["l4proxy", *(VARIANTS[v].target for v in args.variants)]))
+    added = [VARIANTS[v].target for v in args.variants] + [r.target for r in args.baselines]
+    return list(dict.fromkeys(["l4proxy", *added]))
 
 
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[str], tuple[int, int]]:
@@ -448,8 +465,11 @@ def describe_plan(args: argparse.Namespace, prof: dict[str, Any], names: list[st
     lines = [f"profile {args.profile}: {repeats} repeats, results to {args.out}",
              f"scenarios: {','.join(names)}"]
     for t in tnames:
-        why = TARGETS[t].available()
+        target = TARGETS[t]
+        why = target.available()
         lines.append(f"target {t}: {'skipped: ' + why if why else 'available'}")
+        if isinstance(target, baseline.L4proxyBaseline):
+            lines[-1] += f" (from a temporary worktree of {target.describe()})"
     lines.append("budgets: " + ", ".join(f"{k}={v}" for k, v in prof.items()))
     return "\n".join(lines)
 
@@ -463,8 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0, started = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     machine = sysinfo.machine()
-    with tempfile.TemporaryDirectory(prefix="l4bench-") as tmpdir:
+    signal.signal(signal.SIGTERM, terminated)  # unwinds like Ctrl-C: the worktrees are removed
+    with tempfile.TemporaryDirectory(prefix="l4bench-") as tmpdir, contextlib.ExitStack() as trees:
         tmp = Path(tmpdir)
+        olds = prepare_baselines(args.baselines, tmp, trees)
         certs = make_certs(tmp) if any(known[n].tls for n in names) else None
         ctx = Ctx(tmp, certs, args.procs, edge=args.edge)
         results = {n: run_scenario(known[n], tnames, repeats, ctx, prof["sessions"]) for n in names}
@@ -473,15 +495,47 @@ def main(argv: list[str] | None = None) -> int:
         "run": {"profile": args.profile, "repeats": repeats, "targets": tnames, "scenarios": names,
                 "procs": args.procs, "edge": args.edge, "nofile": nofile, "seconds": round(time.monotonic() - t0, 1),
                 "started": started, "budgets": prof,
-                "variants": {VARIANTS[v].target: {"variant": v, "about": VARIANTS[v].about,
-                                                  "flags": VARIANTS[v].describe()}
-                             for v in ["plain", *args.variants] if args.variants}},
+                "variants": compared(args.variants, olds),
+                "baselines": {old.name: {"ref": old.ref.given, "commit": old.ref.commit, "subject": old.ref.subject,
+                                         "tree": str(old.tree), "imports": old.source,
+                                         "flags_left_out": sorted(old.dropped)} for old in olds}},
         "scenarios": results,
     }
     doc["bar"] = [asdict(c) for c in report.bar_checks(doc)]
     doc["variant_ratios"] = report.variant_ratios(doc)
     print(report.write_all(doc, args.out, charts_on=not args.no_charts))
     return 0
+
+
+def prepare_baselines(refs: list[baseline.Ref], tmp: Path,
+                      trees: contextlib.ExitStack) -> list[baseline.L4proxyBaseline]:
+    """A worktree per --baseline REF (removed when ``trees`` closes), each checked to run from its tree."""
+    olds = []
+    for ref in refs:
+        old = TARGETS[ref.target]
+        assert isinstance(old, baseline.L4proxyBaseline)
+        try:
+            old.prepare(trees.enter_context(baseline.worktree(ref, tmp)))
+        except baseline.BadRef as e:
+            print(f"run.py: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"{old.name}: {old.describe()}, imports {old.source}", file=sys.stderr, flush=True)
+        olds.append(old)
+    return olds
+
+
+def compared(variants: list[str], olds: list[baseline.L4proxyBaseline]) -> dict[str, dict[str, str]]:
+    """``run.variants``: the targets the Variants table sets against plain l4proxy (itself the first)."""
+    if not variants and not olds:
+        return {}
+    out = {VARIANTS[v].target: {"variant": v, "about": VARIANTS[v].about, "flags": VARIANTS[v].describe()}
+           for v in ["plain", *variants]}
+    return out | {old.name: {"variant": old.name, "about": f"l4proxy at {old.describe()}",
+                             "flags": "the l4proxy target's"} for old in olds}
+
+
+def terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

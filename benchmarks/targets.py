@@ -109,6 +109,7 @@ class Running:
     notes: list[str] = field(default_factory=list)
     access_log: Path | None = None
     scraper: Scraper | None = None  # the admin variant's: polls the admin endpoint while the target runs
+    source: str = ""  # a baseline target's: the l4proxy package file its process imported
 
     def stop(self) -> None:
         if self.scraper is not None:
@@ -138,11 +139,12 @@ def wait_ready(addr: tuple[str, int], proc: Proc | None, timeout: float = 15.0) 
     raise Unsupported(f"{addr[0]}:{addr[1]} did not accept connections within {timeout:.0f}s")
 
 
-def spawn(name: str, cmd: list[str], tmp: Path, stdout_to_log: bool = True) -> Proc:
+def spawn(name: str, cmd: list[str], tmp: Path, stdout_to_log: bool = True,
+          env: dict[str, str] | None = None) -> Proc:
     log = tmp / f"{name}.log"
     out = log.open("ab")
     popen = subprocess.Popen(cmd, stdout=out if stdout_to_log else subprocess.PIPE, stderr=out,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, env=env)
     out.close()
     return Proc(name, popen, log)
 
@@ -282,10 +284,15 @@ class L4proxy(Target):
     def start(self, env: Env) -> Running:
         port = free_port()
         access_log = env.tmp / f"{self.name}-access-{env.scenario}.log"
-        proc = spawn(f"{self.name}-{env.scenario}", self.command(env, port, access_log), env.tmp)
+        proc = spawn(f"{self.name}-{env.scenario}", self.command(env, port, access_log), env.tmp,
+                     env=self.spawn_env())
         run = ready(Running(("127.0.0.1", port), env.tls == "term", proc, access_log=access_log))
         settle_workers(proc, self.workers)
         return run
+
+    def spawn_env(self) -> dict[str, str] | None:
+        """The process environment; None: the runner's own."""
+        return None
 
     def upstream(self, env: Env) -> str:
         """The ``--upstream`` value: the scenario's one upstream."""

@@ -5,7 +5,8 @@ Checks the shape and sanity of the JSON it writes (positive rates, ordered perce
 match), never speed: the numbers of a shared machine are not a test. A second smoke run takes HAProxy and
 nginx through plain and TLS scenarios, so the configurations the runner writes for them keep working
 (CI installs both; a missing one fails, it never skips). A third takes the feature variants
-(``--variant weights,edge,admin``) through rr and connect beside plain l4proxy and HAProxy.
+(``--variant weights,edge,admin``) through rr and connect beside plain l4proxy and HAProxy, and a fourth
+takes older trees (``--baseline``) from temporary git worktrees beside them.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def test_variant_ratios_are_to_haproxy_and_to_plain(variants: tuple[dict[str, An
     assert plain["to_plain"] == 1.0 and plain["to_haproxy"] > 0
     edge = rows["rr", "edge", "rate"]
     assert edge["to_plain"] == pytest.approx(edge["to_haproxy"] / plain["to_haproxy"])
-    assert "### Variants (l4proxy with features on, same run)" in md
+    assert "### Variants (l4proxy with features on, or an older tree, same run)" in md
     assert "| rr | req/s | edge |" in md and "- `admin` (l4proxy+admin): `--upstream '{a}' --admin '{admin}'`" in md
 
 
@@ -243,4 +244,65 @@ def test_an_unknown_variant_is_a_one_line_error() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         "run.py: error: --variant 'colour': unknown; expected some of plain,weights,edge,admin"
+    )
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """The smoke run with two older trees beside plain l4proxy and HAProxy: the commit before this one,
+    and the last one before TLS, whose command line has no --tls-cert."""
+    require("haproxy")
+    out = tmp_path_factory.mktemp("bench-baseline")
+    first_tls = git("log", "--reverse", "--format=%H", "-S", '"--tls-cert"', "--", "l4proxy/cli.py").split()[0]
+    refs = {"previous": "HEAD~1", "pre-tls": f"{first_tls}~1"}
+    smoke(out, "--baseline", ",".join(refs.values()), "--scenarios", "rr,tls-term-rr", "--targets", "l4proxy,haproxy")
+    names = {what: "l4proxy@" + git("rev-parse", "--short", ref) for what, ref in refs.items()}
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text(), names
+
+
+def test_a_baseline_runs_from_its_own_tree_beside_plain_l4proxy(
+    baselines: tuple[dict[str, Any], str, dict[str, str]],
+) -> None:
+    results, md, names = baselines
+    target = names["previous"]
+    assert results["run"]["targets"] == ["l4proxy", "haproxy", target, names["pre-tls"]]
+    old = results["run"]["baselines"][target]
+    assert old["ref"] == "HEAD~1" and old["commit"] == git("rev-parse", "HEAD~1")
+    tree = Path(old["tree"])
+    assert old["imports"] == str(tree / "l4proxy" / "__init__.py") and tree != ROOT
+    for scenario in ("rr", "tls-term-rr"):
+        entry = results["scenarios"][scenario]["targets"][target]
+        assert entry["source"] == old["imports"]  # what the running process printed it imported
+        (s,) = samples(results, scenario, target)
+        assert s["rate"] > 0 and s["requests"] > 0 and s["errors"] == 0 and s["cpu_s"] >= 0
+    assert not tree.exists() and str(tree) not in git("worktree", "list", "--porcelain")
+    rows = {(r["scenario"], r["target"], r["metric"]): r for r in results["variant_ratios"]}
+    mine, plain = rows["rr", target, "rate"], rows["rr", "l4proxy", "rate"]
+    assert mine["to_plain"] == pytest.approx(mine["to_haproxy"] / plain["to_haproxy"])
+    assert f"| rr | req/s | {target} | " in md and f"| l4proxy | haproxy | {target} | {names['pre-tls']} |" in md
+
+
+def test_a_baseline_without_a_flag_the_scenario_needs_is_unsupported_there(
+    baselines: tuple[dict[str, Any], str, dict[str, str]],
+) -> None:
+    results, _, names = baselines
+    target = names["pre-tls"]
+    assert samples(results, "rr", target)[0]["rate"] > 0
+    entry = results["scenarios"]["tls-term-rr"]["targets"][target]
+    assert entry["status"] == "unsupported"
+    pre_tls = results["run"]["baselines"][target]["ref"]
+    assert entry["reason"] == f"{target} ({pre_tls}) has no --tls-cert, which the l4proxy target passes here"
+
+
+def test_an_unknown_baseline_is_a_one_line_error() -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--baseline", "HEAD,no-such-ref", "--plan"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"run.py: error: --baseline 'no-such-ref': not a commit of the repository at {ROOT}"
     )
