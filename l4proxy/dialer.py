@@ -88,6 +88,7 @@ class Dial:
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
     __slots__ = (
+        "attempted",
         "counted",
         "deadline",
         "deadlines",
@@ -128,6 +129,7 @@ class Dial:
         self.counted = 0  # the attempt in flight in the pool's retry budget: 1 a first one, 2 a retry
         self.wait: asyncio.TimerHandle | None = None  # the back-off before a retry to the same member
         self.header = b""  # the PROXY header to send first (send_proxy), the same for every attempt
+        self.attempted = 0.0  # time.monotonic() the attempt in flight began
         self.queued_at = 0.0  # loop time it joined the pool's queue (every member full); 0: not waiting
 
     def start(self, cause: str = "no healthy upstream", give_up: bool = False, member: Member | None = None) -> None:
@@ -211,7 +213,8 @@ class Dial:
         pool, member = self.pool, self.member
         assert member is not None
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
-        self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
+        self.attempted = time.monotonic()  # the connect histogram's start, and the deadline's
+        self.deadline = self.deadlines.add(self, pool.config.connect_timeout, self.attempted)
         try:
             before_tls = self.header if pool.ssl_context is not None else b""
             if member.address.port in self.outgoing.ports and _is_ip(member.address.host):
@@ -239,6 +242,7 @@ class Dial:
         if exc is not None:
             self._failed(exc)
             return
+        took = time.monotonic() - self.attempted
         assert self.deadline is not None and self.member is not None and self.pump is not None
         self.deadline.discard(self)
         self.deadline = None
@@ -262,7 +266,9 @@ class Dial:
             assert pump.transport is not None
             session.sockname = sockname = pump.transport.get_extra_info("sockname")
             outgoing.addresses.add(sockname)
-        member.stats.sessions += 1
+        stats = member.stats
+        stats.sessions += 1
+        stats.connects.observe(took)
         if self.header and self.pool.ssl_context is None:
             early = session.client.pending
             if early:  # one write with the early bytes attach_upstream hands over

@@ -45,6 +45,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
@@ -168,6 +169,7 @@ class Frontend:
 
         own = outgoing.addresses
         counters = self.counters
+        durations = counters.durations
         make_dial = self._dial_maker(pool)
 
         def client_ready(session: Session) -> None:
@@ -184,10 +186,12 @@ class Frontend:
             dial.start()
 
         def ended(session: Session) -> None:
+            now = time.time()  # the duration's end, and the access log's
             live.discard(session)
             gone()
             table.served += 1
             counters.active -= 1
+            durations.observe(now - session.started)
             sent = session.client.nbytes
             counters.bytes_in += sent
             upstream, member = session.upstream, session.member
@@ -203,7 +207,7 @@ class Frontend:
                     queue.serve()
             if session.sockname is not None:
                 outgoing.addresses.discard(session.sockname)
-            record(session)
+            record(session, now)
             if not live:
                 idle.set()
 

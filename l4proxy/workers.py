@@ -138,10 +138,10 @@ class WorkerAccessLog(AccessLog):
         self.tail = f" worker={worker}\n" if fmt == "logfmt" else "\n"  # JSON has it as a key
         self.pending: list[str] = []
 
-    def record(self, session: Finished) -> None:
+    def record(self, session: Finished, now: float) -> None:
         self.records += 1
         if self.fd is not None:
-            self.pending.append(self.line(session, time.time()) + self.tail)
+            self.pending.append(self.line(session, now) + self.tail)
             if len(self.pending) >= 256:
                 self.flush()
 
