@@ -509,7 +509,8 @@ class Supervisor:
         self.access_log = access_log
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
-        self.shared = SharedCounters(config, count, self.table.capacity)  # workers' counters: --admin, SIGUSR1
+        # the workers' counters (--admin, SIGUSR1); bytes of open sessions only for --admin, their one reader
+        self.shared = SharedCounters(config, count, self.table.capacity, open_bytes=admin is not None)
         self.health = health = HealthThread(config, self.table)
         self.admin_socket = admin
         self.source = SupervisorSource(
