@@ -69,7 +69,7 @@ class ListenerCounters:
     begun (the client is accepted and, for TLS, its handshake done); bytes and the duration (from accept
     to end, as the access log's) are added when a session ends."""
 
-    __slots__ = ("active", "bytes_in", "bytes_out", "durations", "sessions", "tls_failures")
+    __slots__ = ("active", "bytes_in", "bytes_out", "durations", "sessions", "timed", "tls_failures")
 
     def __init__(self) -> None:
         self.sessions = 0
@@ -78,6 +78,7 @@ class ListenerCounters:
         self.bytes_out = 0
         self.tls_failures: dict[str, int] = {}
         self.durations = Histogram(DURATION_BOUNDS)
+        self.timed = False  # durations are observed (Proxy.time_sessions: someone reads them)
 
     def tls_failed(self, cause: str) -> None:
         reason = tls_reason(cause)

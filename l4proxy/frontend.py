@@ -46,6 +46,7 @@ import os
 import socket
 import ssl
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
@@ -170,6 +171,7 @@ class Frontend:
         own = outgoing.addresses
         counters = self.counters
         durations = counters.durations
+        spans, bounds = durations.counts, durations.bounds
         make_dial = self._dial_maker(pool)
 
         def client_ready(session: Session) -> None:
@@ -191,7 +193,10 @@ class Frontend:
             gone()
             table.served += 1
             counters.active -= 1
-            durations.observe(now - session.started)
+            if counters.timed:
+                took = now - session.started
+                spans[bisect_left(bounds, took)] += 1  # durations.observe(took), inlined: this runs per session
+                durations.sum += took
             sent = session.client.nbytes
             counters.bytes_in += sent
             upstream, member = session.upstream, session.member

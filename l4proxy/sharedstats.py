@@ -74,9 +74,9 @@ _GAUGES = {LISTENER_FIELDS.index("active")}  # listener offsets of values that a
 class SharedCounters:
     """One row of int64 cells per worker: listeners, then pools, then member slots."""
 
-    def __init__(self, config: Config, workers: int, capacity: int, open_bytes: bool = True) -> None:
+    def __init__(self, config: Config, workers: int, capacity: int, admin: bool = True) -> None:
         self.workers = workers
-        self.open_bytes = open_bytes  # the workers add their open sessions' bytes (someone reads bytes: --admin)
+        self.admin = admin  # the supervisor serves /metrics: workers keep histograms and open sessions' bytes
         self.listeners = len(config.listeners)
         self.addresses: dict[str, int] = {}  # listen address -> listener index in the row
         for index, listener in enumerate(config.listeners):
@@ -128,10 +128,12 @@ class Publisher:
         self.shared = shared
         self.base = worker * shared.row
         self.proxy = proxy
+        if shared.admin:
+            proxy.time_sessions()
 
     def publish(self) -> None:
         shared, row, base, proxy = self.shared, self.shared.cells, self.base, self.proxy
-        moving = OpenBytes(proxy.table.live if shared.open_bytes else ())
+        moving = OpenBytes(proxy.table.live if shared.admin else ())
         for frontend in proxy.frontends:  # read each time: a reload replaces them
             index = shared.addresses.get(str(frontend.config.address))
             if index is None:  # added by a reload: no cells in this layout

@@ -291,10 +291,13 @@ def find_member(pools: Mapping[str, Pool], pool: str, member: str) -> tuple[Pool
 
 
 class ProxySource:
-    """A ``Source`` over one process's ``Proxy``."""
+    """A ``Source`` over one process's ``Proxy``; ``timed``: it serves ``/metrics``, so the proxy keeps
+    its histograms from now on (``Proxy.time_sessions``)."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, timed: bool = True) -> None:
         self.proxy = proxy
+        if timed:
+            proxy.time_sessions()
 
     def snapshot(self) -> Snapshot:
         proxy = self.proxy

@@ -509,8 +509,8 @@ class Supervisor:
         self.access_log = access_log
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
-        # the workers' counters (--admin, SIGUSR1); bytes of open sessions only for --admin, their one reader
-        self.shared = SharedCounters(config, count, self.table.capacity, open_bytes=admin is not None)
+        # the workers' counters (--admin, SIGUSR1); histograms and open sessions' bytes only for --admin
+        self.shared = SharedCounters(config, count, self.table.capacity, admin=admin is not None)
         self.health = health = HealthThread(config, self.table)
         self.admin_socket = admin
         self.source = SupervisorSource(

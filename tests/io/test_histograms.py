@@ -125,3 +125,23 @@ async def test_bytes_of_open_sessions_are_counted_and_stay_when_they_end() -> No
         assert value(samples, f"l4proxy_listener_bytes_{direction}_total", **listener) == 1500
         assert value(samples, f"l4proxy_member_bytes_{direction}_total", **member) == 1500
     assert value(samples, f"{DURATIONS}_count", **listener) == 1
+
+
+async def test_without_a_reader_sessions_are_not_timed_and_with_one_they_are() -> None:
+    """No ``/metrics`` (no ``ProxySource``): sessions skip the clock read and the buckets; the first
+    reader switches the histograms on for the sessions after it."""
+    async with upstreams(1) as (u0,), running(make_config([u0.address])) as (proxy, access):
+        writer, _took = await echo_timed(proxy.port(), b"before")
+        await close(writer)
+        await access.wait_for(1)
+        [frontend], [member] = proxy.frontends, proxy.pools["default"].members
+        assert not proxy.timed and not frontend.counters.timed and not proxy.pools["default"].timed
+        assert sum(frontend.counters.durations.counts) == sum(member.stats.connects.counts) == 0
+        async with admin_of(proxy) as admin:
+            writer, _took = await echo_timed(proxy.port(), b"after")
+            await close(writer)
+            await access.wait_for(2)
+            _, samples = await scrape(admin)
+    assert value(samples, f"{DURATIONS}_count", listener="default") == 1
+    assert value(samples, f"{CONNECTS}_count", pool="default", member=str(u0.address)) == 1
+    assert value(samples, "l4proxy_member_sessions_total", pool="default", member=str(u0.address)) == 2
