@@ -202,10 +202,12 @@ class AccessLog:
         """The JSON line for ``session``: compact, keys in the schema's order, non-ASCII escaped."""
         return json.dumps(json_record(session, now, self.worker), separators=(",", ":"))
 
-    def record(self, session: Finished) -> None:
+    def record(self, session: Finished, now: float) -> None:
+        """Log ``session``, ended at wall-clock ``now`` (read once by the frontend for this and the
+        session-duration histogram)."""
         self.records += 1
         if self.stream is not None:
-            self.stream.write(self.line(session, time.time()) + "\n")
+            self.stream.write(self.line(session, now) + "\n")
 
     def flush(self) -> None:
         """Write out buffered records: about once a second, and when a drain, a reload or SIGTERM begins."""

@@ -892,7 +892,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, early_reload.append, True)
-    loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy))
+    loop.add_signal_handler(signal.SIGUSR1, log_status, ProxySource(proxy, timed=False))  # no histograms there
     closing: list[asyncio.Future[None]] = []
     server: takeover.Server | None = None
     try:

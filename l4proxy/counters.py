@@ -12,6 +12,8 @@ Pure: no sockets, no event loop, no clock (times are given by the caller).
 
 from __future__ import annotations
 
+from .histogram import CONNECT_BOUNDS, DURATION_BOUNDS, Histogram
+
 CONNECT_KINDS = ("refused", "timeout", "dns", "tls", "reset", "other")
 # Why client TLS handshakes failed: ours first, then OpenSSL's reasons (lower-case) that a client can
 # cause, the likely ones: plaintext or an old protocol on a TLS port, no common cipher or ALPN, an mTLS
@@ -63,10 +65,11 @@ _TLS_NAMED = frozenset(TLS_REASONS)
 
 
 class ListenerCounters:
-    """One listener's sessions, bytes and TLS failures. ``sessions`` counts sessions begun (the client
-    is accepted and, for TLS, its handshake done); bytes are added when a session ends."""
+    """One listener's sessions, bytes, TLS failures and session durations. ``sessions`` counts sessions
+    begun (the client is accepted and, for TLS, its handshake done); bytes and the duration (from accept
+    to end, as the access log's) are added when a session ends."""
 
-    __slots__ = ("active", "bytes_in", "bytes_out", "sessions", "tls_failures")
+    __slots__ = ("active", "bytes_in", "bytes_out", "durations", "sessions", "timed", "tls_failures")
 
     def __init__(self) -> None:
         self.sessions = 0
@@ -74,6 +77,8 @@ class ListenerCounters:
         self.bytes_in = 0
         self.bytes_out = 0
         self.tls_failures: dict[str, int] = {}
+        self.durations = Histogram(DURATION_BOUNDS)
+        self.timed = False  # durations are observed (Proxy.time_sessions: someone reads them)
 
     def tls_failed(self, cause: str) -> None:
         reason = tls_reason(cause)
@@ -82,8 +87,8 @@ class ListenerCounters:
 
 class MemberCounters:
     """What a member's metrics need beyond ``Member.active``/``total``: sessions that reached it,
-    connect failures by kind, bytes each way (added as its sessions end), probe results, and when and
-    why its state last changed."""
+    connect failures by kind, the time its connects took (those that succeeded), bytes each way (added
+    as its sessions end), probe results, and when and why its state last changed."""
 
     __slots__ = (
         "bytes_in",
@@ -91,6 +96,7 @@ class MemberCounters:
         "checks_failed",
         "checks_passed",
         "connect_failures",
+        "connects",
         "ejections",
         "last_check",
         "last_check_ok",
@@ -107,6 +113,7 @@ class MemberCounters:
         self.bytes_in = 0  # from clients to the member
         self.bytes_out = 0  # from the member to clients
         self.connect_failures = dict.fromkeys(CONNECT_KINDS, 0)
+        self.connects = Histogram(CONNECT_BOUNDS)  # seconds from an attempt's start to its connect, per session
         self.checks_passed = 0
         self.checks_failed = 0
         self.last_check = ""  # the last probe's result in words; "" before the first

@@ -29,9 +29,12 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0  # the tick the timer is set for
 
-    def add(self, thing: Hashable, timeout: float) -> set[Hashable]:
-        """Expire ``thing`` ``timeout`` seconds from now unless it is discarded from the returned set."""
-        tick = math.ceil((self.loop.time() + timeout) / self.granularity)
+    def add(self, thing: Hashable, timeout: float, now: float | None = None) -> set[Hashable]:
+        """Expire ``thing`` ``timeout`` seconds from now unless it is discarded from the returned set.
+        ``now``: a ``time.monotonic()`` the caller read anyway (a dial times its connect from it). Both
+        loops' clocks are CLOCK_MONOTONIC (uvloop's truncated to the millisecond, at most that behind),
+        so a deadline from it is never early."""
+        tick = math.ceil(((self.loop.time() if now is None else now) + timeout) / self.granularity)
         bucket = self.buckets.get(tick)
         if bucket is None:
             bucket = self.buckets[tick] = set()

@@ -45,6 +45,7 @@ import random
 import socket
 import ssl
 import time
+from bisect import bisect_left
 from collections.abc import Coroutine, Hashable
 from typing import Any
 
@@ -88,6 +89,7 @@ class Dial:
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
     __slots__ = (
+        "attempted",
         "counted",
         "deadline",
         "deadlines",
@@ -128,6 +130,7 @@ class Dial:
         self.counted = 0  # the attempt in flight in the pool's retry budget: 1 a first one, 2 a retry
         self.wait: asyncio.TimerHandle | None = None  # the back-off before a retry to the same member
         self.header = b""  # the PROXY header to send first (send_proxy), the same for every attempt
+        self.attempted = 0.0  # time.monotonic() the attempt in flight began
         self.queued_at = 0.0  # loop time it joined the pool's queue (every member full); 0: not waiting
 
     def start(self, cause: str = "no healthy upstream", give_up: bool = False, member: Member | None = None) -> None:
@@ -211,7 +214,11 @@ class Dial:
         pool, member = self.pool, self.member
         assert member is not None
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
-        self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
+        if pool.timed:  # the connect histogram's start, and the deadline's
+            self.attempted = now = time.monotonic()
+            self.deadline = self.deadlines.add(self, pool.config.connect_timeout, now)
+        else:
+            self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
         try:
             before_tls = self.header if pool.ssl_context is not None else b""
             if member.address.port in self.outgoing.ports and _is_ip(member.address.host):
@@ -239,6 +246,8 @@ class Dial:
         if exc is not None:
             self._failed(exc)
             return
+        begun = self.attempted  # 0.0: not timed (Proxy.time_sessions came after the attempt began, or never)
+        took = time.monotonic() - begun if begun else 0.0
         assert self.deadline is not None and self.member is not None and self.pump is not None
         self.deadline.discard(self)
         self.deadline = None
@@ -262,7 +271,12 @@ class Dial:
             assert pump.transport is not None
             session.sockname = sockname = pump.transport.get_extra_info("sockname")
             outgoing.addresses.add(sockname)
-        member.stats.sessions += 1
+        stats = member.stats
+        stats.sessions += 1
+        if begun:
+            connects = stats.connects  # connects.observe(took), inlined: this runs per session
+            connects.counts[bisect_left(connects.bounds, took)] += 1
+            connects.sum += took
         if self.header and self.pool.ssl_context is None:
             early = session.client.pending
             if early:  # one write with the early bytes attach_upstream hands over

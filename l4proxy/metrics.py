@@ -14,9 +14,17 @@ import os
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from .counters import CONNECT_KINDS
+from .histogram import Buckets
 from .snapshot import STATES, Snapshot, Source
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -45,6 +53,15 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
+def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, labels=labels)
+
+
+def _observed(family: HistogramMetricFamily, labels: list[str], buckets: Buckets) -> None:
+    cumulative = [(floatToGoString(le), count) for le, count in buckets.cumulative()]
+    family.add_metric(labels, cumulative, buckets.sum)
+
+
 def _process(snap: Snapshot) -> Iterator[Metric]:
     info = InfoMetricFamily("l4proxy_build", "The running version.")
     info.add_metric([], {"version": snap.version})
@@ -69,8 +86,11 @@ def _listeners(snap: Snapshot) -> Iterator[Metric]:
     accepted = _counter("l4proxy_listener_accepted", "Client connections accepted.", L)
     sessions = _counter("l4proxy_listener_sessions", "Sessions begun (TLS: handshake done).", L)
     active = _gauge("l4proxy_listener_sessions_active", "Sessions open now.", L)
-    bytes_in = _counter("l4proxy_listener_bytes_in", "Bytes read from clients, counted as sessions end.", L)
-    bytes_out = _counter("l4proxy_listener_bytes_out", "Bytes read from upstreams, counted as sessions end.", L)
+    bytes_in = _counter("l4proxy_listener_bytes_in", "Bytes read from clients (open sessions' included).", L)
+    bytes_out = _counter("l4proxy_listener_bytes_out", "Bytes read from upstreams (open sessions' included).", L)
+    durations = _histogram(
+        "l4proxy_listener_session_duration_seconds", "Sessions that ended, by their time from accept to end.", L
+    )
     handshakes = _counter("l4proxy_listener_tls_handshakes", "Client TLS handshakes completed.", L)
     tls = _counter("l4proxy_listener_tls_failures", "Client TLS handshakes that failed, by reason.", [*L, "reason"])
     refused = _counter("l4proxy_listener_refused", "Clients closed at accept by the rules or limits.", [*L, "reason"])
@@ -85,12 +105,13 @@ def _listeners(snap: Snapshot) -> Iterator[Metric]:
         bytes_in.add_metric([x.name], x.bytes_in)
         bytes_out.add_metric([x.name], x.bytes_out)
         pauses.add_metric([x.name], x.accept_pauses)
+        _observed(durations, [x.name], x.durations)
         if x.tls:
             handshakes.add_metric([x.name], x.sessions)  # a TLS listener's session begins with its handshake
         for family, table in ((tls, x.tls_failures), (refused, x.refused), (headers, x.header_errors)):
             for reason, count in table.items():
                 family.add_metric([x.name, reason], count)
-    yield from (accepted, sessions, active, bytes_in, bytes_out, handshakes, tls, refused, headers, pauses)
+    yield from (accepted, sessions, active, bytes_in, bytes_out, handshakes, tls, refused, headers, pauses, durations)
 
 
 def _pools(snap: Snapshot) -> Iterator[Metric]:
@@ -118,8 +139,11 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
     active = _gauge("l4proxy_member_sessions_active", "Sessions on the member now (dials included).", M)
     sessions = _counter("l4proxy_member_sessions", "Sessions whose upstream connect to the member succeeded.", M)
     attempts = _counter("l4proxy_member_connect_attempts", "Upstream connect attempts.", M)
-    bytes_in = _counter("l4proxy_member_bytes_in", "Bytes from clients to the member, counted as sessions end.", M)
-    bytes_out = _counter("l4proxy_member_bytes_out", "Bytes from the member to clients, counted as sessions end.", M)
+    bytes_in = _counter("l4proxy_member_bytes_in", "Bytes from clients to the member (open sessions' included).", M)
+    bytes_out = _counter("l4proxy_member_bytes_out", "Bytes from the member to clients (open sessions' included).", M)
+    connects = _histogram(
+        "l4proxy_member_connect_duration_seconds", "Connects that made sessions, by their time to connected.", M
+    )
     failures = _counter("l4proxy_member_connect_failures", "Failed upstream connects, by kind.", [*M, "kind"])
     state = _gauge("l4proxy_member_status", "1 for the member's current state (UP, DOWN, DRAIN, MAINT).", [*M, "state"])
     checks = _counter("l4proxy_member_checks", "Health probe results.", [*M, "result"])
@@ -135,6 +159,7 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
             attempts.add_metric(labels, m.attempts)
             bytes_in.add_metric(labels, m.bytes_in)
             bytes_out.add_metric(labels, m.bytes_out)
+            _observed(connects, labels, m.connects)
             for kind in CONNECT_KINDS:
                 failures.add_metric([*labels, kind], m.connect_failures.get(kind, 0))
             for name in STATES:
@@ -147,7 +172,7 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
             changes.add_metric(labels, m.state_changes)
             ejections.add_metric(labels, m.ejections)
     yield from (active, sessions, attempts, bytes_in, bytes_out, failures, state, checks, check_failures, latency)
-    yield from (changes, ejections)
+    yield from (changes, ejections, connects)
 
 
 def registry(source: Source) -> CollectorRegistry:

@@ -152,6 +152,7 @@ class Pool:
         self.budget = RetryBudget(BudgetPolicy(config.retry_budget))  # retries in flight, per process
         self.retry_refused = 0  # clients closed because the retry budget refused their retry
         self.retries = 0  # connect attempts after a client's first
+        self.timed = False  # connects are timed for the member's histogram (Proxy.time_sessions)
         self.queue = WaitQueue(self)  # clients waiting for a member below its max_conns (per process)
         self._ejections: dict[Member, asyncio.TimerHandle] = {}
         self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp

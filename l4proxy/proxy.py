@@ -94,6 +94,7 @@ class Proxy:
         self.config = config
         self.shared = shared
         self.access_log = access_log or open_log(config.access_log, config.access_log_format)
+        self.timed = False  # sessions and connects are timed for the histograms: someone reads them
         self.pools = {p.name: self._pool(p) for p in config.pools}
         self.outgoing = Outgoing()  # local addresses of our own connections: a member leading back here
         self._probers = {name: self._prober(pool) for name, pool in self.pools.items() if shared is None}
@@ -116,6 +117,7 @@ class Proxy:
 
     def _pool(self, config: PoolConfig) -> Pool:
         pool = Pool(config, _client_tls(config.tls))
+        pool.timed = self.timed
         pool.leaving = self._members_leaving
         pool.on_down = self._close_member  # acts only with --on-member-down close
         return pool
@@ -129,7 +131,18 @@ class Proxy:
             index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing, self.pools
         )
         frontend.listener.owed = self._owed
+        frontend.counters.timed = self.timed
         return frontend
+
+    def time_sessions(self) -> None:
+        """Keep the session-duration and connect histograms from now on (for ``/metrics``): until someone
+        reads them (``snapshot.ProxySource``, a worker's ``sharedstats.Publisher`` under ``--admin``),
+        sessions skip their clock read and buckets."""
+        self.timed = True
+        for frontend in self.frontends:
+            frontend.counters.timed = True
+        for pool in self.pools.values():
+            pool.timed = True
 
     def _owed(self) -> int:
         """What the clients accepted on every listener will still open (``frontend.owed``)."""

@@ -3,14 +3,17 @@
 
 Each worker keeps its counters as in one process (plain ints, ``counters.py``) and copies them into its
 own row of one anonymous ``mmap`` every ``PUBLISH`` seconds (``Publisher``, a loop timer: nothing on the
-data path). The supervisor's admin endpoint sums the rows (``SupervisorSource``). The row is bounded:
-per listener ``LISTENER_FIELDS``, per pool ``POOL_FIELDS``, per member slot of the shared table
-(``table.SharedTable``) ``SLOT_FIELDS``. The layout is the start-up configuration's: rows are found by
-listen address and pool name, so a reload that reorders or renames them reads the right cells; a
-listener or pool a reload adds has no cells until the next start (the admin endpoint shows it with
-zero counts, health and members are still exact). TLS failures, refusals and PROXY header errors have
-a cell per reason of their fixed tables (``counters.TLS_REASONS``, ``counters.REFUSALS``,
-``edge.HEADER_ERRORS``).
+data path), its bytes with those of its open sessions so far (``snapshot.OpenBytes``: one pass over
+its session table per copy, only with ``--admin``, the one reader of bytes). The supervisor's admin
+endpoint sums the rows (``SupervisorSource``). The row is bounded: per listener ``LISTENER_FIELDS``,
+per pool ``POOL_FIELDS``, per member slot of the shared table (``table.SharedTable``) ``SLOT_FIELDS``.
+The layout is the start-up configuration's: rows are found by listen address and pool name, so a
+reload that reorders or renames them reads the right cells; a listener or pool a reload adds has no
+cells until the next start (the admin endpoint shows it with zero counts, health and members are still
+exact). TLS failures, refusals and PROXY header errors have a cell per reason of their fixed tables
+(``counters.TLS_REASONS``, ``counters.REFUSALS``, ``edge.HEADER_ERRORS``); a histogram has a cell per
+bucket and one for its sum in microseconds
+(``histogram.cells``), so the supervisor's sums are a histogram of every worker's observations.
 
 Every cell has one writer (its worker), and aligned 8-byte stores are atomic, so there are no locks.
 When a worker dies, the supervisor adds its counters to a private total and zeroes its row before the
@@ -30,9 +33,11 @@ from typing import TYPE_CHECKING
 
 from .counters import ADMIN_STATES, CONNECT_KINDS, REFUSALS, TLS_REASONS
 from .edge import HEADER_ERRORS
+from .histogram import CONNECT_BOUNDS, DURATION_BOUNDS, cells, from_cells, width
 from .snapshot import (
     ListenerView,
     MemberView,
+    OpenBytes,
     PoolView,
     QueueView,
     Snapshot,
@@ -57,17 +62,21 @@ _REFUSED = tuple(f"refused_{reason}" for reason in REFUSALS)
 _HEADERS = tuple(f"header_{reason}" for reason in HEADER_ERRORS)
 LISTENER_FIELDS: tuple[str, ...] = ("accepted", "sessions", "active", "bytes_in", "bytes_out", "accept_pauses")
 LISTENER_FIELDS += (*TLS_REASONS, *_REFUSED, *_HEADERS)
+_DURATIONS = tuple(f"duration_{cell}" for cell in range(width(DURATION_BOUNDS)))  # histogram.cells: counts, sum
+LISTENER_FIELDS += _DURATIONS
 QUEUE_FIELDS = ("queue_waiting", "queue_full", "queue_timeouts", "queue_served", "queue_waited_ms")  # QueueView's
 POOL_FIELDS = ("retries", "no_upstream", *QUEUE_FIELDS)
-SLOT_FIELDS = ("attempts", "sessions", "bytes_in", "bytes_out", *CONNECT_KINDS)
+_CONNECTS = tuple(f"connect_{cell}" for cell in range(width(CONNECT_BOUNDS)))
+SLOT_FIELDS = ("attempts", "sessions", "bytes_in", "bytes_out", *CONNECT_KINDS, *_CONNECTS)
 _GAUGES = {LISTENER_FIELDS.index("active")}  # listener offsets of values that are not running totals
 
 
 class SharedCounters:
     """One row of int64 cells per worker: listeners, then pools, then member slots."""
 
-    def __init__(self, config: Config, workers: int, capacity: int) -> None:
+    def __init__(self, config: Config, workers: int, capacity: int, admin: bool = True) -> None:
         self.workers = workers
+        self.admin = admin  # the supervisor serves /metrics: workers keep histograms and open sessions' bytes
         self.listeners = len(config.listeners)
         self.addresses: dict[str, int] = {}  # listen address -> listener index in the row
         for index, listener in enumerate(config.listeners):
@@ -119,40 +128,46 @@ class Publisher:
         self.shared = shared
         self.base = worker * shared.row
         self.proxy = proxy
+        if shared.admin:
+            proxy.time_sessions()
 
     def publish(self) -> None:
-        shared, cells, base, proxy = self.shared, self.shared.cells, self.base, self.proxy
+        shared, row, base, proxy = self.shared, self.shared.cells, self.base, self.proxy
+        moving = OpenBytes(proxy.table.live if shared.admin else ())
         for frontend in proxy.frontends:  # read each time: a reload replaces them
             index = shared.addresses.get(str(frontend.config.address))
             if index is None:  # added by a reload: no cells in this layout
                 continue
             counters, listener = frontend.counters, frontend.listener
             tls, refused, headers = counters.tls_failures, frontend.refused, frontend.header_errors
+            open_in, open_out = moving.listener(frontend)
             values = (
                 listener.accepted,
                 counters.sessions,
                 counters.active,
-                counters.bytes_in,
-                counters.bytes_out,
+                counters.bytes_in + open_in,
+                counters.bytes_out + open_out,
                 listener.exhausted,
                 *(tls.get(reason, 0) for reason in TLS_REASONS),
                 *(refused.get(reason, 0) for reason in REFUSALS),
                 *(headers.get(reason, 0) for reason in HEADER_ERRORS),
+                *cells(counters.durations.view()),
             )
-            _store(cells, base + shared.listener(index), values)
+            _store(row, base + shared.listener(index), values)
         for pool in proxy.pools.values():
             if pool.name not in shared.pools:
                 continue
             queue = queue_view(pool)
             values = (pool.retries, pool.no_upstream, queue.waiting, queue.full, queue.timeouts, queue.served)
-            _store(cells, base + shared.pool(pool.name), (*values, queue.waited_ms))
+            _store(row, base + shared.pool(pool.name), (*values, queue.waited_ms))
             for member in pool.members:
                 if member.slot >= 0:
                     stats = member.stats
                     failures = stats.connect_failures
-                    counts = (member.total, stats.sessions, stats.bytes_in, stats.bytes_out)
-                    values = (*counts, *(failures[kind] for kind in CONNECT_KINDS))
-                    _store(cells, base + shared.slot(member.slot), values)
+                    open_in, open_out = moving.member(member)
+                    counts = (member.total, stats.sessions, stats.bytes_in + open_in, stats.bytes_out + open_out)
+                    values = (*counts, *(failures[kind] for kind in CONNECT_KINDS), *cells(stats.connects.view()))
+                    _store(row, base + shared.slot(member.slot), values)
 
     def poll(self, loop: asyncio.AbstractEventLoop) -> None:
         """Publish now and every ``PUBLISH`` seconds after, on ``loop``."""
@@ -221,6 +236,7 @@ class SupervisorSource:
             bytes_in=values["bytes_in"],
             bytes_out=values["bytes_out"],
             accept_pauses=values["accept_pauses"],
+            durations=from_cells(DURATION_BOUNDS, [values[name] for name in _DURATIONS]),
             **edge_tables(
                 config,
                 {reason: values[reason] for reason in TLS_REASONS},
@@ -239,12 +255,19 @@ class SupervisorSource:
     def _member(self, member: Member, pool: Pool) -> MemberView:
         active = sum(self.table.active[cell] for cell in self.table.column(member.slot))
         view = member_view(member, self.started_at, check_failures(self.probers(), pool, member), active=active)
-        attempts, sessions, bytes_in, bytes_out, *failures = self.shared.total(
+        attempts, sessions, bytes_in, bytes_out, *rest = self.shared.total(
             self.shared.slot(member.slot), len(SLOT_FIELDS)
         )
-        failed = dict(zip(CONNECT_KINDS, failures, strict=True))
+        failed = dict(zip(CONNECT_KINDS, rest[: len(CONNECT_KINDS)], strict=True))
+        connects = from_cells(CONNECT_BOUNDS, rest[len(CONNECT_KINDS) :])
         return dataclasses.replace(
-            view, attempts=attempts, sessions=sessions, bytes_in=bytes_in, bytes_out=bytes_out, connect_failures=failed
+            view,
+            attempts=attempts,
+            sessions=sessions,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            connect_failures=failed,
+            connects=connects,
         )
 
     def set_admin(self, pool: str, member: str, action: str) -> MemberView:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,14 +21,17 @@ from . import __version__
 from .checks import Failure
 from .counters import ADMIN_STATES, DISABLED, DRAIN, REFUSALS, TLS_REASONS, ListenerCounters
 from .edge import HEADER_ERRORS
+from .histogram import CONNECT_BOUNDS, DURATION_BOUNDS, Buckets, empty
 
 if TYPE_CHECKING:
     from .balancer import Member
     from .config import Config, ListenerConfig
+    from .frontend import Frontend
     from .listener import Listener
     from .pool import Pool
     from .prober import Prober
     from .proxy import Proxy
+    from .relay import Session
 
 STATES = ("UP", "DOWN", "DRAIN", "MAINT")  # as HAProxy's haproxy_server_status states
 
@@ -48,6 +51,7 @@ class ListenerView:
     tls: bool = False  # terminates TLS: its sessions are handshakes done
     refused: dict[str, int] = field(default_factory=dict)  # by counters.REFUSALS, when it has rules or limits
     header_errors: dict[str, int] = field(default_factory=dict)  # by edge.HEADER_ERRORS, with accept_proxy
+    durations: Buckets = field(default_factory=lambda: empty(DURATION_BOUNDS))  # of the sessions ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +71,11 @@ class MemberView:
     last_check: str
     last_check_ok: bool
     last_check_seconds: float
-    bytes_in: int = 0  # from clients to the member, added as sessions end
+    bytes_in: int = 0  # from clients to the member: sessions ended, and the open ones' so far
     bytes_out: int = 0
     state_changes: int = 0
     ejections: int = 0
+    connects: Buckets = field(default_factory=lambda: empty(CONNECT_BOUNDS))  # the connects that made sessions
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,14 +165,50 @@ def check_failures(probers: Sequence[Prober], pool: Pool, member: Member) -> dic
     return {kind.name.lower(): found.get((member.key, kind), 0) for kind in Failure}
 
 
+class OpenBytes:
+    """Bytes the sessions still open have moved so far, read from their pumps' own counters (which the
+    data path keeps anyway) when asked: a scrape, or a worker's copy for the supervisor. A session's
+    bytes join the listener's and member's totals as it ends (``frontend.py``) and leave this sum at
+    the same moment, so totals that add the two include open sessions and never go backwards. Sessions
+    of a listener a reload rebuilt count with its old counters, which are no longer shown: left out."""
+
+    __slots__ = ("listeners", "members")
+
+    def __init__(self, live: Iterable[Session]) -> None:
+        self.listeners: dict[int, list[int]] = {}  # by id() of the session's Wiring: [in, out]
+        self.members: dict[int, list[int]] = {}  # by id() of its member, once connected
+        for session in live:
+            sent, upstream = session.client.nbytes, session.upstream
+            got = 0 if upstream is None else upstream.nbytes
+            pair = self.listeners.setdefault(id(session.wiring), [0, 0])
+            pair[0] += sent
+            pair[1] += got
+            if upstream is not None and session.member is not None:
+                pair = self.members.setdefault(id(session.member), [0, 0])
+                pair[0] += sent
+                pair[1] += got
+
+    def listener(self, frontend: Frontend) -> tuple[int, int]:
+        """Bytes in and out of ``frontend``'s open sessions (every pool its SNI routes lead to)."""
+        found = self.listeners
+        pairs = [found[id(w)] for w in frontend.wirings if id(w) in found]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    def member(self, member: Member) -> tuple[int, int]:
+        pair = self.members.get(id(member))
+        return (0, 0) if pair is None else (pair[0], pair[1])
+
+
 def member_view(
     member: Member,
     started_at: float,
     check_failures: dict[str, int],
     active: int | None = None,
     up: bool | None = None,
+    moving: tuple[int, int] = (0, 0),
 ) -> MemberView:
-    """A member's facts; ``active`` and ``up`` override this process's (the workers' table knows better)."""
+    """A member's facts; ``active`` and ``up`` override this process's (the workers' table knows better);
+    ``moving``: its open sessions' bytes in and out (``OpenBytes``)."""
     stats = member.stats
     return MemberView(
         name=member.key,
@@ -185,15 +226,18 @@ def member_view(
         last_check=stats.last_check,
         last_check_ok=stats.last_check_ok,
         last_check_seconds=stats.last_check_seconds,
-        bytes_in=stats.bytes_in,
-        bytes_out=stats.bytes_out,
+        bytes_in=stats.bytes_in + moving[0],
+        bytes_out=stats.bytes_out + moving[1],
         state_changes=stats.state_changes,
         ejections=stats.ejections,
+        connects=stats.connects.view(),
     )
 
 
-def pool_view(pool: Pool, started_at: float, probers: Sequence[Prober]) -> PoolView:
-    members = tuple(member_view(m, started_at, check_failures(probers, pool, m)) for m in pool.members)
+def pool_view(pool: Pool, started_at: float, probers: Sequence[Prober], moving: OpenBytes) -> PoolView:
+    members = tuple(
+        member_view(m, started_at, check_failures(probers, pool, m), moving=moving.member(m)) for m in pool.members
+    )
     return PoolView(pool.name, members, pool.retries, pool.no_upstream, queue_view(pool))
 
 
@@ -217,7 +261,9 @@ def listener_view(
     listener: Listener,
     refused: Mapping[str, int],
     header_errors: Mapping[str, int],
+    moving: tuple[int, int] = (0, 0),
 ) -> ListenerView:
+    """A listener's facts; ``moving``: its open sessions' bytes in and out (``OpenBytes``)."""
     return ListenerView(
         name=config.name,
         address=str(config.address),
@@ -225,9 +271,10 @@ def listener_view(
         accepted=listener.accepted,
         sessions=counters.sessions,
         active=counters.active,
-        bytes_in=counters.bytes_in,
-        bytes_out=counters.bytes_out,
+        bytes_in=counters.bytes_in + moving[0],
+        bytes_out=counters.bytes_out + moving[1],
         accept_pauses=listener.exhausted,
+        durations=counters.durations.view(),
         **edge_tables(config, counters.tls_failures, refused, header_errors),
     )
 
@@ -244,17 +291,22 @@ def find_member(pools: Mapping[str, Pool], pool: str, member: str) -> tuple[Pool
 
 
 class ProxySource:
-    """A ``Source`` over one process's ``Proxy``."""
+    """A ``Source`` over one process's ``Proxy``; ``timed``: it serves ``/metrics``, so the proxy keeps
+    its histograms from now on (``Proxy.time_sessions``)."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, timed: bool = True) -> None:
         self.proxy = proxy
+        if timed:
+            proxy.time_sessions()
 
     def snapshot(self) -> Snapshot:
         proxy = self.proxy
+        moving = OpenBytes(proxy.table.live)
         listeners = tuple(
-            listener_view(f.config, f.counters, f.listener, f.refused, f.header_errors) for f in proxy.frontends
+            listener_view(f.config, f.counters, f.listener, f.refused, f.header_errors, moving.listener(f))
+            for f in proxy.frontends
         )
-        pools = tuple(pool_view(pool, proxy.started_at, proxy.probers) for pool in proxy.pools.values())
+        pools = tuple(pool_view(pool, proxy.started_at, proxy.probers, moving) for pool in proxy.pools.values())
         return Snapshot(
             listeners,
             pools,
@@ -270,7 +322,9 @@ class ProxySource:
     def set_admin(self, pool: str, member: str, action: str) -> MemberView:
         found, target = find_member(self.proxy.pools, pool, member)
         found.set_admin(target, ADMIN_STATES[action])
-        return member_view(target, self.proxy.started_at, check_failures(self.proxy.probers, found, target))
+        moving = OpenBytes(s for s in self.proxy.table.live if s.member is target).member(target)
+        failures = check_failures(self.proxy.probers, found, target)
+        return member_view(target, self.proxy.started_at, failures, moving=moving)
 
 
 # --- renderings ------------------------------------------------------------------------------------

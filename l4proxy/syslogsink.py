@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 
 from .accesslog import AccessLog, Finished, syslog_header, syslog_hostname
 from .config import SYSLOG, syslog_target
@@ -54,12 +53,11 @@ class SyslogAccessLog(AccessLog):
         assert self.sock is not None
         return SyslogAccessLog(self.sock, self.target, self.fmt, worker)
 
-    def record(self, session: Finished) -> None:
+    def record(self, session: Finished, now: float) -> None:
         self.records += 1
         sock = self.sock
         if sock is None:
             return
-        now = time.time()
         message = syslog_header(now, self.hostname, self.pid) + self.line(session, now) + self.tail
         try:
             sock.send(message.encode("utf-8", "replace"))

@@ -138,10 +138,10 @@ class WorkerAccessLog(AccessLog):
         self.tail = f" worker={worker}\n" if fmt == "logfmt" else "\n"  # JSON has it as a key
         self.pending: list[str] = []
 
-    def record(self, session: Finished) -> None:
+    def record(self, session: Finished, now: float) -> None:
         self.records += 1
         if self.fd is not None:
-            self.pending.append(self.line(session, time.time()) + self.tail)
+            self.pending.append(self.line(session, now) + self.tail)
             if len(self.pending) >= 256:
                 self.flush()
 
@@ -509,7 +509,8 @@ class Supervisor:
         self.access_log = access_log
         self.run_worker = run_worker
         self.table = SharedTable(config, count)
-        self.shared = SharedCounters(config, count, self.table.capacity)  # workers' counters: --admin, SIGUSR1
+        # the workers' counters (--admin, SIGUSR1); histograms and open sessions' bytes only for --admin
+        self.shared = SharedCounters(config, count, self.table.capacity, admin=admin is not None)
         self.health = health = HealthThread(config, self.table)
         self.admin_socket = admin
         self.source = SupervisorSource(

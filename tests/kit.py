@@ -181,8 +181,8 @@ class RecordingLog(AccessLog):
         self.sessions: list[Any] = []
         self.changed = asyncio.Event()
 
-    def record(self, session: Any) -> None:
-        super().record(session)
+    def record(self, session: Any, now: float) -> None:
+        super().record(session, now)
         self.sessions.append(session)
         self.changed.set()
 

@@ -215,3 +215,58 @@ def test_with_workers_the_supervisor_answers_for_all_of_them(redis: RedisServer)
             proxy.signal(signal.SIGTERM)
             wait_until(lambda: fetch(f"http://127.0.0.1:{admin}/readyz") == (503, b"not ready: draining\n"))
         assert proxy.wait(15) == 0
+
+
+def test_with_workers_the_histograms_and_open_bytes_are_summed_over_them(redis: RedisServer) -> None:
+    """Six sessions through two workers: the supervisor's histograms count every one of them, and a
+    session still open has its bytes in the totals."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    admin = free_port()
+    member = f"127.0.0.1:{redis.port}"
+    proxy = Command("--upstream", member, "--admin", f"127.0.0.1:{admin}", "--workers", "2")
+    with started(proxy):
+        wait_listening(admin)
+        for _ in range(6):
+            assert redis_cli(proxy.port, "PING") == "PONG"
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as held:
+            held.sendall(b"PING\r\n")
+            assert held.recv(7) == b"+PONG\r\n"
+
+            def samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+                code, body = fetch(f"http://127.0.0.1:{admin}/metrics")
+                assert code == 200
+                return {
+                    (s.name, frozenset(s.labels.items())): s.value
+                    for family in text_string_to_metric_families(body.decode())
+                    for s in family.samples
+                }
+
+            listener, upstream = {"listener": "default"}, {"pool": "default", "member": member}
+            durations, connects = "l4proxy_listener_session_duration_seconds", "l4proxy_member_connect_duration_seconds"
+
+            def counted() -> bool:  # the workers copy their counters every quarter second
+                found = samples()
+                return (
+                    found[(f"{durations}_count", frozenset(listener.items()))] == 6
+                    and found[(f"{connects}_count", frozenset(upstream.items()))] == 7
+                    and found[("l4proxy_listener_bytes_in_total", frozenset(listener.items()))] == 6 * 14 + 6
+                )
+
+            wait_until(counted)
+            found = samples()
+            for name in ("l4proxy_listener_bytes_out_total", "l4proxy_member_bytes_out_total"):
+                labels = listener if "listener" in name else upstream
+                assert found[(name, frozenset(labels.items()))] == 7 * 7  # six ended, one open
+            assert found[(f"{durations}_bucket", frozenset({**listener, "le": "+Inf"}.items()))] == 6
+            assert found[(f"{connects}_bucket", frozenset({**upstream, "le": "+Inf"}.items()))] == 7
+            assert found[(f"{connects}_bucket", frozenset({**upstream, "le": "5.0"}.items()))] == 7  # local: fast
+            assert found[(f"{connects}_sum", frozenset(upstream.items()))] > 0
+            code, body = fetch(f"http://127.0.0.1:{admin}/metrics")
+            assert code == 200
+            checked = subprocess.run(
+                [require("promtool"), "check", "metrics"], input=body, capture_output=True, timeout=30, check=False
+            )
+            assert checked.returncode == 0 and checked.stdout + checked.stderr == b"", checked
+            proxy.signal(signal.SIGTERM)
+        assert proxy.wait(15) == 0

@@ -328,7 +328,7 @@ def test_a_workers_json_lines_carry_it_as_a_key_and_its_logfmt_lines_at_the_end(
     try:
         for fmt in ("json", "logfmt"):
             log = WorkerAccessLog(fd, 3, fmt)
-            log.record(fake())
+            log.record(fake(), time.time())
             log.close()
     finally:
         os.close(fd)
@@ -342,7 +342,7 @@ def test_a_workers_syslog_lines_name_it(tmp_path: Path) -> None:
     with receiver(socket.AF_UNIX, path) as sink:
         access = open_log(f"syslog:{path}")
         assert isinstance(access, SyslogAccessLog)
-        access.for_worker(2).record(fake())
+        access.for_worker(2).record(fake(), time.time())
         datagram = sink.recv(65536)
         access.close()
     assert header_of(datagram)["msg"].endswith(" end=eof worker=2")

@@ -134,8 +134,17 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
     assert value(samples, "l4proxy_pool_members_eligible", pool="default") == 2
     assert value(samples, "l4proxy_ready") == 1
     assert value(samples, "l4proxy_open_fds") > 0
+    # one duration per session ended, one connect time per session a member served
+    assert value(samples, "l4proxy_listener_session_duration_seconds_count", **listener) == 6
+    assert value(samples, "l4proxy_listener_session_duration_seconds_bucket", **listener, le="+Inf") == 6
+    assert value(samples, "l4proxy_member_connect_duration_seconds_count", **bad) == 0
+    for good in (u0, u1):
+        labels = {"pool": "default", "member": str(good.address)}
+        assert value(samples, "l4proxy_member_connect_duration_seconds_count", **labels) == 3
+        assert value(samples, "l4proxy_member_connect_duration_seconds_sum", **labels) > 0
     label_names = {name for _sample, labels in samples for name, _value in labels}
-    assert label_names == {"listener", "pool", "member", "kind", "state", "result", "version", "digest"}  # no client
+    expected = {"listener", "pool", "member", "kind", "state", "result", "version", "digest", "le"}
+    assert label_names == expected  # no client
     await promtool_accepts(text)
 
 

@@ -73,11 +73,14 @@ async def test_every_refusal_is_a_labelled_counter_per_listener() -> None:
 
 
 def documented_metrics() -> set[str]:
-    """The metric names of README's table (a row may name several, comma-separated)."""
+    """The sample names of README's table (a row may name several, comma-separated; a histogram's
+    family has its ``_bucket``, ``_sum`` and ``_count``)."""
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text.split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split(" | ")[0][2:] for line in section.splitlines() if line.startswith("| `l4proxy_")]
-    return {name.strip("` ") for row in rows for name in row.split(",")}
+    rows = [line[2:].split(" | ")[:2] for line in section.splitlines() if line.startswith("| `l4proxy_")]
+    names = {(name.strip("` "), kind) for row, kind in rows for name in row.split(",")}
+    suffixes = {"histogram": ("_bucket", "_sum", "_count")}
+    return {name + suffix for name, kind in names for suffix in suffixes.get(kind, ("",))}
 
 
 async def refuse_at_the_gate(proxy: Proxy, port: int) -> None:

@@ -38,8 +38,10 @@ PURE_MODULES = {
     "httpcheck": {"httpcheck", "checks", "errors"},
     "configfile": {"configfile", "acl", "config", "checks", "errors", "sniroutes"},
     "health": {"health"},
-    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health", "slowstart", "sniroutes"},
-    "counters": {"counters"},
+    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health", "histogram", "slowstart"}
+    | {"sniroutes"},
+    "counters": {"counters", "histogram"},
+    "histogram": {"histogram"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
     "peer": {"peer"},
     "causes": {"causes"},
@@ -48,7 +50,7 @@ PURE_MODULES = {
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
     "table": {"table", "acl", "balancer", "checks", "config", "counters", "discovery", "errors", "health"}
-    | {"slowstart", "sniroutes"},
+    | {"histogram", "slowstart", "sniroutes"},
     "discovery": {"discovery", "acl", "checks", "config", "errors", "sniroutes"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
@@ -168,9 +170,11 @@ ALLOWED: dict[str, set[str]] = {
     "pool": {"balancer", "budget", "config", "discovery", "health", "counters"},
     # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
     "admin": {"counters", "metrics", "snapshot"},
-    "metrics": {"counters", "snapshot"},
-    "snapshot": {"balancer", "checks", "config", "counters", "edge", "listener", "pool", "prober", "proxy"},
-    "sharedstats": {"balancer", "config", "counters", "edge", "pool", "prober", "proxy", "snapshot", "table"},
+    "metrics": {"counters", "histogram", "snapshot"},
+    "snapshot": {"balancer", "checks", "config", "counters", "edge", "listener", "pool", "prober", "proxy"}
+    | {"frontend", "histogram", "relay"},
+    "sharedstats": {"balancer", "config", "counters", "edge", "pool", "prober", "proxy", "snapshot", "table"}
+    | {"histogram"},
     "splice": {"causes", "config", "relay"},
     "relay": {"balancer", "causes", "config", "peer", "tls"},
     "listener": {"config", "errors"},
