@@ -158,7 +158,7 @@ ALLOWED: dict[str, set[str]] = {
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls", "tlsengine"},
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
-    "awaiting": {"deadlines", "listener"},
+    "awaiting": {"deadlines", "listener", "peer", "ratelog"},
     "sni": {"awaiting", "clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
     "sessions": {"causes", "drive", "listener", "relay", "spread", "tlsengine"},
     "dialer": {"balancer", "budget", "config", "deadlines", "drive", "errors", "health", "peer", "pool"}
