@@ -407,7 +407,7 @@ class Proxy:
             await resolver.stop()
         elif resolver is not None:
             self._resolvers[name] = resolver
-        _, removed = pool.retune(config)
+        _, removed = pool.retune(config, members=name in steps.members_changed)  # else discovery's stay
         self._drain_removed(pool, removed, steps.new.drain_timeout)
         if name in steps.members_changed and Resolver.wanted(config):
             resolver = self._resolvers[name] = Resolver(pool)

@@ -281,7 +281,7 @@ class HealthThread(threading.Thread):
             pool = self.pools[name]
             if name in steps.health_changed or name in steps.members_changed:
                 await self._unwatch(name)
-            pool.retune(new.pool(name))
+            pool.retune(new.pool(name), members=name in steps.members_changed)
             if pool.config.tls is not None:
                 pool.ssl_context = client_context(pool.config.tls)
             if name not in self.probers:
