@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import http
-import ipaddress
 import json
 import logging
 import socket
@@ -36,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 import h11
 
 from . import metrics
+from .config import is_ip
 from .counters import ADMIN_STATES
 from .snapshot import NotFound, Source, member_json, status
 
@@ -244,7 +244,7 @@ class AdminServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         factory = lambda: _Connection(self.app, self.connections)  # noqa: E731
-        if self.sock is None and _is_ip(self.host):
+        if self.sock is None and is_ip(self.host):
             # Bound here, not by create_server: uvloop resolves even an IP literal in libuv's thread pool,
             # and once a process has started a thread, glibc routes every later system call through its
             # thread-cancellation wrappers (about 3% more instructions per relayed request).
@@ -271,14 +271,6 @@ class AdminServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _fmt(host: str, port: int) -> str:

@@ -112,7 +112,10 @@ def _size(text: str, path: str, _earlier: Mapping[str, Any]) -> int:
 
 
 def _names(text: str, path: str, _earlier: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:  # given, but naming nothing: it would be silently ignored
+        raise ConfigError(path, text, "expected names, comma-separated, such as h2,http/1.1")
+    return names
 
 
 def _port(text: str, path: str, _earlier: Mapping[str, Any]) -> int:

@@ -49,11 +49,6 @@ REASONS = (
 class ClientHelloError(ClientError):
     """Not a TLS ClientHello we can route: ``reason`` is one of ``REASONS``, the message one log line."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        self.message = message
-        super().__init__(message)
-
 
 @dataclass(frozen=True, slots=True)
 class Hello:

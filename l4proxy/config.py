@@ -24,7 +24,7 @@ from .sniroutes import parse_pattern
 
 # --- textual forms ---------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$", re.ASCII)  # '٣' is no digit here
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -426,6 +426,8 @@ class UpstreamTLSConfig:
         if (self.cert is None) != (self.key is None):
             missing = "key" if self.key is None else "cert"
             raise ConfigError(missing, None, "a client certificate needs both a cert and a key")
+        if self.sni is not None and (not self.sni or _canonical_host(self.sni) is None):  # else every dial fails
+            raise ConfigError("sni", self.sni, "expected a host name or IP address")
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,6 +185,7 @@ def _suggest(word: str, known: list[str]) -> str:
 
 # --- the document ----------------------------------------------------------------------------------
 
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")  # a path's steps: a key, or an index into a list
 _AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
 
 
@@ -224,7 +225,24 @@ class Document:
         return 1
 
     def problem(self, exc: ConfigError) -> Problem:
-        return Problem(self.line(exc.path), exc.path, describe(exc))
+        return Problem(self.line(exc.path), exc.path, describe(self._as_typed(exc)))
+
+    def _as_typed(self, exc: ConfigError) -> ConfigError:
+        """``exc`` with the value as the file has it (``0``, not the ``0.0`` it became) when the file
+        holds one plain value at its path and the error is about all of it, not a part (one name of a
+        list, one member option)."""
+        typed: Any = self.data
+        for name, index in _STEP.findall(exc.path):
+            if name and isinstance(typed, dict) and name in typed:
+                typed = typed[name]
+            elif index and isinstance(typed, list) and int(index) < len(typed):
+                typed = typed[int(index)]
+            else:  # not in the file as such (a default, or a name with dots)
+                return exc
+        part = isinstance(exc.value, str) and exc.value != str(typed)
+        if exc.value is None or isinstance(typed, dict | list) or part:
+            return exc
+        return ConfigError(exc.path, typed, exc.problem)
 
     def build(self, forms: Mapping[str, Form], base: str = "", exists: Exists = _any_file) -> Config:
         """The Config the file describes. Relative file paths are taken from ``base`` (the file's folder);

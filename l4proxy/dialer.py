@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import itertools
 import logging
 import random
@@ -51,6 +50,7 @@ from typing import Any
 
 from .balancer import AT_CAP, Member
 from .budget import retry_delay
+from .config import is_ip
 from .deadlines import Deadlines
 from .drive import Drive
 from .errors import failure_kind, out_of_descriptors
@@ -221,7 +221,7 @@ class Dial:
             self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
         try:
             before_tls = self.header if pool.ssl_context is not None else b""
-            if member.address.port in self.outgoing.ports and _is_ip(member.address.host):
+            if member.address.port in self.outgoing.ports and is_ip(member.address.host):
                 coro = _connect_noted(self.loop, pool, member, pump, self.outgoing, before_tls)
             elif before_tls:
                 coro = _connect_after(self.loop, pool, member, pump, before_tls)
@@ -494,11 +494,3 @@ def _tls_tlvs(tls: dict[str, str], client_cert: bool) -> list[Tlv]:
     info = SSLInfo.from_tls(tls.get("tls_version", ""), cipher=tls.get("tls_cipher"), cn=cn, client_cert=client_cert)
     tlvs.append(ssl_tlv(info))
     return tlvs
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

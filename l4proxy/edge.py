@@ -38,10 +38,10 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 from .acl import Acl, SourceLimits, SourceTable
-from .awaiting import Awaited
+from .awaiting import Awaited, Rejects, expire
 from .config import ListenerConfig
 from .deadlines import Deadlines
 from .listener import AcceptedFD
@@ -78,6 +78,8 @@ class Edge:
         self.sources = SourceTable(limits) if limited else None
         self.senders = Acl(_networks(config.accept_proxy_from)) if config.accept_proxy_from else None
         self.reading: set[Awaited] = set()  # clients whose header has not arrived yet
+        late = f"no PROXY header within {config.proxy_timeout:g}s"
+        self.rejects = Rejects(self.header_errors, warnings, BAD_HEADERS, config.address, late)
         self.deadlines: Deadlines | None = None
 
     def stages(self) -> list[Stage]:
@@ -126,7 +128,7 @@ class Edge:
         """Read each client's PROXY header before anything else happens to it (peers outside
         ``accept_proxy_from``, when set, are served as they are)."""
         loop = asyncio.get_running_loop()
-        self.deadlines = Deadlines(loop, _expire, granularity=0.05)
+        self.deadlines = Deadlines(loop, expire, granularity=0.05)
         senders = self.senders
 
         def reading(sock: socket.socket | AcceptedFD, address: object) -> None:
@@ -156,7 +158,7 @@ class _Reading(Awaited):
         address: object,
         serve: Serve,
     ) -> None:
-        super().__init__(loop, sock, address, edge.reading)
+        super().__init__(loop, sock, address, edge.reading, edge.rejects)
         self.edge = edge
         self.serve = serve
         self.parser = Parser()
@@ -199,24 +201,6 @@ class _Reading(Awaited):
             address = Carried(header.source[0], header.source[1], header.destination)
         self.hand_on(self.serve, address)
         return True
-
-    def expired(self) -> None:
-        self.bucket = None
-        self.fail("timeout", f"no PROXY header within {self.edge.config.proxy_timeout:g}s")
-
-    def fail(self, reason: str, message: str | None = None) -> None:
-        """Close the client: its header is wrong, late or never came."""
-        edge = self.edge
-        edge.header_errors[reason] += 1
-        if message is not None:
-            edge.warnings.warn(log, BAD_HEADERS, "closed %s on %s: %s", format_peer(self.address),
-                               edge.config.address, message)  # fmt: skip
-        self.close()
-
-
-def _expire(reading: Hashable) -> None:
-    assert isinstance(reading, _Reading)
-    reading.expired()
 
 
 def _networks(texts: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -58,7 +58,13 @@ class NoUpstreamError(L4ProxyError):
 
 
 class ClientError(L4ProxyError):
-    """The client misbehaved (handshake garbage, timeout); only its own session ends."""
+    """The client misbehaved (handshake garbage, timeout); only its own session ends. ``reason`` is a
+    short cause for counting (one of its parser's ``REASONS``), ``message`` one line for the log."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(message)
 
 
 def out_of_descriptors(exc: BaseException) -> bool:

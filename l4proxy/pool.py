@@ -176,7 +176,8 @@ class Pool:
 
     def retune(self, config: PoolConfig, members: bool = True) -> tuple[list[Member], list[Member]]:
         """Take ``config``'s settings (a reload): the members' rise and fall follow its health settings,
-        and, with ``members``, its member list goes through ``update`` (a worker's members come from the
+        and, with ``members`` (the reload changed them), its member list goes through ``update``, which
+        drops the addresses discovery found until the next lookup (a worker's members come from the
         supervisor instead). Returns the (added, removed) members."""
         self.balancer.health = config.health
         self.balancer.slow_start, self.balancer.panic_threshold = config.slow_start, config.panic_threshold

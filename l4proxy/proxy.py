@@ -70,7 +70,9 @@ class Shared(Protocol):
         ...
 
     def follow(self, apply: Callable[[Config], None]) -> None:
-        """Call ``apply`` with each configuration the supervisor sends (it checked it, once for all)."""
+        """Call ``apply`` with each configuration the supervisor sends (it checked it, once for all), once
+        the pools follow the member lists it published before sending it (so a reload's removed members
+        are removed, and drain, when ``apply`` runs)."""
         ...
 
     def publish(self, proxy: Proxy) -> None:
@@ -406,8 +408,10 @@ class Proxy:
         pool = self.pools[name]
         if config.tls != pool.config.tls:
             pool.ssl_context = _client_tls(config.tls)
-        if self.shared is not None:  # members come from the supervisor's table
-            pool.retune(config, members=False)
+        if self.shared is not None:  # members come from the supervisor's table, followed before this
+            pool.retune(config, members=False)  # config arrived (``Shared.follow``): the removed now drain
+            if name in steps.members_changed:
+                self._drain_removed(pool, list(pool.balancer.draining.values()), steps.new.drain_timeout)
             return
         if name in steps.health_changed:
             await self._probers[name].stop()
@@ -416,9 +420,8 @@ class Proxy:
             await resolver.stop()
         elif resolver is not None:
             self._resolvers[name] = resolver
-        _, removed = pool.retune(config)
-        if removed and self._safe_protocol(pool) is None:  # else _members_leaving did it
-            self._drain_later(_on_members(frozenset(removed)), self.config.drain_timeout)
+        _, removed = pool.retune(config, members=name in steps.members_changed)  # else discovery's stay
+        self._drain_removed(pool, removed, steps.new.drain_timeout)
         if name in steps.members_changed and Resolver.wanted(config):
             resolver = self._resolvers[name] = Resolver(pool)
             await resolver.resolve()
@@ -436,6 +439,12 @@ class Proxy:
         if prober is not None:
             await prober.stop()
         pool.close()  # its sessions are those of listeners closed or rebuilt: they drain with them
+
+    def _drain_removed(self, pool: Pool, removed: list[Member], timeout: float) -> None:
+        """Close the sessions of members a reload removed that are still removed ``timeout`` from now
+        (with ``--drain-at safe``, ``_members_leaving`` already did, when they left the pool)."""
+        if removed and self._safe_protocol(pool) is None:
+            self._drain_later(_on_members(frozenset(removed)), timeout)
 
     def _safe_protocol(self, pool: Pool) -> str | None:
         """The protocol drained sessions of ``pool`` are watched in (``--drain-at safe``), or None."""

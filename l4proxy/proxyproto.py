@@ -106,11 +106,6 @@ REASONS = (
 class ProxyProtocolError(ClientError):
     """The PROXY header is malformed: ``reason`` is one of ``REASONS``, the message one line for the log."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        self.message = message
-        super().__init__(message)
-
 
 class Command(enum.Enum):
     LOCAL = "local"  # the proxy's own connection (a health probe): use the socket's addresses

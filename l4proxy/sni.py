@@ -26,9 +26,9 @@ import asyncio
 import logging
 import socket
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 
-from .awaiting import Awaited
+from .awaiting import Awaited, Rejects, expire
 from .clienthello import ClientHelloError, Parser
 from .config import ListenerConfig
 from .deadlines import Deadlines
@@ -61,6 +61,8 @@ class SniRouter:
         self.refused: Counter[str] = Counter()
         self.routed: Counter[str] = Counter()  # clients handed on, by pool
         self.peeking: set[Awaited] = set()
+        late = f"no whole TLS ClientHello within {config.sni_timeout:g}s"
+        self.rejects = Rejects(self.errors, warnings, BAD_HELLOS, config.address, late)
         self.deadlines: Deadlines | None = None
         self.leave: Callable[[object], None] | None = None  # told of each client closed here (per-source limits)
 
@@ -71,7 +73,7 @@ class SniRouter:
     def stage(self, serve_pool: ServePool) -> Serve:
         """The accept callback: peek each client's ClientHello, then serve it in the pool it asks for."""
         loop = asyncio.get_running_loop()
-        self.deadlines = Deadlines(loop, _expire, granularity=0.05)
+        self.deadlines = Deadlines(loop, expire, granularity=0.05)
 
         def peeking(sock: socket.socket | AcceptedFD, address: object) -> None:
             _Peeking(self, loop, sock, address, serve_pool).start()
@@ -117,7 +119,7 @@ class _Peeking(Awaited):
         address: object,
         serve_pool: ServePool,
     ) -> None:
-        super().__init__(loop, sock, address, router.peeking)
+        super().__init__(loop, sock, address, router.peeking, router.rejects)
         self.router = router
         self.serve_pool = serve_pool
         self.parser = Parser()
@@ -164,25 +166,7 @@ class _Peeking(Awaited):
             self.hand_on(self.serve_pool(pool), self.address)
         return True
 
-    def expired(self) -> None:
-        self.bucket = None
-        self.fail("timeout", f"no whole TLS ClientHello within {self.router.config.sni_timeout:g}s")
-
-    def fail(self, reason: str, message: str | None = None) -> None:
-        """Close the client: its ClientHello is wrong, late or never came."""
-        router = self.router
-        router.errors[reason] += 1
-        if message is not None:
-            router.warnings.warn(log, BAD_HELLOS, "closed %s on %s: %s", format_peer(self.address),
-                                 router.config.address, message)  # fmt: skip
-        self.close()
-
     def close(self) -> None:
         super().close()
         if self.router.leave is not None:
             self.router.leave(self.address)
-
-
-def _expire(peeking: Hashable) -> None:
-    assert isinstance(peeking, _Peeking)
-    peeking.expired()

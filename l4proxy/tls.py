@@ -314,13 +314,13 @@ def _no_password() -> bytes:
 def _read_file(path: str, field: str) -> bytes:
     """The file's bytes, or a ConfigError saying why it cannot be used (before OpenSSL gets vaguer)."""
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(field, path, "file not found")
-    if p.is_dir():
-        raise ConfigError(field, path, "is a directory, not a file")
-    if not os.access(p, os.R_OK):
-        raise ConfigError(field, path, "not readable (permission denied)")
-    try:
+    try:  # a path too long for the system fails even the stat
+        if not p.exists():
+            raise ConfigError(field, path, "file not found")
+        if p.is_dir():
+            raise ConfigError(field, path, "is a directory, not a file")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(field, path, "not readable (permission denied)")
         return p.read_bytes()
     except OSError as exc:
         raise ConfigError(field, path, f"not readable ({exc.strerror or exc})") from None
@@ -399,6 +399,8 @@ def _set_alpn(ctx: ssl.SSLContext, protocols: tuple[str, ...], field: str) -> No
     for proto in protocols:
         if not 1 <= len(proto.encode("utf-8", "replace")) <= 255:
             raise ConfigError(field, proto, "an ALPN protocol name must be 1 to 255 bytes")
+        if not proto.isascii():  # what OpenSSL is given is ASCII
+            raise ConfigError(field, proto, "an ALPN protocol name must be ASCII")
     ctx.set_alpn_protocols(list(protocols))
 
 

@@ -32,7 +32,8 @@ a broken file keeps the running configuration everywhere, with every problem log
 (``Supervisor.reloads_failed``). A good one is planned (``reload.plan``), new listen addresses are
 checked free, the health thread changes its pools (``HealthThread.apply``: added pools get slots in
 the table, removed ones give theirs back), and then every worker gets the same Config, pickled, on its
-own pipe; it applies it with ``Proxy.reconfigure`` (its members still come from the table). A worker
+own pipe; it follows the table first, then applies it with ``Proxy.reconfigure`` (its members still
+come from the table; those the reload removed are closed at ``drain_timeout``, as in one process). A worker
 started later is forked with the configuration in force. No worker runs a configuration the
 supervisor refused.
 
@@ -280,7 +281,7 @@ class HealthThread(threading.Thread):
             pool = self.pools[name]
             if name in steps.health_changed or name in steps.members_changed:
                 await self._unwatch(name)
-            pool.retune(new.pool(name))
+            pool.retune(new.pool(name), members=name in steps.members_changed)
             if pool.config.tls is not None:
                 pool.ssl_context = client_context(pool.config.tls)
             if name not in self.probers:
@@ -440,6 +441,8 @@ class WorkerShare:
             return
         self._pending += data
         for config in _messages(self):
+            if self.follower is not None and self.table.generation != self.follower.seen:
+                self.follower.apply()  # the reload's members, published before it was sent: drained with it
             apply(config)
 
     def publish(self, proxy: Proxy) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -289,6 +290,47 @@ def test_a_signal_sent_on_seeing_listening_on_is_handled_not_fatal(
         proxy.wait_log(logged)
         # the SIGTERM's drain exits by itself (a second SIGTERM could land after the handlers are gone)
         assert (proxy.wait() if sig is signal.SIGTERM else proxy.stop()) == 0
+    finally:
+        proxy.kill()
+    assert "Traceback" not in proxy.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_removed_members_held_session_is_closed_at_the_drain_timeout(
+    tmp_path: Path, members: list[int], workers: int
+) -> None:
+    """A reload that removes a member closes its open sessions once ``--drain-timeout`` has run
+    (``--drain-at now``), with workers as in one process: the held client sees its connection close
+    about 1 s after the reload, the access log says ``end=shutdown`` on that member, and new clients
+    go to the member that replaced it."""
+    old, new = members
+    path = tmp_path / "l4proxy.toml"
+    main = free_port()
+    write_config(path, {"main": main}, [old], workers=workers)
+    path.write_text(path.read_text().replace('access_log = "off"', 'access_log = "-"'))
+    proxy = Command("--config", str(path), "--drain-timeout", "1s", listen=False, listeners=workers)
+    try:
+        proxy.start()
+        held = socket.create_connection(("127.0.0.1", main), timeout=10)
+        with held:
+            held.sendall(b"ping")
+            assert held.recv(16) == b"ping"
+            path.write_text(path.read_text().replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}"))
+            proxy.signal(signal.SIGHUP)
+            proxy.wait_log("SIGHUP: configuration reloaded")
+            reloaded = time.monotonic()
+            assert echo_once(main, b"fresh") == b"fresh"
+            try:
+                closed = held.recv(16)
+            except ConnectionResetError:
+                closed = b""
+            waited = time.monotonic() - reloaded
+        assert closed == b""
+        assert 0.5 < waited < 4.0, f"closed {waited:.2f}s after the reload (--drain-timeout 1s)"
+        proxy.wait_for(lambda: any(f"upstream=127.0.0.1:{old}" in line and "end=shutdown" in line
+                                   for line in proxy.out_lines), 10, "the held session's access log line")
+        assert any(f"upstream=127.0.0.1:{new}" in line for line in proxy.out_lines)
+        assert proxy.stop() == 0
     finally:
         proxy.kill()
     assert "Traceback" not in proxy.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -181,3 +182,28 @@ async def test_the_system_resolver_follows_etc_hosts() -> None:
                 assert new.kinds == ["probe", *new.kinds[1:]] and "client" in new.kinds
     finally:
         hosts.write_text(original)
+
+
+async def test_a_reload_that_leaves_the_members_alone_keeps_the_addresses_found(dnsmasq: Dnsmasq) -> None:
+    """A reload that changes another setting of a pool with a DNS-named member keeps the addresses
+    discovery found, and their sessions: the pool does not fall back to the bare name until the next
+    lookup (a minute here), nor are its sessions closed at the drain timeout. Waiting that timeout out
+    is the point of the last step."""
+    dnsmasq.set_hosts({"redis.test": ["127.0.0.2"]})
+    async with pair() as (old, _new):
+        config = dataclasses.replace(discovering([Address("redis.test", old.port)], resolve_interval=60),
+                                     drain_timeout=0.2)  # fmt: skip
+        async with proxy_on(config, dnsmasq) as proxy:
+            found = [f"redis.test@127.0.0.2:{old.port}"]
+            assert keys(proxy) == found
+            reader, writer, member = await open_session(proxy)
+            try:
+                pool = dataclasses.replace(config.pools[0], connect_timeout=2.0)
+                steps, problems = await proxy.reconfigure(dataclasses.replace(config, pools=(pool,)))
+                assert (steps.pools_updated, steps.members_changed, problems) == (("default",), (), [])
+                assert keys(proxy) == found and proxy.pools["default"].members == [member]
+                await asyncio.sleep(0.4)
+                writer.write(b"still")
+                assert await asyncio.wait_for(reader.readexactly(5), 5) == b"still"
+            finally:
+                writer.close()

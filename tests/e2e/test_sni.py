@@ -216,7 +216,9 @@ async def raw_client(port: int, data: bytes) -> tuple[bytes, float]:
 
 
 @pytest.mark.parametrize("relay", ENGINES)
-async def test_a_client_that_never_completes_its_hello_is_closed_at_the_timeout(ca: trustme.CA, relay: str) -> None:
+async def test_a_client_that_never_completes_its_hello_is_closed_at_the_timeout(
+    ca: trustme.CA, relay: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async with tls_servers(ca) as servers, running(sni_config(servers, relay, sni_timeout=0.3)) as (proxy, _log):
         sni = proxy.frontends[0].sni
         assert sni is not None
@@ -227,6 +229,8 @@ async def test_a_client_that_never_completes_its_hello_is_closed_at_the_timeout(
         assert silent == b"" and 0.25 <= took < 5
         assert sni.errors == {"timeout": 2}
         assert sni.peeking == set()
+        late = f" on {proxy.config.listeners[0].address}: no whole TLS ClientHello within 0.3s"
+        assert any(late in record.getMessage() for record in caplog.records), caplog.text
         assert sum(s.accepted for s in servers.values()) == 0
 
 

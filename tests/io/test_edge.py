@@ -219,7 +219,9 @@ async def test_a_malformed_header_closes_only_that_connection(reason: str, caplo
     assert "PROXY" in line
 
 
-async def test_clients_that_never_send_the_header_are_closed_at_the_timeout_while_others_are_served() -> None:
+async def test_clients_that_never_send_the_header_are_closed_at_the_timeout_while_others_are_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """CVE-2021-23409: silent clients hold a descriptor each until the timeout, nothing more."""
     async with upstreams(1) as [member]:
         config = edge_config([member.address], accept_proxy=True, proxy_timeout=0.5)
@@ -238,6 +240,8 @@ async def test_clients_that_never_send_the_header_are_closed_at_the_timeout_whil
             assert 0.4 <= waited < 3
             assert proxy.frontends[0].header_errors == {"timeout": 100}
             assert proxy.frontends[0].edge.reading == set()
+            late = f" on {config.listeners[0].address}: no PROXY header within 0.5s"
+            assert any(late in record.getMessage() for record in caplog.records), caplog.text
 
 
 async def test_only_peers_in_accept_proxy_from_must_send_a_header() -> None:

@@ -160,16 +160,16 @@ ALLOWED: dict[str, set[str]] = {
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls", "tlsengine"},
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
-    "awaiting": {"deadlines", "listener"},
+    "awaiting": {"deadlines", "listener", "peer", "ratelog"},
     "sni": {"awaiting", "clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
     "sessions": {"causes", "drive", "listener", "relay", "spread", "tlsengine"},
-    "dialer": {"balancer", "budget", "deadlines", "drive", "errors", "health", "peer", "pool", "proxyproto"}
-    | {"ratelog", "relay", "tls", "tlsengine"},
+    "dialer": {"balancer", "budget", "config", "deadlines", "drive", "errors", "health", "peer", "pool"}
+    | {"proxyproto", "ratelog", "relay", "tls", "tlsengine"},
     "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
     | {"proxyproto", "resp", "tls"},
     "pool": {"balancer", "budget", "config", "discovery", "health", "counters"},
     # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
-    "admin": {"counters", "metrics", "snapshot"},
+    "admin": {"config", "counters", "metrics", "snapshot"},
     "metrics": {"counters", "histogram", "snapshot"},
     "snapshot": {"balancer", "checks", "config", "counters", "edge", "listener", "pool", "prober", "proxy"}
     | {"frontend", "histogram", "relay"},
