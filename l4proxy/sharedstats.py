@@ -57,7 +57,7 @@ _REFUSED = tuple(f"refused_{reason}" for reason in REFUSALS)
 _HEADERS = tuple(f"header_{reason}" for reason in HEADER_ERRORS)
 LISTENER_FIELDS: tuple[str, ...] = ("accepted", "sessions", "active", "bytes_in", "bytes_out", "accept_pauses")
 LISTENER_FIELDS += (*TLS_REASONS, *_REFUSED, *_HEADERS)
-QUEUE_FIELDS = ("queue_waiting", "queue_full", "queue_timeouts", "queue_served", "queue_waited_ms")  # QueueView's
+QUEUE_FIELDS = ("queue_waiting", "queue_full", "queue_timeouts", "queue_served", "queue_waited_ms", "queue_no_primary")
 POOL_FIELDS = ("retries", "no_upstream", *QUEUE_FIELDS)
 SLOT_FIELDS = ("attempts", "sessions", "bytes_in", "bytes_out", *CONNECT_KINDS)
 _GAUGES = {LISTENER_FIELDS.index("active")}  # listener offsets of values that are not running totals
@@ -145,7 +145,7 @@ class Publisher:
                 continue
             queue = queue_view(pool)
             values = (pool.retries, pool.no_upstream, queue.waiting, queue.full, queue.timeouts, queue.served)
-            _store(cells, base + shared.pool(pool.name), (*values, queue.waited_ms))
+            _store(cells, base + shared.pool(pool.name), (*values, queue.waited_ms, queue.no_primary))
             for member in pool.members:
                 if member.slot >= 0:
                     stats = member.stats
