@@ -129,6 +129,8 @@ class Proxy:
         frontend = Frontend(
             index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing, self.pools
         )
+        if config.relay == "auto" and self._safe_protocol(pool) is not None:
+            frontend.spliced = False  # a session on the splice engine could not be closed at a safe moment
         frontend.listener.owed = self._owed
         return frontend
 
