@@ -67,7 +67,8 @@ def member_keys(addresses: Sequence[Address | Service]) -> list[str]:
 
 AT_CAP = "every healthy upstream is at its max_conns"  # shortage(): why a first pick found no member
 NO_HEALTHY = "no healthy upstream"
-NO_PRIMARY = "no member alone claims the primary role"  # a primary pool in a split brain, or before a primary
+NO_PRIMARY = "no member claims the primary role"  # a primary pool before a primary, or during a failover
+SPLIT_BRAIN = "several members claim the primary role"  # a primary pool in a split brain: refused at once
 
 class Member:
     """A pool member's live state: address, active session count, effective weight and cap, and health.
@@ -186,6 +187,7 @@ class Balancer:
         self.draining: dict[str, Member] = {}  # removed members whose sessions are not all over yet
         self.view = view
         self.allowed: frozenset[Member] | None = None  # see restrict
+        self.split = False  # ``allowed`` is empty because several members claim the primary role
         self.panic_threshold = panic_threshold  # percent; 0: off
         self.panics = 0  # members taken while panicking, health ignored
         self._primaries = self._backups = _Group([])
@@ -264,11 +266,12 @@ class Balancer:
             group.next = (best.turn + 1) % count
         return best
 
-    def restrict(self, allowed: Collection[Member] | None) -> None:
-        """From now on pick only among ``allowed`` (a primary pool's one primary, or none in a split brain);
-        None lifts it. The restriction replaces ``pick`` on this balancer alone, so a pool without one
-        pays nothing for it."""
+    def restrict(self, allowed: Collection[Member] | None, split: bool = False) -> None:
+        """From now on pick only among ``allowed`` (a primary pool's one primary, or none: before a
+        primary, or in a split brain, ``split``); None lifts it. The restriction replaces ``pick`` on this
+        balancer alone, so a pool without one pays nothing for it."""
         self.allowed = None if allowed is None else frozenset(allowed)
+        self.split = split and not self.allowed
         if self.allowed is None:
             self.__dict__.pop("pick", None)
             return
@@ -368,10 +371,18 @@ class Balancer:
     def shortage(self) -> str:
         """Why a first pick found no member: none is UP (``NO_HEALTHY``), or those UP are all at their
         max_conns (``AT_CAP``: the client may wait in the pool's queue), or a primary pool has no member
-        it may route to (``NO_PRIMARY``: fail closed at once, never queued)."""
+        it may route to: none claims the role (``NO_PRIMARY``: the client may wait for one, as for a
+        place), or several do (``SPLIT_BRAIN``: fail closed at once, never queued)."""
         if self.allowed is not None and not self.allowed:
-            return NO_PRIMARY
+            return SPLIT_BRAIN if self.split else NO_PRIMARY
         return AT_CAP if self.any_up else NO_HEALTHY
+
+    def routable(self, member: Member) -> bool:
+        """Whether new sessions may go to ``member`` now: UP and not restricted out (with workers, as
+        the supervisor publishes it)."""
+        if self.view is not None:
+            return bool(self.view.up(member.slot))
+        return member.eligible and self.allows(member)
 
     @property
     def any_up(self) -> bool:

@@ -245,11 +245,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--panic-threshold", f"{_POOL}.panic_threshold", "upstreams", "While fewer than this percent of the"
            " members are UP, ignore health and balance over all of them; 0 (off) suits databases.", "0", _whole,
            "PERCENT"),
-    Option("--on-member-down", f"{_POOL}.on_member_down", "upstreams", "A member marked DOWN: 'keep' its"
-           " sessions, or 'close' them, spread over a second (a demoted primary's clients reconnect).", "keep",
-           metavar="keep|close"),
+    Option("--on-member-down", f"{_POOL}.on_member_down", "upstreams", "A member marked DOWN (or a primary"
+           " demoted): 'keep' its sessions, or 'close' them, spread over a second, so its clients reconnect"
+           " [default: close with a *-primary check, else keep].", metavar="keep|close"),
     Option("--queue-timeout", f"{_POOL}.queue_timeout", "upstreams", "A client that finds every eligible member"
-           " at its max_conns waits this long for a place at most (default: the connect timeout).",
+           " at its max_conns, or a primary pool with no primary, waits this long at most (default: the"
+           " connect timeout).",
            parse=_DURATION, metavar="DURATION"),
     Option("--max-queue", f"{_POOL}.max_queue", "upstreams", "Clients that may wait for a place at once (per"
            " worker process); past it a client is refused; 0: none wait.", "1024", _whole, "N"),

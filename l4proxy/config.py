@@ -453,7 +453,7 @@ class PoolConfig:
     slow_start: float = 0.0  # seconds a member back UP takes to ramp from 10% to its full share; 0: off
     retry_budget: int = 20  # retries in flight may be this percent of the dials in flight (3 at least)
     panic_threshold: int = 0  # percent of members UP below which health is ignored; 0: off
-    on_member_down: str = "keep"  # a member marked DOWN: 'keep' its sessions, or 'close' them over a second
+    on_member_down: str | None = None  # 'keep' a DOWN member's sessions or 'close' them; None: close if *-primary
     queue_timeout: float | None = None  # longest wait for a member below its max_conns; None: connect_timeout
     max_queue: int = 1024  # clients that may wait at once (per process); 0: none wait, all are refused
 
@@ -495,6 +495,8 @@ class PoolConfig:
             raise ConfigError("slow_start", self.slow_start, "must be 0 (off) or more")
         if type(self.retry_budget) is not int or not 0 <= self.retry_budget <= 100:
             raise ConfigError("retry_budget", self.retry_budget, "must be a percent, 0..100")
+        if self.on_member_down is None:  # a demoted primary's clients must move to the new one
+            object.__setattr__(self, "on_member_down", "close" if self.health.kind in checks.PRIMARY_KINDS else "keep")
         if self.on_member_down not in ON_MEMBER_DOWN:
             raise ConfigError("on_member_down", self.on_member_down, f"expected {' or '.join(ON_MEMBER_DOWN)}")
         if type(self.panic_threshold) is not int or not 0 <= self.panic_threshold <= 100:

@@ -48,7 +48,7 @@ from bisect import bisect_left
 from collections.abc import Coroutine, Hashable
 from typing import Any
 
-from .balancer import AT_CAP, Member
+from .balancer import AT_CAP, NO_PRIMARY, Member
 from .budget import retry_delay
 from .config import is_ip
 from .deadlines import Deadlines
@@ -144,8 +144,8 @@ class Dial:
         if member is None:
             if not tried:  # say whether the members are down or full
                 cause = balancer.shortage()
-                if cause is AT_CAP and pool.config.max_queue:
-                    self._queue()
+                if (cause is AT_CAP or cause is NO_PRIMARY) and pool.config.max_queue:
+                    self._queue(cause)
                     return
             self._no_upstream(cause)
             return
@@ -171,19 +171,20 @@ class Dial:
             return
         self._attempt()
 
-    # the queue: every eligible member is at its max_conns
+    # the queue: every eligible member is at its max_conns, or a primary pool has no primary (a failover)
 
-    def _queue(self) -> None:
-        """Wait in the pool's queue for a place, at most ``queue_timeout``; refused when it is full.
-        The client's early bytes are held meanwhile as during a connect (``Pump.pending``, bounded)."""
+    def _queue(self, cause: str) -> None:
+        """Wait in the pool's queue for a place or a primary (``cause`` says which), at most
+        ``queue_timeout``; refused when it is full. The client's early bytes are held meanwhile as
+        during a connect (``Pump.pending``, bounded), and go to the member it gets."""
         pool = self.pool
         queue = pool.queue
         if queue.length >= pool.config.max_queue:
             queue.full += 1
-            self._no_upstream(f"{AT_CAP}; the queue is full ({pool.config.max_queue} clients)", QUEUE_FULL)
+            self._no_upstream(f"{cause}; the queue is full ({pool.config.max_queue} clients)", QUEUE_FULL)
             return
         self.queued_at = self.loop.time()
-        self.wait = self.loop.call_later(queue_timeout(pool), self._queue_expired)
+        self.wait = self.loop.call_later(queue_timeout(pool), self._queue_expired, cause)
         queue.join(self)
 
     def resume(self, member: Member) -> None:
@@ -193,12 +194,15 @@ class Dial:
             self.wait = None
         self.start(AT_CAP, member=member)
 
-    def _queue_expired(self) -> None:
+    def _queue_expired(self, cause: str) -> None:
         self.wait = None
         queue = self.pool.queue
         queue.leave(self)
-        queue.timeouts += 1
-        waited = f"{AT_CAP}; waited {queue_timeout(self.pool):g}s in the queue (queue_timeout)"
+        if cause is AT_CAP:
+            queue.timeouts += 1
+        else:
+            queue.no_primary += 1
+        waited = f"{cause}; waited {queue_timeout(self.pool):g}s in the queue (queue_timeout)"
         self._no_upstream(waited, QUEUE_TIMEOUT)
 
     def _no_upstream(self, cause: str, kind: str = NO_UPSTREAM) -> None:

@@ -67,20 +67,24 @@ QUEUE_POLL = 0.05  # seconds between looks for a free place while clients wait (
 
 
 class WaitQueue:
-    """The clients of one pool that found every eligible member at its max_conns, oldest first.
+    """The clients of one pool that found every eligible member at its max_conns, or a primary pool
+    with no primary (a failover: ``Pool.restrict`` serves them as soon as one claims the role), oldest
+    first.
 
     A place freed in this process (a session's end) serves the oldest at once; while any wait, a look
     every ``QUEUE_POLL`` seconds finds the places that appear otherwise: sessions ended in other
     workers (the caps are global), a member back UP or added, a cap raised by a reload, a slow-start
     ramp's next step. A client that leaves while waiting is only marked (``queued_at`` 0) and passed
-    over when its turn comes. Counters for metrics: ``full``, ``timeouts``, ``served``, ``waited``."""
+    over when its turn comes. Counters for metrics: ``full``, ``timeouts`` (for a place),
+    ``no_primary`` (timed out waiting for a primary), ``served``, ``waited``."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.waiting: deque[Waiting] = deque()
         self.length = 0  # clients waiting now (``waiting`` may hold some that left)
         self.full = 0  # clients refused because the queue was full (--max-queue)
-        self.timeouts = 0  # clients closed after --queue-timeout in the queue
+        self.timeouts = 0  # clients closed after --queue-timeout in the queue, waiting for a place
+        self.no_primary = 0  # clients closed after --queue-timeout in the queue, waiting for a primary
         self.served = 0  # clients that got a member after waiting
         self.waited = 0.0  # seconds those served spent in the queue, in all
         self._poll: asyncio.TimerHandle | None = None
@@ -159,7 +163,7 @@ class Pool:
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
         self.probes: Probes | None = None  # set by a running prober
         self.leaving: Callable[[Pool, list[Member]], None] | None = None  # told of members removed or drained
-        self.on_down: Callable[[Pool, Member], None] | None = None  # closes a DOWN member's sessions
+        self.on_down: Callable[[Pool, Member, str], None] | None = None  # closes a member's sessions (and why)
 
     @property
     def members(self) -> list[Member]:
@@ -241,7 +245,7 @@ class Pool:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
             self._stop_ramp(member)
             if self.on_down is not None and self.config.on_member_down == "close":
-                self.on_down(self, member)
+                self.on_down(self, member, "is DOWN")
             if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
                 self._eject(member)
         else:
@@ -298,9 +302,12 @@ class Pool:
         if state == DRAIN and self.leaving is not None:
             self.leaving(self, [member])
 
-    def restrict(self, allowed: Collection[Member] | None) -> None:
-        """New sessions go only to ``allowed`` (None: to any eligible member); see ``Balancer.restrict``."""
-        self.balancer.restrict(allowed)
+    def restrict(self, allowed: Collection[Member] | None, split: bool = False) -> None:
+        """New sessions go only to ``allowed`` (None: to any eligible member; none in a split brain,
+        ``split``); see ``Balancer.restrict``. A primary found serves the clients that wait for one."""
+        self.balancer.restrict(allowed, split)
+        if allowed and self.queue:
+            self.queue.serve()
 
     def _eject(self, member: Member) -> None:
         member.stats.ejections += 1

@@ -225,15 +225,24 @@ class Prober:
 
     def _route(self, claimants: list[Member]) -> None:
         """New sessions go to the one claimant; with several, to none (``split_brain = "fail-closed"``)
-        or to the one that turned primary last (``"prefer-newest"``)."""
+        or to the one that turned primary last (``"prefer-newest"``). A primary routed to before and not
+        now (demoted, or one of a split brain) that is still UP has its sessions closed with
+        ``on_member_down = "close"``, as a member DOWN has (``Pool.report``)."""
+        pool = self.pool
         allowed: tuple[Member, ...] = ()
         if len(claimants) == 1:
             allowed = (claimants[0],)
-        elif claimants and self.pool.config.split_brain == "prefer-newest":
+        elif claimants and pool.config.split_brain == "prefer-newest":
             allowed = (max(claimants, key=self._passing.__getitem__),)
-        if allowed != self._allowed:
-            self._allowed = allowed
-            self.pool.restrict(allowed)
+        split = len(claimants) > 1 and not allowed
+        if allowed == self._allowed and split == pool.balancer.split:
+            return
+        lost = [m for m in self._allowed or () if m not in allowed and m.health.up]
+        self._allowed = allowed
+        pool.restrict(allowed, split)
+        if pool.on_down is not None and pool.config.on_member_down == "close":
+            for member in lost:
+                pool.on_down(pool, member, "is no longer the primary")
 
 
 async def probe(

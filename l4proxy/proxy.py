@@ -39,6 +39,7 @@ from typing import Protocol
 
 from .accesslog import AccessLog
 from .balancer import Member
+from .causes import MEMBER_DOWN
 from .config import Config, ListenerConfig, PoolConfig, UpstreamTLSConfig
 from .counters import DRAIN
 from .deadlines import Deadlines
@@ -132,6 +133,8 @@ class Proxy:
         frontend = Frontend(
             index, config, pool, self.table, self.access_log, self.warnings, self.splicing, self.outgoing, self.pools
         )
+        if config.relay == "auto" and self._safe_protocol(pool) is not None:
+            frontend.spliced = False  # a session on the splice engine could not be closed at a safe moment
         frontend.listener.owed = self._owed
         frontend.counters.timed = self.timed
         return frontend
@@ -160,8 +163,29 @@ class Proxy:
         """The resolvers of the pools with DNS-named members (none in a worker)."""
         return list(self._resolvers.values())
 
-    def _close_member(self, pool: Pool, member: Member) -> None:
-        self.table.close_member(pool.name, member, member.name)
+    def _close_member(self, pool: Pool, member: Member, why: str) -> None:
+        """``--on-member-down close``: ``member`` (which ``why``) loses its sessions, over a second; with
+        ``--drain-at safe`` each at its first safe moment instead, those left at the drain timeout,
+        unless the member is routable again by then."""
+        protocol = self._safe_protocol(pool)
+        if protocol is None:
+            self.table.close_member(pool.name, member, member.name, why=why)
+            return
+        balancer = pool.balancer
+
+        def leaving(session: Session) -> bool:
+            return session.member is member and not balancer.routable(member)
+
+        sessions = [s for s in self.table.live if leaving(s)]
+        if not sessions:
+            return
+        log.warning(
+            "pool %s member %s %s: closing its %d sessions at safe moments, within %gs (--on-member-down close)",
+            pool.name, member.name, why, len(sessions), self.config.drain_timeout,
+        )  # fmt: skip
+        for session in sessions:
+            watch(session, protocol, leaving)
+        self._drain_later(leaving, self.config.drain_timeout, MEMBER_DOWN)
 
     @property
     def sessions(self) -> set[Session]:
@@ -466,14 +490,16 @@ class Proxy:
             watch(session, protocol, leaving)
         self._drain_later(leaving, self.config.drain_timeout)
 
-    def _drain_later(self, leaving: Callable[[Session], bool], timeout: float) -> None:
-        """Close the sessions ``leaving`` picks that are still open ``timeout`` from now."""
+    def _drain_later(self, leaving: Callable[[Session], bool], timeout: float, cause: str = "shutdown") -> None:
+        """Close the sessions ``leaving`` picks that are still open ``timeout`` from now, as ``cause``."""
         loop = asyncio.get_running_loop()
 
         def close() -> None:
             self._drain_timers.discard(timer)
             for session in [s for s in self.table.live if leaving(s)]:
-                session.abort("shutdown")
+                if cause == MEMBER_DOWN:
+                    self.table.closed_member_down += 1
+                session.abort(cause)
 
         timer = loop.call_later(timeout, close)
         self._drain_timers.add(timer)

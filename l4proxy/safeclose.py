@@ -8,7 +8,10 @@ Once the server's chunk is written and the watch says safe, the session ends as 
 (``end``: what was written is flushed first) with the cause ``drained``.
 
 A session that already moved to the splice engine (its bytes no longer pass through the pumps) or has
-no upstream yet cannot be watched; it is closed at the drain timeout as before.
+no upstream yet cannot be watched; it is closed at the drain timeout as before. One whose switch was
+still to come (waiting for a quiet moment) stays on the pumps instead. With ``--drain-at safe`` and
+``--relay auto`` the sessions of a pool whose protocol is read never switch (``Proxy._frontend``), so
+only ``--relay splice`` leaves sessions that cannot be watched.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 
 from .boundaries import Watch, watch_for
 from .relay import NEVER, Session
+from .splice import switched
 
 Leaving = Callable[[Session], bool]  # whether the session is still to end (its member not taken back)
 
@@ -70,10 +74,12 @@ def watch(session: Session, protocol: str, leaving: Leaving = _always) -> bool:
         return False
     if isinstance(client.out, _ClientTap):
         return False
-    if session.engine is None:
-        session.engine = NEVER  # stays on the pumps, where the taps are
-    elif session.engine is not NEVER:
-        return False
+    engine = session.engine
+    if engine is not None and engine is not NEVER:
+        if switched(session):
+            return False
+        engine.stop()  # a switch to the splice engine still to come: it never will
+    session.engine = NEVER  # stays on the pumps, where the taps are
     seen = watch_for(protocol)
     client.out = _ClientTap(client.out, seen)  # type: ignore[assignment]
     upstream.out = _ServerTap(upstream.out, seen, session, leaving)  # type: ignore[assignment]

@@ -61,16 +61,16 @@ class SessionTable:
         """Run the sweeper every ``tick`` seconds, with ``chores`` before each sweep."""
         self._sweeper = asyncio.create_task(self._sweep(tick, tuple(chores)), name="l4proxy sweeper")
 
-    def close_member(self, pool: str, member: object, name: str, spread: float = 1.0) -> None:
-        """End the sessions on ``member`` (of pool ``pool``, named ``name``) one by one over ``spread``
-        seconds, so its clients reconnect to the other members without arriving all at once; a session
-        that is over by its turn is passed."""
+    def close_member(self, pool: str, member: object, name: str, spread: float = 1.0, why: str = "is DOWN") -> None:
+        """End the sessions on ``member`` (of pool ``pool``, named ``name``, which ``why``) one by one over
+        ``spread`` seconds, so its clients reconnect to the other members without arriving all at once;
+        a session that is over by its turn is passed."""
         sessions = [s for s in self.live if s.member is member]
         if not sessions:
             return
         log.warning(
-            "pool %s member %s is DOWN: closing its %d sessions over %gs (--on-member-down close)",
-            pool, name, len(sessions), spread,
+            "pool %s member %s %s: closing its %d sessions over %gs (--on-member-down close)",
+            pool, name, why, len(sessions), spread,
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         now = loop.time()

@@ -64,7 +64,7 @@ LISTENER_FIELDS: tuple[str, ...] = ("accepted", "sessions", "active", "bytes_in"
 LISTENER_FIELDS += (*TLS_REASONS, *_REFUSED, *_HEADERS)
 _DURATIONS = tuple(f"duration_{cell}" for cell in range(width(DURATION_BOUNDS)))  # histogram.cells: counts, sum
 LISTENER_FIELDS += _DURATIONS
-QUEUE_FIELDS = ("queue_waiting", "queue_full", "queue_timeouts", "queue_served", "queue_waited_ms")  # QueueView's
+QUEUE_FIELDS = ("queue_waiting", "queue_full", "queue_timeouts", "queue_served", "queue_waited_ms", "queue_no_primary")
 POOL_FIELDS = ("retries", "no_upstream", *QUEUE_FIELDS)
 _CONNECTS = tuple(f"connect_{cell}" for cell in range(width(CONNECT_BOUNDS)))
 SLOT_FIELDS = ("attempts", "sessions", "bytes_in", "bytes_out", *CONNECT_KINDS, *_CONNECTS)
@@ -159,7 +159,7 @@ class Publisher:
                 continue
             queue = queue_view(pool)
             values = (pool.retries, pool.no_upstream, queue.waiting, queue.full, queue.timeouts, queue.served)
-            _store(row, base + shared.pool(pool.name), (*values, queue.waited_ms))
+            _store(row, base + shared.pool(pool.name), (*values, queue.waited_ms, queue.no_primary))
             for member in pool.members:
                 if member.slot >= 0:
                     stats = member.stats

@@ -87,11 +87,13 @@ class QueueView:
     timeouts: int = 0  # closed after queue_timeout
     served: int = 0  # got a member after waiting
     waited_ms: int = 0  # milliseconds the served ones waited, in all
+    no_primary: int = 0  # closed after queue_timeout waiting for a primary (a primary pool's failover)
 
 
 def queue_view(pool: Pool) -> QueueView:
     queue = pool.queue
-    return QueueView(queue.length, queue.full, queue.timeouts, queue.served, round(queue.waited * 1000))
+    waited_ms = round(queue.waited * 1000)
+    return QueueView(queue.length, queue.full, queue.timeouts, queue.served, waited_ms, queue.no_primary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +388,7 @@ def status(snap: Snapshot) -> dict[str, Any]:
                 "waiting": pool.queue.waiting,
                 "refused_full": pool.queue.full,
                 "timed_out": pool.queue.timeouts,
+                "timed_out_no_primary": pool.queue.no_primary,
                 "served": pool.queue.served,
                 "waited_seconds": pool.queue.waited_ms / 1000,
             },

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .config import ListenerConfig
     from .relay import Pump, Session
 
-__all__ = ["AVAILABLE", "DESCRIPTORS", "NEVER", "PipePool", "Splicer", "Splicing", "pipe_size", "usable"]
+__all__ = ["AVAILABLE", "DESCRIPTORS", "NEVER", "PipePool", "Splicer", "Splicing", "pipe_size", "switched", "usable"]
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 PIPE_SIZE = 1 << 20  # per direction; capped by /proc/sys/fs/pipe-max-size
@@ -155,6 +155,11 @@ class Splicing:
     def close(self) -> None:
         """Close the idle pipes (the proxy stops; sessions still switched return theirs as they end)."""
         self.pipes.close()
+
+
+def switched(session: Session) -> bool:
+    """Whether ``session`` moved to the splice engine (its bytes no longer pass through its pumps)."""
+    return isinstance(session.engine, Splicer)
 
 
 def _fd_limit() -> int:

@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING
 from .accesslog import AccessLog, Finished
 from .admin import AdminServer, bind
 from .balancer import Member
+from .checks import PRIMARY_KINDS
 from .config import Address, Config, ListenerConfig, MemberConfig, PoolConfig
 from .configfile import ConfigFileError
 from .discovery import unresolved_members
@@ -213,9 +214,9 @@ class _HealthPool(Pool):
         if not member.draining:
             self._publish(member)
 
-    def restrict(self, allowed: Collection[Member] | None) -> None:
+    def restrict(self, allowed: Collection[Member] | None, split: bool = False) -> None:
         """A primary pool's routing, decided here: a member left out reads as not UP to the workers' picks."""
-        super().restrict(allowed)
+        super().restrict(allowed, split)
         for member in self.members:
             self._publish(member)
 
@@ -381,10 +382,11 @@ class Follower:
         for pool in self.pools.values():
             if pool.on_down is None or pool.config.on_member_down != "close":
                 continue
+            why = "is DOWN or no longer the primary" if pool.config.health.kind in PRIMARY_KINDS else "is DOWN"
             for member in pool.members:
                 now, key = bool(up[member.slot]), (pool.name, member.key)
                 if self.was_up.get(key, True) and not now:
-                    pool.on_down(pool, member)
+                    pool.on_down(pool, member, why)
                 self.was_up[key] = now
 
     def follow_ramps(self) -> None:

@@ -424,6 +424,17 @@ def test_defaults_in_the_table_are_the_config_defaults() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("extra", "effective"),
+    [([], "close"), (["--on-member-down", "keep"], "keep"), (["--health-check", "redis"], "keep")],
+)
+def test_a_primary_check_closes_a_down_members_sessions_unless_told_to_keep_them(
+    extra: list[str], effective: str
+) -> None:
+    args = ["--listen", ":6379", "--upstream", "a", "--health-check", "redis-primary", *extra]
+    assert build_config(command.make_context("l4proxy", args).params).pool("default").on_member_down == effective
+
+
 def test_member_options_and_slow_start_reach_the_config() -> None:
     args = ["--listen", ":6379", "--upstream", "a:1;weight=3;max_conns=200,b;backup", "--slow-start", "30s"]
     pool = build_config(command.make_context("l4proxy", args).params).pool("default")

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from l4proxy.balancer import UNLIMITED, Balancer, Member, member_keys
+from l4proxy.balancer import AT_CAP, NO_PRIMARY, SPLIT_BRAIN, UNLIMITED, Balancer, Member, member_keys
 from l4proxy.config import Address, HealthConfig, MemberConfig, Resolved
 from l4proxy.health import Change, Event, Status
 
@@ -345,6 +345,27 @@ def test_a_restriction_leaves_the_pick_only_the_allowed_members_and_lifts_cleanl
     balancer.restrict(None)
     assert "pick" not in vars(balancer)  # the class's own pick again: nothing left on the hot path
     assert {balancer.pick() for _ in range(3)} == {a, b, c}
+
+
+@pytest.mark.parametrize(
+    ("allowed", "split", "cause"),
+    [
+        (None, False, AT_CAP),  # every member at its cap below
+        ((), False, NO_PRIMARY),  # a failover: the client may wait for a primary
+        ((), True, SPLIT_BRAIN),  # refused at once
+        ("b", True, AT_CAP),  # prefer-newest picked one: no split as far as routing goes
+    ],
+)
+def test_the_shortage_tells_a_missing_primary_from_a_split_brain(
+    allowed: tuple[()] | str | None, split: bool, cause: str
+) -> None:
+    balancer = Balancer([MemberConfig(Address("a", 1), max_conns=1), MemberConfig(Address("b", 1), max_conns=1)],
+                        HEALTH)  # fmt: skip
+    a, b = balancer.members
+    a.active = b.active = 1
+    balancer.restrict([b] if allowed == "b" else allowed, split)  # type: ignore[arg-type]
+    assert balancer.take() is None
+    assert balancer.shortage() == cause
 
 
 def test_take_honours_a_restriction_past_its_fast_scan() -> None:

@@ -359,6 +359,24 @@ def test_defaults_follow_the_documented_table() -> None:
     assert (pool.resolve_interval, pool.resolve_empty_after) == (10.0, 30.0)
 
 
+@pytest.mark.parametrize(
+    ("check", "given", "effective"),
+    [
+        ("redis-primary", None, "close"),  # a demoted primary's clients must move to the new one
+        ("postgres-primary", None, "close"),
+        ("redis", None, "keep"),
+        ("tcp", None, "keep"),
+        ("redis-primary", "keep", "keep"),  # an explicit setting wins
+        ("tcp", "close", "close"),
+    ],
+)
+def test_on_member_down_closes_by_default_only_with_a_primary_check(check: str, given: str | None,
+                                                                   effective: str) -> None:
+    auth = "probe.auth" if check.startswith("postgres") else None
+    health = HealthConfig(check=check, auth=auth)
+    assert PoolConfig(members=_MEMBERS, health=health, on_member_down=given).on_member_down == effective
+
+
 def test_a_resolved_address_is_keyed_and_verified_by_its_name() -> None:
     resolved = Resolved("fd00::5", 6379, name="redis.svc", weight=3)
     assert (str(resolved), resolved.hostname) == ("redis.svc@[fd00::5]:6379", "redis.svc")

@@ -177,6 +177,12 @@ def test_each_problem_is_one_line_with_its_line_number(text: str | bytes, lines:
 # --- values as the flags take them, and the effective configuration read back ----------------------
 
 
+@pytest.mark.parametrize(("lines", "effective"), [("", "close"), ('on_member_down = "keep"\n', "keep")])
+def test_a_primary_pool_closes_a_down_members_sessions_unless_the_file_says_keep(lines: str, effective: str) -> None:
+    config = load(BASE + 'health.check = "redis-primary"\n' + lines)
+    assert config.pool("p").on_member_down == effective
+
+
 def test_values_take_the_flags_text_forms_or_plain_toml() -> None:
     text = BASE.replace('"p"\n', '"p"\nidle_timeout = "10m"\nbuffer_size = "1m"\n') + (
         'connect_timeout = 2.5\nhealth = {interval = 3, send = "PING\\\\r\\\\n", expect = "+PONG"}\n'

@@ -150,13 +150,15 @@ ALLOWED: dict[str, set[str]] = {
     | {"notify", "reload", "takeover", "workers", "admin", "snapshot", "top", "syslogsink"},
     "top": {"config", "errors", "topview"},
     "demo": {"config", "proxy"},
-    "workers": {"accesslog", "balancer", "config", "configfile", "discovery", "errors", "health", "listener"}
+    "workers": {"accesslog", "balancer", "checks", "config", "configfile", "discovery", "errors", "health"}
+    | {"listener"}
     | {"notify", "pool", "prober", "proxy", "reload", "resolver", "table", "tls", "admin", "sharedstats"}
     | {"snapshot", "syslogsink"},
-    "proxy": {"accesslog", "balancer", "config", "counters", "deadlines", "dialer", "errors", "frontend", "listener"}
+    "proxy": {"accesslog", "balancer", "causes", "config", "counters", "deadlines", "dialer", "errors", "frontend"}
+    | {"listener"}
     | {"pool", "prober", "ratelog", "relay", "reload", "resolver", "safeclose", "sessions", "splice", "syslogsink"}
     | {"tls"},
-    "safeclose": {"boundaries", "relay"},
+    "safeclose": {"boundaries", "relay", "splice"},
     "frontend": {"accesslog", "causes", "config", "counters", "deadlines", "dialer", "drive", "edge", "listener"}
     | {"peer", "pool", "ratelog", "relay", "sessions", "sni", "splice", "tls", "tlsengine"},
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
