@@ -249,7 +249,7 @@ class Pool:
             self._observe(member, passive, reason)
             return
         if event is Event.PROBE_OK and member.outlier.state is not IN:
-            self._observe(member, Outlier.PROBE_OK, f"active check passed ({reason})" if reason else "")
+            self._observe(member, Outlier.PROBE_OK, "")  # "active check passed"
         change = member.health.observe(event, reason)
         if change is None:
             return
@@ -277,9 +277,10 @@ class Pool:
         if change.verdict is Verdict.EJECTED:
             assert change.until is not None
             policy = self.outliers.policy
-            seconds = change.until - asyncio.get_running_loop().time()
+            seconds = policy.duration(change.ejections)
             nth = "" if change.ejections == 1 else f", ejection {change.ejections} in a row"
-            why = f"ejected for {seconds:g}s after {policy.eject_after} failures in a row{nth}: {change.reason}"
+            failures = f"{policy.eject_after} failure{'s' * (policy.eject_after != 1)} in a row"
+            why = f"ejected for {seconds:g}s after {failures}{nth}: {change.reason}"
             member.stats.ejections += 1
             member.stats.changed(why, time.time())
             log.warning("%s %s", where, why)

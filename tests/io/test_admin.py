@@ -95,7 +95,7 @@ async def exchange(port: int, payload: bytes) -> bytes:
 async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly() -> None:
     refused = refused_address()
     async with upstreams(2) as (u0, u1):
-        config = make_config([refused, u0.address, u1.address], retries=2)
+        config = make_config([refused, u0.address, u1.address], retries=2, eject_after=3)
         async with running(config) as (proxy, access), admin_of(proxy) as admin:
             sizes = [1, 10, 100, 1000, 10_000, 100_000]
             for size in sizes:
@@ -108,15 +108,16 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
     assert value(samples, "l4proxy_listener_sessions_active", **listener) == 0
     assert value(samples, "l4proxy_listener_bytes_in_total", **listener) == sum(sizes)
     assert value(samples, "l4proxy_listener_bytes_out_total", **listener) == sum(sizes)
-    # the refused member is tried first on every other client (ties rotate) until fall=3 takes it DOWN
+    # the refused member is tried first on every other client (ties rotate) until eject_after=3 ejects it
     bad = {"pool": "default", "member": str(refused)}
     assert value(samples, "l4proxy_member_connect_failures_total", **bad, kind="refused") == 3
     assert value(samples, "l4proxy_member_connect_attempts_total", **bad) == 3
     assert value(samples, "l4proxy_member_sessions_total", **bad) == 0
-    assert value(samples, "l4proxy_member_status", **bad, state="DOWN") == 1
+    assert value(samples, "l4proxy_member_status", **bad, state="EJECTED") == 1
+    assert value(samples, "l4proxy_member_status", **bad, state="DOWN") == 0
     assert value(samples, "l4proxy_member_status", **bad, state="UP") == 0
-    assert value(samples, "l4proxy_member_state_changes_total", **bad) == 1  # UP to DOWN
-    assert value(samples, "l4proxy_member_ejections_total", **bad) == 1  # no checks: out for eject_time
+    assert value(samples, "l4proxy_member_state_changes_total", **bad) == 1  # ejected
+    assert value(samples, "l4proxy_member_ejections_total", **bad) == 1
     assert value(samples, "l4proxy_pool_retries_total", pool="default") == 3
     assert value(samples, "l4proxy_pool_no_upstream_total", pool="default") == 0
     for good in (u0, u1):
