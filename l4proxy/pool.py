@@ -52,6 +52,7 @@ from .outlier import Event as Outlier
 log = logging.getLogger("l4proxy.health")
 
 IN = State.IN
+_EARLY = 0.001  # uvloop's timers count whole milliseconds and may fire up to one early
 _PASSIVE = {Event.TRAFFIC_FAIL: Outlier.FAILURE, Event.TRAFFIC_OK: Outlier.SUCCESS, Event.EJECTION_OVER: Outlier.EXPIRE}
 
 
@@ -267,7 +268,10 @@ class Pool:
     # outlier ejection
 
     def _observe(self, member: Member, event: Outlier, reason: str) -> None:
-        change = self.outliers.observe(member.outlier, event, asyncio.get_running_loop().time(), reason)
+        now = asyncio.get_running_loop().time()
+        if event is Outlier.EXPIRE:  # sent only once due (``_expire``), whatever a millisecond clock says now
+            now = max(now, member.outlier.until)
+        change = self.outliers.observe(member.outlier, event, now, reason)
         if change is not None:
             self._ejection_changed(member, change)
 
@@ -307,7 +311,7 @@ class Pool:
         """The earliest ejection's end has come: end every ejection due (through ``report``, so the
         supervisor publishes the change to the workers)."""
         self._ejections = None
-        now = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time() + _EARLY
         for member in self.members:
             if member.outlier.state is not IN and member.outlier.until <= now:
                 self.report(member, Event.EJECTION_OVER)

@@ -5,8 +5,10 @@ actions change routing, and errors are JSON naming what was not found."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,8 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
                 assert await exchange(proxy.port(), b"x" * size) == b"x" * size
             await access.wait_for(len(sizes))
             text, samples = await scrape(admin)
+            _, snapshot = await get_json(admin, "GET", "/status")
+            ejected_at = time.time()
     listener = {"listener": "default"}
     assert value(samples, "l4proxy_listener_accepted_total", **listener) == 6
     assert value(samples, "l4proxy_listener_sessions_total", **listener) == 6
@@ -118,6 +122,14 @@ async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly
     assert value(samples, "l4proxy_member_status", **bad, state="UP") == 0
     assert value(samples, "l4proxy_member_state_changes_total", **bad) == 1  # ejected
     assert value(samples, "l4proxy_member_ejections_total", **bad) == 1
+    pool_json = snapshot["pools"][0]
+    assert (pool_json["ejections"], pool_json["ejected_members"], pool_json["eligible_members"]) == (1, 1, 2)
+    bad_json = pool_json["members"][0]
+    assert (bad_json["state"], bad_json["health"], bad_json["ejections"]) == ("EJECTED", "up", 1)
+    assert bad_json["why"] == "ejected for 30s after 3 failures in a row: connect failed: refused"
+    until = calendar.timegm(time.strptime(bad_json["ejected_until"], "%Y-%m-%dT%H:%M:%SZ"))
+    assert ejected_at + 30 - 5 < until <= ejected_at + 30 + 1  # the stamp has whole seconds
+    assert all(m["ejected_until"] is None for m in pool_json["members"][1:])
     assert value(samples, "l4proxy_pool_retries_total", pool="default") == 3
     assert value(samples, "l4proxy_pool_no_upstream_total", pool="default") == 0
     for good in (u0, u1):
