@@ -278,12 +278,11 @@ class Pool:
     def _ejection_changed(self, member: Member, change: Change) -> None:
         """Log ``change`` once, count an ejection, and keep the timer at the earliest end of one."""
         where = f"pool {self.name} member {member.name}"
+        policy = self.outliers.policy
+        failures = f"{policy.eject_after} failure{'s' * (policy.eject_after != 1)} in a row"
         if change.verdict is Verdict.EJECTED:
-            assert change.until is not None
-            policy = self.outliers.policy
             seconds = policy.duration(change.ejections)
             nth = "" if change.ejections == 1 else f", ejection {change.ejections} in a row"
-            failures = f"{policy.eject_after} failure{'s' * (policy.eject_after != 1)} in a row"
             why = f"ejected for {seconds:g}s after {failures}{nth}: {change.reason}"
             member.stats.ejections += 1
             member.stats.changed(why, time.time())
@@ -295,7 +294,7 @@ class Pool:
             if self.config.slow_start and member.health.up:
                 self._start_ramp(member)
         else:
-            log.warning("%s %s", where, change.reason)  # held: the reason says by what
+            log.warning("%s held in after %s: %s", where, failures, change.reason)  # the reason names the cap
         self._arm()
 
     def _arm(self) -> None:

@@ -36,7 +36,7 @@ QUIET = HealthConfig(enabled=False)
 
 
 def ejection_lines(caplog: pytest.LogCaptureFixture, word: str = "") -> list[str]:
-    """The pool's ejection lines (``ejected for``, ``back from ejection``, ``not ejected``), in order."""
+    """The pool's ejection lines (``ejected for``, ``back from ejection``, ``held in``), in order."""
     found = []
     for record in caplog.records:
         message = record.getMessage()
@@ -174,7 +174,7 @@ async def test_max_ejected_percent_holds_and_the_held_member_is_logged_once(capl
         for m in ejected
     )
     assert ejection_lines(caplog, "not ejected") == [
-        f"pool default member {held[0].name} connect failed: refused;"
+        f"pool default member {held[0].name} held in after 1 failure in a row: connect failed: refused;"
         " not ejected: 2 of 4 members already out (max_ejected_percent 50)"
     ]
 
