@@ -278,7 +278,7 @@ _HALF_A_CLIENT_CERT = "a client certificate needs both a cert and a key"
         (
             PoolConfig,
             {"members": _MEMBERS, "eject_time": 30.0, "max_eject_time": 10.0},
-            "max_eject_time 10.0: must be at least eject_time (30s)",
+            "max_eject_time 10.0: must be at least the eject time (30s)",
         ),
         (
             PoolConfig,

@@ -157,7 +157,7 @@ PROBLEMS = [
         "f.toml:8: pools.p.max_ejected_percent: must be a percent, 0..100 (got 150)",
         "f.toml:9: pools.p.eject_time: must be greater than 0 (got 0.0)"]),
     (BASE + 'max_eject_time = "10s"\n', [
-        "f.toml:7: pools.p.max_eject_time: must be at least eject_time (30s) (got 10.0)"]),
+        "f.toml:7: pools.p.max_eject_time: must be at least the eject time (30s) (got 10.0)"]),
     (BASE + '[pools.p.health]\neject_time = "10s"\n', ["f.toml:8: pools.p.health.eject_time: no such setting"]),
     # SNI routes
     (BASE.replace('"p"\n', '"p"\nsni = { "a.example" = "p", "*.b.example" = "pq", "a.*.x" = "p" }\n'), [

@@ -239,7 +239,7 @@ def test_a_success_with_no_streak_takes_the_fast_path_and_changes_nothing() -> N
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"eject_after": 0}, "eject_after 0: must be at least 1"),
     ({"eject_time": 0}, "eject_time 0: must be greater than 0"),
-    ({"eject_time": 30, "max_eject_time": 10}, "max_eject_time 10: must be at least eject_time (30s)"),
+    ({"eject_time": 30, "max_eject_time": 10}, "max_eject_time 10: must be at least the eject time (30s)"),
     ({"max_ejected_percent": 101}, "max_ejected_percent 101: must be a percent, 0..100"),
     ({"max_ejected_percent": -1}, "max_ejected_percent -1: must be a percent, 0..100"),
 ])
