@@ -2,9 +2,10 @@
 
 The pick takes the member with the lowest ``(active + 1) / weight`` (HAProxy's weighted leastconn: the
 load the member would have with this session, per unit of weight), compared by integer
-cross-multiplication, never floats. Eligible means UP, not yet tried for this client, and below its
-``max_conns``. Ties rotate: the scan starts one place after the previous pick, so idle members share
-new sessions evenly instead of the first member taking every tie.
+cross-multiplication, never floats. Eligible means UP, not ejected (``outlier.py``: the pool decides,
+the pick reads the state), not yet tried for this client, and below its ``max_conns``. Ties rotate:
+the scan starts one place after the previous pick, so idle members share new sessions evenly instead
+of the first member taking every tie.
 
 Backups (``MemberConfig.backup``) are picked only while no other member is eligible, and then share
 the load among themselves by the same weighted least-connections, with their own rotation. A retry
@@ -12,9 +13,10 @@ whose client has tried every other member therefore goes to a backup before it r
 
 When no member is eligible the pick returns None and the client is closed at once, as HAProxy does
 with all servers down. **Panic mode** is off by default: with ``panic_threshold`` P, while fewer than
-P percent of the members are UP, ``take`` ignores health (Envoy's panic threshold), on the bet that
-the checks are wrong rather than most members down. Off by default because l4proxy fronts databases:
-sending writes to a member believed down (a demoted primary) is worse than refusing them.
+P percent of the members are UP and not ejected, ``take`` ignores health and ejections (Envoy's panic
+threshold), on the bet that the checks are wrong rather than most members down. Off by default
+because l4proxy fronts databases: sending writes to a member believed down (a demoted primary) is worse
+than refusing them.
 
 A member is identified by its key (``member_keys``: its configured ``host:port``), not by its place in
 the list, so ``update`` can change the members in place: members that stay keep their object, and with
@@ -47,9 +49,11 @@ from .config import Address, HealthConfig, MemberConfig, Resolved, Service, as_m
 from .counters import READY, MemberCounters
 from .errors import ConfigError
 from .health import HealthState, Status
+from .outlier import MemberOutlier, State
 from .slowstart import SlowStart, scaled
 
 UP = Status.UP
+IN, OUT = State.IN, State.OUT
 UNLIMITED = 1 << 62  # the effective cap of a member without max_conns: no count reaches it
 
 
@@ -84,7 +88,7 @@ class Member:
 
     __slots__ = (
         "active", "address", "admin", "backup", "config", "draining", "full", "health", "index", "key", "limit",
-        "name", "share", "slot", "slow", "stats", "total", "turn", "weight",
+        "name", "outlier", "share", "slot", "slow", "stats", "total", "turn", "weight",
     )  # fmt: skip
 
     def __init__(self, config: MemberConfig, key: str, health: HealthConfig, slow_start: float = 0.0) -> None:
@@ -96,6 +100,7 @@ class Member:
         self.total = 0
         self.draining = False
         self.health = HealthState(health.rise, health.fall)
+        self.outlier = MemberOutlier(key)  # its pool's OutlierTable replaces it with the one it tracks
         self.admin = READY
         self.stats = MemberCounters()
         self.slow = SlowStart(slow_start)
@@ -129,9 +134,14 @@ class Member:
         return self.health.up
 
     @property
+    def ejected(self) -> bool:
+        """Taken out of the pick by outlier ejection (``outlier.py``) for now."""
+        return self.outlier.state is OUT
+
+    @property
     def eligible(self) -> bool:
-        """UP and not held by the operator: the pick may choose it."""
-        return self.health.up and not self.admin
+        """UP, not ejected and not held by the operator: the pick may choose it."""
+        return self.health.up and self.outlier.state is IN and not self.admin
 
     def __repr__(self) -> str:
         return f"<Member {self.name} active={self.active} {self.health.status.value}>"
@@ -249,8 +259,10 @@ class Balancer:
             member = members[(start + offset) % count]
             if member in tried:
                 continue
-            if view is None:  # one process: this process's counts and health are the truth
-                if (member.health.status is not UP and healthy) or member.admin:  # panic: health, not the operator
+            if view is None:  # one process: this process's counts, health and ejections are the truth
+                if member.admin:  # panic ignores health and ejections, never the operator
+                    continue
+                if healthy and (member.health.status is not UP or member.outlier.state is not IN):
                     continue
                 active = member.active
             else:  # several workers: every worker's count, status from the supervisor
@@ -328,10 +340,10 @@ class Balancer:
             full.append(member)
 
     def panicking(self) -> bool:
-        """Whether fewer than ``panic_threshold`` percent of the members are UP (Envoy's panic mode)."""
+        """Whether fewer than ``panic_threshold`` percent of the members are UP and in (Envoy's panic mode)."""
         members = self.members
         if self.view is None:
-            up = sum(1 for m in members if m.health.status is UP)
+            up = sum(1 for m in members if m.health.status is UP and m.outlier.state is IN)
         else:
             view = self.view
             up = sum(1 for m in members if view.up(m.slot))

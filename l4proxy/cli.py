@@ -160,7 +160,6 @@ class Need:
 TLS_IN = Need("needs --tls-cert and --tls-key", lambda given: bool({"--tls-cert", "--tls-key"} & given))
 TLS_OUT = Need("needs --upstream-tls", lambda given: "--upstream-tls" in given)
 PROBES = Need("has no effect with --no-health-checks", lambda given: "--no-health-checks" not in given)
-NO_PROBES = Need("applies only with --no-health-checks", lambda given: "--no-health-checks" in given)
 PROXY_IN = Need("needs --accept-proxy", lambda given: "--accept-proxy" in given)
 VERIFIED = Need(
     "has no effect with --upstream-insecure (nothing is verified)", lambda given: "--upstream-insecure" not in given
@@ -254,6 +253,16 @@ OPTIONS: tuple[Option, ...] = (
            parse=_DURATION, metavar="DURATION"),
     Option("--max-queue", f"{_POOL}.max_queue", "upstreams", "Clients that may wait for a place at once (per"
            " worker process); past it a client is refused; 0: none wait.", "1024", _whole, "N"),
+    Option("--eject-after", f"{_POOL}.eject_after", "upstreams", "Eject a member after this many failures of"
+           " client connects in a row (refused, timed out, TLS handshake failed); a served connect resets the"
+           " count.", "5", _whole, "N"),
+    Option("--eject-time", f"{_POOL}.eject_time", "upstreams", "How long a first ejection lasts; the k-th in a"
+           " row lasts k times as long, up to --max-eject-time. A passing health check ends it early.", "30s",
+           _DURATION, "DURATION"),
+    Option("--max-eject-time", f"{_POOL}.max_eject_time", "upstreams", "The longest an ejection lasts.", "300s",
+           _DURATION, "DURATION"),
+    Option("--max-ejected-percent", f"{_POOL}.max_ejected_percent", "upstreams", "At most this percent of a"
+           " pool's members are ejected at once; one member always may be.", "50", _whole, "PERCENT"),
     Option("--resolve-interval", f"{_POOL}.resolve_interval", "upstreams", "Resolve members given as DNS names"
            " (HOST or srv:NAME) again this often; each address they resolve to is a member.", "10s", _DURATION,
            "DURATION"),
@@ -268,8 +277,8 @@ OPTIONS: tuple[Option, ...] = (
            _DURATION, "DURATION", needs=(PROBES,)),
     Option("--rise", f"{_POOL}.health.rise", "health", "Consecutive passing probes that bring a DOWN member"
            " back UP.", "2", _whole, "N", needs=(PROBES,)),
-    Option("--fall", f"{_POOL}.health.fall", "health", "Consecutive failures (probes or client connects) that"
-           " take an UP member DOWN.", "3", _whole, "N"),
+    Option("--fall", f"{_POOL}.health.fall", "health", "Consecutive failing probes that take an UP member"
+           " DOWN.", "3", _whole, "N", needs=(PROBES,)),
     Option("--health-send", f"{_POOL}.health.send", "health", "Probe payload to send after connecting, e.g."
            r" 'PING\r\n' (escapes below).", parse=_plain(parse_escapes), metavar="BYTES", needs=(PROBES,)),
     Option("--health-expect", f"{_POOL}.health.expect", "health", "The probe passes only if the reply starts"
@@ -292,10 +301,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--split-brain", f"{_POOL}.split_brain", "health", "With a *-primary check, when several members"
            " claim the primary role: route to none, or to the one that turned primary last.", "fail-closed",
            metavar="|".join(SPLIT_BRAIN)),
-    Option("--no-health-checks", f"{_POOL}.health.enabled", "health",
-           "Turn active probes off (failed client connects still take members DOWN).", parse=_off, switch=True),
-    Option("--eject-time", f"{_POOL}.health.eject_time", "health", "With --no-health-checks, how long a member"
-           " taken DOWN by failed connects stays out.", "10s", _DURATION, "DURATION", needs=(NO_PROBES,)),
+    Option("--no-health-checks", f"{_POOL}.health.enabled", "health", "Turn active probes off (members stay UP;"
+           " failing ones are still ejected, see --eject-after).", parse=_off, switch=True),
     Option("--accept-proxy", f"{_LISTENER}.accept_proxy", "access", "Clients start with a PROXY protocol header"
            " (v1 or v2, from a load balancer in front); the address it carries is the client's.", parse=_on,
            switch=True),

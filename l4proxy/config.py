@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from . import checks
 from .acl import parse_cidr
 from .errors import ConfigError
+from .outlier import OutlierPolicy
 from .sniroutes import parse_pattern
 
 # --- textual forms ---------------------------------------------------------------------------------
@@ -329,7 +330,8 @@ class HealthConfig:
     A probe is a TCP connect, then the conversation of ``check`` (``checks.KINDS``; unset: send-expect
     when ``send`` or ``expect`` are set, else tcp): ``send``/``expect``/``expect_match``, an HTTP
     ``GET path`` on ``port`` passing on ``status``, or a Redis or PostgreSQL login with the credentials
-    in the file ``auth``. Passive failures (failed connects of real clients) count toward ``fall`` as well.
+    in the file ``auth``. Failed connects of real clients do not count here: they feed outlier ejection
+    (``PoolConfig.eject_after``, ``outlier.py``).
     """
 
     interval: float = 2.0
@@ -339,7 +341,6 @@ class HealthConfig:
     send: bytes = b""
     expect: bytes = b""
     enabled: bool = True
-    eject_time: float = 10.0
     check: str | None = None
     expect_match: str = "prefix"
     path: str | None = None  # http: "/" when unset
@@ -359,7 +360,6 @@ class HealthConfig:
         )  # fmt: skip
         _positive("interval", self.interval)
         _positive("timeout", self.timeout)
-        _positive("eject_time", self.eject_time)
         if self.rise < 1:
             raise ConfigError("rise", self.rise, "must be at least 1")
         if self.fall < 1:
@@ -456,6 +456,15 @@ class PoolConfig:
     on_member_down: str | None = None  # 'keep' a DOWN member's sessions or 'close' them; None: close if *-primary
     queue_timeout: float | None = None  # longest wait for a member below its max_conns; None: connect_timeout
     max_queue: int = 1024  # clients that may wait at once (per process); 0: none wait, all are refused
+    eject_after: int = 5  # local-origin failures in a row that eject a member (outlier.py)
+    eject_time: float = 30.0  # the first ejection's length; the k-th in a row lasts k times as long...
+    max_eject_time: float = 300.0  # ...up to this
+    max_ejected_percent: int = 50  # of the pool's members, at most, ejected at once (one always may be)
+
+    @property
+    def outlier(self) -> OutlierPolicy:
+        """The ejection settings, as ``outlier.py`` takes them."""
+        return OutlierPolicy(self.eject_after, self.eject_time, self.max_eject_time, self.max_ejected_percent)
 
     @property
     def watched_as(self) -> str | None:
@@ -505,6 +514,11 @@ class PoolConfig:
             _positive("queue_timeout", self.queue_timeout)
         if type(self.max_queue) is not int or self.max_queue < 0:
             raise ConfigError("max_queue", self.max_queue, "must be 0 (no queue) or more")
+        if type(self.eject_after) is not int:
+            raise ConfigError("eject_after", self.eject_after, "must be a whole number, at least 1")
+        if type(self.max_ejected_percent) is not int:
+            raise ConfigError("max_ejected_percent", self.max_ejected_percent, "must be a percent, 0..100")
+        self.outlier  # noqa: B018 - checks the numbers (OutlierPolicy raises ConfigError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,7 +123,7 @@ class MemberCounters:
         self.since = since  # wall-clock time of the last change of state (health or admin)
         self.why = "started"
         self.state_changes = 0  # changes of health or operator state
-        self.ejections = 0  # times taken out for eject_time by failed connects (no active checks)
+        self.ejections = 0  # times failed client connects ejected it (outlier.py)
 
     def connect_failed(self, cause: str) -> None:
         self.connect_failures[connect_kind(cause)] += 1

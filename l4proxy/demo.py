@@ -92,7 +92,7 @@ async def main() -> None:
         await beta.stop()
         await burst(port, 6, "during outage")
         await _until(lambda: not proxy.pools["default"].members[1].up)
-        say("beta is DOWN (failed connects count like failed probes: see the log); it gets no new clients")
+        say("beta is DOWN (two failed probes in a row: see the log); it gets no new clients")
         await burst(port, 4, "while down")
 
         say("beta comes back on the same port; after 2 passing probes it is UP again")

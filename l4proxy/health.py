@@ -1,16 +1,16 @@
-"""Member health as a small state machine: rise/fall hysteresis over active and passive results.
+"""Member health as a small state machine: rise/fall hysteresis over active probe results.
 
 Rules (one table, ``_TRANSITIONS``, below):
 
 * A member starts UP, as in HAProxy, so a fresh proxy serves at once.
-* In UP, each failure (an active probe or a real client's failed connect) adds to a streak; ``fall``
-  failures in a row take it DOWN. Any success resets the streak.
-* In DOWN, only active probe successes count: ``rise`` in a row bring it UP; a failure resets the
-  streak. Passive results are ignored while DOWN (no new clients are sent there anyway).
-* Without active probes nothing would ever bring a DOWN member back, so the pool reports
-  ``EJECTION_OVER`` after the ejection time (nginx's ``fail_timeout``) and the member is UP again at
-  once; if it still fails, ``fall`` more failures eject it again.
+* In UP, each failing probe adds to a streak; ``fall`` failures in a row take it DOWN. A pass resets
+  the streak.
+* In DOWN, ``rise`` passes in a row bring it UP; a failure resets the streak.
 * Every change of status is reported once, with the reason of the result that caused it.
+
+Real clients' connects are not health results: they feed outlier ejection (``outlier.py``), which the
+pool runs beside this table. ``Event`` names both kinds, as ``Pool.report`` takes them; only the probe
+events come here. Without probes a member stays UP, and only ejection takes it out of the pick.
 
 The module is pure: no sockets, no clock. The prober that runs probes lives in ``prober.py``.
 """
@@ -29,6 +29,9 @@ class Status(enum.Enum):
 
 
 class Event(enum.Enum):
+    """A result ``Pool.report`` takes: probes (health, here) or clients' connects and the ejection timer
+    (outlier ejection, ``outlier.py``)."""
+
     __hash__ = object.__hash__
 
     PROBE_OK = "probe_ok"
@@ -41,21 +44,15 @@ class Event(enum.Enum):
 class _Act(enum.Enum):
     RESET = "reset"  # the result agrees with the status: clear the streak
     COUNT = "count"  # the result contradicts the status: one more toward a change
-    IGNORE = "ignore"
-    FLIP = "flip"  # change status now, whatever the streak
 
+
+PROBES = (Event.PROBE_OK, Event.PROBE_FAIL)  # the events this table takes
 
 _TRANSITIONS: dict[tuple[Status, Event], _Act] = {
     (Status.UP, Event.PROBE_OK): _Act.RESET,
-    (Status.UP, Event.TRAFFIC_OK): _Act.RESET,
     (Status.UP, Event.PROBE_FAIL): _Act.COUNT,
-    (Status.UP, Event.TRAFFIC_FAIL): _Act.COUNT,
     (Status.DOWN, Event.PROBE_OK): _Act.COUNT,
     (Status.DOWN, Event.PROBE_FAIL): _Act.RESET,
-    (Status.DOWN, Event.TRAFFIC_OK): _Act.IGNORE,
-    (Status.DOWN, Event.TRAFFIC_FAIL): _Act.IGNORE,
-    (Status.UP, Event.EJECTION_OVER): _Act.IGNORE,
-    (Status.DOWN, Event.EJECTION_OVER): _Act.FLIP,
 }
 
 
@@ -90,21 +87,16 @@ class HealthState:
         self.status, self.streak, self.last_reason = Status.DOWN, self.rise - 1, reason
 
     def observe(self, event: Event, reason: str = "") -> Change | None:
-        """Apply one result; return the Change when the status flips, else None."""
-        if event is Event.TRAFFIC_OK and self.streak == 0 and self.status is Status.UP:
-            return None  # every successful connect: nothing to change, so skip the table
+        """Apply one probe result (``PROBES``); return the Change when the status flips, else None."""
         act = _TRANSITIONS[(self.status, event)]
-        if act is _Act.IGNORE:
-            return None
         if reason:
             self.last_reason = reason
         if act is _Act.RESET:
             self.streak = 0
             return None
-        if act is _Act.COUNT:
-            self.streak += 1
-            if self.streak < (self.fall if self.status is Status.UP else self.rise):
-                return None
+        self.streak += 1
+        if self.streak < (self.fall if self.status is Status.UP else self.rise):
+            return None
         old, self.status, self.streak = self.status, _other(self.status), 0
         return Change(old, self.status, reason)
 

@@ -146,12 +146,14 @@ def _members(snap: Snapshot) -> Iterator[Metric]:
         "l4proxy_member_connect_duration_seconds", "Connects that made sessions, by their time to connected.", M
     )
     failures = _counter("l4proxy_member_connect_failures", "Failed upstream connects, by kind.", [*M, "kind"])
-    state = _gauge("l4proxy_member_status", "1 for the member's current state (UP, DOWN, DRAIN, MAINT).", [*M, "state"])
+    state = _gauge(
+        "l4proxy_member_status", "1 for the member's current state (UP, DOWN, DRAIN, MAINT, EJECTED).", [*M, "state"]
+    )
     checks = _counter("l4proxy_member_checks", "Health probe results.", [*M, "result"])
     check_failures = _counter("l4proxy_member_check_failures", "Failed health probes, by kind.", [*M, "kind"])
     latency = _gauge("l4proxy_member_check_duration_seconds", "How long the last health probe took.", M)
     changes = _counter("l4proxy_member_state_changes", "Changes of health or operator state.", M)
-    ejections = _counter("l4proxy_member_ejections", "Times failed connects took it out for eject_time.", M)
+    ejections = _counter("l4proxy_member_ejections", "Times failed client connects ejected it (outlier ejection).", M)
     for pool in snap.pools:
         for m in pool.members:
             labels = [pool.name, m.name]

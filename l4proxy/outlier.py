@@ -48,9 +48,10 @@ class OutlierPolicy:
         if not self.eject_time > 0:
             raise ConfigError("eject_time", self.eject_time, "must be greater than 0")
         if not self.max_eject_time >= self.eject_time:
-            raise ConfigError("max_eject_time", self.max_eject_time, f"must be at least eject_time ({self.eject_time})")
+            problem = f"must be at least the eject time ({self.eject_time:g}s)"
+            raise ConfigError("max_eject_time", self.max_eject_time, problem)
         if not 0 <= self.max_ejected_percent <= 100:
-            raise ConfigError("max_ejected_percent", self.max_ejected_percent, "must be 0..100")
+            raise ConfigError("max_ejected_percent", self.max_ejected_percent, "must be a percent, 0..100")
 
     @property
     def max_ejections(self) -> int:

@@ -1,8 +1,15 @@
-"""A pool at run time: its balancer, its settings, and one place that logs health changes.
+"""A pool at run time: its balancer, its settings, and one place that logs health and ejection changes.
 
 Both the dialer (passive results) and the prober (active results) report through ``Pool.report``, so
 each change of a member's status is logged exactly once, with the reason that caused it. The dialer's
 successful connects go through ``Pool.connect_ok``, which skips the report when it would change nothing.
+
+**Outlier ejection** (``outlier.py``; ``PoolConfig.eject_after`` and co.): real clients' failed
+connects feed the pool's ``OutlierTable``, never the probes' rise/fall; ``eject_after`` in a row take
+the member out of the pick for a time that grows with each ejection in a row, a served connect
+clears the streak, a passing probe ends an ejection early, and one timer per pool, at the table's
+``next_deadline``, ends the others. Sessions already on an ejected member go on. Each ejection,
+return and ejection held back by ``max_ejected_percent`` is logged once; ejections are counted.
 
 **Slow start** (``PoolConfig.slow_start``): a member that comes back UP (probes, or the end of an
 ejection) ramps from 10% of its weight and max_conns to all of them over that time (``slowstart.py``):
@@ -39,10 +46,14 @@ from .config import Address, MemberConfig, PoolConfig
 from .counters import DISABLED, DRAIN, READY
 from .discovery import Target, unresolved_members
 from .health import Event, Status
+from .outlier import Change, OutlierTable, State, Verdict
+from .outlier import Event as Outlier
 
 log = logging.getLogger("l4proxy.health")
 
-UP = Status.UP
+IN = State.IN
+_EARLY = 0.001  # uvloop's timers count whole milliseconds and may fire up to one early
+_PASSIVE = {Event.TRAFFIC_FAIL: Outlier.FAILURE, Event.TRAFFIC_OK: Outlier.SUCCESS, Event.EJECTION_OVER: Outlier.EXPIRE}
 
 
 class Probes(Protocol):
@@ -158,7 +169,10 @@ class Pool:
         self.retries = 0  # connect attempts after a client's first
         self.timed = False  # connects are timed for the member's histogram (Proxy.time_sessions)
         self.queue = WaitQueue(self)  # clients waiting for a member below its max_conns (per process)
-        self._ejections: dict[Member, asyncio.TimerHandle] = {}
+        self.outliers = OutlierTable(config.outlier)
+        for member in self.members:
+            member.outlier = self.outliers.add(member.key)
+        self._ejections: asyncio.TimerHandle | None = None  # at the earliest end of an ejection
         self._ramps: dict[Member, asyncio.TimerHandle] = {}  # the next step of each slow-start ramp
         self.forward: Callable[[Member, Event, str], None] | None = None  # health decided elsewhere
         self.probes: Probes | None = None  # set by a running prober
@@ -186,6 +200,7 @@ class Pool:
         self.balancer.health = config.health
         self.balancer.slow_start, self.balancer.panic_threshold = config.slow_start, config.panic_threshold
         self.budget.percent = config.retry_budget
+        self.outliers.policy = config.outlier  # ejections under way keep their end
         for member in [*self.members, *self.balancer.draining.values()]:
             member.health.rise, member.health.fall = config.health.rise, config.health.fall
         self.config = dataclasses.replace(config, members=self.config.members)
@@ -202,13 +217,12 @@ class Pool:
                 if member.key in check_first:
                     member.health.await_probe("a new address, not probed yet")
         for member in removed:
-            for timers in (self._ejections, self._ramps):
-                timer = timers.pop(member, None)
-                if timer is not None:
-                    timer.cancel()
-        for member in added:  # a DOWN member added back while it drained: its ejection starts again
-            if not member.health.up and self.forward is None and not self.config.health.enabled:
-                self._eject(member)
+            self.outliers.remove(member.key)  # an ejected one frees its place under max_ejected_percent
+            timer = self._ramps.pop(member, None)
+            if timer is not None:
+                timer.cancel()
+        for member in added:  # new, or back from draining: in, with no history
+            member.outlier = self.outliers.add(member.key)
         if self.probes is not None:
             self.probes.sync()
         if removed and self.leaving is not None:
@@ -225,18 +239,24 @@ class Pool:
 
     def connect_ok(self, member: Member) -> None:
         """A client's connect to ``member`` succeeded: report it only when it could change something
-        (a failure streak to clear, a status to decide, or results forwarded to the supervisor)."""
-        health = member.health
-        if health.streak or health.status is not UP or self.forward is not None:
+        (a failure streak to clear, or results forwarded to the supervisor)."""
+        if member.outlier.streak or self.forward is not None:
             self.report(member, Event.TRAFFIC_OK)
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
-        """Feed a result to the member's health; log the change of status, if any."""
+        """Feed a result to the member's health (probes) or ejection state (clients' connects, the
+        ejection timer); log the change, if any."""
         if self.forward is not None:
             self.forward(member, event, reason)
             return
         if member.draining:  # a dial or probe that was in flight when the member was removed
             return
+        passive = _PASSIVE.get(event)
+        if passive is not None:
+            self._observe(member, passive, reason)
+            return
+        if event is Event.PROBE_OK and member.outlier.state is not IN:
+            self._observe(member, Outlier.PROBE_OK, "")  # "active check passed"
         change = member.health.observe(event, reason)
         if change is None:
             return
@@ -246,12 +266,61 @@ class Pool:
             self._stop_ramp(member)
             if self.on_down is not None and self.config.on_member_down == "close":
                 self.on_down(self, member, "is DOWN")
-            if not self.config.health.enabled:  # no probe will bring it back: the ejection time will
-                self._eject(member)
         else:
             log.info("pool %s member %s is UP: %s", self.name, member.name, change.reason)
-            if self.config.slow_start:
+            if self.config.slow_start and member.outlier.state is IN:
                 self._start_ramp(member)
+
+    # outlier ejection
+
+    def _observe(self, member: Member, event: Outlier, reason: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if event is Outlier.EXPIRE:  # sent only once due (``_expire``), whatever a millisecond clock says now
+            now = max(now, member.outlier.until)
+        change = self.outliers.observe(member.outlier, event, now, reason)
+        if change is not None:
+            self._ejection_changed(member, change)
+
+    def _ejection_changed(self, member: Member, change: Change) -> None:
+        """Log ``change`` once, count an ejection, and keep the timer at the earliest end of one."""
+        where = f"pool {self.name} member {member.name}"
+        policy = self.outliers.policy
+        failures = f"{policy.eject_after} failure{'s' * (policy.eject_after != 1)} in a row"
+        if change.verdict is Verdict.EJECTED:
+            seconds = policy.duration(change.ejections)
+            nth = "" if change.ejections == 1 else f", ejection {change.ejections} in a row"
+            why = f"ejected for {seconds:g}s after {failures}{nth}: {change.reason}"
+            member.stats.ejections += 1
+            member.stats.changed(why, time.time())
+            log.warning("%s %s", where, why)
+            self._stop_ramp(member)
+        elif change.verdict is Verdict.RETURNED:
+            member.stats.changed(f"back from ejection: {change.reason}", time.time())
+            log.info("%s back from ejection: %s", where, change.reason)
+            if self.config.slow_start and member.health.up:
+                self._start_ramp(member)
+        else:
+            log.warning("%s held in after %s: %s", where, failures, change.reason)  # the reason names the cap
+        self._arm()
+
+    def _arm(self) -> None:
+        deadline = self.outliers.next_deadline()
+        timer = self._ejections
+        if timer is not None and deadline is not None and timer.when() == deadline:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._ejections = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        """The earliest ejection's end has come: end every ejection due (through ``report``, so the
+        supervisor publishes the change to the workers)."""
+        self._ejections = None
+        now = asyncio.get_running_loop().time() + _EARLY
+        for member in self.members:
+            if member.outlier.state is not IN and member.outlier.until <= now:
+                self.report(member, Event.EJECTION_OVER)
+        self._arm()
 
     # slow start
 
@@ -309,19 +378,12 @@ class Pool:
         if allowed and self.queue:
             self.queue.serve()
 
-    def _eject(self, member: Member) -> None:
-        member.stats.ejections += 1
-        loop = asyncio.get_running_loop()
-        self._ejections[member] = loop.call_later(self.config.health.eject_time, self._ejection_over, member)
-
-    def _ejection_over(self, member: Member) -> None:
-        self._ejections.pop(member, None)
-        self.report(member, Event.EJECTION_OVER, f"ejection time ({self.config.health.eject_time:g}s) over")
-
     def close(self) -> None:
         """Cancel pending ejection and ramp timers (the proxy is stopping)."""
         self.queue.close()
-        for timers in (self._ejections, self._ramps):
-            for timer in timers.values():
-                timer.cancel()
-            timers.clear()
+        if self._ejections is not None:
+            self._ejections.cancel()
+            self._ejections = None
+        for timer in self._ramps.values():
+            timer.cancel()
+        self._ramps.clear()

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .proxy import Proxy
     from .relay import Session
 
-STATES = ("UP", "DOWN", "DRAIN", "MAINT")  # as HAProxy's haproxy_server_status states
+STATES = ("UP", "DOWN", "DRAIN", "MAINT", "EJECTED")  # HAProxy's haproxy_server_status states, and ejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +76,7 @@ class MemberView:
     state_changes: int = 0
     ejections: int = 0
     connects: Buckets = field(default_factory=lambda: empty(CONNECT_BOUNDS))  # the connects that made sessions
+    ejected_until: float | None = None  # wall-clock seconds, while ejected (outlier.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +153,14 @@ class Source(Protocol):
 
 
 def state_of(member: Member, up: bool | None = None) -> str:
-    """The member's state as one word: the operator's hold wins over health."""
+    """The member's state as one word: the operator's hold wins over health, health over an ejection."""
     if member.admin == DISABLED:
         return "MAINT"
     if member.admin == DRAIN:
         return "DRAIN"
-    return "UP" if (member.health.up if up is None else up) else "DOWN"
+    if not (member.health.up if up is None else up):
+        return "DOWN"
+    return "EJECTED" if member.ejected else "UP"
 
 
 def check_failures(probers: Sequence[Prober], pool: Pool, member: Member) -> dict[str, int]:
@@ -233,6 +236,7 @@ def member_view(
         state_changes=stats.state_changes,
         ejections=stats.ejections,
         connects=stats.connects.view(),
+        ejected_until=time.time() + member.outlier.until - time.monotonic() if member.ejected else None,
     )
 
 
@@ -351,6 +355,7 @@ def member_json(member: MemberView) -> dict[str, Any]:
         "bytes_out": member.bytes_out,
         "state_changes": member.state_changes,
         "ejections": member.ejections,
+        "ejected_until": None if member.ejected_until is None else _stamp(member.ejected_until),
         "checks": {"passed": member.checks_passed, "failed": member.checks_failed, "failures": member.check_failures},
         "last_check": {
             "result": member.last_check or None,
@@ -384,6 +389,8 @@ def status(snap: Snapshot) -> dict[str, Any]:
             "eligible_members": pool.eligible,
             "retries": pool.retries,
             "no_upstream": pool.no_upstream,
+            "ejections": sum(m.ejections for m in pool.members),
+            "ejected_members": sum(1 for m in pool.members if m.ejected_until is not None),
             "queue": {
                 "waiting": pool.queue.waiting,
                 "refused_full": pool.queue.full,

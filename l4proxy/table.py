@@ -52,6 +52,7 @@ ENTRY = 1024  # bytes of one slot's identity and settings: pool, key, host, port
 # weight, cap, role
 FREE, LIVE, RETIRED = 0, 1, 2
 DISCOVERED = 256  # more slots for each member given as a DNS name: the addresses it may resolve to
+ELIGIBLE, EJECTED = 1, 2  # a member's ``up`` byte: 1 the pick may choose it; 2 ejected (health UP); 0 neither
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +174,7 @@ class SharedTable:
             self.fails[cell] = self.oks[cell] = 0
             self._seen_fails[cell] = self._seen_oks[cell] = 0
             self.set_reason(cell, "")
-        self.up[slot] = 1
+        self.up[slot] = ELIGIBLE
         self.share[slot] = 1.0
 
     def slots(self, pool: str) -> dict[str, int]:
@@ -299,7 +300,7 @@ class WorkerView:
         return total
 
     def up(self, slot: int) -> bool:
-        return self._up[slot] != 0
+        return self._up[slot] == ELIGIBLE
 
     def publish(self, slot: int, active: int) -> None:
         self._active[self._own[slot]] = active

@@ -22,10 +22,11 @@ New addresses that wait for a probe are published DOWN, so no worker picks them 
 results to the table. The supervisor runs every pool's probers in one thread with its own event loop,
 and every 50 ms feeds the passive results that arrived since the last look into its own ``Pool``s: the
 failures, then one success if there was any (order within 50 ms is not kept; a success clears the
-streak, so a member that fails every connect goes DOWN after ``fall`` of them, as in one process, while
-one that fails only some is not taken DOWN by a mixed interval). Its ``Pool.report`` is the only place
-that logs a change, so each change is logged once, by the supervisor. With ``--no-health-checks`` its
-ejection timers bring members back, as in one process.
+streak, so a member that fails every connect is ejected after ``eject_after`` of them, as in one
+process, while one that fails only some is not ejected by a mixed interval). Its ``Pool.report`` is the
+only place that logs a change, so each change is logged once, by the supervisor, and ejections are
+global: the supervisor publishes an ejected member as not UP, so no worker picks it, and its pool's
+ejection timer returns it to every worker at once.
 
 **Reload.** With ``--config``, SIGHUP makes the supervisor read and check the file once (``loader``);
 a broken file keeps the running configuration everywhere, with every problem logged and counted
@@ -100,7 +101,7 @@ from .resolver import Resolver
 from .sharedstats import Publisher, SharedCounters, SupervisorSource
 from .snapshot import log_status
 from .syslogsink import SyslogAccessLog
-from .table import SharedTable, WorkerView, forwarder
+from .table import EJECTED, ELIGIBLE, SharedTable, WorkerView, forwarder
 from .tls import client_context
 
 if TYPE_CHECKING:
@@ -221,7 +222,10 @@ class _HealthPool(Pool):
             self._publish(member)
 
     def _publish(self, member: Member) -> None:
-        self._up[member.slot] = 1 if member.eligible and self.balancer.allows(member) else 0
+        if member.eligible and self.balancer.allows(member):
+            self._up[member.slot] = ELIGIBLE
+        else:  # an ejected member is not DOWN: --on-member-down close leaves its sessions alone
+            self._up[member.slot] = EJECTED if member.ejected and member.health.up else 0
 
 
 class HealthThread(threading.Thread):
@@ -339,7 +343,7 @@ class HealthThread(threading.Thread):
         """Feed the passive results the workers recorded since the last look into ``pool``."""
         for member in pool.members:
             failed, succeeded, reason = self.table.passive(member.slot)
-            for _ in range(min(failed, pool.config.health.fall)):
+            for _ in range(min(failed, pool.config.eject_after)):
                 pool.report(member, Event.TRAFFIC_FAIL, reason)
             if succeeded:
                 pool.report(member, Event.TRAFFIC_OK)

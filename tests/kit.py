@@ -159,7 +159,8 @@ def make_config(
     listen = listen or Address("127.0.0.1", 0)
     listener_keys = {"idle_timeout", "half_closed_timeout", "buffer_size", "tls", "relay", "max_connections",
                      "tcp_keepalive", "max_session_duration"}
-    pool_keys = {"retries", "connect_timeout", "upstream_tls", "on_member_down", "retry_budget", "panic_threshold"}
+    pool_keys = {"retries", "connect_timeout", "upstream_tls", "on_member_down", "retry_budget", "panic_threshold",
+                 "eject_after", "eject_time", "max_eject_time", "max_ejected_percent"}
     listener = ListenerConfig(listen, **{k: v for k, v in settings.items() if k in listener_keys})
     pool_settings = {k: v for k, v in settings.items() if k in pool_keys}
     if "upstream_tls" in pool_settings:

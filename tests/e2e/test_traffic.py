@@ -154,7 +154,7 @@ async def test_a_backup_serves_while_every_primary_is_out() -> None:
     async with upstreams(3) as servers, running(
         # every retry allowed: ten clients at once retrying past two refusing primaries is the case the
         # retry budget exists to refuse (tests/test_retry_budget.py); here it is about the backup
-        with_pool(pooled(servers, {}, {}, {"backup": True}, retries=2, retry_budget=100))
+        with_pool(pooled(servers, {}, {}, {"backup": True}, retries=2, retry_budget=100, max_ejected_percent=100))
     ) as (proxy, _log):
         a, b, backup = servers
         writers, _ = await held(proxy.port(), 10)
@@ -162,11 +162,11 @@ async def test_a_backup_serves_while_every_primary_is_out() -> None:
         close_all(writers)
         await eventually(lambda: a.active + b.active == 0)
         await a.stop()
-        await b.stop()  # refused from now on: retries, then fall failures take them DOWN
+        await b.stop()  # refused from now on: retries, then eject_after failures eject them
         writers, refused = await held(proxy.port(), 10)
         assert (len(writers), refused, backup.active) == (10, 0, 10)
         pool = proxy.pools["default"]
-        assert [m.up for m in pool.members] == [False, False, True]
+        assert [m.ejected for m in pool.members] == [True, True, False]
         close_all(writers)
 
 
@@ -176,14 +176,16 @@ async def test_a_backup_serves_while_every_primary_is_out() -> None:
 async def test_slow_start_ramps_a_member_that_comes_back(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "l4proxy.health")
     members = (MemberConfig(Address("127.0.0.1", 1), weight=10, max_conns=100), MemberConfig(Address("127.0.0.1", 2)))
-    pool = Pool(PoolConfig(members=members, health=HealthConfig(enabled=False, eject_time=0.05), slow_start=0.5))
+    config = PoolConfig(members, health=HealthConfig(enabled=False), slow_start=0.5, eject_after=3, eject_time=0.05)
+    pool = Pool(config)
     member = pool.members[0]
     assert (member.weight, member.limit) == (10, 100)  # present at start-up: full share at once
     seen: list[tuple[int, int]] = []
     try:
         for _ in range(3):
             pool.report(member, Event.TRAFFIC_FAIL, "connect failed: refused")
-        await eventually(lambda: member.up)  # the ejection is over: UP, ramping from 10%
+        assert member.ejected
+        await eventually(lambda: not member.ejected)  # the ejection is over: back, ramping from 10%
         while member.slow.ramping or not seen or seen[-1] != (10, 100):
             seen.append((member.weight, member.limit))
             await asyncio.sleep(0.02)
@@ -198,12 +200,14 @@ async def test_slow_start_ramps_a_member_that_comes_back(caplog: pytest.LogCaptu
 
 
 async def test_no_ramp_without_slow_start() -> None:
-    pool = Pool(PoolConfig(members=(Address("127.0.0.1", 1),), health=HealthConfig(enabled=False, eject_time=0.05)))
+    config = PoolConfig((Address("127.0.0.1", 1),), health=HealthConfig(enabled=False), eject_after=3, eject_time=0.05)
+    pool = Pool(config)
     member = pool.members[0]
     try:
         for _ in range(3):
             pool.report(member, Event.TRAFFIC_FAIL, "refused")
-        await eventually(lambda: member.up)
+        assert member.ejected
+        await eventually(lambda: not member.ejected)
         assert (member.weight, member.slow.ramping, pool._ramps) == (1, False, {})
     finally:
         pool.close()

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
 import signal
 import socket
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,7 +38,7 @@ from l4proxy.errors import ConfigError
 from l4proxy.health import Event
 from l4proxy.proxy import Proxy
 from l4proxy.resolver import Resolver
-from l4proxy.table import FREE, RETIRED, SharedTable, WorkerView, forwarder
+from l4proxy.table import EJECTED, ELIGIBLE, FREE, RETIRED, SharedTable, WorkerView, forwarder
 from l4proxy.workers import HealthThread, Supervisor, WorkerShare, _HealthPool, parse_workers
 
 from ..dnsserver import Dnsmasq, discovering, pair
@@ -54,7 +56,7 @@ from ..kit import (
     upstreams,
 )
 from ..reuseport import in_netns
-from ..servers import Command, run_command
+from ..servers import Command, free_port, run_command
 
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 
@@ -253,18 +255,41 @@ async def test_a_member_going_down_is_logged_once_and_gets_no_clients(tmp_path: 
     assert all("l4proxy.health:" in line for line in health_lines), health_lines  # the supervisor's
 
 
-async def test_workers_passive_failures_take_a_member_down_once(tmp_path: Path) -> None:
-    """Without probes, failed connects seen by workers reach the supervisor, which decides and logs."""
+async def test_workers_failures_eject_a_member_once_for_every_worker(tmp_path: Path) -> None:
+    """Without probes, failed connects seen by the workers reach the supervisor, which ejects once and
+    logs once; from then on no worker dials the member (its connect attempts, summed over the workers
+    by the admin endpoint, stay put while both workers serve more clients)."""
     dead = refused_address()
-    flags = ("--no-health-checks", "--fall", "2", "--eject-time", "30s")
+    admin = free_port()
+    flags = ("--no-health-checks", "--eject-after", "2", "--eject-time", "30s", "--admin", f"127.0.0.1:{admin}")
+
+    def counts() -> tuple[int, int, str]:
+        """(sessions on the live member, connect attempts at the dead one, its state), from /status."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5) as response:
+            members = {m["name"]: m for m in json.loads(response.read())["pools"][0]["members"]}
+        live, out = members[str(server.address)], members[str(dead)]
+        return live["sessions"], out["connect_attempts"], out["state"]
+
+    async def settled(sessions: int) -> int:
+        """The dead member's attempts once every worker has published its counts of ``sessions`` sessions."""
+        await eventually(lambda: counts()[0] == sessions, interval=0.05)
+        return counts()[1]
+
     async with serving(1) as [server], supervised(tmp_path, [server.address, dead], *flags) as proxy:
         for i in range(30):
             assert await roundtrip(proxy.port, b"%d" % i) == b"%d" % i  # retried on the live member
-        await proxy.logged("is DOWN")
-        await asyncio.sleep(0.2)  # the behaviour under test: more failures after DOWN, no second line
-    down = [line for line in proxy.err_lines if " is DOWN" in line]
-    assert len(down) == 1 and f"member {dead} is DOWN: connect failed: refused" in down[0], proxy.stderr
-    assert server.accepted == 30
+        await proxy.logged("ejected for 30s")
+        before = await settled(30)
+        assert counts()[2] == "EJECTED"
+        for i in range(30, 50):
+            assert await roundtrip(proxy.port, b"%d" % i) == b"%d" % i
+        assert await settled(50) == before, "a worker dialed the ejected member"
+        records = await proxy.wait_records(50)
+    ejected = [line for line in proxy.err_lines if " ejected for " in line]
+    expected = f"member {dead} ejected for 30s after 2 failures in a row: connect failed: refused"
+    assert len(ejected) == 1 and expected in ejected[0] and "l4proxy.health:" in ejected[0], proxy.stderr
+    assert len(share(records[30:])) == 2, "one worker served every client after the ejection"
+    assert server.accepted == 50
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "", "1.5", "257"])
@@ -323,47 +348,67 @@ def test_a_pick_follows_the_supervisors_status() -> None:
     assert first.pick() is None and not first.any_up
 
 
-def test_passive_failures_from_two_workers_make_one_down(caplog: pytest.LogCaptureFixture) -> None:
+async def test_failures_from_two_workers_make_one_ejection_that_no_worker_picks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Worker 0 and worker 1 each see some of a member's failed connects; the supervisor counts them in
+    one streak, ejects once, logs once, and publishes it ejected: neither worker's pick takes it, while
+    a health check (were it on) would still see it UP. The ejection's end is published too."""
     members = [Address("127.0.0.1", 1), Address("127.0.0.1", 2)]
-    config = make_config(members, health=HealthConfig(fall=3))
+    config = make_config(members, eject_after=3, eject_time=0.1)
     table = SharedTable(config, 2)
     health = HealthThread(config, table)
     pool = _HealthPool(config.pools[0], table)
+    pickers = [Balancer(members, HealthConfig(), WorkerView(table, w)) for w in (0, 1)]
+    for picker in pickers:
+        for member in picker.members:
+            member.slot = table.slots("default")[member.key]
     forwards = [forwarder(table, w) for w in (0, 1)]
-    forwards[0](pool.members[1], Event.TRAFFIC_FAIL, "connect failed: refused")
-    health._passive(pool)
-    assert pool.members[1].up and table.up[1] == 1
-    caplog.set_level(logging.INFO, "l4proxy.health")
-    forwards[1](pool.members[1], Event.TRAFFIC_FAIL, "connect failed: refused")
-    forwards[0](pool.members[1], Event.TRAFFIC_FAIL, "connect failed: refused")
-    forwards[0](pool.members[0], Event.TRAFFIC_OK, "")
-    health._passive(pool)
-    assert not pool.members[1].up and table.up[1] == 0 and table.up[0] == 1
-    assert [r.getMessage() for r in caplog.records] == [
-        f"pool default member {members[1]} is DOWN: connect failed: refused"
-    ]
+    try:
+        forwards[0](pool.members[1], Event.TRAFFIC_FAIL, "connect failed: refused")
+        health._passive(pool)
+        assert not pool.members[1].ejected and table.up[1] == ELIGIBLE
+        caplog.set_level(logging.INFO, "l4proxy.health")
+        forwards[1](pool.members[1], Event.TRAFFIC_FAIL, "connect failed: refused")
+        forwards[0](pool.members[1], Event.TRAFFIC_FAIL, "connect failed: refused")
+        forwards[0](pool.members[0], Event.TRAFFIC_OK, "")
+        health._passive(pool)
+        assert pool.members[1].ejected and pool.members[1].up
+        assert (table.up[1], table.up[0]) == (EJECTED, ELIGIBLE)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"pool default member {members[1]} ejected for 0.1s after 3 failures in a row: connect failed: refused"
+        ]
+        for picker in pickers:  # worker 1 saw only one of the failures: its pick skips the member all the same
+            assert [picker.pick() for _ in range(3)] == [picker.members[0]] * 3
+        await eventually(lambda: table.up[1] == ELIGIBLE, timeout=2)  # the supervisor's timer ended it
+        assert {picker.pick() for picker in pickers for _ in range(2)} == {*pickers[0].members, *pickers[1].members}
+    finally:
+        pool.close()
 
 
-def test_a_success_in_the_same_interval_clears_the_streak() -> None:
+async def test_a_success_in_the_same_interval_clears_the_streak() -> None:
     """Order inside one look is not kept: failures first, then a success, so mixed results do not eject;
     failures alone carry their streak over to the next look."""
     members = [Address("127.0.0.1", 1)]
-    config = make_config(members, health=HealthConfig(fall=3))
+    config = make_config(members, eject_after=3)
     table = SharedTable(config, 2)
     health = HealthThread(config, table)
     pool = _HealthPool(config.pools[0], table)
     forward = forwarder(table, 1)
-    for event in (Event.TRAFFIC_FAIL, Event.TRAFFIC_OK, Event.TRAFFIC_FAIL):
-        forward(pool.members[0], event, "connect failed: refused")
-    health._passive(pool)
-    assert pool.members[0].up and pool.members[0].health.streak == 0
-    for _ in range(2):
+    try:
+        for event in (Event.TRAFFIC_FAIL, Event.TRAFFIC_OK, Event.TRAFFIC_FAIL):
+            forward(pool.members[0], event, "connect failed: refused")
+        health._passive(pool)
+        assert not pool.members[0].ejected and pool.members[0].outlier.streak == 0
+        for _ in range(2):
+            forward(pool.members[0], Event.TRAFFIC_FAIL, "connect failed: refused")
+            health._passive(pool)
+        assert not pool.members[0].ejected and pool.members[0].outlier.streak == 2
         forward(pool.members[0], Event.TRAFFIC_FAIL, "connect failed: refused")
         health._passive(pool)
-    assert pool.members[0].up and pool.members[0].health.streak == 2
-    forward(pool.members[0], Event.TRAFFIC_FAIL, "connect failed: refused")
-    health._passive(pool)
-    assert not pool.members[0].up and table.up[0] == 0
+        assert pool.members[0].ejected and table.up[0] == EJECTED
+    finally:
+        pool.close()
 
 
 # --- pools that change: slots by key, a generation, workers that follow -----------------------------

@@ -5,8 +5,10 @@ actions change routing, and errors are JSON naming what was not found."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -95,28 +97,39 @@ async def exchange(port: int, payload: bytes) -> bytes:
 async def test_metrics_count_sessions_bytes_retries_and_refused_connects_exactly() -> None:
     refused = refused_address()
     async with upstreams(2) as (u0, u1):
-        config = make_config([refused, u0.address, u1.address], retries=2)
+        config = make_config([refused, u0.address, u1.address], retries=2, eject_after=3)
         async with running(config) as (proxy, access), admin_of(proxy) as admin:
             sizes = [1, 10, 100, 1000, 10_000, 100_000]
             for size in sizes:
                 assert await exchange(proxy.port(), b"x" * size) == b"x" * size
             await access.wait_for(len(sizes))
             text, samples = await scrape(admin)
+            _, snapshot = await get_json(admin, "GET", "/status")
+            ejected_at = time.time()
     listener = {"listener": "default"}
     assert value(samples, "l4proxy_listener_accepted_total", **listener) == 6
     assert value(samples, "l4proxy_listener_sessions_total", **listener) == 6
     assert value(samples, "l4proxy_listener_sessions_active", **listener) == 0
     assert value(samples, "l4proxy_listener_bytes_in_total", **listener) == sum(sizes)
     assert value(samples, "l4proxy_listener_bytes_out_total", **listener) == sum(sizes)
-    # the refused member is tried first on every other client (ties rotate) until fall=3 takes it DOWN
+    # the refused member is tried first on every other client (ties rotate) until eject_after=3 ejects it
     bad = {"pool": "default", "member": str(refused)}
     assert value(samples, "l4proxy_member_connect_failures_total", **bad, kind="refused") == 3
     assert value(samples, "l4proxy_member_connect_attempts_total", **bad) == 3
     assert value(samples, "l4proxy_member_sessions_total", **bad) == 0
-    assert value(samples, "l4proxy_member_status", **bad, state="DOWN") == 1
+    assert value(samples, "l4proxy_member_status", **bad, state="EJECTED") == 1
+    assert value(samples, "l4proxy_member_status", **bad, state="DOWN") == 0
     assert value(samples, "l4proxy_member_status", **bad, state="UP") == 0
-    assert value(samples, "l4proxy_member_state_changes_total", **bad) == 1  # UP to DOWN
-    assert value(samples, "l4proxy_member_ejections_total", **bad) == 1  # no checks: out for eject_time
+    assert value(samples, "l4proxy_member_state_changes_total", **bad) == 1  # ejected
+    assert value(samples, "l4proxy_member_ejections_total", **bad) == 1
+    pool_json = snapshot["pools"][0]
+    assert (pool_json["ejections"], pool_json["ejected_members"], pool_json["eligible_members"]) == (1, 1, 2)
+    bad_json = pool_json["members"][0]
+    assert (bad_json["state"], bad_json["health"], bad_json["ejections"]) == ("EJECTED", "up", 1)
+    assert bad_json["why"] == "ejected for 30s after 3 failures in a row: connect failed: refused"
+    until = calendar.timegm(time.strptime(bad_json["ejected_until"], "%Y-%m-%dT%H:%M:%SZ"))
+    assert ejected_at + 30 - 5 < until <= ejected_at + 30 + 1  # the stamp has whole seconds
+    assert all(m["ejected_until"] is None for m in pool_json["members"][1:])
     assert value(samples, "l4proxy_pool_retries_total", pool="default") == 3
     assert value(samples, "l4proxy_pool_no_upstream_total", pool="default") == 0
     for good in (u0, u1):

@@ -93,7 +93,7 @@ async def test_a_client_closing_mid_handshake_is_named_as_such(
 
 
 async def test_every_member_down_logs_five_lines_and_a_summary(caplog: pytest.LogCaptureFixture) -> None:
-    async with running(make_config([refused_address()], retries=0)) as (proxy, log):
+    async with running(make_config([refused_address()], retries=0, eject_after=3)) as (proxy, log):
         proxy.warnings.ratelog = RateLog(burst=5, window=WINDOW)
         for _ in range(100):
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port())
@@ -102,7 +102,7 @@ async def test_every_member_down_logs_five_lines_and_a_summary(caplog: pytest.Lo
             writer.close()
         await log.wait_for(100)
         await eventually(lambda: bool(lines(caplog, "... and ")), timeout=5)
-    # three refused connects take the member DOWN (fall 3); after that no connect is even tried
+    # three refused connects eject the member (eject_after 3); after that no connect is even tried
     assert len(lines(caplog, "connect to ")) == 3
     assert len(lines(caplog, "no upstream for ")) == 5
     assert lines(caplog, "... and ") == [f"... and 95 more clients with no upstream in the last {WINDOW:g} s"]

@@ -1,4 +1,5 @@
-"""Member health on real loopback sockets: passive marking, active probes, hysteresis, failure kinds.
+"""Member health on real loopback sockets: active probes, hysteresis, failure kinds. Clients' failed
+connects eject members instead (``test_ejection.py``).
 
 RELIABILITY.md cases 16, 19, 20 and 21.
 """
@@ -6,9 +7,7 @@ RELIABILITY.md cases 16, 19, 20 and 21.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 import pytest
@@ -64,94 +63,6 @@ def dial_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
 async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes) -> bytes:
     writer.write(line)
     return await asyncio.wait_for(reader.readline(), 5)
-
-
-async def test_passive_failures_take_a_member_down_and_new_clients_skip_it(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Case 16: with probes off, two failed client connects (fall=2) take the member DOWN; the third
-    client goes straight to the live member without an attempt at the dead one."""
-    caplog.set_level(logging.INFO, logger="l4proxy")
-    dead = refused_address()
-    passive_only = HealthConfig(enabled=False, rise=2, fall=2, eject_time=0.3)
-    async with (
-        upstreams(1) as [live],
-        running(make_config([dead, live.address], retries=2, health=passive_only)) as (proxy, log),
-    ):
-        member = proxy.pools["default"].members[0]
-        for served in range(1, 4):
-            assert await roundtrip(proxy.port(), b"client %d" % served) == b"client %d" % served
-            await log.wait_for(served)
-            assert member.health.status is (Status.UP if served < 2 else Status.DOWN)
-    assert dial_failures(caplog) == [str(dead), str(dead)]  # none for the third client
-    assert member.total == 2
-    assert live.accepted == 3
-    assert health_changes(caplog, "DOWN") == {str(dead): "connect failed: refused"}
-    assert all(s.member.address == live.address for s in log.sessions)
-
-
-async def test_passively_downed_member_returns_after_the_eject_time_without_active_checks(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Case 16: a member ejected by failed client connects is UP again, with probes off, once its
-    ejection time is over: not before, and not much later; the UP line says why."""
-    caplog.set_level(logging.INFO, logger="l4proxy.health")
-    eject_time = 0.5
-    dead = refused_address()
-    passive_only = HealthConfig(enabled=False, rise=2, fall=2, eject_time=eject_time)
-    async with running(make_config([dead], retries=1, health=passive_only)) as (proxy, log):
-        member = proxy.pools["default"].members[0]
-        before_failures = time.monotonic()  # the ejection starts after this
-        reader, writer = await connect(proxy.port())  # two refused attempts: fall=2 takes it DOWN
-        with contextlib.suppress(ConnectionResetError):
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-        writer.close()
-        down_seen = time.monotonic()  # and before this
-        assert member.health.status is Status.DOWN
-        revived = await Upstream().start(port=dead.port)
-        try:
-            await eventually(lambda: member.health.status is Status.UP, timeout=eject_time + 2, interval=0.005)
-            up_seen = time.monotonic()
-            assert await roundtrip(proxy.port(), b"back?") == b"back?"
-        finally:
-            await revived.stop()
-        await log.wait_for(2)
-    assert up_seen - before_failures >= eject_time - 0.01, "UP before the ejection time was over"
-    assert up_seen - down_seen < eject_time + 0.3, "UP long after the ejection time was over"
-    assert health_changes(caplog, "UP") == {str(dead): f"ejection time ({eject_time:g}s) over"}
-    assert revived.accepted == 1
-
-
-async def test_a_successful_connect_clears_the_failure_streak() -> None:
-    """Passive marking counts consecutive failures: fall-1 failed client connects, one success, then
-    fall-1 failures again leave the member UP (without the reset it would be DOWN at the fall-th)."""
-    flaky = refused_address()
-    passive_only = HealthConfig(enabled=False, rise=1, fall=3, eject_time=30)
-    async with running(make_config([flaky], retries=0, health=passive_only)) as (proxy, log):
-        member = proxy.pools["default"].members[0]
-
-        async def refused_client(done: int) -> None:
-            reader, writer = await connect(proxy.port())
-            with contextlib.suppress(ConnectionResetError):
-                assert await asyncio.wait_for(reader.read(), 5) == b""
-            writer.close()
-            await log.wait_for(done)
-
-        for done in (1, 2):
-            await refused_client(done)
-        assert member.health.status is Status.UP
-        server = await Upstream().start(port=flaky.port)
-        try:
-            assert await roundtrip(proxy.port(), b"one success") == b"one success"
-        finally:
-            await server.stop()
-        await log.wait_for(3)
-        for done in (4, 5):
-            await refused_client(done)
-        assert member.health.status is Status.UP
-        await refused_client(6)  # the third failure in a row: now it is DOWN
-        assert member.health.status is Status.DOWN
-    assert server.accepted == 1
 
 
 async def test_active_checks_bring_a_member_back_once_it_listens_again(caplog: pytest.LogCaptureFixture) -> None:

@@ -117,7 +117,7 @@ async def test_on_member_down_close_ends_exactly_that_members_sessions_spread_ov
         kept = [c for c in clients if c not in doomed]
         assert len(doomed) == len(kept) == 4
         started = time.monotonic()
-        pool.report(down, Event.TRAFFIC_FAIL, "connect failed: refused")  # what a failed dial reports
+        pool.report(down, Event.PROBE_FAIL, "check failed: refused")  # what a failed probe reports
         closed_at = []
         for reader, _ in doomed:
             assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -138,12 +138,33 @@ async def test_on_member_down_keep_leaves_the_sessions_alone() -> None:
     async with upstreams(1) as [server], running(make_config([server.address], health=quiet)) as (proxy, _):
         reader, writer = await echoed(proxy.port())
         pool = proxy.pools["default"]
-        pool.report(pool.members[0], Event.TRAFFIC_FAIL, "connect failed: refused")
+        pool.report(pool.members[0], Event.PROBE_FAIL, "check failed: refused")
         assert not pool.members[0].up
         writer.write(b"y")
         assert await asyncio.wait_for(reader.readexactly(1), 5) == b"y"
         assert proxy.table.closed_member_down == 0
         writer.close()
+
+
+async def test_an_ejection_is_not_down_and_leaves_the_sessions_alone_even_with_close() -> None:
+    """Outlier ejection keeps new sessions away; the member's sessions go on, --on-member-down close
+    or not (it acts on DOWN by the checks only)."""
+    quiet = HealthConfig(enabled=False)
+    async with upstreams(1) as [server]:
+        config = make_config([server.address], health=quiet, on_member_down="close", eject_after=1)
+        async with running(config) as (proxy, _):
+            reader, writer = await echoed(proxy.port())
+            pool = proxy.pools["default"]
+            pool.report(pool.members[0], Event.TRAFFIC_FAIL, "connect failed: refused")
+            assert pool.members[0].ejected and pool.members[0].up
+            other_reader, other_writer = await connect(proxy.port())  # no new session: the only member is out
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(other_reader.read(), 5) == b""
+            other_writer.close()
+            writer.write(b"y")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"y"
+            assert proxy.table.closed_member_down == 0
+            writer.close()
 
 
 async def test_sessions_older_than_the_max_duration_close_when_quiet_or_at_its_jitter_at_the_latest() -> None:

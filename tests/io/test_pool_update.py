@@ -64,21 +64,24 @@ async def test_a_removed_member_keeps_its_session_and_gets_no_new_ones(caplog: p
     assert f"pool default updated: added none; removed {leaving.name}; 1 in all" in caplog.messages
 
 
-async def test_a_member_that_stays_keeps_its_health_state() -> None:
-    """A member taken DOWN (here by a failed client connect, with a long ejection) is still DOWN, the
-    same object with the same streak, after an update that adds another member."""
+async def test_a_member_that_stays_keeps_its_ejection() -> None:
+    """A member ejected (here by a failed client connect, for a long time) is still ejected, the same
+    object with the same ejection state, after an update that adds another member."""
     dead = refused_address()
-    passive = HealthConfig(enabled=False, fall=1, eject_time=60)
-    async with upstreams(2) as [live, new], running(make_config([dead, live.address], health=passive)) as (proxy, log):
+    async with (
+        upstreams(2) as [live, new],
+        running(make_config([dead, live.address], eject_after=1, eject_time=60.0)) as (proxy, log),
+    ):
         pool = proxy.pools["default"]
         member = pool.members[0]
-        for i in range(2):  # the first client's first attempt may go to the dead member: it goes DOWN
+        for i in range(2):  # the first client's first attempt may go to the dead member: it is ejected
             assert await roundtrip(proxy.port(), b"x") == b"x"
             await log.wait_for(i + 1)
-        assert member.health.status is Status.DOWN
+        assert member.ejected
+        outlier = member.outlier
         pool.update([dead, live.address, new.address])
-        assert pool.members[0] is member and member.health.status is Status.DOWN
-        assert member.health.last_reason == "connect failed: refused"
+        assert pool.members[0] is member and member.outlier is outlier and member.ejected
+        assert pool.outliers.members[member.key] is outlier and pool.outliers.ejected == 1
         for i in range(2, 6):
             assert await roundtrip(proxy.port(), b"y") == b"y"
             await log.wait_for(i + 1)
@@ -131,19 +134,23 @@ async def test_an_empty_update_is_refused_and_changes_nothing() -> None:
         assert await roundtrip(proxy.port(), b"ok") == b"ok"
 
 
-async def test_a_down_member_added_back_while_draining_is_ejected_for_its_time_again() -> None:
-    """Without probes only the ejection timer brings a DOWN member back; removing the member cancels
-    it, so adding the member back (still draining, still DOWN) must start it again."""
-    passive = HealthConfig(enabled=False, fall=1, eject_time=0.2)
-    async with upstreams(2) as [a, b], running(make_config([a.address, b.address], health=passive)) as (proxy, log):
+async def test_an_ejected_member_removed_and_added_back_starts_afresh() -> None:
+    """Removing an ejected member forgets its ejection (its place under max_ejected_percent is free at
+    once); added back while its session still drains, it is the same member, in, with no history."""
+    async with (
+        upstreams(2) as [a, b],
+        running(make_config([a.address, b.address], eject_after=1, eject_time=60.0)) as (proxy, log),
+    ):
         pool = proxy.pools["default"]
         _reader, writer, member = await open_session(proxy, b"hold")
         pool.report(member, Event.TRAFFIC_FAIL, "connect failed: refused")
-        assert member.health.status is Status.DOWN
+        assert member.ejected and pool.outliers.ejected == 1
         others = [m.address for m in pool.members if m is not member]
         pool.update(others)
+        assert pool.outliers.ejected == 0 and member.key not in pool.outliers.members
         pool.update([*others, member.address])
-        await eventually(lambda: member.health.status is Status.UP, timeout=2)
+        assert pool.members[-1] is member and not member.ejected and member.outlier.streak == 0
+        assert member.outlier is pool.outliers.members[member.key]
         writer.close()
         await log.wait_for(1)
 

@@ -11,6 +11,7 @@ import random
 import pytest
 
 from l4proxy import Address, Config, ListenerConfig, MemberConfig
+from l4proxy.outlier import OutlierPolicy
 
 from ..kit import connect, eventually, make_config, open_session, running, upstreams, with_members
 
@@ -157,6 +158,10 @@ async def test_changed_member_options_and_pool_settings_apply_in_place() -> None
             retry_budget=40,
             panic_threshold=30,
             on_member_down="close",
+            eject_after=2,
+            eject_time=1.0,
+            max_eject_time=4.0,
+            max_ejected_percent=100,
         )
         steps, problems = await proxy.reconfigure(dataclasses.replace(config, pools=(changed,)))
         assert problems == [] and steps.pools_updated == ("default",)
@@ -165,6 +170,7 @@ async def test_changed_member_options_and_pool_settings_apply_in_place() -> None
         assert (other.weight, other.backup) == (1, True)
         assert (pool.balancer.slow_start, pool.balancer.panic_threshold, pool.budget.percent) == (5.0, 30, 40)
         assert pool.config.on_member_down == "close"
+        assert pool.outliers.policy == OutlierPolicy(2, 1.0, 4.0, 100)
         writer.write(b"kept")  # the member's session was not touched
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"kept"
         assert pool.balancer.pick() is member  # the backup waits while the primary has room

@@ -133,8 +133,8 @@ async def test_retry_budget_is_bounded_and_each_attempt_is_a_new_member(
     attempts = failed_attempts(caplog)
     assert len(attempts) == 3
     assert len(set(attempts)) == 3
-    assert {m.name for m in pool.members if m.health.streak == 1} == set(attempts)
-    assert sum(m.health.streak for m in pool.members) == 3
+    assert {m.name for m in pool.members if m.outlier.streak == 1} == set(attempts)
+    assert sum(m.outlier.streak for m in pool.members) == 3
     assert pool.no_upstream == 1
     assert log.sessions[0].end_cause == "no_upstream (refused)"
 
@@ -146,10 +146,10 @@ async def test_retry_skips_tried_members_even_when_they_look_least_loaded(
     member serves the third attempt."""
     caplog.set_level(logging.WARNING, logger="l4proxy.dialer")
     dead = [refused_address() for _ in range(2)]
-    quiet = HealthConfig(enabled=False, fall=10)
+    quiet = HealthConfig(enabled=False)
     async with (
         upstreams(1) as [live],
-        running(make_config([*dead, live.address], retries=2, health=quiet)) as (
+        running(make_config([*dead, live.address], retries=2, health=quiet, eject_after=10)) as (
             proxy,
             log,
         ),
@@ -170,8 +170,8 @@ async def test_attempts_cover_every_member_before_any_repeats(caplog: pytest.Log
     """Case 14: with more retries than members, each member is tried once before any is tried again."""
     caplog.set_level(logging.WARNING, logger="l4proxy.dialer")
     dead = [refused_address() for _ in range(3)]
-    quiet = HealthConfig(enabled=False, fall=10)
-    async with running(make_config(dead, retries=4, health=quiet)) as (proxy, log):
+    quiet = HealthConfig(enabled=False)
+    async with running(make_config(dead, retries=4, health=quiet, eject_after=10)) as (proxy, log):
         reader, writer = await connect(proxy.port())
         assert await closed_by_proxy(reader) == b""
         await log.wait_for(1)
@@ -186,15 +186,15 @@ async def test_single_member_pool_retries_its_only_member(caplog: pytest.LogCapt
     """Case 14: with one member, retries=2 means three attempts at that member, then the client is closed."""
     caplog.set_level(logging.WARNING, logger="l4proxy.dialer")
     dead = refused_address()
-    quiet = HealthConfig(enabled=False, fall=10)  # keep the member UP so every attempt can pick it
-    async with running(make_config([dead], retries=2, health=quiet)) as (proxy, log):
+    quiet = HealthConfig(enabled=False)
+    async with running(make_config([dead], retries=2, health=quiet, eject_after=10)) as (proxy, log):  # stays in
         reader, writer = await connect(proxy.port())
         assert await closed_by_proxy(reader) == b""
         await log.wait_for(1)
         writer.close()
     assert failed_attempts(caplog) == [str(dead)] * 3
     member = proxy.pools["default"].members[0]
-    assert (member.health.streak, member.total, member.active) == (3, 3, 0)
+    assert (member.outlier.streak, member.total, member.active) == (3, 3, 0)
     assert log.sessions[0].end_cause == "no_upstream (refused)"
 
 

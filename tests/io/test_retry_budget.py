@@ -31,7 +31,8 @@ class Watched(RetryBudget):
         return True
 
 
-QUIET = HealthConfig(enabled=False, fall=1000)  # members stay UP, so every retry has a member to go to
+QUIET = HealthConfig(enabled=False)
+STAY = 1000  # eject_after: members stay in, so every retry has a member to go to
 CLIENTS = 40
 
 
@@ -41,7 +42,7 @@ async def test_the_budget_holds_while_every_member_is_down() -> None:
     flight (3 at least), and the clients whose retry was refused are closed, counted."""
     with contextlib.ExitStack() as stack:
         dead = [stack.enter_context(blackhole()) for _ in range(2)]
-        config = make_config(dead, retries=5, connect_timeout=0.3, health=QUIET)
+        config = make_config(dead, retries=5, connect_timeout=0.3, health=QUIET, eject_after=STAY)
         async with running(config) as (proxy, log):
             pool = proxy.pools["default"]
             budget = pool.budget = Watched()
@@ -70,7 +71,7 @@ async def test_the_budget_holds_while_every_member_is_down() -> None:
 async def test_retries_to_the_same_member_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """One member, three retries, the jitter at its top: 25, 50 and 100 ms between the attempts."""
     monkeypatch.setattr("l4proxy.dialer.random.random", lambda: 0.999)
-    async with running(make_config([refused_address()], retries=3, health=QUIET)) as (proxy, log):
+    async with running(make_config([refused_address()], retries=3, health=QUIET, eject_after=STAY)) as (proxy, log):
         elapsed = await closed_after(proxy.port(), log)
     assert proxy.pools["default"].members[0].total == 4
     assert elapsed >= 0.999 * (0.025 + 0.05 + 0.1) - 3 * CLOCK_SLACK
@@ -78,7 +79,7 @@ async def test_retries_to_the_same_member_back_off(monkeypatch: pytest.MonkeyPat
 
 async def test_a_retry_counts_in_the_budget_while_it_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("l4proxy.dialer.retry_delay", lambda _retry, _u: 0.5)  # long enough to look at
-    async with running(make_config([refused_address()], retries=1, health=QUIET)) as (proxy, log):
+    async with running(make_config([refused_address()], retries=1, health=QUIET, eject_after=STAY)) as (proxy, log):
         pool = proxy.pools["default"]
         _reader, writer = await connect(proxy.port())
         await eventually(lambda: any(s.dial is not None and s.dial.wait is not None for s in proxy.sessions))

@@ -15,6 +15,8 @@ import pytest
 from l4proxy.balancer import AT_CAP, NO_PRIMARY, SPLIT_BRAIN, UNLIMITED, Balancer, Member, member_keys
 from l4proxy.config import Address, HealthConfig, MemberConfig, Resolved
 from l4proxy.health import Change, Event, Status
+from l4proxy.outlier import Event as Outlier
+from l4proxy.outlier import OutlierPolicy, OutlierTable, Verdict
 
 HEALTH = HealthConfig(rise=2, fall=3)
 
@@ -179,12 +181,19 @@ def test_member_back_up_is_picked_again() -> None:
     assert short_sessions(balancer, 10) == {a.name: 5, b.name: 5}
 
 
-def test_passive_failures_take_a_member_out_of_the_pick() -> None:
+def test_an_ejected_member_is_out_of_the_pick_until_it_returns() -> None:
+    """The pool decides ejections (``outlier.py``); the pick only reads the member's state."""
     balancer = make_balancer(2)
     a, b = balancer.members
-    changes = [a.health.observe(Event.TRAFFIC_FAIL, "refused") for _ in range(3)]
-    assert changes == [None, None, Change(Status.UP, Status.DOWN, "refused")]
+    table = OutlierTable(OutlierPolicy(eject_after=3, eject_time=1.0))
+    a.outlier = table.add(a.key)
+    changes = [table.observe(a.outlier, Outlier.FAILURE, 0.0, "refused") for _ in range(3)]
+    assert [c and c.verdict for c in changes] == [None, None, Verdict.EJECTED]
+    assert (a.ejected, a.eligible, a.up, balancer.any_up) == (True, False, True, True)
     assert short_sessions(balancer, 4) == {b.name: 4}
+    assert table.observe(a.outlier, Outlier.PROBE_OK, 0.5) is not None
+    assert (a.ejected, a.eligible) == (False, True)
+    assert short_sessions(balancer, 4) == {a.name: 2, b.name: 2}
 
 
 # --- tried members (case 14) -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from l4proxy import Address, configfile
 from l4proxy.cli import FILE_FORMS, OPTIONS
 from l4proxy.config import MemberConfig, Service, parse_duration, parse_escapes
 from l4proxy.configfile import SCHEMA, ConfigFileError, dump, locate
+from l4proxy.outlier import OutlierPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "l4proxy.toml"
@@ -150,6 +151,14 @@ PROBLEMS = [
                                             " [\"h2\", \"http/1.1\"] (got [1])"]),
     (BASE + "[pools.q]\nmembers = []\n[listeners.b]\naddress = ':1'\npool = 'q'\n", [  # b goes with its pool
         "f.toml:8: pools.q.members: at least one upstream is required"]),
+    # outlier ejection: pool settings (health.eject_time was the ejection of --no-health-checks)
+    (BASE + 'eject_after = 0\nmax_ejected_percent = 150\neject_time = "0s"\n', [
+        "f.toml:7: pools.p.eject_after: must be at least 1 (got 0)",
+        "f.toml:8: pools.p.max_ejected_percent: must be a percent, 0..100 (got 150)",
+        "f.toml:9: pools.p.eject_time: must be greater than 0 (got '0s')"]),
+    (BASE + 'max_eject_time = "10s"\n', [
+        "f.toml:7: pools.p.max_eject_time: must be at least the eject time (30s) (got '10s')"]),
+    (BASE + '[pools.p.health]\neject_time = "10s"\n', ["f.toml:8: pools.p.health.eject_time: no such setting"]),
     # SNI routes
     (BASE.replace('"p"\n', '"p"\nsni = { "a.example" = "p", "*.b.example" = "pq", "a.*.x" = "p" }\n'), [
         "f.toml:4: listeners.a.sni.*.b.example: no such pool; did you mean 'p'? (got 'pq')",
@@ -195,6 +204,12 @@ def test_values_take_the_flags_text_forms_or_plain_toml() -> None:
     assert (pool.health.send, pool.health.expect) == (b"PING\r\n", b"+PONG")
     assert pool.tls is not None and (pool.tls.alpn, pool.tls.ca) == (("h2", "http/1.1"), "/cfg/ca.pem")
     assert config.access_log == "/cfg/logs/a.log" and config.workers >= 1
+
+
+def test_ejection_settings_take_durations_and_percents() -> None:
+    config = load(BASE + 'eject_after = 2\neject_time = "200ms"\nmax_eject_time = "1m"\nmax_ejected_percent = 100\n')
+    assert config.pools[0].outlier == OutlierPolicy(eject_after=2, eject_time=0.2, max_eject_time=60.0,
+                                                    max_ejected_percent=100)  # fmt: skip
 
 
 def test_members_are_text_or_tables_with_their_options_and_print_back_so() -> None:

@@ -1,8 +1,8 @@
 """The rise/fall state machine as scripts: feed one result at a time, check the whole state after each.
 
-RELIABILITY.md case 19 (rise/fall hysteresis: a flapping member does not change state on every probe)
-and the pure side of case 16 (passive failures take a member DOWN; only active probes bring it back).
-Each status change is reported exactly once, with the reason of the result that caused it.
+RELIABILITY.md case 19 (rise/fall hysteresis: a flapping member does not change state on every probe).
+Each status change is reported exactly once, with the reason of the result that caused it. Clients'
+connects are not health results (they feed outlier ejection, ``test_outlier.py``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import NamedTuple
 
 import pytest
 
-from l4proxy.health import _TRANSITIONS, Change, Event, HealthState, Status, _Act
+from l4proxy.health import _TRANSITIONS, PROBES, Change, Event, HealthState, Status, _Act
 
 UP, DOWN = Status.UP, Status.DOWN
 P_OK, P_FAIL = Event.PROBE_OK, Event.PROBE_FAIL
-T_OK, T_FAIL = Event.TRAFFIC_OK, Event.TRAFFIC_FAIL
 
 
 class Step(NamedTuple):
@@ -45,19 +44,10 @@ SCRIPTS: dict[str, tuple[int, int, Status, list[Step]]] = {
         Step(P_FAIL, "refused", UP, 2),
         Step(P_FAIL, "timeout", DOWN, 0, Change(UP, DOWN, "timeout")),
     ]),
-    "passive failures count toward fall too": (2, 3, UP, [
-        Step(T_FAIL, "refused", UP, 1),
-        Step(P_FAIL, "timeout", UP, 2),
-        Step(T_FAIL, "reset", DOWN, 0, Change(UP, DOWN, "reset")),
-    ]),
     "any success resets the failure streak": (2, 3, UP, [
         Step(P_FAIL, "refused", UP, 1),
         Step(P_FAIL, "refused", UP, 2),
         Step(P_OK, "ok", UP, 0),
-        Step(P_FAIL, "refused", UP, 1),
-        Step(P_FAIL, "refused", UP, 2),
-        Step(T_OK, "", UP, 0),
-        Step(P_FAIL, "refused", UP, 1),
     ]),
     "rises after rise probe successes": (2, 3, DOWN, [
         Step(P_OK, "ok", DOWN, 1),
@@ -71,17 +61,9 @@ SCRIPTS: dict[str, tuple[int, int, Status, list[Step]]] = {
         Step(P_OK, "ok", DOWN, 2),
         Step(P_OK, "ok", UP, 0, Change(DOWN, UP, "ok")),
     ]),
-    "passive results are ignored while DOWN": (2, 3, DOWN, [
-        Step(T_OK, "", DOWN, 0),
-        Step(T_OK, "", DOWN, 0),
-        Step(P_OK, "ok", DOWN, 1),
-        Step(T_FAIL, "refused", DOWN, 1),  # neither counts nor resets the probes' streak
-        Step(T_OK, "", DOWN, 1),
-        Step(P_OK, "ok", UP, 0, Change(DOWN, UP, "ok")),
-    ]),
     "a full cycle: down, back up, down again": (2, 2, UP, [
         Step(P_FAIL, "refused", UP, 1),
-        Step(T_FAIL, "refused", DOWN, 0, Change(UP, DOWN, "refused")),
+        Step(P_FAIL, "refused", DOWN, 0, Change(UP, DOWN, "refused")),
         Step(P_FAIL, "refused", DOWN, 0),
         Step(P_OK, "ok", DOWN, 1),
         Step(P_OK, "ok", UP, 0, Change(DOWN, UP, "ok")),
@@ -91,8 +73,7 @@ SCRIPTS: dict[str, tuple[int, int, Status, list[Step]]] = {
     ]),
     "rise and fall of 1 flip on every contradicting result": (1, 1, UP, [
         Step(P_OK, "ok", UP, 0),
-        Step(T_FAIL, "refused", DOWN, 0, Change(UP, DOWN, "refused")),
-        Step(T_OK, "", DOWN, 0),
+        Step(P_FAIL, "refused", DOWN, 0, Change(UP, DOWN, "refused")),
         Step(P_OK, "ok", UP, 0, Change(DOWN, UP, "ok")),
     ]),
 }
@@ -120,42 +101,25 @@ def test_flapping_member_never_changes_state(rise: int, fall: int, initial: Stat
         assert state.streak <= 1
 
 
-def test_ignored_results_leave_the_reason_alone() -> None:
-    state = HealthState(rise=2, fall=1)
-    state.observe(P_FAIL, "refused")
-    state.observe(T_FAIL, "reset by peer")
-    state.observe(T_OK, "passive ok")
-    assert (state.status, state.last_reason) == (DOWN, "refused")
-
-
 def test_a_result_without_reason_keeps_the_last_one() -> None:
     state = HealthState(rise=2, fall=3)
     state.observe(P_FAIL, "timeout")
-    state.observe(T_OK)
+    state.observe(P_OK)
     assert state.last_reason == "timeout"
 
 
 # --- the table itself ------------------------------------------------------------------------------
 
 
-def test_table_covers_every_status_and_event() -> None:
-    assert set(_TRANSITIONS) == set(itertools.product(Status, Event))
+def test_table_covers_every_status_and_probe_result() -> None:
+    assert set(_TRANSITIONS) == set(itertools.product(Status, PROBES))
     assert all(isinstance(act, _Act) for act in _TRANSITIONS.values())
 
 
-@pytest.mark.parametrize(("status", "event"), list(itertools.product(Status, Event)))
+@pytest.mark.parametrize(("status", "event"), list(itertools.product(Status, PROBES)))
 def test_table_follows_the_stated_rules(status: Status, event: Event) -> None:
     """The module docstring's rules, restated independently of the table."""
-    passive = event in (T_OK, T_FAIL)
-    success = event in (P_OK, T_OK)
-    if event is Event.EJECTION_OVER:
-        expected = _Act.FLIP if status is DOWN else _Act.IGNORE
-    elif status is DOWN and passive:
-        expected = _Act.IGNORE
-    elif success == (status is UP):
-        expected = _Act.RESET
-    else:
-        expected = _Act.COUNT
+    expected = _Act.RESET if (event is P_OK) == (status is UP) else _Act.COUNT
     assert _TRANSITIONS[(status, event)] is expected
 
 
@@ -166,14 +130,10 @@ def reference_status(rise: int, fall: int, events: list[Event]) -> list[Status]:
     """A second, table-free statement of the rules: the status after each event."""
     status, streak, out = UP, 0, []
     for event in events:
-        if status is UP and event is Event.EJECTION_OVER:
-            pass
-        elif status is UP:
-            streak = streak + 1 if event in (P_FAIL, T_FAIL) else 0
+        if status is UP:
+            streak = streak + 1 if event is P_FAIL else 0
             if streak == fall:
                 status, streak = DOWN, 0
-        elif event is Event.EJECTION_OVER:
-            status, streak = UP, 0
         elif event is P_OK:
             streak += 1
             if streak == rise:
@@ -189,7 +149,7 @@ def reference_status(rise: int, fall: int, events: list[Event]) -> list[Status]:
 def test_exactly_one_change_per_flip(seed: int, rise: int, fall: int) -> None:
     """Over a seeded random run, each status flip yields one Change carrying that event's reason."""
     rng = random.Random(seed)
-    events = [rng.choice(list(Event)) for _ in range(2000)]
+    events = [rng.choice(PROBES) for _ in range(2000)]
     expected = reference_status(rise, fall, events)
     state = HealthState(rise, fall)
     flips = 0
@@ -209,7 +169,6 @@ def test_a_member_awaiting_its_first_probe_needs_one_pass_or_then_rise() -> None
     state = HealthState(rise=3, fall=2)
     state.await_probe("a new address")
     assert (state.status, state.last_reason) == (Status.DOWN, "a new address")
-    assert state.observe(Event.TRAFFIC_OK) is None  # passive results do not count while DOWN
     assert state.observe(Event.PROBE_OK, "check passed") == Change(Status.DOWN, Status.UP, "check passed")
     state.await_probe("moved again")
     assert state.observe(Event.PROBE_FAIL, "refused") is None

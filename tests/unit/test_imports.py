@@ -31,15 +31,15 @@ FORBIDDEN = ("asyncio", "socket", "ssl", "selectors", "uvloop", "subprocess")
 PURE_MODULES = {
     # module: the l4proxy modules it may load (itself included)
     "errors": {"errors"},
-    "config": {"config", "acl", "checks", "errors", "sniroutes"},
+    "config": {"config", "outlier", "acl", "checks", "errors", "sniroutes"},
     "checks": {"checks", "errors"},
     "resp": {"resp", "checks", "errors"},
     "pgwire": {"pgwire", "checks", "errors"},
     "httpcheck": {"httpcheck", "checks", "errors"},
-    "configfile": {"configfile", "acl", "config", "checks", "errors", "sniroutes"},
+    "configfile": {"configfile", "outlier", "acl", "config", "checks", "errors", "sniroutes"},
     "health": {"health"},
-    "balancer": {"balancer", "acl", "checks", "config", "counters", "errors", "health", "histogram", "slowstart"}
-    | {"sniroutes"},
+    "balancer": {"balancer", "outlier", "acl", "checks", "config", "counters", "errors", "health", "histogram"}
+    | {"slowstart", "sniroutes"},
     "counters": {"counters", "histogram"},
     "histogram": {"histogram"},
     "accesslog": {"accesslog", "peer"},  # reads sessions through its own Protocol
@@ -50,14 +50,14 @@ PURE_MODULES = {
     "slowstart": {"slowstart"},
     "acl": {"acl", "errors"},
     "table": {"table", "acl", "balancer", "checks", "config", "counters", "discovery", "errors", "health"}
-    | {"histogram", "slowstart", "sniroutes"},
-    "discovery": {"discovery", "acl", "checks", "config", "errors", "sniroutes"},
+    | {"histogram", "outlier", "slowstart", "sniroutes"},
+    "discovery": {"discovery", "outlier", "acl", "checks", "config", "errors", "sniroutes"},
     "ownaddrs": {"ownaddrs"},
     "proxyproto": {"proxyproto", "errors"},
     "clienthello": {"clienthello", "errors"},
     "sniroutes": {"sniroutes", "errors"},
     "ratelog": {"ratelog"},
-    "reload": {"reload", "acl", "config", "checks", "errors", "sniroutes"},
+    "reload": {"reload", "outlier", "acl", "config", "checks", "errors", "sniroutes"},
     "spread": {"spread"},
     "certrules": {"certrules"},
     "topview": {"topview"},
@@ -169,7 +169,7 @@ ALLOWED: dict[str, set[str]] = {
     | {"proxyproto", "ratelog", "relay", "tls", "tlsengine"},
     "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
     | {"proxyproto", "resp", "tls"},
-    "pool": {"balancer", "budget", "config", "discovery", "health", "counters"},
+    "pool": {"balancer", "budget", "config", "discovery", "health", "counters", "outlier"},
     # monitoring, beside the data path: only the adapter (snapshot) and the workers' copy read the objects
     "admin": {"config", "counters", "metrics", "snapshot"},
     "metrics": {"counters", "histogram", "snapshot"},

@@ -239,9 +239,9 @@ def test_a_success_with_no_streak_takes_the_fast_path_and_changes_nothing() -> N
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"eject_after": 0}, "eject_after 0: must be at least 1"),
     ({"eject_time": 0}, "eject_time 0: must be greater than 0"),
-    ({"eject_time": 30, "max_eject_time": 10}, "max_eject_time 10: must be at least eject_time (30)"),
-    ({"max_ejected_percent": 101}, "max_ejected_percent 101: must be 0..100"),
-    ({"max_ejected_percent": -1}, "max_ejected_percent -1: must be 0..100"),
+    ({"eject_time": 30, "max_eject_time": 10}, "max_eject_time 10: must be at least the eject time (30s)"),
+    ({"max_ejected_percent": 101}, "max_ejected_percent 101: must be a percent, 0..100"),
+    ({"max_ejected_percent": -1}, "max_ejected_percent -1: must be a percent, 0..100"),
 ])
 def test_bad_policy(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
