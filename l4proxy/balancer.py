@@ -271,6 +271,7 @@ class Balancer:
         self.allowed = None if allowed is None else frozenset(allowed)
         if self.allowed is None:
             self.__dict__.pop("pick", None)
+            self.__dict__.pop("take", None)
             return
         chosen = self.allowed
         unrestricted = Balancer.pick
@@ -278,7 +279,11 @@ class Balancer:
         def pick(tried: Collection[Member] = ()) -> Member | None:
             return unrestricted(self, [*tried, *(m for m in self.members if m not in chosen)])
 
+        def take(tried: Sequence[Member] = ()) -> Member | None:  # its one primary, or none
+            return self._take(tried, [])
+
         self.pick = pick  # type: ignore[method-assign]
+        self.take = take  # type: ignore[method-assign]
 
     def allows(self, member: Member) -> bool:
         """Whether the restriction (``restrict``), if any, leaves ``member`` to the pick."""
@@ -291,20 +296,18 @@ class Balancer:
         this client, the best of them again (a one-member pool retries its member). With workers, a
         capped member is reserved atomically; one that another worker filled meanwhile is passed over.
         The common case (a primary without a cap across workers) is one scan and the count: this runs
-        per dial."""
-        if self.allowed is not None:  # a primary pool: its one primary, or none (restrict)
-            return self._take(tried, [])
+        per dial. A primary pool's restriction replaces it (``restrict``), so others do not test for one."""
         if self.panic_threshold and self.panicking():
             return self._take_in_panic(tried)
         member = self._scan(self._primaries, tried)
         if member is None:
             return self._take(tried, [])
         view = self.view
-        if view is not None and member.limit < UNLIMITED:
-            if not view.reserve(member.slot, member.limit, member.active + 1):
+        if view is not None:
+            if member.limit >= UNLIMITED:
+                view.publish(member.slot, member.active + 1)
+            elif not view.reserve(member.slot, member.limit, member.active + 1):
                 return self._take(tried, [member])  # another worker took the last place meanwhile
-        elif view is not None:
-            view.publish(member.slot, member.active + 1)
         member.active += 1  # acquire, inlined
         member.total += 1
         return member

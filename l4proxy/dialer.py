@@ -88,7 +88,6 @@ class Dial:
     or to failing the client. ``cancel`` stops it when the client leaves first or the proxy aborts."""
 
     __slots__ = (
-        "counted",
         "deadline",
         "deadlines",
         "drive",
@@ -125,7 +124,6 @@ class Dial:
         self.pump: Pump | None = None
         self.drive: Drive | None = None
         self.deadline: set[Hashable] | None = None  # the deadline bucket this attempt is in
-        self.counted = 0  # the attempt in flight in the pool's retry budget: 1 a first one, 2 a retry
         self.wait: asyncio.TimerHandle | None = None  # the back-off before a retry to the same member
         self.header = b""  # the PROXY header to send first (send_proxy), the same for every attempt
         self.queued_at = 0.0  # loop time it joined the pool's queue (every member full); 0: not waiting
@@ -134,39 +132,48 @@ class Dial:
         """Begin the next attempt, or fail the client when none is left (or ``give_up``); ``member`` is
         one the queue took for it."""
         pool = self.pool
-        balancer = pool.balancer
         tried = self.tried
         if member is None and not give_up and len(tried) <= pool.config.retries:
-            member = balancer.take(tried)  # counted on the member from here on
+            member = pool.balancer.take(tried)  # counted on the member from here on
         if member is None:
             if not tried:  # say whether the members are down or full
-                cause = balancer.shortage()
+                cause = pool.balancer.shortage()
                 if cause is AT_CAP and pool.config.max_queue:
                     self._queue()
                     return
             self._no_upstream(cause)
             return
+        if tried:
+            self._retry(member, cause)
+            return
+        # From here until _done or _stop the attempt is counted in the pool's retry budget: a first one
+        # while ``tried`` holds one member, a retry after that; ``member`` is set exactly meanwhile.
+        pool.budget.dials += 1  # RetryBudget.dial_started, inlined: this runs per session
+        tried.append(member)
+        self.member = member
+        self._attempt(member)
+
+    def _retry(self, member: Member, cause: str) -> None:
+        """Start another attempt, on ``member`` (taken), if the retry budget allows; to a member tried
+        already (a one-member pool) after a back-off with jitter."""
+        pool = self.pool
         budget = pool.budget
-        if not tried:
-            budget.dials += 1  # RetryBudget.dial_started, inlined: this runs per session
-            self.counted = 1
-        elif budget.try_retry():
-            self.counted = 2
-            pool.retries += 1
-        else:
-            balancer.release(member)
+        if not budget.try_retry():
+            pool.balancer.release(member)
             pool.retry_refused += 1
             spent = f"the retry budget ({budget.percent}% of the dials in flight) is spent"
             self._no_upstream(f"{cause}; no retry: {spent}")
             return
+        pool.retries += 1
+        tried = self.tried
         again = member in tried
         tried.append(member)
         self.member = member
-        if again:  # the same member once more (a one-member pool): back off first, with jitter
+        if again:
             delay = retry_delay(tried.count(member) - 1, random.random())
-            self.wait = self.loop.call_later(delay, self._attempt)
+            self.wait = self.loop.call_later(delay, self._waited)
             return
-        self._attempt()
+        self._attempt(member)
 
     # the queue: every eligible member is at its max_conns
 
@@ -205,11 +212,15 @@ class Dial:
         self.warnings.warn(log, kind, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause)
         self.session.fail(f"no_upstream ({cause})")
 
-    def _attempt(self) -> None:
-        """Connect to ``self.member`` (taken and counted) under its deadline."""
+    def _waited(self) -> None:
+        """The back-off before a retry is over."""
         self.wait = None
-        pool, member = self.pool, self.member
-        assert member is not None
+        assert self.member is not None
+        self._attempt(self.member)
+
+    def _attempt(self, member: Member) -> None:
+        """Connect to ``member`` (taken and counted) under its deadline."""
+        pool = self.pool
         pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
         self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
         try:
@@ -244,11 +255,10 @@ class Dial:
         self.deadline = None
         session, member, pump = self.session, self.member, self.pump
         pool = self.pool
-        if self.counted == 1:
+        if len(self.tried) == 1:
             pool.budget.dials -= 1  # RetryBudget.dial_ended, inlined
         else:
             pool.budget.dial_ended(True)
-        self.counted = 0
         pool.connect_ok(member)
         session.dial = None
         self.pump = self.member = None
@@ -301,17 +311,15 @@ class Dial:
             self.wait = None
         if self.queued_at:
             self.pool.queue.leave(self)
-        if self.counted:
-            self.pool.budget.dial_ended(self.counted == 2)
-            self.counted = 0
         if self.deadline is not None:
             self.deadline.discard(self)
             self.deadline = None
         drive, self.drive = self.drive, None
         if drive is not None:
             drive.cancel()  # closes the transport the connect opened
-        if self.member is not None:
+        if self.member is not None:  # counted on the member and in the budget since start
             self.pool.balancer.release(self.member)
+            self.pool.budget.dial_ended(len(self.tried) > 1)
         if self.pump is not None:
             self.pump.abort()  # the connect may have completed before the cancellation
         self.pump = self.member = None
