@@ -364,6 +364,7 @@ class Balancer:
             self.view.publish(member.slot, member.active)
 
     def release(self, member: Member) -> None:
+        """A session counted on ``member`` is over (a session's end inlines this: ``frontend.py``)."""
         member.active -= 1
         if self.view is not None:
             self.view.publish(member.slot, member.active)

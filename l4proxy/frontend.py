@@ -192,15 +192,17 @@ class Frontend:
             counters.active -= 1
             sent = session.client.nbytes
             counters.bytes_in += sent
-            upstream, member = session.upstream, session.member
-            if upstream is not None:
-                counters.bytes_out += upstream.nbytes
-            if member is not None:
-                pool.balancer.release(member)
-                if upstream is not None:
-                    stats = member.stats
-                    stats.bytes_in += sent
-                    stats.bytes_out += upstream.nbytes
+            member = session.member
+            if member is not None:  # it was connected: attach_upstream sets its member and upstream together
+                received = session.upstream.nbytes  # type: ignore[union-attr]
+                counters.bytes_out += received
+                stats = member.stats
+                stats.bytes_in += sent
+                stats.bytes_out += received
+                member.active -= 1  # Balancer.release, inlined: this runs per session
+                view = pool.balancer.view
+                if view is not None:
+                    view.publish(member.slot, member.active)
                 if queue.length:  # a place for the oldest client waiting
                     queue.serve()
             if session.sockname is not None:
