@@ -128,34 +128,59 @@ class Dial:
         self.header = b""  # the PROXY header to send first (send_proxy), the same for every attempt
         self.queued_at = 0.0  # loop time it joined the pool's queue (every member full); 0: not waiting
 
-    def start(self, cause: str = "no healthy upstream", give_up: bool = False, member: Member | None = None) -> None:
+    def start(
+        self,
+        cause: str = "no healthy upstream",
+        give_up: bool = False,
+        member: Member | None = None,
+        waited: bool = False,
+    ) -> None:
         """Begin the next attempt, or fail the client when none is left (or ``give_up``); ``member`` is
-        one the queue took for it."""
+        one the queue took for it, or (``waited``) the one a retry's back-off was for, taken and counted.
+        From the pick to the connect in one method: this runs per session."""
         pool = self.pool
-        tried = self.tried
-        if member is None and not give_up and len(tried) <= pool.config.retries:
-            member = pool.balancer.take(tried)  # counted on the member from here on
-        if member is None:
-            if not tried:  # say whether the members are down or full
-                cause = pool.balancer.shortage()
-                if cause is AT_CAP and pool.config.max_queue:
-                    self._queue()
+        if not waited:
+            tried = self.tried
+            if member is None and not give_up and len(tried) <= pool.config.retries:
+                member = pool.balancer.take(tried)  # counted on the member from here on
+            if member is None:
+                if not tried:  # say whether the members are down or full
+                    cause = pool.balancer.shortage()
+                    if cause is AT_CAP and pool.config.max_queue:
+                        self._queue()
+                        return
+                self._no_upstream(cause)
+                return
+            # From here until _done or _stop the attempt is counted in the pool's retry budget: a first
+            # one while ``tried`` holds one member, a retry after that; ``member`` is set exactly meanwhile.
+            if tried:
+                if not self._retry(member, cause):
                     return
-            self._no_upstream(cause)
+            else:
+                pool.budget.dials += 1  # RetryBudget.dial_started, inlined
+                tried.append(member)
+                self.member = member
+        assert member is not None
+        pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
+        self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
+        try:
+            before_tls = self.header if pool.ssl_context is not None else b""
+            if member.address.port in self.outgoing.ports and _is_ip(member.address.host):
+                coro = _connect_noted(self.loop, pool, member, pump, self.outgoing, before_tls)
+            elif before_tls:
+                coro = _connect_after(self.loop, pool, member, pump, before_tls)
+            else:
+                coro = _connect(self.loop, pool, member, pump)
+        except (OSError, ssl.SSLError) as exc:
+            self._failed(exc)
             return
-        if tried:
-            self._retry(member, cause)
-            return
-        # From here until _done or _stop the attempt is counted in the pool's retry budget: a first one
-        # while ``tried`` holds one member, a retry after that; ``member`` is set exactly meanwhile.
-        pool.budget.dials += 1  # RetryBudget.dial_started, inlined: this runs per session
-        tried.append(member)
-        self.member = member
-        self._attempt(member)
+        drive = Drive(coro, self._done)
+        if drive.coro is not None:  # else it finished at once, and _done has moved on already
+            self.drive = drive
 
-    def _retry(self, member: Member, cause: str) -> None:
-        """Start another attempt, on ``member`` (taken), if the retry budget allows; to a member tried
-        already (a one-member pool) after a back-off with jitter."""
+    def _retry(self, member: Member, cause: str) -> bool:
+        """Count a retry on ``member`` (taken) if the retry budget allows: whether to connect now. A
+        member tried already (a one-member pool) gets a back-off with jitter first (``_waited``)."""
         pool = self.pool
         budget = pool.budget
         if not budget.try_retry():
@@ -163,7 +188,7 @@ class Dial:
             pool.retry_refused += 1
             spent = f"the retry budget ({budget.percent}% of the dials in flight) is spent"
             self._no_upstream(f"{cause}; no retry: {spent}")
-            return
+            return False
         pool.retries += 1
         tried = self.tried
         again = member in tried
@@ -172,8 +197,8 @@ class Dial:
         if again:
             delay = retry_delay(tried.count(member) - 1, random.random())
             self.wait = self.loop.call_later(delay, self._waited)
-            return
-        self._attempt(member)
+            return False
+        return True
 
     # the queue: every eligible member is at its max_conns
 
@@ -213,30 +238,9 @@ class Dial:
         self.session.fail(f"no_upstream ({cause})")
 
     def _waited(self) -> None:
-        """The back-off before a retry is over."""
+        """The back-off before a retry is over: connect."""
         self.wait = None
-        assert self.member is not None
-        self._attempt(self.member)
-
-    def _attempt(self, member: Member) -> None:
-        """Connect to ``member`` (taken and counted) under its deadline."""
-        pool = self.pool
-        pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
-        self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
-        try:
-            before_tls = self.header if pool.ssl_context is not None else b""
-            if member.address.port in self.outgoing.ports and _is_ip(member.address.host):
-                coro = _connect_noted(self.loop, pool, member, pump, self.outgoing, before_tls)
-            elif before_tls:
-                coro = _connect_after(self.loop, pool, member, pump, before_tls)
-            else:
-                coro = _connect(self.loop, pool, member, pump)
-        except (OSError, ssl.SSLError) as exc:
-            self._failed(exc)
-            return
-        drive = Drive(coro, self._done)
-        if drive.coro is not None:  # else it finished at once, and _done has moved on already
-            self.drive = drive
+        self.start(member=self.member, waited=True)
 
     def cancel(self) -> None:
         """Stop the attempt in flight; the client is dealt with by the caller."""
