@@ -266,12 +266,15 @@ class Balancer:
 
     def restrict(self, allowed: Collection[Member] | None) -> None:
         """From now on pick only among ``allowed`` (a primary pool's one primary, or none in a split brain);
-        None lifts it. The restriction replaces ``pick`` on this balancer alone, so a pool without one
-        pays nothing for it."""
+        None lifts it. The restriction replaces ``pick`` and ``take`` on this balancer alone, so a pool
+        without one pays nothing for it. Lifting one that is not there touches nothing: reading the
+        instance's ``__dict__`` (or a failed ``del``) would turn its attributes into a real dict, and
+        every attribute read on the balancer, per dial, into a dict lookup (Python 3.11)."""
+        was = self.allowed
         self.allowed = None if allowed is None else frozenset(allowed)
         if self.allowed is None:
-            self.__dict__.pop("pick", None)
-            self.__dict__.pop("take", None)
+            if was is not None:
+                del self.pick, self.take
             return
         chosen = self.allowed
         unrestricted = Balancer.pick
