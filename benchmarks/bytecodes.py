@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from callgrind import LAUNCH, loadgen
+from callgrind import LAUNCH, loadgen, stop
 from targets import free_port, start_upstream, wait_ready
 
 TOGGLE = signal.SIGRTMIN + 3  # first: tracing on; second: off, and the counts written
@@ -83,12 +83,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
         rows = json.loads(dump.read_text())
         return {key: [ops / done, calls / done] for key, (ops, calls) in rows.items()}
     finally:
-        proxy.terminate()
-        try:
-            proxy.wait(30)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        stop(proxy, 30)
         up_proc.stop()
 
 
