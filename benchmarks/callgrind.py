@@ -109,13 +109,18 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
                 "idle_per_second": round(total(idle) / args.idle), "seconds": round(elapsed, 1),
                 "tree": args.tree or "."}
     finally:
-        proxy.terminate()
-        try:
-            proxy.wait(60)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        stop(proxy, 60)
         up_proc.stop()
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the proxy we started, SIGKILL it after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,7 @@ class AccessLog:
         self.owned = owned
         self.fmt = fmt
         self.worker = worker
-        self.records = 0
+        self.records = 0  # lines sent, kept by the syslog and workers' logs; a file log's keeps none
         # The time stamp is ISO 8601 UTC with milliseconds: the seconds part is formatted once per
         # second, not per record. The last whole second formatted, and its text:
         self._second: list[object] = [None, ""]
@@ -205,7 +205,6 @@ class AccessLog:
     def record(self, session: Finished, now: float) -> None:
         """Log ``session``, ended at wall-clock ``now`` (read once by the frontend for this and the
         session-duration histogram)."""
-        self.records += 1
         if self.stream is not None:
             self.stream.write(self.line(session, now) + "\n")
 

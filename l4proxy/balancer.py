@@ -280,12 +280,17 @@ class Balancer:
 
     def restrict(self, allowed: Collection[Member] | None, split: bool = False) -> None:
         """From now on pick only among ``allowed`` (a primary pool's one primary, or none: before a
-        primary, or in a split brain, ``split``); None lifts it. The restriction replaces ``pick`` on this
-        balancer alone, so a pool without one pays nothing for it."""
+        primary, or in a split brain, ``split``); None lifts it. The restriction replaces ``pick`` and
+        ``take`` on this balancer alone, so a pool without one pays nothing for it. Lifting one that is
+        not there touches nothing: reading the instance's ``__dict__`` (or a failed ``del``) would turn its
+        attributes into a real dict, and every attribute read on the balancer, per dial, into a dict
+        lookup (Python 3.11)."""
+        was = self.allowed
         self.allowed = None if allowed is None else frozenset(allowed)
         self.split = split and not self.allowed
         if self.allowed is None:
-            self.__dict__.pop("pick", None)
+            if was is not None:
+                del self.pick, self.take
             return
         chosen = self.allowed
         unrestricted = Balancer.pick
@@ -293,7 +298,11 @@ class Balancer:
         def pick(tried: Collection[Member] = ()) -> Member | None:
             return unrestricted(self, [*tried, *(m for m in self.members if m not in chosen)])
 
+        def take(tried: Sequence[Member] = ()) -> Member | None:  # its one primary, or none
+            return self._take(tried, [])
+
         self.pick = pick  # type: ignore[method-assign]
+        self.take = take  # type: ignore[method-assign]
 
     def allows(self, member: Member) -> bool:
         """Whether the restriction (``restrict``), if any, leaves ``member`` to the pick."""
@@ -306,20 +315,18 @@ class Balancer:
         this client, the best of them again (a one-member pool retries its member). With workers, a
         capped member is reserved atomically; one that another worker filled meanwhile is passed over.
         The common case (a primary without a cap across workers) is one scan and the count: this runs
-        per dial."""
-        if self.allowed is not None:  # a primary pool: its one primary, or none (restrict)
-            return self._take(tried, [])
+        per dial. A primary pool's restriction replaces it (``restrict``), so others do not test for one."""
         if self.panic_threshold and self.panicking():
             return self._take_in_panic(tried)
         member = self._scan(self._primaries, tried)
         if member is None:
             return self._take(tried, [])
         view = self.view
-        if view is not None and member.limit < UNLIMITED:
-            if not view.reserve(member.slot, member.limit, member.active + 1):
+        if view is not None:
+            if member.limit >= UNLIMITED:
+                view.publish(member.slot, member.active + 1)
+            elif not view.reserve(member.slot, member.limit, member.active + 1):
                 return self._take(tried, [member])  # another worker took the last place meanwhile
-        elif view is not None:
-            view.publish(member.slot, member.active + 1)
         member.active += 1  # acquire, inlined
         member.total += 1
         return member
@@ -376,6 +383,7 @@ class Balancer:
             self.view.publish(member.slot, member.active)
 
     def release(self, member: Member) -> None:
+        """A session counted on ``member`` is over (a session's end inlines this: ``frontend.py``)."""
         member.active -= 1
         if self.view is not None:
             self.view.publish(member.slot, member.active)

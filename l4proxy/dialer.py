@@ -90,7 +90,6 @@ class Dial:
 
     __slots__ = (
         "attempted",
-        "counted",
         "deadline",
         "deadlines",
         "drive",
@@ -127,49 +126,86 @@ class Dial:
         self.pump: Pump | None = None
         self.drive: Drive | None = None
         self.deadline: set[Hashable] | None = None  # the deadline bucket this attempt is in
-        self.counted = 0  # the attempt in flight in the pool's retry budget: 1 a first one, 2 a retry
         self.wait: asyncio.TimerHandle | None = None  # the back-off before a retry to the same member
         self.header = b""  # the PROXY header to send first (send_proxy), the same for every attempt
         self.attempted = 0.0  # time.monotonic() the attempt in flight began
         self.queued_at = 0.0  # loop time it joined the pool's queue (every member full); 0: not waiting
 
-    def start(self, cause: str = "no healthy upstream", give_up: bool = False, member: Member | None = None) -> None:
+    def start(
+        self,
+        cause: str = "no healthy upstream",
+        give_up: bool = False,
+        member: Member | None = None,
+        waited: bool = False,
+    ) -> None:
         """Begin the next attempt, or fail the client when none is left (or ``give_up``); ``member`` is
-        one the queue took for it."""
+        one the queue took for it, or (``waited``) the one a retry's back-off was for, taken and counted.
+        From the pick to the connect in one method: this runs per session."""
         pool = self.pool
-        balancer = pool.balancer
-        tried = self.tried
-        if member is None and not give_up and len(tried) <= pool.config.retries:
-            member = balancer.take(tried)  # counted on the member from here on
-        if member is None:
-            if not tried:  # say whether the members are down or full
-                cause = balancer.shortage()
-                if (cause is AT_CAP or cause is NO_PRIMARY) and pool.config.max_queue:
-                    self._queue(cause)
+        if not waited:
+            tried = self.tried
+            if member is None and not give_up and len(tried) <= pool.config.retries:
+                member = pool.balancer.take(tried)  # counted on the member from here on
+            if member is None:
+                if not tried:  # say whether the members are down or full
+                    cause = pool.balancer.shortage()
+                    if (cause is AT_CAP or cause is NO_PRIMARY) and pool.config.max_queue:
+                        self._queue(cause)
+                        return
+                self._no_upstream(cause)
+                return
+            # From here until _done or _stop the attempt is counted in the pool's retry budget: a first
+            # one while ``tried`` holds one member, a retry after that; ``member`` is set exactly meanwhile.
+            if tried:
+                if not self._retry(member, cause):
                     return
-            self._no_upstream(cause)
-            return
-        budget = pool.budget
-        if not tried:
-            budget.dials += 1  # RetryBudget.dial_started, inlined: this runs per session
-            self.counted = 1
-        elif budget.try_retry():
-            self.counted = 2
-            pool.retries += 1
+            else:
+                pool.budget.dials += 1  # RetryBudget.dial_started, inlined
+                tried.append(member)
+                self.member = member
+        assert member is not None
+        pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
+        if pool.timed:  # the connect histogram's start, and the deadline's
+            self.attempted = now = time.monotonic()
+            self.deadline = self.deadlines.add(self, pool.config.connect_timeout, now)
         else:
-            balancer.release(member)
+            self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
+        try:
+            before_tls = self.header if pool.ssl_context is not None else b""
+            if member.address.port in self.outgoing.ports and is_ip(member.address.host):
+                coro = _connect_noted(self.loop, pool, member, pump, self.outgoing, before_tls)
+            elif before_tls:
+                coro = _connect_after(self.loop, pool, member, pump, before_tls)
+            else:
+                coro = _connect(self.loop, pool, member, pump)
+        except (OSError, ssl.SSLError) as exc:
+            self._failed(exc)
+            return
+        drive = Drive(coro, self._done)
+        if drive.coro is not None:  # else it finished at once, and _done has moved on already
+            self.drive = drive
+
+    def _retry(self, member: Member, cause: str) -> bool:
+        """Count a retry on ``member`` (taken) if the retry budget allows: whether to connect now. A
+        member tried already (a one-member pool) gets a back-off with jitter first (``_waited``)."""
+        pool = self.pool
+        budget = pool.budget
+        if not budget.try_retry():
+            pool.balancer.release(member)
             pool.retry_refused += 1
             spent = f"the retry budget ({budget.percent}% of the dials in flight) is spent"
             self._no_upstream(f"{cause}; no retry: {spent}")
-            return
+            return False
+        pool.retries += 1
+        tried = self.tried
         again = member in tried
         tried.append(member)
         self.member = member
-        if again:  # the same member once more (a one-member pool): back off first, with jitter
+        if again:
             delay = retry_delay(tried.count(member) - 1, random.random())
-            self.wait = self.loop.call_later(delay, self._attempt)
-            return
-        self._attempt()
+            self.wait = self.loop.call_later(delay, self._waited)
+            return False
+        return True
 
     # the queue: every eligible member is at its max_conns, or a primary pool has no primary (a failover)
 
@@ -212,31 +248,10 @@ class Dial:
         self.warnings.warn(log, kind, "no upstream for %s in pool %s: %s", self.session.client_addr, pool.name, cause)
         self.session.fail(f"no_upstream ({cause})")
 
-    def _attempt(self) -> None:
-        """Connect to ``self.member`` (taken and counted) under its deadline."""
+    def _waited(self) -> None:
+        """The back-off before a retry is over: connect."""
         self.wait = None
-        pool, member = self.pool, self.member
-        assert member is not None
-        pump = self.pump = Pump(self.session)  # a fresh pump per attempt; a failed one is dropped
-        if pool.timed:  # the connect histogram's start, and the deadline's
-            self.attempted = now = time.monotonic()
-            self.deadline = self.deadlines.add(self, pool.config.connect_timeout, now)
-        else:
-            self.deadline = self.deadlines.add(self, pool.config.connect_timeout)
-        try:
-            before_tls = self.header if pool.ssl_context is not None else b""
-            if member.address.port in self.outgoing.ports and is_ip(member.address.host):
-                coro = _connect_noted(self.loop, pool, member, pump, self.outgoing, before_tls)
-            elif before_tls:
-                coro = _connect_after(self.loop, pool, member, pump, before_tls)
-            else:
-                coro = _connect(self.loop, pool, member, pump)
-        except (OSError, ssl.SSLError) as exc:
-            self._failed(exc)
-            return
-        drive = Drive(coro, self._done)
-        if drive.coro is not None:  # else it finished at once, and _done has moved on already
-            self.drive = drive
+        self.start(member=self.member, waited=True)
 
     def cancel(self) -> None:
         """Stop the attempt in flight; the client is dealt with by the caller."""
@@ -257,11 +272,10 @@ class Dial:
         self.deadline = None
         session, member, pump = self.session, self.member, self.pump
         pool = self.pool
-        if self.counted == 1:
+        if len(self.tried) == 1:
             pool.budget.dials -= 1  # RetryBudget.dial_ended, inlined
         else:
             pool.budget.dial_ended(True)
-        self.counted = 0
         pool.connect_ok(member)
         session.dial = None
         self.pump = self.member = None
@@ -319,17 +333,15 @@ class Dial:
             self.wait = None
         if self.queued_at:
             self.pool.queue.leave(self)
-        if self.counted:
-            self.pool.budget.dial_ended(self.counted == 2)
-            self.counted = 0
         if self.deadline is not None:
             self.deadline.discard(self)
             self.deadline = None
         drive, self.drive = self.drive, None
         if drive is not None:
             drive.cancel()  # closes the transport the connect opened
-        if self.member is not None:
+        if self.member is not None:  # counted on the member and in the budget since start
             self.pool.balancer.release(self.member)
+            self.pool.budget.dial_ended(len(self.tried) > 1)
         if self.pump is not None:
             self.pump.abort()  # the connect may have completed before the cancellation
         self.pump = self.member = None

@@ -166,7 +166,7 @@ class Frontend:
         queue = pool.queue  # clients waiting for a place (every member at its max_conns)
         live, opening, record = table.live, table.opening, self.access_log.record
         idle = table.idle
-        gone = self.listener.done
+        listener = self.listener
 
         own = outgoing.addresses
         counters = self.counters
@@ -190,7 +190,9 @@ class Frontend:
         def ended(session: Session) -> None:
             now = time.time()  # the duration's end, and the access log's
             live.discard(session)
-            gone()
+            listener.sessions -= 1  # Listener.done, inlined: this runs per session
+            if listener.full:
+                listener.resume()
             table.served += 1
             counters.active -= 1
             if counters.timed:
@@ -199,15 +201,17 @@ class Frontend:
                 durations.sum += took
             sent = session.client.nbytes
             counters.bytes_in += sent
-            upstream, member = session.upstream, session.member
-            if upstream is not None:
-                counters.bytes_out += upstream.nbytes
-            if member is not None:
-                pool.balancer.release(member)
-                if upstream is not None:
-                    stats = member.stats
-                    stats.bytes_in += sent
-                    stats.bytes_out += upstream.nbytes
+            member = session.member
+            if member is not None:  # it was connected: attach_upstream sets its member and upstream together
+                received = session.upstream.nbytes  # type: ignore[union-attr]
+                counters.bytes_out += received
+                stats = member.stats
+                stats.bytes_in += sent
+                stats.bytes_out += received
+                member.active -= 1  # Balancer.release, inlined: this runs per session
+                view = pool.balancer.view
+                if view is not None:
+                    view.publish(member.slot, member.active)
                 if queue.length:  # a place for the oldest client waiting
                     queue.serve()
             if session.sockname is not None:
@@ -280,7 +284,6 @@ class Frontend:
         warnings = self.warnings
         tls = self.config.tls
         bare = type(loop).__module__.startswith("uvloop")
-        handshaken = self._handshaken
 
         def serve(sock: socket.socket | AcceptedFD, address: object) -> None:
             session = Session(wiring)
@@ -288,10 +291,7 @@ class Frontend:
             protocol: asyncio.Protocol = session.client
             engine = None
             if tls is not None:  # the engine is the client transport's protocol and the pump's transport
-                assert self.tls_context is not None
-                done = functools.partial(handshaken, session)
-                engine = TLSEngine(self.tls_context, protocol, done, server_side=True, timeout=tls.handshake_timeout)
-                protocol = engine
+                protocol = engine = self._engine(session, tls.handshake_timeout)
             factory = itertools.repeat(protocol).__next__  # a C callable: no Python frame runs
             if bare and isinstance(sock, AcceptedFD):
                 # uvloop: the one place that relies on how uvloop runs the coroutine (see the module's
@@ -308,8 +308,8 @@ class Frontend:
                         self.leave(address)
                     return
                 session.opener = opener
-                if session.client.transport is None:  # until connection_made; drain closes what is left
-                    opening[session] = opener if engine is None else engine
+                # until connection_made (which the loop calls later: pinned too); drain closes what is left
+                opening[session] = opener if engine is None else engine
                 return
 
             def opened(exc: BaseException | None) -> None:
@@ -328,6 +328,13 @@ class Frontend:
                 _close_unowned(sock)
 
         return serve
+
+    def _engine(self, session: Session, timeout: float) -> TLSEngine:
+        """The TLS engine between a client's transport and its pump: it reports the handshake to
+        ``_handshaken``."""
+        assert self.tls_context is not None
+        done = functools.partial(self._handshaken, session)
+        return TLSEngine(self.tls_context, session.client, done, server_side=True, timeout=timeout)
 
     def _handshaken(self, session: Session, exc: BaseException | None) -> None:
         """A client's TLS handshake is over: on success its pump's ``connection_made`` comes next and

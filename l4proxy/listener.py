@@ -201,6 +201,7 @@ class Listener:
 
     def _accept(self, sock: socket.socket) -> None:
         accepted_type = (_ACCEPTED_FD if self._bare else _ACCEPTED)[sock.family]
+        per_session, serve = self.per_session, self.serve
         for _ in range(_BATCH):
             try:
                 fd, addr = sock._accept()  # type: ignore[attr-defined]  # the fd alone: see _Accepted4
@@ -218,24 +219,38 @@ class Listener:
                     continue  # the client gave up before we accepted it
                 log.error("accept on %s failed: %s", self.config.address, exc)
                 return
-            self._budget -= self.per_session
-            crowded = self._budget < self.per_session and not self._recount()
-            if not crowded:
-                self._backoff = _BACKOFF_MIN
             self.accepted += 1
             self.sessions += 1
-            self.serve(conn, addr)
-            if crowded:
-                self._pause(sock, f"fewer than {_RESERVE} of {self._fd_limit} open files left")
-            if self.sessions >= self.limit:
-                self._hold()
-            if crowded or self.full:
+            self._budget -= per_session
+            if self._budget >= per_session and self.sessions < self.limit:  # room for more: the common case
+                self._backoff = _BACKOFF_MIN
+                serve(conn, addr)
+            elif not self._admit(sock, conn, addr):
                 return
+
+    def _admit(self, sock: socket.socket, conn: socket.socket | AcceptedFD, addr: object) -> bool:
+        """Serve a client that spent the budget or reached the limit: count the descriptors again, pause
+        or hold when really short or full; whether to go on accepting."""
+        crowded = self._budget < self.per_session and not self._recount()
+        if not crowded:
+            self._backoff = _BACKOFF_MIN
+        self.serve(conn, addr)
+        if crowded:
+            self._pause(sock, f"fewer than {_RESERVE} of {self._fd_limit} open files left")
+        if self.sessions >= self.limit:
+            self._hold()
+        return not (crowded or self.full)
 
     def done(self) -> None:
         """A client accepted here is gone (its session ended, or it never became one): below the limit
-        again, accepting resumes."""
+        again, accepting resumes. (A session's end inlines this: ``sessions -= 1``, then ``resume`` when
+        ``full``.)"""
         self.sessions -= 1
+        if self.full:
+            self.resume()
+
+    def resume(self) -> None:
+        """Accept again if a session's end brought the listener below its limit."""
         if self.full and self.sessions < self.limit:
             self.full = False
             log.debug("listener %s accepting again: %d sessions", self.config.address, self.sessions)

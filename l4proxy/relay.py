@@ -125,7 +125,7 @@ class Pump(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         limit = self.session.buffer_size
-        transport.set_write_buffer_limits(high=limit, low=limit // 4)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(limit, limit // 4)  # type: ignore[attr-defined]  # positional: no keyword dict
         session = self.session
         if self is session.client:  # after its TLS handshake, if any: note the TLS facts, start the dial
             if session.limits.tls is not None:

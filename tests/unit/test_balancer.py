@@ -8,6 +8,7 @@ side lives with the dialer, proxy and traffic tests.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 import pytest
@@ -352,7 +353,8 @@ def test_a_restriction_leaves_the_pick_only_the_allowed_members_and_lifts_cleanl
     balancer.restrict(())  # a split brain: none
     assert balancer.pick() is None
     balancer.restrict(None)
-    assert "pick" not in vars(balancer)  # the class's own pick again: nothing left on the hot path
+    # the class's own pick and take again: nothing left on the hot path
+    assert (balancer.pick.__func__, balancer.take.__func__) == (Balancer.pick, Balancer.take)  # type: ignore[attr-defined]
     assert {balancer.pick() for _ in range(3)} == {a, b, c}
 
 
@@ -375,6 +377,22 @@ def test_the_shortage_tells_a_missing_primary_from_a_split_brain(
     balancer.restrict([b] if allowed == "b" else allowed, split)  # type: ignore[arg-type]
     assert balancer.take() is None
     assert balancer.shortage() == cause
+
+
+def _attributes_in_a_dict(balancer: Balancer) -> bool:
+    """Whether CPython keeps the instance's attributes in a real dict (a referent holding them) rather
+    than inline, where the interpreter reads them without a lookup. Read this way because looking at
+    ``__dict__`` would make one."""
+    return any(isinstance(r, dict) and "members" in r for r in gc.get_referents(balancer))
+
+
+def test_lifting_a_restriction_that_is_not_there_keeps_the_attributes_inline() -> None:
+    """The prober lifts at start on every pool it probes (``restrict(None)``); touching the instance's
+    ``__dict__`` then made every attribute read on the balancer, several per dial, a dict lookup."""
+    balancer = make_balancer(2)
+    balancer.restrict(None)
+    assert not _attributes_in_a_dict(balancer)
+    assert balancer.take() is balancer.members[0]
 
 
 def test_take_honours_a_restriction_past_its_fast_scan() -> None:
