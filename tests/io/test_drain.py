@@ -149,6 +149,22 @@ async def test_clients_in_the_backlog_when_the_drain_begins_are_served_not_reset
     assert [s.end_cause for s in log.sessions] == ["eof"] * 8
 
 
+async def test_clients_accepted_just_before_the_drain_are_served_not_closed() -> None:
+    """Clients accepted on the loop iteration the drain begins, their transports' ``connection_made``
+    still queued behind the drain's first step (a signal or a takeover's READY lands there): they are
+    connected clients, not handshakes, so the drain lets them become sessions and waits for them
+    instead of closing them (a reset: their bytes are unread). The accept callback is called by hand
+    to put it in that place on the loop's queue."""
+    async with upstreams(1) as [server], running(make_config([server.address], drain_timeout=5.0)) as (proxy, log):
+        clients = queued_clients(proxy.port(), 8)
+        listener = proxy.frontends[0].listener
+        asyncio.get_running_loop().call_soon(listener._accept, listener.sockets[0])
+        drain = asyncio.create_task(proxy.drain(delay=0))
+        assert await asyncio.gather(*map(echoed_back, clients)) == [b"client %d" % i for i in range(8)]
+        await asyncio.wait_for(drain, 5)
+    assert [s.end_cause for s in log.sessions] == ["eof"] * 8
+
+
 async def test_sigterm_lets_a_session_in_flight_finish_and_exits_zero() -> None:
     """The command drains on SIGTERM: a reply that comes 0.3 s later still reaches the client in full."""
     reply = b"r" * 300_000
