@@ -175,15 +175,30 @@ class Listener:
         return [s.getsockname()[:2] for s in self.sockets]
 
     def close(self) -> None:
-        """Stop accepting; established sessions are not touched."""
+        """Stop accepting; established sessions are not touched. The clients already queued in a
+        socket's backlog are accepted first: they connected while we listened, and closing a listening
+        socket resets every connection still in its queue."""
         assert self._loop is not None
+        for sock in self.sockets:
+            self._take_queued(sock)
         if self._retry is not None:
             self._retry.cancel()
+            self._retry = None
         for sock in self.sockets:
             if sock not in self._paused and not self.full:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
+        self._paused.clear()
         self.sockets = []
+
+    def _take_queued(self, sock: socket.socket) -> None:
+        """Accept every client waiting on ``sock``, as long as there is room for them (paused or full,
+        they stay queued)."""
+        while sock not in self._paused and not self.full:
+            before = self.accepted
+            self._accept(sock)
+            if self.accepted - before < _BATCH:  # the backlog is empty (or an error ended the batch)
+                return
 
     def release(self) -> list[socket.socket]:
         """Stop accepting and hand the sockets over, still listening: clients that connect meanwhile
