@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import struct
 import time
 
 import pytest
@@ -29,6 +27,8 @@ from ..kit import (
     eventually,
     make_config,
     refused_address,
+    reset_at_once,
+    resets_every_other,
     roundtrip,
     running,
     tls_upstream,
@@ -54,12 +54,6 @@ async def refused_client(port: int) -> None:
     with contextlib.suppress(ConnectionResetError):
         assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
-
-
-async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """An overloaded server: accept, then close with SO_LINGER 0, which sends RST before any byte."""
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def answer_or_reset(port: int, line: bytes) -> bytes:
@@ -104,19 +98,7 @@ async def test_resets_before_the_first_byte_eject_the_member_though_every_connec
 async def test_a_member_that_resets_only_sometimes_between_served_sessions_is_not_ejected() -> None:
     """The only member resets every other session at once and echoes the others: eject_after=2 is never
     reached, because each session that got bytes clears the streak a connect alone cannot."""
-    turn = 0
-
-    async def sometimes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal turn
-        turn += 1
-        if turn % 2:
-            await reset_at_once(reader, writer)
-            return
-        writer.write(await reader.read())
-        await writer.drain()
-        writer.close()
-
-    async with Upstream(sometimes) as flaky:
+    async with Upstream(resets_every_other()) as flaky:
         async with running(make_config([flaky.address], health=QUIET, eject_after=2)) as (proxy, log):
             member = proxy.pools["default"].members[0]
             streaks = []
