@@ -2,7 +2,8 @@
 
 Both the dialer (passive results) and the prober (active results) report through ``Pool.report``, so
 each change of a member's status is logged exactly once, with the reason that caused it. The dialer's
-successful connects go through ``Pool.connect_ok``, which skips the report when it would change nothing.
+successful connects report only when it could change something (``Pool.connect_ok``, which the dialer
+inlines).
 
 **Outlier ejection** (``outlier.py``; ``PoolConfig.eject_after`` and co.): real clients' failed
 connects, and their sessions whose upstream reset before sending a byte (``reset_early``), feed the
