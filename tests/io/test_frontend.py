@@ -79,7 +79,8 @@ async def test_a_member_that_is_the_proxy_itself_is_closed_not_multiplied(
             writer.close()
             await eventually(lambda: any(s.end_cause == "loop" for s in log.sessions) and not proxy.sessions)
         assert len(log.sessions) <= (40 if probes else 4), [s.end_cause for s in log.sessions]
-        assert not proxy.outgoing.addresses - {a for p in proxy.probers for a in p._held.values()}
+        # A probe or a session in flight holds its address for a moment; one left behind stays for good
+        await eventually(lambda: not proxy.outgoing.addresses - {a for p in proxy.probers for a in p._held.values()})
     finally:
         await proxy.drain()
     warned = [r.getMessage() for r in caplog.records if "leads back to this proxy" in r.getMessage()]
