@@ -179,8 +179,10 @@ def test_with_workers_the_supervisor_answers_for_all_of_them(redis: RedisServer)
             assert redis_cli(proxy.port, "PING") == "PONG"
         expected = 6
 
-        def counted() -> bool:
-            return status_of(admin)["totals"]["sessions"] == expected
+        def counted() -> bool:  # a session is counted as it opens, its bytes as each worker copies them
+            status = status_of(admin)
+            totals, [seen] = status["totals"], status["pools"][0]["members"]
+            return totals["sessions"] == expected and (totals["bytes_in"], seen["bytes_out"]) == (6 * 14, 6 * 7)
 
         wait_until(counted)  # the workers copy their counters every quarter second
         [pool] = status_of(admin)["pools"]
