@@ -276,7 +276,8 @@ class Dial:
             pool.budget.dials -= 1  # RetryBudget.dial_ended, inlined
         else:
             pool.budget.dial_ended(True)
-        pool.connect_ok(member)
+        if member.outlier.streak or pool.forward is not None:  # Pool.connect_ok, inlined: this runs per session
+            pool.report(member, Event.TRAFFIC_OK)
         session.dial = None
         self.pump = self.member = None
         if session.ended:  # the client left as the connect completed

@@ -214,6 +214,8 @@ class Frontend:
                     view.publish(member.slot, member.active)
                 if queue.length:  # a place for the oldest client waiting
                     queue.serve()
+                if member.outlier.streak and received:  # bytes prove it serves: clear its failure streak
+                    pool.served(member)
             if session.sockname is not None:
                 outgoing.addresses.discard(session.sockname)
             record(session, now)
@@ -224,7 +226,10 @@ class Frontend:
         attached: SessionHook | None = None
         if self.config.relay == "splice":
             attached = bulky
-        wiring = Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached)
+        def reset_early(session: Session) -> None:
+            pool.reset_early(session.member)  # type: ignore[arg-type]  # attached: the upstream reset
+
+        wiring = Wiring(self.config, client_ready, self._with_leave(ended), bulky, attached, reset_early)
         self.wirings.append(wiring)
         return wiring
 

@@ -38,6 +38,8 @@ class Event(enum.Enum):
     PROBE_FAIL = "probe_fail"
     TRAFFIC_OK = "traffic_ok"
     TRAFFIC_FAIL = "traffic_fail"
+    TRAFFIC_RESET = "traffic_reset"  # a session's upstream reset before sending a byte
+    TRAFFIC_SERVED = "traffic_served"  # a session got upstream bytes while the member had a failure streak
     EJECTION_OVER = "ejection_over"
 
 

@@ -137,7 +137,7 @@ class Listener:
         self.accepted = 0
         self.exhausted = 0  # times accepting paused for lack of descriptors
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._bare = False
+        self._kinds: dict[socket.socket, type[_Accepted4] | type[AcceptedFD]] = {}  # each socket's accepted type
         self._paused: set[socket.socket] = set()
         self._backoff = _BACKOFF_MIN
         self._retry: asyncio.TimerHandle | None = None
@@ -154,7 +154,7 @@ class Listener:
         """Accept on ``sockets`` (already listening: kept across a reload, or handed over by another
         process) or, without them, on sockets bound now."""
         self._loop = asyncio.get_running_loop()
-        self._bare = type(self._loop).__module__.startswith("uvloop")  # descriptors need no socket object
+        bare = type(self._loop).__module__.startswith("uvloop")  # descriptors need no socket object
         self._fd_limit = _soft_limit()
         if not self.config.max_connections:
             self.limit = default_max_connections(self._fd_limit, self.per_session)
@@ -166,6 +166,9 @@ class Listener:
                 sock.listen(self.config.backlog)  # a changed backlog applies to a kept socket too
                 client_options(sock, self.config.tcp_keepalive)  # and a changed --tcp-keepalive
         self.sockets = sockets
+        # looked up once: ``sock.family`` is a Python property making an enum, three calls per wake-up
+        kinds = _ACCEPTED_FD if bare else _ACCEPTED
+        self._kinds = {sock: kinds[sock.family] for sock in sockets}
         self._count()
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
@@ -175,15 +178,30 @@ class Listener:
         return [s.getsockname()[:2] for s in self.sockets]
 
     def close(self) -> None:
-        """Stop accepting; established sessions are not touched."""
+        """Stop accepting; established sessions are not touched. The clients already queued in a
+        socket's backlog are accepted first: they connected while we listened, and closing a listening
+        socket resets every connection still in its queue."""
         assert self._loop is not None
+        for sock in self.sockets:
+            self._take_queued(sock)
         if self._retry is not None:
             self._retry.cancel()
+            self._retry = None
         for sock in self.sockets:
             if sock not in self._paused and not self.full:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
+        self._paused.clear()
         self.sockets = []
+
+    def _take_queued(self, sock: socket.socket) -> None:
+        """Accept every client waiting on ``sock``, as long as there is room for them (paused or full,
+        they stay queued)."""
+        while sock not in self._paused and not self.full:
+            before = self.accepted
+            self._accept(sock)
+            if self.accepted - before < _BATCH:  # the backlog is empty (or an error ended the batch)
+                return
 
     def release(self) -> list[socket.socket]:
         """Stop accepting and hand the sockets over, still listening: clients that connect meanwhile
@@ -200,7 +218,7 @@ class Listener:
         return sockets
 
     def _accept(self, sock: socket.socket) -> None:
-        accepted_type = (_ACCEPTED_FD if self._bare else _ACCEPTED)[sock.family]
+        accepted_type = self._kinds[sock]
         per_session, serve = self.per_session, self.serve
         for _ in range(_BATCH):
             try:

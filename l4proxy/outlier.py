@@ -2,8 +2,26 @@
 
 Rules (the transitions are one table, ``_TRANSITIONS``, below; the numbers are ``OutlierPolicy``'s):
 
-* Local-origin failures count: a connect refused or timed out, a failed TLS handshake, a reset before
-  the first byte. ``eject_after`` of them in a row eject the member. A served connect resets the streak.
+* Local-origin failures count: a connect refused or timed out, a failed TLS handshake (``FAILURE``),
+  and a session whose upstream reset before sending a byte (``RESET``: a member that accepts and then
+  resets, as an overloaded server does). ``eject_after`` of them in a row, of either kind, eject the
+  member. What clears the streak depends on what it holds:
+
+  ====================  ====================================  ===================================
+  result                streak of connect failures only       streak holding a reset
+  ====================  ====================================  ===================================
+  ``FAILURE``           +1                                    +1
+  ``RESET``             +1 (now holds a reset)                +1
+  ``SUCCESS`` (connect) cleared                               kept: the member accepts, then resets
+  ``SERVED`` (bytes)    cleared                               cleared
+  ====================  ====================================  ===================================
+
+  A connected dial cannot clear a streak of resets, or a member that accepts and resets every client
+  would alternate connect-ok / reset at streak 0/1 forever. Only a session that got bytes from the
+  upstream (``SERVED``) proves it serves. That is Envoy's ``consecutive_local_origin_failure`` with the
+  TCP proxy's connect success as the success, except that a connect success there clears everything;
+  HAProxy's ``observe layer4`` sees connects only. The owner reports ``SERVED`` only while the streak is
+  not 0 (one attribute test per session end), and ``RESET`` only on the upstream's reset path.
 * The k-th ejection in a row lasts ``min(eject_time * k, max_eject_time)`` (Envoy's rule). k stops
   growing at ``ceil(max_eject_time / eject_time)``, where the cap is reached, so it never piles up
   more than the decay below has to undo.
@@ -77,12 +95,16 @@ class Event(enum.Enum):
 
     FAILURE = "failure"  # a local-origin failure of a real client's dial
     SUCCESS = "success"  # a real client's dial connected (and, with TLS, shook hands)
+    RESET = "reset"  # a real client's session: the upstream reset before sending a byte
+    SERVED = "served"  # a real client's session got bytes from the upstream
     PROBE_OK = "probe_ok"  # an active health check passed
     EXPIRE = "expire"  # the ejection's deadline may have come
 
 
 class _Act(enum.Enum):
     COUNT = "count"  # one more failure in a row; eject at eject_after if the cap allows
+    COUNT_RESET = "count_reset"  # the same, and the streak now holds a reset
+    CLEAR_CONNECTS = "clear_connects"  # clear the streak unless it holds a reset
     RESET = "reset"  # clear the streak
     IGNORE = "ignore"
     RETURN = "return"  # end the ejection now
@@ -91,11 +113,15 @@ class _Act(enum.Enum):
 
 _TRANSITIONS: dict[tuple[State, Event], _Act] = {
     (State.IN, Event.FAILURE): _Act.COUNT,
-    (State.IN, Event.SUCCESS): _Act.RESET,
+    (State.IN, Event.SUCCESS): _Act.CLEAR_CONNECTS,
+    (State.IN, Event.RESET): _Act.COUNT_RESET,
+    (State.IN, Event.SERVED): _Act.RESET,
     (State.IN, Event.PROBE_OK): _Act.IGNORE,
     (State.IN, Event.EXPIRE): _Act.IGNORE,
     (State.OUT, Event.FAILURE): _Act.IGNORE,
     (State.OUT, Event.SUCCESS): _Act.IGNORE,
+    (State.OUT, Event.RESET): _Act.IGNORE,
+    (State.OUT, Event.SERVED): _Act.IGNORE,
     (State.OUT, Event.PROBE_OK): _Act.RETURN,
     (State.OUT, Event.EXPIRE): _Act.RETURN_IF_DUE,
 }
@@ -126,12 +152,13 @@ class MemberOutlier:
     The hot path reads ``state`` (is the member eligible?) and reports results through the table.
     """
 
-    __slots__ = ("ejections", "name", "since", "state", "streak", "until")
+    __slots__ = ("ejections", "name", "resets", "since", "state", "streak", "until")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.state = State.IN
         self.streak = 0
+        self.resets = 0  # how many of the streak are resets before the first byte (0: connects only)
         self.until = 0.0  # meaningful while OUT
         self.ejections = 0  # k, as of ``since``
         self.since = 0.0  # when the last ejection ended: k decays from here
@@ -143,7 +170,8 @@ class MemberOutlier:
         return max(0, self.ejections - int((now - self.since) // policy.eject_time))
 
     def __repr__(self) -> str:
-        return f"<MemberOutlier {self.name} {self.state.value} streak={self.streak} k={self.ejections}>"
+        counts = f"streak={self.streak} resets={self.resets} k={self.ejections}"
+        return f"<MemberOutlier {self.name} {self.state.value} {counts}>"
 
 
 class OutlierTable:
@@ -176,16 +204,20 @@ class OutlierTable:
 
     def observe(self, member: MemberOutlier, event: Event, now: float, reason: str = "") -> Change | None:
         """Apply one result to ``member``; return the Change to log, if any."""
-        if event is Event.SUCCESS and member.streak == 0:
+        if member.streak == 0 and (event is Event.SUCCESS or event is Event.SERVED):
             return None  # every served connect: nothing to change, so skip the table
         act = _TRANSITIONS[(member.state, event)]
         if act is _Act.IGNORE:
             return None
-        if act is _Act.RESET:
-            member.streak = 0
+        if act is _Act.RESET or (act is _Act.CLEAR_CONNECTS and not member.resets):
+            member.streak = member.resets = 0
             return None
-        if act is _Act.COUNT:
+        if act is _Act.CLEAR_CONNECTS:
+            return None  # a streak of resets stands: the member accepts connects, then resets them
+        if act is _Act.COUNT or act is _Act.COUNT_RESET:
             member.streak += 1
+            if act is _Act.COUNT_RESET:
+                member.resets += 1
             if member.streak < self.policy.eject_after:
                 return None
             return self._eject(member, now, reason)
@@ -211,13 +243,13 @@ class OutlierTable:
                 return None  # reported when the streak first reached eject_after
             return Change(member.name, Verdict.HELD, None, decayed, f"{reason}; {self._cap_text()}")
         k = min(decayed + 1, policy.max_ejections)
-        member.state, member.streak, member.ejections = State.OUT, 0, k
+        member.state, member.streak, member.resets, member.ejections = State.OUT, 0, 0, k
         member.until = now + policy.duration(k)
         self.ejected += 1
         return Change(member.name, Verdict.EJECTED, member.until, k, reason)
 
     def _return(self, member: MemberOutlier, now: float, reason: str) -> Change:
-        member.state, member.streak, member.since = State.IN, 0, now
+        member.state, member.streak, member.resets, member.since = State.IN, 0, 0, now
         self.ejected -= 1
         return Change(member.name, Verdict.RETURNED, None, member.ejections, reason)
 

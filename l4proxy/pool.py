@@ -2,12 +2,15 @@
 
 Both the dialer (passive results) and the prober (active results) report through ``Pool.report``, so
 each change of a member's status is logged exactly once, with the reason that caused it. The dialer's
-successful connects go through ``Pool.connect_ok``, which skips the report when it would change nothing.
+successful connects report only when it could change something (``Pool.connect_ok``, which the dialer
+inlines).
 
 **Outlier ejection** (``outlier.py``; ``PoolConfig.eject_after`` and co.): real clients' failed
-connects feed the pool's ``OutlierTable``, never the probes' rise/fall; ``eject_after`` in a row take
-the member out of the pick for a time that grows with each ejection in a row, a served connect
-clears the streak, a passing probe ends an ejection early, and one timer per pool, at the table's
+connects, and their sessions whose upstream reset before sending a byte (``reset_early``), feed the
+pool's ``OutlierTable``, never the probes' rise/fall; ``eject_after`` in a row take the member out of
+the pick for a time that grows with each ejection in a row. A served connect clears a streak of
+connect failures, a session that got upstream bytes (``served``) clears any streak; a passing probe
+ends an ejection early, and one timer per pool, at the table's
 ``next_deadline``, ends the others. Sessions already on an ejected member go on. Each ejection,
 return and ejection held back by ``max_ejected_percent`` is logged once; ejections are counted.
 
@@ -53,7 +56,14 @@ log = logging.getLogger("l4proxy.health")
 
 IN = State.IN
 _EARLY = 0.001  # uvloop's timers count whole milliseconds and may fire up to one early
-_PASSIVE = {Event.TRAFFIC_FAIL: Outlier.FAILURE, Event.TRAFFIC_OK: Outlier.SUCCESS, Event.EJECTION_OVER: Outlier.EXPIRE}
+_PASSIVE = {
+    Event.TRAFFIC_FAIL: Outlier.FAILURE,
+    Event.TRAFFIC_OK: Outlier.SUCCESS,
+    Event.TRAFFIC_RESET: Outlier.RESET,
+    Event.TRAFFIC_SERVED: Outlier.SERVED,
+    Event.EJECTION_OVER: Outlier.EXPIRE,
+}
+RESET_EARLY = "reset before the first byte"
 
 
 class Probes(Protocol):
@@ -242,6 +252,16 @@ class Pool:
         (a failure streak to clear, or results forwarded to the supervisor)."""
         if member.outlier.streak or self.forward is not None:
             self.report(member, Event.TRAFFIC_OK)
+
+    def reset_early(self, member: Member) -> None:
+        """A client's session on ``member`` ended with the upstream's reset before any upstream byte: a
+        local-origin failure (the member accepts and resets, as an overloaded server does)."""
+        self.report(member, Event.TRAFFIC_RESET, RESET_EARLY)
+
+    def served(self, member: Member) -> None:
+        """A client's session on ``member`` got upstream bytes; called only while its streak is not 0,
+        which a connect alone does not clear once it holds a reset (``outlier.py``)."""
+        self.report(member, Event.TRAFFIC_SERVED)
 
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         """Feed a result to the member's health (probes) or ejection state (clients' connects, the

@@ -84,9 +84,10 @@ class Wiring:
 
     ``client_ready``: the client's transport is up (after its TLS handshake): start the dial.
     ``ended``: both sides are gone (called once). ``bulky``: a bulky streak was seen. ``attached``: the
-    upstream was just attached (``None``: nothing to do)."""
+    upstream was just attached (``None``: nothing to do). ``reset_early``: the upstream reset before
+    sending a byte (its member is attached; the session ends right after)."""
 
-    __slots__ = ("attached", "buffer_size", "bulky", "client_ready", "ended", "limits")
+    __slots__ = ("attached", "buffer_size", "bulky", "client_ready", "ended", "limits", "reset_early")
 
     def __init__(
         self,
@@ -95,7 +96,9 @@ class Wiring:
         ended: SessionHook,
         bulky: SessionHook = stay,
         attached: SessionHook | None = None,
+        reset_early: SessionHook = stay,
     ) -> None:
+        self.reset_early = reset_early
         self.limits = limits
         self.buffer_size = limits.buffer_size
         self.client_ready = client_ready
@@ -326,7 +329,15 @@ class Session:
                     self.dial.cancel()
                 self._finish_if_closed()
             return
+        if exc is not None:
+            self.note_reset(pump)
         self.end(EOF if exc is None and pump.eof and peer.eof else lost(client, exc is not None))
+
+    def note_reset(self, pump: Pump) -> None:
+        """``pump``'s side is lost with an error: an upstream that did so before sending a byte accepts
+        and resets (an overloaded server), which outlier ejection counts. Only the reset path calls it."""
+        if pump is self.upstream and not pump.nbytes:
+            self.wiring.reset_early(self)
 
     # ending
 

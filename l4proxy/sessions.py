@@ -39,6 +39,8 @@ from .tlsengine import TLSEngine
 
 log = logging.getLogger("l4proxy")
 
+_OPENING_ROUNDS = 4  # loop iterations a drain gives plain clients to become sessions (one is enough)
+
 
 class SessionTable:
     """Live and opening sessions, their sweeper, drain and abort."""
@@ -141,8 +143,15 @@ class SessionTable:
         return not self.live
 
     async def cancel_opening(self) -> None:
-        """Close clients whose transport is not made yet: they are not sessions yet, and must not become
-        sessions (dial, relay, log) after the drain has returned."""
+        """Close the clients still in their TLS handshake: they are not sessions yet, and must not become
+        sessions (dial, relay, log) after the drain has returned. A plain client whose transport is
+        being made is connected and has sent its bytes (closing it would reset it): its
+        ``connection_made`` is already on the loop's queue, so a few iterations make it a session,
+        which the drain then waits for."""
+        for _ in range(_OPENING_ROUNDS):
+            if all(isinstance(opener, TLSEngine) for opener in self.opening.values()):
+                break
+            await asyncio.sleep(0)
         opening = list(self.opening.values())
         self.opening.clear()
         for drive in opening:

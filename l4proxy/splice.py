@@ -375,7 +375,10 @@ class Splicer:
         for flow in self.flows:
             if flow.pump is not pump:
                 flow.last_flush()
-        self.session.end(lost(client=pump is self.session.client, error=exc.errno in _GONE))
+        error = exc.errno in _GONE
+        if error:
+            self.session.note_reset(pump)
+        self.session.end(lost(client=pump is self.session.client, error=error))
 
     def stop(self) -> None:
         """Unregister, release the pipes and close the dups; the transports are closed by the session."""

@@ -16,6 +16,12 @@ never by their place in a list. Per slot:
 * ``up[slot]``: 1 while the member is UP; written by the supervisor's health thread only.
 * ``fails/oks[worker][slot]``: running counts of each worker's failed and successful connects to the
   member, with the last failure's cause in ``reason[worker][slot]``; written by that worker only.
+* ``resets/served[worker][slot]``: running counts of each worker's sessions on the member that it
+  reset before a byte, and of those that got its bytes while it had a failure streak; that worker only.
+* ``streaky[slot]``: 1 while the supervisor's failure streak of the member is not 0; written by the
+  supervisor only. A worker's sessions report that they got bytes (``Pool.served``) only while its
+  copy of the member's streak is not 0: raised by its own resets and by ``streaky``, cleared by the
+  served session it reports, so it says so about once per 50 ms while the streak lasts.
 * ``role[slot]``: a primary pool's routing (``Balancer.restrict``) as the supervisor's prober decided it:
   ``OPEN`` (no restriction), ``CHOSEN`` (the member new sessions may go to), ``LEFT_OUT``, or
   ``SPLIT_OUT`` (left out because several members claim the primary role); written by the supervisor
@@ -87,7 +93,10 @@ class SharedTable:
         self.capacity = capacity or members + max(members, 64) + DISCOVERED * named
         slots, cells = self.capacity, workers * self.capacity
         words = 8 * cells
-        sizes = (8 * (2 + workers), words, words, words, 8 * slots, slots, slots, slots, slots * ENTRY, cells * REASON)
+        sizes = (
+            8 * (2 + workers), words, words, words, words, words, 8 * slots, slots, slots, slots, slots, slots * ENTRY,
+            cells * REASON,
+        )
         self._map = mmap.mmap(-1, sum(sizes))  # MAP_SHARED | MAP_ANONYMOUS
         view = memoryview(self._map)
         parts = []
@@ -95,13 +104,16 @@ class SharedTable:
         for size in sizes:
             parts.append(view[start : start + size])
             start += size
-        header, active, fails, oks, share, self.up, self.state, self.role, self.entries, self.reasons = parts
+        header, active, fails, oks, resets, served, share = parts[:7]
+        self.up, self.streaky, self.state, self.role, self.entries, self.reasons = parts[7:]
         # [0]: generation, [1 + w]: what worker w has seen, [1 + workers]: 1 + the worker holding ``lock``
         self.header = header.cast("Q")
         self.holder = 1 + workers
         self.active = active.cast("q")
         self.fails = fails.cast("Q")
         self.oks = oks.cast("Q")
+        self.resets = resets.cast("Q")
+        self.served = served.cast("Q")
         self.share = share.cast("d")
         # for reserve (caps); made before the fork, like the mapping. Imported here: multiprocessing
         # loads socket and selectors, which this module must not pull in just by being imported.
@@ -114,6 +126,7 @@ class SharedTable:
         self._quiet: set[int] = set()  # retired slots found idle by the last reclaim
         self._seen_fails = [0] * cells
         self._seen_oks = [0] * cells
+        self._seen_sessions = [(0, 0)] * cells  # resets, served
         for pool in config.pools:
             self.publish(pool.name, unresolved_members(pool.members))
 
@@ -179,8 +192,11 @@ class SharedTable:
         for cell in self.column(slot):
             self.fails[cell] = self.oks[cell] = 0
             self._seen_fails[cell] = self._seen_oks[cell] = 0
+            self.resets[cell] = self.served[cell] = 0
+            self._seen_sessions[cell] = (0, 0)
             self.set_reason(cell, "")
         self.up[slot] = ELIGIBLE
+        self.streaky[slot] = 0
         self.role[slot] = OPEN
         self.share[slot] = 1.0
 
@@ -221,6 +237,19 @@ class SharedTable:
             succeeded += oks - self._seen_oks[cell]
             self._seen_oks[cell] = oks
         return failed, succeeded, reason
+
+    def sessions(self, slot: int) -> tuple[int, int]:
+        """The sessions every worker recorded on ``slot`` since the last call that the member reset
+        before a byte, and that got its bytes (while it had a streak)."""
+        resets = served = 0
+        for cell in self.column(slot):
+            now = self.resets[cell], self.served[cell]
+            seen = self._seen_sessions[cell]
+            if now != seen:
+                resets += now[0] - seen[0]
+                served += now[1] - seen[1]
+                self._seen_sessions[cell] = now
+        return resets, served
 
     def clear_worker(self, worker: int) -> None:
         """A worker died: its sessions are gone (its passive counts stay: they only ever grow), and its
@@ -363,5 +392,11 @@ def forwarder(table: SharedTable, worker: int) -> Callable[[Member, Event, str],
         elif event is Event.TRAFFIC_FAIL:
             table.set_reason(cell, reason)  # before the count, so the supervisor reads this cause
             fails[cell] += 1
+        elif event is Event.TRAFFIC_RESET:
+            table.resets[cell] += 1
+            member.outlier.streak = 1  # so this worker's next served session says so (Pool.served)
+        elif event is Event.TRAFFIC_SERVED:
+            table.served[cell] += 1
+            member.outlier.streak = 0  # said once; raised again by a reset or the supervisor (streaky)
 
     return forward

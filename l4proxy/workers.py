@@ -23,7 +23,10 @@ results to the table. The supervisor runs every pool's probers in one thread wit
 and every 50 ms feeds the passive results that arrived since the last look into its own ``Pool``s: the
 failures, then one success if there was any (order within 50 ms is not kept; a success clears the
 streak, so a member that fails every connect is ejected after ``eject_after`` of them, as in one
-process, while one that fails only some is not ejected by a mixed interval). Its ``Pool.report`` is the
+process, while one that fails only some is not ejected by a mixed interval). Sessions the member reset
+before a byte come next, then one served session if there was any (``outlier.py``: a connect does not
+clear a streak of resets, a served session does); the supervisor publishes whether the member's streak
+is 0 (``streaky``), and workers report served sessions only while it is not. Its ``Pool.report`` is the
 only place that logs a change, so each change is logged once, by the supervisor, and ejections are
 global: the supervisor publishes an ejected member as not UP, so no worker picks it, and its pool's
 ejection timer returns it to every worker at once. A primary pool's routing (``Pool.restrict``: its
@@ -368,6 +371,12 @@ class HealthThread(threading.Thread):
                 pool.report(member, Event.TRAFFIC_FAIL, reason)
             if succeeded:
                 pool.report(member, Event.TRAFFIC_OK)
+            resets, served = self.table.sessions(member.slot)
+            for _ in range(min(resets, pool.config.eject_after)):
+                pool.reset_early(member)
+            if served:
+                pool.served(member)
+            self.table.streaky[member.slot] = 1 if member.outlier.streak else 0
 
 
 class Follower:
@@ -399,6 +408,7 @@ class Follower:
         self.follow_roles()
         self.follow_ramps()
         self.follow_downs()
+        self.follow_streaks()
         loop.call_later(_POLL, self.poll, loop)
 
     def follow_roles(self) -> None:
@@ -426,6 +436,16 @@ class Follower:
                 if self.was_up.get(key, True) and not now:
                     pool.on_down(pool, member, why)
                 self.was_up[key] = now
+
+    def follow_streaks(self) -> None:
+        """Mark the members whose supervisor has a failure streak, so this worker's next session that
+        gets their bytes reports it (``Pool.served``: only a served session clears a streak of resets;
+        the forwarder lowers the mark once it is said, ``table.forwarder``)."""
+        streaky = self.table.streaky
+        for pool in self.pools.values():
+            for member in pool.members:
+                if streaky[member.slot]:
+                    member.outlier.streak = 1
 
     def follow_ramps(self) -> None:
         """Give members the slow-start share the supervisor's ramp published for them."""

@@ -11,6 +11,7 @@ import contextlib
 import io
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,24 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     if writer.can_write_eof():
         writer.write_eof()
     await _drain_and_close(writer)
+
+
+async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An overloaded server: accept, then close with SO_LINGER 0, which sends RST before any byte."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def resets_every_other() -> Handler:
+    """A flaky server: resets its 1st, 3rd, 5th... connection at once (``reset_at_once``), echoes the others."""
+    turns = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal turns
+        turns += 1
+        await (reset_at_once if turns % 2 else echo)(reader, writer)
+
+    return handle
 
 
 async def _drain_and_close(writer: asyncio.StreamWriter) -> None:

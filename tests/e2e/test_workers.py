@@ -53,6 +53,8 @@ from ..kit import (
     make_config,
     open_session,
     refused_address,
+    reset_at_once,
+    resets_every_other,
     roundtrip,
     upstreams,
 )
@@ -410,6 +412,98 @@ async def test_a_success_in_the_same_interval_clears_the_streak() -> None:
         assert pool.members[0].ejected and table.up[0] == EJECTED
     finally:
         pool.close()
+
+
+async def test_resets_from_two_workers_make_one_streak_that_connects_leave_and_a_served_session_clears(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each worker forwards its connects (successes) and its sessions the member reset before a byte;
+    the supervisor counts the resets of both in one streak that the connects leave alone, publishes that
+    it is not 0 (``streaky``), and one served session from either worker clears it. The forwarder marks
+    the worker's own copy on a reset and clears it once it has said a session was served."""
+    members = [Address("127.0.0.1", 1)]
+    config = make_config(members, eject_after=3)
+    table = SharedTable(config, 2)
+    health = HealthThread(config, table)
+    pool = _HealthPool(config.pools[0], table)
+    workers = [Balancer(members, HealthConfig(), WorkerView(table, w)) for w in (0, 1)]
+    seen = [picker.members[0] for picker in workers]  # each worker's own copy of the member
+    for copy in seen:
+        copy.slot = table.slots("default")[copy.key]
+    forwards = [forwarder(table, w) for w in (0, 1)]
+    member = pool.members[0]
+
+    def session(worker: int, event: Event) -> None:
+        forwards[worker](seen[worker], Event.TRAFFIC_OK, "")
+        forwards[worker](seen[worker], event, "")
+
+    try:
+        session(0, Event.TRAFFIC_RESET)
+        session(1, Event.TRAFFIC_RESET)
+        health._passive(pool)
+        assert (member.outlier.streak, table.streaky[0], member.ejected) == (2, 1, False)
+        assert [copy.outlier.streak for copy in seen] == [1, 1]
+        session(1, Event.TRAFFIC_SERVED)
+        assert [copy.outlier.streak for copy in seen] == [1, 0]
+        health._passive(pool)
+        assert (member.outlier.streak, table.streaky[0]) == (0, 0)
+        caplog.set_level(logging.INFO, "l4proxy.health")
+        for worker in (0, 1, 0):
+            session(worker, Event.TRAFFIC_RESET)
+        health._passive(pool)
+        assert member.ejected and table.up[0] == EJECTED and table.streaky[0] == 0
+        assert [r.getMessage() for r in caplog.records] == [
+            f"pool default member {members[0]} ejected for 30s after 3 failures in a row: reset before the first byte"
+        ]
+    finally:
+        pool.close()
+
+
+async def test_workers_resets_before_the_first_byte_eject_a_member_that_accepts_every_connect(
+    tmp_path: Path,
+) -> None:
+    """With --workers 2, a member that accepts each connect and resets it at once is ejected after
+    --eject-after such sessions, summed over the workers by the supervisor (counted at that server);
+    then the healthy member serves every client. A member that resets every other session between
+    sessions that get its bytes is not ejected; those sessions are paced one supervisor look (50 ms)
+    apart, because a worker learns of a streak another worker's resets made only at its next look."""
+    flags = ("--no-health-checks", "--eject-after", "3", "--eject-time", "30s")
+    async with (
+        serving(1, reset_at_once) as [bad],
+        serving(1) as [good],
+        supervised(tmp_path, [bad.address, good.address], *flags) as proxy,
+    ):
+        for i in range(60):  # a reset that beats a worker's connect is a connect failure instead, retried
+            with contextlib.suppress(ConnectionResetError):
+                await roundtrip(proxy.port, b"%d" % i)
+            if proxy.count(" ejected for "):
+                break
+        await proxy.logged(" ejected for ")
+        for i in range(5):  # past the supervisor's log line and its publication, which follows it
+            assert await roundtrip(proxy.port, b"then %d" % i) == b"then %d" % i
+        accepted = bad.accepted
+        assert accepted >= 3
+        for i in range(20):
+            assert await roundtrip(proxy.port, b"after %d" % i) == b"after %d" % i
+        assert bad.accepted == accepted, "a worker dialed the ejected member"
+    ejected = [line for line in proxy.err_lines if " ejected for " in line]
+    expected = f"member {bad.address} ejected for 30s after 3 failures in a row: "
+    assert len(ejected) == 1 and expected in ejected[0] and "l4proxy.health:" in ejected[0], proxy.stderr
+    why = ejected[0].split(expected)[1]  # the last failure's: a reset that beat the connect is one too
+    assert why in ("reset before the first byte", "connect failed: reset"), proxy.stderr
+
+    async with serving(1, resets_every_other()) as [flaky], supervised(tmp_path, [flaky.address], *flags) as proxy:
+        echoed = 0
+        for i in range(30):
+            with contextlib.suppress(ConnectionResetError):
+                answer = await roundtrip(proxy.port, b"%d" % i)
+                assert answer in (b"", b"%d" % i)
+                echoed += answer == b"%d" % i
+            await asyncio.sleep(0.06)  # one supervisor look apart: the case, not a wait for a condition
+        # a reset that beats the worker's connect is a connect failure, retried on the next turn, which
+        # serves: every even turn is a client's echo
+        assert flaky.accepted >= 30 and echoed == flaky.accepted // 2
+    assert not [line for line in proxy.err_lines if " ejected for " in line], proxy.stderr
 
 
 # --- pools that change: slots by key, a generation, workers that follow -----------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 
 from ..kit import Upstream, blackhole, connect, eventually, make_config, running, upstreams
@@ -110,6 +111,58 @@ async def test_drain_with_transfers_and_dials_in_flight_leaves_nothing() -> None
                 writer.transport.abort()
             del slow_reader
     assert sorted(s.end_cause for s in log.sessions) == ["shutdown", "shutdown", "shutdown"]
+
+
+def queued_clients(port: int, count: int) -> list[socket.socket]:
+    """``count`` clients connected (the kernel completes the handshake and queues them in the listening
+    socket's backlog) that sent their bytes and half-closed; blocking calls, so the loop does not run
+    and accepts none of them yet."""
+    clients = []
+    for index in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"client %d" % index)
+        sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        clients.append(sock)
+    return clients
+
+
+async def echoed_back(sock: socket.socket) -> bytes:
+    """Everything the proxy sends this client until it closes (a reset raises)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    with sock:
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+            data += chunk
+    return data
+
+
+async def test_clients_in_the_backlog_when_the_drain_begins_are_served_not_reset() -> None:
+    """Clients that connected before the drain but that the loop had not accepted yet (under load the
+    backlog holds some): the kernel resets every connection still queued when a listening socket
+    closes, so the drain accepts them before it closes it, and each gets its bytes back."""
+    async with upstreams(1) as [server], running(make_config([server.address], drain_timeout=5.0)) as (proxy, log):
+        clients = queued_clients(proxy.port(), 8)
+        drain = asyncio.create_task(proxy.drain(delay=0))  # its first step runs before the accept callback
+        assert await asyncio.gather(*map(echoed_back, clients)) == [b"client %d" % i for i in range(8)]
+        await asyncio.wait_for(drain, 5)
+    assert [s.end_cause for s in log.sessions] == ["eof"] * 8
+
+
+async def test_clients_accepted_just_before_the_drain_are_served_not_closed() -> None:
+    """Clients accepted on the loop iteration the drain begins, their transports' ``connection_made``
+    still queued behind the drain's first step (a signal or a takeover's READY lands there): they are
+    connected clients, not handshakes, so the drain lets them become sessions and waits for them
+    instead of closing them (a reset: their bytes are unread). The accept callback is called by hand
+    to put it in that place on the loop's queue."""
+    async with upstreams(1) as [server], running(make_config([server.address], drain_timeout=5.0)) as (proxy, log):
+        clients = queued_clients(proxy.port(), 8)
+        listener = proxy.frontends[0].listener
+        asyncio.get_running_loop().call_soon(listener._accept, listener.sockets[0])
+        drain = asyncio.create_task(proxy.drain(delay=0))
+        assert await asyncio.gather(*map(echoed_back, clients)) == [b"client %d" % i for i in range(8)]
+        await asyncio.wait_for(drain, 5)
+    assert [s.end_cause for s in log.sessions] == ["eof"] * 8
 
 
 async def test_sigterm_lets_a_session_in_flight_finish_and_exits_zero() -> None:

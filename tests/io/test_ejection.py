@@ -1,5 +1,6 @@
-"""Outlier ejection on real loopback sockets: clients' failed connects eject a member, for a time that
-grows and caps, within max_ejected_percent, until its deadline or a passing active check.
+"""Outlier ejection on real loopback sockets: clients' failed connects, and upstreams that accept and
+reset before a byte, eject a member, for a time that grows and caps, within max_ejected_percent, until
+its deadline or a passing active check.
 
 RELIABILITY.md case 16 (repeated connect failures take a member out; it returns after its ejection
 time or when active checks pass). The table itself is ``tests/unit/test_outlier.py``.
@@ -26,6 +27,8 @@ from ..kit import (
     eventually,
     make_config,
     refused_address,
+    reset_at_once,
+    resets_every_other,
     roundtrip,
     running,
     tls_upstream,
@@ -51,6 +54,64 @@ async def refused_client(port: int) -> None:
     with contextlib.suppress(ConnectionResetError):
         assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def answer_or_reset(port: int, line: bytes) -> bytes:
+    """One client: send ``line``, half-close, read to the end; b"" when the proxy closes or resets it
+    (its upstream reset: the session is already attached, so no retry)."""
+    with contextlib.suppress(ConnectionResetError):
+        return await roundtrip(port, line)
+    return b""
+
+
+async def test_resets_before_the_first_byte_eject_the_member_though_every_connect_succeeds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """eject_after=3: a member that accepts every connect and resets it at once is ejected after three
+    sessions (counted at that server), though each connect succeeded; the healthy member serves every
+    other client, before and after."""
+    caplog.set_level(logging.INFO, logger="l4proxy")
+    async with Upstream(reset_at_once) as bad, upstreams(1) as [good]:
+        config = make_config([bad.address, good.address], health=QUIET, eject_after=3)
+        async with running(config) as (proxy, log):
+            member = proxy.pools["default"].members[0]
+            answered = 0
+            for i in range(20):
+                answer = await answer_or_reset(proxy.port(), b"client %d" % i)
+                answered += answer == b"client %d" % i
+                assert answer in (b"", b"client %d" % i)
+                if member.ejected:
+                    break
+            assert member.ejected and bad.accepted == 3 and answered == i + 1 - 3
+            assert member.total == 3 and sum(member.stats.connect_failures.values()) == 0  # every connect succeeded
+            for j in range(10):
+                assert await roundtrip(proxy.port(), b"after %d" % j) == b"after %d" % j
+            await log.wait_for(i + 11)
+        assert [s.end_cause for s in log.sessions if s.member.address == bad.address] == ["upstream_reset"] * 3
+    assert bad.accepted == 3, "an ejected member was dialed"
+    assert good.accepted == answered + 10
+    assert ejection_lines(caplog) == [
+        f"pool default member {bad.address} ejected for 30s after 3 failures in a row: reset before the first byte"
+    ]
+
+
+async def test_a_member_that_resets_only_sometimes_between_served_sessions_is_not_ejected() -> None:
+    """The only member resets every other session at once and echoes the others: eject_after=2 is never
+    reached, because each session that got bytes clears the streak a connect alone cannot."""
+    async with Upstream(resets_every_other()) as flaky:
+        async with running(make_config([flaky.address], health=QUIET, eject_after=2)) as (proxy, log):
+            member = proxy.pools["default"].members[0]
+            streaks = []
+            for i in range(20):
+                answer = await answer_or_reset(proxy.port(), b"client %d" % i)
+                assert answer == (b"" if i % 2 == 0 else b"client %d" % i)
+                streaks.append(member.outlier.streak)
+            await log.wait_for(20)
+            assert not member.ejected and member.stats.ejections == 0
+        assert streaks == [1, 0] * 10  # each reset counted, each served session cleared it
+        causes = [s.end_cause for s in log.sessions]
+        assert causes.count("upstream_reset") == 10
+    assert flaky.accepted == 20
 
 
 async def test_n_refused_connects_in_a_row_eject_the_member_and_new_clients_skip_it(

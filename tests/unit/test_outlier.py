@@ -26,6 +26,8 @@ from l4proxy.outlier import (
 )
 
 FAIL, OK, PROBE, EXPIRE = Event.FAILURE, Event.SUCCESS, Event.PROBE_OK, Event.EXPIRE
+RESET, SERVED = Event.RESET, Event.SERVED
+EARLY = "reset before the first byte"
 EJECTED, RETURNED, HELD = Verdict.EJECTED, Verdict.RETURNED, Verdict.HELD
 
 Snapshot = dict[str, tuple[str, int, int, float | None]]  # name: (in/out, streak, k, until if out)
@@ -86,6 +88,46 @@ SCRIPTS: dict[str, tuple[OutlierPolicy, tuple[str, ...], list[Step]]] = {
         Step("a", FAIL, 3, {"a": inn(1), "b": inn()}),
         Step("a", OK, 4, {"a": inn(0), "b": inn()}),
         Step("a", OK, 5, {"a": inn(0), "b": inn()}),
+    ]),
+    "a member that accepts and resets every client is ejected": (OutlierPolicy(3, 30, 300, 50), ("a", "b"), [
+        Step("a", OK, 0, {"a": inn(0), "b": inn()}),
+        Step("a", RESET, 0, {"a": inn(1), "b": inn()}, None, EARLY),
+        Step("a", OK, 1, {"a": inn(1), "b": inn()}),  # a connect cannot clear a streak holding a reset
+        Step("a", RESET, 1, {"a": inn(2), "b": inn()}, None, EARLY),
+        Step("a", OK, 2, {"a": inn(2), "b": inn()}),
+        Step("a", RESET, 2, {"a": out(1, 32), "b": inn()}, Change("a", EJECTED, 32, 1, EARLY), EARLY),
+    ]),
+    "a session that got bytes clears any streak": (OutlierPolicy(3, 30, 300, 50), ("a", "b"), [
+        Step("a", RESET, 0, {"a": inn(1), "b": inn()}, None, EARLY),
+        Step("a", OK, 1, {"a": inn(1), "b": inn()}),
+        Step("a", RESET, 1, {"a": inn(2), "b": inn()}, None, EARLY),
+        Step("a", OK, 2, {"a": inn(2), "b": inn()}),
+        Step("a", SERVED, 3, {"a": inn(0), "b": inn()}),
+        Step("a", OK, 4, {"a": inn(0), "b": inn()}),
+        Step("a", RESET, 4, {"a": inn(1), "b": inn()}, None, EARLY),
+        Step("a", FAIL, 5, {"a": inn(2), "b": inn()}),
+        Step("a", SERVED, 6, {"a": inn(0), "b": inn()}),
+        Step("a", FAIL, 7, {"a": inn(1), "b": inn()}),
+        Step("a", SERVED, 8, {"a": inn(0), "b": inn()}),
+    ]),
+    "connect failures and resets add up; a connect clears only connect failures": (
+        OutlierPolicy(4, 30, 300, 50), ("a", "b"), [
+            Step("a", FAIL, 0, {"a": inn(1), "b": inn()}),
+            Step("a", FAIL, 0, {"a": inn(2), "b": inn()}),
+            Step("a", OK, 1, {"a": inn(0), "b": inn()}),  # connects only: cleared, as before
+            Step("a", FAIL, 2, {"a": inn(1), "b": inn()}),
+            Step("a", RESET, 3, {"a": inn(2), "b": inn()}, None, EARLY),
+            Step("a", OK, 4, {"a": inn(2), "b": inn()}),  # now it holds a reset: kept
+            Step("a", FAIL, 5, {"a": inn(3), "b": inn()}),
+            Step("a", FAIL, 6, {"a": out(1, 36), "b": inn()}, Change("a", EJECTED, 36, 1, "refused")),
+            Step("a", EXPIRE, 36, {"a": inn(0, 1), "b": inn()}, Change("a", RETURNED, None, 1, "ejection over")),
+            Step("a", FAIL, 37, {"a": inn(1, 1), "b": inn()}),
+            Step("a", OK, 38, {"a": inn(0, 1), "b": inn()}),  # the ejection forgot the reset
+        ]),
+    "resets and served sessions while out are ignored": (OutlierPolicy(1, 30, 300, 100), ("a",), [
+        Step("a", RESET, 0, {"a": out(1, 30)}, Change("a", EJECTED, 30, 1, EARLY), EARLY),
+        Step("a", RESET, 1, {"a": out(1, 30)}, None, EARLY),
+        Step("a", SERVED, 2, {"a": out(1, 30)}),
     ]),
     "ejections grow by eject_time and stop at max_eject_time": (OutlierPolicy(1, 30, 100, 100), ("a",), [
         Step("a", FAIL, 0, {"a": out(1, 30)}, Change("a", EJECTED, 30, 1, "refused")),
@@ -225,12 +267,23 @@ def test_cap_is_percent_of_members_rounded_down_but_at_least_one(members: int, p
     assert table.ejected == allowed
 
 
-def test_a_success_with_no_streak_takes_the_fast_path_and_changes_nothing() -> None:
+@pytest.mark.parametrize("event", [OK, SERVED])
+def test_a_success_with_no_streak_takes_the_fast_path_and_changes_nothing(event: Event) -> None:
     table = OutlierTable(OutlierPolicy(), ("a",))
     a = table.members["a"]
     for now in range(100):
-        assert table.observe(a, OK, now) is None
+        assert table.observe(a, event, now) is None
     assert snapshot(table) == {"a": inn()}
+
+
+def test_resets_counts_the_resets_of_the_streak_and_clears_with_it() -> None:
+    table = OutlierTable(OutlierPolicy(3, 30, 300, 100), ("a",))
+    a = table.members["a"]
+    steps = [(FAIL, 1, 0), (RESET, 2, 1), (OK, 2, 1), (RESET, 0, 0)]  # the third ejects: both cleared
+    for now, (event, streak, resets) in enumerate(steps):
+        table.observe(a, event, now, EARLY)
+        assert (a.streak, a.resets) == (streak, resets), f"{event.name} at {now}"
+    assert repr(a) == "<MemberOutlier a out streak=0 resets=0 k=1>"
 
 
 # --- the policy -------------------------------------------------------------------------------------
@@ -268,7 +321,8 @@ def test_table_covers_every_state_and_event() -> None:
 def test_table_follows_the_stated_rules(state: State, event: Event) -> None:
     """The module docstring's rules, restated independently of the table."""
     if state is State.IN:
-        expected = {FAIL: _Act.COUNT, OK: _Act.RESET}.get(event, _Act.IGNORE)
+        rules = {FAIL: _Act.COUNT, RESET: _Act.COUNT_RESET, OK: _Act.CLEAR_CONNECTS, SERVED: _Act.RESET}
+        expected = rules.get(event, _Act.IGNORE)
     else:
         expected = {PROBE: _Act.RETURN, EXPIRE: _Act.RETURN_IF_DUE}.get(event, _Act.IGNORE)
     assert _TRANSITIONS[(state, event)] is expected
@@ -284,7 +338,7 @@ def test_random_runs_keep_the_invariants(seed: int) -> None:
     for _ in range(3000):
         now += rng.random() * 3
         member = rng.choice(list(table.members.values()))
-        event = rng.choices([FAIL, OK, PROBE, EXPIRE], weights=[6, 3, 1, 2])[0]
+        event = rng.choices([FAIL, RESET, OK, SERVED, PROBE, EXPIRE], weights=[4, 2, 2, 1, 1, 2])[0]
         changes = table.expire(now) if event is EXPIRE else [table.observe(member, event, now)]
         for change in filter(None, changes):
             if change.verdict is EJECTED:
@@ -293,6 +347,7 @@ def test_random_runs_keep_the_invariants(seed: int) -> None:
         assert table.ejected <= 2  # 40% of 6, rounded down
         assert table.ejected == sum(m.state is State.OUT for m in table.members.values())
         assert all(0 <= m.ejections <= policy.max_ejections for m in table.members.values())
+        assert all(0 <= m.resets <= m.streak for m in table.members.values())
     assert ejections > 20  # the run did exercise ejection
 
 
