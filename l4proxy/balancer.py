@@ -399,12 +399,14 @@ class Balancer:
         max_conns (``AT_CAP``: the client may wait in the pool's queue), or a primary pool has no member
         it may route to: none claims the role (``NO_PRIMARY``: the client may wait for one, as for a
         place), or several do (``SPLIT_BRAIN``: fail closed at once, never queued)."""
-        if self.allowed is not None:
-            routed, split = bool(self.allowed), self.split
-            if self.view is not None:  # with workers: as the supervisor publishes it now (``table.py``)
-                routed, split = self.view.restriction([m.slot for m in self.members])
-            if not routed:
-                return SPLIT_BRAIN if split else NO_PRIMARY
+        if self.view is not None:
+            # with workers: as the supervisor publishes it now (``table.py``), even before this worker's
+            # balancer has followed it, so a client never gets an older state than the supervisor logged
+            routed, split = self.view.restriction([m.slot for m in self.members])
+        else:
+            routed, split = self.allowed is None or bool(self.allowed), self.split
+        if not routed:
+            return SPLIT_BRAIN if split else NO_PRIMARY
         return AT_CAP if self.any_up else NO_HEALTHY
 
     def routable(self, member: Member) -> bool:

@@ -212,9 +212,13 @@ class _HealthPool(Pool):
         if not member.draining:
             self._table.share[member.slot] = member.share
 
+    def status_changed(self, member: Member) -> None:
+        if not member.draining:  # its slot may belong to another member soon
+            self._publish(member)
+
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
-        if not member.draining:  # its slot may belong to another member soon
+        if not member.draining:
             self._publish(member)
 
     def set_admin(self, member: Member, state: str) -> None:

@@ -32,14 +32,26 @@ from typing import Any
 import pytest
 
 from l4proxy.accesslog import AccessLog
-from l4proxy.balancer import NO_PRIMARY, SPLIT_BRAIN, Balancer, Member
+from l4proxy.balancer import NO_HEALTHY, NO_PRIMARY, SPLIT_BRAIN, Balancer, Member
 from l4proxy.config import Address, HealthConfig, Resolved, Service
 from l4proxy.errors import ConfigError
 from l4proxy.health import Event
 from l4proxy.pool import Pool
 from l4proxy.proxy import Proxy
 from l4proxy.resolver import Resolver
-from l4proxy.table import EJECTED, ELIGIBLE, FREE, LEFT_OUT, RETIRED, SharedTable, WorkerView, forwarder
+from l4proxy.table import (
+    CHOSEN,
+    EJECTED,
+    ELIGIBLE,
+    FREE,
+    LEFT_OUT,
+    OPEN,
+    RETIRED,
+    SPLIT_OUT,
+    SharedTable,
+    WorkerView,
+    forwarder,
+)
 from l4proxy.workers import Follower, HealthThread, Supervisor, WorkerShare, _HealthPool, parse_workers
 
 from ..dnsserver import Dnsmasq, discovering, pair
@@ -349,6 +361,29 @@ def test_a_pick_follows_the_supervisors_status() -> None:
     assert first.any_up
     table.up[1] = 0
     assert first.pick() is None and not first.any_up
+
+
+@pytest.mark.parametrize(
+    ("roles", "cause"),
+    [
+        ((OPEN, OPEN), NO_HEALTHY),  # no primary pool: nothing restricts it
+        ((LEFT_OUT, LEFT_OUT), NO_PRIMARY),  # a failover: the client waits for the next primary
+        ((SPLIT_OUT, SPLIT_OUT), SPLIT_BRAIN),  # refused at once
+        ((SPLIT_OUT, LEFT_OUT), SPLIT_BRAIN),  # read while the supervisor writes the second byte
+    ],
+)
+def test_a_worker_tells_the_shortage_the_supervisor_published_before_it_follows_it(
+    roles: tuple[int, int], cause: str
+) -> None:
+    """The supervisor logs a change once it is in the table; a worker whose balancer has not followed
+    the routing yet (its next look is up to 50 ms away) still gives a client the cause published now."""
+    table, first, _second = two_workers()
+    for slot, role in enumerate(roles):
+        table.up[slot] = 0
+        table.role[slot] = role
+    assert first.allowed is None  # not followed yet
+    assert first.take() is None
+    assert first.shortage() == cause
 
 
 async def test_failures_from_two_workers_make_one_ejection_that_no_worker_picks(
@@ -701,6 +736,49 @@ async def test_a_worker_follows_the_primary_routing_and_tells_no_primary_from_a_
     assert table.role[b.slot] == LEFT_OUT and worker.balancer.shortage() == NO_PRIMARY
     supervisor.close()
     worker.close()
+
+
+class TableAtEmit(logging.Handler):
+    """Each log line of the pool with the table's ``up`` and ``role`` bytes of ``slot`` as it is written."""
+
+    def __init__(self, table: SharedTable, slot: int) -> None:
+        super().__init__(logging.INFO)
+        self.table, self.slot = table, slot
+        self.lines: list[tuple[str, int, int]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.getMessage(), self.table.up[self.slot], self.table.role[self.slot]))
+
+
+async def test_the_supervisor_publishes_a_change_before_it_logs_it() -> None:
+    """A worker never acts on an older state than the one logged: a client that connects on reading
+    "is DOWN" (or "ejected") must find the member already out of the table, not in it for a moment more."""
+    members = [Address("127.0.0.1", 1), Address("127.0.0.1", 2)]
+    health = HealthConfig(enabled=True, rise=1, fall=1, check="redis-primary")
+    config = make_config(members, health=health, eject_after=1, eject_time=60)
+    table = SharedTable(config, 1)
+    supervisor = _HealthPool(config.pools[0], table)
+    a = supervisor.members[0]
+    supervisor.restrict((a,))
+    handler = TableAtEmit(table, a.slot)
+    logger = logging.getLogger("l4proxy.health")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        supervisor.report(a, Event.PROBE_FAIL, "refused")
+        supervisor.report(a, Event.PROBE_OK, "primary")
+        supervisor.report(a, Event.TRAFFIC_FAIL, "connect failed: refused")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        supervisor.close()
+    where = f"pool default member {members[0]}"
+    assert handler.lines == [
+        (f"{where} is DOWN: refused", 0, LEFT_OUT),
+        (f"{where} is UP: primary", ELIGIBLE, CHOSEN),
+        (f"{where} ejected for 60s after 1 failure in a row: connect failed: refused", EJECTED, CHOSEN),
+    ]
 
 
 async def test_a_worker_closes_its_sessions_on_a_member_the_supervisor_marks_down() -> None:
