@@ -20,6 +20,8 @@ the reply is an error (READONLY, a standby's refusal), or no reply came within 1
 per run: attempts, failed attempts, the refusal window (the first failure to the first success
 started after it), the longest time a successful attempt took (connect to reply) and the median.
 Bounded: each run lasts 4 s of traffic plus the failover's own steps, at most 2000 attempts.
+``--workers N`` runs the proxy with ``--workers N`` (the supervisor probes, the workers follow the
+primary through shared memory); its rows name it.
 """
 
 from __future__ import annotations
@@ -189,8 +191,13 @@ def redis_pair(tmp: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
             server.stop()
 
 
+WORKERS = 1  # --workers of the proxy (main sets it)
+
+
 def proxy(members: str, check: list[str], queue: str) -> Command:
-    return Command("--upstream", members, *check, *CHECKS, *QUEUE[queue], "--access-log", "off")
+    workers = ["--workers", str(WORKERS)] if WORKERS > 1 else []
+    return Command("--upstream", members, *check, *CHECKS, *QUEUE[queue], *workers, "--access-log", "off",
+                   listeners=WORKERS)
 
 
 def wait_served(write: Callable[[int], Awaitable[str]], port: int) -> None:
@@ -202,7 +209,7 @@ def wait_served(write: Callable[[int], Awaitable[str]], port: int) -> None:
 
 
 def redis_run(tmp: Path, order: str, queue: str) -> Run:
-    run = Run(f"Redis, {order} first", queue)
+    run = Run(f"Redis, {order} first{_workers()}", queue)
     with redis_pair(tmp) as (a, b):
 
         def failover() -> None:
@@ -222,7 +229,7 @@ def redis_run(tmp: Path, order: str, queue: str) -> Run:
 
 
 def pg_run(queue: str) -> Run:
-    run = Run("PostgreSQL, stop + promote", queue)
+    run = Run(f"PostgreSQL, stop + promote{_workers()}", queue)
     with postgres_root() as root:
         primary = PostgresCluster(root, "primary").init(PG_HBA)
         with open(primary.data / "postgresql.conf", "a") as conf:
@@ -257,7 +264,10 @@ def main() -> int:
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--skip-redis", action="store_true")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each scenario (default 2)")
+    parser.add_argument("--workers", type=int, default=1, help="the proxy's --workers (default 1)")
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     info = machine()
     runs: list[Run] = []
     with postgres_root() as tmp:
@@ -304,6 +314,10 @@ def main() -> int:
     if args.out is not None:
         args.out.write_text(report)
     return 0
+
+
+def _workers() -> str:
+    return f", --workers {WORKERS}" if WORKERS > 1 else ""
 
 
 def _pg_version() -> str:

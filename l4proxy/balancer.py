@@ -42,7 +42,7 @@ Pure: no sockets, no clock.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol
 
 from .config import Address, HealthConfig, MemberConfig, Resolved, Service, as_member
@@ -165,6 +165,12 @@ class LoadView(Protocol):
     def reserve(self, slot: int, limit: int, active: int) -> bool:
         """Atomically across processes: when fewer than ``limit`` sessions are on the member in ``slot``,
         publish ``active`` (this process's count with the new session) and return True."""
+        ...
+
+    def restriction(self, slots: Iterable[int]) -> tuple[bool, bool]:
+        """A primary pool's routing as the process that runs the checks decides it now: whether it leaves
+        any of the members in ``slots`` to new sessions (or none is restricted), and whether it routes
+        to none because of a split brain."""
         ...
 
 
@@ -393,8 +399,14 @@ class Balancer:
         max_conns (``AT_CAP``: the client may wait in the pool's queue), or a primary pool has no member
         it may route to: none claims the role (``NO_PRIMARY``: the client may wait for one, as for a
         place), or several do (``SPLIT_BRAIN``: fail closed at once, never queued)."""
-        if self.allowed is not None and not self.allowed:
-            return SPLIT_BRAIN if self.split else NO_PRIMARY
+        if self.view is not None:
+            # with workers: as the supervisor publishes it now (``table.py``), even before this worker's
+            # balancer has followed it, so a client never gets an older state than the supervisor logged
+            routed, split = self.view.restriction([m.slot for m in self.members])
+        else:
+            routed, split = self.allowed is None or bool(self.allowed), self.split
+        if not routed:
+            return SPLIT_BRAIN if split else NO_PRIMARY
         return AT_CAP if self.any_up else NO_HEALTHY
 
     def routable(self, member: Member) -> bool:

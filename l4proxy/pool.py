@@ -281,6 +281,7 @@ class Pool:
         if change is None:
             return
         member.stats.changed(change.reason, time.time())
+        self.status_changed(member)  # before the log line: nothing may act on an older state than it says
         if change.new is Status.DOWN:
             log.warning("pool %s member %s is DOWN: %s", self.name, member.name, change.reason)
             self._stop_ramp(member)
@@ -303,6 +304,7 @@ class Pool:
 
     def _ejection_changed(self, member: Member, change: Change) -> None:
         """Log ``change`` once, count an ejection, and keep the timer at the earliest end of one."""
+        self.status_changed(member)
         where = f"pool {self.name} member {member.name}"
         policy = self.outliers.policy
         failures = f"{policy.eject_after} failure{'s' * (policy.eject_after != 1)} in a row"
@@ -375,6 +377,10 @@ class Pool:
             timer.cancel()
             member.scale(1.0)  # a ramp starts afresh when it is back
             self.scaled(member)
+
+    def status_changed(self, member: Member) -> None:
+        """``member``'s health or ejection just changed, before it is logged (the supervisor's pool
+        publishes it to the workers here, so none acts on an older state than the log says)."""
 
     def scaled(self, member: Member) -> None:
         """``member``'s effective share changed (the supervisor's pool publishes it to the workers)."""

@@ -22,6 +22,11 @@ never by their place in a list. Per slot:
   supervisor only. A worker's sessions report that they got bytes (``Pool.served``) only while its
   copy of the member's streak is not 0: raised by its own resets and by ``streaky``, cleared by the
   served session it reports, so it says so about once per 50 ms while the streak lasts.
+* ``role[slot]``: a primary pool's routing (``Balancer.restrict``) as the supervisor's prober decided it:
+  ``OPEN`` (no restriction), ``CHOSEN`` (the member new sessions may go to), ``LEFT_OUT``, or
+  ``SPLIT_OUT`` (left out because several members claim the primary role); written by the supervisor
+  only, so a worker tells "no primary yet" (its clients wait in the queue) from a split brain (refused
+  at once) as one process does (``restriction``).
 * ``share[slot]``: the member's slow-start share (0.1..1.0) of its weight and max_conns, written by
   the supervisor's ramp only; workers copy it into their members every 50 ms (``workers.Follower``).
 
@@ -44,7 +49,7 @@ Pure: no sockets, no event loop.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from .balancer import Member, member_keys
@@ -59,6 +64,7 @@ ENTRY = 1024  # bytes of one slot's identity and settings: pool, key, host, port
 FREE, LIVE, RETIRED = 0, 1, 2
 DISCOVERED = 256  # more slots for each member given as a DNS name: the addresses it may resolve to
 ELIGIBLE, EJECTED = 1, 2  # a member's ``up`` byte: 1 the pick may choose it; 2 ejected (health UP); 0 neither
+OPEN, CHOSEN, LEFT_OUT, SPLIT_OUT = 0, 1, 2, 3  # a member's ``role`` byte (see the module's docstring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +94,7 @@ class SharedTable:
         slots, cells = self.capacity, workers * self.capacity
         words = 8 * cells
         sizes = (
-            8 * (2 + workers), words, words, words, words, words, 8 * slots, slots, slots, slots, slots * ENTRY,
+            8 * (2 + workers), words, words, words, words, words, 8 * slots, slots, slots, slots, slots, slots * ENTRY,
             cells * REASON,
         )
         self._map = mmap.mmap(-1, sum(sizes))  # MAP_SHARED | MAP_ANONYMOUS
@@ -99,7 +105,7 @@ class SharedTable:
             parts.append(view[start : start + size])
             start += size
         header, active, fails, oks, resets, served, share = parts[:7]
-        self.up, self.streaky, self.state, self.entries, self.reasons = parts[7:]
+        self.up, self.streaky, self.state, self.role, self.entries, self.reasons = parts[7:]
         # [0]: generation, [1 + w]: what worker w has seen, [1 + workers]: 1 + the worker holding ``lock``
         self.header = header.cast("Q")
         self.holder = 1 + workers
@@ -191,6 +197,7 @@ class SharedTable:
             self.set_reason(cell, "")
         self.up[slot] = ELIGIBLE
         self.streaky[slot] = 0
+        self.role[slot] = OPEN
         self.share[slot] = 1.0
 
     def slots(self, pool: str) -> dict[str, int]:
@@ -283,6 +290,16 @@ class SharedTable:
         self.reasons[cell * REASON : (cell + 1) * REASON] = raw.ljust(REASON, b"\0")
 
 
+def restriction(role: memoryview, slots: Iterable[int]) -> tuple[frozenset[int] | None, bool]:
+    """The restriction the ``role`` bytes of a pool's ``slots`` publish: the slots new sessions may go
+    to (None: no restriction), and whether they are none because of a split brain."""
+    roles = {slot: role[slot] for slot in slots}
+    if not any(roles.values()):
+        return None, False
+    allowed = frozenset(slot for slot, value in roles.items() if value == CHOSEN)
+    return allowed, not allowed and SPLIT_OUT in roles.values()
+
+
 def _first(pair: tuple[int, Entry]) -> int:
     return pair[0]
 
@@ -308,11 +325,12 @@ def _decode(raw: memoryview) -> tuple[str, str, MemberConfig, int]:
 class WorkerView:
     """The ``balancer.LoadView`` of one worker: global counts and status, writes to its own cells."""
 
-    __slots__ = ("_acquire", "_active", "_columns", "_header", "_holder", "_me", "_own", "_release", "_up")
+    __slots__ = ("_acquire", "_active", "_columns", "_header", "_holder", "_me", "_own", "_release", "_role", "_up")
 
     def __init__(self, table: SharedTable, worker: int) -> None:
         self._active = table.active
         self._up = table.up
+        self._role = table.role
         self._columns = [table.column(slot) for slot in range(table.capacity)]
         self._own = [table.cell(worker, slot) for slot in range(table.capacity)]
         self._acquire = table.lock.acquire  # the semaphore's own C methods: no Python frame per call
@@ -333,6 +351,13 @@ class WorkerView:
 
     def publish(self, slot: int, active: int) -> None:
         self._active[self._own[slot]] = active
+
+    def restriction(self, slots: Iterable[int]) -> tuple[bool, bool]:
+        """Whether the supervisor now routes the members in ``slots`` to any (or leaves them unrestricted),
+        and whether to none because of a split brain: read at the moment a client finds no member, not at
+        the worker's last look, so a client that comes just after a demotion waits for the next primary."""
+        allowed, split = restriction(self._role, slots)
+        return allowed is None or bool(allowed), split
 
     def reserve(self, slot: int, limit: int, active: int) -> bool:
         """Count a session on a capped member unless every worker's sessions on it already reach

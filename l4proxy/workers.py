@@ -29,7 +29,11 @@ clear a streak of resets, a served session does); the supervisor publishes wheth
 is 0 (``streaky``), and workers report served sessions only while it is not. Its ``Pool.report`` is the
 only place that logs a change, so each change is logged once, by the supervisor, and ejections are
 global: the supervisor publishes an ejected member as not UP, so no worker picks it, and its pool's
-ejection timer returns it to every worker at once.
+ejection timer returns it to every worker at once. A primary pool's routing (``Pool.restrict``: its
+primary, none yet, or none in a split brain) is published per member too (the table's ``role``);
+each worker restricts its own balancer to it at its next look (``Follower.follow_roles``, which
+serves the clients its queue holds for a primary), and reads it afresh when a client finds no
+member, so a client waits for a primary or is refused in a split brain as in one process.
 
 **Reload.** With ``--config``, SIGHUP makes the supervisor read and check the file once (``loader``);
 a broken file keeps the running configuration everywhere, with every problem logged and counted
@@ -104,7 +108,7 @@ from .resolver import Resolver
 from .sharedstats import Publisher, SharedCounters, SupervisorSource
 from .snapshot import log_status
 from .syslogsink import SyslogAccessLog
-from .table import EJECTED, ELIGIBLE, SharedTable, WorkerView, forwarder
+from .table import CHOSEN, EJECTED, ELIGIBLE, LEFT_OUT, OPEN, SPLIT_OUT, SharedTable, WorkerView, forwarder, restriction
 from .tls import client_context
 
 if TYPE_CHECKING:
@@ -189,6 +193,7 @@ class _HealthPool(Pool):
         super().__init__(config, None if config.tls is None else client_context(config.tls))
         self._table = table
         self._up = table.up
+        self._role = table.role
         slots = table.slots(config.name)
         for member in self.members:
             member.slot = slots[member.key]
@@ -207,9 +212,13 @@ class _HealthPool(Pool):
         if not member.draining:
             self._table.share[member.slot] = member.share
 
+    def status_changed(self, member: Member) -> None:
+        if not member.draining:  # its slot may belong to another member soon
+            self._publish(member)
+
     def report(self, member: Member, event: Event, reason: str = "") -> None:
         super().report(member, event, reason)
-        if not member.draining:  # its slot may belong to another member soon
+        if not member.draining:
             self._publish(member)
 
     def set_admin(self, member: Member, state: str) -> None:
@@ -225,10 +234,26 @@ class _HealthPool(Pool):
             self._publish(member)
 
     def _publish(self, member: Member) -> None:
-        if member.eligible and self.balancer.allows(member):
-            self._up[member.slot] = ELIGIBLE
+        balancer, slot = self.balancer, member.slot
+        if balancer.allowed is None:
+            role = OPEN
+        elif member in balancer.allowed and (member.eligible or member.health.up):
+            role = CHOSEN
+        else:
+            role = SPLIT_OUT if balancer.split else LEFT_OUT
+        # A primary marked DOWN is published left out at once, not when the prober reroutes just after,
+        # and left out before it reads as not UP, chosen only once it reads as UP: a worker that reads
+        # the roles, then the status (``Balancer.shortage``), finds no primary (its client waits) rather
+        # than a chosen one DOWN (refused at once). A primary held by the operator or ejected stays chosen
+        # and not UP, refused at once as in one process.
+        if role != CHOSEN:
+            self._role[slot] = role
+        if member.eligible and balancer.allows(member):
+            self._up[slot] = ELIGIBLE
         else:  # an ejected member is not DOWN: --on-member-down close leaves its sessions alone
-            self._up[member.slot] = EJECTED if member.ejected and member.health.up else 0
+            self._up[slot] = EJECTED if member.ejected and member.health.up else 0
+        if role == CHOSEN:
+            self._role[slot] = role
 
 
 class HealthThread(threading.Thread):
@@ -384,10 +409,23 @@ class Follower:
         """Look at the generation now and every ``_POLL`` seconds after, on ``loop``."""
         if self.table.generation != self.seen:
             self.apply()
+        self.follow_roles()
         self.follow_ramps()
         self.follow_downs()
         self.follow_streaks()
         loop.call_later(_POLL, self.poll, loop)
+
+    def follow_roles(self) -> None:
+        """A primary pool's routing as the supervisor's prober decided it (``Pool.restrict``: a new
+        primary serves the clients that wait for one in this worker's queue)."""
+        role = self.table.role
+        for pool in self.pools.values():
+            if pool.config.health.kind not in PRIMARY_KINDS:
+                continue
+            slots, split = restriction(role, [member.slot for member in pool.members])
+            allowed = None if slots is None else frozenset(m for m in pool.members if m.slot in slots)
+            if allowed != pool.balancer.allowed or split != pool.balancer.split:
+                pool.restrict(allowed, split)
 
     def follow_downs(self) -> None:
         """``--on-member-down close`` in a worker: the supervisor decides DOWN, each worker closes its own

@@ -32,14 +32,27 @@ from typing import Any
 import pytest
 
 from l4proxy.accesslog import AccessLog
-from l4proxy.balancer import Balancer
+from l4proxy.balancer import NO_HEALTHY, NO_PRIMARY, SPLIT_BRAIN, Balancer, Member
 from l4proxy.config import Address, HealthConfig, Resolved, Service
 from l4proxy.errors import ConfigError
 from l4proxy.health import Event
+from l4proxy.pool import Pool
 from l4proxy.proxy import Proxy
 from l4proxy.resolver import Resolver
-from l4proxy.table import EJECTED, ELIGIBLE, FREE, RETIRED, SharedTable, WorkerView, forwarder
-from l4proxy.workers import HealthThread, Supervisor, WorkerShare, _HealthPool, parse_workers
+from l4proxy.table import (
+    CHOSEN,
+    EJECTED,
+    ELIGIBLE,
+    FREE,
+    LEFT_OUT,
+    OPEN,
+    RETIRED,
+    SPLIT_OUT,
+    SharedTable,
+    WorkerView,
+    forwarder,
+)
+from l4proxy.workers import Follower, HealthThread, Supervisor, WorkerShare, _HealthPool, parse_workers
 
 from ..dnsserver import Dnsmasq, discovering, pair
 from ..kit import (
@@ -350,6 +363,29 @@ def test_a_pick_follows_the_supervisors_status() -> None:
     assert first.pick() is None and not first.any_up
 
 
+@pytest.mark.parametrize(
+    ("roles", "cause"),
+    [
+        ((OPEN, OPEN), NO_HEALTHY),  # no primary pool: nothing restricts it
+        ((LEFT_OUT, LEFT_OUT), NO_PRIMARY),  # a failover: the client waits for the next primary
+        ((SPLIT_OUT, SPLIT_OUT), SPLIT_BRAIN),  # refused at once
+        ((SPLIT_OUT, LEFT_OUT), SPLIT_BRAIN),  # read while the supervisor writes the second byte
+    ],
+)
+def test_a_worker_tells_the_shortage_the_supervisor_published_before_it_follows_it(
+    roles: tuple[int, int], cause: str
+) -> None:
+    """The supervisor logs a change once it is in the table; a worker whose balancer has not followed
+    the routing yet (its next look is up to 50 ms away) still gives a client the cause published now."""
+    table, first, _second = two_workers()
+    for slot, role in enumerate(roles):
+        table.up[slot] = 0
+        table.role[slot] = role
+    assert first.allowed is None  # not followed yet
+    assert first.take() is None
+    assert first.shortage() == cause
+
+
 async def test_failures_from_two_workers_make_one_ejection_that_no_worker_picks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -654,6 +690,95 @@ async def test_workers_follow_a_name_that_moves_and_get_the_new_address_only_onc
                 await asyncio.to_thread(supervisor.health.join, 5)
     finally:
         dns.stop()
+
+
+async def test_a_worker_follows_the_primary_routing_and_tells_no_primary_from_a_split_brain() -> None:
+    """A primary pool across the table: the supervisor's ``restrict`` (its prober's decision) reaches a
+    worker's balancer at its next look (``Follower.follow_roles``), and a worker's shortage reads the
+    routing as published at that moment, so a client arriving just after a demotion waits (NO_PRIMARY)
+    and one arriving in a split brain is refused (SPLIT_BRAIN), as in one process. A primary marked
+    DOWN reads as no primary even before the prober reroutes."""
+    members = [Address("127.0.0.1", 1), Address("127.0.0.1", 2)]
+    config = make_config(members, health=HealthConfig(enabled=True, rise=1, fall=1, check="redis-primary"))
+    table = SharedTable(config, 1)
+    supervisor = _HealthPool(config.pools[0], table)
+    worker = Pool(config.pools[0])
+    worker.balancer.view = WorkerView(table, 0)
+    follower = Follower(table, 0, [worker])
+    follower.apply()
+    a, b = supervisor.members
+    wa, _wb = worker.members
+    steps: list[tuple[tuple[Member, ...], bool, frozenset[Member], str]] = [
+        ((), False, frozenset(), NO_PRIMARY),  # before the first probe passes
+        ((a,), False, frozenset({wa}), ""),  # its one primary, the pick's
+        ((), True, frozenset(), SPLIT_BRAIN),
+    ]
+    for allowed, split, followed, shortage in steps:
+        supervisor.restrict(allowed, split)
+        follower.follow_roles()
+        assert (worker.balancer.allowed, worker.balancer.split) == (followed, split), allowed
+        if followed:
+            assert worker.balancer.pick() is wa
+        else:
+            assert worker.balancer.pick() is None and worker.balancer.shortage() == shortage, allowed
+    supervisor.restrict(None)  # lifted (a reload to another check kind): every member again
+    follower.follow_roles()
+    assert worker.balancer.allowed is None and {worker.balancer.pick() for _ in range(2)} == set(worker.members)
+    supervisor.restrict((a,))
+    follower.follow_roles()
+    supervisor.restrict(())  # demoted; the worker has not looked yet
+    assert worker.balancer.allowed == {wa} and worker.balancer.pick() is None
+    assert worker.balancer.shortage() == NO_PRIMARY
+    supervisor.restrict((b,), True)  # a split brain resolved by prefer-newest: routed, not split
+    follower.follow_roles()
+    assert worker.balancer.allowed == {worker.members[1]} and not worker.balancer.split
+    supervisor.report(b, Event.PROBE_FAIL, "refused")  # DOWN, before the prober reroutes
+    assert table.role[b.slot] == LEFT_OUT and worker.balancer.shortage() == NO_PRIMARY
+    supervisor.close()
+    worker.close()
+
+
+class TableAtEmit(logging.Handler):
+    """Each log line of the pool with the table's ``up`` and ``role`` bytes of ``slot`` as it is written."""
+
+    def __init__(self, table: SharedTable, slot: int) -> None:
+        super().__init__(logging.INFO)
+        self.table, self.slot = table, slot
+        self.lines: list[tuple[str, int, int]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.getMessage(), self.table.up[self.slot], self.table.role[self.slot]))
+
+
+async def test_the_supervisor_publishes_a_change_before_it_logs_it() -> None:
+    """A worker never acts on an older state than the one logged: a client that connects on reading
+    "is DOWN" (or "ejected") must find the member already out of the table, not in it for a moment more."""
+    members = [Address("127.0.0.1", 1), Address("127.0.0.1", 2)]
+    health = HealthConfig(enabled=True, rise=1, fall=1, check="redis-primary")
+    config = make_config(members, health=health, eject_after=1, eject_time=60)
+    table = SharedTable(config, 1)
+    supervisor = _HealthPool(config.pools[0], table)
+    a = supervisor.members[0]
+    supervisor.restrict((a,))
+    handler = TableAtEmit(table, a.slot)
+    logger = logging.getLogger("l4proxy.health")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        supervisor.report(a, Event.PROBE_FAIL, "refused")
+        supervisor.report(a, Event.PROBE_OK, "primary")
+        supervisor.report(a, Event.TRAFFIC_FAIL, "connect failed: refused")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        supervisor.close()
+    where = f"pool default member {members[0]}"
+    assert handler.lines == [
+        (f"{where} is DOWN: refused", 0, LEFT_OUT),
+        (f"{where} is UP: primary", ELIGIBLE, CHOSEN),
+        (f"{where} ejected for 60s after 1 failure in a row: connect failed: refused", EJECTED, CHOSEN),
+    ]
 
 
 async def test_a_worker_closes_its_sessions_on_a_member_the_supervisor_marks_down() -> None:
