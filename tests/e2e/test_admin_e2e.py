@@ -4,6 +4,7 @@ one line and exit 1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +171,9 @@ def status_of(port: int) -> dict[str, Any]:
     return json.loads(body)
 
 
-def test_with_workers_the_supervisor_answers_for_all_of_them(redis: RedisServer) -> None:
+@contextlib.contextmanager
+def two_workers_after_six_pings(redis: RedisServer) -> Iterator[tuple[Command, int, str]]:
+    """The proxy with two workers and an admin port, six sessions served: (proxy, admin port, member)."""
     admin = free_port()
     member = f"127.0.0.1:{redis.port}"
     proxy = Command("--upstream", member, "--admin", f"127.0.0.1:{admin}", "--workers", "2")
@@ -177,6 +181,11 @@ def test_with_workers_the_supervisor_answers_for_all_of_them(redis: RedisServer)
         wait_listening(admin)
         for _ in range(6):
             assert redis_cli(proxy.port, "PING") == "PONG"
+        yield proxy, admin, member
+
+
+def test_with_workers_the_supervisor_answers_for_all_of_them(redis: RedisServer) -> None:
+    with two_workers_after_six_pings(redis) as (proxy, admin, member):
         expected = 6
 
         def counted() -> bool:  # a session is counted as it opens, its bytes as each worker copies them
@@ -224,13 +233,7 @@ def test_with_workers_the_histograms_and_open_bytes_are_summed_over_them(redis: 
     session still open has its bytes in the totals."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    admin = free_port()
-    member = f"127.0.0.1:{redis.port}"
-    proxy = Command("--upstream", member, "--admin", f"127.0.0.1:{admin}", "--workers", "2")
-    with started(proxy):
-        wait_listening(admin)
-        for _ in range(6):
-            assert redis_cli(proxy.port, "PING") == "PONG"
+    with two_workers_after_six_pings(redis) as (proxy, admin, member):
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as held:
             held.sendall(b"PING\r\n")
             assert held.recv(7) == b"+PONG\r\n"
