@@ -171,6 +171,14 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def pin_tree(pid: int, cpus: frozenset[int]) -> None:
+    """Every thread of the process tree onto ``cpus`` (run.py --pin); children forked later inherit it."""
+    for p in tree_pids(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                os.sched_setaffinity(int(task.name), cpus)
+
+
 def worker_sessions(log: Path | None) -> dict[str, int]:
     """Sessions per worker slot, from access-log lines ending in ``worker=K`` (multi-worker l4proxy)."""
     counts: dict[str, int] = {}
