@@ -10,6 +10,10 @@ the memory scenario reads VmRSS with N idle sessions open. Results go to ``--out
     .venv/bin/python benchmarks/run.py --scenarios rr,bulk --targets direct,l4proxy,haproxy
     .venv/bin/python benchmarks/run.py --quick --variant weights,edge,admin    # rr and connect, features on
     .venv/bin/python benchmarks/run.py --quick --baseline ce7993a              # and an older tree, same run
+    .venv/bin/python benchmarks/run.py --quick --baseline ce7993a --repeats 20 --pin   # a bar: paired, pinned
+
+Each sample records its round; ratios are also taken within each round, and their median is reported
+with a distribution-free interval (``stats.py``), which a bar of a few percent is read against.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ timer per session costs kernel time that it does not see. This runs l4proxy (thi
 checkout's package with ``--tree``) with the benchmark target's flags in front of ``upstream.py``, runs
 an uncounted warm-up of ``connect`` load, then attaches ``strace -f`` to the proxy and runs the measured
 load. Every traced call is counted by name; ``setsockopt`` calls are counted by level and option, so an
-option set per connection (rather than inherited from the listening socket) shows. (Timers are not
-system calls: uvloop arms them in libuv; count ``uv_timer_start`` in a ``callgrind.py --keep`` dump.)
+option set per connection (rather than inherited from the listening socket) shows. Page faults and
+context switches of the proxy come beside them, read from ``/proc``; ``--no-strace`` reads those alone,
+without the tracer's stops. (Timers are not system calls: uvloop arms them in libuv; count
+``uv_timer_start`` in a ``callgrind.py --keep`` dump.)
 
     .venv/bin/python benchmarks/syscalls.py --count 3000
     .venv/bin/python benchmarks/syscalls.py --count 3000 --tree /tmp/old  # git archive REF l4proxy | tar -x -C /tmp/old
@@ -71,15 +73,19 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         wait_ready(("127.0.0.1", port), None, timeout=60)
         loadgen("connect", port, args.warmup)
         trace = tmp / "strace.out"
-        tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), "-p", str(proxy.pid)],
-                                  stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        attached(proxy.pid)
-        t0 = time.monotonic()
+        if not args.no_strace:
+            tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(trace), "-p", str(proxy.pid)],
+                                      stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            attached(proxy.pid)
+        before, t0 = kernel_counts(proxy.pid), time.monotonic()
         res = loadgen("connect", port, args.count)
-        elapsed = time.monotonic() - t0
+        elapsed, after = time.monotonic() - t0, kernel_counts(proxy.pid)
         n = int(str(res["requests"]))
         out: dict[str, object] = {"count": n, "errors": res.get("errors", 0), "seconds": round(elapsed, 1),
                                   "tree": args.tree or "."}
+        out |= {f"{k}_per_conn": round((after[k] - before[k]) / n, 3) for k in after}
+        if tracer is None:
+            return out
         tracer.send_signal(signal.SIGINT)
         tracer.wait(60)
         calls, opts = parse(trace.read_text(errors="replace"))
@@ -93,6 +99,21 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
             tracer.wait()
         stop(proxy, 30)
         up_proc.stop()
+
+
+def kernel_counts(pid: int) -> dict[str, int]:
+    """Page faults (``/proc/PID/stat``) and context switches (``/proc/PID/status``) of the proxy so far,
+    its threads included. Under strace every call stops the proxy, so read the switches with --no-strace."""
+    stat = Path(f"/proc/{pid}/stat").read_text()  # the process's line sums its threads
+    fields = stat[stat.rindex(")") + 2:].split()
+    out = {"minflt": int(fields[7]), "majflt": int(fields[9]), "voluntary_ctxt_switches": 0,
+           "nonvoluntary_ctxt_switches": 0}
+    for task in Path(f"/proc/{pid}/task").glob("*/status"):  # a status is one thread's
+        for line in task.read_text().splitlines():
+            key, _, v = line.partition(":")
+            if key in out and key.endswith("switches"):
+                out[key] += int(v)
+    return out
 
 
 def attached(pid: int, timeout: float = 10.0) -> None:
@@ -110,8 +131,10 @@ def attached(pid: int, timeout: float = 10.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     connect_options(p, count=3000)
+    p.add_argument("--no-strace", action="store_true",
+                   help="count page faults and context switches only, without strace (which adds switches)")
     args = p.parse_args(argv)
-    if not shutil.which("strace"):
+    if not args.no_strace and not shutil.which("strace"):
         print("syscalls.py: strace is not installed", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="l4sc-") as tmp:
