@@ -425,6 +425,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", help="comma-separated from " + ",".join(TARGETS))
     p.add_argument("--repeats", type=int, help="samples per target and scenario")
     p.add_argument("--sessions", type=int, help="idle sessions for the memory scenario")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=NUMBER",
+                   help="override one of the profile's budgets (see --plan), e.g. connect_requests=8000; "
+                        "repeatable")
     p.add_argument("--procs", type=int, default=1, help="load generator processes for rr/connect")
     p.add_argument("--out", type=Path, default=HERE / "out",
                    help="output folder (default benchmarks/out/, git-ignored; commit a run on purpose with "
@@ -448,6 +451,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="print the scenarios, targets (and which are missing here) and budgets, then exit")
     args = p.parse_args(argv)
     args.profile = "quick" if args.quick else "smoke" if args.smoke else "full"
+    args.budgets = budgets(args.budget, p)
     args.variants = [v for given in args.variant for v in given.split(",") if v]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
@@ -464,6 +468,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def budgets(given: list[str], p: argparse.ArgumentParser) -> dict[str, int | float]:
+    """``--budget KEY=NUMBER`` values, typed like the profiles' (a count stays an integer)."""
+    known = PROFILES["full"]
+    out: dict[str, int | float] = {}
+    for item in given:
+        key, _, num = item.partition("=")
+        if key not in known:
+            p.error(f"--budget {item!r}: expected KEY=NUMBER with KEY one of {','.join(known)}")
+        kind = type(known[key])
+        try:
+            out[key] = kind(num)
+        except ValueError:
+            out[key] = 0
+        if out[key] <= 0:
+            p.error(f"--budget {item!r}: expected a positive {'whole ' if kind is int else ''}number for {key}")
+    return out
+
+
 def variant_targets(args: argparse.Namespace) -> list[str]:
     """The targets ``--variant`` and ``--baseline`` add: plain l4proxy (the reference), each variant's and
     each older tree's."""
@@ -475,7 +497,7 @@ def variant_targets(args: argparse.Namespace) -> list[str]:
 
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[str], tuple[int, int]]:
     """Budgets, scenario and target names for this run; sessions capped to what the fd limit allows."""
-    prof = dict(PROFILES[args.profile])
+    prof = dict(PROFILES[args.profile]) | args.budgets
     if args.sessions:
         prof["sessions"] = args.sessions
     extra = variant_targets(args)
