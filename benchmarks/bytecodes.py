@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from callgrind import LAUNCH, loadgen, stop
+from callgrind import LAUNCH, connect_options, loadgen, stop
 from targets import free_port, start_upstream, wait_ready
 
 TOGGLE = signal.SIGRTMIN + 3  # first: tracing on; second: off, and the counts written
@@ -100,10 +100,7 @@ def compare(old: dict[str, list[float]], new: dict[str, list[float]], rows: int)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--count", type=int, default=1000, help="connections counted")
-    p.add_argument("--warmup", type=int, default=300, help="connections before counting starts")
-    p.add_argument("--tree", help="a checkout whose l4proxy package to run (default: this one)")
-    p.add_argument("--flag", action="append", default=[], help="an extra l4proxy argument (repeatable)")
+    connect_options(p, count=1000)
     p.add_argument("--out", help="write the counts per connection here as JSON (default: stdout)")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two --out files instead")
     p.add_argument("--rows", type=int, default=30, help="functions shown by --compare")

@@ -66,13 +66,14 @@ def dump(pid: int, tmp: Path) -> Path:
     return new.pop()
 
 
-def total(dump: Path) -> int:
-    """The instruction count of a dump: its ``totals:`` (or ``summary:``) line."""
+def events(dump: Path) -> dict[str, int]:
+    """Every event of a dump's ``totals:`` line by name (``Ir``; with ``--cache-sim=yes`` also ``D1mr``...)."""
     text = dump.read_text(errors="replace")
-    found = re.search(r"^(?:totals|summary): (\d+)", text, re.M)
-    if found is None:
+    names = re.search(r"^events: (.+)$", text, re.M)
+    found = re.search(r"^(?:totals|summary): ([\d ]+)$", text, re.M)
+    if names is None or found is None:
         raise RuntimeError(f"no totals in {dump}")
-    return int(found.group(1))
+    return dict(zip(names.group(1).split(), map(int, found.group(1).split()), strict=False))
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
@@ -80,7 +81,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     port = free_port()
     run = ["-c", LAUNCH, str(Path(args.tree).resolve())] if args.tree else ["-m", "l4proxy"]
     out = tmp / "callgrind.out"
-    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
+    cache = ["--cache-sim=yes"] if args.cache_sim else []
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", *cache, f"--callgrind-out-file={out}.%p",
            sys.executable, *run, "--listen", f"127.0.0.1:{port}", "--upstream", f"{uh}:{up}",
            "--access-log", str(tmp / "access.log"), "--log-level", "warning", "--drain-timeout", "1s",
            *args.flag]
@@ -99,18 +101,36 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         idle = dump(proxy.pid, tmp)
         control("-i", "off", str(proxy.pid))
         n = int(str(res["requests"]))
-        instructions = total(loaded)
-        background = total(idle) / args.idle * elapsed
+        counted, quiet = events(loaded), events(idle)
+        instructions = counted["Ir"]
+        background = quiet["Ir"] / args.idle * elapsed
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
             shutil.copy(loaded, Path(args.keep) / f"callgrind.{args.mode}.out")
-        return {"mode": args.mode, "count": n, "errors": res.get("errors", 0), "instructions": instructions,
-                "per_unit": round(instructions / n), "net_per_unit": round((instructions - background) / n),
-                "idle_per_second": round(total(idle) / args.idle), "seconds": round(elapsed, 1),
-                "tree": args.tree or "."}
+        out = {"mode": args.mode, "count": n, "errors": res.get("errors", 0), "instructions": instructions,
+               "per_unit": round(instructions / n), "net_per_unit": round((instructions - background) / n),
+               "idle_per_second": round(quiet["Ir"] / args.idle), "seconds": round(elapsed, 1),
+               "tree": args.tree or "."}
+        return (out | cache_misses(counted, quiet, n, elapsed / args.idle)) if args.cache_sim else out
     finally:
         stop(proxy, 60)
         up_proc.stop()
+
+
+def cache_misses(counted: dict[str, int], quiet: dict[str, int], n: int, scale: float) -> dict[str, object]:
+    """``--cache-sim``: the simulated cache misses per unit (I1/D1: first level; IL/DL: last level), each
+    also net of the timers' share like ``net_per_unit``."""
+    keys = [k for k in counted if k != "Ir"]
+    return {"cache_per_unit": {k: round(counted[k] / n, 2) for k in keys},
+            "cache_net_per_unit": {k: round((counted[k] - quiet.get(k, 0) * scale) / n, 2) for k in keys}}
+
+
+def connect_options(p: argparse.ArgumentParser, count: int) -> None:
+    """The options of the scripts that count per proxied connection on a tree (bytecodes.py, syscalls.py)."""
+    p.add_argument("--count", type=int, default=count, help="connections counted")
+    p.add_argument("--warmup", type=int, default=300, help="connections before counting starts")
+    p.add_argument("--tree", help="a checkout whose l4proxy package to run (default: this one)")
+    p.add_argument("--flag", action="append", default=[], help="an extra l4proxy argument (repeatable)")
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float) -> None:
@@ -129,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=3000, help="connections (connect) or requests (rr) counted")
     p.add_argument("--tree", help="a checkout whose l4proxy package to run (default: the installed one)")
     p.add_argument("--flag", action="append", default=[], help="an extra l4proxy argument (repeatable)")
+    p.add_argument("--cache-sim", action="store_true",
+                   help="simulate the caches too (callgrind --cache-sim=yes): D1 and LL misses per unit")
     p.add_argument("--keep", help="a folder to copy the dump to, for callgrind_annotate")
     p.add_argument("--idle", type=float, default=5.0,
                    help="seconds counted with no load after it, to take the timers' share out (net_per_unit)")

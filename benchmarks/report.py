@@ -6,16 +6,20 @@ interesting figure is the latency a proxy *adds* over the direct connection, so 
 Small tables follow the main one: l4proxy with 2 workers against 1 (and HAProxy), bulk through TLS
 termination against a plain l4proxy session of the same run, and, with ``run.py --variant``, l4proxy with
 features on against HAProxy and against plain l4proxy of the same run (``--baseline``: an older tree's
-l4proxy, in the same table).
+l4proxy, in the same table). Beside each ratio of medians stands its paired figure: the median of the
+ratios taken round by round, with a distribution-free interval (``stats``), the figure a bar of a few
+percent can be read against.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import stats
 
 PCTS = ("p50", "p90", "p99", "p99.9")
 TARGET_ORDER = ("direct", "l4proxy", "l4proxy-w2", "l4proxy-plain", "haproxy", "nginx", "pproxy")
@@ -45,6 +49,17 @@ def medians(samples: list[dict[str, Any]]) -> dict[str, float]:
     rows = [flat(s) for s in samples]
     keys = {k for r in rows for k in r}
     return {k: statistics.median(r[k] for r in rows if k in r) for k in sorted(keys)}
+
+
+# by scenario kind: the metrics whose spread over the samples a target's entry records
+SPREAD_METRICS = {"rr": ("rate", "cpu_us_per_req"), "connect": ("rate", "cpu_us_per_req"),
+                  "redis": ("rate", "cpu_us_per_req"), "bulk": ("gbps", "cpu_us_per_gb"),
+                  "memory": ("kib_per_session",)}
+
+
+def spreads(samples: list[dict[str, Any]], kind: str) -> dict[str, float | None]:
+    """Coefficient of variation of each headline metric over a target's samples (None below 2 samples)."""
+    return {k: stats.cv([flat(s)[k] for s in samples if k in flat(s)]) for k in SPREAD_METRICS[kind]}
 
 
 # --- which metrics a scenario reports ------------------------------------------------------------------
@@ -92,6 +107,28 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b is not None and b > 0 else None
 
 
+def round_values(scn: dict[str, Any], target: str, key: str) -> list[dict[str, Any]]:
+    """A target's samples as ``{"round", key}``; for ``added_p50``/``added_p99`` the target's percentile
+    minus direct's in the same round."""
+    t = scn["targets"].get(target)
+    if not t or t.get("status") != "ok":
+        return []
+    if key not in ("added_p50", "added_p99"):
+        return [{"round": s.get("round", i), key: flat(s)[key]} for i, s in enumerate(t["samples"]) if key in flat(s)]
+    pct = key.removeprefix("added_")
+    mine, base = (stats.by_round(round_values(scn, t, pct), pct) for t in (target, "direct"))
+    return [{"round": r, key: mine[r] - base[r]} for r in sorted(mine) if r in base]
+
+
+def paired(scn: dict[str, Any], target: str, ref: str, key: str) -> stats.Interval | None:
+    """``target`` over ``ref`` round by round: their median and its interval (None below 2 rounds)."""
+    return stats.median_interval(stats.paired_ratios(round_values(scn, target, key), round_values(scn, ref, key), key))
+
+
+def interval_dict(iv: stats.Interval | None) -> dict[str, float] | None:
+    return None if iv is None else {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(iv).items()}
+
+
 # --- the performance bar -------------------------------------------------------------------------------
 
 
@@ -105,11 +142,13 @@ class Check:
     higher_is_better: bool
     passed: bool | None
     note: str = ""
+    paired: dict[str, float] | None = None  # the per-round ratios' median and interval (stats.Interval)
 
 
-def check(what: str, measured: float | None, threshold: float, higher: bool, note: str = "") -> Check:
+def check(what: str, measured: float | None, threshold: float, higher: bool, note: str = "",
+          paired: stats.Interval | None = None) -> Check:
     passed = None if measured is None else (measured >= threshold if higher else measured <= threshold)
-    return Check(what, measured, threshold, higher, passed, note)
+    return Check(what, measured, threshold, higher, passed, note, interval_dict(paired))
 
 
 def bar_checks(doc: dict[str, Any]) -> list[Check]:
@@ -119,16 +158,20 @@ def bar_checks(doc: dict[str, Any]) -> list[Check]:
     def r(scn: str, key: str) -> float | None:
         return ratio(value(s[scn], "l4proxy", key), value(s[scn], "haproxy", key)) if scn in s else None
 
+    def rc(what: str, scn: str, key: str, threshold: float, higher: bool) -> Check:
+        return check(what, r(scn, key), threshold, higher,
+                     paired=paired(s[scn], "l4proxy", "haproxy", key) if scn in s else None)
+
     mem = value(s["memory"], "l4proxy", "kib_per_session") if "memory" in s else None
     sessions = doc["run"]["budgets"]["sessions"]
     return [
-        check("rr 50 conns 64 B: req/s vs HAProxy", r("rr", "rate"), 1.0, True),
-        check("rr 50 conns 64 B: CPU us/req vs HAProxy", r("rr", "cpu_us_per_req"), 1.1, False),
-        check("bulk 1 conn: Gbit/s vs HAProxy", r("bulk", "gbps"), 1.0, True),
-        check("connect: conn/s vs HAProxy", r("connect", "rate"), 0.8, True),
-        check("rr: p99 added over direct vs HAProxy's", r("rr", "added_p99"), 1.2, False),
-        check("rr 1 conn: p50 added over direct vs HAProxy's", r("rr1", "added_p50"), 1.0, False),
-        check("rr 1 conn: p99 added over direct vs HAProxy's", r("rr1", "added_p99"), 1.0, False),
+        rc("rr 50 conns 64 B: req/s vs HAProxy", "rr", "rate", 1.0, True),
+        rc("rr 50 conns 64 B: CPU us/req vs HAProxy", "rr", "cpu_us_per_req", 1.1, False),
+        rc("bulk 1 conn: Gbit/s vs HAProxy", "bulk", "gbps", 1.0, True),
+        rc("connect: conn/s vs HAProxy", "connect", "rate", 0.8, True),
+        rc("rr: p99 added over direct vs HAProxy's", "rr", "added_p99", 1.2, False),
+        rc("rr 1 conn: p50 added over direct vs HAProxy's", "rr1", "added_p50", 1.0, False),
+        rc("rr 1 conn: p99 added over direct vs HAProxy's", "rr1", "added_p99", 1.0, False),
         check("memory: KiB per idle session pair", mem, 16.0, False,
               f"at {sessions} sessions" + ("" if sessions >= 10_000 else " (the bar is at 10,000)")),
     ]
@@ -176,13 +219,18 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{', dirty tree' if m['git']['dirty'] else ''}), {m['haproxy'] or 'no haproxy'}, "
         f"{m.get('nginx') or 'no nginx'}, "
         f"pproxy {m['pproxy'] or '-'}; load average at start {m.get('loadavg_at_start')}.",
-        f"Medians of {run['repeats']} interleaved samples per target; load generator processes: {run['procs']}.",
+        f"Medians of {run['repeats']} interleaved samples per target; load generator processes: {run['procs']}"
+        + (f"; proxy pinned to CPU {run['pin']['proxy']}, everything else to {run['pin']['others']}."
+           if run.get("pin") else "."),
         "",
         head, *body, "",
         *workers_table(doc), *tls_table(doc), *variants_table(doc),
         "### Performance bar (l4proxy)", "",
-        "| check | measured | threshold | result |", "|---|---|---|---|",
+        "`measured` is the ratio of medians the result reads; `paired` the median of the ratios to HAProxy "
+        "taken round by round [interval] and the interval's coverage.", "",
+        "| check | measured | threshold | result | paired |", "|---|---|---|---|---|",
         *[bar_row(c) for c in doc["bar"]], "",
+        *spread_table(doc),
         *notes(doc),
     ]
     return "\n".join(lines) + "\n"
@@ -252,7 +300,9 @@ def variant_ratios(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 plain = ratio(value(scn, "l4proxy", key), value(scn, "haproxy", key))
                 rows.append({"scenario": name, "variant": info["variant"], "target": target, "metric": key,
                              "median": mine, "to_haproxy": to_haproxy, "to_plain": ratio(to_haproxy, plain),
-                             "status": scn["targets"][target].get("status")})
+                             "status": scn["targets"][target].get("status"),
+                             "paired_to_haproxy": interval_dict(paired(scn, target, "haproxy", key)),
+                             "paired_to_plain": interval_dict(paired(scn, target, "l4proxy", key))})
     return rows
 
 
@@ -268,21 +318,49 @@ def variants_table(doc: dict[str, Any]) -> list[str]:
         label = dict((k, lb) for k, lb, _ in metrics(r["scenario"], scns[r["scenario"]])).get(r["metric"])
         cell = status_cell(scns[r["scenario"]], r["target"]) or fmt(r["median"])
         lines.append(f"| {r['scenario']} | {label or labels[r['metric']]} | {r['variant']} | {cell} | "
-                     f"{fmt(r['to_haproxy'])} | {fmt(r['to_plain'])} |")
+                     f"{fmt(r['to_haproxy'])} | {fmt(r['to_plain'])} | {fmt_interval(r.get('paired_to_haproxy'))} | "
+                     f"{fmt_interval(r.get('paired_to_plain'))} |")
     flags = [f"- `{info['variant']}`{'' if t == info['variant'] else f' ({t})'}: `{info['flags']}`: {info['about']}"
              for t, info in doc["run"]["variants"].items()]
     return ["### Variants (l4proxy with features on, or an older tree, same run)", "",
             "`/ plain` is the variant's ratio to HAProxy divided by plain l4proxy's: for rates above 1 is "
-            "better, for CPU and memory below 1.", "",
-            "| scenario | metric | variant | value | / haproxy | / plain |", "|---|---|---|---|---|---|",
+            "better, for CPU and memory below 1. The paired columns take the ratio in each round (to HAProxy's, "
+            "or plain l4proxy's, sample of the same round; per round, the ratio of the two ratios to HAProxy is "
+            "this one) and give their median [interval] and the interval's coverage (distribution-free; "
+            "95% needs 6 rounds or more).", "",
+            "| scenario | metric | variant | value | / haproxy | / plain | / haproxy, paired | / plain, paired |",
+            "|---|---|---|---|---|---|---|---|",
             *lines, "", *flags, ""]
+
+
+def fmt_interval(iv: dict[str, float] | None) -> str:
+    """``median [low, high] coverage%`` of a paired ratio, three decimals (a bar of 3% needs them)."""
+    if not iv:
+        return "-"
+    return f"{iv['median']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}] {iv['coverage']:.0%}"
 
 
 def bar_row(c: dict[str, Any]) -> str:
     result = {True: "pass", False: "miss", None: "not measured"}[c["passed"]]
     op = ">=" if c["higher_is_better"] else "<="
     note = f" ({c['note']})" if c["note"] else ""
-    return f"| {c['what']}{note} | {fmt(c['measured'])} | {op} {c['threshold']} | {result} |"
+    return (f"| {c['what']}{note} | {fmt(c['measured'])} | {op} {c['threshold']} | {result} | "
+            f"{fmt_interval(c.get('paired'))} |")
+
+
+def spread_table(doc: dict[str, Any]) -> list[str]:
+    """Coefficient of variation of each target's samples: how far one sample can be trusted."""
+    rows = []
+    for name, scn in doc["scenarios"].items():
+        for t in ordered(list(scn["targets"])):
+            cvs = scn["targets"][t].get("spread") or {}
+            if any(v is not None for v in cvs.values()):
+                cells = ", ".join(f"{k} {'-' if v is None else f'{v:.1%}'}" for k, v in cvs.items())
+                rows.append(f"| {name} | {t} | {len(scn['targets'][t]['samples'])} | {cells} |")
+    if not rows:
+        return []
+    return ["### Spread (coefficient of variation over each target's samples)", "",
+            "| scenario | target | samples | CV |", "|---|---|---|---|", *rows, ""]
 
 
 def notes(doc: dict[str, Any]) -> list[str]:

@@ -10,6 +10,10 @@ the memory scenario reads VmRSS with N idle sessions open. Results go to ``--out
     .venv/bin/python benchmarks/run.py --scenarios rr,bulk --targets direct,l4proxy,haproxy
     .venv/bin/python benchmarks/run.py --quick --variant weights,edge,admin    # rr and connect, features on
     .venv/bin/python benchmarks/run.py --quick --baseline ce7993a              # and an older tree, same run
+    .venv/bin/python benchmarks/run.py --quick --baseline ce7993a --repeats 20 --pin   # a bar: paired, pinned
+
+Each sample records its round; ratios are also taken within each round, and their median is reported
+with a distribution-free interval (``stats.py``), which a bar of a few percent is read against.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import resource
 import shutil
 import signal
@@ -31,6 +36,7 @@ from typing import Any
 
 import baseline
 import report
+import stats
 import sysinfo
 from targets import (
     HERE,
@@ -44,6 +50,7 @@ from targets import (
     Unsupported,
     cpu_seconds,
     make_certs,
+    pin_tree,
     rss_kib,
     start_redis,
     start_upstreams,
@@ -128,6 +135,32 @@ class Ctx:
     procs: int
     log: list[str] = field(default_factory=list)
     edge: bool = False  # --edge
+    pin: Pin | None = None  # --pin
+
+
+@dataclass(frozen=True)
+class Pin:
+    """``--pin``: the proxy under test on ``proxy`` CPUs; load generators and upstreams on ``others``."""
+
+    proxy: frozenset[int]
+    others: frozenset[int]
+
+    def runner(self) -> None:
+        """The runner's own thread onto the other CPUs: everything it starts (load generators, upstreams,
+        proxies) inherits them, and `start_target` moves each proxy onto its own."""
+        os.sched_setaffinity(0, self.others)
+
+    @staticmethod
+    def choose() -> Pin:
+        """The first CPU this process may use for the proxy, the rest for everything else."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            print(f"run.py: error: --pin: needs at least 2 CPUs, this process may use {len(cpus)}", file=sys.stderr)
+            raise SystemExit(2)
+        return Pin(frozenset(cpus[:1]), frozenset(cpus[1:]))
+
+    def describe(self) -> dict[str, list[int]]:
+        return {"proxy": sorted(self.proxy), "others": sorted(self.others)}
 
 
 def loadgen_cmd(s: Scenario, run: Running, ctx: Ctx) -> list[str]:
@@ -262,8 +295,9 @@ def upstreams(s: Scenario, ctx: Ctx, sessions: int, names: list[str]) -> Any:
             p.stop()
 
 
-def start_target(name: str, env: Env) -> tuple[Running | None, dict[str, Any]]:
-    """Start one target; an early exit becomes status 'unsupported' with the reason."""
+def start_target(name: str, env: Env, pin: Pin | None = None) -> tuple[Running | None, dict[str, Any]]:
+    """Start one target (pinned to ``pin.proxy`` if given); an early exit becomes status 'unsupported'
+    with the reason."""
     target = TARGETS[name]
     why = target.available()
     if why:
@@ -272,6 +306,8 @@ def start_target(name: str, env: Env) -> tuple[Running | None, dict[str, Any]]:
         run = target.start(env)
     except Unsupported as e:
         return None, {"status": "unsupported", "reason": str(e), "samples": []}
+    if pin and run.proc is not None:
+        pin_tree(run.proc.pid, pin.proxy)
     return run, {"status": "ok", "samples": []} | ({"source": run.source} if run.source else {})
 
 
@@ -297,6 +333,7 @@ def take(s: Scenario, name: str, rep: int, run: Running, ctx: Ctx, out: dict[str
         out.setdefault("errors", []).append(str(e)[-500:])
         print(f"[{s.name} #{rep + 1}] {name:15s} FAILED: {str(e)[-200:]}", file=sys.stderr, flush=True)
         return
+    res["round"] = rep  # pairs the targets' samples of one round (stats.paired_ratios)
     out["samples"].append(res)
     progress(s, name, rep, res)
 
@@ -316,15 +353,16 @@ def run_scenario(s: Scenario, names: list[str], repeats: int, ctx: Ctx, sessions
         if out["status"] == "ok" and not out["samples"]:
             out["status"] = "failed"
         out["median"] = report.medians(out["samples"])
+        out["spread"] = report.spreads(out["samples"], s.kind)
     return {"about": s.about, "kind": s.kind, "tls": s.tls, "load": s.load, "targets": results}
 
 
 def sample_interleaved(s: Scenario, names: list[str], repeats: int, ctx: Ctx, env: Env) -> dict[str, Any]:
-    """Start all targets once, then sample them in turn: A B C A B C ..."""
-    running = {n: start_target(n, env) for n in names}
+    """Start all targets once, then sample them in rounds, every other round reversed: A B C, C B A, ..."""
+    running = {n: start_target(n, env, ctx.pin) for n in names}
     try:
         for rep in range(repeats):
-            for n in names:
+            for n in stats.round_order(names, rep):
                 run, out = running[n]
                 if run is not None and out["status"] == "ok":
                     take(s, n, rep, run, ctx, out)
@@ -346,7 +384,7 @@ def sample_fresh(s: Scenario, names: list[str], repeats: int, ctx: Ctx, env: Env
             if n == "direct":
                 results[n] = {"status": "skipped", "reason": "no proxy process to measure", "samples": []}
                 continue
-            run, info = start_target(n, env)
+            run, info = start_target(n, env, ctx.pin)
             out = results.setdefault(n, info)
             if run is None:
                 out.update(status=info["status"], reason=info.get("reason", ""))
@@ -387,6 +425,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", help="comma-separated from " + ",".join(TARGETS))
     p.add_argument("--repeats", type=int, help="samples per target and scenario")
     p.add_argument("--sessions", type=int, help="idle sessions for the memory scenario")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=NUMBER",
+                   help="override one of the profile's budgets (see --plan), e.g. connect_requests=8000; "
+                        "repeatable")
     p.add_argument("--procs", type=int, default=1, help="load generator processes for rr/connect")
     p.add_argument("--out", type=Path, default=HERE / "out",
                    help="output folder (default benchmarks/out/, git-ignored; commit a run on purpose with "
@@ -402,11 +443,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="l4proxy from an older commit (a git ref) as the target l4proxy@SHORT, beside plain "
                         "l4proxy and HAProxy in the same run, from a temporary git worktree; repeatable. "
                         "Default scenarios and targets as with --variant")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the proxy under test (every target's, HAProxy's too) to the first CPU this process "
+                        "may use, and the load generator and upstreams to the others")
     p.add_argument("--no-charts", action="store_true")
     p.add_argument("--plan", action="store_true",
                    help="print the scenarios, targets (and which are missing here) and budgets, then exit")
     args = p.parse_args(argv)
     args.profile = "quick" if args.quick else "smoke" if args.smoke else "full"
+    args.budgets = budgets(args.budget, p)
     args.variants = [v for given in args.variant for v in given.split(",") if v]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
@@ -423,6 +468,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def budgets(given: list[str], p: argparse.ArgumentParser) -> dict[str, int | float]:
+    """``--budget KEY=NUMBER`` values, typed like the profiles' (a count stays an integer)."""
+    known = PROFILES["full"]
+    out: dict[str, int | float] = {}
+    for item in given:
+        key, _, num = item.partition("=")
+        if key not in known:
+            p.error(f"--budget {item!r}: expected KEY=NUMBER with KEY one of {','.join(known)}")
+        kind = type(known[key])
+        try:
+            out[key] = kind(num)
+        except ValueError:
+            out[key] = 0
+        if out[key] <= 0:
+            p.error(f"--budget {item!r}: expected a positive {'whole ' if kind is int else ''}number for {key}")
+    return out
+
+
 def variant_targets(args: argparse.Namespace) -> list[str]:
     """The targets ``--variant`` and ``--baseline`` add: plain l4proxy (the reference), each variant's and
     each older tree's."""
@@ -434,7 +497,7 @@ def variant_targets(args: argparse.Namespace) -> list[str]:
 
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], list[str], tuple[int, int]]:
     """Budgets, scenario and target names for this run; sessions capped to what the fd limit allows."""
-    prof = dict(PROFILES[args.profile])
+    prof = dict(PROFILES[args.profile]) | args.budgets
     if args.sessions:
         prof["sessions"] = args.sessions
     extra = variant_targets(args)
@@ -481,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         print(describe_plan(args, prof, names, tnames, repeats))
         return 0
+    pin = Pin.choose() if args.pin else None
+    if pin:
+        pin.runner()
     t0, started = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     machine = sysinfo.machine()
     signal.signal(signal.SIGTERM, terminated)  # unwinds like Ctrl-C: the worktrees are removed
@@ -488,12 +554,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         olds = prepare_baselines(args.baselines, tmp, trees)
         certs = make_certs(tmp) if any(known[n].tls for n in names) else None
-        ctx = Ctx(tmp, certs, args.procs, edge=args.edge)
+        ctx = Ctx(tmp, certs, args.procs, edge=args.edge, pin=pin)
         results = {n: run_scenario(known[n], tnames, repeats, ctx, prof["sessions"]) for n in names}
     doc: dict[str, Any] = {
         "machine": machine,
         "run": {"profile": args.profile, "repeats": repeats, "targets": tnames, "scenarios": names,
-                "procs": args.procs, "edge": args.edge, "nofile": nofile, "seconds": round(time.monotonic() - t0, 1),
+                "procs": args.procs, "edge": args.edge,
+                "pin": pin.describe() if pin else None, "nofile": nofile, "seconds": round(time.monotonic() - t0, 1),
                 "started": started, "budgets": prof,
                 "variants": compared(args.variants, olds),
                 "baselines": {old.name: {"ref": old.ref.given, "commit": old.ref.commit, "subject": old.ref.subject,

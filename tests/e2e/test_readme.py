@@ -60,9 +60,14 @@ NOT_RUN: dict[str, str] = {
         "illustrative (marked): the user's Redis hosts behind a load balancer of theirs",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
-    ".venv/bin/python benchmarks/callgrind.py connect": "runs l4proxy under valgrind for a minute or more (a "
-                                                        "measurement, not a check; CI has no valgrind)",
+    ".venv/bin/python benchmarks/callgrind.py connect --count": "runs l4proxy under valgrind for a minute or more "
+                                                                "(a measurement, not a check; CI has no valgrind)",
     ".venv/bin/python benchmarks/callgrind.py rr": "the same, per request",
+    ".venv/bin/python benchmarks/callgrind.py connect --cache-sim": "the same with the cache simulation, on an older "
+                                                                    "checkout the reader makes first",
+    ".venv/bin/python benchmarks/syscalls.py --count": "attaches strace to a proxy under load (a measurement, not a "
+                                                       "check)",
+    ".venv/bin/python benchmarks/syscalls.py --tree": "the same on an older checkout the reader makes first",
     "callgrind_annotate /tmp/cg/callgrind.rr.out": "reads the dump the callgrind.py command above it keeps",
 }
 LOADGEN_DONE = r"(rr|connect): \d+ req/s over \d+ requests, 0 errors,"
