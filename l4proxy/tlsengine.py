@@ -11,6 +11,9 @@ Rules:
 
 * **Handshake**: driven by the bytes that arrive; its outcome goes to ``done`` (``None`` or the error)
   before the pump's ``connection_made``. The caller bounds it (``timeout``, or the dial's deadline).
+  A TLS 1.3 server's last flight, its session tickets, is written after the pump's
+  ``connection_made`` (which starts the dial): the client does not wait for them, the upstream connect
+  need not wait behind them. Every other flight is written before (the peer waits for it).
 * **Reading**: every TCP read is fed to the SSLObject and the plaintext of all complete records is
   handed to the pump in one call. After a record, the loop stops when neither the BIO nor OpenSSL holds
   more, so the common read raises no ``SSLWantReadError``. What OpenSSL writes while reading (TLS 1.3
