@@ -19,7 +19,10 @@ takes that share out.
 ``--tree`` runs the l4proxy package found in that directory with this venv's Python, so two
 commits can be compared without a second venv. ``--flag`` appends l4proxy flags (repeatable). ``--tls``
 terminates TLS (a throwaway certificate, as the ``tls-connect`` and ``tls-term-rr`` scenarios): the
-load generator speaks TLS and, in ``connect``, makes a full handshake per connection.
+load generator speaks TLS and, in ``connect``, makes a full handshake per connection. Under callgrind
+16 handshakes at a time keep the loop busy past the health probes' 1 s timeout, so ``--tls`` gives the
+probes 60 s: else the member goes DOWN mid-load and the connections fail (the probes' own share is
+taken out with ``--idle`` as before).
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     run = ["-c", LAUNCH, str(Path(args.tree).resolve())] if args.tree else ["-m", "l4proxy"]
     out = tmp / "callgrind.out"
     certs = make_certs(tmp) if args.tls else None
-    tls = ["--tls-cert", certs.cert, "--tls-key", certs.key] if certs is not None else []
+    tls = ["--tls-cert", certs.cert, "--tls-key", certs.key, "--health-timeout", "60s"] if certs is not None else []
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
            sys.executable, *run, "--listen", f"127.0.0.1:{port}", "--upstream", f"{uh}:{up}",
            "--access-log", str(tmp / "access.log"), "--log-level", "warning", "--drain-timeout", "1s",
