@@ -60,8 +60,10 @@ NOT_RUN: dict[str, str] = {
         "illustrative (marked): the user's Redis hosts behind a load balancer of theirs",
     "bash scripts/dev bench --quick": "installs the bench extra from PyPI and runs for minutes; the same runner "
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
-    ".venv/bin/python benchmarks/callgrind.py connect": "runs l4proxy under valgrind for a minute or more (a "
-                                                        "measurement, not a check; CI has no valgrind)",
+    ".venv/bin/python benchmarks/callgrind.py connect --count": "runs l4proxy under valgrind for a minute or "
+                                                                "more (a measurement, not a check; CI has no "
+                                                                "valgrind)",
+    ".venv/bin/python benchmarks/callgrind.py connect --tls": "the same, a TLS handshake per connection",
     ".venv/bin/python benchmarks/callgrind.py rr": "the same, per request",
     "callgrind_annotate /tmp/cg/callgrind.rr.out": "reads the dump the callgrind.py command above it keeps",
 }
