@@ -14,9 +14,15 @@ takes that share out.
     .venv/bin/python benchmarks/callgrind.py connect --count 3000
     .venv/bin/python benchmarks/callgrind.py rr --count 20000 --keep /tmp/cg     # keep the dump to annotate
     .venv/bin/python benchmarks/callgrind.py rr --tree /path/to/an/older/checkout  # the same on older code
+    .venv/bin/python benchmarks/callgrind.py connect --tls --count 500           # a full TLS handshake each
 
 ``--tree`` runs the l4proxy package found in that directory with this venv's Python, so two
-commits can be compared without a second venv. ``--flag`` appends l4proxy flags (repeatable).
+commits can be compared without a second venv. ``--flag`` appends l4proxy flags (repeatable). ``--tls``
+terminates TLS (a throwaway certificate, as the ``tls-connect`` and ``tls-term-rr`` scenarios): the
+load generator speaks TLS and, in ``connect``, makes a full handshake per connection. Under callgrind
+16 handshakes at a time keep the loop busy past the health probes' 1 s timeout, so ``--tls`` gives the
+probes 60 s: else the member goes DOWN mid-load and the connections fail (the probes' own share is
+taken out with ``--idle`` as before).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from targets import HERE, free_port, start_upstream, wait_ready
+from targets import HERE, Tls, free_port, make_certs, start_upstream, wait_ready
 
 WARMUP = {"connect": 300, "rr": 2000}
 # --tree: run the l4proxy package of another checkout. The venv's editable install finds its own package
@@ -43,11 +49,13 @@ LAUNCH = ("import runpy, sys\n"
           "runpy.run_module('l4proxy', run_name='__main__', alter_sys=True)\n")
 
 
-def loadgen(mode: str, port: int, count: int) -> dict[str, object]:
+def loadgen(mode: str, port: int, count: int, certs: Tls | None = None) -> dict[str, object]:
     """One bounded load: ``count`` connections (16 at a time) or ``count`` requests on one connection."""
     conns = "16" if mode == "connect" else "1"
     cmd = [sys.executable, str(HERE / "loadgen.py"), mode, "--json", "--port", str(port), "--conns", conns,
            "--size", "64", "--requests", str(count), "--duration", "600", "--warmup", "0"]
+    if certs is not None:
+        cmd += ["--tls", "--tls-ca", certs.ca]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -82,19 +90,21 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     run = ["-c", LAUNCH, str(Path(args.tree).resolve())] if args.tree else ["-m", "l4proxy"]
     out = tmp / "callgrind.out"
     cache = ["--cache-sim=yes"] if args.cache_sim else []
+    certs = make_certs(tmp) if args.tls else None
+    tls = ["--tls-cert", certs.cert, "--tls-key", certs.key, "--health-timeout", "60s"] if certs is not None else []
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", *cache, f"--callgrind-out-file={out}.%p",
            sys.executable, *run, "--listen", f"127.0.0.1:{port}", "--upstream", f"{uh}:{up}",
            "--access-log", str(tmp / "access.log"), "--log-level", "warning", "--drain-timeout", "1s",
-           *args.flag]
+           *tls, *args.flag]
     log = (tmp / "proxy.log").open("ab")
     proxy = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     log.close()
     try:
         wait_ready(("127.0.0.1", port), None, timeout=120)
-        loadgen(args.mode, port, WARMUP[args.mode])
+        loadgen(args.mode, port, WARMUP[args.mode], certs)
         control("-i", "on", str(proxy.pid))
         t0 = time.monotonic()
-        res = loadgen(args.mode, port, args.count)
+        res = loadgen(args.mode, port, args.count, certs)
         elapsed = time.monotonic() - t0
         loaded = dump(proxy.pid, tmp)
         time.sleep(args.idle)  # no load: what the timers (sweeper, probes, log flushes) cost per second
@@ -110,7 +120,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         out = {"mode": args.mode, "count": n, "errors": res.get("errors", 0), "instructions": instructions,
                "per_unit": round(instructions / n), "net_per_unit": round((instructions - background) / n),
                "idle_per_second": round(quiet["Ir"] / args.idle), "seconds": round(elapsed, 1),
-               "tree": args.tree or "."}
+               "tls": bool(args.tls), "tree": args.tree or "."}
         return (out | cache_misses(counted, quiet, n, elapsed / args.idle)) if args.cache_sim else out
     finally:
         stop(proxy, 60)
@@ -151,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flag", action="append", default=[], help="an extra l4proxy argument (repeatable)")
     p.add_argument("--cache-sim", action="store_true",
                    help="simulate the caches too (callgrind --cache-sim=yes): D1 and LL misses per unit")
+    p.add_argument("--tls", action="store_true", help="terminate TLS: the load speaks TLS to the proxy")
     p.add_argument("--keep", help="a folder to copy the dump to, for callgrind_annotate")
     p.add_argument("--idle", type=float, default=5.0,
                    help="seconds counted with no load after it, to take the timers' share out (net_per_unit)")

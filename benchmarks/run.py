@@ -85,7 +85,8 @@ PROFILES: dict[str, dict[str, Any]] = {
               "redis_requests": 2_000, "tls_connect_requests": 50},
 }
 DEFAULT_SCENARIOS = {
-    "full": "rr,rr1,bulk,bulk-duplex,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,bulk-tls",
+    "full": "rr,rr1,bulk,bulk-duplex,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,tls-orig-connect,"
+            "bulk-tls",
     "quick": "rr,rr1,bulk,memory,connect,redis,tls-term-rr,tls-orig-rr,tls-connect,bulk-tls",
     "smoke": "rr,bulk,memory,connect,tls-term-rr,tls-connect,bulk-tls",
 }
@@ -117,6 +118,8 @@ def scenarios(p: dict[str, Any]) -> dict[str, Scenario]:
         Scenario("tls-orig-rr", "rr", "rr with plain from client, TLS from target to upstream", "orig", rr),
         Scenario("tls-connect", "connect", "a new TLS connection per request (full handshake), terminated",
                  "term", tls_conn),
+        Scenario("tls-orig-connect", "connect", "a new connection per request, plain from the client, a new TLS"
+                 " connection (full handshake) from the target to the upstream", "orig", tls_conn),
         Scenario("bulk-tls", "bulk", "bulk through TLS termination, and through plain l4proxy in the same run",
                  "term", bulk | {"direction": "down"}, twin="l4proxy-plain"),
     ]

@@ -11,6 +11,9 @@ Rules:
 
 * **Handshake**: driven by the bytes that arrive; its outcome goes to ``done`` (``None`` or the error)
   before the pump's ``connection_made``. The caller bounds it (``timeout``, or the dial's deadline).
+  A TLS 1.3 server's last flight, its session tickets, is written after the pump's
+  ``connection_made`` (which starts the dial): the client does not wait for them, the upstream connect
+  need not wait behind them. Every other flight is written before (the peer waits for it).
 * **Reading**: every TCP read is fed to the SSLObject and the plaintext of all complete records is
   handed to the pump in one call. After a record, the loop stops when neither the BIO nor OpenSSL holds
   more, so the common read raises no ``SSLWantReadError``. What OpenSSL writes while reading (TLS 1.3
@@ -76,6 +79,7 @@ class TLSEngine(asyncio.Protocol):
         "incoming",
         "outgoing",
         "records",
+        "server_side",
         "sslobj",
         "started",
         "state",
@@ -106,6 +110,7 @@ class TLSEngine(asyncio.Protocol):
         self.tcp: asyncio.Transport | None = None
         self.state = _HANDSHAKE
         self.timeout = timeout
+        self.server_side = server_side
         self.confirm = confirm and not server_side
         self._timer: asyncio.TimerHandle | None = None
         self.started = 0.0
@@ -178,6 +183,17 @@ class TLSEngine(asyncio.Protocol):
         except (ssl.SSLError, ssl.CertificateError) as exc:
             self._flush()  # the alert that says why
             self._fail(exc)
+            return
+        if self.server_side and self.records.version() == "TLSv1.3":
+            # A TLS 1.3 server's last flight is its session tickets, which the client does not wait for:
+            # the app's connection (the dial) starts first, and the tickets follow, with the first records
+            # read if any (as the loops' transports order it).
+            self._open(())
+            if self.state == _OPEN:
+                if self.incoming.pending:
+                    self._read()  # writes the tickets before it hands the plaintext over
+                else:
+                    self._flush()
             return
         self._flush()
         if self.confirm and self.sslobj.version() == "TLSv1.3":

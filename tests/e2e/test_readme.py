@@ -62,6 +62,7 @@ NOT_RUN: dict[str, str] = {
                                       "with the same flags is checked below as .venv/bin/python benchmarks/run.py",
     ".venv/bin/python benchmarks/callgrind.py connect --count": "runs l4proxy under valgrind for a minute or more "
                                                                 "(a measurement, not a check; CI has no valgrind)",
+    ".venv/bin/python benchmarks/callgrind.py connect --tls": "the same, a TLS handshake per connection",
     ".venv/bin/python benchmarks/callgrind.py rr": "the same, per request",
     ".venv/bin/python benchmarks/callgrind.py connect --cache-sim": "the same with the cache simulation, on an older "
                                                                     "checkout the reader makes first",
