@@ -24,7 +24,16 @@ from l4proxy.proxyproto import V2_LOCAL
 
 from ..kit import PKI, edge_config, eventually, make_config, refused_address, running
 from .test_health_checks import health_changes
-from .test_tls_halfclose import VERSIONS, End, ThreadServer, openssl_verify_server
+from .test_tls_halfclose import (
+    LATE,
+    VERSIONS,
+    End,
+    ThreadServer,
+    hang_up,
+    long_verdict_wait,
+    openssl_verify_server,
+    silent,
+)
 
 TCP = HealthConfig(enabled=True, interval=0.05, timeout=1.0, rise=1, fall=2)
 PING = HealthConfig(enabled=True, interval=0.05, timeout=1.0, rise=1, fall=2, send=b"PING\r\n", expect=b"+PONG")
@@ -55,14 +64,14 @@ def upstream_tls(pki: PKI, cert: str | None) -> UpstreamTLSConfig:
     return UpstreamTLSConfig(ca=pki["ca.pem"], cert=pki[f"{cert}.pem"], key=pki[f"{cert}.key"])
 
 
-async def probed_down(config: Any, caplog: pytest.LogCaptureFixture) -> tuple[str, int]:
-    """Run ``config`` until its one member is DOWN: the reason logged and its ``tls`` probe failures."""
+async def probed_down(config: Any, caplog: pytest.LogCaptureFixture, kind: Failure = Failure.TLS) -> tuple[str, int]:
+    """Run ``config`` until its one member is DOWN: the reason logged and its probe failures, all of ``kind``."""
     async with running(config) as (proxy, _):
         pool = proxy.pools["default"]
         [member] = pool.members
         await eventually(lambda: not member.health.up)
         assert pool.probes is not None
-        failures = pool.probes.failures[member.key, Failure.TLS]
+        failures = pool.probes.failures[member.key, kind]
         assert sum(pool.probes.failures.values()) == failures  # no other kind
     return health_changes(caplog, "DOWN")[str(member.address)], failures
 
@@ -140,6 +149,40 @@ async def test_a_tls13_member_that_sends_no_tickets_passes_after_the_bounded_wai
         failed = await probed_up(make_config([member.address], upstream_tls=upstream_tls(pki, "client"), health=TCP))
     assert failed == 0
 
+
+HANG_UPS = [
+    # (how the member hangs up, our certificate, the reason the probe fails with)
+    (False, "client", f"check failed: tls: closed {LATE}"),
+    (True, "client", f"check failed: tls: reset {LATE}"),
+    (False, None, "check failed: error: reset"),  # no certificate of ours it could have refused
+    (True, None, "check failed: error: reset"),
+]
+
+
+@pytest.mark.parametrize(
+    ("reset", "cert", "reason"), HANG_UPS, ids=[f"{'rst' if r else 'fin'}-{c}" for r, c, _ in HANG_UPS]
+)
+async def test_a_tls13_member_that_hangs_up_after_the_handshake_fails_as_tls_after_our_certificate(
+    pki: PKI,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    reset: bool,
+    cert: str | None,
+    reason: str,
+) -> None:
+    """A member that ends the connection after the TLS 1.3 handshake without an alert (one that refuses
+    a certificate silently) fails the probe as ``tls``, saying what happened, when we sent one, and as a
+    reset when we did not; either way it goes DOWN."""
+    caplog.set_level(logging.INFO, logger="l4proxy.health")
+    long_verdict_wait(monkeypatch)
+    health = HealthConfig(enabled=True, interval=0.05, timeout=10.0, rise=1, fall=2)
+    kind = Failure.TLS if cert else Failure.OTHER
+    with ThreadServer(hang_up(reset), silent(pki, client_ca=cert is not None)) as member:
+        config = make_config([member.address], upstream_tls=upstream_tls(pki, cert), health=health)
+        logged, failures = await probed_down(config, caplog, kind)
+    assert logged == reason
+    assert failures >= health.fall
+    assert member.results and set(member.results) == {b""}  # each handshake passed: the hang-up came after
 
 
 class HeaderThenTLS:
