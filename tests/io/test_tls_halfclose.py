@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -118,6 +119,16 @@ class ThreadServer:
         self.stopping.set()
         self.thread.join(TIMEOUT)
         self.listener.close()
+
+
+def own_member(script: Script, ctx: ssl.SSLContext | None = None) -> ThreadServer:
+    """A member on a loopback address of its own (127.a.b.c, never 127.0.0.x), so that only the proxy
+    under test reaches it. On 127.0.0.1 its port may be one another test on the host freed and still
+    dials (a tcp probe of a "refused" member): a stranger's connection is then one of its results, and
+    since it serves one connection at a time, one that says nothing holds up ours until they time out.
+    Certificates name 127.0.0.1 and localhost: pools reaching one send ``localhost`` as SNI."""
+    host = f"127.{random.randrange(1, 255)}.{random.randrange(256)}.{random.randrange(1, 255)}"
+    return ThreadServer(script, ctx, host=host)
 
 
 def ask(end: End, message: bytes) -> bytes:
@@ -304,8 +315,8 @@ async def test_a_member_that_hangs_up_on_our_certificate_after_the_tls13_handsha
     """No alert, so no reason from OpenSSL; but after a certificate we sent, a hang-up before any record
     is most likely its rejection: a ``tls`` connect failure saying so, not a reset."""
     long_verdict_wait(monkeypatch)
-    tls = UpstreamTLSConfig(ca=pki["ca.pem"], cert=pki["client.pem"], key=pki["client.key"])
-    with ThreadServer(hang_up(reset), silent(pki, client_ca=True)) as bad:
+    tls = UpstreamTLSConfig(ca=pki["ca.pem"], sni="localhost", cert=pki["client.pem"], key=pki["client.key"])
+    with own_member(hang_up(reset), silent(pki, client_ca=True)) as bad:
         async with running(make_config([bad.address], upstream_tls=tls, retries=0)) as (proxy, log):
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port())
             with contextlib.suppress(OSError):

@@ -12,7 +12,6 @@ carry bytes after the handshake. The members are Python's ``ssl`` (OpenSSL) in b
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 from typing import Any
 
@@ -29,11 +28,10 @@ from .test_tls_halfclose import (
     LATE,
     VERSIONS,
     End,
-    Script,
-    ThreadServer,
     hang_up,
     long_verdict_wait,
     openssl_verify_server,
+    own_member,
     silent,
 )
 
@@ -45,16 +43,6 @@ PING = HealthConfig(
     enabled=True, interval=0.05, timeout=PROBE_TIMEOUT, rise=1, fall=2, send=b"PING\r\n", expect=b"+PONG"
 )
 PASSES = 3  # probes that must pass in a row before a member counts as kept UP by them
-
-
-def own_member(script: Script, ctx: ssl.SSLContext | None = None) -> ThreadServer:
-    """A member on a loopback address of its own (127.a.b.c, never 127.0.0.x), so that only our probes
-    reach it. On 127.0.0.1 its port may be one another test on the host freed and still dials (a tcp
-    probe of a "refused" member): a stranger's connection is then one of its results, and since it
-    serves one connection at a time, one that says nothing holds up our probes until they time out.
-    Certificates name 127.0.0.1 and localhost: the pool sends ``localhost`` as SNI (``upstream_tls``)."""
-    host = f"127.{random.randrange(1, 255)}.{random.randrange(256)}.{random.randrange(1, 255)}"
-    return ThreadServer(script, ctx, host=host)
 
 
 def pong(end: End) -> bytes:
