@@ -60,7 +60,7 @@ from .pool import Pool
 from .proxyproto import SSLInfo, Tlv, alpn_tlv, authority_tlv, encode_v1, encode_v2, ssl_tlv
 from .ratelog import Warnings
 from .relay import Pump, Session
-from .tlsengine import TLSEngine
+from .tlsengine import TLSEngine, judged
 
 log = logging.getLogger("l4proxy.dialer")
 
@@ -393,7 +393,8 @@ async def connect_tls(
     (``tlsengine.py``, its late-verdict wait included) before the attempt counts as connected; a
     cancelled attempt drops the connection. Returns the TCP transport and the engine over it, which is
     ``app``'s transport. The sessions' dials and the health probes both connect through here, so a
-    member that rejects us after a TLS 1.3 handshake fails both alike."""
+    member that rejects us after a TLS 1.3 handshake fails both alike, with an alert's reason or, if it
+    just hangs up on the certificate we sent, ``tlsengine.LateRejection``'s."""
     from .tls import server_hostname
 
     assert pool.ssl_context is not None and pool.config.tls is not None
@@ -409,8 +410,11 @@ async def connect_tls(
     transport, _ = await loop.create_connection(itertools.repeat(engine).__next__, **where)
     try:
         await handshake
-    except BaseException:
+    except BaseException as exc:
         engine.abort()
+        judgement = judged(exc, pool.config.tls.cert is not None)
+        if judgement is not exc:
+            raise judgement from exc
         raise
     return transport, engine
 

@@ -32,7 +32,10 @@ Rules:
   record the server sends after it (session tickets, which servers send once our certificate passes,
   or data from a server that speaks first), or ``confirm_wait(elapsed)`` seconds after it, whichever is
   first; an alert then fails the handshake, so the dialer counts a failed attempt and tries another
-  member. Nothing of the client's has been sent by then, so the retry is safe.
+  member. Nothing of the client's has been sent by then, so the retry is safe. A server that closes or
+  resets the connection in that window, without an alert, fails it with ``EndedBeforeVerdict`` (a
+  reset); when we sent a certificate, ``judged`` makes that a ``LateRejection`` (a TLS failure), since
+  a server that rejects a certificate without saying why ends the connection just so.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Dropped", "TLSEngine", "confirm_wait"]
+__all__ = ["Dropped", "EndedBeforeVerdict", "LateRejection", "TLSEngine", "confirm_wait", "judged"]
 
 _RECORD = 16384  # the most plaintext one TLS record carries
 _HANDSHAKE, _CONFIRM, _OPEN, _CLOSED = range(4)
@@ -53,6 +56,32 @@ Done = Callable[[BaseException | None], None]
 
 class Dropped(ConnectionAbortedError):
     """The handshake's outcome when we closed the connection first (a drain, a cancelled dial)."""
+
+
+class EndedBeforeVerdict(ConnectionResetError):
+    """A TLS 1.3 server closed (``reset`` False) or reset the connection after our side of the handshake,
+    before its first record: no alert, so no reason; a reset to whoever cannot tell more (``judged``)."""
+
+    def __init__(self, reset: bool) -> None:
+        super().__init__(f"the peer {'reset' if reset else 'closed'} the connection after the TLS handshake")
+        self.reset = reset
+
+
+class LateRejection(ssl.SSLError):
+    """``EndedBeforeVerdict`` after we sent a certificate: most likely the server refused it and hung
+    up without an alert. A TLS failure whose ``reason`` says what happened and what it may mean."""
+
+    def __init__(self, reset: bool) -> None:
+        how = "reset" if reset else "closed"
+        self.reason = f"{how} after the handshake, before any data: the member may have rejected our certificate"
+        super().__init__(self.reason)
+
+
+def judged(exc: BaseException, certificate: bool) -> BaseException:
+    """What a failed client handshake is reported as, given whether we sent a certificate (``certificate``)."""
+    if certificate and isinstance(exc, EndedBeforeVerdict):
+        return LateRejection(exc.reset)
+    return exc
 
 
 def confirm_wait(elapsed: float) -> float:
@@ -142,7 +171,10 @@ class TLSEngine(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.state != _OPEN:
-            self._fail(ConnectionResetError("the peer closed the connection during the TLS handshake"))
+            if self.state == _CONFIRM:
+                self._fail(EndedBeforeVerdict(reset=False))
+            else:
+                self._fail(ConnectionResetError("the peer closed the connection during the TLS handshake"))
             return False
         if self._eof_in:  # after its close_notify: nothing more is coming
             return self._eof_out is False
@@ -155,6 +187,8 @@ class TLSEngine(asyncio.Protocol):
         self._cancel_timer()
         if state == _OPEN:
             self.app.connection_lost(exc)
+        elif state == _CONFIRM and (exc is None or isinstance(exc, ConnectionResetError)):
+            self._report(EndedBeforeVerdict(reset=exc is not None))
         elif state != _CLOSED:
             self._report(exc or ConnectionResetError("the connection closed during the TLS handshake"))
         self.app = None  # type: ignore[assignment]  # no callback after connection_lost: break the cycle

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -25,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from l4proxy import Address
+from l4proxy import Address, tlsengine
 from l4proxy.config import UpstreamTLSConfig
 from l4proxy.tlsengine import confirm_wait
 
@@ -117,6 +119,16 @@ class ThreadServer:
         self.stopping.set()
         self.thread.join(TIMEOUT)
         self.listener.close()
+
+
+def own_member(script: Script, ctx: ssl.SSLContext | None = None) -> ThreadServer:
+    """A member on a loopback address of its own (127.a.b.c, never 127.0.0.x), so that only the proxy
+    under test reaches it. On 127.0.0.1 its port may be one another test on the host freed and still
+    dials (a tcp probe of a "refused" member): a stranger's connection is then one of its results, and
+    since it serves one connection at a time, one that says nothing holds up ours until they time out.
+    Certificates name 127.0.0.1 and localhost: pools reaching one send ``localhost`` as SNI."""
+    host = f"127.{random.randrange(1, 255)}.{random.randrange(256)}.{random.randrange(1, 255)}"
+    return ThreadServer(script, ctx, host=host)
 
 
 def ask(end: End, message: bytes) -> bytes:
@@ -264,6 +276,58 @@ async def test_a_member_that_rejects_us_after_the_tls13_handshake_is_a_failed_at
     assert [s.member.address for s in log.sessions] == [good.address] * len(log.sessions)
     assert all(s.end_cause == "eof" for s in log.sessions)
     assert all(isinstance(r, ssl.SSLError) for r in bad.results)
+
+
+LATE = "after the handshake, before any data: the member may have rejected our certificate"
+
+
+def hang_up(reset: bool) -> Script:
+    """A member that ends each connection right after its handshake, without an alert, as one that
+    refuses a certificate silently does: a FIN, or (``reset``) an RST."""
+
+    def script(end: End) -> bytes:
+        if reset:
+            end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return b""
+
+    return script
+
+
+def silent(pki: PKI, client_ca: bool) -> ssl.SSLContext:
+    """A TLS 1.3 member that sends nothing after its handshake (no session tickets); it asks for a
+    client certificate with ``client_ca``."""
+    ctx = pki.upstream_server_ctx(client_ca="ca.pem") if client_ca else pki.upstream_server_ctx()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.num_tickets = 0
+    return ctx
+
+
+def long_verdict_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wait 5 s for a member's first record after the handshake: its hang-up must come inside the
+    wait, which on a loaded host a member thread may miss at the usual bound (the dial then succeeds)."""
+    monkeypatch.setattr(tlsengine, "confirm_wait", lambda elapsed: 5.0)
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+async def test_a_member_that_hangs_up_on_our_certificate_after_the_tls13_handshake_is_a_tls_failure(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch, reset: bool
+) -> None:
+    """No alert, so no reason from OpenSSL; but after a certificate we sent, a hang-up before any record
+    is most likely its rejection: a ``tls`` connect failure saying so, not a reset."""
+    long_verdict_wait(monkeypatch)
+    tls = UpstreamTLSConfig(ca=pki["ca.pem"], sni="localhost", cert=pki["client.pem"], key=pki["client.key"])
+    with own_member(hang_up(reset), silent(pki, client_ca=True)) as bad:
+        async with running(make_config([bad.address], upstream_tls=tls, retries=0)) as (proxy, log):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port())
+            with contextlib.suppress(OSError):
+                assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+            writer.close()
+            await log.wait_for(1, timeout=TIMEOUT)
+            [member] = proxy.pools["default"].members
+    how = "reset" if reset else "closed"
+    assert [s.end_cause for s in log.sessions] == [f"no_upstream (tls: {how} {LATE})"]
+    assert (member.stats.connect_failures["tls"], member.stats.connect_failures["reset"]) == (1, 0)
+    assert bad.results == [b""]  # its handshake passed: the hang-up came after it
 
 
 @contextlib.contextmanager

@@ -18,8 +18,10 @@ from l4proxy.checks import (
     parse_credentials,
     parse_status,
 )
-from l4proxy.errors import ConfigError
+from l4proxy.counters import connect_kind
+from l4proxy.errors import ConfigError, failure_kind
 from l4proxy.httpcheck import HttpCheck
+from l4proxy.tlsengine import EndedBeforeVerdict, judged
 
 BAD = Failure.BAD_REPLY
 
@@ -67,6 +69,32 @@ def test_send_expect_closed_or_stalled_is_a_bad_reply_and_silence_a_timeout() ->
 )
 def test_connect_failures_have_kinds(exc: BaseException, verdict: Verdict) -> None:
     assert from_exception(exc) == verdict
+
+
+LATE = "after the handshake, before any data: the member may have rejected our certificate"
+DURING = ConnectionResetError("the peer closed the connection during the TLS handshake")
+
+
+@pytest.mark.parametrize(
+    ("exc", "certificate", "cause", "verdict"),
+    [
+        # a TLS 1.3 member hung up after our side of the handshake, before its first record
+        (EndedBeforeVerdict(reset=False), True, f"tls: closed {LATE}", Verdict(Failure.TLS, f"closed {LATE}")),
+        (EndedBeforeVerdict(reset=True), True, f"tls: reset {LATE}", Verdict(Failure.TLS, f"reset {LATE}")),
+        (EndedBeforeVerdict(reset=False), False, "reset", Verdict(Failure.OTHER, "reset")),  # no certificate to blame
+        (EndedBeforeVerdict(reset=True), False, "reset", Verdict(Failure.OTHER, "reset")),
+        (DURING, True, "reset", Verdict(Failure.OTHER, "reset")),  # before our side was done: not a verdict on it
+        (TimeoutError(), True, "timeout", Verdict(Failure.TIMEOUT)),
+    ],
+)
+def test_a_hang_up_after_the_tls13_handshake_is_tls_only_when_we_sent_a_certificate(
+    exc: BaseException, certificate: bool, cause: str, verdict: Verdict
+) -> None:
+    """Sessions see ``cause`` (and its connect failure kind), probes ``verdict``."""
+    judgement = judged(exc, certificate)
+    assert failure_kind(judgement) == cause
+    assert connect_kind(cause) == cause.split(":")[0]
+    assert from_exception(judgement) == verdict
 
 
 @pytest.mark.parametrize(
