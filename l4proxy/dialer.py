@@ -387,14 +387,20 @@ def _connect(
 
 
 async def connect_tls(
-    loop: asyncio.AbstractEventLoop, pool: Pool, member: Member, app: asyncio.Protocol, where: dict[str, Any]
+    loop: asyncio.AbstractEventLoop,
+    pool: Pool,
+    member: Member,
+    app: asyncio.Protocol,
+    where: dict[str, Any],
+    by: float | None = None,
 ) -> tuple[asyncio.BaseTransport, TLSEngine]:
     """Connect (``where``: host and port, or a connected ``sock``), then complete the TLS handshake
     (``tlsengine.py``, its late-verdict wait included) before the attempt counts as connected; a
     cancelled attempt drops the connection. Returns the TCP transport and the engine over it, which is
     ``app``'s transport. The sessions' dials and the health probes both connect through here, so a
     member that rejects us after a TLS 1.3 handshake fails both alike, with an alert's reason or, if it
-    just hangs up on the certificate we sent, ``tlsengine.LateRejection``'s."""
+    just hangs up on the certificate we sent, ``tlsengine.LateRejection``'s. ``by``: the attempt's
+    deadline (``time.monotonic()``), which the late-verdict wait leaves room before."""
     from .tls import server_hostname
 
     assert pool.ssl_context is not None and pool.config.tls is not None
@@ -406,6 +412,7 @@ async def connect_tls(
         server_side=False,
         server_hostname=server_hostname(pool.config.tls, member.address.hostname),
         confirm=True,
+        by=by,
     )
     transport, _ = await loop.create_connection(itertools.repeat(engine).__next__, **where)
     try:

@@ -269,7 +269,7 @@ async def _converse(
     port = health.port if health.port is not None else address.port
     header = _HEADERS.get(pool.config.send_proxy or "") if health.port is None else None
     if pool.ssl_context is not None:
-        reader, writer = await _open_tls(pool, member, port, header)
+        reader, writer = await _open_tls(pool, member, port, header, time.monotonic() + health.timeout)
     else:
         reader, writer = await asyncio.open_connection(address.host, port)
         if header is not None:
@@ -302,20 +302,21 @@ async def _converse(
 
 
 async def _open_tls(
-    pool: Pool, member: Member, port: int, header: bytes | None
+    pool: Pool, member: Member, port: int, header: bytes | None, by: float
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Streams over the sessions' own TLS dial (``dialer.connect_tls``): the same engine, so the same
     late verdict of a TLS 1.3 member that rejects our certificate (or its absence) after the handshake,
-    which the loop's TLS transport would take for a connection. ``header`` goes first, in the clear."""
+    which the loop's TLS transport would take for a connection. ``header`` goes first, in the clear.
+    ``by``, the probe's deadline, bounds that wait, so a member that sends no tickets passes in time."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=_LIMIT, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     if header is None:
-        _, engine = await connect_tls(loop, pool, member, protocol, {"host": member.address.host, "port": port})
+        _, engine = await connect_tls(loop, pool, member, protocol, {"host": member.address.host, "port": port}, by)
     else:
         sock = await connected_after(loop, member.address.host, port, header)
         try:
-            _, engine = await connect_tls(loop, pool, member, protocol, {"sock": sock})
+            _, engine = await connect_tls(loop, pool, member, protocol, {"sock": sock}, by)
         except BaseException:
             sock.close()
             raise

@@ -31,11 +31,13 @@ Rules:
   the handshake. With ``confirm``, a TLS 1.3 client handshake is reported done only at the first
   record the server sends after it (session tickets, which servers send once our certificate passes,
   or data from a server that speaks first), or ``confirm_wait(elapsed)`` seconds after it, whichever is
-  first; an alert then fails the handshake, so the dialer counts a failed attempt and tries another
-  member. Nothing of the client's has been sent by then, so the retry is safe. A server that closes or
-  resets the connection in that window, without an alert, fails it with ``EndedBeforeVerdict`` (a
-  reset); when we sent a certificate, ``judged`` makes that a ``LateRejection`` (a TLS failure), since
-  a server that rejects a certificate without saying why ends the connection just so.
+  first (and within half the time left to ``by``, the attempt's deadline, so that a member that sends
+  no tickets never fails a probe by our wait alone); an alert then fails the handshake, so the dialer
+  counts a failed attempt and tries another member. Nothing of the client's has been sent by then, so
+  the retry is safe. A server that closes or resets the connection in that window, without an alert,
+  fails it with ``EndedBeforeVerdict`` (a reset); when we sent a certificate, ``judged`` makes that a
+  ``LateRejection`` (a TLS failure), since a server that rejects a certificate without saying why ends
+  the connection just so.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class TLSEngine(asyncio.Protocol):
         "_reading",
         "_timer",
         "app",
+        "by",
         "confirm",
         "done",
         "incoming",
@@ -125,6 +128,7 @@ class TLSEngine(asyncio.Protocol):
         server_hostname: str | None = None,
         timeout: float | None = None,
         confirm: bool = False,
+        by: float | None = None,
     ) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -141,6 +145,7 @@ class TLSEngine(asyncio.Protocol):
         self.timeout = timeout
         self.server_side = server_side
         self.confirm = confirm and not server_side
+        self.by = by  # the attempt's deadline (time.monotonic()), if any: a late verdict's wait ends by then
         self._timer: asyncio.TimerHandle | None = None
         self.started = 0.0
         self._eof_in = False  # the peer's direction ended (close_notify or FIN)
@@ -233,7 +238,10 @@ class TLSEngine(asyncio.Protocol):
         if self.confirm and self.sslobj.version() == "TLSv1.3":
             self.state = _CONFIRM
             self._cancel_timer()
-            wait = confirm_wait(time.monotonic() - self.started)
+            now = time.monotonic()
+            wait = confirm_wait(now - self.started)
+            if self.by is not None:  # half of what is left, so the attempt's own exchange has the rest
+                wait = min(wait, max(self.by - now, 0.0) / 2)
             self._timer = asyncio.get_running_loop().call_later(wait, self._open, ())
             if self.incoming.pending:
                 self._confirm_read()

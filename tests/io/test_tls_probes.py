@@ -157,6 +157,21 @@ async def test_a_tls13_member_that_sends_no_tickets_passes_after_the_bounded_wai
     assert failed == 0
 
 
+async def test_a_member_without_tickets_passes_when_the_verdict_wait_would_outlast_the_probe(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for a late verdict leaves the probe half of the time it has left: with the wait stretched
+    to 5 s (as on a member far away, whose handshake takes over a third of the probe timeout) and a 1 s
+    probe timeout, a healthy member that sends no tickets still passes every probe instead of timing out."""
+    long_verdict_wait(monkeypatch)
+    ctx = requiring(pki, "1.3")
+    ctx.num_tickets = 0
+    health = HealthConfig(enabled=True, interval=0.05, timeout=1.0, rise=1, fall=2)
+    with own_member(pong, ctx) as member:
+        failed = await probed_up(make_config([member.address], upstream_tls=upstream_tls(pki, "client"), health=health))
+    assert failed == 0
+
+
 HANG_UPS = [
     # (how the member hangs up, our certificate, the reason the probe fails with)
     (False, "client", f"check failed: tls: closed {LATE}"),
