@@ -1,10 +1,16 @@
 """The counters the proxy keeps for ``/metrics`` and ``/status``: plain ints bumped where things happen.
 
 The hot path only adds to ints in these objects; everything else (labels, text, JSON) is made at
-scrape time by ``snapshot.py`` and ``metrics.py``. Labels are bounded, from fixed tables: failure
-causes are folded into a few kinds (``connect_kind``), TLS handshake failures into ``TLS_REASONS``
-(``tls_reason``: the common OpenSSL reasons by name, the rest ``other``), the edge's refusals into
-``REFUSALS`` (``edge.HEADER_ERRORS`` for PROXY headers); no counter is keyed by a client's address.
+scrape time by ``snapshot.py`` and ``metrics.py``. A total that follows from others is summed when read
+instead of counted twice: past 256 an int's ``+=`` makes a new object, a few hundred instructions at
+every session's start or end. So a listener counts the sessions that ended, and those begun are the
+ended plus the open (``ListenerCounters.sessions``); a session's bytes are added once, to the ``Flow``
+of its listener and member, whose sums are both the listener's bytes and the member's.
+
+Labels are bounded, from fixed tables: failure causes are folded into a few kinds (``connect_kind``),
+TLS handshake failures into ``TLS_REASONS`` (``tls_reason``: the common OpenSSL reasons by name, the
+rest ``other``), the edge's refusals into ``REFUSALS`` (``edge.HEADER_ERRORS`` for PROXY headers); no
+counter is keyed by a client's address.
 Fixed tables also let ``--workers N`` keep every reason in its shared-memory rows.
 
 Pure: no sockets, no event loop, no clock (times are given by the caller).
@@ -64,21 +70,47 @@ def tls_reason(cause: str) -> str:
 _TLS_NAMED = frozenset(TLS_REASONS)
 
 
-class ListenerCounters:
-    """One listener's sessions, bytes, TLS failures and session durations. ``sessions`` counts sessions
-    begun (the client is accepted and, for TLS, its handshake done); bytes and the duration (from accept
-    to end, as the access log's) are added when a session ends."""
+class Flow:
+    """The bytes of the ended sessions of one listener through one member, each way: added once per
+    session, read as part of both the listener's and the member's totals."""
 
-    __slots__ = ("active", "bytes_in", "bytes_out", "durations", "sessions", "timed", "tls_failures")
+    __slots__ = ("bytes_in", "bytes_out")
 
     def __init__(self) -> None:
-        self.sessions = 0
-        self.active = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.bytes_in = 0  # from clients to the member
+        self.bytes_out = 0  # from the member to clients
+
+
+class ListenerCounters:
+    """One listener's sessions, bytes, TLS failures and session durations. ``sessions`` counts sessions
+    begun (the client is accepted and, for TLS, its handshake done): those ended and those open. Bytes
+    and the duration (from accept to end, as the access log's) are added when a session ends."""
+
+    __slots__ = ("active", "durations", "ended", "flows", "timed", "tls_failures", "unconnected_in")
+
+    def __init__(self) -> None:
+        self.active = 0  # sessions open now
+        self.ended = 0  # sessions ended so far
+        self.flows: list[Flow] = []  # one per member its sessions reached, kept when the member is gone
+        self.unconnected_in = 0  # bytes from clients whose session never reached a member
         self.tls_failures: dict[str, int] = {}
         self.durations = Histogram(DURATION_BOUNDS)
         self.timed = False  # durations are observed (Proxy.time_sessions: someone reads them)
+
+    @property
+    def sessions(self) -> int:
+        """Sessions begun: a session is open from its start until it is counted as ended."""
+        return self.ended + self.active
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read from the clients of ended sessions."""
+        return self.unconnected_in + sum(flow.bytes_in for flow in self.flows)
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes read from the upstreams of ended sessions."""
+        return sum(flow.bytes_out for flow in self.flows)
 
     def tls_failed(self, cause: str) -> None:
         reason = tls_reason(cause)
@@ -91,13 +123,12 @@ class MemberCounters:
     as its sessions end), probe results, and when and why its state last changed."""
 
     __slots__ = (
-        "bytes_in",
-        "bytes_out",
         "checks_failed",
         "checks_passed",
         "connect_failures",
         "connects",
         "ejections",
+        "flows",
         "last_check",
         "last_check_ok",
         "last_check_seconds",
@@ -110,8 +141,7 @@ class MemberCounters:
 
     def __init__(self, since: float = 0.0) -> None:
         self.sessions = 0
-        self.bytes_in = 0  # from clients to the member
-        self.bytes_out = 0  # from the member to clients
+        self.flows: dict[ListenerCounters, Flow] = {}  # its ended sessions' bytes, by their listener
         self.connect_failures = dict.fromkeys(CONNECT_KINDS, 0)
         self.connects = Histogram(CONNECT_BOUNDS)  # seconds from an attempt's start to its connect, per session
         self.checks_passed = 0
@@ -124,6 +154,24 @@ class MemberCounters:
         self.why = "started"
         self.state_changes = 0  # changes of health or operator state
         self.ejections = 0  # times failed client connects ejected it (outlier.py)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes from the clients of its ended sessions to the member."""
+        return sum(flow.bytes_in for flow in self.flows.values())
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes from the member to the clients of its ended sessions."""
+        return sum(flow.bytes_out for flow in self.flows.values())
+
+    def flow(self, listener: ListenerCounters) -> Flow:
+        """The flow of ``listener``'s sessions through this member, made at the first one to end."""
+        flow = self.flows.get(listener)
+        if flow is None:
+            flow = self.flows[listener] = Flow()
+            listener.flows.append(flow)
+        return flow
 
     def connect_failed(self, cause: str) -> None:
         self.connect_failures[connect_kind(cause)] += 1

@@ -113,6 +113,7 @@ class Frontend:
             self.sni.leave = self.leave
         self.tls_failures = 0  # client TLS handshakes that failed or timed out
         self.counters = ListenerCounters()  # for the admin endpoint: read at scrape time
+        table.counted.append(self.counters)  # the table's count of sessions served sums them
         self.spliced = usable(config, pool.config.tls is not None)
         self.listener = Listener(config, self._refused, per_session=self.descriptors_per_session())
         self.wirings: list[Wiring] = []  # its sessions' hooks, once started
@@ -177,8 +178,7 @@ class Frontend:
         def client_ready(session: Session) -> None:
             opening.pop(session, None)  # a session now: drain waits for it instead of cancelling it
             live.add(session)
-            counters.sessions += 1
-            counters.active += 1
+            counters.active += 1  # and so one more begun (ListenerCounters.sessions)
             # one of our own connections: a member leads back here (an empty set, the common case,
             # skips hashing the client's address)
             if own and session.client_address in own:
@@ -193,21 +193,22 @@ class Frontend:
             listener.sessions -= 1  # Listener.done, inlined: this runs per session
             if listener.full:
                 listener.resume()
-            table.served += 1
+            counters.ended += 1  # the table's served, and with active the sessions begun
             counters.active -= 1
             if counters.timed:
                 took = now - session.started
                 spans[bisect_left(bounds, took)] += 1  # durations.observe(took), inlined: this runs per session
                 durations.sum += took
             sent = session.client.nbytes
-            counters.bytes_in += sent
             member = session.member
             if member is not None:  # it was connected: attach_upstream sets its member and upstream together
                 received = session.upstream.nbytes  # type: ignore[union-attr]
-                counters.bytes_out += received
-                stats = member.stats
-                stats.bytes_in += sent
-                stats.bytes_out += received
+                try:  # once per session, for the listener's and the member's bytes alike (counters.Flow)
+                    flow = member.stats.flows[counters]
+                except KeyError:
+                    flow = member.stats.flow(counters)
+                flow.bytes_in += sent
+                flow.bytes_out += received
                 member.active -= 1  # Balancer.release, inlined: this runs per session
                 view = pool.balancer.view
                 if view is not None:
@@ -216,6 +217,8 @@ class Frontend:
                     queue.serve()
                 if member.outlier.streak and received:  # bytes prove it serves: clear its failure streak
                     pool.served(member)
+            else:
+                counters.unconnected_in += sent
             if session.sockname is not None:
                 outgoing.addresses.discard(session.sockname)
             record(session, now)

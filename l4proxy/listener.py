@@ -142,7 +142,13 @@ class Listener:
         self._backoff = _BACKOFF_MIN
         self._retry: asyncio.TimerHandle | None = None
         self._fd_limit = 0
-        self._budget = 0  # descriptors free for new sessions, as of the last count, less those since
+        # The budget (``_budget``): the descriptors free for new sessions as the last count found them,
+        # less what each client accepted since holds. Kept as the count of ``accepted`` at which it is
+        # spent, so an accept compares two ints instead of storing a new one (past 256 an int is a new
+        # object each time).
+        self._free = 0  # descriptors free for new sessions at the last count
+        self._since = 0  # ``accepted`` at the last count
+        self._until = 0  # ``accepted`` once the budget is spent: _since + _free // per_session
         self._counted = -1.0  # loop time of the last count
         self._short = False  # a pause was logged and accepting has not caught up since
         self.sessions = 0  # clients accepted and not yet done (``done``)
@@ -219,7 +225,7 @@ class Listener:
 
     def _accept(self, sock: socket.socket) -> None:
         accepted_type = self._kinds[sock]
-        per_session, serve = self.per_session, self.serve
+        serve = self.serve
         for _ in range(_BATCH):
             try:
                 fd, addr = sock._accept()  # type: ignore[attr-defined]  # the fd alone: see _Accepted4
@@ -239,8 +245,7 @@ class Listener:
                 return
             self.accepted += 1
             self.sessions += 1
-            self._budget -= per_session
-            if self._budget >= per_session and self.sessions < self.limit:  # room for more: the common case
+            if self.accepted < self._until and self.sessions < self.limit:  # room for more: the common case
                 self._backoff = _BACKOFF_MIN
                 serve(conn, addr)
             elif not self._admit(sock, conn, addr):
@@ -324,7 +329,15 @@ class Listener:
         """Set the budget from the descriptors open right now."""
         if self._loop is not None:
             self._counted = self._loop.time()
-        self._budget = self._fd_limit - _open_descriptors() - _RESERVE - self.owed()
+        self._free = self._fd_limit - _open_descriptors() - _RESERVE - self.owed()
+        self._since = self.accepted
+        self._until = self.accepted + self._free // self.per_session
+
+    @property
+    def _budget(self) -> int:
+        """The descriptors left for new sessions: those free at the last count, less what each client
+        accepted since holds."""
+        return self._free - (self.accepted - self._since) * self.per_session
 
     def _pause(self, sock: socket.socket, reason: str) -> None:
         """Out of descriptors: stop watching this socket for a while instead of spinning."""

@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from .causes import MAX_DURATION, MEMBER_DOWN
+from .counters import ListenerCounters
 from .drive import Drive
 from .listener import keepalive_options
 from .relay import Session
@@ -48,7 +49,7 @@ class SessionTable:
     def __init__(self) -> None:
         self.live: set[Session] = set()
         self.opening: dict[Session, Drive | Coroutine[Any, Any, Any] | TLSEngine] = {}
-        self.served = 0  # sessions ended so far
+        self.counted: list[ListenerCounters] = []  # every listener's counters, a reload's old ones too
         self.idle = asyncio.Event()  # set when the last live session ends
         self.closed_member_down = 0  # sessions closed because their member went DOWN (--on-member-down)
         self.durations = False  # some listener has a --max-session-duration: sweep for it
@@ -58,6 +59,11 @@ class SessionTable:
 
     def __len__(self) -> int:
         return len(self.live)
+
+    @property
+    def served(self) -> int:
+        """Sessions ended so far, on every listener (each counts its own: one addition per session)."""
+        return sum(counters.ended for counters in self.counted)
 
     def start(self, tick: float, chores: Sequence[Callable[[], None]]) -> None:
         """Run the sweeper every ``tick`` seconds, with ``chores`` before each sweep."""

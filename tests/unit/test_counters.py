@@ -107,3 +107,44 @@ def test_the_pick_leaves_members_held_by_the_operator_alone(held: dict[str, str]
         member.admin = held.get(member.key, READY)
     assert [getattr(balancer.pick(), "key", None) for _ in picked] == picked
     assert balancer.any_up is (picked[0] is not None)
+
+
+def test_a_sessions_bytes_count_once_for_its_listener_and_its_member() -> None:
+    """One Flow per listener and member: the listener's bytes and the member's are sums over the same
+    flows, and a member that is gone (a pool update removed it) leaves its bytes in the listener's."""
+    first, second = ListenerCounters(), ListenerCounters()
+    a, b = MemberCounters(), MemberCounters()
+    for listener, member, sent, received in [(first, a, 10, 100), (first, b, 20, 200), (second, a, 30, 300),
+                                             (first, a, 1, 2)]:
+        flow = member.flow(listener)
+        flow.bytes_in += sent
+        flow.bytes_out += received
+    first.unconnected_in += 7  # a client that sent bytes and never reached a member
+    assert (first.bytes_in, first.bytes_out) == (10 + 20 + 1 + 7, 100 + 200 + 2)
+    assert (second.bytes_in, second.bytes_out) == (30, 300)
+    assert (a.bytes_in, a.bytes_out) == (10 + 30 + 1, 100 + 300 + 2)
+    assert (b.bytes_in, b.bytes_out) == (20, 200)
+    assert len(first.flows) == 2 and len(a.flows) == 2  # one flow per pair, made at its first session
+    del b
+    assert (first.bytes_in, first.bytes_out) == (38, 302)
+
+
+def test_sessions_begun_are_those_ended_and_those_open() -> None:
+    counters = ListenerCounters()
+    for _ in range(5):
+        counters.active += 1  # a session begins
+    for _ in range(3):
+        counters.ended += 1  # and ends
+        counters.active -= 1
+    assert (counters.sessions, counters.active, counters.ended) == (5, 2, 3)
+
+
+def test_the_table_serves_the_sum_of_every_listeners_ended_sessions() -> None:
+    """A reload's replaced listener keeps counting the sessions it still has: its counters stay listed."""
+    from l4proxy.sessions import SessionTable
+
+    table = SessionTable()
+    old, new = ListenerCounters(), ListenerCounters()
+    table.counted += [old, new]
+    old.ended, new.ended = 4, 6
+    assert table.served == 10

@@ -164,7 +164,7 @@ ALLOWED: dict[str, set[str]] = {
     "edge": {"acl", "awaiting", "config", "deadlines", "listener", "peer", "proxyproto", "ratelog"},
     "awaiting": {"deadlines", "listener", "peer", "ratelog"},
     "sni": {"awaiting", "clienthello", "config", "deadlines", "listener", "peer", "pool", "ratelog", "sniroutes"},
-    "sessions": {"causes", "drive", "listener", "relay", "spread", "tlsengine"},
+    "sessions": {"causes", "counters", "drive", "listener", "relay", "spread", "tlsengine"},
     "dialer": {"balancer", "budget", "config", "deadlines", "drive", "errors", "health", "peer", "pool"}
     | {"proxyproto", "ratelog", "relay", "tls", "tlsengine"},
     "prober": {"balancer", "checks", "counters", "dialer", "errors", "health", "httpcheck", "pgwire", "pool"}
