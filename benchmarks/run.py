@@ -476,8 +476,8 @@ def budgets(given: list[str], p: argparse.ArgumentParser) -> dict[str, int | flo
     known = PROFILES["full"]
     out: dict[str, int | float] = {}
     for item in given:
-        key, _, num = item.partition("=")
-        if key not in known:
+        key, equals, num = item.partition("=")
+        if key not in known or not equals:
             p.error(f"--budget {item!r}: expected KEY=NUMBER with KEY one of {','.join(known)}")
         kind = type(known[key])
         try:

@@ -247,6 +247,26 @@ def test_an_unknown_variant_is_a_one_line_error() -> None:
     )
 
 
+KEYS = (
+    "repeats,rr_requests,rr_seconds,bulk_bytes,bulk_seconds,connect_requests,connect_seconds,sessions,"
+    "redis_requests,tls_connect_requests"
+)
+BAD_BUDGETS = [
+    ("foo=1", f"--budget 'foo=1': expected KEY=NUMBER with KEY one of {KEYS}"),
+    ("rr_seconds", f"--budget 'rr_seconds': expected KEY=NUMBER with KEY one of {KEYS}"),
+    ("rr_seconds=x", "--budget 'rr_seconds=x': expected a positive number for rr_seconds"),
+    ("connect_requests=0", "--budget 'connect_requests=0': expected a positive whole number for connect_requests"),
+]
+
+
+@pytest.mark.parametrize(("given", "error"), BAD_BUDGETS)
+def test_a_bad_budget_is_a_one_line_error(given: str, error: str) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--budget", given, "--plan"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"run.py: error: {error}"
+
+
 def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
                           timeout=60).stdout.strip()
